@@ -1,0 +1,318 @@
+//! Configuration: command-line flags and an optional TOML file, merged and
+//! validated once into [`Config`], which cannot hold an invalid state.
+//!
+//! Precedence: a flag given on the command line beats the file, the file
+//! beats the default. Unknown keys in the file are rejected.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use serde::Deserialize;
+
+use crate::limits;
+
+/// What a connection does when its send queue is full.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum SlowConsumerPolicy {
+    /// Close the connection with code 4008 and a reason giving the numbers.
+    Disconnect,
+    /// Skip messages, count them, and tell the client the missed sequence
+    /// range (native protocol only; the other paths always disconnect).
+    Drop,
+}
+
+/// Command-line flags. Every knob is also a key of the TOML file, with the
+/// same name in snake_case.
+#[derive(Debug, Parser)]
+#[command(name = "fluxnode", version, about = "FluxNode: thread-per-core WebSocket pub/sub")]
+pub struct Args {
+    /// Address to listen on (HTTP and WebSocket). [default: 0.0.0.0:8080]
+    #[arg(long)]
+    pub listen: Option<SocketAddr>,
+    /// Number of shards (one pinned thread each). [default: all online cores]
+    #[arg(long)]
+    pub shards: Option<usize>,
+    /// TOML file with any of the settings below; flags override it.
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Largest message or publish body, bytes. [default: 1048576]
+    #[arg(long)]
+    pub message_bytes_max: Option<usize>,
+    /// Cap on bytes queued per connection before the slow-consumer policy
+    /// applies, bytes. Memory per connection is at most this. [default: 4194304]
+    #[arg(long)]
+    pub send_queue_bytes_max: Option<usize>,
+    /// Default slow-consumer policy; native clients may choose per connection.
+    /// [default: disconnect]
+    #[arg(long, value_enum)]
+    pub slow_consumer_policy: Option<SlowConsumerPolicy>,
+    /// Messages retained per topic for resume. [default: 1024]
+    #[arg(long)]
+    pub history_messages_max: Option<usize>,
+    /// Payload bytes retained per topic for resume. [default: 1048576]
+    #[arg(long)]
+    pub history_bytes_max: Option<usize>,
+    /// Ceiling on topics_max x history_bytes_max, bytes. [default: 4294967296]
+    #[arg(long)]
+    pub history_memory_max: Option<usize>,
+    /// Most topics on this node. [default: 4096]
+    #[arg(long)]
+    pub topics_max: Option<usize>,
+    /// Most subscriptions per connection. [default: 1024]
+    #[arg(long)]
+    pub subscriptions_per_connection_max: Option<usize>,
+    /// Most client connections on this node. [default: 16384]
+    #[arg(long)]
+    pub connections_max: Option<usize>,
+    /// Time allowed for a complete HTTP request head, ms. [default: 10000]
+    #[arg(long)]
+    pub handshake_timeout_ms: Option<u64>,
+    /// WebSocket silence before a server ping; twice this closes, ms. [default: 30000]
+    #[arg(long)]
+    pub idle_timeout_ms: Option<u64>,
+    /// Time graceful shutdown spends flushing queues, ms. [default: 10000]
+    #[arg(long)]
+    pub drain_timeout_ms: Option<u64>,
+}
+
+/// The TOML file: the same knobs as [`Args`], all optional, unknown keys
+/// rejected.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileConfig {
+    listen: Option<SocketAddr>,
+    shards: Option<usize>,
+    message_bytes_max: Option<usize>,
+    send_queue_bytes_max: Option<usize>,
+    slow_consumer_policy: Option<SlowConsumerPolicy>,
+    history_messages_max: Option<usize>,
+    history_bytes_max: Option<usize>,
+    history_memory_max: Option<usize>,
+    topics_max: Option<usize>,
+    subscriptions_per_connection_max: Option<usize>,
+    connections_max: Option<usize>,
+    handshake_timeout_ms: Option<u64>,
+    idle_timeout_ms: Option<u64>,
+    drain_timeout_ms: Option<u64>,
+}
+
+/// A validated configuration. Built only by [`Config::from_args`] or
+/// [`Config::default`]; shared read-only by every shard.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// Listening address, shared by every shard through SO_REUSEPORT.
+    pub listen: SocketAddr,
+    /// Number of shards, 1..=SHARDS_MAX.
+    pub shards: usize,
+    /// Largest message payload or publish body, bytes.
+    pub message_bytes_max: usize,
+    /// Per-connection send queue cap, bytes.
+    pub send_queue_bytes_max: usize,
+    /// Default slow-consumer policy.
+    pub slow_consumer_policy: SlowConsumerPolicy,
+    /// Messages retained per topic.
+    pub history_messages_max: usize,
+    /// Payload bytes retained per topic.
+    pub history_bytes_max: usize,
+    /// Most topics on this node.
+    pub topics_max: usize,
+    /// Most subscriptions per connection.
+    pub subscriptions_per_connection_max: usize,
+    /// Most client connections on this node.
+    pub connections_max: usize,
+    /// Time allowed for a complete request head.
+    pub handshake_timeout: Duration,
+    /// WebSocket silence before a ping.
+    pub idle_timeout: Duration,
+    /// Time spent flushing on shutdown.
+    pub drain_timeout: Duration,
+}
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file named by `--config` could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    /// The file is not valid TOML or has an unknown key or a wrong type.
+    #[error("invalid config file {path}: {source}")]
+    Parse { path: PathBuf, source: toml::de::Error },
+    /// A value is out of its range or contradicts another.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            shards: online_cores(),
+            message_bytes_max: limits::MESSAGE_BYTES_MAX_DEFAULT,
+            send_queue_bytes_max: limits::SEND_QUEUE_BYTES_MAX_DEFAULT,
+            slow_consumer_policy: SlowConsumerPolicy::Disconnect,
+            history_messages_max: limits::HISTORY_MESSAGES_MAX_DEFAULT,
+            history_bytes_max: limits::HISTORY_BYTES_MAX_DEFAULT,
+            topics_max: limits::TOPICS_MAX_DEFAULT,
+            subscriptions_per_connection_max: limits::SUBSCRIPTIONS_PER_CONNECTION_MAX_DEFAULT,
+            connections_max: limits::CONNECTIONS_MAX_DEFAULT,
+            handshake_timeout: Duration::from_millis(limits::HANDSHAKE_TIMEOUT_MS_DEFAULT),
+            idle_timeout: Duration::from_millis(limits::IDLE_TIMEOUT_MS_DEFAULT),
+            drain_timeout: Duration::from_millis(limits::DRAIN_TIMEOUT_MS_DEFAULT),
+        }
+    }
+}
+
+impl Config {
+    /// Merges flags over the file over defaults, then validates.
+    pub fn from_args(args: &Args) -> Result<Config, ConfigError> {
+        let file = match &args.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|source| ConfigError::Read { path: path.clone(), source })?;
+                toml::from_str::<FileConfig>(&text)
+                    .map_err(|source| ConfigError::Parse { path: path.clone(), source })?
+            }
+            None => FileConfig::default(),
+        };
+        let d = Config::default();
+        let ms = Duration::from_millis;
+        let history_memory_max = args
+            .history_memory_max
+            .or(file.history_memory_max)
+            .unwrap_or(limits::HISTORY_MEMORY_MAX_DEFAULT);
+        let config = Config {
+            listen: args.listen.or(file.listen).unwrap_or(d.listen),
+            shards: args.shards.or(file.shards).unwrap_or(d.shards),
+            message_bytes_max: args.message_bytes_max.or(file.message_bytes_max).unwrap_or(d.message_bytes_max),
+            send_queue_bytes_max: args
+                .send_queue_bytes_max
+                .or(file.send_queue_bytes_max)
+                .unwrap_or(d.send_queue_bytes_max),
+            slow_consumer_policy: args
+                .slow_consumer_policy
+                .or(file.slow_consumer_policy)
+                .unwrap_or(d.slow_consumer_policy),
+            history_messages_max: args
+                .history_messages_max
+                .or(file.history_messages_max)
+                .unwrap_or(d.history_messages_max),
+            history_bytes_max: args.history_bytes_max.or(file.history_bytes_max).unwrap_or(d.history_bytes_max),
+            topics_max: args.topics_max.or(file.topics_max).unwrap_or(d.topics_max),
+            subscriptions_per_connection_max: args
+                .subscriptions_per_connection_max
+                .or(file.subscriptions_per_connection_max)
+                .unwrap_or(d.subscriptions_per_connection_max),
+            connections_max: args.connections_max.or(file.connections_max).unwrap_or(d.connections_max),
+            handshake_timeout: args.handshake_timeout_ms.or(file.handshake_timeout_ms).map(ms).unwrap_or(d.handshake_timeout),
+            idle_timeout: args.idle_timeout_ms.or(file.idle_timeout_ms).map(ms).unwrap_or(d.idle_timeout),
+            drain_timeout: args.drain_timeout_ms.or(file.drain_timeout_ms).map(ms).unwrap_or(d.drain_timeout),
+        };
+        config.validate(history_memory_max)?;
+        Ok(config)
+    }
+
+    fn validate(&self, history_memory_max: usize) -> Result<(), ConfigError> {
+        let fail = |m: String| Err(ConfigError::Invalid(m));
+        if self.shards == 0 || self.shards > limits::SHARDS_MAX {
+            return fail(format!("shards must be 1..={}, got {}", limits::SHARDS_MAX, self.shards));
+        }
+        if self.message_bytes_max == 0 || self.message_bytes_max > limits::MESSAGE_BYTES_MAX_CEILING {
+            return fail(format!(
+                "message_bytes_max must be 1..={}, got {}",
+                limits::MESSAGE_BYTES_MAX_CEILING,
+                self.message_bytes_max
+            ));
+        }
+        if self.send_queue_bytes_max < self.message_bytes_max + 64 {
+            return fail("send_queue_bytes_max must hold at least one largest message".into());
+        }
+        if self.history_bytes_max > self.send_queue_bytes_max {
+            return fail(format!(
+                "history_bytes_max ({}) must not exceed send_queue_bytes_max ({}): a full replay must fit an empty send queue",
+                self.history_bytes_max, self.send_queue_bytes_max
+            ));
+        }
+        if self.history_messages_max == 0 || self.history_bytes_max == 0 {
+            return fail("history_messages_max and history_bytes_max must be at least 1".into());
+        }
+        if self.topics_max == 0 || self.subscriptions_per_connection_max == 0 {
+            return fail("topics_max and subscriptions_per_connection_max must be at least 1".into());
+        }
+        match self.topics_max.checked_mul(self.history_bytes_max) {
+            Some(total) if total <= history_memory_max => {}
+            _ => {
+                return fail(format!(
+                    "topics_max x history_bytes_max exceeds history_memory_max ({history_memory_max} bytes)"
+                ))
+            }
+        }
+        if self.connections_max < self.shards {
+            return fail("connections_max must be at least one per shard".into());
+        }
+        for (name, value) in [
+            ("handshake_timeout_ms", self.handshake_timeout),
+            ("idle_timeout_ms", self.idle_timeout),
+            ("drain_timeout_ms", self.drain_timeout),
+        ] {
+            if value.is_zero() {
+                return fail(format!("{name} must be at least 1"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Connections each shard may hold.
+    pub fn connections_per_shard_max(&self) -> usize {
+        self.connections_max / self.shards
+    }
+}
+
+fn online_cores() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).min(limits::SHARDS_MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(extra: &[&str]) -> Args {
+        let mut v = vec!["fluxnode"];
+        v.extend_from_slice(extra);
+        Args::parse_from(v)
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = Config::from_args(&args(&[])).expect("defaults validate");
+        assert_eq!(c.listen.port(), 8080);
+        assert!(c.shards >= 1);
+    }
+
+    #[test]
+    fn flags_override_file_and_unknown_keys_fail() {
+        let dir = std::env::temp_dir().join(format!("fluxnode-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let good = dir.join("good.toml");
+        std::fs::write(&good, "shards = 1\ntopics_max = 10\n").unwrap();
+        let c = Config::from_args(&args(&["--config", good.to_str().unwrap(), "--topics-max", "20"])).unwrap();
+        assert_eq!(c.shards, 1);
+        assert_eq!(c.topics_max, 20);
+        let bad = dir.join("bad.toml");
+        std::fs::write(&bad, "shardz = 1\n").unwrap();
+        assert!(matches!(
+            Config::from_args(&args(&["--config", bad.to_str().unwrap()])),
+            Err(ConfigError::Parse { .. })
+        ));
+    }
+
+    #[test]
+    fn contradictions_are_refused() {
+        assert!(Config::from_args(&args(&["--shards", "0"])).is_err());
+        assert!(Config::from_args(&args(&["--history-bytes-max", "9000000"])).is_err());
+        assert!(Config::from_args(&args(&["--send-queue-bytes-max", "100"])).is_err());
+        assert!(Config::from_args(&args(&["--idle-timeout-ms", "0"])).is_err());
+    }
+}

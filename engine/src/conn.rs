@@ -1,0 +1,648 @@
+//! One client connection: HTTP requests, then possibly one WebSocket
+//! session on one of the three paths. Runs on the shard that accepted it.
+//!
+//! The socket is shared by two tasks, the reader (this module's session
+//! loop) and the writer (which drains the connection's `Outbound`). glommio
+//! streams poll readiness separately for reading and writing, so each task
+//! borrows the stream only for the length of one `poll` call.
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::future::poll_fn;
+use std::io;
+use std::net::Shutdown;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, Bytes, BytesMut};
+use futures_lite::{AsyncRead, AsyncWrite};
+use glommio::net::TcpStream;
+use serde::Deserialize;
+
+use crate::config::SlowConsumerPolicy;
+use crate::http::{self, RequestHead, Route, Upgrade};
+use crate::limits::{HTTP_BODY_SLACK_BYTES, READ_BUFFER_BYTES_INITIAL, WRITE_BATCH_BYTES_MAX};
+use crate::message::PayloadKind;
+use crate::metrics;
+use crate::native::{self, Request};
+use crate::outbound::Outbound;
+use crate::owner::OwnerError;
+use crate::shard::{Format, Shard};
+use crate::sync::Event;
+use crate::topic::TopicName;
+use crate::ws::{self, close_code, Decoder, WsEvent};
+
+/// How long the writer waits, after sending a close frame, for the client to
+/// answer before the socket is shut: RFC 6455 asks for the close handshake,
+/// a stalled client must not hold the connection open.
+const CLOSE_LINGER: Duration = Duration::from_secs(2);
+
+/// Close code sent on a raw socket when `?from=N` is older than history.
+pub const CLOSE_HISTORY_GAP: u16 = 4010;
+
+/// A socket shared by the reader and writer tasks of one connection.
+#[derive(Clone, Debug)]
+struct Io(Rc<RefCell<TcpStream>>);
+
+impl Io {
+    /// Reads into the spare capacity of `buf`; 0 means end of stream.
+    async fn read(&self, buf: &mut BytesMut) -> io::Result<usize> {
+        if buf.capacity() - buf.len() < 512 {
+            buf.reserve(READ_BUFFER_BYTES_INITIAL);
+        }
+        let start = buf.len();
+        buf.resize(buf.capacity(), 0);
+        let result = poll_fn(|cx| Pin::new(&mut *self.0.borrow_mut()).poll_read(cx, &mut buf[start..])).await;
+        buf.truncate(start + *result.as_ref().unwrap_or(&0));
+        result
+    }
+
+    async fn write_all(&self, mut data: &[u8]) -> io::Result<()> {
+        while !data.is_empty() {
+            let n = poll_fn(|cx| Pin::new(&mut *self.0.borrow_mut()).poll_write(cx, data)).await?;
+            if n == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            data = &data[n..];
+        }
+        Ok(())
+    }
+
+    fn set_read_timeout(&self, timeout: Option<Duration>) {
+        let _ = self.0.borrow().set_read_timeout(timeout);
+    }
+
+    async fn shutdown(&self, how: Shutdown) {
+        let stream = self.0.borrow();
+        let _ = stream.shutdown(how).await;
+    }
+}
+
+/// Serves one accepted connection until it closes.
+pub async fn serve(shard: Rc<Shard>, stream: TcpStream) {
+    let _ = stream.set_nodelay(true);
+    let io = Io(Rc::new(RefCell::new(stream)));
+    let mut buf = BytesMut::with_capacity(READ_BUFFER_BYTES_INITIAL);
+    let mut first = true;
+    loop {
+        let wait = if first { shard.config.handshake_timeout } else { shard.config.idle_timeout };
+        let head = match glommio::timer::timeout(wait, async { Ok(read_head(&io, &mut buf).await) }).await {
+            Ok(Ok(Some(head))) => head,
+            Ok(Ok(None)) => return, // clean end between requests
+            Ok(Err(e)) => {
+                metrics::add(&shard.metrics.protocol_errors, 1);
+                let _ = io.write_all(&http::json_error(e.status(), "bad_request", &e.to_string(), false)).await;
+                return;
+            }
+            Err(_) => {
+                if first || !buf.is_empty() {
+                    let _ = io.write_all(&http::json_error(408, "timeout", "request head not received in time", false)).await;
+                }
+                return;
+            }
+        };
+        first = false;
+        let keep_alive = head.keep_alive && !shard.shutting_down();
+        let route = http::route(&head.method, &head.path);
+        let upgrade = matches!(route, Route::LegacySubscribe | Route::TopicSocket(_) | Route::NativeSocket);
+        if upgrade {
+            return websocket(shard, io, buf, head, route).await;
+        }
+        let response = match request_body(&shard, &io, &mut buf, &head, &route).await {
+            Ok(body) => respond(&shard, &head, route, body, keep_alive).await,
+            Err(response) => {
+                let _ = io.write_all(&response).await;
+                return;
+            }
+        };
+        if io.write_all(&response).await.is_err() || !keep_alive {
+            return;
+        }
+    }
+}
+
+/// Reads one request head. `Ok(None)`: the peer closed before sending one.
+async fn read_head(io: &Io, buf: &mut BytesMut) -> Result<Option<RequestHead>, http::HttpError> {
+    loop {
+        if let Some((head, len)) = http::parse_head(buf)? {
+            buf.advance(len);
+            return Ok(Some(head));
+        }
+        match io.read(buf).await {
+            Ok(0) | Err(_) if buf.is_empty() => return Ok(None),
+            Ok(0) | Err(_) => return Err(http::HttpError::Malformed("connection closed mid-request")),
+            Ok(_) => {}
+        }
+    }
+}
+
+/// Reads the body of a request that has one, within the size limits.
+async fn request_body(shard: &Shard, io: &Io, buf: &mut BytesMut, head: &RequestHead, route: &Route) -> Result<Bytes, Vec<u8>> {
+    let limit = match route {
+        Route::LegacyPublish => shard.config.message_bytes_max + HTTP_BODY_SLACK_BYTES,
+        Route::TopicPublish(_) => shard.config.message_bytes_max,
+        _ => 0,
+    };
+    if head.content_length > limit {
+        let message = format!("body of {} bytes is over the limit of {limit}", head.content_length);
+        return Err(http::json_error(413, "payload_too_large", &message, false));
+    }
+    let want = head.content_length;
+    let read = glommio::timer::timeout(shard.config.handshake_timeout, async {
+        while buf.len() < want {
+            match io.read(buf).await {
+                Ok(0) | Err(_) => return Ok(false),
+                Ok(_) => {}
+            }
+        }
+        Ok(true)
+    });
+    match read.await {
+        Ok(true) => Ok(buf.split_to(want).freeze()),
+        _ => Err(http::json_error(408, "timeout", "request body not received in time", false)),
+    }
+}
+
+/// Answers a plain HTTP request.
+async fn respond(shard: &Rc<Shard>, head: &RequestHead, route: Route, body: Bytes, keep_alive: bool) -> Vec<u8> {
+    let json = |status, value: serde_json::Value| http::response(status, "application/json", value.to_string().as_bytes(), keep_alive);
+    match route {
+        Route::Healthz => json(200, serde_json::json!({ "status": "ok" })),
+        Route::Readyz => {
+            if shard.node.ready.load(Ordering::Relaxed) {
+                json(200, serde_json::json!({ "status": "ready" }))
+            } else {
+                json(503, serde_json::json!({ "status": "not ready" }))
+            }
+        }
+        Route::Metrics => {
+            let text = metrics::render_prometheus(&shard.gather_stats().await);
+            http::response(200, "text/plain; version=0.0.4", text.as_bytes(), keep_alive)
+        }
+        Route::ListTopics => json(200, serde_json::json!({ "topics": topic_list(shard, None).await })),
+        Route::TopicInfo(name) => match TopicName::new(&name) {
+            Err(e) => http::json_error(400, "invalid_topic", &e.to_string(), keep_alive),
+            Ok(topic) => match topic_list(shard, Some(&topic)).await.pop() {
+                Some(info) => json(200, info),
+                None => http::json_error(404, "unknown_topic", "no such topic on this node", keep_alive),
+            },
+        },
+        Route::LegacyPublish => legacy_publish(shard, &body, keep_alive).await,
+        Route::TopicPublish(name) => {
+            let topic = match TopicName::new(&name) {
+                Ok(t) => t,
+                Err(e) => return http::json_error(400, "invalid_topic", &e.to_string(), keep_alive),
+            };
+            let textual = head.content_type.starts_with("text/") || head.content_type.starts_with("application/json");
+            let kind = if textual && std::str::from_utf8(&body).is_ok() { PayloadKind::Text } else { PayloadKind::Binary };
+            match shard.publish(topic.clone(), kind, body).await {
+                Ok(seq) => json(200, serde_json::json!({ "status": "message accepted", "topic": topic.as_str(), "seq": seq })),
+                Err(e) => owner_error(e, keep_alive),
+            }
+        }
+        Route::MethodNotAllowed => http::json_error(405, "method_not_allowed", "method not allowed on this path", keep_alive),
+        _ => http::json_error(404, "not_found", "no such path", keep_alive),
+    }
+}
+
+fn owner_error(e: OwnerError, keep_alive: bool) -> Vec<u8> {
+    match e {
+        OwnerError::TooManyTopics => http::json_error(503, "too_many_topics", &e.to_string(), keep_alive),
+    }
+}
+
+/// The original RayFlux publish body.
+#[derive(Deserialize)]
+struct LegacyPublish {
+    topic: String,
+    message: String,
+}
+
+async fn legacy_publish(shard: &Rc<Shard>, body: &[u8], keep_alive: bool) -> Vec<u8> {
+    let request: LegacyPublish = match serde_json::from_slice(body) {
+        Ok(r) => r,
+        Err(e) => return http::json_error(400, "bad_request", &format!("expected {{\"topic\", \"message\"}}: {e}"), keep_alive),
+    };
+    let topic = match TopicName::new(&request.topic) {
+        Ok(t) => t,
+        Err(e) => return http::json_error(400, "invalid_topic", &e.to_string(), keep_alive),
+    };
+    if request.message.len() > shard.config.message_bytes_max {
+        return http::json_error(413, "payload_too_large", "message is over the size limit", keep_alive);
+    }
+    match shard.publish(topic.clone(), PayloadKind::Text, Bytes::from(request.message)).await {
+        Ok(seq) => {
+            let body = serde_json::json!({ "status": "message accepted", "topic": topic.as_str(), "seq": seq });
+            http::response(200, "application/json", body.to_string().as_bytes(), keep_alive)
+        }
+        Err(e) => owner_error(e, keep_alive),
+    }
+}
+
+/// Merged view of topics across shards: the owner's figures plus the
+/// subscriber count from every shard.
+async fn topic_list(shard: &Rc<Shard>, only: Option<&TopicName>) -> Vec<serde_json::Value> {
+    let stats = shard.gather_stats().await;
+    let mut subscribers: HashMap<&str, u64> = HashMap::new();
+    for s in &stats {
+        for (name, n) in &s.local_subscribers {
+            *subscribers.entry(name.as_str()).or_default() += n;
+        }
+    }
+    let mut out: Vec<serde_json::Value> = stats
+        .iter()
+        .flat_map(|s| s.owned_topics.iter())
+        .filter(|t| only.is_none_or(|o| *o == t.name))
+        .map(|t| {
+            serde_json::json!({
+                "topic": t.name.as_str(),
+                "last_seq": t.last_seq,
+                "first_seq": t.first_seq,
+                "retained_messages": t.retained_messages,
+                "retained_bytes": t.retained_bytes,
+                "subscribers": subscribers.get(t.name.as_str()).copied().unwrap_or(0),
+                "publish_rate_per_sec": t.publish_rate_per_sec,
+                "owner_shard": t.name.owner_shard(shard.shards),
+            })
+        })
+        .collect();
+    out.sort_by(|a, b| a["topic"].as_str().cmp(&b["topic"].as_str()));
+    out
+}
+
+/// Which path a WebSocket session speaks, and its per-path state.
+#[derive(Debug)]
+enum Path {
+    /// `/v1/topics/{topic}/ws`.
+    Raw { topic: TopicName, publish: bool, sub: Option<u64> },
+    /// Original `/subscribe`: the first frame names the topic.
+    Legacy { sub: Option<(TopicName, u64)> },
+    /// `/v1/ws`: subscriptions by topic.
+    Native { subs: HashMap<TopicName, u64> },
+}
+
+/// State shared by a session's reader and writer.
+#[derive(Debug)]
+struct Session {
+    /// The shard.
+    shard: Rc<Shard>,
+    /// The socket.
+    io: Io,
+    /// Frames waiting to be written.
+    out: Rc<Outbound>,
+    /// Set when the reader has finished.
+    reader_done: Cell<bool>,
+    /// Notified when the reader finishes.
+    reader_done_event: Event,
+}
+
+async fn websocket(shard: Rc<Shard>, io: Io, buf: BytesMut, head: RequestHead, route: Route) {
+    let key = match &head.websocket {
+        Some(Upgrade::Valid { key }) => key.clone(),
+        Some(Upgrade::Invalid(why)) => {
+            let mut response = http::json_error(400, "bad_upgrade", why, false);
+            if why.contains("Version") {
+                response = http::json_error(426, "bad_upgrade", why, false);
+                let at = response.windows(2).position(|w| w == b"\r\n").unwrap_or(0) + 2;
+                response.splice(at..at, b"sec-websocket-version: 13\r\n".iter().copied());
+            }
+            let _ = io.write_all(&response).await;
+            return;
+        }
+        None => {
+            let _ = io.write_all(&http::json_error(426, "upgrade_required", "this path needs a WebSocket upgrade", false)).await;
+            return;
+        }
+    };
+    if shard.shutting_down() {
+        let _ = io.write_all(&http::json_error(503, "shutting_down", "the node is shutting down", false)).await;
+        return;
+    }
+    let policy = match http::query_param(&head.query, "slow") {
+        Some("drop") if route == Route::NativeSocket => SlowConsumerPolicy::Drop,
+        Some("disconnect") => SlowConsumerPolicy::Disconnect,
+        None if route == Route::NativeSocket => shard.config.slow_consumer_policy,
+        None => SlowConsumerPolicy::Disconnect,
+        Some(_) => {
+            let why = "slow must be drop (native protocol only) or disconnect";
+            let _ = io.write_all(&http::json_error(400, "bad_request", why, false)).await;
+            return;
+        }
+    };
+    let out = Rc::new(Outbound::new(shard.config.send_queue_bytes_max, policy));
+    let session = Rc::new(Session { shard: shard.clone(), io, out, reader_done: Cell::new(false), reader_done_event: Event::default() });
+    let (path, extra_headers, gap) = match prepare(&session, &head, route).await {
+        Ok(prepared) => prepared,
+        Err(response) => {
+            let _ = session.io.write_all(&response).await;
+            return;
+        }
+    };
+    if session.io.write_all(&http::switching_protocols(&key, &extra_headers)).await.is_err() {
+        cleanup(&session, &path);
+        return;
+    }
+    if let Some(first) = gap {
+        let reason = format!("history gap: first retained seq is {first}; resume with from={}", first - 1);
+        session.out.close(CLOSE_HISTORY_GAP, &reason);
+    }
+    run_session(session, buf, path).await;
+}
+
+/// Work before the 101: validates the path's parameters and, for raw
+/// subscribers, makes the subscription live. Returns the path state, extra
+/// response headers and, for a raw `from` older than history, the first
+/// retained sequence.
+async fn prepare(session: &Session, head: &RequestHead, route: Route) -> Result<(Path, Vec<(&'static str, String)>, Option<u64>), Vec<u8>> {
+    let bad = |code: &str, why: &str| http::json_error(400, code, why, false);
+    match route {
+        Route::LegacySubscribe => Ok((Path::Legacy { sub: None }, vec![], None)),
+        Route::NativeSocket => Ok((Path::Native { subs: HashMap::new() }, vec![], None)),
+        Route::TopicSocket(name) => {
+            let topic = TopicName::new(&name).map_err(|e| bad("invalid_topic", &e.to_string()))?;
+            let (publish, subscribe) = match http::query_param(&head.query, "role").unwrap_or("pubsub") {
+                "pub" => (true, false),
+                "sub" => (false, true),
+                "pubsub" => (true, true),
+                _ => return Err(bad("bad_request", "role must be pub, sub or pubsub")),
+            };
+            let from = match http::query_param(&head.query, "from") {
+                None => None,
+                Some(v) => Some(v.parse::<u64>().map_err(|_| bad("bad_request", "from must be a sequence number"))?),
+            };
+            if !subscribe {
+                return Ok((Path::Raw { topic, publish, sub: None }, vec![], None));
+            }
+            let granted = session
+                .shard
+                .subscribe(&topic, &session.out, Format::Raw, from, None)
+                .await
+                .map_err(|e| http::json_error(503, "too_many_topics", &e.to_string(), false))?;
+            let headers = vec![("x-rayflux-last-seq", granted.last_seq.to_string())];
+            let gap = granted.gap.map(|(_, to)| to + 1);
+            Ok((Path::Raw { topic, publish, sub: Some(granted.sub_id) }, headers, gap))
+        }
+        _ => Err(http::json_error(404, "not_found", "no such path", false)),
+    }
+}
+
+async fn run_session(session: Rc<Session>, mut buf: BytesMut, mut path: Path) {
+    let shard = session.shard.clone();
+    let session_id = shard.next_id();
+    shard.sessions.borrow_mut().insert(session_id, session.out.clone());
+    let writer = glommio::spawn_local(write_loop(session.clone()));
+    read_loop(&session, &mut buf, &mut path).await;
+    session.reader_done.set(true);
+    session.reader_done_event.notify();
+    cleanup(&session, &path);
+    writer.await;
+    shard.sessions.borrow_mut().remove(&session_id);
+}
+
+fn cleanup(session: &Session, path: &Path) {
+    let shard = &session.shard;
+    match path {
+        Path::Raw { topic, sub: Some(id), .. } => shard.unsubscribe(topic, *id),
+        Path::Legacy { sub: Some((topic, id)) } => shard.unsubscribe(topic, *id),
+        Path::Native { subs } => {
+            for (topic, id) in subs {
+                shard.unsubscribe(topic, *id);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Reads frames until the client closes, breaks the protocol, goes silent,
+/// or the session closes from our side.
+async fn read_loop(session: &Session, buf: &mut BytesMut, path: &mut Path) {
+    let shard = &session.shard;
+    let mut decoder = Decoder::new(shard.config.message_bytes_max);
+    let mut ping_outstanding = false;
+    session.io.set_read_timeout(Some(shard.config.idle_timeout));
+    loop {
+        loop {
+            let event = match decoder.decode(buf) {
+                Ok(Some(event)) => event,
+                Ok(None) => break,
+                Err(e) => {
+                    metrics::add(&shard.metrics.protocol_errors, 1);
+                    session.out.close(e.close_code(), &e.to_string());
+                    return;
+                }
+            };
+            if !on_event(session, path, event).await {
+                return;
+            }
+        }
+        if session.out.is_closing() && session.out.is_empty() && closed_by_us(session) {
+            // Our close frame is out or going; wait briefly for the answer.
+            session.io.set_read_timeout(Some(CLOSE_LINGER));
+        }
+        match session.io.read(buf).await {
+            Ok(0) => return,
+            Ok(_) => ping_outstanding = false,
+            Err(e) if e.kind() == io::ErrorKind::TimedOut && !ping_outstanding && !session.out.is_closing() => {
+                ping_outstanding = true;
+                session.out.offer_control(ws::encode_ping(b"fluxnode"));
+            }
+            Err(e) if e.kind() == io::ErrorKind::TimedOut && !session.out.is_closing() => {
+                session.out.close(close_code::IDLE_TIMEOUT, "idle timeout: no answer to ping");
+                session.io.set_read_timeout(Some(CLOSE_LINGER));
+            }
+            Err(_) => return,
+        }
+    }
+}
+
+fn closed_by_us(session: &Session) -> bool {
+    session.out.close_reason().is_some()
+}
+
+/// Handles one client event; false ends the reader.
+async fn on_event(session: &Session, path: &mut Path, event: WsEvent) -> bool {
+    match event {
+        WsEvent::Ping(payload) => {
+            session.out.offer_control(ws::encode_pong(&payload));
+            true
+        }
+        WsEvent::Pong => true,
+        WsEvent::Close { code } => {
+            // Echo the client's code (RFC 6455 5.5.1), then end.
+            let echo = code.filter(|c| (1000..5000).contains(c) && ![1005, 1006, 1015].contains(c)).unwrap_or(close_code::NORMAL);
+            session.out.close(echo, "");
+            false
+        }
+        WsEvent::Message { kind, payload } => {
+            if session.out.is_closing() {
+                return true; // draining until the client's close arrives
+            }
+            match path {
+                Path::Raw { topic, publish, .. } => raw_message(session, topic, *publish, kind, payload).await,
+                Path::Legacy { sub } => legacy_message(session, sub, payload).await,
+                Path::Native { subs } => native_message(session, subs, kind, payload).await,
+            }
+        }
+    }
+}
+
+async fn raw_message(session: &Session, topic: &TopicName, publish: bool, kind: PayloadKind, payload: Bytes) -> bool {
+    if !publish {
+        session.out.close(close_code::POLICY_VIOLATION, "this socket has role=sub: it cannot publish");
+        return true;
+    }
+    if let Err(e) = session.shard.publish(topic.clone(), kind, payload).await {
+        session.out.close(close_code::TRY_AGAIN_LATER, &e.to_string());
+    }
+    true
+}
+
+/// The original RayFlux subscribe request (first frame).
+#[derive(Deserialize)]
+struct LegacySubscribe {
+    #[allow(dead_code)] // part of the original API; not used for routing
+    subscriber_id: serde_json::Value,
+    topic: String,
+}
+
+async fn legacy_message(session: &Session, sub: &mut Option<(TopicName, u64)>, payload: Bytes) -> bool {
+    if sub.is_some() {
+        return true; // the original server ignored later frames too
+    }
+    let request: LegacySubscribe = match serde_json::from_slice(&payload) {
+        Ok(r) => r,
+        Err(_) => {
+            session.out.close(close_code::POLICY_VIOLATION, "first frame must be {\"subscriber_id\": ..., \"topic\": ...}");
+            return true;
+        }
+    };
+    let topic = match TopicName::new(&request.topic) {
+        Ok(t) => t,
+        Err(e) => {
+            session.out.close(close_code::POLICY_VIOLATION, &format!("invalid topic: {e}"));
+            return true;
+        }
+    };
+    match session.shard.subscribe(&topic, &session.out, Format::Legacy, None, None).await {
+        Ok(granted) => *sub = Some((topic, granted.sub_id)),
+        Err(e) => session.out.close(close_code::TRY_AGAIN_LATER, &e.to_string()),
+    }
+    true
+}
+
+async fn native_message(session: &Session, subs: &mut HashMap<TopicName, u64>, kind: PayloadKind, payload: Bytes) -> bool {
+    let parsed = match kind {
+        PayloadKind::Text => native::parse_text(&payload),
+        PayloadKind::Binary => native::parse_binary(&payload),
+    };
+    let out = &session.out;
+    let shard = &session.shard;
+    let request = match parsed {
+        Ok(r) => r,
+        Err(bad) => {
+            out.offer_control(native::reply_error(bad.id, bad.code, &bad.message));
+            return true;
+        }
+    };
+    let topic_of = |id: u64, name: &str| {
+        TopicName::new(name).map_err(|e| native::reply_error(Some(id), "invalid_topic", &e.to_string()))
+    };
+    let reply = match request {
+        Request::Ping { id } => native::reply_ok(id, serde_json::json!({ "pong": true })),
+        Request::Publish { id, topic, kind, payload } => match topic_of(id, &topic) {
+            Err(reply) => reply,
+            Ok(topic) => match shard.publish(topic, kind, payload).await {
+                Ok(seq) => native::reply_ok(id, serde_json::json!({ "seq": seq })),
+                Err(e) => native::reply_error(Some(id), "too_many_topics", &e.to_string()),
+            },
+        },
+        Request::Subscribe { id, topic, from_seq } => match topic_of(id, &topic) {
+            Err(reply) => reply,
+            Ok(topic) if subs.contains_key(&topic) => native::reply_error(Some(id), "already_subscribed", "already subscribed to this topic"),
+            Ok(_) if subs.len() >= shard.config.subscriptions_per_connection_max => {
+                let why = format!("at most {} subscriptions per connection", shard.config.subscriptions_per_connection_max);
+                native::reply_error(Some(id), "too_many_subscriptions", &why)
+            }
+            Ok(topic) => match shard.subscribe(&topic, out, Format::Native, from_seq, Some(id)).await {
+                Ok(granted) => {
+                    subs.insert(topic, granted.sub_id);
+                    return true; // the ok reply was queued before any message
+                }
+                Err(e) => native::reply_error(Some(id), "too_many_topics", &e.to_string()),
+            },
+        },
+        Request::Unsubscribe { id, topic } => match topic_of(id, &topic) {
+            Err(reply) => reply,
+            Ok(topic) => match subs.remove(&topic) {
+                Some(sub_id) => {
+                    shard.unsubscribe(&topic, sub_id);
+                    native::reply_ok(id, serde_json::json!({}))
+                }
+                None => native::reply_error(Some(id), "not_subscribed", "not subscribed to this topic"),
+            },
+        },
+    };
+    out.offer_control(reply);
+    true
+}
+
+/// Drains the session's queue to the socket: one gathered write per wake-up,
+/// then the close frame once closing, then the close handshake's linger.
+async fn write_loop(session: Rc<Session>) {
+    let shard = &session.shard;
+    let out = &session.out;
+    let mut batch = Vec::new();
+    let mut published = Vec::new();
+    loop {
+        if out.is_empty() {
+            for (topic, from, to) in out.take_missed_if_room() {
+                out.offer_control(native::dropped_notice(&topic, from, to));
+            }
+        }
+        if out.is_empty() {
+            if let Some((code, reason)) = out.close_reason() {
+                let frame = ws::encode_close(code, &reason);
+                let sent = glommio::timer::timeout(CLOSE_LINGER, async { Ok(session.io.write_all(&frame).await) }).await;
+                if matches!(sent, Ok(Ok(()))) {
+                    session.io.shutdown(Shutdown::Write).await;
+                    let _ = glommio::timer::timeout(CLOSE_LINGER, async {
+                        while !session.reader_done.get() {
+                            session.reader_done_event.wait().await;
+                        }
+                        Ok(())
+                    })
+                    .await;
+                }
+                session.io.shutdown(Shutdown::Both).await;
+                return;
+            }
+            if session.reader_done.get() {
+                return;
+            }
+            out.drained.notify();
+            futures_lite::future::or(out.wake_writer.wait(), session.reader_done_event.wait()).await;
+            continue;
+        }
+        batch.clear();
+        published.clear();
+        out.take_batch(&mut batch, WRITE_BATCH_BYTES_MAX, &mut published);
+        let write = glommio::timer::timeout(shard.config.idle_timeout, async { Ok(session.io.write_all(&batch).await) });
+        if !matches!(write.await, Ok(Ok(()))) {
+            // The peer stopped reading for a whole idle period, or the socket failed.
+            out.close(close_code::SLOW_CONSUMER, "write stalled");
+            session.io.shutdown(Shutdown::Both).await;
+            return;
+        }
+        let now = Instant::now();
+        metrics::add(&shard.metrics.messages_delivered, published.len() as u64);
+        metrics::add(&shard.metrics.bytes_written, batch.len() as u64);
+        for t in &published {
+            shard.metrics.record_latency_us(now.duration_since(*t).as_micros() as u64);
+        }
+        if batch.capacity() > 2 * WRITE_BATCH_BYTES_MAX {
+            batch = Vec::new();
+        }
+    }
+}

@@ -1,0 +1,42 @@
+//! FluxNode: the RayFlux engine. A thread-per-core WebSocket pub/sub node
+//! on glommio: every topic is owned by one shard, which sequences it and
+//! keeps its history; messages cross shards in batches over bounded SPSC
+//! channels and are framed once per shard, shared by every subscriber.
+//!
+//! See `ARCHITECTURE.md` for the design and `docs/PROTOCOL.md` for the wire
+//! protocols.
+//!
+//! # Layout
+//!
+//! Sans-IO cores (pure, unit-tested, no sockets or clocks of their own):
+//! - [`limits`]: every limit, named, with its reason.
+//! - [`config`]: flags and TOML merged and validated into `Config`.
+//! - [`topic`]: topic names and the topic-to-shard hash.
+//! - [`ws`]: WebSocket frames: client decoder, server encoders, close codes.
+//! - [`http`]: request heads, routes, responses.
+//! - [`native`]: the native protocol's requests, replies and envelopes.
+//! - [`history`]: the bounded per-topic ring.
+//! - [`owner`]: the sequencer for the topics a shard owns.
+//! - [`outbound`]: a connection's bounded send queue and slow-consumer policy.
+//! - [`message`], [`metrics`], [`sync`]: shared types, counters, shard-local sync.
+//!
+//! The shell:
+//! - [`shard`]: a shard's state and tasks, and the cross-shard items.
+//! - [`conn`]: one connection: HTTP, then a WebSocket session.
+//! - [`server`]: executors, mesh, listeners, graceful shutdown.
+
+pub mod config;
+pub mod conn;
+pub mod history;
+pub mod http;
+pub mod limits;
+pub mod message;
+pub mod metrics;
+pub mod native;
+pub mod outbound;
+pub mod owner;
+pub mod server;
+pub mod shard;
+pub mod sync;
+pub mod topic;
+pub mod ws;

@@ -1,0 +1,109 @@
+//! Every limit of FluxNode, named, with the reason for its value.
+//!
+//! Defaults here are what `Config` starts from; the operator may change most
+//! of them (see `config.rs`), within the hard ceilings below. Relations
+//! between limits are checked at compile time for the defaults and at start
+//! time for a configuration.
+
+/// Largest WebSocket message (after reassembly of fragments) or HTTP publish
+/// body, in bytes. 1 MiB matches NATS's default `max_payload`; larger
+/// payloads belong in object storage with a pointer in the message.
+pub const MESSAGE_BYTES_MAX_DEFAULT: usize = 1 << 20;
+/// Hard ceiling for `message_bytes_max`: a frame is held whole in memory.
+pub const MESSAGE_BYTES_MAX_CEILING: usize = 16 << 20;
+
+/// Largest HTTP request head (request line plus headers). 16 KiB is what
+/// nginx and Go's net/http accept by default for ordinary clients.
+pub const HTTP_HEAD_BYTES_MAX: usize = 16 << 10;
+/// Most headers parsed in one request; httparse needs a fixed array.
+pub const HTTP_HEADERS_MAX: usize = 64;
+/// Slack over `message_bytes_max` for a JSON publish body: the envelope
+/// `{"topic": "...", "message": "..."}` and JSON escapes of the message.
+pub const HTTP_BODY_SLACK_BYTES: usize = 64 << 10;
+
+/// Longest topic name, in bytes. Names are keys, not paths; 255 fits the
+/// native binary envelope's one-byte length.
+pub const TOPIC_NAME_BYTES_MAX: usize = 255;
+
+/// Default cap on bytes queued for one connection and not yet written.
+/// 4 MiB holds a full default history replay (see the assert below) plus
+/// a burst; a subscriber that falls further behind is a slow consumer.
+pub const SEND_QUEUE_BYTES_MAX_DEFAULT: usize = 4 << 20;
+/// Replies and notices may exceed the send-queue cap by this much before the
+/// connection is closed: they are never dropped, so they need a bound too.
+pub const CONTROL_SLACK_BYTES: usize = 64 << 10;
+/// Most bytes gathered into one socket write (one write per wake-up).
+/// 256 KiB amortises the syscall without holding a large buffer per
+/// connection for long; the buffer shrinks back when the queue is empty.
+pub const WRITE_BATCH_BYTES_MAX: usize = 256 << 10;
+/// Read buffer granted to a connection when it starts; it grows only for
+/// frames that need more, up to the message limit.
+pub const READ_BUFFER_BYTES_INITIAL: usize = 4 << 10;
+
+/// Default number of messages retained per topic.
+pub const HISTORY_MESSAGES_MAX_DEFAULT: usize = 1024;
+/// Default bytes of payload retained per topic.
+pub const HISTORY_BYTES_MAX_DEFAULT: usize = 1 << 20;
+/// Default node-wide ceiling on `topics_max * history_bytes_max`, so that a
+/// configuration cannot promise more history memory than the operator meant.
+pub const HISTORY_MEMORY_MAX_DEFAULT: usize = 4 << 30;
+
+/// Default most topics a node keeps. Topics are never evicted yet, so this
+/// bounds the topic tables and their history.
+pub const TOPICS_MAX_DEFAULT: usize = 4096;
+/// Default most subscriptions one connection may hold (native protocol).
+pub const SUBSCRIPTIONS_PER_CONNECTION_MAX_DEFAULT: usize = 1024;
+/// Default most open client connections per node (split evenly across
+/// shards). The open-files limit here is 20000; keep headroom for it.
+pub const CONNECTIONS_MAX_DEFAULT: usize = 16_384;
+
+/// Default time a client has to send a complete HTTP request head.
+pub const HANDSHAKE_TIMEOUT_MS_DEFAULT: u64 = 10_000;
+/// Default silence from a WebSocket peer before the server pings it; a
+/// second period of silence closes the connection (close code 4001).
+pub const IDLE_TIMEOUT_MS_DEFAULT: u64 = 30_000;
+/// Default time graceful shutdown spends flushing queues before closing.
+pub const DRAIN_TIMEOUT_MS_DEFAULT: u64 = 10_000;
+
+/// Capacity, in batches, of each SPSC channel between two shards. Batches
+/// coalesce while a channel is full, so a small ring suffices.
+pub const SHARD_CHANNEL_BATCHES: usize = 16;
+/// Bytes an owner may have queued toward one peer shard before local
+/// publishers wait: bounds the outbox when a peer shard is CPU-starved.
+pub const OUTBOX_BYTES_MAX: usize = 4 << 20;
+
+
+
+/// Most shards: topic ownership fits a 64-bit subscriber-shard mask.
+pub const SHARDS_MAX: usize = 64;
+/// Bytes of io_uring registered buffer memory per shard. FluxNode does no
+/// DMA file IO, and the box's memlock limit is 8 MiB for all shards.
+pub const IO_MEMORY_BYTES_PER_SHARD: usize = 256 << 10;
+/// How often a shard looks at the process-wide shutdown flag set by the
+/// signal thread. Shutdown is rare; 50 ms is prompt and costs nothing.
+pub const SHUTDOWN_POLL_MS: u64 = 50;
+
+// A full history replay must fit into an empty send queue, or resuming would
+// trip the slow-consumer policy by construction.
+const _: () = assert!(HISTORY_BYTES_MAX_DEFAULT <= SEND_QUEUE_BYTES_MAX_DEFAULT);
+// One message must fit the send queue and one write batch holds at least one
+// typical message.
+const _: () = assert!(MESSAGE_BYTES_MAX_DEFAULT <= SEND_QUEUE_BYTES_MAX_DEFAULT);
+const _: () = assert!(MESSAGE_BYTES_MAX_DEFAULT <= MESSAGE_BYTES_MAX_CEILING);
+const _: () = assert!(TOPIC_NAME_BYTES_MAX <= u8::MAX as usize);
+const _: () = assert!(
+    TOPICS_MAX_DEFAULT * HISTORY_BYTES_MAX_DEFAULT <= HISTORY_MEMORY_MAX_DEFAULT
+);
+const _: () = assert!(READ_BUFFER_BYTES_INITIAL <= HTTP_HEAD_BYTES_MAX);
+
+/// Bytes counted for one cross-shard item besides its payload (headers,
+/// topic handle, bookkeeping): keeps many tiny items bounded too.
+pub const ITEM_OVERHEAD_BYTES: usize = 128;
+/// Payload bytes waiting in one shard's fan-out fill buffers before the
+/// shard stops taking batches from its peers (backpressure to publishers).
+pub const FANOUT_PENDING_BYTES_MAX: usize = 8 << 20;
+/// Bytes of publishes one shard may have in flight to one owner.
+pub const REMOTE_PUBLISH_BYTES_IN_FLIGHT_MAX: usize = 32 << 20;
+
+// A largest message must fit the in-flight budget, or its publish would wait forever.
+const _: () = assert!(MESSAGE_BYTES_MAX_CEILING + ITEM_OVERHEAD_BYTES <= REMOTE_PUBLISH_BYTES_IN_FLIGHT_MAX);

@@ -1,0 +1,179 @@
+//! Counters and the publish-to-write latency histogram. Each shard keeps its
+//! own (`Cell`s, no atomics on the data path); `/metrics` gathers snapshots
+//! from every shard over the shard channels and renders Prometheus text.
+
+use std::cell::{Cell, RefCell};
+use std::fmt::Write;
+
+use hdrhistogram::Histogram;
+
+use crate::owner::TopicStat;
+
+/// Highest latency the histogram tracks, microseconds (one minute).
+const LATENCY_US_MAX: u64 = 60_000_000;
+
+/// One shard's counters. Lives on its shard; only that shard writes it.
+#[derive(Debug)]
+pub struct Metrics {
+    /// Open client connections (HTTP and WebSocket).
+    pub connections_current: Cell<u64>,
+    /// Connections accepted since start.
+    pub connections_total: Cell<u64>,
+    /// Connections refused at the connection limit.
+    pub connections_rejected: Cell<u64>,
+    /// Active subscriptions on this shard.
+    pub subscriptions_current: Cell<u64>,
+    /// Messages sequenced by this shard (as owner).
+    pub messages_published: Cell<u64>,
+    /// Payload bytes sequenced by this shard.
+    pub bytes_published: Cell<u64>,
+    /// Message frames written to subscriber sockets.
+    pub messages_delivered: Cell<u64>,
+    /// Bytes written to client sockets.
+    pub bytes_written: Cell<u64>,
+    /// Messages skipped under the `drop` policy.
+    pub messages_dropped: Cell<u64>,
+    /// Connections closed as slow consumers.
+    pub slow_consumer_disconnects: Cell<u64>,
+    /// Connections closed for protocol errors or bad input.
+    pub protocol_errors: Cell<u64>,
+    /// Publish-to-write latency, microseconds.
+    pub latency_us: RefCell<Histogram<u64>>,
+}
+
+/// A snapshot of one shard, sent across shards for `/metrics` and
+/// `/v1/topics`.
+#[derive(Debug, Clone)]
+pub struct ShardStats {
+    /// Shard index.
+    pub shard: usize,
+    /// Counter values, in the order of [`COUNTERS`].
+    pub counters: Vec<u64>,
+    /// Latency histogram copy.
+    pub latency_us: Histogram<u64>,
+    /// Topics this shard owns.
+    pub owned_topics: Vec<TopicStat>,
+    /// Local subscriber count per topic on this shard.
+    pub local_subscribers: Vec<(String, u64)>,
+}
+
+/// Counter names, help text and type, in snapshot order.
+pub const COUNTERS: &[(&str, &str, &str)] = &[
+    ("fluxnode_connections", "Open client connections.", "gauge"),
+    ("fluxnode_connections_accepted_total", "Connections accepted.", "counter"),
+    ("fluxnode_connections_rejected_total", "Connections refused at the connection limit.", "counter"),
+    ("fluxnode_subscriptions", "Active subscriptions.", "gauge"),
+    ("fluxnode_messages_published_total", "Messages sequenced.", "counter"),
+    ("fluxnode_published_bytes_total", "Payload bytes sequenced.", "counter"),
+    ("fluxnode_messages_delivered_total", "Message frames written to subscribers.", "counter"),
+    ("fluxnode_written_bytes_total", "Bytes written to client sockets.", "counter"),
+    ("fluxnode_messages_dropped_total", "Messages skipped for slow consumers (drop policy).", "counter"),
+    ("fluxnode_slow_consumer_disconnects_total", "Connections closed as slow consumers.", "counter"),
+    ("fluxnode_protocol_errors_total", "Connections closed for bad input.", "counter"),
+];
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            connections_current: Cell::new(0),
+            connections_total: Cell::new(0),
+            connections_rejected: Cell::new(0),
+            subscriptions_current: Cell::new(0),
+            messages_published: Cell::new(0),
+            bytes_published: Cell::new(0),
+            messages_delivered: Cell::new(0),
+            bytes_written: Cell::new(0),
+            messages_dropped: Cell::new(0),
+            slow_consumer_disconnects: Cell::new(0),
+            protocol_errors: Cell::new(0),
+            // 3 significant digits over 1 us..60 s: fixed parameters, cannot fail.
+            latency_us: RefCell::new(Histogram::new_with_max(LATENCY_US_MAX, 3).expect("valid histogram bounds")),
+        }
+    }
+}
+
+/// Adds `n` to a counter cell.
+pub fn add(cell: &Cell<u64>, n: u64) {
+    cell.set(cell.get().wrapping_add(n));
+}
+
+/// Subtracts `n` from a gauge cell, saturating at zero.
+pub fn sub(cell: &Cell<u64>, n: u64) {
+    cell.set(cell.get().saturating_sub(n));
+}
+
+impl Metrics {
+    /// Records one publish-to-write latency.
+    pub fn record_latency_us(&self, us: u64) {
+        // Values above the max are clamped rather than lost.
+        let _ = self.latency_us.borrow_mut().record(us.clamp(1, LATENCY_US_MAX));
+    }
+
+    /// Counter values in [`COUNTERS`] order.
+    pub fn counter_values(&self) -> Vec<u64> {
+        [
+            &self.connections_current,
+            &self.connections_total,
+            &self.connections_rejected,
+            &self.subscriptions_current,
+            &self.messages_published,
+            &self.bytes_published,
+            &self.messages_delivered,
+            &self.bytes_written,
+            &self.messages_dropped,
+            &self.slow_consumer_disconnects,
+            &self.protocol_errors,
+        ]
+        .iter()
+        .map(|c| c.get())
+        .collect()
+    }
+}
+
+/// Renders Prometheus text exposition for all shards.
+pub fn render_prometheus(shards: &[ShardStats]) -> String {
+    let mut out = String::new();
+    for (i, (name, help, kind)) in COUNTERS.iter().enumerate() {
+        let total: u64 = shards.iter().map(|s| s.counters.get(i).copied().unwrap_or(0)).sum();
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {total}");
+    }
+    let topics: usize = shards.iter().map(|s| s.owned_topics.len()).sum();
+    let _ = writeln!(out, "# HELP fluxnode_topics Topics on this node.\n# TYPE fluxnode_topics gauge\nfluxnode_topics {topics}");
+    let mut merged = Histogram::<u64>::new_with_max(LATENCY_US_MAX, 3).expect("valid histogram bounds");
+    for s in shards {
+        let _ = merged.add(&s.latency_us);
+    }
+    let name = "fluxnode_delivery_latency_seconds";
+    let _ = writeln!(out, "# HELP {name} Publish (sequencing) to socket write latency.\n# TYPE {name} summary");
+    for q in [0.5, 0.9, 0.99, 0.999, 1.0] {
+        let v = if merged.is_empty() { 0.0 } else { merged.value_at_quantile(q) as f64 / 1e6 };
+        let _ = writeln!(out, "{name}{{quantile=\"{q}\"}} {v}");
+    }
+    let _ = writeln!(out, "{name}_count {}", merged.len());
+    let _ = writeln!(out, "{name}_sum {}", merged.mean() * merged.len() as f64 / 1e6);
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_sums_across_shards() {
+        let a = Metrics::default();
+        add(&a.messages_published, 3);
+        a.record_latency_us(1500);
+        let b = Metrics::default();
+        add(&b.messages_published, 4);
+        let snap = |m: &Metrics, i| ShardStats {
+            shard: i,
+            counters: m.counter_values(),
+            latency_us: m.latency_us.borrow().clone(),
+            owned_topics: vec![],
+            local_subscribers: vec![],
+        };
+        let text = render_prometheus(&[snap(&a, 0), snap(&b, 1)]);
+        assert!(text.contains("fluxnode_messages_published_total 7\n"), "{text}");
+        assert!(text.contains("fluxnode_delivery_latency_seconds_count 1\n"), "{text}");
+    }
+}

@@ -1,0 +1,222 @@
+//! The native multiplexed protocol on `GET /v1/ws`: JSON requests with a
+//! client-chosen id and one reply each, and the envelopes that carry
+//! delivered messages. Pure encode/decode; see docs/PROTOCOL.md.
+
+use std::borrow::Cow;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use serde::Deserialize;
+
+use crate::message::{Message, PayloadKind};
+use crate::topic::TopicName;
+use crate::ws;
+
+/// First byte of a binary frame from the client: a binary publish.
+pub const CLIENT_BINARY_PUBLISH: u8 = 0x01;
+/// First byte of a binary frame from the server: a delivered binary message.
+pub const SERVER_BINARY_MESSAGE: u8 = 0x01;
+
+/// One client request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    /// Subscribe to a topic, optionally resuming after `from_seq`.
+    Subscribe { id: u64, topic: String, from_seq: Option<u64> },
+    /// Leave a topic.
+    Unsubscribe { id: u64, topic: String },
+    /// Publish a payload.
+    Publish { id: u64, topic: String, kind: PayloadKind, payload: Bytes },
+    /// Liveness check; the reply carries `"pong": true`.
+    Ping { id: u64 },
+}
+
+/// A request the server cannot act on, with the id to answer if known.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BadRequest {
+    /// The request's id, when it could be read.
+    pub id: Option<u64>,
+    /// Error code (`bad_request` or `unknown_op`).
+    pub code: &'static str,
+    /// Human-readable detail.
+    pub message: String,
+}
+
+/// The JSON shape of a request: every field any op uses. Unknown fields are
+/// refused, so a client never believes a feature is on when it is not.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WireRequest<'a> {
+    #[serde(borrow)]
+    op: Cow<'a, str>,
+    id: Option<u64>,
+    #[serde(borrow)]
+    topic: Option<Cow<'a, str>>,
+    from_seq: Option<u64>,
+    #[serde(borrow)]
+    data: Option<Cow<'a, str>>,
+}
+
+#[derive(Deserialize)]
+struct IdOnly {
+    id: Option<u64>,
+}
+
+/// Parses a text frame as a JSON request.
+pub fn parse_text(text: &[u8]) -> Result<Request, BadRequest> {
+    let wire: WireRequest = serde_json::from_slice(text).map_err(|e| BadRequest {
+        id: serde_json::from_slice::<IdOnly>(text).ok().and_then(|i| i.id),
+        code: "bad_request",
+        message: e.to_string(),
+    })?;
+    let id = wire.id.unwrap_or(0);
+    let bad = |message: &str| BadRequest { id: Some(id), code: "bad_request", message: message.to_string() };
+    let topic = || wire.topic.as_deref().map(str::to_string).ok_or_else(|| bad("missing \"topic\""));
+    match wire.op.as_ref() {
+        "subscribe" => Ok(Request::Subscribe { id, topic: topic()?, from_seq: wire.from_seq }),
+        "unsubscribe" => Ok(Request::Unsubscribe { id, topic: topic()? }),
+        "publish" => {
+            let data = wire.data.as_deref().ok_or_else(|| bad("missing \"data\""))?;
+            Ok(Request::Publish {
+                id,
+                topic: topic()?,
+                kind: PayloadKind::Text,
+                payload: Bytes::copy_from_slice(data.as_bytes()),
+            })
+        }
+        "ping" => Ok(Request::Ping { id }),
+        other => Err(BadRequest { id: Some(id), code: "unknown_op", message: format!("unknown op {other:?}") }),
+    }
+}
+
+/// Parses a binary frame: `0x01 | id: u64 BE | topic_len: u8 | topic | payload`.
+pub fn parse_binary(frame: &Bytes) -> Result<Request, BadRequest> {
+    let bad = |id, message: &str| BadRequest { id, code: "bad_request", message: message.to_string() };
+    if frame.first() != Some(&CLIENT_BINARY_PUBLISH) {
+        return Err(bad(None, "binary frames must start with 0x01 (publish)"));
+    }
+    if frame.len() < 10 {
+        return Err(bad(None, "binary publish shorter than its header"));
+    }
+    // Length checked above: bytes 1..9 exist.
+    let id = u64::from_be_bytes(frame[1..9].try_into().expect("8 bytes"));
+    let topic_len = frame[9] as usize;
+    if frame.len() < 10 + topic_len {
+        return Err(bad(Some(id), "binary publish shorter than its topic"));
+    }
+    let topic = std::str::from_utf8(&frame[10..10 + topic_len]).map_err(|_| bad(Some(id), "topic is not UTF-8"))?;
+    Ok(Request::Publish {
+        id,
+        topic: topic.to_string(),
+        kind: PayloadKind::Binary,
+        payload: frame.slice(10 + topic_len..),
+    })
+}
+
+/// A successful reply frame with extra fields (a JSON object's members).
+pub fn reply_ok(id: u64, extra: serde_json::Value) -> Bytes {
+    let mut body = serde_json::json!({ "type": "reply", "id": id, "ok": true });
+    if let (Some(obj), serde_json::Value::Object(more)) = (body.as_object_mut(), extra) {
+        obj.extend(more);
+    }
+    ws::encode_data(PayloadKind::Text, body.to_string().as_bytes())
+}
+
+/// An error reply frame.
+pub fn reply_error(id: Option<u64>, code: &str, message: &str) -> Bytes {
+    let body = serde_json::json!({
+        "type": "reply", "id": id, "ok": false,
+        "error": { "code": code, "message": message },
+    });
+    ws::encode_data(PayloadKind::Text, body.to_string().as_bytes())
+}
+
+/// The notice sent to a `drop`-policy subscriber that missed messages.
+pub fn dropped_notice(topic: &TopicName, from_seq: u64, to_seq: u64) -> Bytes {
+    let body = serde_json::json!({ "type": "dropped", "topic": topic.as_str(), "from_seq": from_seq, "to_seq": to_seq });
+    ws::encode_data(PayloadKind::Text, body.to_string().as_bytes())
+}
+
+/// Frames a delivered message: a JSON text frame for text payloads, the
+/// binary envelope `0x01 | topic_len: u8 | topic | seq: u64 BE | ts_ms: u64
+/// BE | payload` for binary payloads (no base64).
+pub fn encode_message(topic: &TopicName, message: &Message) -> Bytes {
+    match message.kind {
+        PayloadKind::Text => {
+            // Text payloads are valid UTF-8: the decoder or the JSON parser checked.
+            let data = std::str::from_utf8(&message.payload).unwrap_or("");
+            let mut out = Vec::with_capacity(64 + topic.as_str().len() + data.len());
+            out.extend_from_slice(b"{\"type\":\"message\",\"topic\":\"");
+            out.extend_from_slice(topic.as_str().as_bytes()); // charset needs no escaping
+            out.extend_from_slice(
+                format!("\",\"seq\":{},\"ts\":{},\"data\":", message.seq, message.timestamp_ms).as_bytes(),
+            );
+            // Serialising a str into a Vec cannot fail.
+            serde_json::to_writer(&mut out, data).expect("write to memory");
+            out.push(b'}');
+            ws::encode_data(PayloadKind::Text, &out)
+        }
+        PayloadKind::Binary => {
+            let name = topic.as_str().as_bytes();
+            let mut head = BytesMut::with_capacity(18 + name.len());
+            head.put_u8(SERVER_BINARY_MESSAGE);
+            head.put_u8(name.len() as u8); // at most 255: TopicName's limit
+            head.put_slice(name);
+            head.put_u64(message.seq);
+            head.put_u64(message.timestamp_ms);
+            ws::encode_data_parts(PayloadKind::Binary, &[&head, &message.payload])
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Instant;
+
+    #[test]
+    fn parses_each_op() {
+        assert_eq!(
+            parse_text(br#"{"op":"subscribe","id":1,"topic":"a","from_seq":5}"#),
+            Ok(Request::Subscribe { id: 1, topic: "a".into(), from_seq: Some(5) })
+        );
+        assert_eq!(
+            parse_text(br#"{"op":"publish","id":2,"topic":"a","data":"h\"i"}"#),
+            Ok(Request::Publish { id: 2, topic: "a".into(), kind: PayloadKind::Text, payload: Bytes::from_static(b"h\"i") })
+        );
+        assert_eq!(parse_text(br#"{"op":"ping","id":3}"#), Ok(Request::Ping { id: 3 }));
+        assert_eq!(
+            parse_text(br#"{"op":"unsubscribe","id":4,"topic":"a"}"#),
+            Ok(Request::Unsubscribe { id: 4, topic: "a".into() })
+        );
+    }
+
+    #[test]
+    fn bad_requests_keep_their_id() {
+        let e = parse_text(br#"{"op":"fly","id":7}"#).unwrap_err();
+        assert_eq!((e.id, e.code), (Some(7), "unknown_op"));
+        let e = parse_text(br#"{"op":"publish","id":8,"topic":"a","colour":1}"#).unwrap_err();
+        assert_eq!((e.id, e.code), (Some(8), "bad_request"));
+        let e = parse_text(b"{not json").unwrap_err();
+        assert_eq!((e.id, e.code), (None, "bad_request"));
+        let e = parse_text(br#"{"op":"subscribe","id":9}"#).unwrap_err();
+        assert_eq!(e.id, Some(9));
+    }
+
+    #[test]
+    fn binary_publish_and_envelope() {
+        let mut frame = vec![1u8];
+        frame.extend_from_slice(&42u64.to_be_bytes());
+        frame.push(1);
+        frame.extend_from_slice(b"t\x00\xff");
+        let req = parse_binary(&Bytes::from(frame)).unwrap();
+        assert_eq!(req, Request::Publish { id: 42, topic: "t".into(), kind: PayloadKind::Binary, payload: Bytes::from_static(b"\x00\xff") });
+        assert!(parse_binary(&Bytes::from_static(&[1, 0, 0])).is_err());
+        assert!(parse_binary(&Bytes::from_static(&[2; 20])).is_err());
+        let msg = Message { seq: 3, timestamp_ms: 9, kind: PayloadKind::Binary, payload: Bytes::from_static(b"xy"), published_at: Instant::now() };
+        let framed = encode_message(&TopicName::new("t").unwrap(), &msg);
+        assert_eq!(&framed[2..], &[1, 1, b't', 0, 0, 0, 0, 0, 0, 0, 3, 0, 0, 0, 0, 0, 0, 0, 9, b'x', b'y']);
+        let text = Message { kind: PayloadKind::Text, payload: Bytes::from_static(b"q\""), ..msg };
+        let framed = encode_message(&TopicName::new("t").unwrap(), &text);
+        let v: serde_json::Value = serde_json::from_slice(&framed[2..]).unwrap();
+        assert_eq!(v, serde_json::json!({"type":"message","topic":"t","seq":3,"ts":9,"data":"q\""}));
+    }
+}

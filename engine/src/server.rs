@@ -1,0 +1,201 @@
+//! Starting and stopping a node: the executor pool, the channel mesh, the
+//! listeners, and graceful shutdown.
+
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use glommio::channels::channel_mesh::MeshBuilder;
+use glommio::net::TcpListener;
+use glommio::{Latency, LocalExecutorPoolBuilder, PoolPlacement, Shares};
+
+use crate::config::Config;
+use crate::limits::{IO_MEMORY_BYTES_PER_SHARD, SHARD_CHANNEL_BATCHES, SHUTDOWN_POLL_MS};
+use crate::metrics;
+use crate::shard::{Batch, NodeShared, Shard};
+use crate::ws::close_code;
+
+/// Why the node could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The listening address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    /// glommio could not start the executors.
+    #[error("cannot start executors: {0}")]
+    Executor(String),
+}
+
+/// A node being started: the address actually bound and the shared flags.
+#[derive(Debug)]
+pub struct Node {
+    /// The bound address (port resolved if 0 was asked).
+    pub local_addr: SocketAddr,
+    /// Flags shared with the shards.
+    pub shared: Arc<NodeShared>,
+    /// Shards that finished binding.
+    bound: Arc<AtomicUsize>,
+    /// Holds the port between resolution and the shards' own binds.
+    _reservation: socket2::Socket,
+}
+
+impl Node {
+    /// Reserves the listening address (resolving port 0) so that every shard
+    /// binds the same port with SO_REUSEPORT.
+    pub fn bind(config: &Config) -> Result<Node, ServerError> {
+        let addr = config.listen;
+        let bind_err = |source| ServerError::Bind { addr, source };
+        let domain = if addr.is_ipv6() { socket2::Domain::IPV6 } else { socket2::Domain::IPV4 };
+        let socket = socket2::Socket::new(domain, socket2::Type::STREAM, None).map_err(bind_err)?;
+        socket.set_reuse_port(true).map_err(bind_err)?;
+        socket.bind(&addr.into()).map_err(bind_err)?;
+        let local_addr = socket
+            .local_addr()
+            .map_err(bind_err)?
+            .as_socket()
+            .ok_or_else(|| bind_err(std::io::Error::other("not an IP socket")))?;
+        Ok(Node { local_addr, shared: Arc::new(NodeShared::default()), bound: Arc::default(), _reservation: socket })
+    }
+
+    /// Runs the shards until shutdown completes. Blocks the calling thread.
+    pub fn run(self, config: Config) -> Result<(), ServerError> {
+        let config = Arc::new(config);
+        let shards = config.shards;
+        let mesh = MeshBuilder::<Batch, _>::full(config.shards, SHARD_CHANNEL_BATCHES);
+        let placement = if config.shards <= std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) {
+            PoolPlacement::MaxSpread(config.shards, None)
+        } else {
+            PoolPlacement::Unbound(config.shards)
+        };
+        let drained = Arc::new(AtomicUsize::new(0));
+        let (addr, shared, bound) = (self.local_addr, self.shared.clone(), self.bound.clone());
+        let handles = LocalExecutorPoolBuilder::new(placement)
+            .name("fluxnode")
+            .io_memory(IO_MEMORY_BYTES_PER_SHARD)
+            .on_all_shards(move || {
+                let (config, mesh, shared, bound, drained) = (config.clone(), mesh.clone(), shared.clone(), bound.clone(), drained.clone());
+                async move { shard_main(config, mesh, shared, addr, bound, drained).await }
+            })
+            .map_err(|e| ServerError::Executor(e.to_string()))?;
+        // Readiness waits for every shard's listener.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.bound.load(Ordering::Acquire) < shards && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        self.shared.ready.store(self.bound.load(Ordering::Acquire) == shards, Ordering::Release);
+        let results = handles.join_all();
+        let failed: Vec<String> = results
+            .into_iter()
+            .filter_map(|r| match r {
+                Ok(Ok(())) => None,
+                Ok(Err(e)) => Some(e),
+                Err(e) => Some(e.to_string()),
+            })
+            .collect();
+        if failed.is_empty() {
+            Ok(())
+        } else {
+            Err(ServerError::Executor(failed.join("; ")))
+        }
+    }
+}
+
+/// One shard's life: join the mesh, start tasks, accept until shutdown,
+/// drain.
+async fn shard_main(
+    config: Arc<Config>,
+    mesh: MeshBuilder<Batch, glommio::channels::channel_mesh::Full>,
+    shared: Arc<NodeShared>,
+    addr: SocketAddr,
+    bound: Arc<AtomicUsize>,
+    drained: Arc<AtomicUsize>,
+) -> Result<(), String> {
+    let executor = glommio::executor();
+    let data_queue = executor.create_task_queue(Shares::Static(1000), Latency::Matters(Duration::from_millis(1)), "data");
+    let (senders, mut receivers) = mesh.join().await.map_err(|_| "cannot join the shard mesh".to_string())?;
+    let id = senders.peer_id();
+    let shards = config.shards;
+    let shard = Shard::new(id, shards, config.clone(), shared.clone(), Some(senders));
+    shard.start(receivers.streams(), data_queue);
+    let listener = TcpListener::bind(addr).map_err(|e| format!("shard {id}: cannot bind {addr}: {e}"))?;
+    bound.fetch_add(1, Ordering::AcqRel);
+    tracing::debug!(shard = id, %addr, "shard listening");
+    accept_loop(&shard, &listener, data_queue).await;
+    drop(listener);
+    drain(&shard).await;
+    drained.fetch_add(1, Ordering::AcqRel);
+    // Stay up (serving peers' in-flight work) until every shard drained.
+    let deadline = Instant::now() + shard.config.drain_timeout;
+    while drained.load(Ordering::Acquire) < shards && Instant::now() < deadline {
+        glommio::timer::sleep(Duration::from_millis(SHUTDOWN_POLL_MS)).await;
+    }
+    Ok(())
+}
+
+async fn accept_loop(shard: &Rc<Shard>, listener: &TcpListener, data_queue: glommio::TaskQueueHandle) {
+    let per_shard_max = shard.config.connections_per_shard_max() as u64;
+    loop {
+        let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
+            while !shard.shutting_down() {
+                glommio::timer::sleep(Duration::from_millis(SHUTDOWN_POLL_MS)).await;
+            }
+            None
+        })
+        .await;
+        let stream = match accepted {
+            None => return,
+            Some(Ok(stream)) => stream,
+            Some(Err(e)) => {
+                // EMFILE and friends: back off briefly instead of spinning.
+                tracing::warn!(shard = shard.id, "accept failed: {e}");
+                glommio::timer::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        if shard.metrics.connections_current.get() >= per_shard_max {
+            metrics::add(&shard.metrics.connections_rejected, 1);
+            reject(stream);
+            continue;
+        }
+        metrics::add(&shard.metrics.connections_current, 1);
+        metrics::add(&shard.metrics.connections_total, 1);
+        let task_shard = shard.clone();
+        let spawned = glommio::spawn_local_into(
+            async move {
+                crate::conn::serve(task_shard.clone(), stream).await;
+                metrics::sub(&task_shard.metrics.connections_current, 1);
+            },
+            data_queue,
+        );
+        if let Ok(task) = spawned {
+            task.detach();
+        }
+    }
+}
+
+/// Answers 503 on a connection over the limit without reading from it.
+fn reject(stream: glommio::net::TcpStream) {
+    glommio::spawn_local(async move {
+        let mut stream = stream;
+        let body = crate::http::json_error(503, "too_many_connections", "connection limit reached", false);
+        let _ = futures_lite::AsyncWriteExt::write_all(&mut stream, &body).await;
+    })
+    .detach();
+}
+
+/// Graceful shutdown of one shard: close every session with 1001 after its
+/// queue flushes, and wait for them up to the drain timeout.
+async fn drain(shard: &Rc<Shard>) {
+    shard.node.ready.store(false, Ordering::Release);
+    let sessions: Vec<_> = shard.sessions.borrow().values().cloned().collect();
+    tracing::info!(shard = shard.id, sessions = sessions.len(), "draining");
+    for out in &sessions {
+        out.close(close_code::GOING_AWAY, "server shutting down");
+    }
+    let deadline = Instant::now() + shard.config.drain_timeout;
+    while !shard.sessions.borrow().is_empty() && Instant::now() < deadline {
+        glommio::timer::sleep(Duration::from_millis(SHUTDOWN_POLL_MS)).await;
+    }
+}

@@ -1,0 +1,580 @@
+//! A shard: one pinned executor's share of the node, and the only place
+//! where shards meet.
+//!
+//! Each shard owns (a) the topics that hash to it (`Owner`: sequencing and
+//! history), (b) a `LocalTopic` for every topic with subscribers on its
+//! connections, (c) one outbox per peer shard. State is `Rc`/`RefCell`
+//! inside the shard; shards exchange only batches of [`Item`] over the
+//! bounded SPSC channels of glommio's channel mesh.
+//!
+//! Tasks per shard: one ingress task per peer channel, one flusher per peer
+//! outbox, one fan-out task that drains dirty topics' dual buffers into
+//! connection queues, plus the accept loop and connections (see `server`).
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::Bytes;
+use glommio::channels::channel_mesh::Senders;
+use glommio::channels::shared_channel::ConnectedReceiver;
+use glommio::sync::Semaphore;
+
+use crate::config::Config;
+use crate::limits::{FANOUT_PENDING_BYTES_MAX, ITEM_OVERHEAD_BYTES, OUTBOX_BYTES_MAX, REMOTE_PUBLISH_BYTES_IN_FLIGHT_MAX};
+use crate::message::{Message, PayloadKind};
+use crate::metrics::{self, Metrics, ShardStats};
+use crate::native;
+use crate::outbound::{Offer, Outbound};
+use crate::owner::{Grant, Owner, OwnerError};
+use crate::sync::{Event, Slot};
+use crate::topic::TopicName;
+use crate::ws;
+
+/// What crosses between shards, always inside a batch (`Vec<Item>`).
+#[derive(Debug)]
+pub enum Item {
+    /// Sequence this message (to the owner).
+    Publish { topic: TopicName, kind: PayloadKind, payload: Bytes, req: u64 },
+    /// The owner's answer to `Publish`: the assigned sequence.
+    PublishDone { req: u64, result: Result<u64, OwnerError> },
+    /// Register the sending shard for a topic (to the owner).
+    Subscribe { topic: TopicName, from_seq: Option<u64>, req: u64 },
+    /// The owner's answer to `Subscribe`.
+    SubscribeDone { topic: TopicName, req: u64, result: Result<Grant, OwnerError> },
+    /// The sending shard has no subscribers left for a topic (to the owner).
+    Unsubscribe { topic: TopicName },
+    /// A sequenced message for the receiving shard's subscribers.
+    Deliver { topic: TopicName, message: Message },
+    /// Ask for a stats snapshot.
+    StatsRequest { req: u64 },
+    /// A stats snapshot.
+    StatsReply { req: u64, stats: Box<ShardStats> },
+}
+
+impl Item {
+    fn cost_bytes(&self) -> usize {
+        ITEM_OVERHEAD_BYTES
+            + match self {
+                Item::Publish { payload, .. } => payload.len(),
+                Item::Deliver { message, .. } => message.payload.len(),
+                Item::SubscribeDone { result: Ok(g), .. } => g.replay.iter().map(|m| m.payload.len()).sum(),
+                _ => 0,
+            }
+    }
+}
+
+/// A batch: what one channel send carries.
+pub type Batch = Vec<Item>;
+
+/// Process-wide flags, shared by every shard and the signal thread.
+#[derive(Debug, Default)]
+pub struct NodeShared {
+    /// Whether `/readyz` answers 200.
+    pub ready: AtomicBool,
+    /// Set by the signal thread on SIGTERM/SIGINT.
+    pub shutdown: AtomicBool,
+}
+
+/// How a subscriber wants messages framed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// Raw topic socket: payload verbatim, opcode as published.
+    Raw = 0,
+    /// Original RayFlux `/subscribe`: payload verbatim, always binary.
+    Legacy = 1,
+    /// Native protocol envelope.
+    Native = 2,
+}
+
+/// What a subscriber learns when its subscription is granted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Granted {
+    /// Subscription id, for unsubscribe.
+    pub sub_id: u64,
+    /// Last sequence at the moment the subscription went live.
+    pub last_seq: u64,
+    /// Messages the client asked for that are no longer retained.
+    pub gap: Option<(u64, u64)>,
+}
+
+/// A subscriber of a local topic.
+#[derive(Debug)]
+struct Subscriber {
+    /// Shard-unique id.
+    id: u64,
+    /// The connection's send queue.
+    out: Rc<Outbound>,
+    /// Framing.
+    format: Format,
+    /// Last sequence queued to it; later deliveries only.
+    last_seq: u64,
+    /// Set until the owner's grant arrives: the request id, and the native
+    /// request id to answer first.
+    pending: Option<(u64, Option<u64>)>,
+}
+
+/// A topic with subscribers on this shard. Lives on this shard only.
+///
+/// The dual buffer: ingress (deliveries from the owner) appends to `fill`;
+/// the fan-out task swaps `fill` and `drain` and writes the `drain` side
+/// into subscriber queues. The two sides are separate `RefCell`s, so a
+/// delivery arriving while a fan-out pass runs never waits for it, and the
+/// two vectors keep their capacity, so steady state allocates nothing.
+#[derive(Debug)]
+struct LocalTopic {
+    /// Topic name.
+    name: TopicName,
+    /// Last sequence received by this shard for this topic.
+    last_seq: Cell<u64>,
+    /// Subscribers, in subscription order.
+    subs: RefCell<Vec<Subscriber>>,
+    /// Side being filled by ingress.
+    fill: RefCell<Vec<Message>>,
+    /// Side being drained by fan-out.
+    drain: RefCell<Vec<Message>>,
+    /// Whether the topic is in the shard's dirty list.
+    dirty: Cell<bool>,
+}
+
+/// An outbox toward one peer shard.
+#[derive(Debug, Default)]
+struct Outbox {
+    /// Items waiting for the next batch.
+    items: RefCell<Vec<Item>>,
+    /// Cost of `items` plus the batch in flight.
+    bytes: Cell<usize>,
+    /// Wakes the flusher.
+    wake: Event,
+}
+
+/// A reply awaited by a task on this shard.
+#[derive(Debug)]
+enum Reply {
+    Publish(Slot<Result<u64, OwnerError>>),
+    Subscribe(Slot<Result<Granted, OwnerError>>),
+    Stats(Slot<ShardStats>),
+}
+
+/// One shard's state. Created once per executor, shared by its tasks via `Rc`.
+#[derive(Debug)]
+pub struct Shard {
+    /// This shard's index (its position in the channel mesh).
+    pub id: usize,
+    /// Number of shards.
+    pub shards: usize,
+    /// Validated configuration.
+    pub config: Arc<Config>,
+    /// Process-wide flags.
+    pub node: Arc<NodeShared>,
+    /// This shard's counters.
+    pub metrics: Metrics,
+    /// Senders to every peer (None with one shard).
+    senders: Option<Senders<Batch>>,
+    /// Topics this shard owns.
+    owner: RefCell<Owner>,
+    /// Topics with local subscribers.
+    topics: RefCell<HashMap<TopicName, Rc<LocalTopic>, ahash::RandomState>>,
+    /// Outboxes by peer index (this shard's own is unused).
+    outboxes: Vec<Outbox>,
+    /// Notified when outboxes or fan-out buffers drain.
+    room: Event,
+    /// Topics with undrained deliveries.
+    dirty: RefCell<Vec<Rc<LocalTopic>>>,
+    /// Payload bytes in fill buffers.
+    fanout_pending_bytes: Cell<usize>,
+    /// Wakes the fan-out task.
+    fanout_wake: Event,
+    /// Byte budget per owner for publishes in flight.
+    remote_budget: Vec<Semaphore>,
+    /// Awaited replies by request id.
+    replies: RefCell<HashMap<u64, Reply, ahash::RandomState>>,
+    /// Next request or subscription id.
+    next_id: Cell<u64>,
+    /// Open WebSocket sessions' send queues, to close them on shutdown.
+    pub sessions: RefCell<HashMap<u64, Rc<Outbound>, ahash::RandomState>>,
+}
+
+impl Shard {
+    /// Creates the shard's state; `start` spawns its tasks.
+    pub fn new(id: usize, shards: usize, config: Arc<Config>, node: Arc<NodeShared>, senders: Option<Senders<Batch>>) -> Rc<Shard> {
+        let topics_max = config.topics_max.div_ceil(shards);
+        Rc::new(Shard {
+            id,
+            shards,
+            owner: RefCell::new(Owner::new(topics_max, config.history_messages_max, config.history_bytes_max)),
+            config,
+            node,
+            metrics: Metrics::default(),
+            senders,
+            topics: RefCell::default(),
+            outboxes: (0..shards).map(|_| Outbox::default()).collect(),
+            room: Event::default(),
+            dirty: RefCell::default(),
+            fanout_pending_bytes: Cell::new(0),
+            fanout_wake: Event::default(),
+            remote_budget: (0..shards).map(|_| Semaphore::new(REMOTE_PUBLISH_BYTES_IN_FLIGHT_MAX as u64)).collect(),
+            replies: RefCell::default(),
+            next_id: Cell::new(1),
+            sessions: RefCell::default(),
+        })
+    }
+
+    /// Spawns the ingress, flusher and fan-out tasks.
+    pub fn start(self: &Rc<Self>, receivers: Vec<(usize, ConnectedReceiver<Batch>)>, data_queue: glommio::TaskQueueHandle) {
+        for (peer, receiver) in receivers {
+            let shard = self.clone();
+            glommio::spawn_local_into(async move { shard.ingress(peer, receiver).await }, data_queue)
+                .map(|t| t.detach())
+                .ok();
+        }
+        for peer in (0..self.shards).filter(|&p| p != self.id) {
+            let shard = self.clone();
+            glommio::spawn_local_into(async move { shard.flusher(peer).await }, data_queue).map(|t| t.detach()).ok();
+        }
+        let shard = self.clone();
+        glommio::spawn_local_into(async move { shard.fanout().await }, data_queue).map(|t| t.detach()).ok();
+    }
+
+    /// A fresh shard-unique id.
+    pub fn next_id(&self) -> u64 {
+        let id = self.next_id.get();
+        self.next_id.set(id + 1);
+        id
+    }
+
+    /// Publishes a message to `topic`; resolves with its sequence number
+    /// once the owner assigned it. Waits while the node is saturated
+    /// (outboxes or fan-out buffers full), never for a slow subscriber.
+    pub async fn publish(self: &Rc<Self>, topic: TopicName, kind: PayloadKind, payload: Bytes) -> Result<u64, OwnerError> {
+        let owner = topic.owner_shard(self.shards);
+        if owner == self.id {
+            self.wait_for_room().await;
+            return self.sequence(&topic, kind, payload);
+        }
+        let cost = (payload.len() + ITEM_OVERHEAD_BYTES) as u64;
+        // The semaphore is never closed; an error cannot happen.
+        let _permit = self.remote_budget[owner].acquire_permit(cost).await.ok();
+        let req = self.next_id();
+        let slot = Slot::default();
+        self.replies.borrow_mut().insert(req, Reply::Publish(slot.clone()));
+        self.send(owner, Item::Publish { topic, kind, payload, req });
+        slot.wait().await
+    }
+
+    /// Subscribes `out` to `topic`. With `from_seq`, first replays retained
+    /// messages after it. Resolves once the subscription is live: every
+    /// message sequenced after that reaches `out`. With `reply_id`, the
+    /// native ok reply is queued before any message.
+    pub async fn subscribe(
+        self: &Rc<Self>,
+        topic: &TopicName,
+        out: &Rc<Outbound>,
+        format: Format,
+        from_seq: Option<u64>,
+        reply_id: Option<u64>,
+    ) -> Result<Granted, OwnerError> {
+        let sub_id = self.next_id();
+        let local = self.local_topic(topic);
+        let live = local.subs.borrow().iter().any(|s| s.pending.is_none());
+        if live && from_seq.is_none() {
+            let last_seq = local.last_seq.get();
+            if let Some(id) = reply_id {
+                out.offer_control(native::reply_ok(id, serde_json::json!({ "topic": topic.as_str(), "last_seq": last_seq })));
+            }
+            local.subs.borrow_mut().push(Subscriber { id: sub_id, out: out.clone(), format, last_seq, pending: None });
+            metrics::add(&self.metrics.subscriptions_current, 1);
+            return Ok(Granted { sub_id, last_seq, gap: None });
+        }
+        let req = self.next_id();
+        local.subs.borrow_mut().push(Subscriber { id: sub_id, out: out.clone(), format, last_seq: 0, pending: Some((req, reply_id)) });
+        metrics::add(&self.metrics.subscriptions_current, 1);
+        let slot = Slot::default();
+        self.replies.borrow_mut().insert(req, Reply::Subscribe(slot.clone()));
+        self.send(topic.owner_shard(self.shards), Item::Subscribe { topic: topic.clone(), from_seq, req });
+        let result = slot.wait().await;
+        if result.is_err() {
+            self.unsubscribe(topic, sub_id);
+        }
+        result.map(|g| Granted { sub_id, ..g })
+    }
+
+    /// Removes a subscription; the last one on this shard tells the owner.
+    pub fn unsubscribe(&self, topic: &TopicName, sub_id: u64) {
+        let Some(local) = self.topics.borrow().get(topic).cloned() else { return };
+        let now_empty = {
+            let mut subs = local.subs.borrow_mut();
+            let before = subs.len();
+            subs.retain(|s| s.id != sub_id);
+            if subs.len() < before {
+                metrics::sub(&self.metrics.subscriptions_current, 1);
+            }
+            subs.is_empty()
+        };
+        if now_empty {
+            self.topics.borrow_mut().remove(topic);
+            self.send(topic.owner_shard(self.shards), Item::Unsubscribe { topic: topic.clone() });
+        }
+    }
+
+    /// Snapshots of every shard, this one included, in shard order.
+    pub async fn gather_stats(self: &Rc<Self>) -> Vec<ShardStats> {
+        let mut waits = Vec::new();
+        for peer in (0..self.shards).filter(|&p| p != self.id) {
+            let req = self.next_id();
+            let slot = Slot::default();
+            self.replies.borrow_mut().insert(req, Reply::Stats(slot.clone()));
+            self.send(peer, Item::StatsRequest { req });
+            waits.push(slot);
+        }
+        let mut all = vec![self.snapshot()];
+        for slot in waits {
+            all.push(slot.wait().await);
+        }
+        all.sort_by_key(|s| s.shard);
+        all
+    }
+
+    /// Whether the node is draining for shutdown.
+    pub fn shutting_down(&self) -> bool {
+        self.node.shutdown.load(Ordering::Relaxed)
+    }
+
+    fn snapshot(&self) -> ShardStats {
+        ShardStats {
+            shard: self.id,
+            counters: self.metrics.counter_values(),
+            latency_us: self.metrics.latency_us.borrow().clone(),
+            owned_topics: self.owner.borrow().stats(),
+            local_subscribers: self
+                .topics
+                .borrow()
+                .values()
+                .map(|t| (t.name.as_str().to_string(), t.subs.borrow().len() as u64))
+                .collect(),
+        }
+    }
+
+    /// Sequences a message on this (owner) shard and routes it to every
+    /// subscribing shard.
+    fn sequence(&self, topic: &TopicName, kind: PayloadKind, payload: Bytes) -> Result<u64, OwnerError> {
+        let len = payload.len() as u64;
+        let (message, mask) = self.owner.borrow_mut().publish(topic, kind, payload, Instant::now())?;
+        metrics::add(&self.metrics.messages_published, 1);
+        metrics::add(&self.metrics.bytes_published, len);
+        let seq = message.seq;
+        for shard in (0..self.shards).filter(|s| mask & (1 << s) != 0) {
+            self.send(shard, Item::Deliver { topic: topic.clone(), message: message.clone() });
+        }
+        Ok(seq)
+    }
+
+    /// Routes an item: handled at once for this shard, else queued in the
+    /// peer's outbox for the next batch.
+    fn send(&self, shard: usize, item: Item) {
+        if shard == self.id {
+            self.handle(shard, item);
+            return;
+        }
+        let outbox = &self.outboxes[shard];
+        outbox.bytes.set(outbox.bytes.get() + item.cost_bytes());
+        outbox.items.borrow_mut().push(item);
+        outbox.wake.notify();
+    }
+
+    /// Handles one item from shard `from` (possibly this shard).
+    fn handle(&self, from: usize, item: Item) {
+        match item {
+            Item::Publish { topic, kind, payload, req } => {
+                let result = self.sequence(&topic, kind, payload);
+                self.send(from, Item::PublishDone { req, result });
+            }
+            Item::Subscribe { topic, from_seq, req } => {
+                let result = self.owner.borrow_mut().subscribe(&topic, from, from_seq, Instant::now());
+                self.send(from, Item::SubscribeDone { topic, req, result });
+            }
+            Item::Unsubscribe { topic } => self.owner.borrow_mut().unsubscribe(&topic, from),
+            Item::Deliver { topic, message } => self.deliver(&topic, message),
+            Item::SubscribeDone { topic, req, result } => self.granted(&topic, req, result),
+            Item::PublishDone { req, result } => {
+                if let Some(Reply::Publish(slot)) = self.replies.borrow_mut().remove(&req) {
+                    slot.set(result);
+                }
+            }
+            Item::StatsRequest { req } => {
+                let stats = Box::new(self.snapshot());
+                self.send(from, Item::StatsReply { req, stats });
+            }
+            Item::StatsReply { req, stats } => {
+                if let Some(Reply::Stats(slot)) = self.replies.borrow_mut().remove(&req) {
+                    slot.set(*stats);
+                }
+            }
+        }
+    }
+
+    /// Ingress side of the dual buffer.
+    fn deliver(&self, topic: &TopicName, message: Message) {
+        let Some(local) = self.topics.borrow().get(topic).cloned() else { return };
+        if message.seq <= local.last_seq.get() {
+            return;
+        }
+        local.last_seq.set(message.seq);
+        self.fanout_pending_bytes.set(self.fanout_pending_bytes.get() + message.payload.len());
+        local.fill.borrow_mut().push(message);
+        if !local.dirty.replace(true) {
+            self.dirty.borrow_mut().push(local);
+            self.fanout_wake.notify();
+        }
+    }
+
+    /// Applies the owner's grant to the pending subscriber `req`: queue the
+    /// native reply, then the replay, then go live.
+    fn granted(&self, topic: &TopicName, req: u64, result: Result<Grant, OwnerError>) {
+        let reply = self.replies.borrow_mut().remove(&req);
+        let Some(Reply::Subscribe(slot)) = reply else { return };
+        let grant = match result {
+            Ok(grant) => grant,
+            Err(e) => return slot.set(Err(e)),
+        };
+        let local = self.topics.borrow().get(topic).cloned();
+        if let Some(local) = local {
+            if local.last_seq.get() < grant.last_seq {
+                local.last_seq.set(grant.last_seq);
+            }
+            let mut subs = local.subs.borrow_mut();
+            if let Some(sub) = subs.iter_mut().find(|s| s.pending.is_some_and(|(r, _)| r == req)) {
+                if let Some((_, Some(id))) = sub.pending {
+                    let mut extra = serde_json::json!({ "topic": topic.as_str(), "last_seq": grant.last_seq, "first_seq": grant.first_seq });
+                    if let Some((from, to)) = grant.gap {
+                        extra["gap"] = serde_json::json!({ "from_seq": from, "to_seq": to });
+                    }
+                    sub.out.offer_control(native::reply_ok(id, extra));
+                }
+                for message in &grant.replay {
+                    let frame = encode(sub.format, topic, message);
+                    self.count_offer(sub.out.offer_data(frame, topic, message.seq, message.published_at));
+                }
+                sub.last_seq = grant.last_seq;
+                sub.pending = None;
+            }
+        }
+        slot.set(Ok(Granted { sub_id: 0, last_seq: grant.last_seq, gap: grant.gap }));
+    }
+
+    fn local_topic(&self, topic: &TopicName) -> Rc<LocalTopic> {
+        self.topics
+            .borrow_mut()
+            .entry(topic.clone())
+            .or_insert_with(|| {
+                Rc::new(LocalTopic {
+                    name: topic.clone(),
+                    last_seq: Cell::new(0),
+                    subs: RefCell::default(),
+                    fill: RefCell::default(),
+                    drain: RefCell::default(),
+                    dirty: Cell::new(false),
+                })
+            })
+            .clone()
+    }
+
+    async fn wait_for_room(&self) {
+        loop {
+            let full = self.fanout_pending_bytes.get() > FANOUT_PENDING_BYTES_MAX
+                || self.outboxes.iter().any(|o| o.bytes.get() > OUTBOX_BYTES_MAX);
+            if !full {
+                return;
+            }
+            self.room.wait().await;
+        }
+    }
+
+    async fn ingress(self: Rc<Self>, peer: usize, receiver: ConnectedReceiver<Batch>) {
+        while let Some(batch) = receiver.recv().await {
+            for item in batch {
+                self.handle(peer, item);
+            }
+            // Backpressure: stop taking batches while fan-out is behind.
+            while self.fanout_pending_bytes.get() > FANOUT_PENDING_BYTES_MAX {
+                self.room.wait().await;
+            }
+        }
+    }
+
+    async fn flusher(self: Rc<Self>, peer: usize) {
+        let Some(senders) = &self.senders else { return };
+        let outbox = &self.outboxes[peer];
+        loop {
+            if outbox.items.borrow().is_empty() {
+                outbox.wake.wait().await;
+                continue;
+            }
+            let batch = std::mem::take(&mut *outbox.items.borrow_mut());
+            let cost: usize = batch.iter().map(Item::cost_bytes).sum();
+            if senders.send_to(peer, batch).await.is_err() {
+                return; // the peer is gone: shutdown
+            }
+            outbox.bytes.set(outbox.bytes.get().saturating_sub(cost));
+            self.room.notify();
+        }
+    }
+
+    /// The fan-out task: drains dirty topics into subscriber queues.
+    async fn fanout(self: Rc<Self>) {
+        loop {
+            let dirty = std::mem::take(&mut *self.dirty.borrow_mut());
+            if dirty.is_empty() {
+                self.fanout_wake.wait().await;
+                continue;
+            }
+            for topic in dirty {
+                self.drain_topic(&topic);
+                glommio::yield_if_needed().await;
+            }
+            self.room.notify();
+        }
+    }
+
+    fn drain_topic(&self, topic: &LocalTopic) {
+        topic.dirty.set(false);
+        let mut drain = topic.drain.borrow_mut();
+        std::mem::swap(&mut *drain, &mut *topic.fill.borrow_mut());
+        let mut subs = topic.subs.borrow_mut();
+        let mut bytes = 0;
+        for message in drain.drain(..) {
+            bytes += message.payload.len();
+            // Framed at most once per format on this shard, shared by all.
+            let mut frames: [Option<Bytes>; 3] = [None, None, None];
+            for sub in subs.iter_mut().filter(|s| s.pending.is_none() && message.seq > s.last_seq) {
+                let frame = frames[sub.format as usize].get_or_insert_with(|| encode(sub.format, &topic.name, &message)).clone();
+                self.count_offer(sub.out.offer_data(frame, &topic.name, message.seq, message.published_at));
+                sub.last_seq = message.seq;
+            }
+        }
+        self.fanout_pending_bytes.set(self.fanout_pending_bytes.get().saturating_sub(bytes));
+    }
+
+    fn count_offer(&self, offer: Offer) {
+        match offer {
+            Offer::Queued | Offer::Closed => {}
+            Offer::Dropped => metrics::add(&self.metrics.messages_dropped, 1),
+            Offer::Disconnected => {
+                metrics::add(&self.metrics.slow_consumer_disconnects, 1);
+                tracing::warn!(shard = self.id, "slow consumer disconnected (send queue over {} bytes)", self.config.send_queue_bytes_max);
+            }
+        }
+    }
+}
+
+/// Frames a message for a subscriber format.
+fn encode(format: Format, topic: &TopicName, message: &Message) -> Bytes {
+    match format {
+        Format::Raw => ws::encode_data(message.kind, &message.payload),
+        Format::Legacy => ws::encode_data(PayloadKind::Binary, &message.payload),
+        Format::Native => native::encode_message(topic, message),
+    }
+}
