@@ -49,10 +49,13 @@ fn main() {
         }
         Err(e) => tracing::warn!("cannot install signal handlers: {e}"),
     }
-    // Tests and scripts read this line to learn the port.
-    println!("fluxnode listening on {} with {} shards", node.local_addr, config.shards);
-    let _ = std::io::stdout().flush();
-    if let Err(e) = node.run(config) {
+    let shards = config.shards;
+    let on_ready = move |addr| {
+        // Tests and scripts read this line: the node accepts from now on.
+        println!("fluxnode listening on {addr} with {shards} shards");
+        let _ = std::io::stdout().flush();
+    };
+    if let Err(e) = node.run(config, on_ready) {
         eprintln!("fluxnode: {e}");
         std::process::exit(1);
     }

@@ -60,7 +60,8 @@ impl Node {
     }
 
     /// Runs the shards until shutdown completes. Blocks the calling thread.
-    pub fn run(self, config: Config) -> Result<(), ServerError> {
+    /// `on_ready` runs once every shard is accepting connections.
+    pub fn run(self, config: Config, on_ready: impl FnOnce(SocketAddr)) -> Result<(), ServerError> {
         let config = Arc::new(config);
         let shards = config.shards;
         let mesh = MeshBuilder::<Batch, _>::full(config.shards, SHARD_CHANNEL_BATCHES);
@@ -84,7 +85,11 @@ impl Node {
         while self.bound.load(Ordering::Acquire) < shards && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(5));
         }
-        self.shared.ready.store(self.bound.load(Ordering::Acquire) == shards, Ordering::Release);
+        let all_bound = self.bound.load(Ordering::Acquire) == shards;
+        self.shared.ready.store(all_bound && !self.shared.shutdown.load(Ordering::Acquire), Ordering::Release);
+        if all_bound {
+            on_ready(self.local_addr);
+        }
         let results = handles.join_all();
         let failed: Vec<String> = results
             .into_iter()

@@ -1,0 +1,233 @@
+//! Shared helpers for integration tests: start a real `fluxnode` on
+//! 127.0.0.1 with an ephemeral port, speak HTTP over std sockets and
+//! WebSocket with `tungstenite` (a client library we did not write).
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use tungstenite::protocol::WebSocket;
+use tungstenite::Message;
+
+/// How long any single wait in a test may take before it fails. Generous:
+/// the box is a loaded 2-core machine.
+pub const WAIT: Duration = Duration::from_secs(20);
+
+pub type Ws = WebSocket<TcpStream>;
+
+/// A running fluxnode, killed on drop.
+pub struct Node {
+    pub child: Child,
+    pub port: u16,
+}
+
+impl Node {
+    /// Starts fluxnode with extra flags and waits until /readyz says ready.
+    pub fn start(extra: &[&str]) -> Node {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_fluxnode"))
+            .args(["--listen", "127.0.0.1:0"])
+            .args(extra)
+            .env("FLUXNODE_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn fluxnode");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = rx.recv_timeout(WAIT).expect("fluxnode printed its address");
+        let port = line
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix("127.0.0.1:"))
+            .and_then(|p| p.parse().ok())
+            .unwrap_or_else(|| panic!("no port in {line:?}"));
+        let node = Node { child, port };
+        wait_until("node ready", || node.get("/readyz").0 == 200);
+        node
+    }
+
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// One HTTP request on a fresh connection; returns status and body.
+    pub fn request(&self, method: &str, path: &str, content_type: &str, body: &[u8]) -> (u16, String) {
+        let mut stream = TcpStream::connect(self.addr()).expect("connect");
+        stream.set_read_timeout(Some(WAIT)).unwrap();
+        let head = format!(
+            "{method} {path} HTTP/1.1\r\nhost: x\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+            body.len()
+        );
+        stream.write_all(head.as_bytes()).unwrap();
+        stream.write_all(body).unwrap();
+        read_response(&mut stream)
+    }
+
+    pub fn get(&self, path: &str) -> (u16, String) {
+        self.request("GET", path, "text/plain", b"")
+    }
+
+    pub fn get_json(&self, path: &str) -> serde_json::Value {
+        let (status, body) = self.get(path);
+        assert_eq!(status, 200, "{path}: {body}");
+        serde_json::from_str(&body).unwrap()
+    }
+
+    /// Original RayFlux publish.
+    pub fn legacy_publish(&self, topic: &str, message: &str) -> (u16, serde_json::Value) {
+        let body = serde_json::json!({ "topic": topic, "message": message }).to_string();
+        let (status, body) = self.request("POST", "/publish", "application/json", body.as_bytes());
+        (status, serde_json::from_str(&body).unwrap_or(serde_json::Value::Null))
+    }
+
+    /// Subscriber count of a topic as the node reports it (0 if unknown).
+    pub fn subscribers(&self, topic: &str) -> u64 {
+        let (status, body) = self.get(&format!("/v1/topics/{topic}"));
+        if status != 200 {
+            return 0;
+        }
+        serde_json::from_str::<serde_json::Value>(&body).unwrap()["subscribers"].as_u64().unwrap_or(0)
+    }
+
+    /// A counter from /metrics.
+    pub fn metric(&self, name: &str) -> u64 {
+        let (_, body) = self.get("/metrics");
+        body.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("metric {name} missing"))
+    }
+
+    /// Resident memory of the node, KiB, from /proc.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmRSS")
+    }
+
+    pub fn ws(&self, path: &str) -> Ws {
+        ws_connect(&self.addr(), path).unwrap_or_else(|e| panic!("connect {path}: {e}"))
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Connects a WebSocket client with a read timeout so no test hangs.
+pub fn ws_connect(addr: &str, path: &str) -> Result<Ws, tungstenite::Error> {
+    let stream = TcpStream::connect(addr).map_err(tungstenite::Error::Io)?;
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    stream.set_nodelay(true).unwrap();
+    let (ws, _) = tungstenite::client(format!("ws://{addr}{path}"), stream).map_err(|e| match e {
+        tungstenite::HandshakeError::Failure(e) => e,
+        tungstenite::HandshakeError::Interrupted(_) => tungstenite::Error::ConnectionClosed,
+    })?;
+    Ok(ws)
+}
+
+/// Reads an HTTP response (status and body) until the server closes or
+/// the content-length is satisfied.
+pub fn read_response(stream: &mut TcpStream) -> (u16, String) {
+    let mut data = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(end) = data.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&data[..end]).to_string();
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_string()))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            if data.len() >= end + 4 + length {
+                let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+                let body = String::from_utf8_lossy(&data[end + 4..end + 4 + length]).to_string();
+                return (status, body);
+            }
+        }
+        match stream.read(&mut chunk) {
+            Ok(0) | Err(_) => return (0, String::from_utf8_lossy(&data).to_string()),
+            Ok(n) => data.extend_from_slice(&chunk[..n]),
+        }
+    }
+}
+
+/// Polls `check` until it holds, failing the test after WAIT.
+pub fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !check() {
+        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        std::thread::yield_now();
+        std::thread::park_timeout(Duration::from_millis(10));
+    }
+}
+
+/// Next data message (skips pings/pongs).
+pub fn next_data(ws: &mut Ws) -> Message {
+    loop {
+        match ws.read().expect("read message") {
+            Message::Ping(_) | Message::Pong(_) => continue,
+            m => return m,
+        }
+    }
+}
+
+/// Next native JSON text frame.
+pub fn next_json(ws: &mut Ws) -> serde_json::Value {
+    match next_data(ws) {
+        Message::Text(t) => serde_json::from_str(&t).unwrap(),
+        other => panic!("expected a text frame, got {other:?}"),
+    }
+}
+
+/// Sends a native request and returns its reply, checking the id.
+pub fn native_call(ws: &mut Ws, request: serde_json::Value) -> serde_json::Value {
+    let id = request["id"].clone();
+    ws.send(Message::text(request.to_string())).unwrap();
+    loop {
+        let v = next_json(ws);
+        if v["type"] == "reply" {
+            assert_eq!(v["id"], id, "reply to another request: {v}");
+            return v;
+        }
+    }
+}
+
+/// Reads until the server's close frame; returns its code and reason.
+pub fn expect_close(ws: &mut Ws) -> (u16, String) {
+    loop {
+        match ws.read() {
+            Ok(Message::Close(Some(frame))) => return (frame.code.into(), frame.reason.to_string()),
+            Ok(Message::Close(None)) => return (1005, String::new()),
+            Ok(_) => continue,
+            Err(e) => panic!("connection ended without a close frame: {e}"),
+        }
+    }
+}
+
+/// A topic name that shard `want` of `shards` owns (same hash as the node).
+pub fn topic_on_shard(prefix: &str, shards: u64, want: u64) -> String {
+    (0..).map(|i| format!("{prefix}{i}")).find(|t| fnv1a(t.as_bytes()) % shards == want).unwrap()
+}
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in bytes {
+        hash ^= u64::from(b);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    hash
+}

@@ -1,0 +1,122 @@
+//! Each client protocol path, end to end, against a real node.
+
+mod common;
+
+use common::*;
+use tungstenite::Message;
+
+#[test]
+fn original_api_publish_and_subscribe() {
+    let node = Node::start(&["--shards", "2"]);
+    let mut sub = node.ws("/subscribe");
+    sub.send(Message::text(r#"{"subscriber_id": "s1", "topic": "news"}"#)).unwrap();
+    wait_until("subscription visible", || node.subscribers("news") == 1);
+    let (status, body) = node.legacy_publish("news", "hello é");
+    assert_eq!(status, 200);
+    assert_eq!(body["status"], "message accepted");
+    assert_eq!(body["seq"], 1);
+    // Exactly the message bytes, as one binary frame.
+    assert_eq!(next_data(&mut sub), Message::binary("hello é".as_bytes().to_vec()));
+    let (status, body) = node.legacy_publish("news", "second");
+    assert_eq!((status, body["seq"].as_u64()), (200, Some(2)));
+    assert_eq!(next_data(&mut sub), Message::binary(b"second".to_vec()));
+}
+
+#[test]
+fn raw_socket_keeps_opcodes_and_is_live_at_101() {
+    let node = Node::start(&["--shards", "2"]);
+    let mut sub = node.ws("/v1/topics/raw.t/ws?role=sub");
+    // Live at 101: a publish right after the handshake must arrive.
+    let mut publisher = node.ws("/v1/topics/raw.t/ws?role=pub");
+    publisher.send(Message::text("txt")).unwrap();
+    publisher.send(Message::binary(vec![0u8, 1, 255])).unwrap();
+    assert_eq!(next_data(&mut sub), Message::text("txt"));
+    assert_eq!(next_data(&mut sub), Message::binary(vec![0u8, 1, 255]));
+    let (status, body) = node.request("POST", "/v1/topics/raw.t", "application/octet-stream", b"\x00body");
+    assert_eq!(status, 200, "{body}");
+    let reply: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(reply["seq"], 3);
+    assert_eq!(next_data(&mut sub), Message::binary(b"\x00body".to_vec()));
+    let (status, _) = node.request("POST", "/v1/topics/raw.t", "text/plain", b"plain");
+    assert_eq!(status, 200);
+    assert_eq!(next_data(&mut sub), Message::text("plain"));
+}
+
+#[test]
+fn raw_pubsub_echoes_to_itself() {
+    let node = Node::start(&[]);
+    let mut both = node.ws("/v1/topics/echo/ws");
+    both.send(Message::text("me")).unwrap();
+    assert_eq!(next_data(&mut both), Message::text("me"));
+}
+
+#[test]
+fn native_protocol_round_trip() {
+    let node = Node::start(&["--shards", "2"]);
+    let mut ws = node.ws("/v1/ws");
+    let pong = native_call(&mut ws, serde_json::json!({"op": "ping", "id": 1}));
+    assert_eq!((pong["ok"].as_bool(), pong["pong"].as_bool()), (Some(true), Some(true)));
+    for (i, topic) in ["alpha", "beta", "gamma"].iter().enumerate() {
+        let r = native_call(&mut ws, serde_json::json!({"op": "subscribe", "id": 10 + i, "topic": topic}));
+        assert_eq!(r["ok"], true, "{r}");
+        assert_eq!(r["last_seq"], 0);
+    }
+    // Publish from a second connection: on a single connection a message may
+    // arrive before the publish reply (both are queued as soon as they exist).
+    let mut p = node.ws("/v1/ws");
+    let r = native_call(&mut p, serde_json::json!({"op": "publish", "id": 20, "topic": "beta", "data": "b\"1"}));
+    assert_eq!((r["ok"].as_bool(), r["seq"].as_u64()), (Some(true), Some(1)));
+    let m = next_json(&mut ws);
+    assert_eq!((m["type"].as_str(), m["topic"].as_str(), m["seq"].as_u64(), m["data"].as_str()), (Some("message"), Some("beta"), Some(1), Some("b\"1")));
+    assert!(m["ts"].as_u64().unwrap() > 1_600_000_000_000);
+    // Binary publish: 0x01 | id | topic_len | topic | payload.
+    let mut frame = vec![1u8];
+    frame.extend_from_slice(&21u64.to_be_bytes());
+    frame.push(5);
+    frame.extend_from_slice(b"gamma");
+    frame.extend_from_slice(&[0, 159, 146, 150]);
+    p.send(Message::binary(frame)).unwrap();
+    let v = next_json(&mut p);
+    assert_eq!((v["id"].as_u64(), v["seq"].as_u64()), (Some(21), Some(1)), "{v}");
+    match next_data(&mut ws) {
+        Message::Binary(b) => {
+            assert_eq!(b[0], 1);
+            assert_eq!(&b[1..7], b"\x05gamma");
+            assert_eq!(u64::from_be_bytes(b[7..15].try_into().unwrap()), 1);
+            assert_eq!(&b[23..], &[0, 159, 146, 150]);
+        }
+        other => panic!("unexpected {other:?}"),
+    }
+    let r = native_call(&mut ws, serde_json::json!({"op": "unsubscribe", "id": 30, "topic": "beta"}));
+    assert_eq!(r["ok"], true);
+    let r = native_call(&mut ws, serde_json::json!({"op": "unsubscribe", "id": 31, "topic": "beta"}));
+    assert_eq!(r["error"]["code"], "not_subscribed");
+    // After unsubscribe, a publish to beta is not delivered; one to alpha is.
+    native_call(&mut p, serde_json::json!({"op": "publish", "id": 32, "topic": "beta", "data": "x"}));
+    native_call(&mut p, serde_json::json!({"op": "publish", "id": 33, "topic": "alpha", "data": "y"}));
+    let m = next_json(&mut ws);
+    assert_eq!((m["topic"].as_str(), m["data"].as_str()), (Some("alpha"), Some("y")));
+}
+
+#[test]
+fn operations_endpoints() {
+    let node = Node::start(&["--shards", "2"]);
+    assert_eq!(node.get("/healthz").0, 200);
+    assert_eq!(node.get("/readyz").0, 200);
+    let mut sub = node.ws("/v1/topics/ops/ws?role=sub");
+    for _ in 0..3 {
+        assert_eq!(node.legacy_publish("ops", "m").0, 200);
+    }
+    for _ in 0..3 {
+        next_data(&mut sub);
+    }
+    let info = node.get_json("/v1/topics/ops");
+    assert_eq!((info["last_seq"].as_u64(), info["first_seq"].as_u64(), info["subscribers"].as_u64()), (Some(3), Some(1), Some(1)));
+    let list = node.get_json("/v1/topics");
+    assert!(list["topics"].as_array().unwrap().iter().any(|t| t["topic"] == "ops"));
+    assert_eq!(node.get("/v1/topics/none").0, 404);
+    wait_until("deliveries counted", || node.metric("fluxnode_messages_delivered_total") >= 3);
+    assert_eq!(node.metric("fluxnode_messages_published_total"), 3);
+    let (_, metrics) = node.get("/metrics");
+    assert!(metrics.contains("fluxnode_delivery_latency_seconds{quantile=\"0.99\"}"), "{metrics}");
+}
