@@ -333,13 +333,16 @@ async fn websocket(shard: Rc<Shard>, io: Io, buf: BytesMut, head: RequestHead, r
     };
     let out = Rc::new(Outbound::new(shard.config.send_queue_bytes_max, policy));
     let session = Rc::new(Session { shard: shard.clone(), io, out, reader_done: Cell::new(false), reader_done_event: Event::default() });
-    let (path, extra_headers, gap) = match prepare(&session, &head, route).await {
+    let (path, mut extra_headers, gap) = match prepare(&session, &head, route).await {
         Ok(prepared) => prepared,
         Err(response) => {
             let _ = session.io.write_all(&response).await;
             return;
         }
     };
+    // Which shard serves this session: for operators and for tests that need
+    // subscribers on every shard.
+    extra_headers.push(("x-rayflux-shard", shard.id.to_string()));
     if session.io.write_all(&http::switching_protocols(&key, &extra_headers)).await.is_err() {
         cleanup(&session, &path);
         return;

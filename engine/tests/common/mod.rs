@@ -231,3 +231,24 @@ fn fnv1a(bytes: &[u8]) -> u64 {
     }
     hash
 }
+
+/// Connects a WebSocket and reports the shard that serves it.
+pub fn ws_with_shard(addr: &str, path: &str) -> (Ws, u64) {
+    let stream = TcpStream::connect(addr).unwrap();
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    let (ws, response) = tungstenite::client(format!("ws://{addr}{path}"), stream).map_err(|e| e.to_string()).unwrap();
+    let shard = response.headers().get("x-rayflux-shard").and_then(|v| v.to_str().ok()?.parse().ok()).expect("shard header");
+    (ws, shard)
+}
+
+/// Opens WebSockets on `path` until one is served by shard `want`
+/// (SO_REUSEPORT spreads connections by hash, so this takes a few tries).
+pub fn ws_on_shard(addr: &str, path: &str, want: u64) -> Ws {
+    for _ in 0..200 {
+        let (ws, shard) = ws_with_shard(addr, path);
+        if shard == want {
+            return ws;
+        }
+    }
+    panic!("no connection landed on shard {want} in 200 tries");
+}
