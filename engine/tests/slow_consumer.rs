@@ -71,7 +71,10 @@ fn disconnect_policy_closes_with_4008_and_spares_others() {
 
 #[test]
 fn drop_policy_bounds_memory_and_reports_the_gap() {
-    let node = Node::start(&["--shards", "2", "--send-queue-bytes-max", &CAP_BYTES.to_string(), "--message-bytes-max", "65536"]);
+    // The stalled subscriber stops reading on purpose: keep the node from
+    // closing it as a dead peer (a write stalled for an idle period).
+    let cap = CAP_BYTES.to_string();
+    let node = Node::start(&["--shards", "2", "--send-queue-bytes-max", &cap, "--message-bytes-max", "65536", "--idle-timeout-ms", "600000"]);
     let mut stalled = node.ws("/v1/ws?slow=drop");
     let reply = native_call(&mut stalled, serde_json::json!({"op": "subscribe", "id": 1, "topic": "slow.m"}));
     assert_eq!(reply["ok"], true);
