@@ -170,8 +170,8 @@ impl Config {
     pub fn from_args(args: &Args) -> Result<Config, ConfigError> {
         let file = match &args.config {
             Some(path) => {
-                let text = std::fs::read_to_string(path)
-                    .map_err(|source| ConfigError::Read { path: path.clone(), source })?;
+                let text =
+                    std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.clone(), source })?;
                 toml::from_str::<FileConfig>(&text)
                     .map_err(|source| ConfigError::Parse { path: path.clone(), source })?
             }
@@ -179,10 +179,8 @@ impl Config {
         };
         let d = Config::default();
         let ms = Duration::from_millis;
-        let history_memory_max = args
-            .history_memory_max
-            .or(file.history_memory_max)
-            .unwrap_or(limits::HISTORY_MEMORY_MAX_DEFAULT);
+        let history_memory_max =
+            args.history_memory_max.or(file.history_memory_max).unwrap_or(limits::HISTORY_MEMORY_MAX_DEFAULT);
         let config = Config {
             listen: args.listen.or(file.listen).unwrap_or(d.listen),
             shards: args.shards.or(file.shards).unwrap_or(d.shards),
@@ -206,7 +204,11 @@ impl Config {
                 .or(file.subscriptions_per_connection_max)
                 .unwrap_or(d.subscriptions_per_connection_max),
             connections_max: args.connections_max.or(file.connections_max).unwrap_or(d.connections_max),
-            handshake_timeout: args.handshake_timeout_ms.or(file.handshake_timeout_ms).map(ms).unwrap_or(d.handshake_timeout),
+            handshake_timeout: args
+                .handshake_timeout_ms
+                .or(file.handshake_timeout_ms)
+                .map(ms)
+                .unwrap_or(d.handshake_timeout),
             idle_timeout: args.idle_timeout_ms.or(file.idle_timeout_ms).map(ms).unwrap_or(d.idle_timeout),
             drain_timeout: args.drain_timeout_ms.or(file.drain_timeout_ms).map(ms).unwrap_or(d.drain_timeout),
         };

@@ -74,9 +74,11 @@ impl Io {
         let _ = self.0.borrow().set_read_timeout(timeout);
     }
 
-    async fn shutdown(&self, how: Shutdown) {
+    /// Shuts the socket down now. glommio emulates shutdown synchronously
+    /// anyway; doing it through socket2 keeps the stream borrow short.
+    fn shutdown(&self, how: Shutdown) {
         let stream = self.0.borrow();
-        let _ = stream.shutdown(how).await;
+        let _ = socket2::SockRef::from(&*stream).shutdown(how);
     }
 }
 
@@ -98,7 +100,9 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream) {
             }
             Err(_) => {
                 if first || !buf.is_empty() {
-                    let _ = io.write_all(&http::json_error(408, "timeout", "request head not received in time", false)).await;
+                    let _ = io
+                        .write_all(&http::json_error(408, "timeout", "request head not received in time", false))
+                        .await;
                 }
                 return;
             }
@@ -139,7 +143,13 @@ async fn read_head(io: &Io, buf: &mut BytesMut) -> Result<Option<RequestHead>, h
 }
 
 /// Reads the body of a request that has one, within the size limits.
-async fn request_body(shard: &Shard, io: &Io, buf: &mut BytesMut, head: &RequestHead, route: &Route) -> Result<Bytes, Vec<u8>> {
+async fn request_body(
+    shard: &Shard,
+    io: &Io,
+    buf: &mut BytesMut,
+    head: &RequestHead,
+    route: &Route,
+) -> Result<Bytes, Vec<u8>> {
     let limit = match route {
         Route::LegacyPublish => shard.config.message_bytes_max + HTTP_BODY_SLACK_BYTES,
         Route::TopicPublish(_) => shard.config.message_bytes_max,
@@ -167,7 +177,9 @@ async fn request_body(shard: &Shard, io: &Io, buf: &mut BytesMut, head: &Request
 
 /// Answers a plain HTTP request.
 async fn respond(shard: &Rc<Shard>, head: &RequestHead, route: Route, body: Bytes, keep_alive: bool) -> Vec<u8> {
-    let json = |status, value: serde_json::Value| http::response(status, "application/json", value.to_string().as_bytes(), keep_alive);
+    let json = |status, value: serde_json::Value| {
+        http::response(status, "application/json", value.to_string().as_bytes(), keep_alive)
+    };
     match route {
         Route::Healthz => json(200, serde_json::json!({ "status": "ok" })),
         Route::Readyz => {
@@ -196,13 +208,18 @@ async fn respond(shard: &Rc<Shard>, head: &RequestHead, route: Route, body: Byte
                 Err(e) => return http::json_error(400, "invalid_topic", &e.to_string(), keep_alive),
             };
             let textual = head.content_type.starts_with("text/") || head.content_type.starts_with("application/json");
-            let kind = if textual && std::str::from_utf8(&body).is_ok() { PayloadKind::Text } else { PayloadKind::Binary };
+            let kind =
+                if textual && std::str::from_utf8(&body).is_ok() { PayloadKind::Text } else { PayloadKind::Binary };
             match shard.publish(topic.clone(), kind, body).await {
-                Ok(seq) => json(200, serde_json::json!({ "status": "message accepted", "topic": topic.as_str(), "seq": seq })),
+                Ok(seq) => {
+                    json(200, serde_json::json!({ "status": "message accepted", "topic": topic.as_str(), "seq": seq }))
+                }
                 Err(e) => owner_error(e, keep_alive),
             }
         }
-        Route::MethodNotAllowed => http::json_error(405, "method_not_allowed", "method not allowed on this path", keep_alive),
+        Route::MethodNotAllowed => {
+            http::json_error(405, "method_not_allowed", "method not allowed on this path", keep_alive)
+        }
         _ => http::json_error(404, "not_found", "no such path", keep_alive),
     }
 }
@@ -223,7 +240,14 @@ struct LegacyPublish {
 async fn legacy_publish(shard: &Rc<Shard>, body: &[u8], keep_alive: bool) -> Vec<u8> {
     let request: LegacyPublish = match serde_json::from_slice(body) {
         Ok(r) => r,
-        Err(e) => return http::json_error(400, "bad_request", &format!("expected {{\"topic\", \"message\"}}: {e}"), keep_alive),
+        Err(e) => {
+            return http::json_error(
+                400,
+                "bad_request",
+                &format!("expected {{\"topic\", \"message\"}}: {e}"),
+                keep_alive,
+            )
+        }
     };
     let topic = match TopicName::new(&request.topic) {
         Ok(t) => t,
@@ -312,7 +336,9 @@ async fn websocket(shard: Rc<Shard>, io: Io, buf: BytesMut, head: RequestHead, r
             return;
         }
         None => {
-            let _ = io.write_all(&http::json_error(426, "upgrade_required", "this path needs a WebSocket upgrade", false)).await;
+            let _ = io
+                .write_all(&http::json_error(426, "upgrade_required", "this path needs a WebSocket upgrade", false))
+                .await;
             return;
         }
     };
@@ -332,7 +358,13 @@ async fn websocket(shard: Rc<Shard>, io: Io, buf: BytesMut, head: RequestHead, r
         }
     };
     let out = Rc::new(Outbound::new(shard.config.send_queue_bytes_max, policy));
-    let session = Rc::new(Session { shard: shard.clone(), io, out, reader_done: Cell::new(false), reader_done_event: Event::default() });
+    let session = Rc::new(Session {
+        shard: shard.clone(),
+        io,
+        out,
+        reader_done: Cell::new(false),
+        reader_done_event: Event::default(),
+    });
     let (path, mut extra_headers, gap) = match prepare(&session, &head, route).await {
         Ok(prepared) => prepared,
         Err(response) => {
@@ -358,7 +390,11 @@ async fn websocket(shard: Rc<Shard>, io: Io, buf: BytesMut, head: RequestHead, r
 /// subscribers, makes the subscription live. Returns the path state, extra
 /// response headers and, for a raw `from` older than history, the first
 /// retained sequence.
-async fn prepare(session: &Session, head: &RequestHead, route: Route) -> Result<(Path, Vec<(&'static str, String)>, Option<u64>), Vec<u8>> {
+async fn prepare(
+    session: &Session,
+    head: &RequestHead,
+    route: Route,
+) -> Result<(Path, Vec<(&'static str, String)>, Option<u64>), Vec<u8>> {
     let bad = |code: &str, why: &str| http::json_error(400, code, why, false);
     match route {
         Route::LegacySubscribe => Ok((Path::Legacy { sub: None }, vec![], None)),
@@ -474,7 +510,9 @@ async fn on_event(session: &Session, path: &mut Path, event: WsEvent) -> bool {
         WsEvent::Pong => true,
         WsEvent::Close { code } => {
             // Echo the client's code (RFC 6455 5.5.1), then end.
-            let echo = code.filter(|c| (1000..5000).contains(c) && ![1005, 1006, 1015].contains(c)).unwrap_or(close_code::NORMAL);
+            let echo = code
+                .filter(|c| (1000..5000).contains(c) && ![1005, 1006, 1015].contains(c))
+                .unwrap_or(close_code::NORMAL);
             session.out.close(echo, "");
             false
         }
@@ -517,7 +555,9 @@ async fn legacy_message(session: &Session, sub: &mut Option<(TopicName, u64)>, p
     let request: LegacySubscribe = match serde_json::from_slice(&payload) {
         Ok(r) => r,
         Err(_) => {
-            session.out.close(close_code::POLICY_VIOLATION, "first frame must be {\"subscriber_id\": ..., \"topic\": ...}");
+            session
+                .out
+                .close(close_code::POLICY_VIOLATION, "first frame must be {\"subscriber_id\": ..., \"topic\": ...}");
             return true;
         }
     };
@@ -535,7 +575,12 @@ async fn legacy_message(session: &Session, sub: &mut Option<(TopicName, u64)>, p
     true
 }
 
-async fn native_message(session: &Session, subs: &mut HashMap<TopicName, u64>, kind: PayloadKind, payload: Bytes) -> bool {
+async fn native_message(
+    session: &Session,
+    subs: &mut HashMap<TopicName, u64>,
+    kind: PayloadKind,
+    payload: Bytes,
+) -> bool {
     let parsed = match kind {
         PayloadKind::Text => native::parse_text(&payload),
         PayloadKind::Binary => native::parse_binary(&payload),
@@ -563,9 +608,12 @@ async fn native_message(session: &Session, subs: &mut HashMap<TopicName, u64>, k
         },
         Request::Subscribe { id, topic, from_seq } => match topic_of(id, &topic) {
             Err(reply) => reply,
-            Ok(topic) if subs.contains_key(&topic) => native::reply_error(Some(id), "already_subscribed", "already subscribed to this topic"),
+            Ok(topic) if subs.contains_key(&topic) => {
+                native::reply_error(Some(id), "already_subscribed", "already subscribed to this topic")
+            }
             Ok(_) if subs.len() >= shard.config.subscriptions_per_connection_max => {
-                let why = format!("at most {} subscriptions per connection", shard.config.subscriptions_per_connection_max);
+                let why =
+                    format!("at most {} subscriptions per connection", shard.config.subscriptions_per_connection_max);
                 native::reply_error(Some(id), "too_many_subscriptions", &why)
             }
             Ok(topic) => match shard.subscribe(&topic, out, Format::Native, from_seq, Some(id)).await {
@@ -607,9 +655,10 @@ async fn write_loop(session: Rc<Session>) {
         if out.is_empty() {
             if let Some((code, reason)) = out.close_reason() {
                 let frame = ws::encode_close(code, &reason);
-                let sent = glommio::timer::timeout(CLOSE_LINGER, async { Ok(session.io.write_all(&frame).await) }).await;
+                let sent =
+                    glommio::timer::timeout(CLOSE_LINGER, async { Ok(session.io.write_all(&frame).await) }).await;
                 if matches!(sent, Ok(Ok(()))) {
-                    session.io.shutdown(Shutdown::Write).await;
+                    session.io.shutdown(Shutdown::Write);
                     let _ = glommio::timer::timeout(CLOSE_LINGER, async {
                         while !session.reader_done.get() {
                             session.reader_done_event.wait().await;
@@ -618,7 +667,7 @@ async fn write_loop(session: Rc<Session>) {
                     })
                     .await;
                 }
-                session.io.shutdown(Shutdown::Both).await;
+                session.io.shutdown(Shutdown::Both);
                 return;
             }
             if session.reader_done.get() {
@@ -631,11 +680,12 @@ async fn write_loop(session: Rc<Session>) {
         batch.clear();
         published.clear();
         out.take_batch(&mut batch, WRITE_BATCH_BYTES_MAX, &mut published);
-        let write = glommio::timer::timeout(shard.config.idle_timeout, async { Ok(session.io.write_all(&batch).await) });
+        let write =
+            glommio::timer::timeout(shard.config.idle_timeout, async { Ok(session.io.write_all(&batch).await) });
         if !matches!(write.await, Ok(Ok(()))) {
             // The peer stopped reading for a whole idle period, or the socket failed.
             out.close(close_code::SLOW_CONSUMER, "write stalled");
-            session.io.shutdown(Shutdown::Both).await;
+            session.io.shutdown(Shutdown::Both);
             return;
         }
         let now = Instant::now();

@@ -119,7 +119,15 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<(RequestHead, usize)>, HttpError>
     });
     let keep_alive = if http11 { !has_token(&connection, "close") } else { has_token(&connection, "keep-alive") };
     Ok(Some((
-        RequestHead { method, path, query, content_length: content_length.unwrap_or(0), content_type, keep_alive, websocket },
+        RequestHead {
+            method,
+            path,
+            query,
+            content_length: content_length.unwrap_or(0),
+            content_type,
+            keep_alive,
+            websocket,
+        },
         len,
     )))
 }

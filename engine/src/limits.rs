@@ -72,8 +72,6 @@ pub const SHARD_CHANNEL_BATCHES: usize = 16;
 /// publishers wait: bounds the outbox when a peer shard is CPU-starved.
 pub const OUTBOX_BYTES_MAX: usize = 4 << 20;
 
-
-
 /// Most shards: topic ownership fits a 64-bit subscriber-shard mask.
 pub const SHARDS_MAX: usize = 64;
 /// Bytes of io_uring registered buffer memory per shard. FluxNode does no
@@ -91,9 +89,7 @@ const _: () = assert!(HISTORY_BYTES_MAX_DEFAULT <= SEND_QUEUE_BYTES_MAX_DEFAULT)
 const _: () = assert!(MESSAGE_BYTES_MAX_DEFAULT <= SEND_QUEUE_BYTES_MAX_DEFAULT);
 const _: () = assert!(MESSAGE_BYTES_MAX_DEFAULT <= MESSAGE_BYTES_MAX_CEILING);
 const _: () = assert!(TOPIC_NAME_BYTES_MAX <= u8::MAX as usize);
-const _: () = assert!(
-    TOPICS_MAX_DEFAULT * HISTORY_BYTES_MAX_DEFAULT <= HISTORY_MEMORY_MAX_DEFAULT
-);
+const _: () = assert!(TOPICS_MAX_DEFAULT * HISTORY_BYTES_MAX_DEFAULT <= HISTORY_MEMORY_MAX_DEFAULT);
 const _: () = assert!(READ_BUFFER_BYTES_INITIAL <= HTTP_HEAD_BYTES_MAX);
 
 /// Bytes counted for one cross-shard item besides its payload (headers,

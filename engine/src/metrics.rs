@@ -138,7 +138,10 @@ pub fn render_prometheus(shards: &[ShardStats]) -> String {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {total}");
     }
     let topics: usize = shards.iter().map(|s| s.owned_topics.len()).sum();
-    let _ = writeln!(out, "# HELP fluxnode_topics Topics on this node.\n# TYPE fluxnode_topics gauge\nfluxnode_topics {topics}");
+    let _ = writeln!(
+        out,
+        "# HELP fluxnode_topics Topics on this node.\n# TYPE fluxnode_topics gauge\nfluxnode_topics {topics}"
+    );
     let mut merged = Histogram::<u64>::new_with_max(LATENCY_US_MAX, 3).expect("valid histogram bounds");
     for s in shards {
         let _ = merged.add(&s.latency_us);

@@ -131,7 +131,8 @@ pub fn reply_error(id: Option<u64>, code: &str, message: &str) -> Bytes {
 
 /// The notice sent to a `drop`-policy subscriber that missed messages.
 pub fn dropped_notice(topic: &TopicName, from_seq: u64, to_seq: u64) -> Bytes {
-    let body = serde_json::json!({ "type": "dropped", "topic": topic.as_str(), "from_seq": from_seq, "to_seq": to_seq });
+    let body =
+        serde_json::json!({ "type": "dropped", "topic": topic.as_str(), "from_seq": from_seq, "to_seq": to_seq });
     ws::encode_data(PayloadKind::Text, body.to_string().as_bytes())
 }
 
@@ -180,7 +181,12 @@ mod tests {
         );
         assert_eq!(
             parse_text(br#"{"op":"publish","id":2,"topic":"a","data":"h\"i"}"#),
-            Ok(Request::Publish { id: 2, topic: "a".into(), kind: PayloadKind::Text, payload: Bytes::from_static(b"h\"i") })
+            Ok(Request::Publish {
+                id: 2,
+                topic: "a".into(),
+                kind: PayloadKind::Text,
+                payload: Bytes::from_static(b"h\"i")
+            })
         );
         assert_eq!(parse_text(br#"{"op":"ping","id":3}"#), Ok(Request::Ping { id: 3 }));
         assert_eq!(
@@ -208,10 +214,24 @@ mod tests {
         frame.push(1);
         frame.extend_from_slice(b"t\x00\xff");
         let req = parse_binary(&Bytes::from(frame)).unwrap();
-        assert_eq!(req, Request::Publish { id: 42, topic: "t".into(), kind: PayloadKind::Binary, payload: Bytes::from_static(b"\x00\xff") });
+        assert_eq!(
+            req,
+            Request::Publish {
+                id: 42,
+                topic: "t".into(),
+                kind: PayloadKind::Binary,
+                payload: Bytes::from_static(b"\x00\xff")
+            }
+        );
         assert!(parse_binary(&Bytes::from_static(&[1, 0, 0])).is_err());
         assert!(parse_binary(&Bytes::from_static(&[2; 20])).is_err());
-        let msg = Message { seq: 3, timestamp_ms: 9, kind: PayloadKind::Binary, payload: Bytes::from_static(b"xy"), published_at: Instant::now() };
+        let msg = Message {
+            seq: 3,
+            timestamp_ms: 9,
+            kind: PayloadKind::Binary,
+            payload: Bytes::from_static(b"xy"),
+            published_at: Instant::now(),
+        };
         let framed = encode_message(&TopicName::new("t").unwrap(), &msg);
         assert_eq!(&framed[2..], &[1, 1, b't', 0, 0, 0, 0, 0, 0, 0, 3, 0, 0, 0, 0, 0, 0, 0, 9, b'x', b'y']);
         let text = Message { kind: PayloadKind::Text, payload: Bytes::from_static(b"q\""), ..msg };

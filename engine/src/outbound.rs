@@ -97,11 +97,8 @@ impl Outbound {
                     Offer::Dropped
                 }
                 SlowConsumerPolicy::Disconnect => {
-                    let reason = format!(
-                        "slow consumer: {} bytes pending, cap {}",
-                        self.queued_bytes.get(),
-                        self.cap_bytes
-                    );
+                    let reason =
+                        format!("slow consumer: {} bytes pending, cap {}", self.queued_bytes.get(), self.cap_bytes);
                     self.close_now(close_code::SLOW_CONSUMER, reason);
                     Offer::Disconnected
                 }

@@ -112,7 +112,13 @@ impl Owner {
 
     /// Registers `shard` as subscribing and answers with the topic's
     /// position and, when `from_seq` is given, the retained messages after it.
-    pub fn subscribe(&mut self, topic: &TopicName, shard: usize, from_seq: Option<u64>, now: Instant) -> Result<Grant, OwnerError> {
+    pub fn subscribe(
+        &mut self,
+        topic: &TopicName,
+        shard: usize,
+        from_seq: Option<u64>,
+        now: Instant,
+    ) -> Result<Grant, OwnerError> {
         let t = self.topic_mut(topic, now)?;
         t.subscriber_shards |= 1 << shard;
         let last_seq = t.last_seq;

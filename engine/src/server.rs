@@ -76,7 +76,8 @@ impl Node {
             .name("fluxnode")
             .io_memory(IO_MEMORY_BYTES_PER_SHARD)
             .on_all_shards(move || {
-                let (config, mesh, shared, bound, drained) = (config.clone(), mesh.clone(), shared.clone(), bound.clone(), drained.clone());
+                let (config, mesh, shared, bound, drained) =
+                    (config.clone(), mesh.clone(), shared.clone(), bound.clone(), drained.clone());
                 async move { shard_main(config, mesh, shared, addr, bound, drained).await }
             })
             .map_err(|e| ServerError::Executor(e.to_string()))?;
@@ -118,7 +119,8 @@ async fn shard_main(
     drained: Arc<AtomicUsize>,
 ) -> Result<(), String> {
     let executor = glommio::executor();
-    let data_queue = executor.create_task_queue(Shares::Static(1000), Latency::Matters(Duration::from_millis(1)), "data");
+    let data_queue =
+        executor.create_task_queue(Shares::Static(1000), Latency::Matters(Duration::from_millis(1)), "data");
     let (senders, mut receivers) = mesh.join().await.map_err(|_| "cannot join the shard mesh".to_string())?;
     let id = senders.peer_id();
     let shards = config.shards;

@@ -24,7 +24,9 @@ use glommio::channels::shared_channel::ConnectedReceiver;
 use glommio::sync::Semaphore;
 
 use crate::config::Config;
-use crate::limits::{FANOUT_PENDING_BYTES_MAX, ITEM_OVERHEAD_BYTES, OUTBOX_BYTES_MAX, REMOTE_PUBLISH_BYTES_IN_FLIGHT_MAX};
+use crate::limits::{
+    FANOUT_PENDING_BYTES_MAX, ITEM_OVERHEAD_BYTES, OUTBOX_BYTES_MAX, REMOTE_PUBLISH_BYTES_IN_FLIGHT_MAX,
+};
 use crate::message::{Message, PayloadKind};
 use crate::metrics::{self, Metrics, ShardStats};
 use crate::native;
@@ -200,7 +202,13 @@ pub struct Shard {
 
 impl Shard {
     /// Creates the shard's state; `start` spawns its tasks.
-    pub fn new(id: usize, shards: usize, config: Arc<Config>, node: Arc<NodeShared>, senders: Option<Senders<Batch>>) -> Rc<Shard> {
+    pub fn new(
+        id: usize,
+        shards: usize,
+        config: Arc<Config>,
+        node: Arc<NodeShared>,
+        senders: Option<Senders<Batch>>,
+    ) -> Rc<Shard> {
         let topics_max = config.topics_max.div_ceil(shards);
         Rc::new(Shard {
             id,
@@ -224,7 +232,11 @@ impl Shard {
     }
 
     /// Spawns the ingress, flusher and fan-out tasks.
-    pub fn start(self: &Rc<Self>, receivers: Vec<(usize, ConnectedReceiver<Batch>)>, data_queue: glommio::TaskQueueHandle) {
+    pub fn start(
+        self: &Rc<Self>,
+        receivers: Vec<(usize, ConnectedReceiver<Batch>)>,
+        data_queue: glommio::TaskQueueHandle,
+    ) {
         for (peer, receiver) in receivers {
             let shard = self.clone();
             glommio::spawn_local_into(async move { shard.ingress(peer, receiver).await }, data_queue)
@@ -249,7 +261,12 @@ impl Shard {
     /// Publishes a message to `topic`; resolves with its sequence number
     /// once the owner assigned it. Waits while the node is saturated
     /// (outboxes or fan-out buffers full), never for a slow subscriber.
-    pub async fn publish(self: &Rc<Self>, topic: TopicName, kind: PayloadKind, payload: Bytes) -> Result<u64, OwnerError> {
+    pub async fn publish(
+        self: &Rc<Self>,
+        topic: TopicName,
+        kind: PayloadKind,
+        payload: Bytes,
+    ) -> Result<u64, OwnerError> {
         let owner = topic.owner_shard(self.shards);
         if owner == self.id {
             self.wait_for_room().await;
@@ -283,14 +300,23 @@ impl Shard {
         if live && from_seq.is_none() {
             let last_seq = local.last_seq.get();
             if let Some(id) = reply_id {
-                out.offer_control(native::reply_ok(id, serde_json::json!({ "topic": topic.as_str(), "last_seq": last_seq })));
+                out.offer_control(native::reply_ok(
+                    id,
+                    serde_json::json!({ "topic": topic.as_str(), "last_seq": last_seq }),
+                ));
             }
             local.subs.borrow_mut().push(Subscriber { id: sub_id, out: out.clone(), format, last_seq, pending: None });
             metrics::add(&self.metrics.subscriptions_current, 1);
             return Ok(Granted { sub_id, last_seq, gap: None });
         }
         let req = self.next_id();
-        local.subs.borrow_mut().push(Subscriber { id: sub_id, out: out.clone(), format, last_seq: 0, pending: Some((req, reply_id)) });
+        local.subs.borrow_mut().push(Subscriber {
+            id: sub_id,
+            out: out.clone(),
+            format,
+            last_seq: 0,
+            pending: Some((req, reply_id)),
+        });
         metrics::add(&self.metrics.subscriptions_current, 1);
         let slot = Slot::default();
         self.replies.borrow_mut().insert(req, Reply::Subscribe(slot.clone()));
@@ -550,7 +576,9 @@ impl Shard {
             // Framed at most once per format on this shard, shared by all.
             let mut frames: [Option<Bytes>; 3] = [None, None, None];
             for sub in subs.iter_mut().filter(|s| s.pending.is_none() && message.seq > s.last_seq) {
-                let frame = frames[sub.format as usize].get_or_insert_with(|| encode(sub.format, &topic.name, &message)).clone();
+                let frame = frames[sub.format as usize]
+                    .get_or_insert_with(|| encode(sub.format, &topic.name, &message))
+                    .clone();
                 self.count_offer(sub.out.offer_data(frame, &topic.name, message.seq, message.published_at));
                 sub.last_seq = message.seq;
             }
@@ -564,7 +592,11 @@ impl Shard {
             Offer::Dropped => metrics::add(&self.metrics.messages_dropped, 1),
             Offer::Disconnected => {
                 metrics::add(&self.metrics.slow_consumer_disconnects, 1);
-                tracing::warn!(shard = self.id, "slow consumer disconnected (send queue over {} bytes)", self.config.send_queue_bytes_max);
+                tracing::warn!(
+                    shard = self.id,
+                    "slow consumer disconnected (send queue over {} bytes)",
+                    self.config.send_queue_bytes_max
+                );
             }
         }
     }

@@ -240,7 +240,7 @@ pub fn encode_close(code: u16, reason: &str) -> Bytes {
     while !reason.is_char_boundary(end) {
         end -= 1;
     }
-    encode(OpCode::Control(Control::Close), &[&code.to_be_bytes(), reason[..end].as_bytes()])
+    encode(OpCode::Control(Control::Close), &[&code.to_be_bytes(), &reason.as_bytes()[..end]])
 }
 
 /// Encodes a ping (keep-alive) frame.

@@ -94,7 +94,11 @@ fn websocket_violations_get_their_close_codes() {
     assert_eq!(close_code_for(&node, raw, &frame(0x2, b"x", false)), 1002, "unmasked frame");
     assert_eq!(close_code_for(&node, raw, &frame(0x3, b"", true)), 1002, "reserved opcode");
     assert_eq!(close_code_for(&node, raw, &frame(0x0, b"x", true)), 1002, "stray continuation");
-    assert_eq!(close_code_for(&node, "/v1/topics/bad/ws?role=sub", &frame(0x1, b"x", true)), 1008, "publish on role=sub");
+    assert_eq!(
+        close_code_for(&node, "/v1/topics/bad/ws?role=sub", &frame(0x1, b"x", true)),
+        1008,
+        "publish on role=sub"
+    );
     assert_eq!(close_code_for(&node, "/subscribe", &frame(0x1, b"not json", true)), 1008, "bad first frame");
     assert_eq!(close_code_for(&node, "/subscribe", &frame(0x1, br#"{"subscriber_id":1,"topic":"a/b"}"#, true)), 1008);
     // A header announcing a huge frame is refused before any payload arrives.
@@ -126,7 +130,10 @@ fn http_bad_input_gets_statuses() {
     assert_eq!(node.get("/nowhere").0, 404);
     assert_eq!(node.request("DELETE", "/publish", "text/plain", b"").0, 405);
     // Garbage instead of HTTP, and an oversized head.
-    for wire in [b"\x00\xff\x13garbage\r\n\r\n".to_vec(), format!("GET / HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(20_000)).into_bytes()] {
+    for wire in [
+        b"\x00\xff\x13garbage\r\n\r\n".to_vec(),
+        format!("GET / HTTP/1.1\r\nX: {}\r\n\r\n", "a".repeat(20_000)).into_bytes(),
+    ] {
         let mut s = TcpStream::connect(node.addr()).unwrap();
         s.set_read_timeout(Some(WAIT)).unwrap();
         let _ = s.write_all(&wire);

@@ -18,7 +18,10 @@ fn native_resume_replays_then_goes_live() {
     publish_n(&node, "hist", 10);
     let mut ws = node.ws("/v1/ws");
     let reply = native_call(&mut ws, serde_json::json!({"op": "subscribe", "id": 1, "topic": "hist", "from_seq": 4}));
-    assert_eq!((reply["ok"].as_bool(), reply["last_seq"].as_u64(), reply["first_seq"].as_u64()), (Some(true), Some(10), Some(1)));
+    assert_eq!(
+        (reply["ok"].as_bool(), reply["last_seq"].as_u64(), reply["first_seq"].as_u64()),
+        (Some(true), Some(10), Some(1))
+    );
     assert!(reply.get("gap").is_none(), "{reply}");
     for seq in 5..=10u64 {
         let m = next_json(&mut ws);

@@ -67,7 +67,10 @@ fn native_protocol_round_trip() {
     let r = native_call(&mut p, serde_json::json!({"op": "publish", "id": 20, "topic": "beta", "data": "b\"1"}));
     assert_eq!((r["ok"].as_bool(), r["seq"].as_u64()), (Some(true), Some(1)));
     let m = next_json(&mut ws);
-    assert_eq!((m["type"].as_str(), m["topic"].as_str(), m["seq"].as_u64(), m["data"].as_str()), (Some("message"), Some("beta"), Some(1), Some("b\"1")));
+    assert_eq!(
+        (m["type"].as_str(), m["topic"].as_str(), m["seq"].as_u64(), m["data"].as_str()),
+        (Some("message"), Some("beta"), Some(1), Some("b\"1"))
+    );
     assert!(m["ts"].as_u64().unwrap() > 1_600_000_000_000);
     // Binary publish: 0x01 | id | topic_len | topic | payload.
     let mut frame = vec![1u8];
@@ -111,7 +114,10 @@ fn operations_endpoints() {
         next_data(&mut sub);
     }
     let info = node.get_json("/v1/topics/ops");
-    assert_eq!((info["last_seq"].as_u64(), info["first_seq"].as_u64(), info["subscribers"].as_u64()), (Some(3), Some(1), Some(1)));
+    assert_eq!(
+        (info["last_seq"].as_u64(), info["first_seq"].as_u64(), info["subscribers"].as_u64()),
+        (Some(3), Some(1), Some(1))
+    );
     let list = node.get_json("/v1/topics");
     assert!(list["topics"].as_array().unwrap().iter().any(|t| t["topic"] == "ops"));
     assert_eq!(node.get("/v1/topics/none").0, 404);

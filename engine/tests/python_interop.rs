@@ -14,9 +14,14 @@ use common::*;
 fn python_websockets_client() {
     let python = std::env::var("FLUXNODE_TEST_PYTHON").unwrap_or_else(|_| {
         let venv = concat!(env!("CARGO_MANIFEST_DIR"), "/../.venv/bin/python");
-        if std::path::Path::new(venv).exists() { venv.to_string() } else { "python3".to_string() }
+        if std::path::Path::new(venv).exists() {
+            venv.to_string()
+        } else {
+            "python3".to_string()
+        }
     });
-    let has_websockets = Command::new(&python).args(["-c", "import websockets"]).status().map(|s| s.success()).unwrap_or(false);
+    let has_websockets =
+        Command::new(&python).args(["-c", "import websockets"]).status().map(|s| s.success()).unwrap_or(false);
     assert!(has_websockets, "{python} has no `websockets` module: run ./scripts/test, which installs it in .venv");
     let node = Node::start(&["--shards", "2"]);
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/interop.py");

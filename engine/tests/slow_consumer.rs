@@ -57,7 +57,14 @@ fn healthy_reader(node: &Node, topic: &str) -> (thread::JoinHandle<u64>, Arc<Ato
 
 #[test]
 fn disconnect_policy_closes_with_4008_and_spares_others() {
-    let node = Node::start(&["--shards", "2", "--send-queue-bytes-max", &CAP_BYTES.to_string(), "--message-bytes-max", "65536"]);
+    let node = Node::start(&[
+        "--shards",
+        "2",
+        "--send-queue-bytes-max",
+        &CAP_BYTES.to_string(),
+        "--message-bytes-max",
+        "65536",
+    ]);
     let mut stalled = node.ws("/v1/topics/slow.d/ws?role=sub");
     let (healthy, progress) = healthy_reader(&node, "slow.d");
     flood(&node, "slow.d", &progress);
@@ -74,7 +81,16 @@ fn drop_policy_bounds_memory_and_reports_the_gap() {
     // The stalled subscriber stops reading on purpose: keep the node from
     // closing it as a dead peer (a write stalled for an idle period).
     let cap = CAP_BYTES.to_string();
-    let node = Node::start(&["--shards", "2", "--send-queue-bytes-max", &cap, "--message-bytes-max", "65536", "--idle-timeout-ms", "600000"]);
+    let node = Node::start(&[
+        "--shards",
+        "2",
+        "--send-queue-bytes-max",
+        &cap,
+        "--message-bytes-max",
+        "65536",
+        "--idle-timeout-ms",
+        "600000",
+    ]);
     let mut stalled = node.ws("/v1/ws?slow=drop");
     let reply = native_call(&mut stalled, serde_json::json!({"op": "subscribe", "id": 1, "topic": "slow.m"}));
     assert_eq!(reply["ok"], true);
@@ -89,7 +105,9 @@ fn drop_policy_bounds_memory_and_reports_the_gap() {
     // arenas, batches and write buffers. 100,000 x 1000 bytes (95 MiB) went
     // through; without the cap the queue would hold most of it.
     let bound_kib = (CAP_BYTES + (1 << 20)) / 1024 + 8 * 1024;
-    eprintln!("stalled-subscriber memory: RSS {rss_before} KiB -> {rss_after} KiB (+{growth_kib} KiB, bound {bound_kib} KiB)");
+    eprintln!(
+        "stalled-subscriber memory: RSS {rss_before} KiB -> {rss_after} KiB (+{growth_kib} KiB, bound {bound_kib} KiB)"
+    );
     assert!(growth_kib <= bound_kib, "RSS grew {growth_kib} KiB, bound {bound_kib} KiB");
     // Now read: every message is either delivered or inside a reported gap.
     let mut accounted = vec![false; MESSAGES as usize + 1];
@@ -123,7 +141,14 @@ fn drop_policy_bounds_memory_and_reports_the_gap() {
 #[test]
 fn stalled_raw_socket_does_not_stall_the_node() {
     // A TCP client that completes the handshake and never reads again.
-    let node = Node::start(&["--shards", "1", "--send-queue-bytes-max", &CAP_BYTES.to_string(), "--message-bytes-max", "65536"]);
+    let node = Node::start(&[
+        "--shards",
+        "1",
+        "--send-queue-bytes-max",
+        &CAP_BYTES.to_string(),
+        "--message-bytes-max",
+        "65536",
+    ]);
     let stalled = node.ws("/v1/topics/slow.r/ws?role=sub");
     let (healthy, progress) = healthy_reader(&node, "slow.r");
     flood(&node, "slow.r", &progress);

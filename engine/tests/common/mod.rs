@@ -1,7 +1,7 @@
 //! Shared helpers for integration tests: start a real `fluxnode` on
 //! 127.0.0.1 with an ephemeral port, speak HTTP over std sockets and
 //! WebSocket with `tungstenite` (a client library we did not write).
-#![allow(dead_code)]
+#![allow(dead_code, clippy::result_large_err)]
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -237,7 +237,8 @@ pub fn ws_with_shard(addr: &str, path: &str) -> (Ws, u64) {
     let stream = TcpStream::connect(addr).unwrap();
     stream.set_read_timeout(Some(WAIT)).unwrap();
     let (ws, response) = tungstenite::client(format!("ws://{addr}{path}"), stream).map_err(|e| e.to_string()).unwrap();
-    let shard = response.headers().get("x-rayflux-shard").and_then(|v| v.to_str().ok()?.parse().ok()).expect("shard header");
+    let shard =
+        response.headers().get("x-rayflux-shard").and_then(|v| v.to_str().ok()?.parse().ok()).expect("shard header");
     (ws, shard)
 }
 
