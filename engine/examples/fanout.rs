@@ -63,7 +63,7 @@ fn main() {
                 std::thread::sleep(Duration::from_micros(200));
                 continue;
             }
-        } else if sent % 100 == 0 {
+        } else if sent.is_multiple_of(100) {
             let _ = publisher.flush();
             while sent > window + min_seen.iter().map(|m| m.load(Ordering::Relaxed)).min().unwrap_or(0) {
                 std::thread::yield_now();
