@@ -27,17 +27,24 @@ fn main() {
     let topic = format!("fanout{}", std::process::id());
     let delivered = Arc::new(AtomicU64::new(0));
     let min_seen = Arc::new((0..subscribers).map(|_| AtomicU64::new(0)).collect::<Vec<_>>());
+    let histograms = Arc::new(std::sync::Mutex::new(hdrhistogram::Histogram::<u64>::new(3).unwrap()));
     let stop = Arc::new(AtomicBool::new(false));
     let mut threads = Vec::new();
     for i in 0..subscribers {
         let stream = TcpStream::connect(&addr).unwrap();
         let (mut ws, _) = tungstenite::client(format!("ws://{addr}/v1/topics/{topic}/ws?role=sub"), stream).unwrap();
-        let (delivered, min_seen, stop) = (delivered.clone(), min_seen.clone(), stop.clone());
+        let (delivered, min_seen, stop, histograms) =
+            (delivered.clone(), min_seen.clone(), stop.clone(), histograms.clone());
         threads.push(std::thread::spawn(move || {
             let mut n = 0u64;
+            let mut latency = hdrhistogram::Histogram::<u64>::new(3).unwrap();
             while !stop.load(Ordering::Relaxed) {
                 match ws.read() {
-                    Ok(Message::Binary(_)) | Ok(Message::Text(_)) => {
+                    Ok(Message::Binary(payload)) => {
+                        // Latency from the publisher's send time carried in the payload
+                        // (same machine, same clock).
+                        let sent = u64::from_le_bytes(payload[..8].try_into().unwrap());
+                        let _ = latency.record(unix_micros().saturating_sub(sent));
                         n += 1;
                         delivered.fetch_add(1, Ordering::Relaxed);
                         min_seen[i].store(n, Ordering::Relaxed);
@@ -46,6 +53,7 @@ fn main() {
                     Err(_) => break,
                 }
             }
+            histograms.lock().unwrap().add(&latency).unwrap();
         }));
     }
     let stream = TcpStream::connect(&addr).unwrap();
@@ -69,7 +77,9 @@ fn main() {
                 std::thread::yield_now();
             }
         }
-        publisher.write(Message::binary(payload.clone())).unwrap();
+        let mut payload = payload.clone();
+        payload[..8].copy_from_slice(&unix_micros().to_le_bytes());
+        publisher.write(Message::binary(payload)).unwrap();
         sent += 1;
     }
     publisher.flush().unwrap();
@@ -77,6 +87,20 @@ fn main() {
     let got = delivered.load(Ordering::Relaxed);
     let cpu = cpu_seconds(pid) - cpu_start;
     stop.store(true, Ordering::Relaxed);
+    // Wake every subscriber so it records its histogram, then merge.
+    let _ = publisher.send(Message::binary(unix_micros().to_le_bytes().to_vec()));
+    for t in threads {
+        let _ = t.join();
+    }
+    let h = histograms.lock().unwrap();
+    println!(
+        "latency (send to receive, us): p50={} p90={} p99={} p99.9={} max={}",
+        h.value_at_quantile(0.5),
+        h.value_at_quantile(0.9),
+        h.value_at_quantile(0.99),
+        h.value_at_quantile(0.999),
+        h.max()
+    );
     println!(
         "subscribers={subscribers} published={sent} delivered={got} in {elapsed:.1}s: {:.0} published/s, {:.0} delivered/s; node CPU {cpu:.2}s = {:.3} CPU-s per million deliveries",
         sent as f64 / elapsed,
@@ -84,6 +108,10 @@ fn main() {
         cpu / (got as f64 / 1e6)
     );
     std::process::exit(0);
+}
+
+fn unix_micros() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_micros() as u64
 }
 
 /// utime + stime of a process, seconds.

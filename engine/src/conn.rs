@@ -29,7 +29,7 @@ use crate::metrics;
 use crate::native::{self, Request};
 use crate::outbound::Outbound;
 use crate::owner::OwnerError;
-use crate::shard::{Format, Shard};
+use crate::shard::{Format, PublishDone, Shard};
 use crate::sync::Event;
 use crate::topic::TopicName;
 use crate::ws::{self, close_code, Decoder, WsEvent};
@@ -534,9 +534,8 @@ async fn raw_message(session: &Session, topic: &TopicName, publish: bool, kind: 
         session.out.close(close_code::POLICY_VIOLATION, "this socket has role=sub: it cannot publish");
         return true;
     }
-    if let Err(e) = session.shard.publish(topic.clone(), kind, payload).await {
-        session.out.close(close_code::TRY_AGAIN_LATER, &e.to_string());
-    }
+    let done = PublishDone::CloseOnError(session.out.clone());
+    session.shard.publish_pipelined(topic.clone(), kind, payload, done).await;
     true
 }
 
@@ -601,10 +600,11 @@ async fn native_message(
         Request::Ping { id } => native::reply_ok(id, serde_json::json!({ "pong": true })),
         Request::Publish { id, topic, kind, payload } => match topic_of(id, &topic) {
             Err(reply) => reply,
-            Ok(topic) => match shard.publish(topic, kind, payload).await {
-                Ok(seq) => native::reply_ok(id, serde_json::json!({ "seq": seq })),
-                Err(e) => native::reply_error(Some(id), "too_many_topics", &e.to_string()),
-            },
+            Ok(topic) => {
+                let done = PublishDone::NativeReply { out: out.clone(), id };
+                shard.publish_pipelined(topic, kind, payload, done).await;
+                return true; // the reply is queued when the owner answers
+            }
         },
         Request::Subscribe { id, topic, from_seq } => match topic_of(id, &topic) {
             Err(reply) => reply,
@@ -677,12 +677,9 @@ async fn write_loop(session: Rc<Session>) {
             futures_lite::future::or(out.wake_writer.wait(), session.reader_done_event.wait()).await;
             continue;
         }
-        batch.clear();
         published.clear();
-        out.take_batch(&mut batch, WRITE_BATCH_BYTES_MAX, &mut published);
-        let write =
-            glommio::timer::timeout(shard.config.idle_timeout, async { Ok(session.io.write_all(&batch).await) });
-        if !matches!(write.await, Ok(Ok(()))) {
+        let (written, ok) = write_batch(&session, &mut batch, &mut published).await;
+        if !ok {
             // The peer stopped reading for a whole idle period, or the socket failed.
             out.close(close_code::SLOW_CONSUMER, "write stalled");
             session.io.shutdown(Shutdown::Both);
@@ -690,7 +687,7 @@ async fn write_loop(session: Rc<Session>) {
         }
         let now = Instant::now();
         metrics::add(&shard.metrics.messages_delivered, published.len() as u64);
-        metrics::add(&shard.metrics.bytes_written, batch.len() as u64);
+        metrics::add(&shard.metrics.bytes_written, written as u64);
         for t in &published {
             shard.metrics.record_latency_us(now.duration_since(*t).as_micros() as u64);
         }
@@ -698,4 +695,15 @@ async fn write_loop(session: Rc<Session>) {
             batch = Vec::new();
         }
     }
+}
+
+/// One write per wake-up: gathers queued frames into `batch` and writes it
+/// with one `send`. Returns the bytes written and whether the write
+/// completed within an idle period.
+async fn write_batch(session: &Session, batch: &mut Vec<u8>, published: &mut Vec<Instant>) -> (usize, bool) {
+    batch.clear();
+    session.out.take_batch(batch, WRITE_BATCH_BYTES_MAX, published);
+    let write =
+        glommio::timer::timeout(session.shard.config.idle_timeout, async { Ok(session.io.write_all(batch).await) });
+    (batch.len(), matches!(write.await, Ok(Ok(()))))
 }

@@ -21,7 +21,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use glommio::channels::channel_mesh::Senders;
 use glommio::channels::shared_channel::ConnectedReceiver;
-use glommio::sync::Semaphore;
+use glommio::sync::{Semaphore, StaticPermit};
 
 use crate::config::Config;
 use crate::limits::{
@@ -153,10 +153,39 @@ struct Outbox {
     wake: Event,
 }
 
+/// Where the owner's answer to a pipelined publish goes. Pipelined
+/// publishes let one connection have many publishes in flight (ordering is
+/// kept by the FIFO channel to the owner), so a publisher on one shard is not
+/// limited to one cross-shard round trip per message.
+#[derive(Debug)]
+pub enum PublishDone {
+    /// Nothing to say on success; close the connection (1013) on error. Raw
+    /// topic sockets, whose protocol has no replies.
+    CloseOnError(Rc<Outbound>),
+    /// Queue the native reply for request `id`.
+    NativeReply { out: Rc<Outbound>, id: u64 },
+}
+
+impl PublishDone {
+    fn complete(self, result: Result<u64, OwnerError>) {
+        match (self, result) {
+            (PublishDone::CloseOnError(_), Ok(_)) => {}
+            (PublishDone::CloseOnError(out), Err(e)) => out.close(ws::close_code::TRY_AGAIN_LATER, &e.to_string()),
+            (PublishDone::NativeReply { out, id }, Ok(seq)) => {
+                out.offer_control(native::reply_ok(id, serde_json::json!({ "seq": seq })));
+            }
+            (PublishDone::NativeReply { out, id }, Err(e)) => {
+                out.offer_control(native::reply_error(Some(id), "too_many_topics", &e.to_string()));
+            }
+        }
+    }
+}
+
 /// A reply awaited by a task on this shard.
 #[derive(Debug)]
 enum Reply {
-    Publish(Slot<Result<u64, OwnerError>>),
+    Publish(Slot<Result<u64, OwnerError>>, Option<StaticPermit>),
+    Pipelined(PublishDone, Option<StaticPermit>),
     Subscribe(Slot<Result<Granted, OwnerError>>),
     Stats(Slot<ShardStats>),
 }
@@ -191,7 +220,7 @@ pub struct Shard {
     /// Wakes the fan-out task.
     fanout_wake: Event,
     /// Byte budget per owner for publishes in flight.
-    remote_budget: Vec<Semaphore>,
+    remote_budget: Vec<Rc<Semaphore>>,
     /// Awaited replies by request id.
     replies: RefCell<HashMap<u64, Reply, ahash::RandomState>>,
     /// Next request or subscription id.
@@ -224,7 +253,9 @@ impl Shard {
             dirty: RefCell::default(),
             fanout_pending_bytes: Cell::new(0),
             fanout_wake: Event::default(),
-            remote_budget: (0..shards).map(|_| Semaphore::new(REMOTE_PUBLISH_BYTES_IN_FLIGHT_MAX as u64)).collect(),
+            remote_budget: (0..shards)
+                .map(|_| Rc::new(Semaphore::new(REMOTE_PUBLISH_BYTES_IN_FLIGHT_MAX as u64)))
+                .collect(),
             replies: RefCell::default(),
             next_id: Cell::new(1),
             sessions: RefCell::default(),
@@ -272,14 +303,41 @@ impl Shard {
             self.wait_for_room().await;
             return self.sequence(&topic, kind, payload);
         }
-        let cost = (payload.len() + ITEM_OVERHEAD_BYTES) as u64;
-        // The semaphore is never closed; an error cannot happen.
-        let _permit = self.remote_budget[owner].acquire_permit(cost).await.ok();
-        let req = self.next_id();
+        let permit = self.remote_permit(owner, payload.len()).await;
         let slot = Slot::default();
-        self.replies.borrow_mut().insert(req, Reply::Publish(slot.clone()));
+        let req = self.next_id();
+        self.replies.borrow_mut().insert(req, Reply::Publish(slot.clone(), permit));
         self.send(owner, Item::Publish { topic, kind, payload, req });
         slot.wait().await
+    }
+
+    /// Publishes without waiting for the owner's answer, which goes to
+    /// `done`. Returns once the message is sequenced (local owner) or queued
+    /// to the owner; messages from one caller keep their order.
+    pub async fn publish_pipelined(
+        self: &Rc<Self>,
+        topic: TopicName,
+        kind: PayloadKind,
+        payload: Bytes,
+        done: PublishDone,
+    ) {
+        let owner = topic.owner_shard(self.shards);
+        if owner == self.id {
+            self.wait_for_room().await;
+            return done.complete(self.sequence(&topic, kind, payload));
+        }
+        let permit = self.remote_permit(owner, payload.len()).await;
+        let req = self.next_id();
+        self.replies.borrow_mut().insert(req, Reply::Pipelined(done, permit));
+        self.send(owner, Item::Publish { topic, kind, payload, req });
+    }
+
+    /// Waits for room in the byte budget of publishes in flight to `owner`;
+    /// the permit is held until the owner answers.
+    async fn remote_permit(&self, owner: usize, payload_len: usize) -> Option<StaticPermit> {
+        let cost = (payload_len + ITEM_OVERHEAD_BYTES) as u64;
+        // The semaphore is never closed, so acquiring cannot fail.
+        self.remote_budget[owner].acquire_static_permit(cost).await.ok()
     }
 
     /// Subscribes `out` to `topic`. With `from_seq`, first replays retained
@@ -426,8 +484,11 @@ impl Shard {
             Item::Deliver { topic, message } => self.deliver(&topic, message),
             Item::SubscribeDone { topic, req, result } => self.granted(&topic, req, result),
             Item::PublishDone { req, result } => {
-                if let Some(Reply::Publish(slot)) = self.replies.borrow_mut().remove(&req) {
-                    slot.set(result);
+                let reply = self.replies.borrow_mut().remove(&req);
+                match reply {
+                    Some(Reply::Publish(slot, _permit)) => slot.set(result),
+                    Some(Reply::Pipelined(done, _permit)) => done.complete(result),
+                    _ => {}
                 }
             }
             Item::StatsRequest { req } => {
