@@ -634,17 +634,20 @@ impl Shard {
         let mut bytes = 0;
         for message in drain.drain(..) {
             bytes += message.payload.len();
-            // Framed at most once per format on this shard, shared by all.
-            let mut frames: [Option<Bytes>; 3] = [None, None, None];
-            for sub in subs.iter_mut().filter(|s| s.pending.is_none() && message.seq > s.last_seq) {
-                let frame = frames[sub.format as usize]
-                    .get_or_insert_with(|| encode(sub.format, &topic.name, &message))
-                    .clone();
-                self.count_offer(sub.out.offer_data(frame, &topic.name, message.seq, message.published_at));
-                sub.last_seq = message.seq;
-            }
+            self.fan_out(&topic.name, &mut subs, &message);
         }
         self.fanout_pending_bytes.set(self.fanout_pending_bytes.get().saturating_sub(bytes));
+    }
+
+    /// Queues one message to every live subscriber that has not had it,
+    /// framed at most once per format on this shard and shared by all.
+    fn fan_out(&self, topic: &TopicName, subs: &mut [Subscriber], message: &Message) {
+        let mut frames: [Option<Bytes>; 3] = [None, None, None];
+        for sub in subs.iter_mut().filter(|s| s.pending.is_none() && message.seq > s.last_seq) {
+            let frame = frames[sub.format as usize].get_or_insert_with(|| encode(sub.format, topic, message)).clone();
+            self.count_offer(sub.out.offer_data(frame, topic, message.seq, message.published_at));
+            sub.last_seq = message.seq;
+        }
     }
 
     fn count_offer(&self, offer: Offer) {
