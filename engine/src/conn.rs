@@ -189,18 +189,7 @@ async fn respond(shard: &Rc<Shard>, head: &RequestHead, route: Route, body: Byte
                 json(503, serde_json::json!({ "status": "not ready" }))
             }
         }
-        Route::Metrics => {
-            let text = metrics::render_prometheus(&shard.gather_stats().await);
-            http::response(200, "text/plain; version=0.0.4", text.as_bytes(), keep_alive)
-        }
-        Route::ListTopics => json(200, serde_json::json!({ "topics": topic_list(shard, None).await })),
-        Route::TopicInfo(name) => match TopicName::new(&name) {
-            Err(e) => http::json_error(400, "invalid_topic", &e.to_string(), keep_alive),
-            Ok(topic) => match topic_list(shard, Some(&topic)).await.pop() {
-                Some(info) => json(200, info),
-                None => http::json_error(404, "unknown_topic", "no such topic on this node", keep_alive),
-            },
-        },
+        Route::Metrics | Route::ListTopics | Route::TopicInfo(_) => control(shard, route, keep_alive).await,
         Route::LegacyPublish => legacy_publish(shard, &body, keep_alive).await,
         Route::TopicPublish(name) => {
             let topic = match TopicName::new(&name) {
@@ -221,6 +210,35 @@ async fn respond(shard: &Rc<Shard>, head: &RequestHead, route: Route, body: Byte
             http::json_error(405, "method_not_allowed", "method not allowed on this path", keep_alive)
         }
         _ => http::json_error(404, "not_found", "no such path", keep_alive),
+    }
+}
+
+/// Answers a control-plane request in the shard's low-share task queue.
+async fn control(shard: &Rc<Shard>, route: Route, keep_alive: bool) -> Vec<u8> {
+    let task_shard = shard.clone();
+    let work = async move {
+        let shard = &task_shard;
+        let json = |status, value: serde_json::Value| {
+            http::response(status, "application/json", value.to_string().as_bytes(), keep_alive)
+        };
+        match route {
+            Route::Metrics => {
+                let text = metrics::render_prometheus(&shard.gather_stats().await);
+                http::response(200, "text/plain; version=0.0.4", text.as_bytes(), keep_alive)
+            }
+            Route::TopicInfo(name) => match TopicName::new(&name) {
+                Err(e) => http::json_error(400, "invalid_topic", &e.to_string(), keep_alive),
+                Ok(topic) => match topic_list(shard, Some(&topic)).await.pop() {
+                    Some(info) => json(200, info),
+                    None => http::json_error(404, "unknown_topic", "no such topic on this node", keep_alive),
+                },
+            },
+            _ => json(200, serde_json::json!({ "topics": topic_list(shard, None).await })),
+        }
+    };
+    match glommio::spawn_local_into(work, shard.control_queue) {
+        Ok(task) => task.await,
+        Err(e) => http::json_error(500, "internal", &format!("cannot schedule: {e}"), false),
     }
 }
 

@@ -121,10 +121,11 @@ async fn shard_main(
     let executor = glommio::executor();
     let data_queue =
         executor.create_task_queue(Shares::Static(1000), Latency::Matters(Duration::from_millis(1)), "data");
+    let control_queue = executor.create_task_queue(Shares::Static(100), Latency::NotImportant, "control");
     let (senders, mut receivers) = mesh.join().await.map_err(|_| "cannot join the shard mesh".to_string())?;
     let id = senders.peer_id();
     let shards = config.shards;
-    let shard = Shard::new(id, shards, config.clone(), shared.clone(), Some(senders));
+    let shard = Shard::new(id, shards, config.clone(), shared.clone(), Some(senders), control_queue);
     shard.start(receivers.streams(), data_queue);
     let listener = TcpListener::bind(addr).map_err(|e| format!("shard {id}: cannot bind {addr}: {e}"))?;
     bound.fetch_add(1, Ordering::AcqRel);

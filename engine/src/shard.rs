@@ -225,6 +225,9 @@ pub struct Shard {
     replies: RefCell<HashMap<u64, Reply, ahash::RandomState>>,
     /// Next request or subscription id.
     next_id: Cell<u64>,
+    /// Low-share task queue for the control plane (`/metrics`, `/v1/topics`),
+    /// so admin work never competes on equal terms with fan-out.
+    pub control_queue: glommio::TaskQueueHandle,
     /// Open WebSocket sessions' send queues, to close them on shutdown.
     pub sessions: RefCell<HashMap<u64, Rc<Outbound>, ahash::RandomState>>,
 }
@@ -237,6 +240,7 @@ impl Shard {
         config: Arc<Config>,
         node: Arc<NodeShared>,
         senders: Option<Senders<Batch>>,
+        control_queue: glommio::TaskQueueHandle,
     ) -> Rc<Shard> {
         let topics_max = config.topics_max.div_ceil(shards);
         Rc::new(Shard {
@@ -258,6 +262,7 @@ impl Shard {
                 .collect(),
             replies: RefCell::default(),
             next_id: Cell::new(1),
+            control_queue,
             sessions: RefCell::default(),
         })
     }
