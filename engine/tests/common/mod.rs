@@ -218,18 +218,12 @@ pub fn expect_close(ws: &mut Ws) -> (u16, String) {
     }
 }
 
-/// A topic name that shard `want` of `shards` owns (same hash as the node).
+/// A topic name that shard `want` of `shards` owns (the node's own hash).
 pub fn topic_on_shard(prefix: &str, shards: u64, want: u64) -> String {
-    (0..).map(|i| format!("{prefix}{i}")).find(|t| fnv1a(t.as_bytes()) % shards == want).unwrap()
-}
-
-fn fnv1a(bytes: &[u8]) -> u64 {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in bytes {
-        hash ^= u64::from(b);
-        hash = hash.wrapping_mul(0x0100_0000_01b3);
-    }
-    hash
+    (0..)
+        .map(|i| format!("{prefix}{i}"))
+        .find(|t| fluxnode::topic::TopicName::new(t).unwrap().owner_shard(shards as usize) as u64 == want)
+        .unwrap()
 }
 
 /// Connects a WebSocket and reports the shard that serves it.
