@@ -311,6 +311,20 @@ mod tests {
     }
 
     #[test]
+    fn the_documented_example_file_is_valid_and_matches_the_defaults() {
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/fluxnode.example.toml");
+        let c = Config::from_args(&args(&["--config", path])).expect("example validates");
+        let d = Config::default();
+        assert_eq!(c.message_bytes_max, d.message_bytes_max);
+        assert_eq!(c.send_queue_bytes_max, d.send_queue_bytes_max);
+        assert_eq!(c.history_bytes_max, d.history_bytes_max);
+        assert_eq!(c.topics_max, d.topics_max);
+        assert_eq!(c.connections_max, d.connections_max);
+        assert_eq!(c.idle_timeout, d.idle_timeout);
+        assert_eq!(c.drain_timeout, d.drain_timeout);
+    }
+
+    #[test]
     fn contradictions_are_refused() {
         assert!(Config::from_args(&args(&["--shards", "0"])).is_err());
         assert!(Config::from_args(&args(&["--history-bytes-max", "9000000"])).is_err());
