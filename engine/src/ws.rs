@@ -142,7 +142,9 @@ impl Decoder {
             OpCode::Control(_) => Ok(()),
             OpCode::Data(_) => {
                 let already = self.partial.as_ref().map_or(0, |(_, b)| b.len() as u64);
-                if already + length > self.message_bytes_max as u64 {
+                // Saturating: the 64-bit length is the peer's, up to u64::MAX
+                // (found by fuzzing: a plain add overflowed).
+                if already.saturating_add(length) > self.message_bytes_max as u64 {
                     Err(WsError::TooBig(self.message_bytes_max))
                 } else {
                     Ok(())
@@ -374,6 +376,16 @@ mod tests {
         // Header announcing 1 GiB, no payload: refused before buffering.
         let mut buf = BytesMut::from(&[0x82u8, 0x80 | 127, 0, 0, 0, 0, 0x40, 0, 0, 0, 1, 2, 3, 4][..]);
         assert_eq!(d.decode(&mut buf), Err(WsError::TooBig(100)));
+    }
+
+    #[test]
+    fn length_near_u64_max_during_a_fragmented_message_is_too_big() {
+        let mut wire = client_frame(0x2, false, b"ab");
+        // A continuation announcing u64::MAX bytes.
+        wire.extend_from_slice(&[0x80, 0x80 | 127]);
+        wire.extend_from_slice(&u64::MAX.to_be_bytes());
+        wire.extend_from_slice(&[1, 2, 3, 4]);
+        assert_eq!(decode_all(&wire, 4096).last(), Some(&Err(WsError::TooBig(4096))));
     }
 
     #[test]
