@@ -204,26 +204,26 @@ mod tests {
     #[test]
     fn sequences_without_gaps_and_tracks_subscribers() {
         let mut o = Owner::new(2, 10, 1000);
-        let t = TopicName::new("a").unwrap();
+        let t = TopicName::new("a").expect("valid name");
         let now = Instant::now();
-        let (m1, mask) = o.publish(&t, PayloadKind::Text, Bytes::from_static(b"x"), now).unwrap();
+        let (m1, mask) = o.publish(&t, PayloadKind::Text, Bytes::from_static(b"x"), now).expect("publish");
         assert_eq!((m1.seq, mask), (1, 0));
-        let g = o.subscribe(&t, 3, None, now).unwrap();
+        let g = o.subscribe(&t, 3, None, now).expect("publish");
         assert_eq!((g.last_seq, g.first_seq, g.replay.len()), (1, 1, 0));
-        let (m2, mask) = o.publish(&t, PayloadKind::Text, Bytes::from_static(b"y"), now).unwrap();
+        let (m2, mask) = o.publish(&t, PayloadKind::Text, Bytes::from_static(b"y"), now).expect("publish");
         assert_eq!((m2.seq, mask), (2, 0b1000));
-        let g = o.subscribe(&t, 0, Some(0), now).unwrap();
+        let g = o.subscribe(&t, 0, Some(0), now).expect("publish");
         assert_eq!(g.replay.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![1, 2]);
         o.unsubscribe(&t, 3);
-        assert_eq!(o.stat(&t).unwrap().subscriber_shards, 1);
+        assert_eq!(o.stat(&t).expect("topic exists").subscriber_shards, 1);
     }
 
     #[test]
     fn topic_limit() {
         let mut o = Owner::new(1, 10, 1000);
         let now = Instant::now();
-        o.publish(&TopicName::new("a").unwrap(), PayloadKind::Text, Bytes::new(), now).unwrap();
-        let err = o.publish(&TopicName::new("b").unwrap(), PayloadKind::Text, Bytes::new(), now);
+        o.publish(&TopicName::new("a").expect("valid name"), PayloadKind::Text, Bytes::new(), now).expect("publish");
+        let err = o.publish(&TopicName::new("b").expect("valid name"), PayloadKind::Text, Bytes::new(), now);
         assert_eq!(err.unwrap_err(), OwnerError::TooManyTopics);
     }
 }
