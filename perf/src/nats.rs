@@ -1,0 +1,82 @@
+//! A sans-IO parser for what a NATS server sends (INFO, MSG, PING, PONG,
+//! +OK, -ERR), fed with the bytes of WebSocket frames in any split.
+
+/// One server operation.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Op {
+    /// A delivered message's payload.
+    Msg(Vec<u8>),
+    /// The server pings; answer PONG.
+    Ping,
+    /// Answer to our PING.
+    Pong,
+    /// INFO, +OK and anything else that carries nothing for the benchmark.
+    Other,
+    /// -ERR with the server's text.
+    Err(String),
+}
+
+/// Accumulates bytes and yields complete operations.
+#[derive(Debug, Default)]
+pub struct Parser {
+    /// Bytes not yet parsed.
+    buf: Vec<u8>,
+}
+
+impl Parser {
+    /// Adds bytes from the server.
+    pub fn push(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// The next complete operation, if the buffer holds one.
+    pub fn next_op(&mut self) -> Option<Op> {
+        let line_end = self.buf.windows(2).position(|w| w == b"\r\n")?;
+        let line = std::str::from_utf8(&self.buf[..line_end]).unwrap_or("").to_string();
+        let mut words = line.split_whitespace();
+        let op = match words.next().map(str::to_ascii_uppercase).as_deref() {
+            Some("MSG") => {
+                // MSG <subject> <sid> [reply-to] <#bytes>
+                let size: usize = line.split_whitespace().last()?.parse().ok()?;
+                let start = line_end + 2;
+                if self.buf.len() < start + size + 2 {
+                    return None;
+                }
+                let payload = self.buf[start..start + size].to_vec();
+                self.buf.drain(..start + size + 2);
+                return Some(Op::Msg(payload));
+            }
+            Some("PING") => Op::Ping,
+            Some("PONG") => Op::Pong,
+            Some("-ERR") => Op::Err(line.clone()),
+            _ => Op::Other,
+        };
+        self.buf.drain(..line_end + 2);
+        Some(op)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_split_at_every_byte() {
+        let wire = b"INFO {\"server_id\":\"x\"}\r\nMSG t 1 4\r\na\r\nb\r\nPING\r\nMSG t 1 r 0\r\n\r\n-ERR 'x'\r\n";
+        for split in 0..wire.len() {
+            let mut p = Parser::default();
+            let mut ops = vec![];
+            for piece in [&wire[..split], &wire[split..]] {
+                p.push(piece);
+                while let Some(op) = p.next_op() {
+                    ops.push(op);
+                }
+            }
+            assert_eq!(
+                ops,
+                vec![Op::Other, Op::Msg(b"a\r\nb".to_vec()), Op::Ping, Op::Msg(vec![]), Op::Err("-ERR 'x'".into())],
+                "split {split}"
+            );
+        }
+    }
+}
