@@ -23,7 +23,7 @@ use serde::Deserialize;
 
 use crate::config::SlowConsumerPolicy;
 use crate::http::{self, RequestHead, Route, Upgrade};
-use crate::limits::{HTTP_BODY_SLACK_BYTES, READ_BUFFER_BYTES_INITIAL, WRITE_BATCH_BYTES_MAX};
+use crate::limits::{HTTP_BODY_SLACK_BYTES, WRITE_BATCH_BYTES_MAX};
 use crate::message::PayloadKind;
 use crate::metrics;
 use crate::native::{self, Request};
@@ -47,16 +47,31 @@ pub const CLOSE_HISTORY_GAP: u16 = 4010;
 struct Io(Rc<RefCell<TcpStream>>);
 
 impl Io {
-    /// Reads into the spare capacity of `buf`; 0 means end of stream.
-    async fn read(&self, buf: &mut BytesMut) -> io::Result<usize> {
-        if buf.capacity() - buf.len() < 512 {
-            buf.reserve(READ_BUFFER_BYTES_INITIAL);
+    /// Reads into the shard's scratch buffer and appends what arrived to
+    /// `buf`; 0 means end of stream. glommio polls readiness and passes the
+    /// buffer to `recv` only when data is there, so no buffer is held while
+    /// the connection is idle.
+    async fn read(&self, shard: &Shard, buf: &mut BytesMut) -> io::Result<usize> {
+        poll_fn(|cx| {
+            let mut scratch = shard.read_scratch.borrow_mut();
+            let polled = Pin::new(&mut *self.0.borrow_mut()).poll_read(cx, &mut scratch[..]);
+            if let std::task::Poll::Ready(Ok(n)) = polled {
+                buf.extend_from_slice(&scratch[..n]);
+            }
+            polled
+        })
+        .await
+    }
+
+    /// One non-blocking `send`: the bytes the kernel took now (0 when the
+    /// socket buffer is full).
+    fn try_send(&self, data: &[u8]) -> io::Result<usize> {
+        let stream = self.0.borrow();
+        match socket2::SockRef::from(&*stream).send_with_flags(data, libc::MSG_DONTWAIT) {
+            Ok(n) => Ok(n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
+            Err(e) => Err(e),
         }
-        let start = buf.len();
-        buf.resize(buf.capacity(), 0);
-        let result = poll_fn(|cx| Pin::new(&mut *self.0.borrow_mut()).poll_read(cx, &mut buf[start..])).await;
-        buf.truncate(start + *result.as_ref().unwrap_or(&0));
-        result
     }
 
     async fn write_all(&self, mut data: &[u8]) -> io::Result<()> {
@@ -86,11 +101,11 @@ impl Io {
 pub async fn serve(shard: Rc<Shard>, stream: TcpStream) {
     let _ = stream.set_nodelay(true);
     let io = Io(Rc::new(RefCell::new(stream)));
-    let mut buf = BytesMut::with_capacity(READ_BUFFER_BYTES_INITIAL);
+    let mut buf = BytesMut::new();
     let mut first = true;
     loop {
         let wait = if first { shard.config.handshake_timeout } else { shard.config.idle_timeout };
-        let head = match glommio::timer::timeout(wait, async { Ok(read_head(&io, &mut buf).await) }).await {
+        let head = match glommio::timer::timeout(wait, async { Ok(read_head(&shard, &io, &mut buf).await) }).await {
             Ok(Ok(Some(head))) => head,
             Ok(Ok(None)) => return, // clean end between requests
             Ok(Err(e)) => {
@@ -124,17 +139,18 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream) {
         if io.write_all(&response).await.is_err() || !keep_alive {
             return;
         }
+        release_if_empty(&mut buf);
     }
 }
 
 /// Reads one request head. `Ok(None)`: the peer closed before sending one.
-async fn read_head(io: &Io, buf: &mut BytesMut) -> Result<Option<RequestHead>, http::HttpError> {
+async fn read_head(shard: &Shard, io: &Io, buf: &mut BytesMut) -> Result<Option<RequestHead>, http::HttpError> {
     loop {
         if let Some((head, len)) = http::parse_head(buf)? {
             buf.advance(len);
             return Ok(Some(head));
         }
-        match io.read(buf).await {
+        match io.read(shard, buf).await {
             Ok(0) | Err(_) if buf.is_empty() => return Ok(None),
             Ok(0) | Err(_) => return Err(http::HttpError::Malformed("connection closed mid-request")),
             Ok(_) => {}
@@ -162,7 +178,7 @@ async fn request_body(
     let want = head.content_length;
     let read = glommio::timer::timeout(shard.config.handshake_timeout, async {
         while buf.len() < want {
-            match io.read(buf).await {
+            match io.read(shard, buf).await {
                 Ok(0) | Err(_) => return Ok(false),
                 Ok(_) => {}
             }
@@ -494,11 +510,12 @@ async fn read_loop(session: &Session, buf: &mut BytesMut, path: &mut Path) {
                 return;
             }
         }
+        release_if_empty(buf);
         if session.out.is_closing() && session.out.is_empty() && closed_by_us(session) {
             // Our close frame is out or going; wait briefly for the answer.
             session.io.set_read_timeout(Some(CLOSE_LINGER));
         }
-        match session.io.read(buf).await {
+        match session.io.read(shard, buf).await {
             Ok(0) => return,
             Ok(_) => ping_outstanding = false,
             Err(e) if e.kind() == io::ErrorKind::TimedOut && !ping_outstanding && !session.out.is_closing() => {
@@ -709,9 +726,6 @@ async fn write_loop(session: Rc<Session>) {
         for t in &published {
             shard.metrics.record_latency_us(now.duration_since(*t).as_micros() as u64);
         }
-        if batch.capacity() > 2 * WRITE_BATCH_BYTES_MAX {
-            batch = Vec::new();
-        }
     }
 }
 
@@ -719,9 +733,38 @@ async fn write_loop(session: Rc<Session>) {
 /// with one `send`. Returns the bytes written and whether the write
 /// completed within an idle period.
 async fn write_batch(session: &Session, batch: &mut Vec<u8>, published: &mut Vec<Instant>) -> (usize, bool) {
-    batch.clear();
-    session.out.take_batch(batch, WRITE_BATCH_BYTES_MAX, published);
+    // Gather into the shard's scratch buffer and send without blocking: the
+    // socket usually takes it all, and then the connection holds no write
+    // buffer and no timer is armed. Only what the socket refuses is copied
+    // into the connection's own buffer and awaited.
+    let (total, sent) = {
+        let mut scratch = session.shard.write_scratch.borrow_mut();
+        scratch.clear();
+        session.out.take_batch(&mut scratch, WRITE_BATCH_BYTES_MAX, published);
+        let sent = match session.io.try_send(&scratch) {
+            Ok(n) => n,
+            Err(_) => return (0, false),
+        };
+        if sent < scratch.len() {
+            batch.clear();
+            batch.extend_from_slice(&scratch[sent..]);
+        }
+        (scratch.len(), sent)
+    };
+    if sent == total {
+        return (total, true);
+    }
     let write =
         glommio::timer::timeout(session.shard.config.idle_timeout, async { Ok(session.io.write_all(batch).await) });
-    (batch.len(), matches!(write.await, Ok(Ok(()))))
+    let ok = matches!(write.await, Ok(Ok(())));
+    *batch = Vec::new();
+    (total, ok)
+}
+
+/// Drops a connection buffer's allocation once everything in it was used,
+/// so that idle connections hold none.
+fn release_if_empty(buf: &mut BytesMut) {
+    if buf.is_empty() && buf.capacity() > 0 {
+        *buf = BytesMut::new();
+    }
 }

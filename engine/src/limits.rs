@@ -36,9 +36,11 @@ pub const CONTROL_SLACK_BYTES: usize = 64 << 10;
 /// 256 KiB amortises the syscall without holding a large buffer per
 /// connection for long; the buffer shrinks back when the queue is empty.
 pub const WRITE_BATCH_BYTES_MAX: usize = 256 << 10;
-/// Read buffer granted to a connection when it starts; it grows only for
-/// frames that need more, up to the message limit.
-pub const READ_BUFFER_BYTES_INITIAL: usize = 4 << 10;
+/// Shard-wide scratch buffer every socket read lands in before its bytes
+/// are appended to the connection's own buffer; an idle connection then holds
+/// no read buffer at all. 64 KiB lets a busy publisher's read take many
+/// frames per syscall.
+pub const READ_SCRATCH_BYTES: usize = 64 << 10;
 
 /// Default number of messages retained per topic.
 pub const HISTORY_MESSAGES_MAX_DEFAULT: usize = 1024;
@@ -90,7 +92,8 @@ const _: () = assert!(MESSAGE_BYTES_MAX_DEFAULT <= SEND_QUEUE_BYTES_MAX_DEFAULT)
 const _: () = assert!(MESSAGE_BYTES_MAX_DEFAULT <= MESSAGE_BYTES_MAX_CEILING);
 const _: () = assert!(TOPIC_NAME_BYTES_MAX <= u8::MAX as usize);
 const _: () = assert!(TOPICS_MAX_DEFAULT * HISTORY_BYTES_MAX_DEFAULT <= HISTORY_MEMORY_MAX_DEFAULT);
-const _: () = assert!(READ_BUFFER_BYTES_INITIAL <= HTTP_HEAD_BYTES_MAX);
+// A read can bring a whole maximal request head in one syscall.
+const _: () = assert!(HTTP_HEAD_BYTES_MAX <= READ_SCRATCH_BYTES);
 
 /// Bytes counted for one cross-shard item besides its payload (headers,
 /// topic handle, bookkeeping): keeps many tiny items bounded too.

@@ -25,7 +25,8 @@ use glommio::sync::{Semaphore, StaticPermit};
 
 use crate::config::Config;
 use crate::limits::{
-    FANOUT_PENDING_BYTES_MAX, ITEM_OVERHEAD_BYTES, OUTBOX_BYTES_MAX, REMOTE_PUBLISH_BYTES_IN_FLIGHT_MAX,
+    FANOUT_PENDING_BYTES_MAX, ITEM_OVERHEAD_BYTES, OUTBOX_BYTES_MAX, READ_SCRATCH_BYTES,
+    REMOTE_PUBLISH_BYTES_IN_FLIGHT_MAX,
 };
 use crate::message::{Message, PayloadKind};
 use crate::metrics::{self, Metrics, ShardStats};
@@ -228,6 +229,12 @@ pub struct Shard {
     /// Low-share task queue for the control plane (`/metrics`, `/v1/topics`),
     /// so admin work never competes on equal terms with fan-out.
     pub control_queue: glommio::TaskQueueHandle,
+    /// Where every socket read of this shard lands first (see
+    /// `READ_SCRATCH_BYTES`); borrowed only inside one `poll`.
+    pub read_scratch: RefCell<Vec<u8>>,
+    /// Where writers gather frames for a non-blocking send; borrowed only
+    /// between taking frames and the send returning, never across an await.
+    pub write_scratch: RefCell<Vec<u8>>,
     /// Open WebSocket sessions' send queues, to close them on shutdown.
     pub sessions: RefCell<HashMap<u64, Rc<Outbound>, ahash::RandomState>>,
 }
@@ -263,6 +270,8 @@ impl Shard {
             replies: RefCell::default(),
             next_id: Cell::new(1),
             control_queue,
+            read_scratch: RefCell::new(vec![0; READ_SCRATCH_BYTES]),
+            write_scratch: RefCell::new(Vec::with_capacity(crate::limits::WRITE_BATCH_BYTES_MAX)),
             sessions: RefCell::default(),
         })
     }

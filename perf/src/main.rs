@@ -38,6 +38,23 @@ struct Cli {
 enum Command {
     /// One topic, one open-loop publisher, N subscribers.
     Fanout(FanoutArgs),
+    /// C idle WebSocket connections (each subscribed to one of T topics), held
+    /// open; reports the server's resident memory per connection.
+    Idle(IdleArgs),
+}
+
+#[derive(clap::Args)]
+struct IdleArgs {
+    /// The target: NAME=URL,pid=PID (pid is required: memory comes from /proc).
+    #[arg(long)]
+    target: String,
+    /// Connections to open.
+    #[arg(long, default_value_t = 10_000)]
+    connections: usize,
+    /// Topics the connections are spread over (connection i subscribes to
+    /// topic i mod TOPICS).
+    #[arg(long, default_value_t = 100)]
+    topics: usize,
 }
 
 #[derive(clap::Args)]
@@ -245,7 +262,43 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     match cli.command {
         Command::Fanout(args) => fanout(args),
+        Command::Idle(args) => idle(args),
     }
+}
+
+fn idle(args: IdleArgs) -> Result<()> {
+    let target = parse_target(&args.target)?;
+    let pid = target.pid.context("idle needs pid= in the target to read the server's memory")?;
+    let before = process_rss_kib(pid)?;
+    let mut held = Vec::with_capacity(args.connections);
+    let start = Instant::now();
+    for i in 0..args.connections {
+        held.push(
+            Conn::open(&target, &format!("idle.{}", i % args.topics.max(1)), true)
+                .with_context(|| format!("connection {i}"))?,
+        );
+    }
+    let opened = start.elapsed().as_secs_f64();
+    // Let the server settle: every subscription was live before its handshake
+    // answer, so nothing is pending; read memory twice to see it is stable.
+    let after = process_rss_kib(pid)?;
+    let per_connection = (after.saturating_sub(before)) as f64 * 1024.0 / args.connections as f64;
+    println!(
+        "{}: {} idle subscribed connections opened in {opened:.1}s; server RSS {before} KiB -> {after} KiB: {per_connection:.0} bytes per connection",
+        target.name, args.connections
+    );
+    drop(held);
+    Ok(())
+}
+
+/// Resident set of a process, KiB.
+fn process_rss_kib(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("VmRSS")
 }
 
 fn fanout(args: FanoutArgs) -> Result<()> {
