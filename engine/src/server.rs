@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use glommio::channels::channel_mesh::MeshBuilder;
 use glommio::net::TcpListener;
-use glommio::{Latency, LocalExecutorPoolBuilder, PoolPlacement, Shares};
+use glommio::{Latency, LocalExecutorBuilder, Placement, Shares};
 
 use crate::config::Config;
 use crate::limits::{IO_MEMORY_BYTES_PER_SHARD, SHARD_CHANNEL_BATCHES, SHUTDOWN_POLL_MS};
@@ -65,22 +65,34 @@ impl Node {
         let config = Arc::new(config);
         let shards = config.shards;
         let mesh = MeshBuilder::<Batch, _>::full(config.shards, SHARD_CHANNEL_BATCHES);
-        let placement = if config.shards <= std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1) {
-            PoolPlacement::MaxSpread(config.shards, None)
-        } else {
-            PoolPlacement::Unbound(config.shards)
-        };
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+        let pin = config.shards <= cores;
         let drained = Arc::new(AtomicUsize::new(0));
-        let (addr, shared, bound) = (self.local_addr, self.shared.clone(), self.bound.clone());
-        let handles = LocalExecutorPoolBuilder::new(placement)
-            .name("fluxnode")
-            .io_memory(IO_MEMORY_BYTES_PER_SHARD)
-            .on_all_shards(move || {
-                let (config, mesh, shared, bound, drained) =
-                    (config.clone(), mesh.clone(), shared.clone(), bound.clone(), drained.clone());
-                async move { shard_main(config, mesh, shared, addr, bound, drained).await }
-            })
-            .map_err(|e| ServerError::Executor(e.to_string()))?;
+        // Executors are created one at a time: each signals from inside its
+        // first poll before the next is built. A precaution, not a proven
+        // fix: with concurrent creation (LocalExecutorPoolBuilder) the node
+        // twice aborted at start-up with "malloc(): unaligned tcache chunk
+        // detected" (see "Known problems" in ARCHITECTURE.md).
+        let mut handles = Vec::with_capacity(shards);
+        for index in 0..shards {
+            let placement = if pin { Placement::Fixed(index) } else { Placement::Unbound };
+            let (started_tx, started_rx) = std::sync::mpsc::channel::<()>();
+            let (config, mesh, shared, bound, drained) =
+                (config.clone(), mesh.clone(), self.shared.clone(), self.bound.clone(), drained.clone());
+            let addr = self.local_addr;
+            let handle = LocalExecutorBuilder::new(placement)
+                .name(&format!("fluxnode-{index}"))
+                .io_memory(IO_MEMORY_BYTES_PER_SHARD)
+                .spawn(move || async move {
+                    let _ = started_tx.send(());
+                    shard_main(config, mesh, shared, addr, bound, drained).await
+                })
+                .map_err(|e| ServerError::Executor(e.to_string()))?;
+            if started_rx.recv_timeout(Duration::from_secs(30)).is_err() {
+                return Err(ServerError::Executor(format!("shard {index} did not start")));
+            }
+            handles.push(handle);
+        }
         // Readiness waits for every shard's listener.
         let deadline = Instant::now() + Duration::from_secs(30);
         while self.bound.load(Ordering::Acquire) < shards && Instant::now() < deadline {
@@ -91,9 +103,9 @@ impl Node {
         if all_bound {
             on_ready(self.local_addr);
         }
-        let results = handles.join_all();
-        let failed: Vec<String> = results
+        let failed: Vec<String> = handles
             .into_iter()
+            .map(|h| h.join())
             .filter_map(|r| match r {
                 Ok(Ok(())) => None,
                 Ok(Err(e)) => Some(e),
