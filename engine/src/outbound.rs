@@ -90,7 +90,12 @@ impl Outbound {
         if self.is_closing() {
             return Offer::Closed;
         }
-        if self.queued_bytes.get() + bytes.len() > self.cap_bytes {
+        // An empty queue always takes one frame: a frame can be larger than
+        // the cap (a native text envelope JSON-escapes its payload, up to six
+        // bytes per byte), and refusing it would cut off a subscriber that is
+        // not behind at all. The bound is then cap + one largest frame.
+        let queued = self.queued_bytes.get();
+        if queued > 0 && queued + bytes.len() > self.cap_bytes {
             return match self.policy.get() {
                 SlowConsumerPolicy::Drop => {
                     self.record_missed(topic, seq);
@@ -244,6 +249,15 @@ mod tests {
         assert_eq!(o.offer_data(frame(1), &t, 3, now), Offer::Closed);
         assert_eq!(o.queued_bytes(), 0);
         assert_eq!(o.close_reason().unwrap().0, close_code::SLOW_CONSUMER);
+    }
+
+    #[test]
+    fn an_empty_queue_takes_one_frame_larger_than_the_cap() {
+        let o = Outbound::new(100, SlowConsumerPolicy::Disconnect);
+        let t = TopicName::new("t").unwrap();
+        let now = Instant::now();
+        assert_eq!(o.offer_data(frame(600), &t, 1, now), Offer::Queued);
+        assert_eq!(o.offer_data(frame(1), &t, 2, now), Offer::Disconnected);
     }
 
     #[test]
