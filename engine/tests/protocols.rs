@@ -126,3 +126,20 @@ fn operations_endpoints() {
     let (_, metrics) = node.get("/metrics");
     assert!(metrics.contains("fluxnode_delivery_latency_seconds{quantile=\"0.99\"}"), "{metrics}");
 }
+
+#[test]
+fn envelope_larger_than_the_send_queue_cap_is_still_delivered() {
+    // 1 MiB of control characters: JSON escaping makes the native text
+    // envelope about 6 MiB, over the default 4 MiB send-queue cap. An idle
+    // subscriber must get it, not be closed as a slow consumer.
+    let node = Node::start(&["--shards", "2"]);
+    let mut sub = node.ws("/v1/ws");
+    assert_eq!(native_call(&mut sub, serde_json::json!({"op": "subscribe", "id": 1, "topic": "esc"}))["ok"], true);
+    let mut publisher = node.ws("/v1/topics/esc/ws?role=pub");
+    let payload = "\u{1}".repeat(1 << 20);
+    publisher.send(Message::text(payload.clone())).unwrap();
+    let m = next_json(&mut sub);
+    assert_eq!(m["seq"], 1);
+    assert!(m["data"].as_str() == Some(payload.as_str()), "payload mismatch");
+    assert_eq!(node.metric("fluxnode_slow_consumer_disconnects_total"), 0);
+}
