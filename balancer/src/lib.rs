@@ -5,5 +5,7 @@
 //! # Layout
 //! - [`maglev`]: the Maglev lookup table (NSDI 2016): build from a node set,
 //!   look a routing key up, stable across replicas given the same nodes.
+//! - [`route`]: the routing key of a new connection, from its request head.
 
 pub mod maglev;
+pub mod route;
