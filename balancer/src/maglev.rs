@@ -159,9 +159,12 @@ mod tests {
     #[test]
     fn every_node_gets_its_share_within_one_slot() {
         for n in [1, 2, 3, 7, 16, 100] {
-            let t = Table::build(&nodes(n), TABLE_SIZE_DEFAULT).unwrap();
+            let t = Table::build(&nodes(n), TABLE_SIZE_DEFAULT).expect("test input is valid");
             let counts = t.slot_counts();
-            let (min, max) = (*counts.iter().min().unwrap(), *counts.iter().max().unwrap());
+            let (min, max) = (
+                *counts.iter().min().expect("test input is valid"),
+                *counts.iter().max().expect("test input is valid"),
+            );
             // The paper's round-robin fill: shares differ by at most one slot,
             // far inside the 1% bound.
             eprintln!("{n} nodes: slots per node {min}..{max}");
@@ -174,14 +177,17 @@ mod tests {
     #[test]
     fn removing_one_node_moves_about_one_nth_and_adding_it_back_restores() {
         let all = nodes(10);
-        let full = Table::build(&all, TABLE_SIZE_DEFAULT).unwrap();
+        let full = Table::build(&all, TABLE_SIZE_DEFAULT).expect("test input is valid");
         let removed = &all[3];
         let fewer: Vec<String> = all.iter().filter(|n| *n != removed).cloned().collect();
-        let less = Table::build(&fewer, TABLE_SIZE_DEFAULT).unwrap();
+        let less = Table::build(&fewer, TABLE_SIZE_DEFAULT).expect("test input is valid");
         let keys: Vec<String> = (0..100_000).map(|i| format!("topic.{i}")).collect();
         let (mut moved, mut moved_from_survivors) = (0, 0);
         for k in &keys {
-            let (a, b) = (full.lookup(k.as_bytes()).unwrap(), less.lookup(k.as_bytes()).unwrap());
+            let (a, b) = (
+                full.lookup(k.as_bytes()).expect("test input is valid"),
+                less.lookup(k.as_bytes()).expect("test input is valid"),
+            );
             if a != b {
                 moved += 1;
                 if a != removed {
@@ -196,17 +202,17 @@ mod tests {
         // little collateral movement: bound it at 3% of all keys.
         assert!((0.08..0.14).contains(&moved_fraction), "moved {moved_fraction}");
         assert!(collateral < 0.03, "keys moved between surviving nodes: {collateral}");
-        let back = Table::build(&all, TABLE_SIZE_DEFAULT).unwrap();
+        let back = Table::build(&all, TABLE_SIZE_DEFAULT).expect("test input is valid");
         assert_eq!(back, full, "adding the node back restores every slot");
     }
 
     #[test]
     fn same_nodes_in_any_order_build_the_same_table() {
         let mut a = nodes(5);
-        let t1 = Table::build(&a, 257).unwrap();
+        let t1 = Table::build(&a, 257).expect("test input is valid");
         a.reverse();
-        assert_eq!(Table::build(&a, 257).unwrap(), t1);
-        assert_eq!(t1.lookup(b"orders"), Table::build(&a, 257).unwrap().lookup(b"orders"));
+        assert_eq!(Table::build(&a, 257).expect("test input is valid"), t1);
+        assert_eq!(t1.lookup(b"orders"), Table::build(&a, 257).expect("test input is valid").lookup(b"orders"));
     }
 
     #[test]
@@ -215,6 +221,6 @@ mod tests {
         assert_eq!(Table::build(&["a", "a"], 257), Err(MaglevError::Duplicate("a".into())));
         assert!(matches!(Table::build(&nodes(300), 257), Err(MaglevError::TooManyNodes { .. })));
         let empty: [&str; 0] = [];
-        assert_eq!(Table::build(&empty, 257).unwrap().lookup(b"x"), None);
+        assert_eq!(Table::build(&empty, 257).expect("test input is valid").lookup(b"x"), None);
     }
 }

@@ -511,7 +511,7 @@ async fn read_loop(session: &Session, buf: &mut BytesMut, path: &mut Path) {
             }
         }
         release_if_empty(buf);
-        if session.out.is_closing() && session.out.is_empty() && closed_by_us(session) {
+        if session.out.is_closing() && session.out.is_empty() {
             // Our close frame is out or going; wait briefly for the answer.
             session.io.set_read_timeout(Some(CLOSE_LINGER));
         }
@@ -529,10 +529,6 @@ async fn read_loop(session: &Session, buf: &mut BytesMut, path: &mut Path) {
             Err(_) => return,
         }
     }
-}
-
-fn closed_by_us(session: &Session) -> bool {
-    session.out.close_reason().is_some()
 }
 
 /// Handles one client event; false ends the reader.
@@ -708,7 +704,6 @@ async fn write_loop(session: Rc<Session>) {
             if session.reader_done.get() {
                 return;
             }
-            out.drained.notify();
             futures_lite::future::or(out.wake_writer.wait(), session.reader_done_event.wait()).await;
             continue;
         }

@@ -60,8 +60,6 @@ pub struct Outbound {
     dropped_total: Cell<u64>,
     /// Wakes the writer.
     pub wake_writer: Event,
-    /// Notified by the writer whenever the queue becomes empty.
-    pub drained: Event,
 }
 
 impl Outbound {
@@ -76,7 +74,6 @@ impl Outbound {
             missed: RefCell::new(Vec::new()),
             dropped_total: Cell::new(0),
             wake_writer: Event::default(),
-            drained: Event::default(),
         }
     }
 
@@ -158,7 +155,7 @@ impl Outbound {
     }
 
     /// Moves frames into `out` (appending their bytes) until `max_bytes` is
-    /// reached; returns the oldest publish time among them, if any.
+    /// reached, and the publish time of each data frame into `latencies`.
     pub fn take_batch(&self, out: &mut Vec<u8>, max_bytes: usize, latencies: &mut Vec<Instant>) {
         let mut queue = self.queue.borrow_mut();
         while let Some(front) = queue.front() {

@@ -165,6 +165,8 @@ pub enum PublishDone {
     CloseOnError(Rc<Outbound>),
     /// Queue the native reply for request `id`.
     NativeReply { out: Rc<Outbound>, id: u64 },
+    /// Hand the result to a task that awaits it (HTTP publishes).
+    Await(Slot<Result<u64, OwnerError>>),
 }
 
 impl PublishDone {
@@ -178,6 +180,7 @@ impl PublishDone {
             (PublishDone::NativeReply { out, id }, Err(e)) => {
                 out.offer_control(native::reply_error(Some(id), "too_many_topics", &e.to_string()));
             }
+            (PublishDone::Await(slot), result) => slot.set(result),
         }
     }
 }
@@ -185,8 +188,7 @@ impl PublishDone {
 /// A reply awaited by a task on this shard.
 #[derive(Debug)]
 enum Reply {
-    Publish(Slot<Result<u64, OwnerError>>, Option<StaticPermit>),
-    Pipelined(PublishDone, Option<StaticPermit>),
+    Publish(PublishDone, Option<StaticPermit>),
     Subscribe(Slot<Result<Granted, OwnerError>>),
     Stats(Slot<ShardStats>),
 }
@@ -312,16 +314,8 @@ impl Shard {
         kind: PayloadKind,
         payload: Bytes,
     ) -> Result<u64, OwnerError> {
-        let owner = topic.owner_shard(self.shards);
-        if owner == self.id {
-            self.wait_for_room().await;
-            return self.sequence(&topic, kind, payload);
-        }
-        let permit = self.remote_permit(owner, payload.len()).await;
         let slot = Slot::default();
-        let req = self.next_id();
-        self.replies.borrow_mut().insert(req, Reply::Publish(slot.clone(), permit));
-        self.send(owner, Item::Publish { topic, kind, payload, req });
+        self.publish_pipelined(topic, kind, payload, PublishDone::Await(slot.clone())).await;
         slot.wait().await
     }
 
@@ -342,7 +336,7 @@ impl Shard {
         }
         let permit = self.remote_permit(owner, payload.len()).await;
         let req = self.next_id();
-        self.replies.borrow_mut().insert(req, Reply::Pipelined(done, permit));
+        self.replies.borrow_mut().insert(req, Reply::Publish(done, permit));
         self.send(owner, Item::Publish { topic, kind, payload, req });
     }
 
@@ -499,10 +493,8 @@ impl Shard {
             Item::SubscribeDone { topic, req, result } => self.granted(&topic, req, result),
             Item::PublishDone { req, result } => {
                 let reply = self.replies.borrow_mut().remove(&req);
-                match reply {
-                    Some(Reply::Publish(slot, _permit)) => slot.set(result),
-                    Some(Reply::Pipelined(done, _permit)) => done.complete(result),
-                    _ => {}
+                if let Some(Reply::Publish(done, _permit)) = reply {
+                    done.complete(result);
                 }
             }
             Item::StatsRequest { req } => {
