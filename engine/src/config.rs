@@ -76,6 +76,10 @@ pub struct Args {
     /// Time graceful shutdown spends flushing queues, ms. [default: 10000]
     #[arg(long)]
     pub drain_timeout_ms: Option<u64>,
+    /// Require a PROXY protocol v2 header on every connection (behind
+    /// FluxBalancer's --proxy-protocol); connections without one get 400.
+    #[arg(long)]
+    pub proxy_protocol: bool,
 }
 
 /// The TOML file: the same knobs as [`Args`], all optional, unknown keys
@@ -97,6 +101,7 @@ struct FileConfig {
     handshake_timeout_ms: Option<u64>,
     idle_timeout_ms: Option<u64>,
     drain_timeout_ms: Option<u64>,
+    proxy_protocol: Option<bool>,
 }
 
 /// A validated configuration. Built only by [`Config::from_args`] or
@@ -129,6 +134,8 @@ pub struct Config {
     pub idle_timeout: Duration,
     /// Time spent flushing on shutdown.
     pub drain_timeout: Duration,
+    /// Whether every connection starts with a PROXY v2 header.
+    pub proxy_protocol: bool,
 }
 
 /// Why a configuration was refused.
@@ -161,6 +168,7 @@ impl Default for Config {
             handshake_timeout: Duration::from_millis(limits::HANDSHAKE_TIMEOUT_MS_DEFAULT),
             idle_timeout: Duration::from_millis(limits::IDLE_TIMEOUT_MS_DEFAULT),
             drain_timeout: Duration::from_millis(limits::DRAIN_TIMEOUT_MS_DEFAULT),
+            proxy_protocol: false,
         }
     }
 }
@@ -211,6 +219,7 @@ impl Config {
                 .unwrap_or(d.handshake_timeout),
             idle_timeout: args.idle_timeout_ms.or(file.idle_timeout_ms).map(ms).unwrap_or(d.idle_timeout),
             drain_timeout: args.drain_timeout_ms.or(file.drain_timeout_ms).map(ms).unwrap_or(d.drain_timeout),
+            proxy_protocol: args.proxy_protocol || file.proxy_protocol.unwrap_or(d.proxy_protocol),
         };
         config.validate(history_memory_max)?;
         Ok(config)
@@ -322,6 +331,7 @@ mod tests {
         assert_eq!(c.connections_max, d.connections_max);
         assert_eq!(c.idle_timeout, d.idle_timeout);
         assert_eq!(c.drain_timeout, d.drain_timeout);
+        assert_eq!(c.proxy_protocol, d.proxy_protocol);
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::future::poll_fn;
 use std::io;
-use std::net::Shutdown;
+use std::net::{Shutdown, SocketAddr};
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
@@ -29,6 +29,7 @@ use crate::metrics;
 use crate::native::{self, Request};
 use crate::outbound::Outbound;
 use crate::owner::OwnerError;
+use crate::proxy_protocol::{self, ProxyError, ProxyHeader};
 use crate::shard::{Format, PublishDone, Shard};
 use crate::sync::Event;
 use crate::topic::TopicName;
@@ -100,8 +101,24 @@ impl Io {
 /// Serves one accepted connection until it closes.
 pub async fn serve(shard: Rc<Shard>, stream: TcpStream) {
     let _ = stream.set_nodelay(true);
+    let Ok(mut client) = stream.peer_addr() else {
+        return; // the client already left
+    };
     let io = Io(Rc::new(RefCell::new(stream)));
     let mut buf = BytesMut::new();
+    if shard.config.proxy_protocol {
+        let wait = shard.config.handshake_timeout;
+        match glommio::timer::timeout(wait, async { Ok(read_proxy_header(&shard, &io, &mut buf).await) }).await {
+            Ok(Ok(ProxyHeader::Proxy { client: relayed })) => client = relayed,
+            Ok(Ok(ProxyHeader::Local)) => {}
+            Ok(Err(Some(e))) => {
+                metrics::add(&shard.metrics.protocol_errors, 1);
+                let _ = io.write_all(&http::json_error(400, "bad_proxy_header", &e.to_string(), false)).await;
+                return;
+            }
+            Ok(Err(None)) | Err(_) => return,
+        }
+    }
     let mut first = true;
     loop {
         let wait = if first { shard.config.handshake_timeout } else { shard.config.idle_timeout };
@@ -127,7 +144,7 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream) {
         let route = http::route(&head.method, &head.path);
         let upgrade = matches!(route, Route::LegacySubscribe | Route::TopicSocket(_) | Route::NativeSocket);
         if upgrade {
-            return websocket(shard, io, buf, head, route).await;
+            return websocket(shard, io, buf, head, route, client).await;
         }
         let response = match request_body(&shard, &io, &mut buf, &head, &route).await {
             Ok(body) => respond(&shard, &head, route, body, keep_alive).await,
@@ -140,6 +157,20 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream) {
             return;
         }
         release_if_empty(&mut buf);
+    }
+}
+
+/// Reads the PROXY v2 header and leaves what follows it in `buf`.
+/// `Err(None)`: the peer closed first.
+async fn read_proxy_header(shard: &Shard, io: &Io, buf: &mut BytesMut) -> Result<ProxyHeader, Option<ProxyError>> {
+    loop {
+        if let Some((header, len)) = proxy_protocol::parse(buf).map_err(Some)? {
+            buf.advance(len);
+            return Ok(header);
+        }
+        if matches!(io.read(shard, buf).await, Ok(0) | Err(_)) {
+            return Err(None);
+        }
     }
 }
 
@@ -356,7 +387,7 @@ struct Session {
     reader_done_event: Event,
 }
 
-async fn websocket(shard: Rc<Shard>, io: Io, buf: BytesMut, head: RequestHead, route: Route) {
+async fn websocket(shard: Rc<Shard>, io: Io, buf: BytesMut, head: RequestHead, route: Route, client: SocketAddr) {
     let key = match &head.websocket {
         Some(Upgrade::Valid { key }) => key.clone(),
         Some(Upgrade::Invalid(why)) => {
@@ -409,6 +440,9 @@ async fn websocket(shard: Rc<Shard>, io: Io, buf: BytesMut, head: RequestHead, r
     // Which shard serves this session: for operators and for tests that need
     // subscribers on every shard.
     extra_headers.push(("x-rayflux-shard", shard.id.to_string()));
+    // The address the node attributes the connection to: the socket's peer,
+    // or the client named by FluxBalancer's PROXY header.
+    extra_headers.push(("x-rayflux-client", client.to_string()));
     if session.io.write_all(&http::switching_protocols(&key, &extra_headers)).await.is_err() {
         cleanup(&session, &path);
         return;

@@ -18,12 +18,15 @@
 //! - [`history`]: the bounded per-topic ring.
 //! - [`owner`]: the sequencer for the topics a shard owns.
 //! - [`outbound`]: a connection's bounded send queue and slow-consumer policy.
+//! - [`proxy_protocol`]: PROXY protocol v2 headers from FluxBalancer.
 //! - [`message`], [`metrics`], [`sync`]: shared types, counters, shard-local sync.
 //!
 //! The shell:
 //! - [`shard`]: a shard's state and tasks, and the cross-shard items.
 //! - [`conn`]: one connection: HTTP, then a WebSocket session.
 //! - [`server`]: executors, mesh, listeners, graceful shutdown.
+//! - [`runtime`]: the glommio shell shared with `fluxbalancer`: port
+//!   reservation, executor start, accept loop, logging, signals.
 
 pub mod config;
 pub mod conn;
@@ -35,6 +38,8 @@ pub mod metrics;
 pub mod native;
 pub mod outbound;
 pub mod owner;
+pub mod proxy_protocol;
+pub mod runtime;
 pub mod server;
 pub mod shard;
 pub mod sync;

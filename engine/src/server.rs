@@ -9,11 +9,12 @@ use std::time::{Duration, Instant};
 
 use glommio::channels::channel_mesh::MeshBuilder;
 use glommio::net::TcpListener;
-use glommio::{Latency, LocalExecutorBuilder, Placement, Shares};
+use glommio::{Latency, Shares};
 
 use crate::config::Config;
 use crate::limits::{IO_MEMORY_BYTES_PER_SHARD, SHARD_CHANNEL_BATCHES, SHUTDOWN_POLL_MS};
 use crate::metrics;
+use crate::runtime;
 use crate::shard::{Batch, NodeShared, Shard};
 use crate::ws::close_code;
 
@@ -46,16 +47,7 @@ impl Node {
     /// binds the same port with SO_REUSEPORT.
     pub fn bind(config: &Config) -> Result<Node, ServerError> {
         let addr = config.listen;
-        let bind_err = |source| ServerError::Bind { addr, source };
-        let domain = if addr.is_ipv6() { socket2::Domain::IPV6 } else { socket2::Domain::IPV4 };
-        let socket = socket2::Socket::new(domain, socket2::Type::STREAM, None).map_err(bind_err)?;
-        socket.set_reuse_port(true).map_err(bind_err)?;
-        socket.bind(&addr.into()).map_err(bind_err)?;
-        let local_addr = socket
-            .local_addr()
-            .map_err(bind_err)?
-            .as_socket()
-            .ok_or_else(|| bind_err(std::io::Error::other("not an IP socket")))?;
+        let (socket, local_addr) = runtime::reserve(addr).map_err(|source| ServerError::Bind { addr, source })?;
         Ok(Node { local_addr, shared: Arc::new(NodeShared::default()), bound: Arc::default(), _reservation: socket })
     }
 
@@ -65,58 +57,21 @@ impl Node {
         let config = Arc::new(config);
         let shards = config.shards;
         let mesh = MeshBuilder::<Batch, _>::full(config.shards, SHARD_CHANNEL_BATCHES);
-        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-        let pin = config.shards <= cores;
         let drained = Arc::new(AtomicUsize::new(0));
-        // Executors are created one at a time: each signals from inside its
-        // first poll before the next is built. A precaution, not a proven
-        // fix: with concurrent creation (LocalExecutorPoolBuilder) the node
-        // twice aborted at start-up with "malloc(): unaligned tcache chunk
-        // detected" (see "Known problems" in ARCHITECTURE.md).
-        let mut handles = Vec::with_capacity(shards);
-        for index in 0..shards {
-            let placement = if pin { Placement::Fixed(index) } else { Placement::Unbound };
-            let (started_tx, started_rx) = std::sync::mpsc::channel::<()>();
+        let addr = self.local_addr;
+        let handles = runtime::start_executors(shards, "fluxnode", IO_MEMORY_BYTES_PER_SHARD, |_| {
             let (config, mesh, shared, bound, drained) =
                 (config.clone(), mesh.clone(), self.shared.clone(), self.bound.clone(), drained.clone());
-            let addr = self.local_addr;
-            let handle = LocalExecutorBuilder::new(placement)
-                .name(&format!("fluxnode-{index}"))
-                .io_memory(IO_MEMORY_BYTES_PER_SHARD)
-                .spawn(move || async move {
-                    let _ = started_tx.send(());
-                    shard_main(config, mesh, shared, addr, bound, drained).await
-                })
-                .map_err(|e| ServerError::Executor(e.to_string()))?;
-            if started_rx.recv_timeout(Duration::from_secs(30)).is_err() {
-                return Err(ServerError::Executor(format!("shard {index} did not start")));
-            }
-            handles.push(handle);
-        }
+            move || shard_main(config, mesh, shared, addr, bound, drained)
+        })
+        .map_err(ServerError::Executor)?;
         // Readiness waits for every shard's listener.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while self.bound.load(Ordering::Acquire) < shards && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        let all_bound = self.bound.load(Ordering::Acquire) == shards;
+        let all_bound = runtime::wait_for_count(&self.bound, shards);
         self.shared.ready.store(all_bound && !self.shared.shutdown.load(Ordering::Acquire), Ordering::Release);
         if all_bound {
             on_ready(self.local_addr);
         }
-        let failed: Vec<String> = handles
-            .into_iter()
-            .map(|h| h.join())
-            .filter_map(|r| match r {
-                Ok(Ok(())) => None,
-                Ok(Err(e)) => Some(e),
-                Err(e) => Some(e.to_string()),
-            })
-            .collect();
-        if failed.is_empty() {
-            Ok(())
-        } else {
-            Err(ServerError::Executor(failed.join("; ")))
-        }
+        runtime::join_executors(handles).map_err(ServerError::Executor)
     }
 }
 
@@ -156,24 +111,7 @@ async fn shard_main(
 
 async fn accept_loop(shard: &Rc<Shard>, listener: &TcpListener, data_queue: glommio::TaskQueueHandle) {
     let per_shard_max = shard.config.connections_per_shard_max() as u64;
-    loop {
-        let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
-            while !shard.shutting_down() {
-                glommio::timer::sleep(Duration::from_millis(SHUTDOWN_POLL_MS)).await;
-            }
-            None
-        })
-        .await;
-        let stream = match accepted {
-            None => return,
-            Some(Ok(stream)) => stream,
-            Some(Err(e)) => {
-                // EMFILE and friends: back off briefly instead of spinning.
-                tracing::warn!(shard = shard.id, "accept failed: {e}");
-                glommio::timer::sleep(Duration::from_millis(10)).await;
-                continue;
-            }
-        };
+    while let Some(stream) = runtime::accept_next(listener, shard.id, || shard.shutting_down()).await {
         if shard.metrics.connections_current.get() >= per_shard_max {
             metrics::add(&shard.metrics.connections_rejected, 1);
             reject(stream);

@@ -3,7 +3,7 @@
 //! `fuzz/`, outside CI). No parser may panic on any input.
 
 use bytes::{Bytes, BytesMut};
-use fluxnode::{http, native, ws};
+use fluxnode::{http, native, proxy_protocol, ws};
 
 const MUTATIONS_PER_SEED: usize = 20_000;
 
@@ -118,6 +118,23 @@ fn native_requests_survive_mutations() {
             let m = mutate(&mut rng, &seed);
             let _ = native::parse_text(&m);
             let _ = native::parse_binary(&Bytes::from(m));
+        }
+    }
+}
+
+#[test]
+fn proxy_headers_survive_splits_and_mutations() {
+    let mut rng = Rng(0x5eed_0004);
+    for seed in corpus("proxy_header") {
+        let (_, len) = proxy_protocol::parse(&seed).expect("seeds are valid").expect("seeds are complete");
+        for cut in 0..len {
+            assert_eq!(proxy_protocol::parse(&seed[..cut]), Ok(None), "cut {cut}");
+        }
+        for _ in 0..MUTATIONS_PER_SEED {
+            let m = mutate(&mut rng, &seed);
+            if let Ok(Some((_, len))) = proxy_protocol::parse(&m) {
+                assert!(len <= m.len());
+            }
         }
     }
 }

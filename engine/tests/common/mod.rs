@@ -27,29 +27,27 @@ pub struct Node {
 impl Node {
     /// Starts fluxnode with extra flags and waits until /readyz says ready.
     pub fn start(extra: &[&str]) -> Node {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_fluxnode"))
-            .args(["--listen", "127.0.0.1:0"])
-            .args(extra)
-            .env("FLUXNODE_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn fluxnode");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        let line = rx.recv_timeout(WAIT).expect("fluxnode printed its address");
+        let (child, line) = spawn_announced(
+            Command::new(fluxnode_bin()).args(["--listen", "127.0.0.1:0"]).args(extra).env("FLUXNODE_LOG", "warn"),
+        );
         let port = line
             .split_whitespace()
             .find_map(|w| w.strip_prefix("127.0.0.1:"))
             .and_then(|p| p.parse().ok())
             .unwrap_or_else(|| panic!("no port in {line:?}"));
         let node = Node { child, port };
-        wait_until("node ready", || node.get("/readyz").0 == 200);
+        if extra.contains(&"--proxy-protocol") {
+            // Such a node answers only connections that start with a header;
+            // probe as FluxBalancer's health checks do (the LOCAL command).
+            wait_until("node ready", || {
+                let mut stream = TcpStream::connect(node.addr()).expect("connect");
+                stream.set_read_timeout(Some(WAIT)).unwrap();
+                stream.write_all(b"\r\n\r\n\0\r\nQUIT\n\x20\x00\x00\x00GET /readyz HTTP/1.1\r\n\r\n").unwrap();
+                read_response(&mut stream).0 == 200
+            });
+        } else {
+            wait_until("node ready", || node.get("/readyz").0 == 200);
+        }
         node
     }
 
@@ -59,15 +57,7 @@ impl Node {
 
     /// One HTTP request on a fresh connection; returns status and body.
     pub fn request(&self, method: &str, path: &str, content_type: &str, body: &[u8]) -> (u16, String) {
-        let mut stream = TcpStream::connect(self.addr()).expect("connect");
-        stream.set_read_timeout(Some(WAIT)).unwrap();
-        let head = format!(
-            "{method} {path} HTTP/1.1\r\nhost: x\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
-            body.len()
-        );
-        stream.write_all(head.as_bytes()).unwrap();
-        stream.write_all(body).unwrap();
-        read_response(&mut stream)
+        http_request(&self.addr(), method, path, content_type, body)
     }
 
     pub fn get(&self, path: &str) -> (u16, String) {
@@ -125,6 +115,48 @@ impl Drop for Node {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Spawns a server that prints one line once it accepts connections (its
+/// addresses) and returns it with that line.
+pub fn spawn_announced(command: &mut Command) -> (Child, String) {
+    let mut child = command.stdout(Stdio::piped()).stderr(Stdio::inherit()).spawn().expect("spawn server");
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut line = String::new();
+        let _ = BufReader::new(stdout).read_line(&mut line);
+        let _ = tx.send(line);
+    });
+    let line = rx.recv_timeout(WAIT).expect("the server printed its address");
+    (child, line)
+}
+
+/// The fluxnode binary. Inside the engine's tests cargo names it; the
+/// balancer's tests find the one built beside them (`cargo test
+/// --workspace` builds every package's binaries before running tests).
+pub fn fluxnode_bin() -> std::path::PathBuf {
+    if let Some(path) = option_env!("CARGO_BIN_EXE_fluxnode") {
+        return path.into();
+    }
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> -> target/<profile>/fluxnode
+    let path = exe.parent().and_then(|deps| deps.parent()).expect("target dir").join("fluxnode");
+    assert!(path.exists(), "{} is missing: build it first (cargo build --bin fluxnode, same profile)", path.display());
+    path
+}
+
+/// One HTTP/1.1 request on a fresh connection; returns status and body.
+pub fn http_request(addr: &str, method: &str, path: &str, content_type: &str, body: &[u8]) -> (u16, String) {
+    let mut stream = TcpStream::connect(addr).expect("connect");
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    let head = format!(
+        "{method} {path} HTTP/1.1\r\nhost: x\r\ncontent-type: {content_type}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).unwrap();
+    stream.write_all(body).unwrap();
+    read_response(&mut stream)
 }
 
 /// Connects a WebSocket client with a read timeout so no test hangs.
