@@ -1,11 +1,37 @@
 //! FluxBalancer: the thin L4 balancer that keeps a topic's clients on the
-//! node that owns it. This first piece is the sans-IO node choice; the proxy,
-//! membership, health checks and admin API come with the balancer issue.
+//! node that owns it. It reads only a new connection's HTTP request head,
+//! picks a node with a Maglev table over the healthy nodes, and then pipes
+//! bytes. Thread-per-core on glommio, like the engine.
 //!
 //! # Layout
-//! - [`maglev`]: the Maglev lookup table (NSDI 2016): build from a node set,
-//!   look a routing key up, stable across replicas given the same nodes.
+//! Sans-IO cores:
+//! - [`maglev`]: the Maglev lookup table (NSDI 2016).
 //! - [`route`]: the routing key of a new connection, from its request head.
+//! - [`membership`]: the node set, health thresholds, draining, and the
+//!   immutable views shards route by.
+//! - [`health`]: the health-check request and verdict.
+//! - [`proxy_header`]: PROXY protocol v2 headers towards nodes.
+//! - [`admin`]: the admin API and `/metrics`.
+//!
+//! The shell:
+//! - [`config`]: flags and TOML, validated once.
+//! - [`limits`]: fixed bounds and why.
+//! - [`stats`]: the counters.
+//! - [`shard`]: per-shard state.
+//! - [`proxy`]: one client connection: head, connect, pipe.
+//! - [`control`]: shard 0's health checks, DNS and admin server.
+//! - [`server`]: executors, channels, listeners, shutdown.
 
+pub mod admin;
+pub mod config;
+pub mod control;
+pub mod health;
+pub mod limits;
 pub mod maglev;
+pub mod membership;
+pub mod proxy;
+pub mod proxy_header;
 pub mod route;
+pub mod server;
+pub mod shard;
+pub mod stats;

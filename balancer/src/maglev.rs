@@ -89,11 +89,16 @@ impl Table {
     /// The node for a routing key (a topic, a `key` parameter or a client
     /// address), or None when the table has no nodes.
     pub fn lookup(&self, key: &[u8]) -> Option<&str> {
+        self.lookup_index(key).map(|i| self.nodes[i].as_str())
+    }
+
+    /// The index into `nodes()` of the node for a routing key.
+    pub fn lookup_index(&self, key: &[u8]) -> Option<usize> {
         if self.slots.is_empty() {
             return None;
         }
         let slot = (fnv1a(key) % self.slots.len() as u64) as usize;
-        self.nodes.get(self.slots[slot] as usize).map(String::as_str)
+        Some(self.slots[slot] as usize)
     }
 
     /// Node names, sorted.

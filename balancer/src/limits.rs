@@ -1,0 +1,48 @@
+//! Every bound the balancer enforces, with the reason for its value. Knobs a
+//! operator may change live in [`crate::config`]; these are fixed.
+
+/// Bytes read from one socket per wake-up while piping, into the shard's
+/// scratch buffer. Also the most a direction holds in its own buffer when
+/// the far side is full (it reads nothing more until that is written), so a
+/// connection holds at most two of these, and none while idle.
+pub const PIPE_CHUNK_BYTES: usize = 32 << 10;
+
+/// Largest admin API request body: a node address in a small JSON object.
+pub const ADMIN_BODY_BYTES_MAX: usize = 4 << 10;
+
+/// Time allowed for one admin API request, head and body.
+pub const ADMIN_REQUEST_TIMEOUT_MS: u64 = 5_000;
+
+/// Most bytes of a node's `/readyz` answer read by a health check: the
+/// status line is all it needs.
+pub const HEALTH_RESPONSE_BYTES_MAX: usize = 1 << 10;
+
+/// Nodes tried for one connection when the chosen one refuses it: the
+/// chosen node, then the nodes the table would pick with the failed ones
+/// removed. Bounds the time a client waits when several nodes are down.
+pub const CONNECT_ATTEMPTS_MAX: usize = 3;
+
+/// Fallback tables (the table minus failed nodes) each shard keeps, so that
+/// a dead node that still sits in the table costs one build, not one per
+/// connection.
+pub const FALLBACK_TABLES_MAX: usize = 8;
+
+/// Table updates in flight from the control shard to each other shard.
+/// Updates are rare (membership or health changes); a full channel makes the
+/// control shard wait, never drop one.
+pub const VIEW_CHANNEL_CAPACITY: usize = 4;
+
+/// glommio's registered io memory per shard. The balancer reads into its
+/// own buffers, so it needs little, and 8 MiB of locked memory must hold
+/// every shard's share (see engine/src/limits.rs).
+pub const IO_MEMORY_BYTES_PER_SHARD: usize = 256 << 10;
+
+/// How often a shard checks the shutdown flag while it waits for the next
+/// connection.
+pub const SHUTDOWN_POLL_MS: u64 = 50;
+
+/// Most addresses one DNS answer may add: one table holds at most
+/// `maglev::NODES_MAX` nodes.
+pub const DNS_ADDRESSES_MAX: usize = crate::maglev::NODES_MAX;
+
+const _: () = assert!(CONNECT_ATTEMPTS_MAX >= 1);

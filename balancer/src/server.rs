@@ -1,0 +1,187 @@
+//! Starting and stopping the balancer: the executors, the view channels
+//! from shard 0 to every other shard, the listeners and shutdown.
+
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fluxnode::runtime;
+use glommio::channels::shared_channel::{self, SharedReceiver, SharedSender};
+use glommio::net::TcpListener;
+use glommio::{Latency, Shares};
+
+use crate::config::Config;
+use crate::control::Control;
+use crate::limits::{IO_MEMORY_BYTES_PER_SHARD, SHUTDOWN_POLL_MS, VIEW_CHANNEL_CAPACITY};
+use crate::membership::{Membership, Source, View};
+use crate::shard::Shard;
+use crate::stats::{self, ShardStats};
+
+/// Why the balancer could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// A listening address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    /// glommio could not start the executors.
+    #[error("cannot start executors: {0}")]
+    Executor(String),
+}
+
+/// A balancer being started.
+#[derive(Debug)]
+pub struct Balancer {
+    /// The client-facing address actually bound.
+    pub local_addr: SocketAddr,
+    /// The admin address actually bound.
+    pub admin_addr: SocketAddr,
+    /// Set to stop.
+    pub shutdown: Arc<AtomicBool>,
+    /// Hold the ports between resolution and the shards' own binds.
+    _reservations: [socket2::Socket; 2],
+}
+
+impl Balancer {
+    /// Reserves both addresses (resolving port 0) so that shards bind them
+    /// with SO_REUSEPORT.
+    pub fn bind(config: &Config) -> Result<Balancer, ServerError> {
+        let reserve = |addr| runtime::reserve(addr).map_err(|source| ServerError::Bind { addr, source });
+        let (listen, local_addr) = reserve(config.listen)?;
+        let (admin, admin_addr) = reserve(config.admin_listen)?;
+        Ok(Balancer { local_addr, admin_addr, shutdown: Arc::default(), _reservations: [listen, admin] })
+    }
+
+    /// Runs until shutdown completes. `on_ready` runs once every shard
+    /// accepts connections.
+    pub fn run(self, config: Config, on_ready: impl FnOnce(SocketAddr, SocketAddr)) -> Result<(), ServerError> {
+        let config = Arc::new(config);
+        let mut membership = Membership::new(config.health_rise, config.health_fall, config.table_size);
+        for &node in &config.nodes {
+            // Config deduplicated the list and bounded it by NODES_MAX.
+            let _ = membership.add(node, Source::Static);
+        }
+        let first_view = Arc::new(membership.view_if_changed().expect("a fresh membership always builds a view"));
+        let shard_stats: Vec<Arc<ShardStats>> = (0..config.shards).map(|_| Arc::default()).collect();
+        let mut senders = Vec::new();
+        let mut receivers: Vec<Option<SharedReceiver<Arc<View>>>> = vec![None];
+        for _ in 1..config.shards {
+            let (tx, rx) = shared_channel::new_bounded(VIEW_CHANNEL_CAPACITY);
+            senders.push(tx);
+            receivers.push(Some(rx));
+        }
+        let bound = Arc::new(AtomicUsize::new(0));
+        let mut control_parts = Some((membership, senders));
+        let mut receivers = receivers.into_iter();
+        let handles = runtime::start_executors(config.shards, "fluxbalancer", IO_MEMORY_BYTES_PER_SHARD, |index| {
+            let parts = if index == 0 { control_parts.take() } else { None };
+            let receiver = receivers.next().flatten();
+            let setup = ShardSetup {
+                index,
+                config: config.clone(),
+                view: first_view.clone(),
+                shard_stats: shard_stats.clone(),
+                shutdown: self.shutdown.clone(),
+                bound: bound.clone(),
+                addrs: (self.local_addr, self.admin_addr),
+            };
+            move || shard_main(setup, parts, receiver)
+        })
+        .map_err(ServerError::Executor)?;
+        if runtime::wait_for_count(&bound, config.shards) {
+            on_ready(self.local_addr, self.admin_addr);
+        }
+        runtime::join_executors(handles).map_err(ServerError::Executor)
+    }
+}
+
+/// What each executor starts from.
+struct ShardSetup {
+    index: usize,
+    config: Arc<Config>,
+    view: Arc<View>,
+    shard_stats: Vec<Arc<ShardStats>>,
+    shutdown: Arc<AtomicBool>,
+    bound: Arc<AtomicUsize>,
+    addrs: (SocketAddr, SocketAddr),
+}
+
+async fn shard_main(
+    setup: ShardSetup,
+    control_parts: Option<(Membership, Vec<SharedSender<Arc<View>>>)>,
+    receiver: Option<SharedReceiver<Arc<View>>>,
+) -> Result<(), String> {
+    let executor = glommio::executor();
+    let data_queue =
+        executor.create_task_queue(Shares::Static(1000), Latency::Matters(Duration::from_millis(1)), "data");
+    let control_queue = executor.create_task_queue(Shares::Static(100), Latency::NotImportant, "control");
+    let id = setup.index;
+    let shard = Shard::new(id, setup.config.clone(), setup.view, setup.shard_stats[id].clone(), setup.shutdown);
+    let (listen, admin) = setup.addrs;
+    let bind = |addr| TcpListener::bind(addr).map_err(|e| format!("shard {id}: cannot bind {addr}: {e}"));
+    let listener = bind(listen)?;
+    if let Some((membership, senders)) = control_parts {
+        let admin_listener = bind(admin)?;
+        let mut connected = Vec::with_capacity(senders.len());
+        for sender in senders {
+            connected.push(sender.connect().await);
+        }
+        let control = Rc::new(Control {
+            shard: shard.clone(),
+            membership: std::cell::RefCell::new(membership),
+            senders: connected,
+            shard_stats: setup.shard_stats.clone(),
+        });
+        spawn_into(control_queue, control.clone().health_loop());
+        if let Some(name) = setup.config.dns.clone() {
+            spawn_into(control_queue, control.clone().dns_loop(name));
+        }
+        spawn_into(control_queue, control.admin_loop(admin_listener));
+    }
+    if let Some(receiver) = receiver {
+        let receiver = receiver.connect().await;
+        let views = shard.clone();
+        spawn_into(control_queue, async move {
+            while let Some(view) = receiver.recv().await {
+                views.install(view);
+            }
+        });
+    }
+    setup.bound.fetch_add(1, Ordering::AcqRel);
+    accept_loop(&shard, &listener, data_queue).await;
+    drop(listener);
+    let deadline = Instant::now() + setup.config.drain_timeout;
+    while stats::get(&shard.stats.connections_current) > 0 && Instant::now() < deadline {
+        glommio::timer::sleep(Duration::from_millis(SHUTDOWN_POLL_MS)).await;
+    }
+    Ok(())
+}
+
+fn spawn_into(queue: glommio::TaskQueueHandle, future: impl std::future::Future<Output = ()> + 'static) {
+    if let Ok(task) = glommio::spawn_local_into(future, queue) {
+        task.detach();
+    }
+}
+
+async fn accept_loop(shard: &Rc<Shard>, listener: &TcpListener, data_queue: glommio::TaskQueueHandle) {
+    let per_shard_max = shard.config.connections_per_shard_max() as u64;
+    while let Some(stream) = runtime::accept_next(listener, shard.id, || shard.shutting_down()).await {
+        if stats::get(&shard.stats.connections_current) >= per_shard_max {
+            stats::add(&shard.stats.connections_rejected, 1);
+            spawn_into(data_queue, async move {
+                let stream = std::cell::RefCell::new(stream);
+                let refusal = crate::admin::client_error(503, "overloaded", "balancer connection limit reached");
+                let _ = crate::proxy::write_all(&stream, &refusal).await;
+            });
+            continue;
+        }
+        stats::add(&shard.stats.connections_current, 1);
+        stats::add(&shard.stats.connections_total, 1);
+        let task_shard = shard.clone();
+        spawn_into(data_queue, async move {
+            crate::proxy::serve(task_shard.clone(), stream).await;
+            stats::sub(&task_shard.stats.connections_current, 1);
+        });
+    }
+}
