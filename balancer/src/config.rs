@@ -65,8 +65,9 @@ pub struct Args {
     /// Time allowed to connect to a node, ms. [default: 2000]
     #[arg(long)]
     pub connect_timeout_ms: Option<u64>,
-    /// A piped connection with no bytes in one direction for this long is
-    /// closed, ms. FluxNode pings idle WebSockets far more often. [default: 600000]
+    /// A piped connection with no bytes either way for this long (checked
+    /// once per period, so closed after one to two periods) is closed, ms.
+    /// FluxNode pings idle WebSockets far more often. [default: 600000]
     #[arg(long)]
     pub tunnel_idle_timeout_ms: Option<u64>,
     /// Most client connections (each also holds one node connection, so two
@@ -133,7 +134,7 @@ pub struct Config {
     pub head_timeout: Duration,
     /// Time to connect to a node.
     pub connect_timeout: Duration,
-    /// Silence in one direction that closes a piped connection.
+    /// Silence both ways that closes a piped connection.
     pub tunnel_idle_timeout: Duration,
     /// Most client connections.
     pub connections_max: usize,

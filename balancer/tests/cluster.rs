@@ -308,3 +308,19 @@ fn nodes_see_the_client_address_through_proxy_protocol_v2() {
     let _ = direct.read_to_end(&mut rest);
     assert!(!rest.starts_with(b"HTTP/1.1 200"), "{}", String::from_utf8_lossy(&rest));
 }
+
+#[test]
+fn a_silent_piped_connection_is_closed_after_the_tunnel_idle_timeout() {
+    let node = Node::start(&["--shards", "1"]);
+    let balancer = Balancer::start(&[&node], &["--shards", "1", "--tunnel-idle-timeout-ms", "200"]);
+    let mut ws = subscribe(&balancer, "quiet");
+    let opened = Instant::now();
+    // The node's own idle timeout is 30 s; only the balancer can end this.
+    match ws.read() {
+        Err(_) | Ok(Message::Close(_)) => {}
+        Ok(other) => panic!("expected the connection to end, got {other:?}"),
+    }
+    let waited = opened.elapsed();
+    println!("silent connection closed after {} ms", waited.as_millis());
+    assert!(waited < std::time::Duration::from_secs(10), "closed by the balancer, not by the test's read timeout");
+}
