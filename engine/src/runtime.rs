@@ -10,7 +10,7 @@ use std::time::Duration;
 use glommio::net::{TcpListener, TcpStream};
 use glommio::{ExecutorJoinHandle, LocalExecutorBuilder, Placement};
 
-use crate::limits::SHUTDOWN_POLL_MS;
+use crate::limits::{IO_URING_RING_DEPTH, SHUTDOWN_POLL_MS};
 
 /// Binds `addr` with SO_REUSEPORT without listening, resolving port 0, so
 /// that every shard can then bind the same port. Keep the socket until the
@@ -52,6 +52,7 @@ where
         let handle = LocalExecutorBuilder::new(placement)
             .name(&format!("{name}-{index}"))
             .io_memory(io_memory)
+            .ring_depth(IO_URING_RING_DEPTH)
             .spawn(move || async move {
                 let _ = started_tx.send(());
                 build().await
