@@ -1,26 +1,37 @@
 //! fluxbench: load generator and reporter for RayFlux and its peers.
 //!
-//! This first version has one scenario, `fanout` (one topic, one publisher,
-//! N subscribers), against two kinds of target, run in alternating turns:
-//! - `rayflux://HOST:PORT`: FluxNode's raw topic socket;
+//! Scenarios (one shape underneath: T topics x S subscribers x P publishers
+//! per topic, open-loop total rate): `fanout`, `topics` (many topics),
+//! `fanin`, `original` (the original RayFlux benchmark shape on its API),
+//! and `idle` (memory per idle connection). Targets, run in alternating
+//! turns with per-turn ratios against the first:
+//! - `rayflux://HOST:PORT`: FluxNode's raw topic sockets (or its original
+//!   API with `original`);
 //! - `nats://HOST:PORT`: NATS over WebSocket (the NATS protocol inside
 //!   WebSocket frames: CONNECT, SUB, PUB, MSG, PING/PONG).
 //!
-//! Load is open-loop: message i is due at start + i/rate and its latency is
+//! Load is open-loop: message k is due at start + k/rate and its latency is
 //! measured from that scheduled time (coordinated omission corrected). Every
-//! payload carries its sequence and scheduled time; subscribers count lost,
-//! duplicated and reordered messages. Publish rate, delivery rate and
-//! latency are reported separately, with the server's CPU-seconds per
-//! million deliveries (from /proc) and the load generator's own CPU.
+//! payload carries its publisher, sequence and scheduled time; subscribers
+//! count lost, duplicated and reordered messages per publisher. Publish
+//! rate, delivery rate and latency are reported separately, with the
+//! server's CPU-seconds per million deliveries (from /proc) and the load
+//! generator's own CPU. `--max` searches for the highest zero-loss rate
+//! under a p99 bound; `--hgrm` and `--plot` write percentile files and an
+//! SVG chart.
 //!
 //! # Layout
-//! - `main.rs`: command line, the fan-out scenario, reporting.
+//! - `main.rs`: command line, targets and connections, reporting, `--max`.
+//! - `scenario.rs`: the publish/subscribe shape and its runner.
+//! - `report.rs`: `.hgrm` percentile files and the SVG chart.
 //! - `nats.rs`: sans-IO parser of NATS server operations.
 
 mod nats;
+mod report;
+mod scenario;
 
 use std::net::TcpStream;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
@@ -37,10 +48,92 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// One topic, one open-loop publisher, N subscribers.
-    Fanout(FanoutArgs),
+    Fanout {
+        /// Subscribers.
+        #[arg(long, default_value_t = 100)]
+        subscribers: usize,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// T topics, S subscribers and P publishers per topic.
+    Topics {
+        /// Topics.
+        #[arg(long, default_value_t = 1000)]
+        topics: usize,
+        /// Subscribers per topic.
+        #[arg(long, default_value_t = 10)]
+        subscribers: usize,
+        /// Publishers per topic.
+        #[arg(long, default_value_t = 4)]
+        publishers: usize,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Many publishers, one topic, one subscriber.
+    Fanin {
+        /// Publishers.
+        #[arg(long, default_value_t = 100)]
+        publishers: usize,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// The original RayFlux benchmark shape on the original API: publishers
+    /// on HTTP `POST /publish` (keep-alive), subscribers on WebSocket
+    /// `/subscribe`. RayFlux targets only.
+    Original {
+        /// Topics.
+        #[arg(long, default_value_t = 10)]
+        topics: usize,
+        /// Subscribers per topic.
+        #[arg(long, default_value_t = 16)]
+        subscribers: usize,
+        /// Publishers per topic.
+        #[arg(long, default_value_t = 4)]
+        publishers: usize,
+        #[command(flatten)]
+        common: Common,
+    },
     /// C idle WebSocket connections (each subscribed to one of T topics), held
     /// open; reports the server's resident memory per connection.
     Idle(IdleArgs),
+}
+
+/// Options every publish/subscribe scenario takes.
+#[derive(clap::Args, Clone)]
+struct Common {
+    /// A target: NAME=URL[,pid=PID], URL rayflux://HOST:PORT or nats://HOST:PORT.
+    /// Give two or more to run them in turns (A, B, A, B) and print ratios
+    /// against the first. With pid, the server's CPU is read from /proc.
+    #[arg(long = "target", required = true)]
+    targets: Vec<String>,
+    /// Messages per second offered, all publishers together.
+    #[arg(long, default_value_t = 10_000)]
+    rate: u64,
+    /// Seconds of publishing per run.
+    #[arg(long, default_value_t = 10)]
+    seconds: u64,
+    /// Payload bytes (at least 40: publisher, sequence and scheduled time).
+    #[arg(long, default_value_t = 64)]
+    payload: usize,
+    /// Turns per target.
+    #[arg(long, default_value_t = 2)]
+    repeat: usize,
+    /// Print one JSON object per run instead of the table.
+    #[arg(long)]
+    json: bool,
+    /// Search each target for the highest rate with zero loss and p99 under
+    /// this many milliseconds (starting at --rate, doubling, then bisecting).
+    #[arg(long)]
+    max: Option<f64>,
+    /// Write each run's percentile distribution to `DIR/SCENARIO-TARGET-TURN.hgrm`.
+    #[arg(long)]
+    hgrm: Option<std::path::PathBuf>,
+    /// Append every run as a JSON line to this file (as well as the table).
+    #[arg(long)]
+    json_out: Option<std::path::PathBuf>,
+    /// Write an SVG percentile chart of every run to this file.
+    #[arg(long)]
+    plot: Option<std::path::PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -55,33 +148,6 @@ struct IdleArgs {
     /// topic i mod TOPICS).
     #[arg(long, default_value_t = 100)]
     topics: usize,
-}
-
-#[derive(clap::Args)]
-struct FanoutArgs {
-    /// A target: NAME=URL[,pid=PID], URL rayflux://HOST:PORT or nats://HOST:PORT.
-    /// Give two or more to run them in turns (A, B, A, B) and print ratios
-    /// against the first. With pid, the server's CPU is read from /proc.
-    #[arg(long = "target", required = true)]
-    targets: Vec<String>,
-    /// Subscribers (one connection and one thread each).
-    #[arg(long, default_value_t = 100)]
-    subscribers: usize,
-    /// Messages per second offered by the publisher.
-    #[arg(long, default_value_t = 10_000)]
-    rate: u64,
-    /// Seconds of publishing per run.
-    #[arg(long, default_value_t = 10)]
-    seconds: u64,
-    /// Payload bytes (at least 16: sequence and scheduled time).
-    #[arg(long, default_value_t = 64)]
-    payload: usize,
-    /// Turns per target.
-    #[arg(long, default_value_t = 2)]
-    repeat: usize,
-    /// Print one JSON object per run instead of the table.
-    #[arg(long)]
-    json: bool,
 }
 
 /// Where to connect and how to read the server's CPU.
@@ -224,18 +290,12 @@ impl Conn {
     }
 }
 
-/// What one subscriber saw.
-struct SubStats {
-    received: u64,
-    lost: u64,
-    duplicated_or_reordered: u64,
-    latency_us: Histogram<u64>,
-}
-
 /// One run of one target.
 struct Run {
     target: String,
+    scenario: String,
     turn: usize,
+    rate: u64,
     published: u64,
     publish_seconds: f64,
     delivered: u64,
@@ -247,6 +307,22 @@ struct Run {
 }
 
 impl Run {
+    fn new(target: &str, scenario: &str, turn: usize, published: u64, publish_seconds: f64) -> Result<Run> {
+        Ok(Run {
+            target: target.to_string(),
+            scenario: scenario.to_string(),
+            turn,
+            rate: 0,
+            published,
+            publish_seconds,
+            delivered: 0,
+            lost: 0,
+            duplicated_or_reordered: 0,
+            latency_us: Histogram::new(3)?,
+            server_cpu_seconds: None,
+            client_cpu_seconds: 0.0,
+        })
+    }
     fn delivered_per_sec(&self) -> f64 {
         self.delivered as f64 / self.publish_seconds
     }
@@ -260,8 +336,25 @@ impl Run {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    let shape = |name: &str, topics, subscribers, publishers, common: &Common, original_api| scenario::Shape {
+        name: name.to_string(),
+        topics,
+        subscribers,
+        publishers,
+        rate: common.rate,
+        seconds: common.seconds,
+        payload: common.payload,
+        original_api,
+    };
     match cli.command {
-        Command::Fanout(args) => fanout(args),
+        Command::Fanout { subscribers, common } => run_all(shape("fanout", 1, subscribers, 1, &common, false), &common),
+        Command::Topics { topics, subscribers, publishers, common } => {
+            run_all(shape("topics", topics, subscribers, publishers, &common, false), &common)
+        }
+        Command::Fanin { publishers, common } => run_all(shape("fanin", 1, 1, publishers, &common, false), &common),
+        Command::Original { topics, subscribers, publishers, common } => {
+            run_all(shape("original", topics, subscribers, publishers, &common, true), &common)
+        }
         Command::Idle(args) => idle(args),
     }
 }
@@ -301,118 +394,99 @@ fn process_rss_kib(pid: u32) -> Result<u64> {
         .context("VmRSS")
 }
 
-fn fanout(args: FanoutArgs) -> Result<()> {
-    if args.payload < 16 {
-        bail!("--payload must be at least 16 bytes");
-    }
-    let targets = args.targets.iter().map(|t| parse_target(t)).collect::<Result<Vec<_>>>()?;
+/// Runs a shape against every target in turns (or searches each for its
+/// maximum), prints or writes the results.
+fn run_all(shape: scenario::Shape, common: &Common) -> Result<()> {
+    let targets = common.targets.iter().map(|t| parse_target(t)).collect::<Result<Vec<_>>>()?;
     let mut runs = Vec::new();
-    for turn in 0..args.repeat {
+    for turn in 0..common.repeat {
         for target in &targets {
-            let run = fanout_run(target, &args, turn)?;
-            if args.json {
-                println!("{}", run_json(&run, &args));
+            let run = match common.max {
+                Some(p99_ms) => max_search(target, &shape, turn, p99_ms)?,
+                None => one_run(target, &shape, turn)?,
+            };
+            if common.json {
+                println!("{}", run_json(&run, &shape));
             } else {
                 print_run(&run);
+            }
+            if let Some(path) = &common.json_out {
+                use std::io::Write;
+                let mut file = std::fs::OpenOptions::new().create(true).append(true).open(path)?;
+                writeln!(file, "{}", run_json(&run, &shape))?;
             }
             runs.push(run);
         }
     }
-    if !args.json && targets.len() > 1 {
+    if !common.json && targets.len() > 1 {
         print_ratios(&runs, &targets);
+    }
+    if let Some(dir) = &common.hgrm {
+        std::fs::create_dir_all(dir)?;
+        for r in &runs {
+            let file = dir.join(format!("{}-{}-{}.hgrm", r.scenario, r.target, r.turn));
+            std::fs::write(&file, report::hgrm(&r.latency_us)).with_context(|| format!("{}", file.display()))?;
+        }
+    }
+    if let Some(file) = &common.plot {
+        let curves: Vec<(String, &Histogram<u64>)> =
+            runs.iter().map(|r| (format!("{} turn {} @{}/s", r.target, r.turn, r.rate), &r.latency_us)).collect();
+        let title = format!(
+            "{}: {} topic(s) x {} subscriber(s), {} publisher(s) per topic",
+            shape.name, shape.topics, shape.subscribers, shape.publishers
+        );
+        std::fs::write(file, report::svg(&title, &curves)).with_context(|| format!("{}", file.display()))?;
     }
     Ok(())
 }
 
-fn fanout_run(target: &Target, args: &FanoutArgs, turn: usize) -> Result<Run> {
-    let topic = format!("fluxbench.{}.{turn}.{}", target.name, std::process::id());
-    let total = args.rate * args.seconds;
-    let mut subscribers = Vec::new();
-    for _ in 0..args.subscribers {
-        let mut conn = Conn::open(target, &topic, true)?;
-        conn.ws.get_mut().set_read_timeout(Some(Duration::from_secs(5)))?;
-        subscribers.push(std::thread::spawn(move || subscriber(conn, total)));
-    }
-    let mut publisher = Conn::open(target, &topic, false)?;
-    let cpu_server_start = target.pid.map(process_cpu_seconds).transpose()?;
-    let cpu_client_start = process_cpu_seconds(std::process::id())?;
-    let start = Instant::now();
-    let start_unix_us = unix_micros();
-    let mut payload = vec![0u8; args.payload];
-    for seq in 0..total {
-        let due_us = seq * 1_000_000 / args.rate;
-        let elapsed_us = start.elapsed().as_micros() as u64;
-        if elapsed_us < due_us {
-            publisher.flush()?;
-            std::thread::sleep(Duration::from_micros(due_us - elapsed_us));
-        }
-        payload[..8].copy_from_slice(&seq.to_le_bytes());
-        payload[8..16].copy_from_slice(&(start_unix_us + due_us).to_le_bytes());
-        publisher.send(&payload)?;
-    }
-    publisher.flush()?;
-    let publish_seconds = start.elapsed().as_secs_f64();
-    let mut run = Run {
-        target: target.name.clone(),
-        turn,
-        published: total,
-        publish_seconds,
-        delivered: 0,
-        lost: 0,
-        duplicated_or_reordered: 0,
-        latency_us: Histogram::new(3)?,
-        server_cpu_seconds: None,
-        client_cpu_seconds: 0.0,
-    };
-    for s in subscribers {
-        let stats = s.join().map_err(|_| anyhow::anyhow!("subscriber thread panicked"))?;
-        run.delivered += stats.received;
-        run.lost += stats.lost;
-        run.duplicated_or_reordered += stats.duplicated_or_reordered;
-        run.latency_us.add(&stats.latency_us)?;
-    }
-    if let (Some(pid), Some(before)) = (target.pid, cpu_server_start) {
-        run.server_cpu_seconds = Some(process_cpu_seconds(pid)? - before);
-    }
-    run.client_cpu_seconds = process_cpu_seconds(std::process::id())? - cpu_client_start;
-    drop(publisher);
+fn one_run(target: &Target, shape: &scenario::Shape, turn: usize) -> Result<Run> {
+    let mut run = scenario::run(target, shape, turn)?;
+    run.rate = shape.rate;
     Ok(run)
 }
 
-/// Reads until every message arrived or the stream is quiet for 5 s.
-fn subscriber(mut conn: Conn, total: u64) -> SubStats {
-    let mut stats = SubStats {
-        received: 0,
-        lost: 0,
-        duplicated_or_reordered: 0,
-        latency_us: Histogram::new(3).expect("valid histogram"),
-    };
-    let mut next_seq = 0u64;
-    while next_seq < total {
-        let Ok(payload) = conn.recv() else { break };
-        let now = unix_micros();
-        if payload.len() < 16 {
-            continue;
+/// The highest rate with zero loss and p99 under `p99_ms`: double from
+/// `shape.rate` until a run fails the bar, then bisect 4 times between the
+/// last pass and the first failure. Returns the best passing run (or the
+/// first run, failed, if even the starting rate fails).
+fn max_search(target: &Target, shape: &scenario::Shape, turn: usize, p99_ms: f64) -> Result<Run> {
+    let passes = |r: &Run| r.lost == 0 && r.duplicated_or_reordered == 0 && r.p(0.99) <= p99_ms;
+    let mut shape = shape.clone();
+    let mut best: Option<Run> = None;
+    let mut failed_at: Option<u64> = None;
+    let mut first_failure: Option<Run> = None;
+    for _ in 0..12 {
+        let run = one_run(target, &shape, turn)?;
+        eprintln!(
+            "  {} @{}/s: lost {} p99 {:.2} ms -> {}",
+            target.name,
+            shape.rate,
+            run.lost,
+            run.p(0.99),
+            if passes(&run) { "pass" } else { "fail" }
+        );
+        if passes(&run) {
+            best = Some(run);
+        } else {
+            failed_at = Some(shape.rate);
+            first_failure.get_or_insert(run);
         }
-        let seq = u64::from_le_bytes(payload[..8].try_into().expect("8 bytes"));
-        let due = u64::from_le_bytes(payload[8..16].try_into().expect("8 bytes"));
-        if seq < next_seq {
-            stats.duplicated_or_reordered += 1;
-            continue;
-        }
-        stats.lost += seq - next_seq;
-        next_seq = seq + 1;
-        stats.received += 1;
-        let _ = stats.latency_us.record(now.saturating_sub(due).max(1));
+        let low = best.as_ref().map(|r| r.rate).unwrap_or(0);
+        shape.rate = match failed_at {
+            None => low * 2,
+            Some(high) if high - low > high / 16 && low > 0 => (low + high) / 2,
+            Some(_) => break,
+        };
     }
-    stats.lost += total - next_seq.min(total);
-    stats
+    best.or(first_failure).context("no run")
 }
 
 fn print_run(r: &Run) {
     println!(
-        "{:<8} turn {}  published {:>9.0}/s  delivered {:>11.0}/s  lost {:>6}  dup/reord {:>3}  latency ms p50 {:>7.2} p99 {:>7.2} p99.9 {:>7.2} max {:>7.2}  server {}  client CPU {:.2}s",
+        "{:<8} {} turn {}  published {:>9.0}/s  delivered {:>11.0}/s  lost {:>6}  dup/reord {:>3}  latency ms p50 {:>7.2} p99 {:>7.2} p99.9 {:>7.2} max {:>7.2}  server {}  client CPU {:.2}s",
         r.target,
+        r.scenario,
         r.turn,
         r.published as f64 / r.publish_seconds,
         r.delivered_per_sec(),
@@ -427,10 +501,11 @@ fn print_run(r: &Run) {
     );
 }
 
-fn run_json(r: &Run, args: &FanoutArgs) -> String {
+fn run_json(r: &Run, shape: &scenario::Shape) -> String {
     serde_json::json!({
-        "scenario": "fanout", "target": r.target, "turn": r.turn,
-        "subscribers": args.subscribers, "rate": args.rate, "payload_bytes": args.payload,
+        "scenario": r.scenario, "target": r.target, "turn": r.turn,
+        "topics": shape.topics, "subscribers_per_topic": shape.subscribers, "publishers_per_topic": shape.publishers,
+        "rate": r.rate, "payload_bytes": shape.payload,
         "published": r.published, "publish_seconds": r.publish_seconds,
         "delivered": r.delivered, "delivered_per_sec": r.delivered_per_sec(),
         "lost": r.lost, "duplicated_or_reordered": r.duplicated_or_reordered,

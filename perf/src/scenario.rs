@@ -1,0 +1,367 @@
+//! The publish/subscribe scenarios, all one shape: T topics, S subscribers
+//! and P publishers per topic, an open-loop total rate R. Fan-out is
+//! T=1, P=1; many topics is T=1000, S=10, P=4; fan-in is T=1, S=1, P=many;
+//! the original RayFlux shape is T=10 with publishers on `POST /publish`
+//! and subscribers on WebSocket `/subscribe`.
+//!
+//! Message k (0-based, over all publishers) is due at start + k/R and is
+//! sent by publisher k mod (T x P), as that publisher's message k / (T x P).
+//! Its payload is text: publisher id, sequence and scheduled time in hex,
+//! padded to the payload size, so it travels unchanged through every API
+//! (the original API carries messages as JSON strings).
+
+use std::collections::HashMap;
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use hdrhistogram::Histogram;
+
+use crate::{process_cpu_seconds, unix_micros, Conn, Kind, Run, Target};
+
+/// Smallest payload: 8 + 16 + 16 hex digits.
+pub const PAYLOAD_BYTES_MIN: usize = 40;
+/// How long a subscriber waits for the next message before it gives up.
+const QUIET_SECONDS: u64 = 5;
+/// Subscriber thread stack: they hold a socket and a histogram, no deep calls.
+const SUBSCRIBER_STACK_BYTES: usize = 256 << 10;
+
+/// One scenario's shape.
+#[derive(Clone, Debug)]
+pub struct Shape {
+    /// Name in reports.
+    pub name: String,
+    /// Topics.
+    pub topics: usize,
+    /// Subscribers per topic.
+    pub subscribers: usize,
+    /// Publishers per topic.
+    pub publishers: usize,
+    /// Messages per second offered, all publishers together.
+    pub rate: u64,
+    /// Seconds of publishing.
+    pub seconds: u64,
+    /// Payload bytes.
+    pub payload: usize,
+    /// Original API: publish with HTTP `POST /publish`, subscribe on `/subscribe`.
+    pub original_api: bool,
+}
+
+impl Shape {
+    fn total(&self) -> u64 {
+        self.rate * self.seconds
+    }
+    fn publishers_total(&self) -> u64 {
+        (self.topics * self.publishers) as u64
+    }
+    /// Messages publisher `g` sends.
+    fn sent_by(&self, g: u64) -> u64 {
+        let (total, n) = (self.total(), self.publishers_total());
+        if g >= total {
+            0
+        } else {
+            (total - g).div_ceil(n)
+        }
+    }
+}
+
+/// Encodes publisher, sequence and due time, padded to `len`.
+pub fn encode(publisher: u64, seq: u64, due_us: u64, len: usize) -> Vec<u8> {
+    let mut text = format!("{publisher:08x}{seq:016x}{due_us:016x}").into_bytes();
+    text.resize(len.max(PAYLOAD_BYTES_MIN), b'.');
+    text
+}
+
+/// Decodes what `encode` wrote.
+pub fn decode(payload: &[u8]) -> Option<(u64, u64, u64)> {
+    let text = std::str::from_utf8(payload.get(..PAYLOAD_BYTES_MIN)?).ok()?;
+    let field = |r: std::ops::Range<usize>| u64::from_str_radix(&text[r], 16).ok();
+    Some((field(0..8)?, field(8..24)?, field(24..40)?))
+}
+
+/// What one subscriber saw.
+struct SubStats {
+    received: u64,
+    lost: u64,
+    duplicated_or_reordered: u64,
+    latency_us: Histogram<u64>,
+}
+
+/// Runs the shape once against `target`.
+pub fn run(target: &Target, shape: &Shape, turn: usize) -> Result<Run> {
+    if shape.payload < PAYLOAD_BYTES_MIN {
+        bail!("--payload must be at least {PAYLOAD_BYTES_MIN} bytes");
+    }
+    if shape.original_api && target.kind != Kind::Rayflux {
+        bail!("the original API exists only on RayFlux targets");
+    }
+    let tag = format!("fluxbench.{}.{}.{turn}.{}", shape.name, target.name, std::process::id());
+    let topic = |t: usize| format!("{tag}.{t}");
+    let mut subscribers = Vec::new();
+    for t in 0..shape.topics {
+        let publishers: Vec<u64> = (0..shape.publishers).map(|p| (t * shape.publishers + p) as u64).collect();
+        let per_publisher: Vec<u64> = publishers.iter().map(|&g| shape.sent_by(g)).collect();
+        for _ in 0..shape.subscribers {
+            let conn = open_subscriber(target, &topic(t), shape.original_api)?;
+            let (publishers, per_publisher) = (publishers.clone(), per_publisher.clone());
+            let thread = std::thread::Builder::new()
+                .stack_size(SUBSCRIBER_STACK_BYTES)
+                .spawn(move || subscriber(conn, &publishers, &per_publisher))?;
+            subscribers.push(thread);
+        }
+    }
+    if shape.original_api {
+        // /subscribe sends no acknowledgement: wait until the node counts them.
+        for t in 0..shape.topics {
+            wait_subscribed(target, &topic(t), shape.subscribers)?;
+        }
+    }
+    let mut publishers = Vec::with_capacity(shape.publishers_total() as usize);
+    for g in 0..shape.publishers_total() as usize {
+        publishers.push(Publisher::open(target, &topic(g / shape.publishers), shape.original_api)?);
+    }
+    let cpu_server_start = target.pid.map(process_cpu_seconds).transpose()?;
+    let cpu_client_start = process_cpu_seconds(std::process::id())?;
+    let publish_seconds = publish(shape, &mut publishers)?;
+    let mut run = Run::new(&target.name, &shape.name, turn, shape.total(), publish_seconds)?;
+    for s in subscribers {
+        let stats = s.join().map_err(|_| anyhow::anyhow!("subscriber thread panicked"))?;
+        run.delivered += stats.received;
+        run.lost += stats.lost;
+        run.duplicated_or_reordered += stats.duplicated_or_reordered;
+        run.latency_us.add(&stats.latency_us)?;
+    }
+    if let (Some(pid), Some(before)) = (target.pid, cpu_server_start) {
+        run.server_cpu_seconds = Some(process_cpu_seconds(pid)? - before);
+    }
+    run.client_cpu_seconds = process_cpu_seconds(std::process::id())? - cpu_client_start;
+    Ok(run)
+}
+
+/// Sends every message on schedule; returns the seconds it took.
+fn publish(shape: &Shape, publishers: &mut [Publisher]) -> Result<f64> {
+    let n = publishers.len() as u64;
+    let start = Instant::now();
+    let start_unix_us = unix_micros();
+    for k in 0..shape.total() {
+        let due_us = k * 1_000_000 / shape.rate;
+        let elapsed_us = start.elapsed().as_micros() as u64;
+        if elapsed_us < due_us {
+            for p in publishers.iter_mut() {
+                p.flush()?;
+            }
+            std::thread::sleep(Duration::from_micros(due_us - elapsed_us));
+        }
+        let g = k % n;
+        let payload = encode(g, k / n, start_unix_us + due_us, shape.payload);
+        publishers[g as usize].send(&payload)?;
+    }
+    for p in publishers.iter_mut() {
+        p.flush()?;
+    }
+    Ok(start.elapsed().as_secs_f64())
+}
+
+/// Reads until every expected message arrived or the stream is quiet.
+/// `per_publisher[i]` is how many messages `publishers[i]` sends.
+fn subscriber(mut conn: Sub, publishers: &[u64], per_publisher: &[u64]) -> SubStats {
+    let expected: u64 = per_publisher.iter().sum();
+    let mut stats = SubStats {
+        received: 0,
+        lost: 0,
+        duplicated_or_reordered: 0,
+        latency_us: Histogram::new(3).expect("valid histogram"),
+    };
+    let mut next: HashMap<u64, u64> = publishers.iter().map(|&p| (p, 0)).collect();
+    while stats.received + stats.lost < expected {
+        let Ok(payload) = conn.recv() else { break };
+        let now = unix_micros();
+        let Some((publisher, seq, due)) = decode(&payload) else { continue };
+        let Some(next_seq) = next.get_mut(&publisher) else { continue };
+        if seq < *next_seq {
+            stats.duplicated_or_reordered += 1;
+            continue;
+        }
+        stats.lost += seq - *next_seq;
+        *next_seq = seq + 1;
+        stats.received += 1;
+        let _ = stats.latency_us.record(now.saturating_sub(due).max(1));
+    }
+    // Whatever never arrived from each publisher is lost.
+    for (i, p) in publishers.iter().enumerate() {
+        let sent = per_publisher.get(i).copied().unwrap_or(0);
+        stats.lost += sent.saturating_sub(next[p]);
+    }
+    stats
+}
+
+/// A subscription: a WebSocket on the target's own API.
+enum Sub {
+    Native(Conn),
+    Original(tungstenite::WebSocket<TcpStream>),
+}
+
+impl Sub {
+    fn recv(&mut self) -> Result<Vec<u8>> {
+        match self {
+            Sub::Native(conn) => conn.recv(),
+            Sub::Original(ws) => loop {
+                match ws.read()? {
+                    tungstenite::Message::Binary(b) => return Ok(b.to_vec()),
+                    tungstenite::Message::Text(t) => return Ok(t.as_bytes().to_vec()),
+                    tungstenite::Message::Close(c) => bail!("closed by server: {c:?}"),
+                    _ => {}
+                }
+            },
+        }
+    }
+}
+
+fn open_subscriber(target: &Target, topic: &str, original_api: bool) -> Result<Sub> {
+    if !original_api {
+        let conn = Conn::open(target, topic, true)?;
+        conn.ws.get_ref().set_read_timeout(Some(Duration::from_secs(QUIET_SECONDS)))?;
+        return Ok(Sub::Native(conn));
+    }
+    let stream = TcpStream::connect(&target.addr).with_context(|| format!("connect {}", target.addr))?;
+    stream.set_nodelay(true)?;
+    stream.set_read_timeout(Some(Duration::from_secs(QUIET_SECONDS)))?;
+    let (mut ws, _) = tungstenite::client(format!("ws://{}/subscribe", target.addr), stream)
+        .map_err(|e| anyhow::anyhow!("handshake: {e}"))?;
+    let hello = serde_json::json!({ "subscriber_id": "fluxbench", "topic": topic }).to_string();
+    ws.send(tungstenite::Message::text(hello))?;
+    Ok(Sub::Original(ws))
+}
+
+/// Waits until the node reports `count` subscribers on `topic`.
+fn wait_subscribed(target: &Target, topic: &str, count: usize) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let (status, body) = http(&target.addr, "GET", &format!("/v1/topics/{topic}"), None)?;
+        let have = if status == 200 {
+            serde_json::from_str::<serde_json::Value>(&body)?["subscribers"].as_u64().unwrap_or(0)
+        } else {
+            0
+        };
+        if have >= count as u64 {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("only {have} of {count} subscribers registered on {topic}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// One HTTP/1.1 request on a fresh connection (setup only).
+fn http(addr: &str, method: &str, path: &str, body: Option<&str>) -> Result<(u16, String)> {
+    let mut stream = TcpStream::connect(addr)?;
+    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let body = body.unwrap_or("");
+    write!(
+        stream,
+        "{method} {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let status = response.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = response.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    Ok((status, body))
+}
+
+/// A publisher: a WebSocket on the target's own API, or a keep-alive HTTP
+/// connection for `POST /publish`.
+enum Publisher {
+    Native(Box<Conn>),
+    Original { stream: TcpStream, topic: String, response: Vec<u8> },
+}
+
+impl Publisher {
+    fn open(target: &Target, topic: &str, original_api: bool) -> Result<Publisher> {
+        if !original_api {
+            return Ok(Publisher::Native(Box::new(Conn::open(target, topic, false)?)));
+        }
+        let stream = TcpStream::connect(&target.addr)?;
+        stream.set_nodelay(true)?;
+        stream.set_read_timeout(Some(Duration::from_secs(10)))?;
+        Ok(Publisher::Original { stream, topic: topic.to_string(), response: Vec::new() })
+    }
+
+    fn send(&mut self, payload: &[u8]) -> Result<()> {
+        match self {
+            Publisher::Native(conn) => conn.send(payload),
+            Publisher::Original { stream, topic, response } => {
+                let message = std::str::from_utf8(payload).context("payloads are text")?;
+                let body = serde_json::json!({ "topic": topic, "message": message }).to_string();
+                write!(
+                    stream,
+                    "POST /publish HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                    body.len()
+                )?;
+                read_one_response(stream, response)
+            }
+        }
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        match self {
+            Publisher::Native(conn) => conn.flush(),
+            Publisher::Original { .. } => Ok(()),
+        }
+    }
+}
+
+/// Reads one keep-alive response (head plus content-length body) and checks
+/// it is a 200.
+fn read_one_response(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Result<()> {
+    let mut chunk = [0u8; 4096];
+    loop {
+        if let Some(end) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&buf[..end]).to_ascii_lowercase();
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0);
+            if buf.len() >= end + 4 + length {
+                if !head.starts_with("http/1.1 200") {
+                    bail!("publish refused: {}", String::from_utf8_lossy(&buf[..end + 4 + length]));
+                }
+                buf.drain(..end + 4 + length);
+                return Ok(());
+            }
+        }
+        let n = stream.read(&mut chunk)?;
+        if n == 0 {
+            bail!("server closed the publish connection");
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payloads_round_trip_and_counts_add_up() {
+        let p = encode(7, 123_456, 1_700_000_000_000_000, 64);
+        assert_eq!(p.len(), 64);
+        assert_eq!(decode(&p), Some((7, 123_456, 1_700_000_000_000_000)));
+        assert_eq!(decode(b"short"), None);
+        let shape = Shape {
+            name: "t".into(),
+            topics: 3,
+            subscribers: 1,
+            publishers: 4,
+            rate: 1001,
+            seconds: 1,
+            payload: 64,
+            original_api: false,
+        };
+        let sum: u64 = (0..12).map(|g| shape.sent_by(g)).sum();
+        assert_eq!(sum, 1001);
+    }
+}
