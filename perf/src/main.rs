@@ -446,40 +446,42 @@ fn one_run(target: &Target, shape: &scenario::Shape, turn: usize) -> Result<Run>
     Ok(run)
 }
 
-/// The highest rate with zero loss and p99 under `p99_ms`: double from
-/// `shape.rate` until a run fails the bar, then bisect 4 times between the
-/// last pass and the first failure. Returns the best passing run (or the
-/// first run, failed, if even the starting rate fails).
+/// The highest rate with zero loss and p99 under `p99_ms`: from
+/// `shape.rate`, double while runs pass (halve while they fail), then bisect
+/// between the highest pass and the lowest failure until they are within
+/// 1/16 of each other. Returns the best passing run, or the last failure if
+/// nothing down to 1 msg/s passed.
 fn max_search(target: &Target, shape: &scenario::Shape, turn: usize, p99_ms: f64) -> Result<Run> {
     let passes = |r: &Run| r.lost == 0 && r.duplicated_or_reordered == 0 && r.p(0.99) <= p99_ms;
     let mut shape = shape.clone();
     let mut best: Option<Run> = None;
-    let mut failed_at: Option<u64> = None;
-    let mut first_failure: Option<Run> = None;
-    for _ in 0..12 {
+    let mut lowest_failure: Option<Run> = None;
+    for _ in 0..14 {
         let run = one_run(target, &shape, turn)?;
+        let pass = passes(&run);
         eprintln!(
             "  {} @{}/s: lost {} p99 {:.2} ms -> {}",
             target.name,
             shape.rate,
             run.lost,
             run.p(0.99),
-            if passes(&run) { "pass" } else { "fail" }
+            if pass { "pass" } else { "fail" }
         );
-        if passes(&run) {
+        if pass {
             best = Some(run);
         } else {
-            failed_at = Some(shape.rate);
-            first_failure.get_or_insert(run);
+            lowest_failure = Some(run);
         }
-        let low = best.as_ref().map(|r| r.rate).unwrap_or(0);
-        shape.rate = match failed_at {
-            None => low * 2,
-            Some(high) if high - low > high / 16 && low > 0 => (low + high) / 2,
-            Some(_) => break,
+        let low = best.as_ref().map(|r| r.rate);
+        let high = lowest_failure.as_ref().map(|r| r.rate);
+        shape.rate = match (low, high) {
+            (Some(low), None) => low * 2,
+            (None, Some(high)) if high > 1 => high / 2,
+            (Some(low), Some(high)) if high - low > high / 16 => (low + high) / 2,
+            _ => break,
         };
     }
-    best.or(first_failure).context("no run")
+    best.or(lowest_failure).context("no run")
 }
 
 fn print_run(r: &Run) {
