@@ -69,6 +69,19 @@ enum Command {
         #[command(flatten)]
         common: Common,
     },
+    /// One topic, one publisher, N subscribers that read and K that
+    /// subscribe and never read: do the readers stay whole and fast, and
+    /// does the server's memory stay bounded?
+    Slow {
+        /// Subscribers that read.
+        #[arg(long, default_value_t = 100)]
+        subscribers: usize,
+        /// Subscribers that never read.
+        #[arg(long, default_value_t = 10)]
+        stalled: usize,
+        #[command(flatten)]
+        common: Common,
+    },
     /// Many publishers, one topic, one subscriber.
     Fanin {
         /// Publishers.
@@ -148,6 +161,12 @@ struct IdleArgs {
     /// topic i mod TOPICS).
     #[arg(long, default_value_t = 100)]
     topics: usize,
+    /// Client source addresses 127.0.0.1 .. 127.0.0.N, used in turn: each
+    /// gives another ~28,000 ephemeral ports, for connection counts past one
+    /// address's port range (the open-files limit of both processes must
+    /// allow the count too).
+    #[arg(long, default_value_t = 1)]
+    sources: u8,
 }
 
 /// Where to connect and how to read the server's CPU.
@@ -196,7 +215,21 @@ struct Conn {
 
 impl Conn {
     fn open(target: &Target, topic: &str, subscribe: bool) -> Result<Conn> {
-        let stream = TcpStream::connect(&target.addr).with_context(|| format!("connect {}", target.addr))?;
+        Conn::open_from(target, topic, subscribe, None)
+    }
+
+    /// Like `open`, from a chosen local address.
+    fn open_from(target: &Target, topic: &str, subscribe: bool, source: Option<std::net::IpAddr>) -> Result<Conn> {
+        let stream = match source {
+            None => TcpStream::connect(&target.addr).with_context(|| format!("connect {}", target.addr))?,
+            Some(ip) => {
+                let remote: std::net::SocketAddr = target.addr.parse().context("--sources needs an ip:port target")?;
+                let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+                socket.bind(&std::net::SocketAddr::new(ip, 0).into())?;
+                socket.connect(&remote.into()).with_context(|| format!("connect {remote} from {ip}"))?;
+                socket.into()
+            }
+        };
         stream.set_nodelay(true)?;
         let url = match target.kind {
             Kind::Rayflux => {
@@ -303,6 +336,8 @@ struct Run {
     duplicated_or_reordered: u64,
     latency_us: Histogram<u64>,
     server_cpu_seconds: Option<f64>,
+    /// Server resident memory before and after publishing, KiB.
+    server_rss_kib: Option<(u64, u64)>,
     client_cpu_seconds: f64,
 }
 
@@ -320,6 +355,7 @@ impl Run {
             duplicated_or_reordered: 0,
             latency_us: Histogram::new(3)?,
             server_cpu_seconds: None,
+            server_rss_kib: None,
             client_cpu_seconds: 0.0,
         })
     }
@@ -337,6 +373,7 @@ impl Run {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     let shape = |name: &str, topics, subscribers, publishers, common: &Common, original_api| scenario::Shape {
+        stalled: 0,
         name: name.to_string(),
         topics,
         subscribers,
@@ -351,6 +388,10 @@ fn main() -> Result<()> {
         Command::Topics { topics, subscribers, publishers, common } => {
             run_all(shape("topics", topics, subscribers, publishers, &common, false), &common)
         }
+        Command::Slow { subscribers, stalled, common } => {
+            let shape = scenario::Shape { stalled, ..shape("slow", 1, subscribers, 1, &common, false) };
+            run_all(shape, &common)
+        }
         Command::Fanin { publishers, common } => run_all(shape("fanin", 1, 1, publishers, &common, false), &common),
         Command::Original { topics, subscribers, publishers, common } => {
             run_all(shape("original", topics, subscribers, publishers, &common, true), &common)
@@ -362,23 +403,50 @@ fn main() -> Result<()> {
 fn idle(args: IdleArgs) -> Result<()> {
     let target = parse_target(&args.target)?;
     let pid = target.pid.context("idle needs pid= in the target to read the server's memory")?;
+    let topics = args.topics.max(1);
     let before = process_rss_kib(pid)?;
     let mut held = Vec::with_capacity(args.connections);
     let start = Instant::now();
     for i in 0..args.connections {
+        let source =
+            (args.sources > 1).then(|| std::net::IpAddr::from([127, 0, 0, 1 + (i % args.sources as usize) as u8]));
         held.push(
-            Conn::open(&target, &format!("idle.{}", i % args.topics.max(1)), true)
+            Conn::open_from(&target, &format!("idle.{}", i % topics), true, source)
                 .with_context(|| format!("connection {i}"))?,
         );
     }
     let opened = start.elapsed().as_secs_f64();
-    // Let the server settle: every subscription was live before its handshake
-    // answer, so nothing is pending; read memory twice to see it is stable.
+    // Every subscription was live before its handshake answer, so nothing is
+    // pending: the memory now is the idle connections' cost.
     let after = process_rss_kib(pid)?;
     let per_connection = (after.saturating_sub(before)) as f64 * 1024.0 / args.connections as f64;
     println!(
         "{}: {} idle subscribed connections opened in {opened:.1}s; server RSS {before} KiB -> {after} KiB: {per_connection:.0} bytes per connection",
         target.name, args.connections
+    );
+    // Then traffic: one message per topic, and every connection must get it.
+    let mut publisher = Conn::open(&target, "idle.0", false)?;
+    let sent = Instant::now();
+    for t in 0..topics {
+        publisher.subject = format!("idle.{t}");
+        if target.kind == Kind::Rayflux {
+            publisher = Conn::open(&target, &format!("idle.{t}"), false)?;
+        }
+        publisher.send(&scenario::encode(0, t as u64, unix_micros(), scenario::PAYLOAD_BYTES_MIN))?;
+        publisher.flush()?;
+    }
+    let mut delivered = 0;
+    for conn in &mut held {
+        conn.ws.get_ref().set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
+        if conn.recv().is_ok() {
+            delivered += 1;
+        }
+    }
+    println!(
+        "{}: then one message per topic: delivered to {delivered} of {} connections in {:.2}s",
+        target.name,
+        args.connections,
+        sent.elapsed().as_secs_f64()
     );
     drop(held);
     Ok(())
@@ -486,7 +554,7 @@ fn max_search(target: &Target, shape: &scenario::Shape, turn: usize, p99_ms: f64
 
 fn print_run(r: &Run) {
     println!(
-        "{:<8} {} turn {}  published {:>9.0}/s  delivered {:>11.0}/s  lost {:>6}  dup/reord {:>3}  latency ms p50 {:>7.2} p99 {:>7.2} p99.9 {:>7.2} max {:>7.2}  server {}  client CPU {:.2}s",
+        "{:<8} {} turn {}  published {:>9.0}/s  delivered {:>11.0}/s  lost {:>6}  dup/reord {:>3}  latency ms p50 {:>7.2} p99 {:>7.2} p99.9 {:>7.2} max {:>7.2}  server {} {}  client CPU {:.2}s",
         r.target,
         r.scenario,
         r.turn,
@@ -499,6 +567,7 @@ fn print_run(r: &Run) {
         r.p(0.999),
         r.latency_us.max() as f64 / 1000.0,
         r.server_cpu_per_million().map(|c| format!("{c:.3} CPU-s/M")).unwrap_or_else(|| "CPU n/a".into()),
+        r.server_rss_kib.map(|(a, b)| format!("RSS {a}->{b} KiB")).unwrap_or_default(),
         r.client_cpu_seconds,
     );
 }
@@ -513,6 +582,8 @@ fn run_json(r: &Run, shape: &scenario::Shape) -> String {
         "lost": r.lost, "duplicated_or_reordered": r.duplicated_or_reordered,
         "latency_ms": { "p50": r.p(0.5), "p90": r.p(0.9), "p99": r.p(0.99), "p999": r.p(0.999), "max": r.latency_us.max() as f64 / 1000.0 },
         "server_cpu_seconds": r.server_cpu_seconds, "server_cpu_seconds_per_million": r.server_cpu_per_million(),
+        "server_rss_kib_before": r.server_rss_kib.map(|m| m.0), "server_rss_kib_after": r.server_rss_kib.map(|m| m.1),
+        "stalled_subscribers_per_topic": shape.stalled,
         "client_cpu_seconds": r.client_cpu_seconds,
     })
     .to_string()

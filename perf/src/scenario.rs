@@ -46,6 +46,9 @@ pub struct Shape {
     pub payload: usize,
     /// Original API: publish with HTTP `POST /publish`, subscribe on `/subscribe`.
     pub original_api: bool,
+    /// Extra subscribers per topic that connect and subscribe, then never
+    /// read (the slow-consumer scenario); not counted in deliveries.
+    pub stalled: usize,
 }
 
 impl Shape {
@@ -111,6 +114,13 @@ pub fn run(target: &Target, shape: &Shape, turn: usize) -> Result<Run> {
             subscribers.push(thread);
         }
     }
+    // Stalled subscribers: held open, never read, dropped after the run.
+    let mut stalled = Vec::new();
+    for t in 0..shape.topics {
+        for _ in 0..shape.stalled {
+            stalled.push(open_subscriber(target, &topic(t), shape.original_api)?);
+        }
+    }
     if shape.original_api {
         // /subscribe sends no acknowledgement: wait until the node counts them.
         for t in 0..shape.topics {
@@ -122,9 +132,13 @@ pub fn run(target: &Target, shape: &Shape, turn: usize) -> Result<Run> {
         publishers.push(Publisher::open(target, &topic(g / shape.publishers), shape.original_api)?);
     }
     let cpu_server_start = target.pid.map(process_cpu_seconds).transpose()?;
+    let rss_start = target.pid.map(crate::process_rss_kib).transpose()?;
     let cpu_client_start = process_cpu_seconds(std::process::id())?;
     let publish_seconds = publish(shape, &mut publishers)?;
     let mut run = Run::new(&target.name, &shape.name, turn, shape.total(), publish_seconds)?;
+    if let (Some(pid), Some(before)) = (target.pid, rss_start) {
+        run.server_rss_kib = Some((before, crate::process_rss_kib(pid)?));
+    }
     for s in subscribers {
         let stats = s.join().map_err(|_| anyhow::anyhow!("subscriber thread panicked"))?;
         run.delivered += stats.received;
@@ -136,6 +150,7 @@ pub fn run(target: &Target, shape: &Shape, turn: usize) -> Result<Run> {
         run.server_cpu_seconds = Some(process_cpu_seconds(pid)? - before);
     }
     run.client_cpu_seconds = process_cpu_seconds(std::process::id())? - cpu_client_start;
+    drop(stalled);
     Ok(run)
 }
 
@@ -360,6 +375,7 @@ mod tests {
             seconds: 1,
             payload: 64,
             original_api: false,
+            stalled: 0,
         };
         let sum: u64 = (0..12).map(|g| shape.sent_by(g)).sum();
         assert_eq!(sum, 1001);
