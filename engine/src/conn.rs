@@ -98,8 +98,20 @@ impl Io {
     }
 }
 
-/// Serves one accepted connection until it closes.
-pub async fn serve(shard: Rc<Shard>, stream: TcpStream) {
+/// One open client connection in the shard's count: created at accept,
+/// dropped when the connection is gone, whichever task holds it last.
+#[derive(Debug)]
+pub struct ConnectionSlot(pub Rc<Shard>);
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        metrics::sub(&self.0.metrics.connections_current, 1);
+    }
+}
+
+/// Serves one accepted connection: HTTP requests here; a WebSocket session
+/// continues in a task of its own (see `websocket`), and this task ends.
+pub async fn serve(shard: Rc<Shard>, stream: TcpStream, slot: ConnectionSlot) {
     let _ = stream.set_nodelay(true);
     let Ok(mut client) = stream.peer_addr() else {
         return; // the client already left
@@ -144,7 +156,7 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream) {
         let route = http::route(&head.method, &head.path);
         let upgrade = matches!(route, Route::LegacySubscribe | Route::TopicSocket(_) | Route::NativeSocket);
         if upgrade {
-            return websocket(shard, io, buf, head, route, client).await;
+            return websocket(shard, io, buf, head, route, client, slot).await;
         }
         let response = match request_body(&shard, &io, &mut buf, &head, &route).await {
             Ok(body) => respond(&shard, &head, route, body, keep_alive).await,
@@ -387,7 +399,15 @@ struct Session {
     reader_done_event: Event,
 }
 
-async fn websocket(shard: Rc<Shard>, io: Io, buf: BytesMut, head: RequestHead, route: Route, client: SocketAddr) {
+async fn websocket(
+    shard: Rc<Shard>,
+    io: Io,
+    buf: BytesMut,
+    head: RequestHead,
+    route: Route,
+    client: SocketAddr,
+    slot: ConnectionSlot,
+) {
     let key = match &head.websocket {
         Some(Upgrade::Valid { key }) => key.clone(),
         Some(Upgrade::Invalid(why)) => {
@@ -451,7 +471,15 @@ async fn websocket(shard: Rc<Shard>, io: Io, buf: BytesMut, head: RequestHead, r
         let reason = format!("history gap: first retained seq is {first}; resume with from={}", first - 1);
         session.out.close(CLOSE_HISTORY_GAP, &reason);
     }
-    run_session(session, buf, path).await;
+    // The session gets a task of its own, sized for the session only: this
+    // task's future is sized for its largest state (HTTP handling, the
+    // handshake), about 2.5 KB that an idle WebSocket would otherwise keep
+    // for its whole life.
+    glommio::spawn_local(async move {
+        run_session(session, buf, path).await;
+        drop(slot);
+    })
+    .detach();
 }
 
 /// Work before the 101: validates the path's parameters and, for raw
@@ -540,7 +568,9 @@ async fn read_loop(session: &Session, buf: &mut BytesMut, path: &mut Path) {
                     return;
                 }
             };
-            if !on_event(session, path, event).await {
+            // Boxed: the event handlers' state (about 700 bytes) exists only
+            // while one runs, not in every idle session's read loop.
+            if !Box::pin(on_event(session, path, event)).await {
                 return;
             }
         }

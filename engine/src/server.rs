@@ -119,14 +119,8 @@ async fn accept_loop(shard: &Rc<Shard>, listener: &TcpListener, data_queue: glom
         }
         metrics::add(&shard.metrics.connections_current, 1);
         metrics::add(&shard.metrics.connections_total, 1);
-        let task_shard = shard.clone();
-        let spawned = glommio::spawn_local_into(
-            async move {
-                crate::conn::serve(task_shard.clone(), stream).await;
-                metrics::sub(&task_shard.metrics.connections_current, 1);
-            },
-            data_queue,
-        );
+        let slot = crate::conn::ConnectionSlot(shard.clone());
+        let spawned = glommio::spawn_local_into(crate::conn::serve(shard.clone(), stream, slot), data_queue);
         if let Ok(task) = spawned {
             task.detach();
         }
