@@ -62,6 +62,8 @@ impl Balancer {
             // Config deduplicated the list and bounded it by NODES_MAX.
             let _ = membership.add(node, Source::Static);
         }
+        // A fresh membership has never built a view, so the first call always
+        // returns one (even for an empty node set).
         let first_view = Arc::new(membership.view_if_changed().expect("a fresh membership always builds a view"));
         let shard_stats: Vec<Arc<ShardStats>> = (0..config.shards).map(|_| Arc::default()).collect();
         let mut senders = Vec::new();
