@@ -121,7 +121,9 @@ impl Control {
                 response.to_http()
             }
             Ok(Ok(None)) => return,
-            Ok(Err(status)) => admin::client_error(status, "bad_request", "malformed or oversized admin request"),
+            Ok(Err(status)) => {
+                admin::client_error(status, "bad_request", "malformed, oversized or chunked admin request")
+            }
             Err(_) => admin::client_error(408, "timeout", "admin request not received in time"),
         };
         let _ = stream.write_all(&response).await;
@@ -129,46 +131,34 @@ impl Control {
     }
 }
 
-/// Reads one admin request: `Ok(None)` if the client left, `Err(status)`
-/// on bad input.
+/// Reads one admin request with the engine's request-head parser (the same
+/// bounds, fuzzed): `Ok(None)` if the client left, `Err(status)` on bad
+/// input.
 async fn read_request(stream: &mut TcpStream) -> Result<Option<(String, String, Vec<u8>)>, u16> {
     let mut buf = Vec::new();
     let mut chunk = [0u8; 2048];
-    loop {
+    let (head, head_len) = loop {
+        if let Some(parsed) = fluxnode::http::parse_head(&buf).map_err(|e| e.status())? {
+            break parsed;
+        }
         let n = stream.read(&mut chunk).await.map_err(|_| 400u16)?;
         if n == 0 {
             return Ok(None);
         }
         buf.extend_from_slice(&chunk[..n]);
-        let mut headers = [httparse::EMPTY_HEADER; 32];
-        let mut request = httparse::Request::new(&mut headers);
-        let head_len = match request.parse(&buf) {
-            Ok(httparse::Status::Complete(len)) => len,
-            Ok(httparse::Status::Partial) if buf.len() < crate::route::HEAD_BYTES_MAX => continue,
-            _ => return Err(400),
-        };
-        let length = request
-            .headers
-            .iter()
-            .find(|h| h.name.eq_ignore_ascii_case("content-length"))
-            .map(|h| std::str::from_utf8(h.value).ok().and_then(|v| v.trim().parse::<usize>().ok()).ok_or(400u16))
-            .transpose()?
-            .unwrap_or(0);
-        if length > ADMIN_BODY_BYTES_MAX {
-            return Err(413);
-        }
-        let method = request.method.unwrap_or("").to_string();
-        let path = request.path.unwrap_or("/").to_string();
-        while buf.len() < head_len + length {
-            let n = stream.read(&mut chunk).await.map_err(|_| 400u16)?;
-            if n == 0 {
-                return Ok(None);
-            }
-            buf.extend_from_slice(&chunk[..n]);
-        }
-        let body = buf[head_len..head_len + length].to_vec();
-        return Ok(Some((method, path, body)));
+    };
+    if head.content_length > ADMIN_BODY_BYTES_MAX {
+        return Err(413);
     }
+    while buf.len() < head_len + head.content_length {
+        let n = stream.read(&mut chunk).await.map_err(|_| 400u16)?;
+        if n == 0 {
+            return Ok(None);
+        }
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let body = buf[head_len..head_len + head.content_length].to_vec();
+    Ok(Some((head.method, head.path, body)))
 }
 
 /// One health check: connect, `GET /readyz`, judge the status line, all

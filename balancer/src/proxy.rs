@@ -112,13 +112,13 @@ async fn read_head(
             tracing::debug!(shard = shard.id, client = %peer, "client left before its request head ended");
             return None;
         }
-        Ok(Ok(Some(Err(HeadError::Malformed)))) => (400, "bad_request", "malformed request head"),
-        Ok(Ok(Some(Err(HeadError::TooLarge)))) => (431, "head_too_large", "request head larger than 16384 bytes"),
-        Err(_) => (408, "timeout", "request head not received in time"),
+        Ok(Ok(Some(Err(e @ HeadError::Malformed)))) => (400, "bad_request", e.to_string()),
+        Ok(Ok(Some(Err(e @ HeadError::TooLarge)))) => (431, "head_too_large", e.to_string()),
+        Err(_) => (408, "timeout", "request head not received in time".to_string()),
     };
     let counter = if status == 408 { &shard.stats.head_timeouts } else { &shard.stats.head_errors };
     stats::add(counter, 1);
-    let _ = write_all(client, &client_error(status, code, message)).await;
+    let _ = write_all(client, &client_error(status, code, &message)).await;
     None
 }
 
