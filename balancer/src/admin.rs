@@ -14,7 +14,7 @@
 //! | `POST /v1/nodes/{addr}/undrain`   | back to normal                           |
 //!
 //! Errors are JSON `{"error": code, "message": text}` with status 400, 404,
-//! 405, 409 or 413.
+//! 405, 409 or 413 (and 501 for a chunked body, as on the node).
 
 use std::fmt::Write;
 use std::net::SocketAddr;
