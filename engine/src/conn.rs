@@ -27,7 +27,7 @@ use crate::limits::{HTTP_BODY_SLACK_BYTES, WRITE_BATCH_BYTES_MAX};
 use crate::message::PayloadKind;
 use crate::metrics;
 use crate::native::{self, Request};
-use crate::outbound::Outbound;
+use crate::outbound::{DirectSink, Outbound};
 use crate::owner::OwnerError;
 use crate::proxy_protocol::{self, ProxyError, ProxyHeader};
 use crate::shard::{Format, PublishDone, Shard};
@@ -67,12 +67,7 @@ impl Io {
     /// One non-blocking `send`: the bytes the kernel took now (0 when the
     /// socket buffer is full).
     fn try_send(&self, data: &[u8]) -> io::Result<usize> {
-        let stream = self.0.borrow();
-        match socket2::SockRef::from(&*stream).send_with_flags(data, libc::MSG_DONTWAIT) {
-            Ok(n) => Ok(n),
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
-            Err(e) => Err(e),
-        }
+        self.0.try_send(data)
     }
 
     async fn write_all(&self, mut data: &[u8]) -> io::Result<()> {
@@ -734,14 +729,31 @@ async fn native_message(
     true
 }
 
-/// Drains the session's queue to the socket: one gathered write per wake-up,
-/// then the close frame once closing, then the close handshake's linger.
+/// Drains the session's queue to the socket when the shard's direct flush
+/// cannot (see `outbound`): unsent bytes first, then one gathered write per
+/// wake-up, then the close frame once closing, then the close handshake's
+/// linger. While idle it lets the fan-out pass write directly.
 async fn write_loop(session: Rc<Session>) {
     let shard = &session.shard;
     let out = &session.out;
-    let mut batch = Vec::new();
+    // Every way out of this task ends direct writes: the queue must not hold
+    // the socket open after the session.
+    let _direct_off = DirectOff(out);
     let mut published = Vec::new();
     loop {
+        out.stop_direct();
+        let unsent = out.take_unsent();
+        if !unsent.is_empty() {
+            let write =
+                glommio::timer::timeout(shard.config.idle_timeout, async { Ok(session.io.write_all(&unsent).await) });
+            if !matches!(write.await, Ok(Ok(()))) {
+                // The peer stopped reading for a whole idle period, or the socket failed.
+                out.close(close_code::SLOW_CONSUMER, "write stalled");
+                session.io.shutdown(Shutdown::Both);
+                return;
+            }
+            continue;
+        }
         if out.is_empty() {
             for (topic, from, to) in out.take_missed_if_room() {
                 out.offer_control(native::dropped_notice(&topic, from, to));
@@ -768,56 +780,45 @@ async fn write_loop(session: Rc<Session>) {
             if session.reader_done.get() {
                 return;
             }
+            out.start_direct(session.io.0.clone());
             futures_lite::future::or(out.wake_writer.wait(), session.reader_done_event.wait()).await;
             continue;
         }
+        // Gather into the shard's scratch buffer and send without blocking:
+        // the socket usually takes it all, and then the connection holds no
+        // write buffer and no timer is armed. What the socket refuses is
+        // kept as unsent and awaited on the next turn.
         published.clear();
-        let (written, ok) = write_batch(&session, &mut batch, &mut published).await;
-        if !ok {
-            // The peer stopped reading for a whole idle period, or the socket failed.
-            out.close(close_code::SLOW_CONSUMER, "write stalled");
-            session.io.shutdown(Shutdown::Both);
-            return;
-        }
-        let now = Instant::now();
-        metrics::add(&shard.metrics.messages_delivered, published.len() as u64);
-        metrics::add(&shard.metrics.bytes_written, written as u64);
-        for t in &published {
-            shard.metrics.record_latency_us(now.duration_since(*t).as_micros() as u64);
-        }
+        let written = {
+            let mut scratch = shard.write_scratch.borrow_mut();
+            scratch.clear();
+            out.take_batch(&mut scratch, WRITE_BATCH_BYTES_MAX, &mut published);
+            let sent = session.io.try_send(&scratch).unwrap_or(0);
+            out.keep_unsent(&scratch[sent..]);
+            scratch.len()
+        };
+        shard.record_written(written, &published, Instant::now());
     }
 }
 
-/// One write per wake-up: gathers queued frames into `batch` and writes it
-/// with one `send`. Returns the bytes written and whether the write
-/// completed within an idle period.
-async fn write_batch(session: &Session, batch: &mut Vec<u8>, published: &mut Vec<Instant>) -> (usize, bool) {
-    // Gather into the shard's scratch buffer and send without blocking: the
-    // socket usually takes it all, and then the connection holds no write
-    // buffer and no timer is armed. Only what the socket refuses is copied
-    // into the connection's own buffer and awaited.
-    let (total, sent) = {
-        let mut scratch = session.shard.write_scratch.borrow_mut();
-        scratch.clear();
-        session.out.take_batch(&mut scratch, WRITE_BATCH_BYTES_MAX, published);
-        let sent = match session.io.try_send(&scratch) {
-            Ok(n) => n,
-            Err(_) => return (0, false),
-        };
-        if sent < scratch.len() {
-            batch.clear();
-            batch.extend_from_slice(&scratch[sent..]);
-        }
-        (scratch.len(), sent)
-    };
-    if sent == total {
-        return (total, true);
+/// Ends a queue's direct mode when its writer task ends, however it ends.
+struct DirectOff<'a>(&'a Outbound);
+
+impl Drop for DirectOff<'_> {
+    fn drop(&mut self) {
+        self.0.stop_direct();
     }
-    let write =
-        glommio::timer::timeout(session.shard.config.idle_timeout, async { Ok(session.io.write_all(batch).await) });
-    let ok = matches!(write.await, Ok(Ok(())));
-    *batch = Vec::new();
-    (total, ok)
+}
+
+impl DirectSink for RefCell<TcpStream> {
+    fn try_send(&self, data: &[u8]) -> io::Result<usize> {
+        let stream = self.borrow();
+        match socket2::SockRef::from(&*stream).send_with_flags(data, libc::MSG_DONTWAIT) {
+            Ok(n) => Ok(n),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
+            Err(e) => Err(e),
+        }
+    }
 }
 
 /// Drops a connection buffer's allocation once everything in it was used,
