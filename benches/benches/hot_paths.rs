@@ -7,7 +7,7 @@ use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criteri
 use fluxnode::config::SlowConsumerPolicy;
 use fluxnode::history::History;
 use fluxnode::message::{Message, PayloadKind};
-use fluxnode::outbound::Outbound;
+use fluxnode::outbound::{Frame, Outbound};
 use fluxnode::topic::TopicName;
 use fluxnode::{http, native, ws};
 
@@ -115,14 +115,13 @@ fn fanout_enqueue(c: &mut Criterion) {
         group.throughput(Throughput::Elements(subscribers as u64));
         group.bench_with_input(BenchmarkId::from_parameter(subscribers), &subscribers, |b, &n| {
             let queues: Vec<Outbound> = (0..n).map(|_| Outbound::new(1 << 30, SlowConsumerPolicy::Drop)).collect();
-            let frame = ws::encode_data(PayloadKind::Binary, &[0u8; 64]);
-            let now = Instant::now();
+            let frame = Frame::data(ws::encode_data(PayloadKind::Binary, &[0u8; 64]), Instant::now());
             let (mut out, mut latencies) = (Vec::new(), Vec::new());
             let mut seq = 0;
             b.iter(|| {
                 seq += 1;
                 for q in &queues {
-                    q.offer_data(frame.clone(), &topic, seq, now);
+                    q.offer_data(&frame, &topic, seq);
                 }
                 // Drain so queues stay small: one gathered write per queue.
                 for q in &queues {

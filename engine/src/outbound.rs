@@ -7,7 +7,7 @@
 //!
 //! - **direct**: while the connection's writer task is idle (nothing queued,
 //!   nothing unsent), the shard's fan-out pass writes the queue itself right
-//!   after queueing, with one non-blocking `send` ([`Outbound::flush_direct`]).
+//!   after queueing, with one non-blocking `send` ([`Outbound::take_direct`]).
 //!   No task is woken; at 100 subscribers that is 100 task wake-ups saved per
 //!   pass.
 //! - **writer task**: whatever the socket refuses, control frames (replies,
@@ -62,7 +62,7 @@ pub enum Offer {
     Queued,
     /// Queued, and the queue is in direct mode and was not yet on the
     /// caller's flush list: the caller must list it and call
-    /// [`Outbound::flush_direct`] (the writer task was not woken).
+    /// [`Outbound::take_direct`] (the writer task was not woken).
     Flush,
     /// Skipped under the `drop` policy (counted, client told later).
     Dropped,

@@ -22,7 +22,8 @@ use crate::{process_cpu_seconds, unix_micros, Conn, Kind, Run, Target};
 
 /// Smallest payload: 8 + 16 + 16 hex digits.
 pub const PAYLOAD_BYTES_MIN: usize = 40;
-/// How long a subscriber waits for the next message before it gives up.
+/// How long a subscriber waits for the next message, once publishing has
+/// begun, before it gives up.
 const QUIET_SECONDS: u64 = 5;
 /// Subscriber thread stack: they hold a socket and a histogram, no deep calls.
 const SUBSCRIBER_STACK_BYTES: usize = 256 << 10;
@@ -101,16 +102,22 @@ pub fn run(target: &Target, shape: &Shape, turn: usize) -> Result<Run> {
     }
     let tag = format!("fluxbench.{}.{}.{turn}.{}", shape.name, target.name, std::process::id());
     let topic = |t: usize| format!("{tag}.{t}");
+    // Subscribers start reading (and their quiet timeout starts) only when
+    // publishing begins. Opening 14,000 connections to NATS takes longer
+    // than the quiet timeout, and the first subscribers used to give up
+    // before the first message and count every message as lost.
+    let go = GateOpener::new();
     let mut subscribers = Vec::new();
     for t in 0..shape.topics {
         let publishers: Vec<u64> = (0..shape.publishers).map(|p| (t * shape.publishers + p) as u64).collect();
         let per_publisher: Vec<u64> = publishers.iter().map(|&g| shape.sent_by(g)).collect();
         for _ in 0..shape.subscribers {
             let conn = open_subscriber(target, &topic(t), shape.original_api)?;
-            let (publishers, per_publisher) = (publishers.clone(), per_publisher.clone());
-            let thread = std::thread::Builder::new()
-                .stack_size(SUBSCRIBER_STACK_BYTES)
-                .spawn(move || subscriber(conn, &publishers, &per_publisher))?;
+            let (publishers, per_publisher, go) = (publishers.clone(), per_publisher.clone(), go.handle());
+            let thread = std::thread::Builder::new().stack_size(SUBSCRIBER_STACK_BYTES).spawn(move || {
+                go.wait();
+                subscriber(conn, &publishers, &per_publisher)
+            })?;
             subscribers.push(thread);
         }
     }
@@ -134,6 +141,7 @@ pub fn run(target: &Target, shape: &Shape, turn: usize) -> Result<Run> {
     let cpu_server_start = target.pid.map(process_cpu_seconds).transpose()?;
     let rss_start = target.pid.map(crate::process_rss_kib).transpose()?;
     let cpu_client_start = process_cpu_seconds(std::process::id())?;
+    go.open();
     let publish_seconds = publish(shape, &mut publishers)?;
     let mut run = Run::new(&target.name, &shape.name, turn, shape.total(), publish_seconds)?;
     if let (Some(pid), Some(before)) = (target.pid, rss_start) {
@@ -152,6 +160,47 @@ pub fn run(target: &Target, shape: &Shape, turn: usize) -> Result<Run> {
     run.client_cpu_seconds = process_cpu_seconds(std::process::id())? - cpu_client_start;
     drop(stalled);
     Ok(run)
+}
+
+/// A start signal for the subscriber threads. Opens when told to, or when
+/// the last handle to it on the opening side is dropped (a run that fails
+/// while connecting must not leave threads waiting forever).
+#[derive(Clone)]
+struct Gate(std::sync::Arc<(std::sync::Mutex<bool>, std::sync::Condvar)>);
+
+impl Gate {
+    fn wait(&self) {
+        let (open, cv) = &*self.0;
+        let mut guard = open.lock().unwrap_or_else(|e| e.into_inner());
+        while !*guard {
+            guard = cv.wait(guard).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}
+
+/// The opening side of a [`Gate`]; opens it when dropped.
+struct GateOpener(Gate);
+
+impl GateOpener {
+    fn new() -> GateOpener {
+        GateOpener(Gate(Default::default()))
+    }
+
+    fn handle(&self) -> Gate {
+        self.0.clone()
+    }
+
+    fn open(&self) {
+        let (open, cv) = &*(self.0).0;
+        *open.lock().unwrap_or_else(|e| e.into_inner()) = true;
+        cv.notify_all();
+    }
+}
+
+impl Drop for GateOpener {
+    fn drop(&mut self) {
+        self.open();
+    }
 }
 
 /// Sends every message on schedule; returns the seconds it took.
