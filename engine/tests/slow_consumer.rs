@@ -161,3 +161,36 @@ fn stalled_raw_socket_does_not_stall_the_node() {
     // Reading now drains to the close: the connection ends.
     while raw.read(&mut sink).map(|n| n > 0).unwrap_or(false) {}
 }
+
+/// A subscriber that stops reading until its socket is full, then reads
+/// again, gets every message intact and in order. The node's direct flush
+/// hands what the socket refuses to the connection's writer task, which must
+/// send those bytes before anything queued later.
+#[test]
+fn a_paused_reader_resumes_with_every_message_in_order() {
+    // 12 MB in all: past the socket buffers (the node's send buffer grows to
+    // tcp_wmem's maximum, 4 MB on Debian), inside a 64 MiB send-queue cap.
+    const N: usize = 12_000;
+    let node = Node::start(&["--send-queue-bytes-max", "67108864"]);
+    let topic = "paused";
+    // A 4 KiB receive buffer makes the node's sends fall short early.
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let addr: std::net::SocketAddr = node.addr().parse().unwrap();
+    socket.connect(&addr.into()).unwrap();
+    let stream: TcpStream = socket.into();
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    let (mut sub, _) =
+        tungstenite::client(format!("ws://{}/v1/topics/{topic}/ws?role=sub", node.addr()), stream).unwrap();
+    let mut publisher = node.ws(&format!("/v1/topics/{topic}/ws?role=pub"));
+    for i in 0..N {
+        publisher.write(Message::text(format!("{i:06}-{}", "x".repeat(993)))).unwrap();
+    }
+    publisher.flush().unwrap();
+    wait_until("all messages sequenced", || node.get_json(&format!("/v1/topics/{topic}"))["last_seq"] == N);
+    for i in 0..N {
+        let Message::Text(text) = next_data(&mut sub) else { panic!("expected text") };
+        assert_eq!(&text[..7], format!("{i:06}-"), "message {i} out of order");
+        assert!(text.len() == 1000 && text[7..].bytes().all(|b| b == b'x'), "message {i} damaged");
+    }
+}
