@@ -89,3 +89,25 @@ fn check_native(mut ws: Ws, total: usize) {
         check_payload(&mut next, m["data"].as_str().unwrap());
     }
 }
+
+/// A raw publisher on a shard that does not own its topic sends more than
+/// the in-flight budget to the owner (32 MiB): the owner's batched
+/// acknowledgements must give the budget back, or the publisher would stall.
+#[test]
+fn a_cross_shard_raw_publisher_gets_its_budget_back() {
+    const MESSAGES: u64 = 640;
+    let node = Node::start(&["--shards", "2"]);
+    let topic = topic_on_shard("budget", 2, 1);
+    let mut ws = ws_on_shard(&node.addr(), &format!("/v1/topics/{topic}/ws?role=pub"), 0);
+    // A node that stopped reading fails the test instead of hanging it.
+    ws.get_ref().set_write_timeout(Some(WAIT)).unwrap();
+    let payload = "b".repeat(64 << 10);
+    for _ in 0..MESSAGES {
+        ws.write(Message::text(payload.clone())).unwrap();
+    }
+    ws.flush().unwrap();
+    wait_until("every message sequenced", || {
+        node.get(&format!("/v1/topics/{topic}")).0 == 200
+            && node.get_json(&format!("/v1/topics/{topic}"))["last_seq"] == MESSAGES
+    });
+}

@@ -143,3 +143,32 @@ fn envelope_larger_than_the_send_queue_cap_is_still_delivered() {
     assert!(m["data"].as_str() == Some(payload.as_str()), "payload mismatch");
     assert_eq!(node.metric("fluxnode_slow_consumer_disconnects_total"), 0);
 }
+
+/// A raw publisher whose publish the topic's owner refuses (no room for
+/// another topic) is closed with 1013; publishers of existing topics go on.
+/// The publishers sit on the shard that does not own the topics, so the
+/// refusal crosses between shards.
+#[test]
+fn a_refused_raw_publish_closes_with_1013_and_spares_others() {
+    // Two topics in all: one per shard.
+    let node = Node::start(&["--shards", "2", "--topics-max", "2"]);
+    let addr = node.addr();
+    let (a, b) = (topic_on_shard("fa", 2, 1), topic_on_shard("fb", 2, 1));
+    let mut first = ws_on_shard(&addr, &format!("/v1/topics/{a}/ws?role=pub"), 0);
+    first.send(Message::text("fits")).unwrap();
+    wait_until("the first topic's message sequenced", || node.get(&format!("/v1/topics/{a}")).0 == 200);
+    let mut second = ws_on_shard(&addr, &format!("/v1/topics/{b}/ws?role=pub"), 0);
+    second.send(Message::text("no room")).unwrap();
+    let code = loop {
+        match second.read() {
+            Ok(Message::Close(Some(frame))) => break u16::from(frame.code),
+            Ok(_) => continue,
+            Err(e) => panic!("expected a close frame, got {e}"),
+        }
+    };
+    assert_eq!(code, 1013);
+    for _ in 0..100 {
+        first.send(Message::text("still")).unwrap();
+    }
+    wait_until("the first publisher still publishes", || node.get_json(&format!("/v1/topics/{a}"))["last_seq"] == 101);
+}
