@@ -1,5 +1,6 @@
 //! Micro-benchmarks of the per-message and per-delivery hot paths.
 
+use std::rc::Rc;
 use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
@@ -7,7 +8,8 @@ use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criteri
 use fluxnode::config::SlowConsumerPolicy;
 use fluxnode::history::History;
 use fluxnode::message::{Message, PayloadKind};
-use fluxnode::outbound::{Frame, Outbound};
+use fluxnode::metrics::{LatencyTally, Metrics};
+use fluxnode::outbound::{DirectSink, Frame, Outbound};
 use fluxnode::topic::TopicName;
 use fluxnode::{http, native, ws};
 
@@ -135,5 +137,54 @@ fn fanout_enqueue(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, encoding, decoding, history, routing, fanout_enqueue);
+/// A socket stand-in for the direct flush: takes every byte, keeps none.
+struct NullSink;
+
+impl DirectSink for NullSink {
+    fn try_send(&self, data: &[u8]) -> std::io::Result<usize> {
+        Ok(black_box(data).len())
+    }
+}
+
+/// The fan-out path as the node runs it with idle writers: queue one shared
+/// frame to every subscriber, then flush each queue directly (gather into
+/// the shard's scratch buffer, one send, tally the latencies). The kernel's
+/// share of a real send is not in it.
+fn fanout_direct_flush(c: &mut Criterion) {
+    let topic = TopicName::new("bench.topic").expect("valid");
+    let mut group = c.benchmark_group("fanout_direct_flush");
+    for subscribers in [100usize, 1000] {
+        group.throughput(Throughput::Elements(subscribers as u64));
+        group.bench_with_input(BenchmarkId::from_parameter(subscribers), &subscribers, |b, &n| {
+            let queues: Vec<Outbound> = (0..n).map(|_| Outbound::new(1 << 30, SlowConsumerPolicy::Drop)).collect();
+            let sink: Rc<dyn DirectSink> = Rc::new(NullSink);
+            for q in &queues {
+                q.start_direct(sink.clone());
+            }
+            let frame = Frame::data(ws::encode_data(PayloadKind::Binary, &[0u8; 64]), Instant::now());
+            let metrics = Metrics::default();
+            let mut tally = LatencyTally::default();
+            let (mut scratch, mut latencies) = (Vec::new(), Vec::new());
+            let mut seq = 0;
+            b.iter(|| {
+                seq += 1;
+                for q in &queues {
+                    q.offer_data(&frame, &topic, seq);
+                }
+                for q in &queues {
+                    scratch.clear();
+                    latencies.clear();
+                    if let Some(s) = q.take_direct(&mut scratch, 1 << 18, &mut latencies) {
+                        q.sent_direct(&scratch, s.try_send(&scratch));
+                        tally.add(&latencies);
+                    }
+                }
+                tally.finish(&metrics, Instant::now());
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, encoding, decoding, history, routing, fanout_enqueue, fanout_direct_flush);
 criterion_main!(benches);
