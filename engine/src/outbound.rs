@@ -1,7 +1,7 @@
 //! A connection's send side: the bounded queue of frames waiting for the
 //! socket, and the slow-consumer policy that keeps it bounded.
 //!
-//! Lives on the connection's shard. Fan-out pushes shared frames (`Bytes`
+//! Lives on the connection's shard. Fan-out pushes shared frames (`Rc<Frame>`
 //! clones, no copy) and each queue is drained with one gathered socket write
 //! per pass, by one of two hands:
 //!
