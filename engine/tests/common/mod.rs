@@ -198,13 +198,22 @@ pub fn read_response(stream: &mut TcpStream) -> (u16, String) {
 }
 
 /// Polls `check` until it holds, failing the test after WAIT.
-pub fn wait_until(what: &str, mut check: impl FnMut() -> bool) {
+pub fn wait_until(what: &str, check: impl FnMut() -> bool) {
+    assert!(wait_for(check), "timed out waiting for: {what}");
+}
+
+/// Polls `check` until it holds (true) or WAIT passes (false), for callers
+/// that report more than a message when it does not.
+pub fn wait_for(mut check: impl FnMut() -> bool) -> bool {
     let deadline = Instant::now() + WAIT;
     while !check() {
-        assert!(Instant::now() < deadline, "timed out waiting for: {what}");
+        if Instant::now() >= deadline {
+            return false;
+        }
         std::thread::yield_now();
         std::thread::park_timeout(Duration::from_millis(10));
     }
+    true
 }
 
 /// Next data message (skips pings/pongs).
