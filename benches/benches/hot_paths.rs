@@ -110,14 +110,24 @@ fn routing(c: &mut Criterion) {
     c.bench_function("topic_validate", |b| b.iter(|| TopicName::new(black_box("orders.eu-west-1.shipment-events"))));
 }
 
+/// `n` subscriber queues with room for everything a benchmark queues.
+fn subscriber_queues(n: usize) -> Vec<Outbound> {
+    (0..n).map(|_| Outbound::new(1 << 30, SlowConsumerPolicy::Drop)).collect()
+}
+
+/// One shared 64-byte data frame, as fan-out queues it.
+fn frame_64() -> Rc<Frame> {
+    Frame::data(ws::encode_data(PayloadKind::Binary, &[0u8; 64]), Instant::now())
+}
+
 fn fanout_enqueue(c: &mut Criterion) {
     let topic = TopicName::new("bench.topic").expect("valid");
     let mut group = c.benchmark_group("fanout_enqueue");
     for subscribers in [100usize, 1000] {
         group.throughput(Throughput::Elements(subscribers as u64));
         group.bench_with_input(BenchmarkId::from_parameter(subscribers), &subscribers, |b, &n| {
-            let queues: Vec<Outbound> = (0..n).map(|_| Outbound::new(1 << 30, SlowConsumerPolicy::Drop)).collect();
-            let frame = Frame::data(ws::encode_data(PayloadKind::Binary, &[0u8; 64]), Instant::now());
+            let queues = subscriber_queues(n);
+            let frame = frame_64();
             let (mut out, mut latencies) = (Vec::new(), Vec::new());
             let mut seq = 0;
             b.iter(|| {
@@ -156,12 +166,12 @@ fn fanout_direct_flush(c: &mut Criterion) {
     for subscribers in [100usize, 1000] {
         group.throughput(Throughput::Elements(subscribers as u64));
         group.bench_with_input(BenchmarkId::from_parameter(subscribers), &subscribers, |b, &n| {
-            let queues: Vec<Outbound> = (0..n).map(|_| Outbound::new(1 << 30, SlowConsumerPolicy::Drop)).collect();
+            let queues = subscriber_queues(n);
             let sink: Rc<dyn DirectSink> = Rc::new(NullSink);
             for q in &queues {
                 q.start_direct(sink.clone());
             }
-            let frame = Frame::data(ws::encode_data(PayloadKind::Binary, &[0u8; 64]), Instant::now());
+            let frame = frame_64();
             let metrics = Metrics::default();
             let mut tally = LatencyTally::default();
             let (mut scratch, mut latencies) = (Vec::new(), Vec::new());

@@ -140,6 +140,7 @@ impl LatencyTally {
     pub fn finish(&mut self, metrics: &Metrics, now: Instant) {
         let mut histogram = metrics.latency_us.borrow_mut();
         for (t, n) in self.slots.drain(..).chain(self.spilled.drain(..)) {
+            // Values above the max are clamped rather than lost.
             let us = (now.saturating_duration_since(t).as_micros() as u64).clamp(1, LATENCY_US_MAX);
             let _ = histogram.record_n(us, n);
         }
@@ -151,12 +152,6 @@ impl LatencyTally {
 }
 
 impl Metrics {
-    /// Records one publish-to-write latency.
-    pub fn record_latency_us(&self, us: u64) {
-        // Values above the max are clamped rather than lost.
-        let _ = self.latency_us.borrow_mut().record(us.clamp(1, LATENCY_US_MAX));
-    }
-
     /// Counter values in [`COUNTERS`] order.
     pub fn counter_values(&self) -> Vec<u64> {
         [
@@ -213,7 +208,10 @@ mod tests {
     fn renders_sums_across_shards() {
         let a = Metrics::default();
         add(&a.messages_published, 3);
-        a.record_latency_us(1500);
+        let mut tally = LatencyTally::default();
+        let t0 = Instant::now();
+        tally.add(&[t0]);
+        tally.finish(&a, t0 + std::time::Duration::from_micros(1500));
         let b = Metrics::default();
         add(&b.messages_published, 4);
         let snap = |m: &Metrics, i| ShardStats {

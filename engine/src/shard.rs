@@ -288,14 +288,19 @@ impl Shard {
         })
     }
 
-    /// Counts frames handed to a socket and records their publish-to-write
-    /// latency (the writer task's path; the direct path tallies first).
+    /// Counts frames handed to a socket by a writer task and records their
+    /// publish-to-write latency (through the tally, as the direct flush does).
     pub fn record_written(&self, bytes: usize, published: &[Instant], now: Instant) {
-        metrics::add(&self.metrics.messages_delivered, published.len() as u64);
+        let mut tally = self.latency_tally.borrow_mut();
+        tally.add(published);
+        tally.finish(&self.metrics, now);
+        self.count_written(published.len(), bytes);
+    }
+
+    /// Counts messages and bytes handed to sockets.
+    fn count_written(&self, messages: usize, bytes: usize) {
+        metrics::add(&self.metrics.messages_delivered, messages as u64);
         metrics::add(&self.metrics.bytes_written, bytes as u64);
-        for t in published {
-            self.metrics.record_latency_us(now.saturating_duration_since(*t).as_micros() as u64);
-        }
     }
 
     /// Writes every listed direct-mode queue, one non-blocking `send` each
@@ -325,8 +330,7 @@ impl Shard {
             out.sent_direct(&scratch, sink.try_send(&scratch));
         }
         tally.finish(&self.metrics, Instant::now());
-        metrics::add(&self.metrics.messages_delivered, messages as u64);
-        metrics::add(&self.metrics.bytes_written, bytes as u64);
+        self.count_written(messages, bytes);
     }
 
     /// Counts an offer and lists a direct-mode queue for the next flush.
