@@ -24,6 +24,20 @@ pub enum SlowConsumerPolicy {
     Drop,
 }
 
+/// Which shard serves a topic socket (`/v1/topics/{topic}/ws`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum TopicSockets {
+    /// The shard that owns the topic: the accepting shard hands the socket
+    /// over before the 101, so the topic's messages never cross shards on
+    /// their way to it, and its publishes are sequenced where they are read.
+    Owner,
+    /// The shard that accepted it (the kernel's SO_REUSEPORT hash): spreads
+    /// one hot topic's fan-out over every core, at the price of a
+    /// cross-shard hop per message and shard.
+    Accepting,
+}
+
 /// Command-line flags. Every knob is also a key of the TOML file, with the
 /// same name in snake_case.
 #[derive(Debug, Parser)]
@@ -80,6 +94,10 @@ pub struct Args {
     /// FluxBalancer's --proxy-protocol); connections without one get 400.
     #[arg(long)]
     pub proxy_protocol: bool,
+    /// Which shard serves a topic socket (`/v1/topics/{topic}/ws`).
+    /// [default: owner]
+    #[arg(long, value_enum)]
+    pub topic_sockets: Option<TopicSockets>,
 }
 
 /// The TOML file: the same knobs as [`Args`], all optional, unknown keys
@@ -102,6 +120,7 @@ struct FileConfig {
     idle_timeout_ms: Option<u64>,
     drain_timeout_ms: Option<u64>,
     proxy_protocol: Option<bool>,
+    topic_sockets: Option<TopicSockets>,
 }
 
 /// A validated configuration. Built only by [`Config::from_args`] or
@@ -136,6 +155,8 @@ pub struct Config {
     pub drain_timeout: Duration,
     /// Whether every connection starts with a PROXY v2 header.
     pub proxy_protocol: bool,
+    /// Which shard serves a topic socket.
+    pub topic_sockets: TopicSockets,
 }
 
 /// Why a configuration was refused.
@@ -169,6 +190,7 @@ impl Default for Config {
             idle_timeout: Duration::from_millis(limits::IDLE_TIMEOUT_MS_DEFAULT),
             drain_timeout: Duration::from_millis(limits::DRAIN_TIMEOUT_MS_DEFAULT),
             proxy_protocol: false,
+            topic_sockets: TopicSockets::Owner,
         }
     }
 }
@@ -220,6 +242,7 @@ impl Config {
             idle_timeout: args.idle_timeout_ms.or(file.idle_timeout_ms).map(ms).unwrap_or(d.idle_timeout),
             drain_timeout: args.drain_timeout_ms.or(file.drain_timeout_ms).map(ms).unwrap_or(d.drain_timeout),
             proxy_protocol: args.proxy_protocol || file.proxy_protocol.unwrap_or(d.proxy_protocol),
+            topic_sockets: args.topic_sockets.or(file.topic_sockets).unwrap_or(d.topic_sockets),
         };
         config.validate(history_memory_max)?;
         Ok(config)
@@ -274,11 +297,6 @@ impl Config {
         }
         Ok(())
     }
-
-    /// Connections each shard may hold.
-    pub fn connections_per_shard_max(&self) -> usize {
-        self.connections_max / self.shards
-    }
 }
 
 fn online_cores() -> usize {
@@ -332,6 +350,20 @@ mod tests {
         assert_eq!(c.idle_timeout, d.idle_timeout);
         assert_eq!(c.drain_timeout, d.drain_timeout);
         assert_eq!(c.proxy_protocol, d.proxy_protocol);
+        assert_eq!(c.topic_sockets, d.topic_sockets);
+    }
+
+    #[test]
+    fn topic_sockets_come_from_the_flag_or_the_file() {
+        assert_eq!(Config::default().topic_sockets, TopicSockets::Owner);
+        let c = Config::from_args(&args(&["--topic-sockets", "accepting"])).unwrap();
+        assert_eq!(c.topic_sockets, TopicSockets::Accepting);
+        let dir = std::env::temp_dir().join(format!("fluxnode-config-ts-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("accepting.toml");
+        std::fs::write(&file, "topic_sockets = \"accepting\"\n").unwrap();
+        let c = Config::from_args(&args(&["--config", file.to_str().unwrap()])).unwrap();
+        assert_eq!(c.topic_sockets, TopicSockets::Accepting);
     }
 
     #[test]

@@ -11,6 +11,7 @@ use std::collections::HashMap;
 use std::future::poll_fn;
 use std::io;
 use std::net::{Shutdown, SocketAddr};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, IntoRawFd};
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
@@ -21,7 +22,7 @@ use futures_lite::{AsyncRead, AsyncWrite};
 use glommio::net::TcpStream;
 use serde::Deserialize;
 
-use crate::config::SlowConsumerPolicy;
+use crate::config::{SlowConsumerPolicy, TopicSockets};
 use crate::http::{self, RequestHead, Route, Upgrade};
 use crate::limits::{HTTP_BODY_SLACK_BYTES, WRITE_BATCH_BYTES_MAX};
 use crate::message::PayloadKind;
@@ -30,7 +31,7 @@ use crate::native::{self, Request};
 use crate::outbound::{DirectSink, Outbound};
 use crate::owner::OwnerError;
 use crate::proxy_protocol::{self, ProxyError, ProxyHeader};
-use crate::shard::{Format, PublishDone, Shard};
+use crate::shard::{Format, Handoff, PublishDone, Shard};
 use crate::sync::Event;
 use crate::topic::TopicName;
 use crate::ws::{self, close_code, Decoder, WsEvent};
@@ -93,14 +94,44 @@ impl Io {
     }
 }
 
-/// One open client connection in the shard's count: created at accept,
-/// dropped when the connection is gone, whichever task holds it last.
+/// One open client connection in the shard's count (and the node's):
+/// created at accept, dropped when the connection is gone, whichever task
+/// holds it last.
 #[derive(Debug)]
-pub struct ConnectionSlot(pub Rc<Shard>);
+pub struct ConnectionSlot {
+    /// The shard that counts the connection.
+    shard: Rc<Shard>,
+    /// Whether dropping the slot also releases the node-wide count (false
+    /// once the connection moved to another shard, which counts it now).
+    in_node: bool,
+}
+
+impl ConnectionSlot {
+    /// A connection the accept loop admitted (it took the node-wide count).
+    pub fn admitted(shard: Rc<Shard>) -> ConnectionSlot {
+        metrics::add(&shard.metrics.connections_current, 1);
+        metrics::add(&shard.metrics.connections_total, 1);
+        ConnectionSlot { shard, in_node: true }
+    }
+
+    /// A connection a peer handed over: already in the node-wide count.
+    fn adopted(shard: Rc<Shard>) -> ConnectionSlot {
+        metrics::add(&shard.metrics.connections_current, 1);
+        ConnectionSlot { shard, in_node: true }
+    }
+
+    /// The connection moves to another shard: leave this shard's count only.
+    fn leave(mut self) {
+        self.in_node = false;
+    }
+}
 
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
-        metrics::sub(&self.0.metrics.connections_current, 1);
+        metrics::sub(&self.shard.metrics.connections_current, 1);
+        if self.in_node {
+            self.shard.node.connections.fetch_sub(1, Ordering::AcqRel);
+        }
     }
 }
 
@@ -151,6 +182,12 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream, slot: ConnectionSlot) {
         let route = http::route(&head.method, &head.path);
         let upgrade = matches!(route, Route::LegacySubscribe | Route::TopicSocket(_) | Route::NativeSocket);
         if upgrade {
+            if let Some(owner) = handoff_target(&shard, &head, &route) {
+                match hand_off(&shard, io, buf, head, client, slot, owner) {
+                    Ok(()) => return,
+                    Err((io, buf, head, slot)) => return websocket(shard, io, buf, head, route, client, slot).await,
+                }
+            }
             return websocket(shard, io, buf, head, route, client, slot).await;
         }
         let response = match request_body(&shard, &io, &mut buf, &head, &route).await {
@@ -165,6 +202,59 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream, slot: ConnectionSlot) {
         }
         release_if_empty(&mut buf);
     }
+}
+
+/// The shard to hand this upgrade to, if another shard should serve it: a
+/// valid topic-socket upgrade whose topic another shard owns, with
+/// `topic_sockets = owner`. Everything else (errors included) is answered
+/// here.
+fn handoff_target(shard: &Shard, head: &RequestHead, route: &Route) -> Option<usize> {
+    if shard.shards < 2 || shard.config.topic_sockets != TopicSockets::Owner || shard.shutting_down() {
+        return None;
+    }
+    let Route::TopicSocket(name) = route else { return None };
+    if !matches!(head.websocket, Some(Upgrade::Valid { .. })) {
+        return None;
+    }
+    let owner = TopicName::new(name).ok()?.owner_shard(shard.shards);
+    (owner != shard.id).then_some(owner)
+}
+
+/// Hands the connection to shard `owner`: a duplicate of the socket, the
+/// bytes read past the head, and the head itself travel in the shard mesh;
+/// this shard closes its own descriptor. If the socket cannot be
+/// duplicated (descriptor limit), everything comes back to be served here.
+#[allow(clippy::type_complexity, clippy::result_large_err)]
+fn hand_off(
+    shard: &Shard,
+    io: Io,
+    buf: BytesMut,
+    head: RequestHead,
+    client: SocketAddr,
+    slot: ConnectionSlot,
+    owner: usize,
+) -> Result<(), (Io, BytesMut, RequestHead, ConnectionSlot)> {
+    let raw = io.0.borrow().as_raw_fd();
+    // SAFETY: `raw` is the open socket `io` owns, and `io` outlives this borrow.
+    let duplicate = unsafe { BorrowedFd::borrow_raw(raw) }.try_clone_to_owned();
+    let Ok(fd) = duplicate else { return Err((io, buf, head, slot)) };
+    drop(io);
+    slot.leave();
+    metrics::add(&shard.metrics.connections_handed_off, 1);
+    shard.hand_off(owner, Handoff { fd, buf: buf.to_vec(), head, client });
+    Ok(())
+}
+
+/// Serves a connection a peer handed over (see `hand_off`): the WebSocket
+/// handshake and session, as if it had been accepted here.
+pub async fn adopt(shard: Rc<Shard>, handoff: Handoff) {
+    let slot = ConnectionSlot::adopted(shard.clone());
+    let Handoff { fd, buf, head, client } = handoff;
+    // SAFETY: `fd` is an open TCP socket this task now owns alone.
+    let stream = unsafe { TcpStream::from_raw_fd(fd.into_raw_fd()) };
+    let io = Io(Rc::new(RefCell::new(stream)));
+    let route = http::route(&head.method, &head.path);
+    websocket(shard, io, BytesMut::from(&buf[..]), head, route, client, slot).await;
 }
 
 /// Reads the PROXY v2 header and leaves what follows it in `buf`.

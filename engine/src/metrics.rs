@@ -22,6 +22,8 @@ pub struct Metrics {
     pub connections_total: Cell<u64>,
     /// Connections refused at the connection limit.
     pub connections_rejected: Cell<u64>,
+    /// Topic sockets handed to the topic's owner shard.
+    pub connections_handed_off: Cell<u64>,
     /// Active subscriptions on this shard.
     pub subscriptions_current: Cell<u64>,
     /// Messages sequenced by this shard (as owner).
@@ -63,6 +65,7 @@ pub const COUNTERS: &[(&str, &str, &str)] = &[
     ("fluxnode_connections", "Open client connections.", "gauge"),
     ("fluxnode_connections_accepted_total", "Connections accepted.", "counter"),
     ("fluxnode_connections_rejected_total", "Connections refused at the connection limit.", "counter"),
+    ("fluxnode_connections_handed_off_total", "Topic sockets handed to the shard that owns the topic.", "counter"),
     ("fluxnode_subscriptions", "Active subscriptions.", "gauge"),
     ("fluxnode_messages_published_total", "Messages sequenced.", "counter"),
     ("fluxnode_published_bytes_total", "Payload bytes sequenced.", "counter"),
@@ -79,6 +82,7 @@ impl Default for Metrics {
             connections_current: Cell::new(0),
             connections_total: Cell::new(0),
             connections_rejected: Cell::new(0),
+            connections_handed_off: Cell::new(0),
             subscriptions_current: Cell::new(0),
             messages_published: Cell::new(0),
             bytes_published: Cell::new(0),
@@ -158,6 +162,7 @@ impl Metrics {
             &self.connections_current,
             &self.connections_total,
             &self.connections_rejected,
+            &self.connections_handed_off,
             &self.subscriptions_current,
             &self.messages_published,
             &self.bytes_published,

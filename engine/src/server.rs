@@ -110,16 +110,15 @@ async fn shard_main(
 }
 
 async fn accept_loop(shard: &Rc<Shard>, listener: &TcpListener, data_queue: glommio::TaskQueueHandle) {
-    let per_shard_max = shard.config.connections_per_shard_max() as u64;
+    let max = shard.config.connections_max;
     while let Some(stream) = runtime::accept_next(listener, shard.id, || shard.shutting_down()).await {
-        if shard.metrics.connections_current.get() >= per_shard_max {
+        if shard.node.connections.fetch_add(1, Ordering::AcqRel) >= max {
+            shard.node.connections.fetch_sub(1, Ordering::AcqRel);
             metrics::add(&shard.metrics.connections_rejected, 1);
             reject(stream);
             continue;
         }
-        metrics::add(&shard.metrics.connections_current, 1);
-        metrics::add(&shard.metrics.connections_total, 1);
-        let slot = crate::conn::ConnectionSlot(shard.clone());
+        let slot = crate::conn::ConnectionSlot::admitted(shard.clone());
         let spawned = glommio::spawn_local_into(crate::conn::serve(shard.clone(), stream, slot), data_queue);
         if let Ok(task) = spawned {
             task.detach();

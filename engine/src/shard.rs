@@ -56,6 +56,23 @@ pub enum Item {
     StatsRequest { req: u64 },
     /// A stats snapshot.
     StatsReply { req: u64, stats: Box<ShardStats> },
+    /// A connection accepted elsewhere, for the receiving shard to serve.
+    Handoff(Box<Handoff>),
+}
+
+/// A topic socket handed to the shard that owns its topic, between its
+/// request head and the 101 (see `Config::topic_sockets`). Dropping it
+/// closes the connection.
+#[derive(Debug)]
+pub struct Handoff {
+    /// The socket (a duplicate; the accepting shard closed its own).
+    pub fd: std::os::fd::OwnedFd,
+    /// Bytes read after the request head.
+    pub buf: Vec<u8>,
+    /// The parsed request head.
+    pub head: crate::http::RequestHead,
+    /// The address the node attributes the connection to.
+    pub client: std::net::SocketAddr,
 }
 
 impl Item {
@@ -65,6 +82,7 @@ impl Item {
                 Item::Publish { payload, .. } => payload.len(),
                 Item::Deliver { message, .. } => message.payload.len(),
                 Item::SubscribeDone { result: Ok(g), .. } => g.replay.iter().map(|m| m.payload.len()).sum(),
+                Item::Handoff(h) => h.buf.len(),
                 _ => 0,
             }
     }
@@ -80,6 +98,10 @@ pub struct NodeShared {
     pub ready: AtomicBool,
     /// Set by the signal thread on SIGTERM/SIGINT.
     pub shutdown: AtomicBool,
+    /// Client connections open on the node, every shard together (checked
+    /// against `connections_max` at accept; a hand-off moves a connection
+    /// between shards without changing it).
+    pub connections: std::sync::atomic::AtomicUsize,
 }
 
 /// How a subscriber wants messages framed.
@@ -246,6 +268,10 @@ pub struct Shard {
     flush_published: RefCell<Vec<Instant>>,
     /// Latencies of one flush, counted per message before the histogram.
     latency_tally: RefCell<LatencyTally>,
+    /// Connections handed over by peers, for the adopter task.
+    handoffs: RefCell<Vec<Handoff>>,
+    /// Wakes the adopter task.
+    handoff_wake: Event,
 }
 
 impl Shard {
@@ -285,6 +311,8 @@ impl Shard {
             flush_list: RefCell::default(),
             flush_published: RefCell::default(),
             latency_tally: RefCell::default(),
+            handoffs: RefCell::default(),
+            handoff_wake: Event::default(),
         })
     }
 
@@ -368,6 +396,30 @@ impl Shard {
         }
         let shard = self.clone();
         glommio::spawn_local_into(async move { shard.fanout().await }, data_queue).map(|t| t.detach()).ok();
+        let shard = self.clone();
+        glommio::spawn_local_into(async move { shard.adopter(data_queue).await }, data_queue).map(|t| t.detach()).ok();
+    }
+
+    /// Hands a connection to shard `owner` (see [`Handoff`]).
+    pub fn hand_off(&self, owner: usize, handoff: Handoff) {
+        self.send(owner, Item::Handoff(Box::new(handoff)));
+    }
+
+    /// Serves the connections peers hand over, each in a task of its own.
+    async fn adopter(self: Rc<Self>, data_queue: glommio::TaskQueueHandle) {
+        loop {
+            let handoffs = std::mem::take(&mut *self.handoffs.borrow_mut());
+            if handoffs.is_empty() {
+                self.handoff_wake.wait().await;
+                continue;
+            }
+            for handoff in handoffs {
+                let task = glommio::spawn_local_into(crate::conn::adopt(self.clone(), handoff), data_queue);
+                if let Ok(task) = task {
+                    task.detach();
+                }
+            }
+        }
     }
 
     /// A fresh shard-unique id.
@@ -577,6 +629,10 @@ impl Shard {
                 if let Some(Reply::Stats(slot)) = self.replies.borrow_mut().remove(&req) {
                     slot.set(*stats);
                 }
+            }
+            Item::Handoff(handoff) => {
+                self.handoffs.borrow_mut().push(*handoff);
+                self.handoff_wake.notify();
             }
         }
     }

@@ -15,7 +15,9 @@ const MESSAGES_PER_PUBLISHER: usize = 2000;
 
 #[test]
 fn ordered_and_complete_across_shards() {
-    let node = Node::start(&["--shards", "2"]);
+    // Topic sockets stay where they were accepted, so that raw subscribers
+    // sit on both shards and receive across the mesh.
+    let node = Node::start(&["--shards", "2", "--topic-sockets", "accepting"]);
     let addr = node.addr();
     // One topic owned by each shard.
     let topics: Vec<String> = (0..2).map(|s| topic_on_shard("order", 2, s)).collect();
@@ -96,7 +98,7 @@ fn check_native(mut ws: Ws, total: usize) {
 #[test]
 fn a_cross_shard_raw_publisher_gets_its_budget_back() {
     const MESSAGES: u64 = 640;
-    let node = Node::start(&["--shards", "2"]);
+    let node = Node::start(&["--shards", "2", "--topic-sockets", "accepting"]);
     let topic = topic_on_shard("budget", 2, 1);
     let mut ws = ws_on_shard(&node.addr(), &format!("/v1/topics/{topic}/ws?role=pub"), 0);
     // A node that stopped reading fails the test instead of hanging it.

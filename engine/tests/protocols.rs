@@ -151,7 +151,7 @@ fn envelope_larger_than_the_send_queue_cap_is_still_delivered() {
 #[test]
 fn a_refused_raw_publish_closes_with_1013_and_spares_others() {
     // Two topics in all: one per shard.
-    let node = Node::start(&["--shards", "2", "--topics-max", "2"]);
+    let node = Node::start(&["--shards", "2", "--topics-max", "2", "--topic-sockets", "accepting"]);
     let addr = node.addr();
     let (a, b) = (topic_on_shard("fa", 2, 1), topic_on_shard("fb", 2, 1));
     let mut first = ws_on_shard(&addr, &format!("/v1/topics/{a}/ws?role=pub"), 0);

@@ -1,0 +1,121 @@
+//! Topic sockets handed to the shard that owns the topic (`--topic-sockets
+//! owner`, the default): served there, with every byte the client sent
+//! along with its upgrade, and counted once in the node's connections.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+
+use common::*;
+use tungstenite::Message;
+
+#[test]
+fn topic_sockets_are_served_by_the_owner_shard() {
+    let node = Node::start(&["--shards", "2"]);
+    let addr = node.addr();
+    let topic = topic_on_shard("home", 2, 1);
+    // SO_REUSEPORT puts about half the connections on shard 0: open
+    // subscribers until one of them was handed over.
+    let mut subs = Vec::new();
+    for _ in 0..200 {
+        let (ws, shard) = ws_with_shard(&addr, &format!("/v1/topics/{topic}/ws?role=sub"));
+        assert_eq!(shard, 1, "a topic socket is served by the topic's owner");
+        subs.push(ws);
+        if node.metric("fluxnode_connections_handed_off_total") >= 1 {
+            break;
+        }
+    }
+    assert!(node.metric("fluxnode_connections_handed_off_total") >= 1, "no connection was handed over");
+    // Native sockets are not moved: they may subscribe to anything later.
+    let (_native, _) = ws_with_shard(&addr, "/v1/ws");
+    let mut publisher = node.ws(&format!("/v1/topics/{topic}/ws?role=pub"));
+    publisher.send(Message::text("to every subscriber")).unwrap();
+    for ws in &mut subs {
+        assert_eq!(next_data(ws), Message::text("to every subscriber"));
+    }
+    // Each connection counted once, wherever it ended up.
+    let open = subs.len() as u64 + 2;
+    wait_until("the connection gauge counts each connection once", || {
+        node.metric("fluxnode_connections") == open + 1 // + the /metrics request itself
+    });
+    drop(subs);
+    drop(publisher);
+    wait_until("handed-over connections leave the count when they close", || {
+        node.metric("fluxnode_connections") == 2 // the native socket and the /metrics request
+    });
+}
+
+#[test]
+fn bytes_sent_with_the_upgrade_survive_the_handoff() {
+    let node = Node::start(&["--shards", "2"]);
+    let addr = node.addr();
+    let topic = topic_on_shard("early", 2, 1);
+    let mut sub = node.ws(&format!("/v1/topics/{topic}/ws?role=sub"));
+    // A publisher that sends its first frame in the same write as its
+    // upgrade request, on connections until one lands on shard 0 and is
+    // handed over with those bytes already read.
+    let frame = masked_text_frame(b"sent before the 101");
+    let mut sent = 0;
+    for _ in 0..200 {
+        let before = node.metric("fluxnode_connections_handed_off_total");
+        let mut stream = TcpStream::connect(&addr).unwrap();
+        stream.set_read_timeout(Some(WAIT)).unwrap();
+        let mut request = format!(
+            "GET /v1/topics/{topic}/ws?role=pub HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        )
+        .into_bytes();
+        request.extend_from_slice(&frame);
+        stream.write_all(&request).unwrap();
+        let head = read_head(&mut stream);
+        assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+        sent += 1;
+        assert_eq!(next_data(&mut sub), Message::text("sent before the 101"));
+        if node.metric("fluxnode_connections_handed_off_total") > before {
+            return;
+        }
+    }
+    panic!("no publisher was handed over in {sent} tries");
+}
+
+#[test]
+fn a_handoff_needs_no_room_beyond_the_connection_limit() {
+    // Two connections in all: a handed-over socket counts once, and closing
+    // it gives the room back.
+    let node = Node::start(&["--shards", "2", "--connections-max", "2"]);
+    let addr = node.addr();
+    let topic = topic_on_shard("room", 2, 1);
+    let path = format!("/v1/topics/{topic}/ws?role=sub");
+    // Twenty connections one after another: if a handoff kept or leaked a
+    // place in the node's count, the limit would refuse the later ones.
+    for _ in 0..20 {
+        let mut opened = None;
+        wait_until("room for the next topic socket", || {
+            opened = ws_connect(&addr, &path).ok();
+            opened.is_some()
+        });
+    }
+    assert!(node.metric("fluxnode_connections_handed_off_total") >= 1, "no connection was handed over");
+}
+
+/// A client-to-server text frame (masked, as RFC 6455 requires).
+fn masked_text_frame(payload: &[u8]) -> Vec<u8> {
+    assert!(payload.len() < 126);
+    let mask = [0x37, 0xfa, 0x21, 0x3d];
+    let mut frame = vec![0x81, 0x80 | payload.len() as u8];
+    frame.extend_from_slice(&mask);
+    frame.extend(payload.iter().enumerate().map(|(i, b)| b ^ mask[i % 4]));
+    frame
+}
+
+/// Reads an HTTP response head byte by byte (nothing past it).
+fn read_head(stream: &mut TcpStream) -> String {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        assert_eq!(stream.read(&mut byte).unwrap(), 1, "connection closed in the response head");
+        head.push(byte[0]);
+    }
+    String::from_utf8(head).unwrap()
+}
