@@ -31,7 +31,7 @@ use crate::native::{self, Request};
 use crate::outbound::{DirectSink, Outbound};
 use crate::owner::OwnerError;
 use crate::proxy_protocol::{self, ProxyError, ProxyHeader};
-use crate::shard::{Format, Handoff, PublishDone, Shard};
+use crate::shard::{Format, Handoff, NodeConnection, PublishDone, Shard};
 use crate::sync::Event;
 use crate::topic::TopicName;
 use crate::ws::{self, close_code, Decoder, WsEvent};
@@ -101,37 +101,36 @@ impl Io {
 pub struct ConnectionSlot {
     /// The shard that counts the connection.
     shard: Rc<Shard>,
-    /// Whether dropping the slot also releases the node-wide count (false
-    /// once the connection moved to another shard, which counts it now).
-    in_node: bool,
+    /// The connection's place in the node-wide count; taken along when the
+    /// connection moves to another shard.
+    node: Option<NodeConnection>,
 }
 
 impl ConnectionSlot {
-    /// A connection the accept loop admitted (it took the node-wide count).
+    /// A connection the accept loop admitted into the node-wide count.
     pub fn admitted(shard: Rc<Shard>) -> ConnectionSlot {
         metrics::add(&shard.metrics.connections_current, 1);
         metrics::add(&shard.metrics.connections_total, 1);
-        ConnectionSlot { shard, in_node: true }
+        let node = Some(NodeConnection(shard.node.clone()));
+        ConnectionSlot { shard, node }
     }
 
-    /// A connection a peer handed over: already in the node-wide count.
-    fn adopted(shard: Rc<Shard>) -> ConnectionSlot {
+    /// A connection a peer handed over, with its place in the node's count.
+    fn adopted(shard: Rc<Shard>, node: NodeConnection) -> ConnectionSlot {
         metrics::add(&shard.metrics.connections_current, 1);
-        ConnectionSlot { shard, in_node: true }
+        ConnectionSlot { shard, node: Some(node) }
     }
 
-    /// The connection moves to another shard: leave this shard's count only.
-    fn leave(mut self) {
-        self.in_node = false;
+    /// The connection moves to another shard: it leaves this shard's count
+    /// and takes its place in the node's along.
+    fn leave(mut self) -> Option<NodeConnection> {
+        self.node.take()
     }
 }
 
 impl Drop for ConnectionSlot {
     fn drop(&mut self) {
         metrics::sub(&self.shard.metrics.connections_current, 1);
-        if self.in_node {
-            self.shard.node.connections.fetch_sub(1, Ordering::AcqRel);
-        }
     }
 }
 
@@ -239,17 +238,17 @@ fn hand_off(
     let duplicate = unsafe { BorrowedFd::borrow_raw(raw) }.try_clone_to_owned();
     let Ok(fd) = duplicate else { return Err((io, buf, head, slot)) };
     drop(io);
-    slot.leave();
+    let Some(node) = slot.leave() else { return Ok(()) }; // admitted slots always hold one
     metrics::add(&shard.metrics.connections_handed_off, 1);
-    shard.hand_off(owner, Handoff { fd, buf: buf.to_vec(), head, client });
+    shard.hand_off(owner, Handoff { fd, buf: buf.to_vec(), head, client, node });
     Ok(())
 }
 
 /// Serves a connection a peer handed over (see `hand_off`): the WebSocket
 /// handshake and session, as if it had been accepted here.
 pub async fn adopt(shard: Rc<Shard>, handoff: Handoff) {
-    let slot = ConnectionSlot::adopted(shard.clone());
-    let Handoff { fd, buf, head, client } = handoff;
+    let Handoff { fd, buf, head, client, node } = handoff;
+    let slot = ConnectionSlot::adopted(shard.clone(), node);
     // SAFETY: `fd` is an open TCP socket this task now owns alone.
     let stream = unsafe { TcpStream::from_raw_fd(fd.into_raw_fd()) };
     let io = Io(Rc::new(RefCell::new(stream)));

@@ -73,6 +73,20 @@ pub struct Handoff {
     pub head: crate::http::RequestHead,
     /// The address the node attributes the connection to.
     pub client: std::net::SocketAddr,
+    /// The connection's place in the node's count, released if the hand-off
+    /// is dropped on the way (shutdown).
+    pub node: NodeConnection,
+}
+
+/// One connection's place in the node-wide count (`NodeShared::connections`),
+/// taken at accept; dropping it gives the place back.
+#[derive(Debug)]
+pub struct NodeConnection(pub Arc<NodeShared>);
+
+impl Drop for NodeConnection {
+    fn drop(&mut self) {
+        self.0.connections.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 impl Item {
