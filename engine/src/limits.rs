@@ -55,8 +55,9 @@ pub const HISTORY_MEMORY_MAX_DEFAULT: usize = 4 << 30;
 pub const TOPICS_MAX_DEFAULT: usize = 4096;
 /// Default most subscriptions one connection may hold (native protocol).
 pub const SUBSCRIPTIONS_PER_CONNECTION_MAX_DEFAULT: usize = 1024;
-/// Default most open client connections per node (split evenly across
-/// shards). The open-files limit here is 20000; keep headroom for it.
+/// Default most open client connections per node, every shard together
+/// (one count, so a topic socket handed to its owner shard needs no room
+/// there). The open-files limit here is 20000; keep headroom for it.
 pub const CONNECTIONS_MAX_DEFAULT: usize = 16_384;
 
 /// Default time a client has to send a complete HTTP request head.

@@ -114,9 +114,11 @@ pub fn run(target: &Target, shape: &Shape, turn: usize) -> Result<Run> {
         for _ in 0..shape.subscribers {
             let conn = open_subscriber(target, &topic(t), shape.original_api)?;
             let (publishers, per_publisher, go) = (publishers.clone(), per_publisher.clone(), go.handle());
+            let seconds = shape.seconds;
             let thread = std::thread::Builder::new().stack_size(SUBSCRIBER_STACK_BYTES).spawn(move || {
                 go.wait();
-                subscriber(conn, &publishers, &per_publisher)
+                let schedule_end = Instant::now() + Duration::from_secs(seconds);
+                subscriber(conn, &publishers, &per_publisher, schedule_end)
             })?;
             subscribers.push(thread);
         }
@@ -227,9 +229,10 @@ fn publish(shape: &Shape, publishers: &mut [Publisher]) -> Result<f64> {
     Ok(start.elapsed().as_secs_f64())
 }
 
-/// Reads until every expected message arrived or the stream is quiet.
+/// Reads until every expected message arrived, or the stream is quiet for
+/// QUIET_SECONDS after `schedule_end` (the publishers' last scheduled send).
 /// `per_publisher[i]` is how many messages `publishers[i]` sends.
-fn subscriber(mut conn: Sub, publishers: &[u64], per_publisher: &[u64]) -> SubStats {
+fn subscriber(mut conn: Sub, publishers: &[u64], per_publisher: &[u64], schedule_end: Instant) -> SubStats {
     let expected: u64 = per_publisher.iter().sum();
     let mut stats = SubStats {
         received: 0,
@@ -239,7 +242,13 @@ fn subscriber(mut conn: Sub, publishers: &[u64], per_publisher: &[u64]) -> SubSt
     };
     let mut next: HashMap<u64, u64> = publishers.iter().map(|&p| (p, 0)).collect();
     while stats.received + stats.lost < expected {
-        let Ok(payload) = conn.recv() else { break };
+        let payload = match conn.recv() {
+            Ok(payload) => payload,
+            // Quiet before the schedule ends is not an end: at low rates one
+            // publisher's messages can be further apart than QUIET_SECONDS.
+            Err(e) if is_read_timeout(&e) && Instant::now() < schedule_end => continue,
+            Err(_) => break,
+        };
         let now = unix_micros();
         let Some((publisher, seq, due)) = decode(&payload) else { continue };
         let Some(next_seq) = next.get_mut(&publisher) else { continue };
@@ -258,6 +267,17 @@ fn subscriber(mut conn: Sub, publishers: &[u64], per_publisher: &[u64]) -> SubSt
         stats.lost += sent.saturating_sub(next[p]);
     }
     stats
+}
+
+/// Whether `recv` failed only because nothing arrived within the read
+/// timeout (the connection is still usable).
+fn is_read_timeout(e: &anyhow::Error) -> bool {
+    let timed_out =
+        |io: &std::io::Error| matches!(io.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut);
+    e.chain().any(|cause| match cause.downcast_ref::<tungstenite::Error>() {
+        Some(tungstenite::Error::Io(io)) => timed_out(io),
+        _ => cause.downcast_ref::<std::io::Error>().is_some_and(timed_out),
+    })
 }
 
 /// A subscription: a WebSocket on the target's own API.
@@ -408,6 +428,18 @@ fn read_one_response(stream: &mut TcpStream, buf: &mut Vec<u8>) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_read_timeout_lets_a_subscriber_wait_on() {
+        let would_block = std::io::Error::from(std::io::ErrorKind::WouldBlock);
+        assert!(is_read_timeout(&anyhow::Error::from(tungstenite::Error::Io(would_block))));
+        let timed_out = std::io::Error::from(std::io::ErrorKind::TimedOut);
+        assert!(is_read_timeout(&anyhow::Error::from(timed_out).context("reading")));
+        let reset = std::io::Error::from(std::io::ErrorKind::ConnectionReset);
+        assert!(!is_read_timeout(&anyhow::Error::from(tungstenite::Error::Io(reset))));
+        assert!(!is_read_timeout(&anyhow::anyhow!("closed by server")));
+        assert!(!is_read_timeout(&anyhow::Error::from(tungstenite::Error::ConnectionClosed)));
+    }
 
     #[test]
     fn payloads_round_trip_and_counts_add_up() {
