@@ -131,6 +131,12 @@ struct Common {
     /// Turns per target.
     #[arg(long, default_value_t = 2)]
     repeat: usize,
+    /// Seconds of an unmeasured run against every target, at --rate, before
+    /// the first turn (0: none). The first run of a fluxbench process (its
+    /// threads, its memory) and of a fresh server is slower than the rest,
+    /// and it would otherwise always fall on the first target.
+    #[arg(long, default_value_t = 2)]
+    warmup: u64,
     /// Print one JSON object per run instead of the table.
     #[arg(long)]
     json: bool,
@@ -462,10 +468,28 @@ fn process_rss_kib(pid: u32) -> Result<u64> {
         .context("VmRSS")
 }
 
+/// The turn number a warm-up run's topics are named with (apart from every
+/// measured turn's).
+const WARMUP_TURN: usize = 999;
+
 /// Runs a shape against every target in turns (or searches each for its
 /// maximum), prints or writes the results.
 fn run_all(shape: scenario::Shape, common: &Common) -> Result<()> {
     let targets = common.targets.iter().map(|t| parse_target(t)).collect::<Result<Vec<_>>>()?;
+    if common.warmup > 0 {
+        let warmup = scenario::Shape { seconds: common.warmup, ..shape.clone() };
+        for target in &targets {
+            let run = one_run(target, &warmup, WARMUP_TURN)?;
+            eprintln!(
+                "  {} warm-up @{}/s for {}s: lost {}, p99 {:.2} ms (not counted)",
+                target.name,
+                warmup.rate,
+                warmup.seconds,
+                run.lost,
+                run.latency_us.value_at_quantile(0.99) as f64 / 1000.0
+            );
+        }
+    }
     let mut runs = Vec::new();
     for turn in 0..common.repeat {
         for target in &targets {
