@@ -107,12 +107,12 @@ pub struct ConnectionSlot {
 }
 
 impl ConnectionSlot {
-    /// A connection the accept loop admitted into the node-wide count.
-    pub fn admitted(shard: Rc<Shard>) -> ConnectionSlot {
+    /// A connection the accept loop admitted, with its place in the node's
+    /// count.
+    pub fn admitted(shard: Rc<Shard>, node: NodeConnection) -> ConnectionSlot {
         metrics::add(&shard.metrics.connections_current, 1);
         metrics::add(&shard.metrics.connections_total, 1);
-        let node = Some(NodeConnection(shard.node.clone()));
-        ConnectionSlot { shard, node }
+        ConnectionSlot { shard, node: Some(node) }
     }
 
     /// A connection a peer handed over, with its place in the node's count.

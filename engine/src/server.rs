@@ -15,7 +15,7 @@ use crate::config::Config;
 use crate::limits::{IO_MEMORY_BYTES_PER_SHARD, SHARD_CHANNEL_BATCHES, SHUTDOWN_POLL_MS};
 use crate::metrics;
 use crate::runtime;
-use crate::shard::{Batch, NodeShared, Shard};
+use crate::shard::{Batch, NodeConnection, NodeShared, Shard};
 use crate::ws::close_code;
 
 /// Why the node could not run.
@@ -112,13 +112,12 @@ async fn shard_main(
 async fn accept_loop(shard: &Rc<Shard>, listener: &TcpListener, data_queue: glommio::TaskQueueHandle) {
     let max = shard.config.connections_max;
     while let Some(stream) = runtime::accept_next(listener, shard.id, || shard.shutting_down()).await {
-        if shard.node.connections.fetch_add(1, Ordering::AcqRel) >= max {
-            shard.node.connections.fetch_sub(1, Ordering::AcqRel);
+        let Some(place) = NodeConnection::take(&shard.node, max) else {
             metrics::add(&shard.metrics.connections_rejected, 1);
             reject(stream);
             continue;
-        }
-        let slot = crate::conn::ConnectionSlot::admitted(shard.clone());
+        };
+        let slot = crate::conn::ConnectionSlot::admitted(shard.clone(), place);
         let spawned = glommio::spawn_local_into(crate::conn::serve(shard.clone(), stream, slot), data_queue);
         if let Ok(task) = spawned {
             task.detach();

@@ -81,7 +81,18 @@ pub struct Handoff {
 /// One connection's place in the node-wide count (`NodeShared::connections`),
 /// taken at accept; dropping it gives the place back.
 #[derive(Debug)]
-pub struct NodeConnection(pub Arc<NodeShared>);
+pub struct NodeConnection(Arc<NodeShared>);
+
+impl NodeConnection {
+    /// Takes a place if fewer than `max` connections are open on the node.
+    pub fn take(node: &Arc<NodeShared>, max: usize) -> Option<NodeConnection> {
+        if node.connections.fetch_add(1, Ordering::AcqRel) >= max {
+            node.connections.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(NodeConnection(node.clone()))
+    }
+}
 
 impl Drop for NodeConnection {
     fn drop(&mut self) {
