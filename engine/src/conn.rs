@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::future::poll_fn;
 use std::io;
 use std::net::{Shutdown, SocketAddr};
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, IntoRawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd};
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
@@ -181,11 +181,13 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream, slot: ConnectionSlot) {
         let route = http::route(&head.method, &head.path);
         let upgrade = matches!(route, Route::LegacySubscribe | Route::TopicSocket(_) | Route::NativeSocket);
         if upgrade {
-            if let Some(owner) = handoff_target(&shard, &head, &route) {
-                match hand_off(&shard, io, buf, head, client, slot, owner) {
-                    Ok(()) => return,
-                    Err((io, buf, head, slot)) => return websocket(shard, io, buf, head, route, client, slot).await,
-                }
+            // A socket that cannot be duplicated (descriptor limit) is
+            // served here.
+            if let Some((owner, fd)) =
+                handoff_target(&shard, &head, &route).and_then(|owner| Some((owner, duplicate(&io)?)))
+            {
+                drop(io); // closes this shard's descriptor; the duplicate travels
+                return hand_off(&shard, fd, buf, head, client, slot, owner);
             }
             return websocket(shard, io, buf, head, route, client, slot).await;
         }
@@ -219,29 +221,29 @@ fn handoff_target(shard: &Shard, head: &RequestHead, route: &Route) -> Option<us
     (owner != shard.id).then_some(owner)
 }
 
-/// Hands the connection to shard `owner`: a duplicate of the socket, the
-/// bytes read past the head, and the head itself travel in the shard mesh;
-/// this shard closes its own descriptor. If the socket cannot be
-/// duplicated (descriptor limit), everything comes back to be served here.
-#[allow(clippy::type_complexity, clippy::result_large_err)]
+/// A duplicate of the connection's socket, if the descriptor limit allows.
+fn duplicate(io: &Io) -> Option<OwnedFd> {
+    let raw = io.0.borrow().as_raw_fd();
+    // SAFETY: `raw` is the open socket `io` owns, and `io` outlives this borrow.
+    unsafe { BorrowedFd::borrow_raw(raw) }.try_clone_to_owned().ok()
+}
+
+/// Hands the connection to shard `owner`: the socket (`fd`, a duplicate;
+/// the caller closed its own), the bytes read past the head, and the head
+/// itself travel in the shard mesh with the connection's place in the
+/// node's count.
 fn hand_off(
     shard: &Shard,
-    io: Io,
+    fd: OwnedFd,
     buf: BytesMut,
     head: RequestHead,
     client: SocketAddr,
     slot: ConnectionSlot,
     owner: usize,
-) -> Result<(), (Io, BytesMut, RequestHead, ConnectionSlot)> {
-    let raw = io.0.borrow().as_raw_fd();
-    // SAFETY: `raw` is the open socket `io` owns, and `io` outlives this borrow.
-    let duplicate = unsafe { BorrowedFd::borrow_raw(raw) }.try_clone_to_owned();
-    let Ok(fd) = duplicate else { return Err((io, buf, head, slot)) };
-    drop(io);
-    let Some(node) = slot.leave() else { return Ok(()) }; // admitted slots always hold one
+) {
+    let Some(node) = slot.leave() else { return }; // admitted slots always hold one
     metrics::add(&shard.metrics.connections_handed_off, 1);
     shard.hand_off(owner, Handoff { fd, buf: buf.to_vec(), head, client, node });
-    Ok(())
 }
 
 /// Serves a connection a peer handed over (see `hand_off`): the WebSocket
