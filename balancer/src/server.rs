@@ -76,21 +76,22 @@ impl Balancer {
         let bound = Arc::new(AtomicUsize::new(0));
         let mut control_parts = Some((membership, senders));
         let mut receivers = receivers.into_iter();
-        let handles = runtime::start_executors(config.shards, "fluxbalancer", IO_MEMORY_BYTES_PER_SHARD, |index| {
-            let parts = if index == 0 { control_parts.take() } else { None };
-            let receiver = receivers.next().flatten();
-            let setup = ShardSetup {
-                index,
-                config: config.clone(),
-                view: first_view.clone(),
-                shard_stats: shard_stats.clone(),
-                shutdown: self.shutdown.clone(),
-                bound: bound.clone(),
-                addrs: (self.local_addr, self.admin_addr),
-            };
-            move || shard_main(setup, parts, receiver)
-        })
-        .map_err(ServerError::Executor)?;
+        let handles =
+            runtime::start_executors(config.shards, "fluxbalancer", IO_MEMORY_BYTES_PER_SHARD, false, |index| {
+                let parts = if index == 0 { control_parts.take() } else { None };
+                let receiver = receivers.next().flatten();
+                let setup = ShardSetup {
+                    index,
+                    config: config.clone(),
+                    view: first_view.clone(),
+                    shard_stats: shard_stats.clone(),
+                    shutdown: self.shutdown.clone(),
+                    bound: bound.clone(),
+                    addrs: (self.local_addr, self.admin_addr),
+                };
+                move |_private_table| shard_main(setup, parts, receiver)
+            })
+            .map_err(ServerError::Executor)?;
         if runtime::wait_for_count(&bound, config.shards) {
             on_ready(self.local_addr, self.admin_addr);
         }

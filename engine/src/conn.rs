@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::future::poll_fn;
 use std::io;
 use std::net::{Shutdown, SocketAddr};
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, IntoRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, IntoRawFd};
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::atomic::Ordering;
@@ -31,7 +31,7 @@ use crate::native::{self, Request};
 use crate::outbound::{DirectSink, Outbound};
 use crate::owner::OwnerError;
 use crate::proxy_protocol::{self, ProxyError, ProxyHeader};
-use crate::shard::{Format, Handoff, NodeConnection, PublishDone, Shard};
+use crate::shard::{Adoption, Format, Handoff, NodeConnection, PublishDone, Shard};
 use crate::sync::Event;
 use crate::topic::TopicName;
 use crate::ws::{self, close_code, Decoder, WsEvent};
@@ -181,13 +181,11 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream, slot: ConnectionSlot) {
         let route = http::route(&head.method, &head.path);
         let upgrade = matches!(route, Route::LegacySubscribe | Route::TopicSocket(_) | Route::NativeSocket);
         if upgrade {
-            // A socket that cannot be duplicated (descriptor limit) is
-            // served here.
-            if let Some((owner, fd)) =
-                handoff_target(&shard, &head, &route).and_then(|owner| Some((owner, duplicate(&io)?)))
+            // A socket the link refuses (its buffer is full) is served here.
+            if let Some((owner, seq)) = handoff_target(&shard, &head, &route).and_then(|owner| pass(&shard, &io, owner))
             {
-                drop(io); // closes this shard's descriptor; the duplicate travels
-                return hand_off(&shard, fd, buf, head, client, slot, owner);
+                drop(io); // the link holds the socket now
+                return hand_off(&shard, seq, buf, head, client, slot, owner);
             }
             return websocket(shard, io, buf, head, route, client, slot).await;
         }
@@ -221,20 +219,28 @@ fn handoff_target(shard: &Shard, head: &RequestHead, route: &Route) -> Option<us
     (owner != shard.id).then_some(owner)
 }
 
-/// A duplicate of the connection's socket, if the descriptor limit allows.
-fn duplicate(io: &Io) -> Option<OwnedFd> {
+/// Sends the connection's socket to shard `owner`'s descriptor table; the
+/// record number, or None if the link refused it.
+fn pass(shard: &Shard, io: &Io, owner: usize) -> Option<(usize, u64)> {
     let raw = io.0.borrow().as_raw_fd();
     // SAFETY: `raw` is the open socket `io` owns, and `io` outlives this borrow.
-    unsafe { BorrowedFd::borrow_raw(raw) }.try_clone_to_owned().ok()
+    let fd = unsafe { BorrowedFd::borrow_raw(raw) };
+    match shard.pass_socket(owner, fd) {
+        Ok(seq) => Some((owner, seq)),
+        Err(e) => {
+            tracing::debug!(shard = shard.id, owner, "hand-off refused, serving here: {e}");
+            None
+        }
+    }
 }
 
-/// Hands the connection to shard `owner`: the socket (`fd`, a duplicate;
-/// the caller closed its own), the bytes read past the head, and the head
-/// itself travel in the shard mesh with the connection's place in the
-/// node's count.
+/// Hands the connection to shard `owner`: its socket went ahead as link
+/// record `seq` (the caller closed its own descriptor); the bytes read past
+/// the head and the head itself travel in the shard mesh with the
+/// connection's place in the node's count.
 fn hand_off(
     shard: &Shard,
-    fd: OwnedFd,
+    seq: u64,
     buf: BytesMut,
     head: RequestHead,
     client: SocketAddr,
@@ -243,13 +249,13 @@ fn hand_off(
 ) {
     let Some(node) = slot.leave() else { return }; // admitted slots always hold one
     metrics::add(&shard.metrics.connections_handed_off, 1);
-    shard.hand_off(owner, Handoff { fd, buf: buf.to_vec(), head, client, node });
+    shard.hand_off(owner, Handoff { seq, buf: buf.to_vec(), head, client, node });
 }
 
 /// Serves a connection a peer handed over (see `hand_off`): the WebSocket
 /// handshake and session, as if it had been accepted here.
-pub async fn adopt(shard: Rc<Shard>, handoff: Handoff) {
-    let Handoff { fd, buf, head, client, node } = handoff;
+pub async fn adopt(shard: Rc<Shard>, adoption: Adoption) {
+    let Adoption { fd, handoff: Handoff { seq: _, buf, head, client, node } } = adoption;
     let slot = ConnectionSlot::adopted(shard.clone(), node);
     // SAFETY: `fd` is an open TCP socket this task now owns alone.
     let stream = unsafe { TcpStream::from_raw_fd(fd.into_raw_fd()) };

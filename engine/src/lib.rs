@@ -24,12 +24,14 @@
 //! The shell:
 //! - [`shard`]: a shard's state and tasks, and the cross-shard items.
 //! - [`conn`]: one connection: HTTP, then a WebSocket session.
+//! - [`fdpass`]: moving a socket between shards' descriptor tables.
 //! - [`server`]: executors, mesh, listeners, graceful shutdown.
 //! - [`runtime`]: the glommio shell shared with `fluxbalancer`: port
 //!   reservation, executor start, accept loop, logging, signals.
 
 pub mod config;
 pub mod conn;
+pub mod fdpass;
 pub mod history;
 pub mod http;
 pub mod limits;

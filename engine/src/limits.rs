@@ -57,7 +57,10 @@ pub const TOPICS_MAX_DEFAULT: usize = 4096;
 pub const SUBSCRIPTIONS_PER_CONNECTION_MAX_DEFAULT: usize = 1024;
 /// Default most open client connections per node, every shard together
 /// (one count, so a topic socket handed to its owner shard needs no room
-/// there). The open-files limit here is 20000; keep headroom for it.
+/// there). Each shard has a descriptor table of its own, so the open-files
+/// limit (20,000 here) applies per shard; the default fits one shard's
+/// table with headroom, and a node with more shards may be given more (it
+/// warns at start if the limit cannot hold `connections_max`).
 pub const CONNECTIONS_MAX_DEFAULT: usize = 16_384;
 
 /// Default time a client has to send a complete HTTP request head.

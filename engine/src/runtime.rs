@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use glommio::net::{TcpListener, TcpStream};
-use glommio::{ExecutorJoinHandle, LocalExecutorBuilder, Placement};
+use glommio::{LocalExecutorBuilder, Placement};
 
 use crate::limits::{IO_URING_RING_DEPTH, SHUTDOWN_POLL_MS};
 
@@ -24,46 +24,135 @@ pub fn reserve(addr: SocketAddr) -> std::io::Result<(socket2::Socket, SocketAddr
     Ok((socket, local))
 }
 
+/// Running executors: their threads, and which of them run with a
+/// descriptor table of their own.
+#[derive(Debug)]
+pub struct Executors {
+    handles: Vec<std::thread::JoinHandle<Result<(), String>>>,
+    /// Per executor: whether it runs with a private descriptor table.
+    pub private_tables: Vec<bool>,
+}
+
 /// Starts `shards` executors, pinned to cores 0.. when there are enough
 /// cores, named `{name}-{index}`. `make(index)` runs here and returns what
-/// runs there: a `Send` closure that builds the shard's (non-`Send`) future.
+/// runs there: a `Send` closure that builds the shard's (non-`Send`) future,
+/// told whether the shard's descriptor table is its own.
 ///
-/// Executors are created one at a time: each signals from inside its first
-/// poll before the next is built. A precaution, not a proven fix: with
-/// concurrent creation (LocalExecutorPoolBuilder) fluxnode twice aborted at
-/// start-up with "malloc(): unaligned tcache chunk detected" (see "Known
-/// problems" in ARCHITECTURE.md).
+/// With `private_tables`, each executor thread leaves the process's shared
+/// descriptor table for a copy of its own (`unshare(CLONE_FILES)`) before
+/// its future starts. The open-files limit bounds each table, not the
+/// process, so a node of N shards holds N times as many connections. A
+/// descriptor number then means something on its own shard only (see
+/// `fdpass` for the hand-off). Every executor is
+/// made (its ring, and the eventfd other threads write to wake it) before
+/// any leaves the shared table, so those numbers mean the same in every
+/// copy. (glommio's placeholder notifier for disconnected channels is made
+/// lazily, maybe in one shard's copy; it is never written to.) If `unshare`
+/// is refused (a seccomp profile), that shard stays on the shared table and
+/// the node says so in its log.
+///
+/// Executors are created one at a time. A precaution, not a proven fix:
+/// with concurrent creation (LocalExecutorPoolBuilder) fluxnode twice
+/// aborted at start-up with "malloc(): unaligned tcache chunk detected" (see
+/// "Known problems" in ARCHITECTURE.md).
 pub fn start_executors<G, Fut>(
     shards: usize,
     name: &str,
     io_memory: usize,
+    private_tables: bool,
     mut make: impl FnMut(usize) -> G,
-) -> Result<Vec<ExecutorJoinHandle<Result<(), String>>>, String>
+) -> Result<Executors, String>
 where
-    G: FnOnce() -> Fut + Send + 'static,
+    G: FnOnce(bool) -> Fut + Send + 'static,
     Fut: Future<Output = Result<(), String>> + 'static,
 {
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let mut handles = Vec::with_capacity(shards);
+    let mut go = Vec::with_capacity(shards);
+    let (started_tx, started_rx) = std::sync::mpsc::channel::<(usize, bool)>();
     for index in 0..shards {
         let placement = if shards <= cores { Placement::Fixed(index) } else { Placement::Unbound };
-        let (started_tx, started_rx) = std::sync::mpsc::channel::<()>();
+        let (made_tx, made_rx) = std::sync::mpsc::channel::<Result<(), String>>();
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+        let started_tx = started_tx.clone();
         let build = make(index);
-        let handle = LocalExecutorBuilder::new(placement)
-            .name(&format!("{name}-{index}"))
-            .io_memory(io_memory)
-            .ring_depth(IO_URING_RING_DEPTH)
-            .spawn(move || async move {
-                let _ = started_tx.send(());
-                build().await
+        let executor_name = format!("{name}-{index}");
+        let handle = std::thread::Builder::new()
+            .name(executor_name.clone())
+            .spawn(move || {
+                let made = LocalExecutorBuilder::new(placement)
+                    .name(&executor_name)
+                    .io_memory(io_memory)
+                    .ring_depth(IO_URING_RING_DEPTH)
+                    .make()
+                    .map_err(|e| e.to_string());
+                let executor = match made {
+                    Ok(executor) => {
+                        let _ = made_tx.send(Ok(()));
+                        executor
+                    }
+                    Err(e) => {
+                        let _ = made_tx.send(Err(e.clone()));
+                        return Err(e);
+                    }
+                };
+                go_rx.recv().map_err(|_| "start-up abandoned".to_string())?;
+                let private = private_tables && leave_shared_table(index);
+                executor.run(async move {
+                    let _ = started_tx.send((index, private));
+                    build(private).await
+                })
             })
             .map_err(|e| e.to_string())?;
-        if started_rx.recv_timeout(Duration::from_secs(30)).is_err() {
-            return Err(format!("shard {index} did not start"));
+        match made_rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => return Err(format!("shard {index}: {e}")),
+            Err(_) => return Err(format!("shard {index} was not made")),
         }
         handles.push(handle);
+        go.push(go_tx);
     }
-    Ok(handles)
+    for go_tx in go {
+        let _ = go_tx.send(());
+    }
+    let mut private_tables = vec![false; shards];
+    for _ in 0..shards {
+        let (index, private) =
+            started_rx.recv_timeout(Duration::from_secs(30)).map_err(|_| "a shard did not start".to_string())?;
+        private_tables[index] = private;
+    }
+    Ok(Executors { handles, private_tables })
+}
+
+/// Gives the calling thread a private copy of the descriptor table; whether
+/// it did.
+fn leave_shared_table(shard: usize) -> bool {
+    // SAFETY: unshare(CLONE_FILES) only copies this thread's table.
+    if unsafe { libc::unshare(libc::CLONE_FILES) } == 0 {
+        return true;
+    }
+    let e = std::io::Error::last_os_error();
+    tracing::warn!(shard, "unshare(CLONE_FILES) refused ({e}): this shard shares the process's descriptor table");
+    false
+}
+
+/// Raises the open-files soft limit to the hard limit (as Go programs such
+/// as nats-server do at start); the soft limit afterwards.
+pub fn raise_open_files_limit() -> u64 {
+    // SAFETY: plain getrlimit/setrlimit on a local struct.
+    unsafe {
+        let mut limit: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return 0;
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit { rlim_cur: limit.rlim_max, rlim_max: limit.rlim_max };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                return raised.rlim_cur;
+            }
+        }
+        limit.rlim_cur
+    }
 }
 
 /// Blocks until `count` reaches `target` or 30 s pass (readiness: every
@@ -77,13 +166,14 @@ pub fn wait_for_count(count: &std::sync::atomic::AtomicUsize, target: usize) -> 
 }
 
 /// Waits for every executor; the errors of those that failed, joined.
-pub fn join_executors(handles: Vec<ExecutorJoinHandle<Result<(), String>>>) -> Result<(), String> {
-    let failed: Vec<String> = handles
+pub fn join_executors(executors: Executors) -> Result<(), String> {
+    let failed: Vec<String> = executors
+        .handles
         .into_iter()
         .filter_map(|h| match h.join() {
             Ok(Ok(())) => None,
             Ok(Err(e)) => Some(e),
-            Err(e) => Some(e.to_string()),
+            Err(_) => Some("an executor panicked".to_string()),
         })
         .collect();
     if failed.is_empty() {

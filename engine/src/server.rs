@@ -11,7 +11,8 @@ use glommio::channels::channel_mesh::MeshBuilder;
 use glommio::net::TcpListener;
 use glommio::{Latency, Shares};
 
-use crate::config::Config;
+use crate::config::{Config, TopicSockets};
+use crate::fdpass::{LinkMatrix, Links};
 use crate::limits::{IO_MEMORY_BYTES_PER_SHARD, SHARD_CHANNEL_BATCHES, SHUTDOWN_POLL_MS};
 use crate::metrics;
 use crate::runtime;
@@ -59,20 +60,58 @@ impl Node {
         let mesh = MeshBuilder::<Batch, _>::full(config.shards, SHARD_CHANNEL_BATCHES);
         let drained = Arc::new(AtomicUsize::new(0));
         let addr = self.local_addr;
-        let handles = runtime::start_executors(shards, "fluxnode", IO_MEMORY_BYTES_PER_SHARD, |_| {
-            let (config, mesh, shared, bound, drained) =
-                (config.clone(), mesh.clone(), self.shared.clone(), self.bound.clone(), drained.clone());
-            move || shard_main(config, mesh, shared, addr, bound, drained)
+        let open_files = runtime::raise_open_files_limit() as usize;
+        // Topic sockets move between shards' descriptor tables over these.
+        let links = if shards > 1 && config.topic_sockets == TopicSockets::Owner {
+            Some(Arc::new(LinkMatrix::new(shards).map_err(|e| ServerError::Executor(format!("hand-off links: {e}")))?))
+        } else {
+            None
+        };
+        let executors = runtime::start_executors(shards, "fluxnode", IO_MEMORY_BYTES_PER_SHARD, true, |_| {
+            let (config, mesh, shared, bound, drained, links) =
+                (config.clone(), mesh.clone(), self.shared.clone(), self.bound.clone(), drained.clone(), links.clone());
+            move |private_table| {
+                let start = ShardStart { addr, bound, drained, links, private_table };
+                shard_main(config, mesh, shared, start)
+            }
         })
         .map_err(ServerError::Executor)?;
+        let private = executors.private_tables.iter().filter(|&&p| p).count();
+        let room = open_files * private.max(1);
+        tracing::info!(shards, private_tables = private, open_files_per_table = open_files, "descriptor tables");
+        if config.connections_max > room {
+            tracing::warn!(
+                connections_max = config.connections_max,
+                "the open-files limit ({open_files} per table, {private} private tables) allows about {room} connections"
+            );
+        }
         // Readiness waits for every shard's listener.
         let all_bound = runtime::wait_for_count(&self.bound, shards);
         self.shared.ready.store(all_bound && !self.shared.shutdown.load(Ordering::Acquire), Ordering::Release);
+        // Every shard claimed its links before binding; once none uses this
+        // table, its copies go.
+        if let Some(links) = links.filter(|_| all_bound && private == shards).and_then(|l| Arc::try_unwrap(l).ok()) {
+            links.release();
+        }
         if all_bound {
             on_ready(self.local_addr);
         }
-        runtime::join_executors(handles).map_err(ServerError::Executor)
+        runtime::join_executors(executors).map_err(ServerError::Executor)
     }
+}
+
+/// What a shard starts from besides the configuration and the mesh.
+struct ShardStart {
+    /// The address every shard binds (SO_REUSEPORT).
+    addr: SocketAddr,
+    /// Shards that finished binding.
+    bound: Arc<AtomicUsize>,
+    /// Shards that finished draining.
+    drained: Arc<AtomicUsize>,
+    /// The hand-off links, if topic sockets move to their owner.
+    links: Option<Arc<LinkMatrix>>,
+    /// Whether this shard runs with a descriptor table of its own.
+    private_table: bool,
 }
 
 /// One shard's life: join the mesh, start tasks, accept until shutdown,
@@ -81,10 +120,9 @@ async fn shard_main(
     config: Arc<Config>,
     mesh: MeshBuilder<Batch, glommio::channels::channel_mesh::Full>,
     shared: Arc<NodeShared>,
-    addr: SocketAddr,
-    bound: Arc<AtomicUsize>,
-    drained: Arc<AtomicUsize>,
+    start: ShardStart,
 ) -> Result<(), String> {
+    let ShardStart { addr, bound, drained, links, private_table } = start;
     let executor = glommio::executor();
     let data_queue =
         executor.create_task_queue(Shares::Static(1000), Latency::Matters(Duration::from_millis(1)), "data");
@@ -92,7 +130,8 @@ async fn shard_main(
     let (senders, mut receivers) = mesh.join().await.map_err(|_| "cannot join the shard mesh".to_string())?;
     let id = senders.peer_id();
     let shards = config.shards;
-    let shard = Shard::new(id, shards, config.clone(), shared.clone(), Some(senders), control_queue);
+    let links = links.map_or_else(|| Links::none(shards), |l| l.claim(id, private_table));
+    let shard = Shard::new(id, shards, config.clone(), shared.clone(), Some(senders), control_queue, links);
     shard.start(receivers.streams(), data_queue);
     let listener = TcpListener::bind(addr).map_err(|e| format!("shard {id}: cannot bind {addr}: {e}"))?;
     bound.fetch_add(1, Ordering::AcqRel);

@@ -24,6 +24,7 @@ use glommio::channels::shared_channel::ConnectedReceiver;
 use glommio::sync::{Semaphore, StaticPermit};
 
 use crate::config::Config;
+use crate::fdpass::Links;
 use crate::limits::{
     FANOUT_PENDING_BYTES_MAX, ITEM_OVERHEAD_BYTES, OUTBOX_BYTES_MAX, READ_SCRATCH_BYTES,
     REMOTE_PUBLISH_BYTES_IN_FLIGHT_MAX, WRITE_BATCH_BYTES_MAX,
@@ -61,12 +62,13 @@ pub enum Item {
 }
 
 /// A topic socket handed to the shard that owns its topic, between its
-/// request head and the 101 (see `Config::topic_sockets`). Dropping it
-/// closes the connection.
+/// request head and the 101 (see `Config::topic_sockets`). The socket
+/// itself travels beside it, over the hand-off link (`fdpass`), as record
+/// `seq`. Dropping it closes the connection.
 #[derive(Debug)]
 pub struct Handoff {
-    /// The socket (a duplicate; the accepting shard closed its own).
-    pub fd: std::os::fd::OwnedFd,
+    /// The socket's record number on the link from the sending shard.
+    pub seq: u64,
     /// Bytes read after the request head.
     pub buf: Vec<u8>,
     /// The parsed request head.
@@ -76,6 +78,15 @@ pub struct Handoff {
     /// The connection's place in the node's count, released if the hand-off
     /// is dropped on the way (shutdown).
     pub node: NodeConnection,
+}
+
+/// A hand-off whose socket has arrived, for the adopter task.
+#[derive(Debug)]
+pub struct Adoption {
+    /// The socket, in this shard's descriptor table.
+    pub fd: std::os::fd::OwnedFd,
+    /// Everything else the accepting shard knew.
+    pub handoff: Handoff,
 }
 
 /// One connection's place in the node-wide count (`NodeShared::connections`),
@@ -294,7 +305,9 @@ pub struct Shard {
     /// Latencies of one flush, counted per message before the histogram.
     latency_tally: RefCell<LatencyTally>,
     /// Connections handed over by peers, for the adopter task.
-    handoffs: RefCell<Vec<Handoff>>,
+    handoffs: RefCell<Vec<Adoption>>,
+    /// Where sockets cross to and from peers' descriptor tables.
+    links: Links,
     /// Wakes the adopter task.
     handoff_wake: Event,
 }
@@ -308,6 +321,7 @@ impl Shard {
         node: Arc<NodeShared>,
         senders: Option<Senders<Batch>>,
         control_queue: glommio::TaskQueueHandle,
+        links: Links,
     ) -> Rc<Shard> {
         let topics_max = config.topics_max.div_ceil(shards);
         Rc::new(Shard {
@@ -338,6 +352,7 @@ impl Shard {
             latency_tally: RefCell::default(),
             handoffs: RefCell::default(),
             handoff_wake: Event::default(),
+            links,
         })
     }
 
@@ -425,7 +440,15 @@ impl Shard {
         glommio::spawn_local_into(async move { shard.adopter(data_queue).await }, data_queue).map(|t| t.detach()).ok();
     }
 
-    /// Hands a connection to shard `owner` (see [`Handoff`]).
+    /// Sends a socket to shard `owner`'s descriptor table, first of the two
+    /// halves of a hand-off; the record number for the [`Handoff`]. On an
+    /// error (the link's buffer is full) the socket stays here.
+    pub fn pass_socket(&self, owner: usize, fd: std::os::fd::BorrowedFd<'_>) -> std::io::Result<u64> {
+        self.links.send(owner, fd)
+    }
+
+    /// Hands a connection to shard `owner` (see [`Handoff`]), after
+    /// `pass_socket`.
     pub fn hand_off(&self, owner: usize, handoff: Handoff) {
         self.send(owner, Item::Handoff(Box::new(handoff)));
     }
@@ -438,8 +461,8 @@ impl Shard {
                 self.handoff_wake.wait().await;
                 continue;
             }
-            for handoff in handoffs {
-                let task = glommio::spawn_local_into(crate::conn::adopt(self.clone(), handoff), data_queue);
+            for adoption in handoffs {
+                let task = glommio::spawn_local_into(crate::conn::adopt(self.clone(), adoption), data_queue);
                 if let Ok(task) = task {
                     task.detach();
                 }
@@ -655,10 +678,15 @@ impl Shard {
                     slot.set(*stats);
                 }
             }
-            Item::Handoff(handoff) => {
-                self.handoffs.borrow_mut().push(*handoff);
-                self.handoff_wake.notify();
-            }
+            Item::Handoff(handoff) => match self.links.receive(from, handoff.seq) {
+                Ok(fd) => {
+                    self.handoffs.borrow_mut().push(Adoption { fd, handoff: *handoff });
+                    self.handoff_wake.notify();
+                }
+                // This table is full (EMFILE), or the record is gone: the
+                // client sees the connection close before its 101.
+                Err(e) => tracing::warn!(shard = self.id, from, "handed-off socket not received: {e}"),
+            },
         }
     }
 

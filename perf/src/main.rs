@@ -406,20 +406,65 @@ fn main() -> Result<()> {
     }
 }
 
+/// Most connections one idle worker thread holds: each worker has a
+/// descriptor table of its own, and the open-files limit (20,000 on the
+/// machines this was written on, which root cannot raise) bounds each table,
+/// not the process. 15,000 leaves room for everything else a table holds.
+const IDLE_CONNECTIONS_PER_WORKER: usize = 15_000;
+
 fn idle(args: IdleArgs) -> Result<()> {
     let target = parse_target(&args.target)?;
     let pid = target.pid.context("idle needs pid= in the target to read the server's memory")?;
     let topics = args.topics.max(1);
     let before = process_rss_kib(pid)?;
-    let mut held = Vec::with_capacity(args.connections);
+    let workers = args.connections.div_ceil(IDLE_CONNECTIONS_PER_WORKER).max(1);
     let start = Instant::now();
-    for i in 0..args.connections {
-        let source =
-            (args.sources > 1).then(|| std::net::IpAddr::from([127, 0, 0, 1 + (i % args.sources as usize) as u8]));
-        held.push(
-            Conn::open_from(&target, &format!("idle.{}", i % topics), true, source)
-                .with_context(|| format!("connection {i}"))?,
-        );
+    let (opened_tx, opened_rx) = std::sync::mpsc::channel::<Result<()>>();
+    let mut go = Vec::with_capacity(workers);
+    let mut handles = Vec::with_capacity(workers);
+    for worker in 0..workers {
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+        go.push(go_tx);
+        let (target, opened_tx, sources) = (target.clone(), opened_tx.clone(), args.sources);
+        let first = worker * args.connections / workers;
+        let last = (worker + 1) * args.connections / workers;
+        handles.push(std::thread::spawn(move || -> usize {
+            // Several workers: each leaves the shared descriptor table for a
+            // copy of its own, so the limit applies to each (see above).
+            // SAFETY: unshare(CLONE_FILES) only copies this thread's table.
+            if workers > 1 && unsafe { libc::unshare(libc::CLONE_FILES) } != 0 {
+                let _ = opened_tx.send(Err(std::io::Error::last_os_error()).context("unshare(CLONE_FILES)"));
+                return 0;
+            }
+            let mut held = Vec::with_capacity(last - first);
+            for i in first..last {
+                let source =
+                    (sources > 1).then(|| std::net::IpAddr::from([127, 0, 0, 1 + (i % sources as usize) as u8]));
+                match Conn::open_from(&target, &format!("idle.{}", i % topics), true, source) {
+                    Ok(conn) => held.push(conn),
+                    Err(e) => {
+                        let _ = opened_tx.send(Err(e.context(format!("connection {i}"))));
+                        return 0;
+                    }
+                }
+            }
+            let _ = opened_tx.send(Ok(()));
+            if go_rx.recv().is_err() {
+                return 0;
+            }
+            let mut delivered = 0;
+            for conn in &mut held {
+                let got = conn.ws.get_ref().set_read_timeout(Some(std::time::Duration::from_secs(10)));
+                if got.is_ok() && conn.recv().is_ok() {
+                    delivered += 1;
+                }
+            }
+            delivered
+        }));
+    }
+    drop(opened_tx);
+    for _ in 0..workers {
+        opened_rx.recv().context("an idle worker stopped")??;
     }
     let opened = start.elapsed().as_secs_f64();
     // Every subscription was live before its handshake answer, so nothing is
@@ -427,7 +472,7 @@ fn idle(args: IdleArgs) -> Result<()> {
     let after = process_rss_kib(pid)?;
     let per_connection = (after.saturating_sub(before)) as f64 * 1024.0 / args.connections as f64;
     println!(
-        "{}: {} idle subscribed connections opened in {opened:.1}s; server RSS {before} KiB -> {after} KiB: {per_connection:.0} bytes per connection",
+        "{}: {} idle subscribed connections opened in {opened:.1}s by {workers} worker(s); server RSS {before} KiB -> {after} KiB: {per_connection:.0} bytes per connection",
         target.name, args.connections
     );
     // Then traffic: one message per topic, and every connection must get it.
@@ -441,20 +486,16 @@ fn idle(args: IdleArgs) -> Result<()> {
         publisher.send(&scenario::encode(0, t as u64, unix_micros(), scenario::PAYLOAD_BYTES_MIN))?;
         publisher.flush()?;
     }
-    let mut delivered = 0;
-    for conn in &mut held {
-        conn.ws.get_ref().set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
-        if conn.recv().is_ok() {
-            delivered += 1;
-        }
+    for go_tx in go {
+        let _ = go_tx.send(());
     }
+    let delivered: usize = handles.into_iter().map(|h| h.join().unwrap_or(0)).sum();
     println!(
         "{}: then one message per topic: delivered to {delivered} of {} connections in {:.2}s",
         target.name,
         args.connections,
         sent.elapsed().as_secs_f64()
     );
-    drop(held);
     Ok(())
 }
 
