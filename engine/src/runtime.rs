@@ -184,9 +184,12 @@ pub fn join_executors(executors: Executors) -> Result<(), String> {
 }
 
 /// The next accepted connection, or None once `stopping()` holds (checked
-/// every `SHUTDOWN_POLL_MS`). Accept errors (EMFILE and friends) are logged
-/// and retried after a short pause instead of spinning.
+/// every `SHUTDOWN_POLL_MS`). Accept errors (EMFILE and friends) are retried
+/// after a short pause instead of spinning, and logged at most once a second
+/// (a full descriptor table fails every retry).
 pub async fn accept_next(listener: &TcpListener, shard: usize, stopping: impl Fn() -> bool) -> Option<TcpStream> {
+    let mut logged: Option<std::time::Instant> = None;
+    let mut unlogged = 0u64;
     loop {
         let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
             while !stopping() {
@@ -199,7 +202,12 @@ pub async fn accept_next(listener: &TcpListener, shard: usize, stopping: impl Fn
             None => return None,
             Some(Ok(stream)) => return Some(stream),
             Some(Err(e)) => {
-                tracing::warn!(shard, "accept failed: {e}");
+                if logged.is_none_or(|at| at.elapsed() >= Duration::from_secs(1)) {
+                    tracing::warn!(shard, repeated = unlogged, "accept failed: {e}");
+                    (logged, unlogged) = (Some(std::time::Instant::now()), 0);
+                } else {
+                    unlogged += 1;
+                }
                 glommio::timer::sleep(Duration::from_millis(10)).await;
             }
         }
