@@ -76,8 +76,12 @@ impl Balancer {
         let bound = Arc::new(AtomicUsize::new(0));
         let mut control_parts = Some((membership, senders));
         let mut receivers = receivers.into_iter();
+        let open_files = runtime::raise_open_files_limit() as usize;
+        // A descriptor table per shard, as in fluxnode (runtime::start_executors):
+        // each proxied connection holds two descriptors on the shard that
+        // accepted it, and none moves between shards.
         let handles =
-            runtime::start_executors(config.shards, "fluxbalancer", IO_MEMORY_BYTES_PER_SHARD, false, |index| {
+            runtime::start_executors(config.shards, "fluxbalancer", IO_MEMORY_BYTES_PER_SHARD, true, |index| {
                 let parts = if index == 0 { control_parts.take() } else { None };
                 let receiver = receivers.next().flatten();
                 let setup = ShardSetup {
@@ -94,6 +98,20 @@ impl Balancer {
             .map_err(ServerError::Executor)?;
         if runtime::wait_for_count(&bound, config.shards) {
             on_ready(self.local_addr, self.admin_addr);
+        }
+        let private = handles.private_tables.iter().filter(|&&p| p).count();
+        let room = open_files * private.max(1) / 2; // two descriptors per connection
+        tracing::info!(
+            shards = config.shards,
+            private_tables = private,
+            open_files_per_table = open_files,
+            "descriptor tables"
+        );
+        if config.connections_max > room {
+            tracing::warn!(
+                connections_max = config.connections_max,
+                "the open-files limit ({open_files} per table, {private} private tables) allows about {room} proxied connections"
+            );
         }
         runtime::join_executors(handles).map_err(ServerError::Executor)
     }

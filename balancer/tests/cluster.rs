@@ -22,6 +22,11 @@ struct Balancer {
 
 impl Balancer {
     fn start(nodes: &[&Node], extra: &[&str]) -> Balancer {
+        Balancer::start_with(nodes, extra, None)
+    }
+
+    /// Starts it, under an open-files limit of `open_files` if given.
+    fn start_with(nodes: &[&Node], extra: &[&str], open_files: Option<usize>) -> Balancer {
         let mut args: Vec<String> =
             ["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"].iter().map(|s| s.to_string()).collect();
         for node in nodes {
@@ -30,9 +35,16 @@ impl Balancer {
         }
         args.extend(extra.iter().map(|s| s.to_string()));
         let log = std::env::var("FLUXBALANCER_LOG").unwrap_or_else(|_| "warn".into());
-        let (child, line) = common::spawn_announced(
-            Command::new(env!("CARGO_BIN_EXE_fluxbalancer")).args(&args).env("FLUXBALANCER_LOG", log),
-        );
+        let bin = env!("CARGO_BIN_EXE_fluxbalancer");
+        let mut command = match open_files {
+            None => Command::new(bin),
+            Some(n) => {
+                let mut sh = Command::new("sh");
+                sh.args(["-c", &format!("ulimit -n {n} && exec \"$0\" \"$@\""), bin]);
+                sh
+            }
+        };
+        let (child, line) = common::spawn_announced(command.args(&args).env("FLUXBALANCER_LOG", log));
         // "fluxbalancer listening on 127.0.0.1:P (admin 127.0.0.1:Q) with N shards"
         let addrs: Vec<&str> =
             line.split_whitespace().filter(|w| w.contains("127.0.0.1:")).map(|w| w.trim_end_matches(')')).collect();
@@ -323,4 +335,22 @@ fn a_silent_piped_connection_is_closed_after_the_tunnel_idle_timeout() {
     let waited = opened.elapsed();
     println!("silent connection closed after {} ms", waited.as_millis());
     assert!(waited < std::time::Duration::from_secs(10), "closed by the balancer, not by the test's read timeout");
+}
+
+#[test]
+fn each_balancer_shard_has_a_descriptor_table_of_its_own() {
+    // 180 proxied connections hold 360 descriptors: more than one table of
+    // 256 takes, well within two (SO_REUSEPORT splits them about evenly).
+    const OPEN_FILES: usize = 256;
+    const CONNECTIONS: usize = 180;
+    const _: () = assert!(2 * CONNECTIONS > OPEN_FILES);
+    let node = Node::start(&["--shards", "1"]);
+    let balancer = Balancer::start_with(&[&node], &["--shards", "2"], Some(OPEN_FILES));
+    let mut subs: Vec<Ws> = (0..CONNECTIONS).map(|_| subscribe(&balancer, "tables")).collect();
+    wait_until("every subscriber registered on the node", || node.subscribers("tables") == CONNECTIONS as u64);
+    let (status, body) = balancer.publish("tables", "through both tables");
+    assert_eq!(status, 200, "{body}");
+    for ws in &mut subs {
+        expect_text(ws, "through both tables");
+    }
 }
