@@ -99,20 +99,7 @@ impl Balancer {
         if runtime::wait_for_count(&bound, config.shards) {
             on_ready(self.local_addr, self.admin_addr);
         }
-        let private = handles.private_tables.iter().filter(|&&p| p).count();
-        let room = open_files * private.max(1) / 2; // two descriptors per connection
-        tracing::info!(
-            shards = config.shards,
-            private_tables = private,
-            open_files_per_table = open_files,
-            "descriptor tables"
-        );
-        if config.connections_max > room {
-            tracing::warn!(
-                connections_max = config.connections_max,
-                "the open-files limit ({open_files} per table, {private} private tables) allows about {room} proxied connections"
-            );
-        }
+        handles.check_room(open_files, config.connections_max, 2); // client and node
         runtime::join_executors(handles).map_err(ServerError::Executor)
     }
 }

@@ -30,7 +30,7 @@ pub fn reserve(addr: SocketAddr) -> std::io::Result<(socket2::Socket, SocketAddr
 pub struct Executors {
     handles: Vec<std::thread::JoinHandle<Result<(), String>>>,
     /// Per executor: whether it runs with a private descriptor table.
-    pub private_tables: Vec<bool>,
+    private_tables: Vec<bool>,
 }
 
 /// Starts `shards` executors, pinned to cores 0.. when there are enough
@@ -115,13 +115,40 @@ where
     for go_tx in go {
         let _ = go_tx.send(());
     }
-    let mut private_tables = vec![false; shards];
+    let mut private = vec![false; shards];
     for _ in 0..shards {
-        let (index, private) =
+        let (index, own_table) =
             started_rx.recv_timeout(Duration::from_secs(30)).map_err(|_| "a shard did not start".to_string())?;
-        private_tables[index] = private;
+        private[index] = own_table;
     }
-    Ok(Executors { handles, private_tables })
+    Ok(Executors { handles, private_tables: private })
+}
+
+impl Executors {
+    /// How many executors run with a descriptor table of their own.
+    pub fn private_count(&self) -> usize {
+        self.private_tables.iter().filter(|&&p| p).count()
+    }
+
+    /// Logs the descriptor tables and warns if `connections_max`
+    /// connections of `descriptors_each` cannot fit under `open_files` per
+    /// table.
+    pub fn check_room(&self, open_files: usize, connections_max: usize, descriptors_each: usize) {
+        let private = self.private_count();
+        let room = open_files * private.max(1) / descriptors_each.max(1);
+        tracing::info!(
+            executors = self.private_tables.len(),
+            private_tables = private,
+            open_files_per_table = open_files,
+            "descriptor tables"
+        );
+        if connections_max > room {
+            tracing::warn!(
+                connections_max,
+                "the open-files limit ({open_files} per table, {private} private tables) allows about {room} connections"
+            );
+        }
+    }
 }
 
 /// Gives the calling thread a private copy of the descriptor table; whether

@@ -76,15 +76,8 @@ impl Node {
             }
         })
         .map_err(ServerError::Executor)?;
-        let private = executors.private_tables.iter().filter(|&&p| p).count();
-        let room = open_files * private.max(1);
-        tracing::info!(shards, private_tables = private, open_files_per_table = open_files, "descriptor tables");
-        if config.connections_max > room {
-            tracing::warn!(
-                connections_max = config.connections_max,
-                "the open-files limit ({open_files} per table, {private} private tables) allows about {room} connections"
-            );
-        }
+        executors.check_room(open_files, config.connections_max, 1);
+        let private = executors.private_count();
         // Readiness waits for every shard's listener.
         let all_bound = runtime::wait_for_count(&self.bound, shards);
         self.shared.ready.store(all_bound && !self.shared.shutdown.load(Ordering::Acquire), Ordering::Release);
