@@ -28,8 +28,8 @@ use crate::limits::{HTTP_BODY_SLACK_BYTES, WRITE_BATCH_BYTES_MAX};
 use crate::message::PayloadKind;
 use crate::metrics;
 use crate::native::{self, Request};
-use crate::outbound::{DirectSink, Outbound};
-use crate::owner::OwnerError;
+use crate::outbound::{DirectSink, Outbound, Unsent};
+use crate::owner::{OwnerError, ResumeFrom, Resumed};
 use crate::proxy_protocol::{self, ProxyError, ProxyHeader};
 use crate::shard::{Adoption, Format, Handoff, NodeConnection, PublishDone, Shard};
 use crate::sync::Event;
@@ -43,6 +43,10 @@ const CLOSE_LINGER: Duration = Duration::from_secs(2);
 
 /// Close code sent on a raw socket when `?from=N` is older than history.
 pub const CLOSE_HISTORY_GAP: u16 = 4010;
+/// Close code sent on a raw socket when `?from=N` belongs to another
+/// sequence space (`epoch` differs, or N was never assigned here): nothing
+/// after N can be recovered.
+pub const CLOSE_HISTORY_LOST: u16 = 4011;
 
 /// A socket shared by the reader and writer tasks of one connection.
 #[derive(Clone, Debug)]
@@ -69,6 +73,11 @@ impl Io {
     /// socket buffer is full).
     fn try_send(&self, data: &[u8]) -> io::Result<usize> {
         self.0.try_send(data)
+    }
+
+    /// One write: the bytes the socket took (waits while it takes none).
+    async fn write_some(&self, data: &[u8]) -> io::Result<usize> {
+        poll_fn(|cx| Pin::new(&mut *self.0.borrow_mut()).poll_write(cx, data)).await
     }
 
     async fn write_all(&self, mut data: &[u8]) -> io::Result<()> {
@@ -458,6 +467,7 @@ async fn topic_list(shard: &Rc<Shard>, only: Option<&TopicName>) -> Vec<serde_js
                 "subscribers": subscribers.get(t.name.as_str()).copied().unwrap_or(0),
                 "publish_rate_per_sec": t.publish_rate_per_sec,
                 "owner_shard": t.name.owner_shard(shard.shards),
+                "epoch": t.epoch.to_string(),
             })
         })
         .collect();
@@ -542,7 +552,7 @@ async fn websocket(
         reader_done: Cell::new(false),
         reader_done_event: Event::default(),
     });
-    let (path, mut extra_headers, gap) = match prepare(&session, &head, route).await {
+    let (path, mut extra_headers, resume_close) = match prepare(&session, &head, route).await {
         Ok(prepared) => prepared,
         Err(response) => {
             let _ = session.io.write_all(&response).await;
@@ -559,9 +569,8 @@ async fn websocket(
         cleanup(&session, &path);
         return;
     }
-    if let Some(first) = gap {
-        let reason = format!("history gap: first retained seq is {first}; resume with from={}", first - 1);
-        session.out.close(CLOSE_HISTORY_GAP, &reason);
+    if let Some((code, reason)) = resume_close {
+        session.out.close(code, &reason);
     }
     // The session gets a task of its own, sized for the session only: this
     // task's future is sized for its largest state (HTTP handling, the
@@ -574,15 +583,19 @@ async fn websocket(
     .detach();
 }
 
+/// What the raw socket's client is told right after the 101 when its
+/// resume cannot be served: a close with the code and reason.
+type ResumeClose = Option<(u16, String)>;
+
 /// Work before the 101: validates the path's parameters and, for raw
 /// subscribers, makes the subscription live. Returns the path state, extra
-/// response headers and, for a raw `from` older than history, the first
-/// retained sequence.
+/// response headers and, for a raw `from` that cannot be served whole, the
+/// close that tells the client what it cannot get.
 async fn prepare(
     session: &Session,
     head: &RequestHead,
     route: Route,
-) -> Result<(Path, Vec<(&'static str, String)>, Option<u64>), Vec<u8>> {
+) -> Result<(Path, Vec<(&'static str, String)>, ResumeClose), Vec<u8>> {
     let bad = |code: &str, why: &str| http::json_error(400, code, why, false);
     match route {
         Route::LegacySubscribe => Ok((Path::Legacy { sub: None }, vec![], None)),
@@ -599,17 +612,44 @@ async fn prepare(
                 None => None,
                 Some(v) => Some(v.parse::<u64>().map_err(|_| bad("bad_request", "from must be a sequence number"))?),
             };
+            let epoch = match http::query_param(&head.query, "epoch") {
+                None => None,
+                Some(v) => Some(v.parse().map_err(|_| bad("bad_request", "epoch must be 16 hex digits"))?),
+            };
             if !subscribe {
                 return Ok((Path::Raw { topic, publish, sub: None }, vec![], None));
             }
+            let resume = from.map(|after_seq| ResumeFrom { after_seq, epoch });
             let granted = session
                 .shard
-                .subscribe(&topic, &session.out, Format::Raw, from, None)
+                .subscribe(&topic, &session.out, Format::Raw, resume, None)
                 .await
                 .map_err(|e| http::json_error(503, "too_many_topics", &e.to_string(), false))?;
-            let headers = vec![("x-rayflux-last-seq", granted.last_seq.to_string())];
-            let gap = granted.gap.map(|(_, to)| to + 1);
-            Ok((Path::Raw { topic, publish, sub: Some(granted.sub_id) }, headers, gap))
+            let headers = vec![
+                ("x-rayflux-last-seq", granted.last_seq.to_string()),
+                ("x-rayflux-epoch", granted.epoch.to_string()),
+            ];
+            let close = match granted.resumed {
+                Resumed::Live | Resumed::Replayed { gap: None } => None,
+                Resumed::Replayed { gap: Some(gap) } => {
+                    let first = gap.to_seq + 1;
+                    Some((
+                        CLOSE_HISTORY_GAP,
+                        format!("history gap: first retained seq is {first}; resume with from={}", first - 1),
+                    ))
+                }
+                Resumed::Lost(why) => Some((
+                    CLOSE_HISTORY_LOST,
+                    format!(
+                        "history lost ({}): epoch is now {}, last seq {}; nothing after from={} can be recovered",
+                        why.as_str(),
+                        granted.epoch,
+                        granted.last_seq,
+                        from.unwrap_or(0)
+                    ),
+                )),
+            };
+            Ok((Path::Raw { topic, publish, sub: Some(granted.sub_id) }, headers, close))
         }
         _ => Err(http::json_error(404, "not_found", "no such path", false)),
     }
@@ -696,11 +736,9 @@ async fn on_event(session: &Session, path: &mut Path, event: WsEvent) -> bool {
         }
         WsEvent::Pong => true,
         WsEvent::Close { code } => {
-            // Echo the client's code (RFC 6455 5.5.1), then end.
-            let echo = code
-                .filter(|c| (1000..5000).contains(c) && ![1005, 1006, 1015].contains(c))
-                .unwrap_or(close_code::NORMAL);
-            session.out.close(echo, "");
+            // Echo the client's code (RFC 6455 5.5.1; the decoder refused
+            // codes a peer may not send), without waiting for queued data.
+            session.out.peer_closed(code.unwrap_or(close_code::NORMAL));
             false
         }
         WsEvent::Message { kind, payload } => {
@@ -793,7 +831,7 @@ async fn native_message(
                 return true; // the reply is queued when the owner answers
             }
         },
-        Request::Subscribe { id, topic, from_seq } => match topic_of(id, &topic) {
+        Request::Subscribe { id, topic, from_seq, epoch } => match topic_of(id, &topic) {
             Err(reply) => reply,
             Ok(topic) if subs.contains_key(&topic) => {
                 native::reply_error(Some(id), "already_subscribed", "already subscribed to this topic")
@@ -803,13 +841,16 @@ async fn native_message(
                     format!("at most {} subscriptions per connection", shard.config.subscriptions_per_connection_max);
                 native::reply_error(Some(id), "too_many_subscriptions", &why)
             }
-            Ok(topic) => match shard.subscribe(&topic, out, Format::Native, from_seq, Some(id)).await {
-                Ok(granted) => {
-                    subs.insert(topic, granted.sub_id);
-                    return true; // the ok reply was queued before any message
+            Ok(topic) => {
+                let resume = from_seq.map(|after_seq| ResumeFrom { after_seq, epoch });
+                match shard.subscribe(&topic, out, Format::Native, resume, Some(id)).await {
+                    Ok(granted) => {
+                        subs.insert(topic, granted.sub_id);
+                        return true; // the ok reply was queued before any message
+                    }
+                    Err(e) => native::reply_error(Some(id), "too_many_topics", &e.to_string()),
                 }
-                Err(e) => native::reply_error(Some(id), "too_many_topics", &e.to_string()),
-            },
+            }
         },
         Request::Unsubscribe { id, topic } => match topic_of(id, &topic) {
             Err(reply) => reply,
@@ -842,7 +883,7 @@ async fn write_loop(session: Rc<Session>) {
         let unsent = out.take_unsent();
         if !unsent.is_empty() {
             let write =
-                glommio::timer::timeout(shard.config.idle_timeout, async { Ok(session.io.write_all(&unsent).await) });
+                glommio::timer::timeout(shard.config.idle_timeout, async { Ok(write_unsent(&session, &unsent).await) });
             if !matches!(write.await, Ok(Ok(()))) {
                 // The peer stopped reading for a whole idle period, or the socket failed.
                 out.close(close_code::SLOW_CONSUMER, "write stalled");
@@ -851,10 +892,8 @@ async fn write_loop(session: Rc<Session>) {
             }
             continue;
         }
-        if out.is_empty() {
-            for (topic, from, to) in out.take_missed_if_room() {
-                out.offer_control(native::dropped_notice(&topic, from, to));
-            }
+        while let Some(missed) = out.next_missed_if_room() {
+            out.offer_control(native::dropped_notice(&missed.topic, missed.from_seq, missed.to_seq, missed.dropped));
         }
         if out.is_empty() {
             if let Some((code, reason)) = out.close_reason() {
@@ -891,10 +930,38 @@ async fn write_loop(session: Rc<Session>) {
             scratch.clear();
             out.take_batch(&mut scratch, WRITE_BATCH_BYTES_MAX, &mut published);
             let sent = session.io.try_send(&scratch).unwrap_or(0);
-            out.keep_unsent(&scratch[sent..]);
+            out.keep_unsent(&scratch, sent);
             scratch.len()
         };
         shard.record_written(written, &published, Instant::now());
+    }
+}
+
+/// Writes bytes a send refused. Once the peer's close has arrived only the
+/// frame in progress is finished: a write blocked on a full socket is
+/// abandoned (glommio's write waits for readiness and holds no bytes, so
+/// dropping it loses nothing) and resumed with the shorter end.
+async fn write_unsent(session: &Session, unsent: &Unsent) -> io::Result<()> {
+    let out = &session.out;
+    let mut written = 0;
+    loop {
+        let end = if out.is_peer_closed() { unsent.end_after_close(written) } else { unsent.bytes.len() };
+        if written >= end {
+            return Ok(());
+        }
+        let write = async { Some(session.io.write_some(&unsent.bytes[written..end]).await) };
+        let closed = async {
+            if !out.is_peer_closed() {
+                out.peer_close_event.wait().await;
+            }
+            None
+        };
+        match futures_lite::future::or(write, closed).await {
+            Some(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
+            Some(Ok(n)) => written += n,
+            Some(Err(e)) => return Err(e),
+            None => {} // the peer closed: the end moves in
+        }
     }
 }
 

@@ -32,6 +32,12 @@ pub const SEND_QUEUE_BYTES_MAX_DEFAULT: usize = 4 << 20;
 /// Replies and notices may exceed the send-queue cap by this much before the
 /// connection is closed: they are never dropped, so they need a bound too.
 pub const CONTROL_SLACK_BYTES: usize = 64 << 10;
+/// Largest `dropped` notice (native protocol): the JSON envelope, a topic
+/// name of `TOPIC_NAME_BYTES_MAX` bytes (JSON-escaped, up to 6 bytes each
+/// in theory; names are printable in practice, this bounds the common case)
+/// and three numbers. Notices wait until this much fits in half the
+/// control slack.
+pub const DROPPED_NOTICE_BYTES_MAX: usize = 512;
 /// Most bytes gathered into one socket write (one write per wake-up).
 /// 256 KiB amortises the syscall without holding a large buffer per
 /// connection for long; the buffer shrinks back when the queue is empty.
@@ -107,6 +113,8 @@ const _: () = assert!(TOPIC_NAME_BYTES_MAX <= u8::MAX as usize);
 const _: () = assert!(TOPICS_MAX_DEFAULT * HISTORY_BYTES_MAX_DEFAULT <= HISTORY_MEMORY_MAX_DEFAULT);
 // A read can bring a whole maximal request head in one syscall.
 const _: () = assert!(HTTP_HEAD_BYTES_MAX <= READ_SCRATCH_BYTES);
+// Notices must fit in the half of the control slack they may use.
+const _: () = assert!(DROPPED_NOTICE_BYTES_MAX <= CONTROL_SLACK_BYTES / 2);
 
 /// Bytes counted for one cross-shard item besides its payload (headers,
 /// topic handle, bookkeeping): keeps many tiny items bounded too.

@@ -35,3 +35,27 @@ pub struct Message {
 pub fn unix_time_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }
+
+/// The identity of a topic's sequence space. A topic gets a new epoch each
+/// time it is created: on a node's first publish or subscribe, after a
+/// restart, after an eviction. Sequence numbers of two epochs are
+/// unrelated, so a resume names the epoch its `from` belongs to, and one
+/// from another epoch is told its history is lost instead of being served
+/// the new epoch's numbers as if they were the old ones.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Epoch(pub u64);
+
+impl std::fmt::Display for Epoch {
+    /// Sixteen hex digits: a string on the wire (a JSON number would lose
+    /// bits in JavaScript).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:016x}", self.0)
+    }
+}
+
+impl std::str::FromStr for Epoch {
+    type Err = std::num::ParseIntError;
+    fn from_str(s: &str) -> Result<Epoch, Self::Err> {
+        u64::from_str_radix(s, 16).map(Epoch)
+    }
+}

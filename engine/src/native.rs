@@ -7,7 +7,7 @@ use std::borrow::Cow;
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::Deserialize;
 
-use crate::message::{Message, PayloadKind};
+use crate::message::{Epoch, Message, PayloadKind};
 use crate::topic::TopicName;
 use crate::ws;
 
@@ -19,8 +19,9 @@ pub const SERVER_BINARY_MESSAGE: u8 = 0x01;
 /// One client request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {
-    /// Subscribe to a topic, optionally resuming after `from_seq`.
-    Subscribe { id: u64, topic: String, from_seq: Option<u64> },
+    /// Subscribe to a topic, optionally resuming after `from_seq` of the
+    /// sequence space `epoch` (see [`Epoch`]).
+    Subscribe { id: u64, topic: String, from_seq: Option<u64>, epoch: Option<Epoch> },
     /// Leave a topic.
     Unsubscribe { id: u64, topic: String },
     /// Publish a payload.
@@ -52,6 +53,8 @@ struct WireRequest<'a> {
     topic: Option<Cow<'a, str>>,
     from_seq: Option<u64>,
     #[serde(borrow)]
+    epoch: Option<Cow<'a, str>>,
+    #[serde(borrow)]
     data: Option<Cow<'a, str>>,
 }
 
@@ -71,7 +74,14 @@ pub fn parse_text(text: &[u8]) -> Result<Request, BadRequest> {
     let bad = |message: &str| BadRequest { id: Some(id), code: "bad_request", message: message.to_string() };
     let topic = || wire.topic.as_deref().map(str::to_string).ok_or_else(|| bad("missing \"topic\""));
     match wire.op.as_ref() {
-        "subscribe" => Ok(Request::Subscribe { id, topic: topic()?, from_seq: wire.from_seq }),
+        "subscribe" => {
+            let epoch = match wire.epoch.as_deref().map(str::parse::<Epoch>) {
+                None => None,
+                Some(Ok(epoch)) => Some(epoch),
+                Some(Err(_)) => return Err(bad("\"epoch\" must be the 16 hex digits a subscribe reply gave")),
+            };
+            Ok(Request::Subscribe { id, topic: topic()?, from_seq: wire.from_seq, epoch })
+        }
         "unsubscribe" => Ok(Request::Unsubscribe { id, topic: topic()? }),
         "publish" => {
             let data = wire.data.as_deref().ok_or_else(|| bad("missing \"data\""))?;
@@ -130,9 +140,12 @@ pub fn reply_error(id: Option<u64>, code: &str, message: &str) -> Bytes {
 }
 
 /// The notice sent to a `drop`-policy subscriber that missed messages.
-pub fn dropped_notice(topic: &TopicName, from_seq: u64, to_seq: u64) -> Bytes {
-    let body =
-        serde_json::json!({ "type": "dropped", "topic": topic.as_str(), "from_seq": from_seq, "to_seq": to_seq });
+/// `count` of the messages from `from_seq` to `to_seq` (inclusive) were
+/// skipped; any others in the range were delivered.
+pub fn dropped_notice(topic: &TopicName, from_seq: u64, to_seq: u64, count: u64) -> Bytes {
+    let body = serde_json::json!({
+        "type": "dropped", "topic": topic.as_str(), "from_seq": from_seq, "to_seq": to_seq, "count": count
+    });
     ws::encode_data(PayloadKind::Text, body.to_string().as_bytes())
 }
 
@@ -177,7 +190,15 @@ mod tests {
     fn parses_each_op() {
         assert_eq!(
             parse_text(br#"{"op":"subscribe","id":1,"topic":"a","from_seq":5}"#),
-            Ok(Request::Subscribe { id: 1, topic: "a".into(), from_seq: Some(5) })
+            Ok(Request::Subscribe { id: 1, topic: "a".into(), from_seq: Some(5), epoch: None })
+        );
+        assert_eq!(
+            parse_text(br#"{"op":"subscribe","id":1,"topic":"a","from_seq":5,"epoch":"00000000000000ff"}"#),
+            Ok(Request::Subscribe { id: 1, topic: "a".into(), from_seq: Some(5), epoch: Some(Epoch(255)) })
+        );
+        assert_eq!(
+            parse_text(br#"{"op":"subscribe","id":1,"topic":"a","epoch":"zz"}"#).unwrap_err().code,
+            "bad_request"
         );
         assert_eq!(
             parse_text(br#"{"op":"publish","id":2,"topic":"a","data":"h\"i"}"#),

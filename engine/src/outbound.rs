@@ -25,7 +25,7 @@ use std::time::Instant;
 use bytes::Bytes;
 
 use crate::config::SlowConsumerPolicy;
-use crate::limits::CONTROL_SLACK_BYTES;
+use crate::limits::{CONTROL_SLACK_BYTES, DROPPED_NOTICE_BYTES_MAX};
 use crate::sync::Event;
 use crate::topic::TopicName;
 use crate::ws::close_code;
@@ -87,8 +87,10 @@ pub struct Outbound {
     /// Set once the connection is closing: the close code and reason the
     /// writer sends after flushing what is queued.
     closing: RefCell<Option<(u16, String)>>,
-    /// Missed ranges per topic under the `drop` policy, not yet reported.
-    missed: RefCell<Vec<(TopicName, u64, u64)>>,
+    /// Messages skipped under the `drop` policy and not yet reported: at
+    /// most one entry per topic, so its size is bounded by the connection's
+    /// subscriptions whatever the drop rate.
+    missed: RefCell<Vec<Missed>>,
     /// Messages dropped over the connection's life.
     dropped_total: Cell<u64>,
     /// Wakes the writer.
@@ -100,7 +102,69 @@ pub struct Outbound {
     listed: Cell<bool>,
     /// Bytes the socket refused; the writer task sends them before anything
     /// else. Empty (no allocation) except while a write is blocked.
-    unsent: RefCell<Vec<u8>>,
+    unsent: RefCell<Unsent>,
+    /// Notified when the peer's close arrives ([`Outbound::peer_closed`]),
+    /// so that a writer blocked on a full socket stops after the frame in
+    /// progress. Separate from `wake_writer`, which every queued frame
+    /// notifies: a blocked write is not restarted for those.
+    pub peer_close_event: Event,
+    /// Set once the peer's close frame arrived.
+    peer_closed: Cell<bool>,
+}
+
+/// Bytes a send refused, and where the first whole frame in them starts:
+/// a refused send can stop in the middle of a frame, and after the peer's
+/// close only that frame may still be finished (RFC 6455 5.5.1).
+#[derive(Debug, Default)]
+pub struct Unsent {
+    /// The refused bytes: the tail of one frame, then whole frames.
+    pub bytes: Vec<u8>,
+    /// Offset in `bytes` of the first frame boundary (0: it starts on one).
+    pub first_boundary: usize,
+}
+
+impl Unsent {
+    /// Whether nothing is waiting.
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+
+    /// Keeps `batch[sent..]`, where `batch` starts on a frame boundary.
+    fn keep(&mut self, batch: &[u8], sent: usize) {
+        if batch.len() <= sent {
+            return;
+        }
+        if self.bytes.is_empty() {
+            self.first_boundary = crate::ws::frame_end_at(batch, 0, sent) - sent;
+        }
+        self.bytes.extend_from_slice(&batch[sent..]);
+    }
+
+    /// Where the bytes to send end if the peer has closed and `written`
+    /// bytes are out: the end of the frame in progress (`written` itself
+    /// when it falls on a boundary).
+    pub fn end_after_close(&self, written: usize) -> usize {
+        crate::ws::frame_end_at(&self.bytes, self.first_boundary, written)
+    }
+}
+
+/// Messages of one topic a `drop`-policy subscriber did not get, reported in
+/// one notice: `dropped` messages between `from_seq` and `to_seq`
+/// (inclusive). When drops are not consecutive (the queue drained a little
+/// between them) the range covers the messages delivered in between too;
+/// the subscriber has those, with their sequence numbers, and `dropped`
+/// says how many are missing. One range per topic keeps the bookkeeping
+/// bounded under any flood.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Missed {
+    /// The topic.
+    pub topic: TopicName,
+    /// First sequence skipped.
+    pub from_seq: u64,
+    /// Last sequence skipped.
+    pub to_seq: u64,
+    /// Messages skipped in the range.
+    pub dropped: u64,
 }
 
 impl std::fmt::Debug for dyn DirectSink {
@@ -123,7 +187,9 @@ impl Outbound {
             wake_writer: Event::default(),
             direct: RefCell::new(None),
             listed: Cell::new(false),
-            unsent: RefCell::new(Vec::new()),
+            unsent: RefCell::new(Unsent::default()),
+            peer_close_event: Event::default(),
+            peer_closed: Cell::new(false),
         }
     }
 
@@ -163,20 +229,22 @@ impl Outbound {
     pub fn sent_direct(&self, batch: &[u8], sent: io::Result<usize>) {
         let sent = sent.unwrap_or(0).min(batch.len());
         if sent < batch.len() || !self.is_empty() {
-            self.unsent.borrow_mut().extend_from_slice(&batch[sent..]);
+            self.unsent.borrow_mut().keep(batch, sent);
             self.stop_direct();
             self.wake_writer.notify();
         }
     }
 
     /// Takes the bytes a send refused earlier (empty if none).
-    pub fn take_unsent(&self) -> Vec<u8> {
+    pub fn take_unsent(&self) -> Unsent {
         std::mem::take(&mut *self.unsent.borrow_mut())
     }
 
-    /// Keeps bytes the socket refused, for the writer's next write.
-    pub fn keep_unsent(&self, bytes: &[u8]) {
-        self.unsent.borrow_mut().extend_from_slice(bytes);
+    /// Keeps what the socket refused of `batch` (which starts on a frame
+    /// boundary: a batch from [`Outbound::take_batch`]) after taking `sent`
+    /// bytes, for the writer's next write.
+    pub fn keep_unsent(&self, batch: &[u8], sent: usize) {
+        self.unsent.borrow_mut().keep(batch, sent);
     }
 
     /// Changes the slow-consumer policy.
@@ -245,6 +313,21 @@ impl Outbound {
         }
     }
 
+    /// The peer's close frame arrived (RFC 6455 5.5.1): nothing more is
+    /// queued, frames not yet started are discarded, the frame being written
+    /// is finished (see [`Unsent::end_after_close`]), and the writer answers
+    /// with a close carrying `code` at once, whatever the topic's rate.
+    pub fn peer_closed(&self, code: u16) {
+        self.peer_closed.set(true);
+        self.close_now(code, String::new());
+        self.peer_close_event.notify();
+    }
+
+    /// Whether the peer's close frame arrived.
+    pub fn is_peer_closed(&self) -> bool {
+        self.peer_closed.get()
+    }
+
     /// Closes without flushing: queued frames are discarded (slow consumer).
     fn close_now(&self, code: u16, reason: String) {
         self.queue.borrow_mut().clear();
@@ -298,21 +381,32 @@ impl Outbound {
         self.dropped_total.get()
     }
 
-    /// Takes the missed ranges not yet reported, once the queue has room
-    /// for the notices (below half the cap).
-    pub fn take_missed_if_room(&self) -> Vec<(TopicName, u64, u64)> {
-        if self.queued_bytes.get() > self.cap_bytes / 2 {
-            return Vec::new();
+    /// Takes one missed range not yet reported, if its notice fits: the
+    /// notices may use half of the control slack over the cap, so a
+    /// subscriber that reads slowly under a flood (its queue always near
+    /// the cap) still hears of its drops, and replies keep the other half.
+    pub fn next_missed_if_room(&self) -> Option<Missed> {
+        if self.queued_bytes.get() + DROPPED_NOTICE_BYTES_MAX > self.cap_bytes + CONTROL_SLACK_BYTES / 2 {
+            return None;
         }
-        std::mem::take(&mut *self.missed.borrow_mut())
+        let mut missed = self.missed.borrow_mut();
+        (!missed.is_empty()).then(|| missed.remove(0))
+    }
+
+    /// Ranges waiting to be reported (at most one per topic).
+    pub fn missed_pending(&self) -> usize {
+        self.missed.borrow().len()
     }
 
     fn record_missed(&self, topic: &TopicName, seq: u64) {
         self.dropped_total.set(self.dropped_total.get() + 1);
         let mut missed = self.missed.borrow_mut();
-        match missed.iter_mut().find(|(t, _, _)| t == topic) {
-            Some((_, _, to)) if *to + 1 == seq => *to = seq,
-            _ => missed.push((topic.clone(), seq, seq)),
+        match missed.iter_mut().find(|m| m.topic == *topic) {
+            Some(m) => {
+                m.to_seq = seq;
+                m.dropped += 1;
+            }
+            None => missed.push(Missed { topic: topic.clone(), from_seq: seq, to_seq: seq, dropped: 1 }),
         }
     }
 }
@@ -321,8 +415,14 @@ impl Outbound {
 mod tests {
     use super::*;
 
+    /// A real server frame of exactly `n` bytes (header included) where a
+    /// frame that long exists; a stand-in of `n` bytes otherwise.
     fn frame(n: usize) -> Bytes {
-        Bytes::from(vec![0u8; n])
+        match n {
+            2..=127 => crate::ws::encode_data(crate::message::PayloadKind::Binary, &vec![0; n - 2]),
+            130..=65539 => crate::ws::encode_data(crate::message::PayloadKind::Binary, &vec![0; n - 4]),
+            _ => Bytes::from(vec![0u8; n]),
+        }
     }
 
     fn data(n: usize) -> Rc<Frame> {
@@ -336,12 +436,37 @@ mod tests {
         let offers: Vec<Offer> = (1..=5).map(|s| o.offer_data(&data(40), &t, s)).collect();
         assert_eq!(offers, vec![Offer::Queued, Offer::Queued, Offer::Dropped, Offer::Dropped, Offer::Dropped]);
         assert_eq!(o.queued_bytes(), 80);
-        assert!(o.take_missed_if_room().is_empty(), "no notice while the queue is over half full");
         let (mut out, mut lat) = (Vec::new(), Vec::new());
         o.take_batch(&mut out, 1 << 20, &mut lat);
         assert_eq!((out.len(), lat.len()), (80, 2));
-        assert_eq!(o.take_missed_if_room(), vec![(t, 3, 5)]);
+        assert_eq!(o.next_missed_if_room(), Some(Missed { topic: t, from_seq: 3, to_seq: 5, dropped: 3 }));
+        assert_eq!(o.next_missed_if_room(), None);
         assert_eq!(o.dropped_total(), 3);
+    }
+
+    /// A slow reader under a flood: the queue drains a little between drops,
+    /// so drops are never consecutive. The bookkeeping stays one range per
+    /// topic (it grew by one entry per dropped message before), and the
+    /// notice goes out although the queue never falls below half the cap.
+    #[test]
+    fn interleaved_drops_stay_one_range_per_topic() {
+        let o = Outbound::new(1000, SlowConsumerPolicy::Drop);
+        let (a, b) = (TopicName::new("a").unwrap(), TopicName::new("b").unwrap());
+        let (mut out, mut lat) = (Vec::new(), Vec::new());
+        let mut seq = 0;
+        for turn in 0..10_000 {
+            let order = if turn % 2 == 0 { [&a, &b] } else { [&b, &a] };
+            for topic in order {
+                seq += 1;
+                o.offer_data(&data(100), topic, seq);
+            }
+            out.clear();
+            o.take_batch(&mut out, 100, &mut lat); // the reader takes one frame a turn
+        }
+        assert!(o.queued_bytes() >= 900, "the queue stays near its cap");
+        assert_eq!(o.missed_pending(), 2, "one range per topic");
+        let first = o.next_missed_if_room().expect("a notice fits in the slack");
+        assert_eq!(first.dropped + o.next_missed_if_room().unwrap().dropped, o.dropped_total());
     }
 
     #[test]
@@ -424,8 +549,30 @@ mod tests {
         o.offer_data(&Frame::data(Bytes::from(vec![1u8; 10]), Instant::now()), &t, 1);
         o.offer_data(&Frame::data(Bytes::from(vec![2u8; 10]), Instant::now()), &t, 2);
         flush(&o, 1 << 20);
-        assert_eq!(o.take_unsent(), vec![2u8; 5], "the tail the socket did not take");
+        assert_eq!(o.take_unsent().bytes, vec![2u8; 5], "the tail the socket did not take");
         assert_eq!(o.offer_data(&data(1), &t, 3), Offer::Queued, "direct mode ended: the writer holds the socket");
+    }
+
+    #[test]
+    fn the_peers_close_discards_the_queue_and_keeps_only_the_frame_in_progress() {
+        let o = Outbound::new(1000, SlowConsumerPolicy::Drop);
+        let t = TopicName::new("t").unwrap();
+        o.start_direct(sink(15, false));
+        for seq in 1..=3 {
+            o.offer_data(&data(10), &t, seq);
+        }
+        flush(&o, 1 << 20); // the socket took one frame and half of the next
+        o.offer_data(&data(10), &t, 4); // queued behind the refused bytes
+        o.peer_closed(1000);
+        assert!(o.is_empty(), "frames not started are discarded");
+        assert_eq!(o.offer_data(&data(10), &t, 5), Offer::Closed, "nothing more is queued");
+        let unsent = o.take_unsent();
+        assert_eq!(unsent.bytes.len(), 15, "the refused tail of frame 2, then frame 3");
+        assert_eq!(unsent.end_after_close(0), 5, "only frame 2 is finished");
+        assert_eq!(unsent.end_after_close(5), 5);
+        assert_eq!(unsent.end_after_close(6), 15);
+        assert_eq!(o.close_reason(), Some((1000, String::new())));
+        assert!(o.is_peer_closed());
     }
 
     #[test]
@@ -435,7 +582,7 @@ mod tests {
         o.start_direct(sink(0, true));
         o.offer_data(&data(10), &t, 1);
         flush(&o, 1 << 20);
-        assert_eq!(o.take_unsent().len(), 10);
+        assert_eq!(o.take_unsent().bytes.len(), 10);
     }
 
     #[test]

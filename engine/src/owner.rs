@@ -9,6 +9,7 @@ use std::time::Instant;
 use bytes::Bytes;
 
 use crate::history::History;
+pub use crate::message::Epoch;
 use crate::message::{unix_time_ms, Message, PayloadKind};
 use crate::topic::TopicName;
 
@@ -20,17 +21,70 @@ pub enum OwnerError {
     TooManyTopics,
 }
 
+/// Where a subscriber wants to start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ResumeFrom {
+    /// The last sequence the subscriber has: replay what follows it.
+    pub after_seq: u64,
+    /// The epoch `after_seq` belongs to, if the subscriber knows it.
+    pub epoch: Option<Epoch>,
+}
+
+/// An inclusive range of sequence numbers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SeqRange {
+    /// First sequence in the range.
+    pub from_seq: u64,
+    /// Last sequence in the range.
+    pub to_seq: u64,
+}
+
+/// Why a resume cannot be served from this topic's sequence space at all.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HistoryLost {
+    /// The resume named another epoch: the topic was created anew (a node
+    /// restart, a failover to another node, an eviction).
+    EpochChanged,
+    /// The resume's sequence is beyond the last one assigned: it came from
+    /// another sequence space (a client that did not send the epoch).
+    BeyondLastSeq,
+}
+
+impl HistoryLost {
+    /// The name clients see.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            HistoryLost::EpochChanged => "epoch_changed",
+            HistoryLost::BeyondLastSeq => "beyond_last_seq",
+        }
+    }
+}
+
+/// How a resume went: what the subscriber cannot get, if anything.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resumed {
+    /// No resume asked for: live from now.
+    Live,
+    /// Replayed from history; `gap` is what was asked for but is evicted.
+    Replayed { gap: Option<SeqRange> },
+    /// Nothing after the subscriber's sequence can be recovered; the
+    /// subscription is live from now in the current epoch.
+    Lost(HistoryLost),
+}
+
 /// What a subscribing shard learns when it registers for a topic.
 #[derive(Debug, Clone)]
 pub struct Grant {
+    /// The topic's sequence space.
+    pub epoch: Epoch,
     /// Last sequence assigned so far (0: none yet).
     pub last_seq: u64,
     /// First sequence still retained (last_seq + 1 when history is empty).
     pub first_seq: u64,
-    /// Retained messages after the requested `from_seq`, in order.
+    /// Retained messages after the requested sequence, in order.
     pub replay: Vec<Message>,
-    /// Requested messages already evicted (inclusive range), if any.
-    pub gap: Option<(u64, u64)>,
+    /// What the subscriber cannot get.
+    pub resumed: Resumed,
 }
 
 /// A snapshot of one owned topic for `/v1/topics`.
@@ -50,11 +104,18 @@ pub struct TopicStat {
     pub publish_rate_per_sec: u64,
     /// Shards with subscribers, as a bit mask.
     pub subscriber_shards: u64,
+    /// The topic's sequence space.
+    pub epoch: Epoch,
 }
 
 /// One owned topic.
 #[derive(Debug)]
 struct OwnedTopic {
+    /// This incarnation's sequence space.
+    epoch: Epoch,
+    /// Last publish, subscribe or unsubscribe: the least recently active
+    /// idle topic is evicted first.
+    last_active: Instant,
     /// Last assigned sequence; the next message gets `last_seq + 1`.
     last_seq: u64,
     /// Retained messages.
@@ -80,12 +141,29 @@ pub struct Owner {
     history_messages_max: usize,
     /// History bounds for new topics.
     history_bytes_max: usize,
+    /// Where epochs come from: mixed with `topics_created`, so every
+    /// incarnation of a topic gets a different one. The shell seeds it from
+    /// the clock and the process; a simulation from its seed.
+    epoch_seed: u64,
+    /// Topics created so far.
+    topics_created: u64,
+    /// Idle topics evicted to make room so far.
+    evicted_total: u64,
 }
 
 impl Owner {
-    /// An owner with no topics.
-    pub fn new(topics_max: usize, history_messages_max: usize, history_bytes_max: usize) -> Owner {
-        Owner { topics: HashMap::default(), topics_max, history_messages_max, history_bytes_max }
+    /// An owner with no topics; `epoch_seed` must differ between processes
+    /// (see [`Epoch`]).
+    pub fn new(topics_max: usize, history_messages_max: usize, history_bytes_max: usize, epoch_seed: u64) -> Owner {
+        Owner {
+            topics: HashMap::default(),
+            topics_max,
+            history_messages_max,
+            history_bytes_max,
+            epoch_seed,
+            topics_created: 0,
+            evicted_total: 0,
+        }
     }
 
     /// Sequences a message: assigns the next sequence and a timestamp, keeps
@@ -98,6 +176,7 @@ impl Owner {
         now: Instant,
     ) -> Result<(Message, u64), OwnerError> {
         let t = self.topic_mut(topic, now)?;
+        t.last_active = now;
         t.last_seq += 1;
         let message = Message { seq: t.last_seq, timestamp_ms: unix_time_ms(), kind, payload, published_at: now };
         t.history.push(message.clone());
@@ -111,36 +190,51 @@ impl Owner {
     }
 
     /// Registers `shard` as subscribing and answers with the topic's
-    /// position and, when `from_seq` is given, the retained messages after it.
+    /// position and, when `from` is given, the retained messages after it,
+    /// or why nothing after it can be had (never a silent gap).
     pub fn subscribe(
         &mut self,
         topic: &TopicName,
         shard: usize,
-        from_seq: Option<u64>,
+        from: Option<ResumeFrom>,
         now: Instant,
     ) -> Result<Grant, OwnerError> {
         let t = self.topic_mut(topic, now)?;
         t.subscriber_shards |= 1 << shard;
-        let last_seq = t.last_seq;
-        Ok(match from_seq {
-            Some(after) => {
-                let replay = t.history.after(after, last_seq);
-                Grant { last_seq, first_seq: replay.first_seq, replay: replay.messages, gap: replay.gap }
+        t.last_active = now;
+        let (epoch, last_seq) = (t.epoch, t.last_seq);
+        let first_seq = t.history.first_seq().unwrap_or(last_seq + 1);
+        let lost = match from {
+            Some(ResumeFrom { epoch: Some(e), .. }) if e != epoch => Some(HistoryLost::EpochChanged),
+            Some(ResumeFrom { after_seq, .. }) if after_seq > last_seq => Some(HistoryLost::BeyondLastSeq),
+            _ => None,
+        };
+        Ok(match (from, lost) {
+            (_, Some(lost)) => Grant { epoch, last_seq, first_seq, replay: Vec::new(), resumed: Resumed::Lost(lost) },
+            (Some(from), None) => {
+                let replay = t.history.after(from.after_seq, last_seq);
+                let gap = replay.gap.map(|(from_seq, to_seq)| SeqRange { from_seq, to_seq });
+                Grant { epoch, last_seq, first_seq, replay: replay.messages, resumed: Resumed::Replayed { gap } }
             }
-            None => Grant {
-                last_seq,
-                first_seq: t.history.first_seq().unwrap_or(last_seq + 1),
-                replay: Vec::new(),
-                gap: None,
-            },
+            (None, None) => Grant { epoch, last_seq, first_seq, replay: Vec::new(), resumed: Resumed::Live },
         })
     }
 
-    /// Removes `shard` from the topic's subscribing shards.
-    pub fn unsubscribe(&mut self, topic: &TopicName, shard: usize) {
-        if let Some(t) = self.topics.get_mut(topic) {
-            t.subscriber_shards &= !(1 << shard);
+    /// Removes `shard` from the topic's subscribing shards. A topic left
+    /// with no subscribers and nothing ever published (made by a subscribe)
+    /// is freed at once: nothing about it is worth keeping.
+    pub fn unsubscribe(&mut self, topic: &TopicName, shard: usize, now: Instant) {
+        let Some(t) = self.topics.get_mut(topic) else { return };
+        t.subscriber_shards &= !(1 << shard);
+        t.last_active = now;
+        if t.subscriber_shards == 0 && t.last_seq == 0 {
+            self.topics.remove(topic);
         }
+    }
+
+    /// Idle topics evicted to make room so far.
+    pub fn evicted_total(&self) -> u64 {
+        self.evicted_total
     }
 
     /// Snapshot of every owned topic.
@@ -165,12 +259,16 @@ impl Owner {
 
     fn topic_mut(&mut self, topic: &TopicName, now: Instant) -> Result<&mut OwnedTopic, OwnerError> {
         if !self.topics.contains_key(topic) {
-            if self.topics.len() >= self.topics_max {
+            if self.topics.len() >= self.topics_max && !self.evict_one_idle() {
                 return Err(OwnerError::TooManyTopics);
             }
+            self.topics_created += 1;
+            let epoch = Epoch(mix(self.epoch_seed ^ mix(self.topics_created)));
             self.topics.insert(
                 topic.clone(),
                 OwnedTopic {
+                    epoch,
+                    last_active: now,
                     last_seq: 0,
                     history: History::new(self.history_messages_max, self.history_bytes_max),
                     subscriber_shards: 0,
@@ -183,6 +281,31 @@ impl Owner {
         // Inserted just above when missing.
         Ok(self.topics.get_mut(topic).expect("present"))
     }
+
+    /// Frees the least recently active topic that no shard subscribes to,
+    /// if there is one. Its history goes with it; a later resume from it
+    /// meets a new epoch and is told so. A scan: it runs only when the
+    /// table is full, and costs microseconds per thousand topics.
+    fn evict_one_idle(&mut self) -> bool {
+        let oldest = self
+            .topics
+            .iter()
+            .filter(|(_, t)| t.subscriber_shards == 0)
+            .min_by_key(|(_, t)| t.last_active)
+            .map(|(name, _)| name.clone());
+        let Some(name) = oldest else { return false };
+        self.topics.remove(&name);
+        self.evicted_total += 1;
+        true
+    }
+}
+
+/// SplitMix64's finaliser: spreads a counter over 64 bits.
+fn mix(mut x: u64) -> u64 {
+    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
+    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
 }
 
 fn stat(name: &TopicName, t: &OwnedTopic) -> TopicStat {
@@ -194,6 +317,7 @@ fn stat(name: &TopicName, t: &OwnedTopic) -> TopicStat {
         retained_bytes: t.history.bytes(),
         publish_rate_per_sec: t.last_window_rate,
         subscriber_shards: t.subscriber_shards,
+        epoch: t.epoch,
     }
 }
 
@@ -201,29 +325,88 @@ fn stat(name: &TopicName, t: &OwnedTopic) -> TopicStat {
 mod tests {
     use super::*;
 
+    fn name(s: &str) -> TopicName {
+        TopicName::new(s).expect("valid name")
+    }
+
+    fn from(after_seq: u64, epoch: Option<Epoch>) -> Option<ResumeFrom> {
+        Some(ResumeFrom { after_seq, epoch })
+    }
+
     #[test]
     fn sequences_without_gaps_and_tracks_subscribers() {
-        let mut o = Owner::new(2, 10, 1000);
-        let t = TopicName::new("a").expect("valid name");
+        let mut o = Owner::new(2, 10, 1000, 7);
+        let t = name("a");
         let now = Instant::now();
         let (m1, mask) = o.publish(&t, PayloadKind::Text, Bytes::from_static(b"x"), now).expect("publish");
         assert_eq!((m1.seq, mask), (1, 0));
-        let g = o.subscribe(&t, 3, None, now).expect("publish");
-        assert_eq!((g.last_seq, g.first_seq, g.replay.len()), (1, 1, 0));
+        let g = o.subscribe(&t, 3, None, now).expect("subscribe");
+        assert_eq!((g.last_seq, g.first_seq, g.replay.len(), g.resumed), (1, 1, 0, Resumed::Live));
         let (m2, mask) = o.publish(&t, PayloadKind::Text, Bytes::from_static(b"y"), now).expect("publish");
         assert_eq!((m2.seq, mask), (2, 0b1000));
-        let g = o.subscribe(&t, 0, Some(0), now).expect("publish");
+        let g = o.subscribe(&t, 0, from(0, Some(g.epoch)), now).expect("subscribe");
         assert_eq!(g.replay.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![1, 2]);
-        o.unsubscribe(&t, 3);
+        assert_eq!(g.resumed, Resumed::Replayed { gap: None });
+        o.unsubscribe(&t, 3, now);
         assert_eq!(o.stat(&t).expect("topic exists").subscriber_shards, 1);
     }
 
     #[test]
-    fn topic_limit() {
-        let mut o = Owner::new(1, 10, 1000);
+    fn a_resume_from_another_sequence_space_is_told_its_history_is_lost() {
         let now = Instant::now();
-        o.publish(&TopicName::new("a").expect("valid name"), PayloadKind::Text, Bytes::new(), now).expect("publish");
-        let err = o.publish(&TopicName::new("b").expect("valid name"), PayloadKind::Text, Bytes::new(), now);
+        let t = name("a");
+        let mut before = Owner::new(4, 10, 1000, 1);
+        for _ in 0..5 {
+            before.publish(&t, PayloadKind::Text, Bytes::new(), now).expect("publish");
+        }
+        let old_epoch = before.stat(&t).expect("topic").epoch;
+        // A restart: a new process, a new seed, the same topic from seq 1.
+        let mut after = Owner::new(4, 10, 1000, 2);
+        for _ in 0..3 {
+            after.publish(&t, PayloadKind::Text, Bytes::new(), now).expect("publish");
+        }
+        let g = after.subscribe(&t, 0, from(2, Some(old_epoch)), now).expect("subscribe");
+        assert_ne!(g.epoch, old_epoch);
+        assert_eq!((g.resumed, g.replay.len()), (Resumed::Lost(HistoryLost::EpochChanged), 0));
+        // Without the epoch, a sequence never assigned here gives it away.
+        let g = after.subscribe(&t, 0, from(4, None), now).expect("subscribe");
+        assert_eq!(g.resumed, Resumed::Lost(HistoryLost::BeyondLastSeq));
+        // The current epoch and a sequence it has: an ordinary replay.
+        let g = after.subscribe(&t, 0, from(1, Some(g.epoch)), now).expect("subscribe");
+        assert_eq!((g.resumed, g.replay.len()), (Resumed::Replayed { gap: None }, 2));
+    }
+
+    #[test]
+    fn full_tables_evict_the_least_recently_active_idle_topic() {
+        let mut o = Owner::new(2, 10, 1000, 3);
+        let t0 = Instant::now();
+        let later = |ms| t0 + std::time::Duration::from_millis(ms);
+        o.publish(&name("old"), PayloadKind::Text, Bytes::new(), t0).expect("publish");
+        o.publish(&name("busy"), PayloadKind::Text, Bytes::new(), later(1)).expect("publish");
+        let old_epoch = o.stat(&name("old")).expect("topic").epoch;
+        o.publish(&name("new"), PayloadKind::Text, Bytes::new(), later(2)).expect("room made");
+        assert!(o.stat(&name("old")).is_none(), "the least recently active idle topic went");
+        assert_eq!(o.evicted_total(), 1);
+        // Subscribed topics are never evicted.
+        o.subscribe(&name("busy"), 0, None, later(3)).expect("subscribe");
+        o.subscribe(&name("new"), 1, None, later(4)).expect("subscribe");
+        let err = o.publish(&name("more"), PayloadKind::Text, Bytes::new(), later(5));
         assert_eq!(err.unwrap_err(), OwnerError::TooManyTopics);
+        // Recreated later, "old" is a new sequence space, and says so.
+        o.unsubscribe(&name("busy"), 0, later(6));
+        let g = o.subscribe(&name("old"), 0, from(1, Some(old_epoch)), later(7)).expect("room made");
+        assert_eq!(g.resumed, Resumed::Lost(HistoryLost::EpochChanged));
+    }
+
+    #[test]
+    fn a_topic_made_by_a_subscribe_goes_with_its_last_subscriber() {
+        let mut o = Owner::new(2, 10, 1000, 3);
+        let now = Instant::now();
+        o.subscribe(&name("s"), 0, None, now).expect("subscribe");
+        o.subscribe(&name("s"), 1, None, now).expect("subscribe");
+        o.unsubscribe(&name("s"), 0, now);
+        assert_eq!(o.len(), 1, "shard 1 still subscribes");
+        o.unsubscribe(&name("s"), 1, now);
+        assert!(o.is_empty());
     }
 }

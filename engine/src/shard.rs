@@ -33,7 +33,7 @@ use crate::message::{Message, PayloadKind};
 use crate::metrics::{self, LatencyTally, Metrics, ShardStats};
 use crate::native;
 use crate::outbound::{Frame, Offer, Outbound};
-use crate::owner::{Grant, Owner, OwnerError};
+use crate::owner::{Epoch, Grant, Owner, OwnerError, ResumeFrom, Resumed};
 use crate::sync::{Event, Slot};
 use crate::topic::TopicName;
 use crate::ws;
@@ -46,7 +46,7 @@ pub enum Item {
     /// The owner's answer to `Publish`: the assigned sequence.
     PublishDone { req: u64, result: Result<u64, OwnerError> },
     /// Register the sending shard for a topic (to the owner).
-    Subscribe { topic: TopicName, from_seq: Option<u64>, req: u64 },
+    Subscribe { topic: TopicName, from: Option<ResumeFrom>, req: u64 },
     /// The owner's answer to `Subscribe`.
     SubscribeDone { topic: TopicName, req: u64, result: Result<Grant, OwnerError> },
     /// The sending shard has no subscribers left for a topic (to the owner).
@@ -156,10 +156,21 @@ pub enum Format {
 pub struct Granted {
     /// Subscription id, for unsubscribe.
     pub sub_id: u64,
+    /// The topic's sequence space.
+    pub epoch: Epoch,
     /// Last sequence at the moment the subscription went live.
     pub last_seq: u64,
-    /// Messages the client asked for that are no longer retained.
-    pub gap: Option<(u64, u64)>,
+    /// What of the resume the client asked for it cannot get.
+    pub resumed: Resumed,
+}
+
+/// A subscription waiting for its owner's grant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Pending {
+    /// The request id the grant answers.
+    req: u64,
+    /// The native request id to answer first, if any.
+    reply_id: Option<u64>,
 }
 
 /// A subscriber of a local topic.
@@ -173,9 +184,8 @@ struct Subscriber {
     format: Format,
     /// Last sequence queued to it; later deliveries only.
     last_seq: u64,
-    /// Set until the owner's grant arrives: the request id, and the native
-    /// request id to answer first.
-    pending: Option<(u64, Option<u64>)>,
+    /// Set until the owner's grant arrives.
+    pending: Option<Pending>,
 }
 
 /// A topic with subscribers on this shard. Lives on this shard only.
@@ -191,6 +201,8 @@ struct LocalTopic {
     name: TopicName,
     /// Last sequence received by this shard for this topic.
     last_seq: Cell<u64>,
+    /// The topic's sequence space, once a grant told this shard.
+    epoch: Cell<Option<Epoch>>,
     /// Subscribers, in subscription order.
     subs: RefCell<Vec<Subscriber>>,
     /// Side being filled by ingress.
@@ -327,7 +339,12 @@ impl Shard {
         Rc::new(Shard {
             id,
             shards,
-            owner: RefCell::new(Owner::new(topics_max, config.history_messages_max, config.history_bytes_max)),
+            owner: RefCell::new(Owner::new(
+                topics_max,
+                config.history_messages_max,
+                config.history_bytes_max,
+                epoch_seed(id),
+            )),
             config,
             node,
             metrics: Metrics::default(),
@@ -529,23 +546,23 @@ impl Shard {
         topic: &TopicName,
         out: &Rc<Outbound>,
         format: Format,
-        from_seq: Option<u64>,
+        from: Option<ResumeFrom>,
         reply_id: Option<u64>,
     ) -> Result<Granted, OwnerError> {
         let sub_id = self.next_id();
         let local = self.local_topic(topic);
         let live = local.subs.borrow().iter().any(|s| s.pending.is_none());
-        if live && from_seq.is_none() {
+        if let (true, None, Some(epoch)) = (live, from, local.epoch.get()) {
             let last_seq = local.last_seq.get();
             if let Some(id) = reply_id {
                 out.offer_control(native::reply_ok(
                     id,
-                    serde_json::json!({ "topic": topic.as_str(), "last_seq": last_seq }),
+                    serde_json::json!({ "topic": topic.as_str(), "epoch": epoch.to_string(), "last_seq": last_seq }),
                 ));
             }
             local.subs.borrow_mut().push(Subscriber { id: sub_id, out: out.clone(), format, last_seq, pending: None });
             metrics::add(&self.metrics.subscriptions_current, 1);
-            return Ok(Granted { sub_id, last_seq, gap: None });
+            return Ok(Granted { sub_id, epoch, last_seq, resumed: Resumed::Live });
         }
         let req = self.next_id();
         local.subs.borrow_mut().push(Subscriber {
@@ -553,12 +570,12 @@ impl Shard {
             out: out.clone(),
             format,
             last_seq: 0,
-            pending: Some((req, reply_id)),
+            pending: Some(Pending { req, reply_id }),
         });
         metrics::add(&self.metrics.subscriptions_current, 1);
         let slot = Slot::default();
         self.replies.borrow_mut().insert(req, Reply::Subscribe(slot.clone()));
-        self.send(topic.owner_shard(self.shards), Item::Subscribe { topic: topic.clone(), from_seq, req });
+        self.send(topic.owner_shard(self.shards), Item::Subscribe { topic: topic.clone(), from, req });
         let result = slot.wait().await;
         if result.is_err() {
             self.unsubscribe(topic, sub_id);
@@ -656,11 +673,11 @@ impl Shard {
                 let result = self.sequence(&topic, kind, payload);
                 self.send(from, Item::PublishDone { req, result });
             }
-            Item::Subscribe { topic, from_seq, req } => {
-                let result = self.owner.borrow_mut().subscribe(&topic, from, from_seq, Instant::now());
+            Item::Subscribe { topic, from: resume, req } => {
+                let result = self.owner.borrow_mut().subscribe(&topic, from, resume, Instant::now());
                 self.send(from, Item::SubscribeDone { topic, req, result });
             }
-            Item::Unsubscribe { topic } => self.owner.borrow_mut().unsubscribe(&topic, from),
+            Item::Unsubscribe { topic } => self.owner.borrow_mut().unsubscribe(&topic, from, Instant::now()),
             Item::Deliver { topic, message } => self.deliver(&topic, message),
             Item::SubscribeDone { topic, req, result } => self.granted(&topic, req, result),
             Item::PublishDone { req, result } => {
@@ -719,14 +736,11 @@ impl Shard {
             if local.last_seq.get() < grant.last_seq {
                 local.last_seq.set(grant.last_seq);
             }
+            local.epoch.set(Some(grant.epoch));
             let mut subs = local.subs.borrow_mut();
-            if let Some(sub) = subs.iter_mut().find(|s| s.pending.is_some_and(|(r, _)| r == req)) {
-                if let Some((_, Some(id))) = sub.pending {
-                    let mut extra = serde_json::json!({ "topic": topic.as_str(), "last_seq": grant.last_seq, "first_seq": grant.first_seq });
-                    if let Some((from, to)) = grant.gap {
-                        extra["gap"] = serde_json::json!({ "from_seq": from, "to_seq": to });
-                    }
-                    sub.out.offer_control(native::reply_ok(id, extra));
+            if let Some(sub) = subs.iter_mut().find(|s| s.pending.is_some_and(|p| p.req == req)) {
+                if let Some(Pending { reply_id: Some(id), .. }) = sub.pending {
+                    sub.out.offer_control(native::reply_ok(id, grant_reply(topic, &grant)));
                 }
                 for message in &grant.replay {
                     let frame = Frame::data(encode(sub.format, topic, message), message.published_at);
@@ -738,7 +752,7 @@ impl Shard {
                 sub.pending = None;
             }
         }
-        slot.set(Ok(Granted { sub_id: 0, last_seq: grant.last_seq, gap: grant.gap }));
+        slot.set(Ok(Granted { sub_id: 0, epoch: grant.epoch, last_seq: grant.last_seq, resumed: grant.resumed }));
     }
 
     fn local_topic(&self, topic: &TopicName) -> Rc<LocalTopic> {
@@ -749,6 +763,7 @@ impl Shard {
                 Rc::new(LocalTopic {
                     name: topic.clone(),
                     last_seq: Cell::new(0),
+                    epoch: Cell::new(None),
                     subs: RefCell::default(),
                     fill: RefCell::default(),
                     drain: RefCell::default(),
@@ -845,6 +860,35 @@ impl Shard {
             sub.last_seq = message.seq;
         }
     }
+}
+
+/// The native subscribe reply's fields: where the topic stands, and what of
+/// the resume cannot be had (`gap`: evicted from history; `lost`: another
+/// sequence space, nothing after `from_seq` can be recovered).
+fn grant_reply(topic: &TopicName, grant: &Grant) -> serde_json::Value {
+    let mut extra = serde_json::json!({
+        "topic": topic.as_str(),
+        "epoch": grant.epoch.to_string(),
+        "last_seq": grant.last_seq,
+        "first_seq": grant.first_seq,
+    });
+    match grant.resumed {
+        Resumed::Live | Resumed::Replayed { gap: None } => {}
+        Resumed::Replayed { gap: Some(gap) } => {
+            extra["gap"] = serde_json::json!({ "from_seq": gap.from_seq, "to_seq": gap.to_seq });
+        }
+        Resumed::Lost(why) => extra["lost"] = serde_json::json!({ "reason": why.as_str() }),
+    }
+    extra
+}
+
+/// A seed for this process's topic epochs: the wall clock's nanoseconds,
+/// the process id and the shard, so that a restarted node (or another node)
+/// never gives a topic the epoch it had before.
+fn epoch_seed(shard: usize) -> u64 {
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
+    nanos ^ (u64::from(std::process::id()) << 32) ^ ((shard as u64) << 56)
 }
 
 /// Frames a message for a subscriber format.

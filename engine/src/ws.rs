@@ -40,6 +40,16 @@ pub mod close_code {
     pub const IDLE_TIMEOUT: u16 = 4001;
     /// The connection's send queue passed its cap (slow consumer).
     pub const SLOW_CONSUMER: u16 = 4008;
+
+    /// Whether a peer may send `code` in a close frame (RFC 6455 7.4.1 and
+    /// 7.4.2, and the IANA registry): 1000-1003 and 1007-1014 are defined;
+    /// 1004 is reserved; 1005, 1006 and 1015 must never be sent; the rest
+    /// of 1000-2999 is reserved for the protocol; 3000-4999 belong to
+    /// libraries and applications; nothing else exists. Any other code fails
+    /// the connection with 1002, as Autobahn's cases 7.9.x expect.
+    pub fn may_be_received(code: u16) -> bool {
+        matches!(code, 1000..=1003 | 1007..=1014 | 3000..=4999)
+    }
 }
 
 /// What the decoder produced from the client's bytes.
@@ -195,10 +205,14 @@ fn parse_close(payload: &[u8]) -> Result<WsEvent, WsError> {
         0 => Ok(WsEvent::Close { code: None }),
         1 => Err(WsError::Protocol("close frame with a one-byte payload")),
         _ => {
+            let code = u16::from_be_bytes([payload[0], payload[1]]);
+            if !close_code::may_be_received(code) {
+                return Err(WsError::Protocol("invalid close code"));
+            }
             if std::str::from_utf8(&payload[2..]).is_err() {
                 return Err(WsError::InvalidUtf8);
             }
-            Ok(WsEvent::Close { code: Some(u16::from_be_bytes([payload[0], payload[1]])) })
+            Ok(WsEvent::Close { code: Some(code) })
         }
     }
 }
@@ -266,6 +280,35 @@ fn encode(opcode: OpCode, parts: &[&[u8]]) -> Bytes {
         out.extend_from_slice(part);
     }
     out.freeze()
+}
+
+/// The end of the server frame that contains byte `at` of `bytes`, where a
+/// frame starts at offset `boundary <= at` (`at` itself if a frame starts
+/// there, `bytes.len()` if the frames run past the end). Used to finish the
+/// frame in progress, and nothing after it, once the peer has closed.
+/// `bytes` holds frames this module encoded; a malformed header ends the
+/// walk at `bytes.len()`, never in a panic.
+pub fn frame_end_at(bytes: &[u8], boundary: usize, at: usize) -> usize {
+    let mut end = boundary;
+    while end < at {
+        match server_frame_len(&bytes[end.min(bytes.len())..]) {
+            Some(len) => end = end.saturating_add(len),
+            None => return bytes.len(),
+        }
+    }
+    end.min(bytes.len())
+}
+
+/// Length (header and payload) of the unmasked frame at the front of
+/// `bytes`, if its header is complete.
+fn server_frame_len(bytes: &[u8]) -> Option<usize> {
+    let code = *bytes.get(1)? & 0x7f;
+    let (header, payload) = match code {
+        126 => (4, u16::from_be_bytes([*bytes.get(2)?, *bytes.get(3)?]) as u64),
+        127 => (10, u64::from_be_bytes(bytes.get(2..10)?.try_into().ok()?)),
+        n => (2, n as u64),
+    };
+    usize::try_from(payload).ok()?.checked_add(header)
 }
 
 /// The value of `Sec-WebSocket-Accept` for a client's `Sec-WebSocket-Key`.
@@ -358,6 +401,16 @@ mod tests {
             (client_frame(0x2, true, &[0; 11]), close_code::MESSAGE_TOO_BIG),
             (client_frame(0x8, true, &[3]), close_code::PROTOCOL_ERROR),
         ];
+        // Close codes a peer may not send (Autobahn 7.9.x), each failing
+        // with 1002; the codes it may send are accepted and reported.
+        let mut cases = cases;
+        for bad in [0u16, 999, 1004, 1005, 1006, 1015, 1016, 1100, 2000, 2999, 5000, 65535] {
+            cases.push((client_frame(0x8, true, &bad.to_be_bytes()), close_code::PROTOCOL_ERROR));
+        }
+        for good in [1000u16, 1001, 1002, 1003, 1007, 1010, 1011, 1012, 1014, 3000, 3999, 4000, 4999] {
+            let got = decode_all(&client_frame(0x8, true, &good.to_be_bytes()), 10);
+            assert_eq!(got, vec![Ok(WsEvent::Close { code: Some(good) })], "code {good}");
+        }
         for (wire, code) in cases {
             let got = decode_all(&wire, 10);
             match got.last() {
@@ -386,6 +439,22 @@ mod tests {
         wire.extend_from_slice(&u64::MAX.to_be_bytes());
         wire.extend_from_slice(&[1, 2, 3, 4]);
         assert_eq!(decode_all(&wire, 4096).last(), Some(&Err(WsError::TooBig(4096))));
+    }
+
+    #[test]
+    fn frame_end_at_finds_the_frame_in_progress() {
+        let mut wire = encode_data(PayloadKind::Text, b"abc").to_vec(); // 5 bytes
+        wire.extend_from_slice(&encode_data(PayloadKind::Binary, &[7; 300])); // 304 bytes
+        wire.extend_from_slice(&encode_ping(b"")); // 2 bytes
+        assert_eq!(frame_end_at(&wire, 0, 0), 0, "on a boundary nothing is in progress");
+        assert_eq!(frame_end_at(&wire, 0, 1), 5);
+        assert_eq!(frame_end_at(&wire, 0, 5), 5);
+        assert_eq!(frame_end_at(&wire, 0, 6), 309);
+        assert_eq!(frame_end_at(&wire, 5, 308), 309);
+        assert_eq!(frame_end_at(&wire, 0, 310), 311);
+        // Garbage never panics and never points past the bytes.
+        assert_eq!(frame_end_at(&[0x82, 127, 0xff], 0, 1), 3);
+        assert_eq!(frame_end_at(&[0x82, 127, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff], 0, 1), 10);
     }
 
     #[test]

@@ -145,7 +145,8 @@ fn envelope_larger_than_the_send_queue_cap_is_still_delivered() {
 }
 
 /// A raw publisher whose publish the topic's owner refuses (no room for
-/// another topic) is closed with 1013; publishers of existing topics go on.
+/// another topic, and no idle topic to evict: the one there has a
+/// subscriber) is closed with 1013; publishers of existing topics go on.
 /// The publishers sit on the shard that does not own the topics, so the
 /// refusal crosses between shards.
 #[test]
@@ -154,6 +155,7 @@ fn a_refused_raw_publish_closes_with_1013_and_spares_others() {
     let node = Node::start(&["--shards", "2", "--topics-max", "2", "--topic-sockets", "accepting"]);
     let addr = node.addr();
     let (a, b) = (topic_on_shard("fa", 2, 1), topic_on_shard("fb", 2, 1));
+    let _keeps_a = node.ws(&format!("/v1/topics/{a}/ws?role=sub"));
     let mut first = ws_on_shard(&addr, &format!("/v1/topics/{a}/ws?role=pub"), 0);
     first.send(Message::text("fits")).unwrap();
     wait_until("the first topic's message sequenced", || node.get(&format!("/v1/topics/{a}")).0 == 200);
