@@ -31,7 +31,7 @@ use crate::native::{self, Request};
 use crate::outbound::{DirectSink, Outbound, Unsent};
 use crate::owner::{OwnerError, ResumeFrom, Resumed};
 use crate::proxy_protocol::{self, ProxyError, ProxyHeader};
-use crate::shard::{Adoption, Format, Handoff, NodeConnection, PublishDone, Shard};
+use crate::shard::{AdminConnection, Adoption, Format, Handoff, NodeConnection, PublishDone, Shard};
 use crate::sync::Event;
 use crate::topic::TopicName;
 use crate::ws::{self, close_code, Decoder, WsEvent};
@@ -343,11 +343,8 @@ async fn respond(shard: &Rc<Shard>, head: &RequestHead, route: Route, body: Byte
     match route {
         Route::Healthz => json(200, serde_json::json!({ "status": "ok" })),
         Route::Readyz => {
-            if shard.node.ready.load(Ordering::Relaxed) {
-                json(200, serde_json::json!({ "status": "ready" }))
-            } else {
-                json(503, serde_json::json!({ "status": "not ready" }))
-            }
+            let (status, state) = readiness(shard);
+            json(status, serde_json::json!({ "status": state }))
         }
         Route::Metrics | Route::ListTopics | Route::TopicInfo(_) => control(shard, route, keep_alive).await,
         Route::LegacyPublish => legacy_publish(shard, &body, keep_alive).await,
@@ -371,6 +368,45 @@ async fn respond(shard: &Rc<Shard>, head: &RequestHead, route: Route, body: Byte
         }
         _ => http::json_error(404, "not_found", "no such path", keep_alive),
     }
+}
+
+/// Readiness: 503 "not ready" while starting or draining, 503 "full" at the
+/// connection limit (alive: FluxBalancer keeps its topics where they are;
+/// a Kubernetes Service stops sending it new connections), else 200.
+fn readiness(shard: &Shard) -> (u16, &'static str) {
+    if !shard.node.ready.load(Ordering::Relaxed) {
+        (503, "not ready")
+    } else if shard.node.connections.load(Ordering::Relaxed) >= shard.config.connections_max {
+        (503, "full")
+    } else {
+        (200, "ready")
+    }
+}
+
+/// Serves one request on a connection admitted over the connection limit
+/// (see `ADMIN_CONNECTIONS_RESERVED`): `/healthz`, `/readyz` and `/metrics`
+/// are answered as usual, anything else with 503 `too_many_connections`;
+/// then the connection closes.
+pub async fn serve_admin_only(shard: Rc<Shard>, stream: TcpStream, admin: AdminConnection) {
+    let io = Io(Rc::new(RefCell::new(stream)));
+    let mut buf = BytesMut::new();
+    let wait = shard.config.handshake_timeout;
+    let read = async {
+        // FluxBalancer's checks start with a PROXY header (the LOCAL command).
+        if shard.config.proxy_protocol && read_proxy_header(&shard, &io, &mut buf).await.is_err() {
+            return Ok(None);
+        }
+        Ok(read_head(&shard, &io, &mut buf).await.ok().flatten())
+    };
+    let Ok(Some(head)) = glommio::timer::timeout(wait, read).await else { return };
+    let response = match http::route(&head.method, &head.path) {
+        route @ (Route::Healthz | Route::Readyz | Route::Metrics) => {
+            respond(&shard, &head, route, Bytes::new(), false).await
+        }
+        _ => http::json_error(503, "too_many_connections", "connection limit reached", false),
+    };
+    let _ = io.write_all(&response).await;
+    drop(admin);
 }
 
 /// Answers a control-plane request in the shard's low-share task queue.

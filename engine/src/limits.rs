@@ -56,8 +56,11 @@ pub const HISTORY_BYTES_MAX_DEFAULT: usize = 1 << 20;
 /// configuration cannot promise more history memory than the operator meant.
 pub const HISTORY_MEMORY_MAX_DEFAULT: usize = 4 << 30;
 
-/// Default most topics a node keeps. Topics are never evicted yet, so this
-/// bounds the topic tables and their history.
+/// Default most topics a node keeps; bounds the topic tables and their
+/// history. When the table is full, the least recently active topic that
+/// nobody subscribes to is evicted (its history with it; a resume from it
+/// later meets a new epoch and is told so); a topic made by a subscribe goes
+/// with its last subscriber. Only subscribed topics can fill the table.
 pub const TOPICS_MAX_DEFAULT: usize = 4096;
 /// Default most subscriptions one connection may hold (native protocol).
 pub const SUBSCRIPTIONS_PER_CONNECTION_MAX_DEFAULT: usize = 1024;
@@ -68,6 +71,13 @@ pub const SUBSCRIPTIONS_PER_CONNECTION_MAX_DEFAULT: usize = 1024;
 /// table with headroom, and a node with more shards may be given more (it
 /// warns at start if the limit cannot hold `connections_max`).
 pub const CONNECTIONS_MAX_DEFAULT: usize = 16_384;
+
+/// Connections a node at `connections_max` still admits, one request each,
+/// for `/healthz`, `/readyz` and `/metrics` only: a full node must not be
+/// taken for dead by its balancer or restarted by a liveness probe. Enough
+/// for a few balancers' and probes' checks at once; each costs one
+/// descriptor and a request head for at most `handshake_timeout_ms`.
+pub const ADMIN_CONNECTIONS_RESERVED: usize = 32;
 
 /// Default time a client has to send a complete HTTP request head.
 pub const HANDSHAKE_TIMEOUT_MS_DEFAULT: u64 = 10_000;

@@ -40,6 +40,9 @@ pub struct Metrics {
     pub slow_consumer_disconnects: Cell<u64>,
     /// Connections closed for protocol errors or bad input.
     pub protocol_errors: Cell<u64>,
+    /// Idle topics this shard evicted to make room (copied from its owner
+    /// when a snapshot is taken).
+    pub topics_evicted: Cell<u64>,
     /// Publish-to-write latency, microseconds.
     pub latency_us: RefCell<Histogram<u64>>,
 }
@@ -74,6 +77,7 @@ pub const COUNTERS: &[(&str, &str, &str)] = &[
     ("fluxnode_messages_dropped_total", "Messages skipped for slow consumers (drop policy).", "counter"),
     ("fluxnode_slow_consumer_disconnects_total", "Connections closed as slow consumers.", "counter"),
     ("fluxnode_protocol_errors_total", "Connections closed for bad input.", "counter"),
+    ("fluxnode_topics_evicted_total", "Idle topics evicted to make room for new ones.", "counter"),
 ];
 
 impl Default for Metrics {
@@ -91,6 +95,7 @@ impl Default for Metrics {
             messages_dropped: Cell::new(0),
             slow_consumer_disconnects: Cell::new(0),
             protocol_errors: Cell::new(0),
+            topics_evicted: Cell::new(0),
             // 3 significant digits over 1 us..60 s: fixed parameters, cannot fail.
             latency_us: RefCell::new(Histogram::new_with_max(LATENCY_US_MAX, 3).expect("valid histogram bounds")),
         }
@@ -171,6 +176,7 @@ impl Metrics {
             &self.messages_dropped,
             &self.slow_consumer_disconnects,
             &self.protocol_errors,
+            &self.topics_evicted,
         ]
         .iter()
         .map(|c| c.get())

@@ -15,23 +15,12 @@ use crate::limits::{IO_URING_RING_DEPTH, SHUTDOWN_POLL_MS};
 /// Binds `addr` with SO_REUSEPORT without listening, resolving port 0, so
 /// that every shard can then bind the same port. Keep the socket until the
 /// shards have bound.
-///
-/// SO_REUSEPORT would also let a second process join a port another
-/// process already serves (the kernel then spreads connections over both,
-/// and two nodes sequence the same topics). So the port is first bound
-/// without it: that bind fails with `AddrInUse` while any socket holds the
-/// port, whatever its options. SO_REUSEADDR on the probe only lets it pass
-/// connections left in TIME_WAIT by an earlier run, never a listener.
 pub fn reserve(addr: SocketAddr) -> std::io::Result<(socket2::Socket, SocketAddr)> {
     let domain = if addr.is_ipv6() { socket2::Domain::IPV6 } else { socket2::Domain::IPV4 };
-    let probe = socket2::Socket::new(domain, socket2::Type::STREAM, None)?;
-    probe.set_reuse_address(true)?;
-    probe.bind(&addr.into())?;
-    let local = probe.local_addr()?.as_socket().ok_or_else(|| std::io::Error::other("not an IP socket"))?;
-    drop(probe);
     let socket = socket2::Socket::new(domain, socket2::Type::STREAM, None)?;
     socket.set_reuse_port(true)?;
-    socket.bind(&local.into())?;
+    socket.bind(&addr.into())?;
+    let local = socket.local_addr()?.as_socket().ok_or_else(|| std::io::Error::other("not an IP socket"))?;
     Ok((socket, local))
 }
 

@@ -16,7 +16,7 @@ use crate::fdpass::{LinkMatrix, Links};
 use crate::limits::{IO_MEMORY_BYTES_PER_SHARD, SHARD_CHANNEL_BATCHES, SHUTDOWN_POLL_MS};
 use crate::metrics;
 use crate::runtime;
-use crate::shard::{Batch, NodeConnection, NodeShared, Shard};
+use crate::shard::{AdminConnection, Batch, NodeConnection, NodeShared, Shard};
 use crate::ws::close_code;
 
 /// Why the node could not run.
@@ -146,7 +146,16 @@ async fn accept_loop(shard: &Rc<Shard>, listener: &TcpListener, data_queue: glom
     while let Some(stream) = runtime::accept_next(listener, shard.id, || shard.shutting_down()).await {
         let Some(place) = NodeConnection::take(&shard.node, max) else {
             metrics::add(&shard.metrics.connections_rejected, 1);
-            reject(stream);
+            match AdminConnection::take(&shard.node) {
+                // Health, readiness and metrics are answered even when full.
+                Some(admin) => {
+                    let serve = crate::conn::serve_admin_only(shard.clone(), stream, admin);
+                    if let Ok(task) = glommio::spawn_local_into(serve, data_queue) {
+                        task.detach();
+                    }
+                }
+                None => reject(stream),
+            }
             continue;
         };
         let slot = crate::conn::ConnectionSlot::admitted(shard.clone(), place);

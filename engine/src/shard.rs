@@ -138,6 +138,31 @@ pub struct NodeShared {
     /// against `connections_max` at accept; a hand-off moves a connection
     /// between shards without changing it).
     pub connections: std::sync::atomic::AtomicUsize,
+    /// Connections admitted over `connections_max` for a health, readiness
+    /// or metrics request (see `ADMIN_CONNECTIONS_RESERVED`).
+    pub admin_connections: std::sync::atomic::AtomicUsize,
+}
+
+/// A place among the connections admitted at the limit for health,
+/// readiness and metrics only; dropping it gives the place back.
+#[derive(Debug)]
+pub struct AdminConnection(Arc<NodeShared>);
+
+impl AdminConnection {
+    /// Takes a place if fewer than `ADMIN_CONNECTIONS_RESERVED` are in use.
+    pub fn take(node: &Arc<NodeShared>) -> Option<AdminConnection> {
+        if node.admin_connections.fetch_add(1, Ordering::AcqRel) >= crate::limits::ADMIN_CONNECTIONS_RESERVED {
+            node.admin_connections.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(AdminConnection(node.clone()))
+    }
+}
+
+impl Drop for AdminConnection {
+    fn drop(&mut self) {
+        self.0.admin_connections.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// How a subscriber wants messages framed.
@@ -625,6 +650,7 @@ impl Shard {
     }
 
     fn snapshot(&self) -> ShardStats {
+        self.metrics.topics_evicted.set(self.owner.borrow().evicted_total());
         ShardStats {
             shard: self.id,
             counters: self.metrics.counter_values(),

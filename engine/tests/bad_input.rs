@@ -172,14 +172,24 @@ fn native_bad_requests_keep_the_connection() {
     assert_eq!(r["ok"], true, "the connection is still usable");
 }
 
+/// At the connection limit, work is refused with 503, but the node is not
+/// taken for dead: health, readiness ("full") and metrics are still
+/// answered. Before, every request answered 503, and the balancer moved a
+/// full node's topics away from the subscribers still connected to it.
 #[test]
-fn connection_limit_answers_503() {
+fn connection_limit_answers_503_but_health_and_metrics_still_answer() {
     let node = Node::start(&["--shards", "1", "--connections-max", "3"]);
-    let _held: Vec<Ws> = (0..3).map(|_| node.ws("/v1/ws")).collect();
-    wait_until("a fourth connection is refused with 503", || node.get("/healthz").0 == 503);
-    drop(_held);
-    wait_until("connections free again", || node.get("/healthz").0 == 200);
-    assert!(node.metric("fluxnode_connections_rejected_total") >= 1);
+    let held: Vec<Ws> = (0..3).map(|_| node.ws("/v1/ws")).collect();
+    let refused = node.request("POST", "/v1/topics/t", "text/plain", b"x");
+    assert_eq!(refused.0, 503, "{refused:?}");
+    assert!(refused.1.contains("too_many_connections"), "{refused:?}");
+    assert!(ws_connect(&node.addr(), "/v1/ws").is_err(), "no fourth session");
+    assert_eq!(node.get("/healthz").0, 200, "alive while full");
+    let (status, body) = node.get("/readyz");
+    assert_eq!((status, body.contains("\"full\"")), (503, true), "{body}");
+    assert!(node.metric("fluxnode_connections_rejected_total") >= 1, "metrics answered while full");
+    drop(held);
+    wait_until("connections free again", || node.get("/readyz").0 == 200);
 }
 
 #[test]

@@ -3,26 +3,63 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
-
 use common::*;
 
-/// A second node on a port another node already serves must refuse to
-/// start: with SO_REUSEPORT alone it joined the port, and the kernel split
-/// connections between two sequence spaces (duplicate sequence numbers).
+/// After `kill -9` and a restart the topic starts a new sequence space. A
+/// subscriber resuming from the old one (with its epoch, or from a sequence
+/// the new node never assigned) is told its history is lost (4011, native
+/// "lost") instead of silently getting the new sequence 1, 2, ... as if they
+/// followed what it had.
 #[test]
-fn a_second_node_on_a_served_port_refuses_to_start() {
+fn a_resume_across_a_restart_is_told_its_history_is_lost() {
     let first = Node::start(&[]);
-    let second = Command::new(fluxnode_bin())
-        .args(["--listen", &first.addr()])
-        .env("FLUXNODE_LOG", "warn")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .output()
-        .expect("run fluxnode");
-    let stderr = String::from_utf8_lossy(&second.stderr);
-    assert_eq!(second.status.code(), Some(1), "second node: {stderr}");
-    assert!(stderr.contains("in use"), "the error names the cause: {stderr}");
-    // The first node still serves.
-    assert_eq!(first.get("/healthz").0, 200);
+    let mut sub = first.ws("/v1/ws");
+    let reply = native_call(&mut sub, serde_json::json!({"op": "subscribe", "id": 1, "topic": "orders"}));
+    let old_epoch = reply["epoch"].as_str().expect("epoch in the reply").to_string();
+    for i in 0..20 {
+        assert_eq!(first.request("POST", "/v1/topics/orders", "text/plain", format!("m{i}").as_bytes()).0, 200);
+    }
+    let port = first.port;
+    drop(first); // kill -9
+    let second = Node::start_on(port, &[]);
+    for i in 0..5 {
+        assert_eq!(second.request("POST", "/v1/topics/orders", "text/plain", format!("n{i}").as_bytes()).0, 200);
+    }
+    // Native, with the epoch: history lost, live from now.
+    let mut native = second.ws("/v1/ws");
+    let r = native_call(
+        &mut native,
+        serde_json::json!({"op": "subscribe", "id": 1, "topic": "orders", "from_seq": 3, "epoch": old_epoch}),
+    );
+    assert_eq!(r["lost"]["reason"], "epoch_changed", "{r}");
+    assert_ne!(r["epoch"], old_epoch.as_str());
+    // Raw, without the epoch, from beyond the new last sequence.
+    let mut raw = second.ws("/v1/topics/orders/ws?role=sub&from=18");
+    let (code, reason) = expect_close(&mut raw);
+    assert_eq!(code, 4011, "{reason}");
+    assert!(reason.contains("beyond_last_seq"), "{reason}");
+    // Raw, with the old epoch, from a sequence the new space also has.
+    let mut raw = second.ws(&format!("/v1/topics/orders/ws?role=sub&from=2&epoch={old_epoch}"));
+    assert_eq!(expect_close(&mut raw).0, 4011);
+    // With the current epoch, an ordinary resume.
+    let epoch = r["epoch"].as_str().unwrap();
+    let mut raw = second.ws(&format!("/v1/topics/orders/ws?role=sub&from=3&epoch={epoch}"));
+    assert_eq!(next_data(&mut raw), tungstenite::Message::text("n3"));
+}
+
+/// Thousands of publishes to distinct topic names filled the topic table
+/// for good (topics were never freed), and every path then refused new
+/// topics until a restart. Idle topics are now evicted to make room.
+#[test]
+fn distinct_topics_never_lock_the_node() {
+    let node = Node::start(&["--topics-max", "64"]);
+    let mut keep = node.ws("/v1/topics/kept/ws?role=sub");
+    for i in 0..1000 {
+        let (status, body) = node.request("POST", &format!("/v1/topics/spray-{i}"), "text/plain", b"x");
+        assert_eq!(status, 200, "topic {i}: {body}");
+    }
+    // The subscribed topic was never evicted: it still delivers.
+    assert_eq!(node.request("POST", "/v1/topics/kept", "text/plain", b"still here").0, 200);
+    assert_eq!(next_data(&mut keep), tungstenite::Message::text("still here"));
+    assert!(node.metric("fluxnode_topics_evicted_total") >= 900);
 }

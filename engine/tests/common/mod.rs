@@ -27,8 +27,17 @@ pub struct Node {
 impl Node {
     /// Starts fluxnode with extra flags and waits until /readyz says ready.
     pub fn start(extra: &[&str]) -> Node {
+        Node::start_listening("127.0.0.1:0", extra)
+    }
+
+    /// Starts fluxnode on a given port (a restart where the last one was).
+    pub fn start_on(port: u16, extra: &[&str]) -> Node {
+        Node::start_listening(&format!("127.0.0.1:{port}"), extra)
+    }
+
+    fn start_listening(listen: &str, extra: &[&str]) -> Node {
         let (child, line) = spawn_announced(
-            Command::new(fluxnode_bin()).args(["--listen", "127.0.0.1:0"]).args(extra).env("FLUXNODE_LOG", "warn"),
+            Command::new(fluxnode_bin()).args(["--listen", listen]).args(extra).env("FLUXNODE_LOG", "warn"),
         );
         let port = line
             .split_whitespace()
