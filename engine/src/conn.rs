@@ -82,7 +82,7 @@ impl Io {
 
     async fn write_all(&self, mut data: &[u8]) -> io::Result<()> {
         while !data.is_empty() {
-            let n = poll_fn(|cx| Pin::new(&mut *self.0.borrow_mut()).poll_write(cx, data)).await?;
+            let n = self.write_some(data).await?;
             if n == 0 {
                 return Err(io::ErrorKind::WriteZero.into());
             }
@@ -665,29 +665,30 @@ async fn prepare(
                 ("x-rayflux-last-seq", granted.last_seq.to_string()),
                 ("x-rayflux-epoch", granted.epoch.to_string()),
             ];
-            let close = match granted.resumed {
-                Resumed::Live | Resumed::Replayed { gap: None } => None,
-                Resumed::Replayed { gap: Some(gap) } => {
-                    let first = gap.to_seq + 1;
-                    Some((
-                        CLOSE_HISTORY_GAP,
-                        format!("history gap: first retained seq is {first}; resume with from={}", first - 1),
-                    ))
-                }
-                Resumed::Lost(why) => Some((
-                    CLOSE_HISTORY_LOST,
-                    format!(
-                        "history lost ({}): epoch is now {}, last seq {}; nothing after from={} can be recovered",
-                        why.as_str(),
-                        granted.epoch,
-                        granted.last_seq,
-                        from.unwrap_or(0)
-                    ),
-                )),
-            };
+            let close = resume_close(&granted, from.unwrap_or(0));
             Ok((Path::Raw { topic, publish, sub: Some(granted.sub_id) }, headers, close))
         }
         _ => Err(http::json_error(404, "not_found", "no such path", false)),
+    }
+}
+
+/// The close a raw subscriber that resumed after `from` gets right after
+/// its 101, when the grant says it cannot have everything it asked for.
+fn resume_close(granted: &crate::shard::Granted, from: u64) -> ResumeClose {
+    match granted.resumed {
+        Resumed::Live | Resumed::Replayed { gap: None } => None,
+        Resumed::Replayed { gap: Some(gap) } => {
+            let first = gap.to_seq + 1;
+            let reason = format!("history gap: first retained seq is {first}; resume with from={}", first - 1);
+            Some((CLOSE_HISTORY_GAP, reason))
+        }
+        Resumed::Lost(why) => {
+            let (epoch, last) = (granted.epoch, granted.last_seq);
+            let why = why.as_str();
+            let reason =
+                format!("history lost ({why}): epoch is now {epoch}, last seq {last}; nothing after from={from} can be recovered");
+            Some((CLOSE_HISTORY_LOST, reason))
+        }
     }
 }
 

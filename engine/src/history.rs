@@ -19,6 +19,15 @@ pub struct History {
     bytes_max: usize,
 }
 
+/// An inclusive range of sequence numbers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SeqRange {
+    /// First sequence in the range.
+    pub from_seq: u64,
+    /// Last sequence in the range.
+    pub to_seq: u64,
+}
+
 /// What a read after a given sequence returned.
 #[derive(Debug)]
 pub struct Replay {
@@ -28,7 +37,7 @@ pub struct Replay {
     pub first_seq: u64,
     /// Set when messages after the requested sequence were already evicted:
     /// the inclusive range the reader can no longer get.
-    pub gap: Option<(u64, u64)>,
+    pub gap: Option<SeqRange>,
 }
 
 impl History {
@@ -56,7 +65,7 @@ impl History {
     pub fn after(&self, after: u64, last_seq: u64) -> Replay {
         let first_seq = self.ring.front().map(|m| m.seq).unwrap_or(last_seq + 1);
         let wanted_from = after.saturating_add(1);
-        let gap = (wanted_from < first_seq).then(|| (wanted_from, first_seq - 1));
+        let gap = (wanted_from < first_seq).then(|| SeqRange { from_seq: wanted_from, to_seq: first_seq - 1 });
         let start = wanted_from.max(first_seq);
         let skip = (start - first_seq) as usize;
         let messages = self.ring.iter().skip(skip).cloned().collect();
@@ -132,7 +141,7 @@ mod tests {
         let r = h.after(5, 5);
         assert!(r.messages.is_empty() && r.gap.is_none());
         let r = h.after(0, 5);
-        assert_eq!((seqs(&r), r.gap, r.first_seq), (vec![3, 4, 5], Some((1, 2)), 3));
+        assert_eq!((seqs(&r), r.gap, r.first_seq), (vec![3, 4, 5], Some(SeqRange { from_seq: 1, to_seq: 2 }), 3));
         let r = h.after(2, 5);
         assert_eq!((seqs(&r), r.gap), (vec![3, 4, 5], None));
         let r = h.after(99, 5);

@@ -9,6 +9,7 @@ use std::time::Instant;
 use bytes::Bytes;
 
 use crate::history::History;
+pub use crate::history::SeqRange;
 pub use crate::message::Epoch;
 use crate::message::{unix_time_ms, Message, PayloadKind};
 use crate::topic::TopicName;
@@ -28,15 +29,6 @@ pub struct ResumeFrom {
     pub after_seq: u64,
     /// The epoch `after_seq` belongs to, if the subscriber knows it.
     pub epoch: Option<Epoch>,
-}
-
-/// An inclusive range of sequence numbers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct SeqRange {
-    /// First sequence in the range.
-    pub from_seq: u64,
-    /// Last sequence in the range.
-    pub to_seq: u64,
 }
 
 /// Why a resume cannot be served from this topic's sequence space at all.
@@ -213,8 +205,13 @@ impl Owner {
             (_, Some(lost)) => Grant { epoch, last_seq, first_seq, replay: Vec::new(), resumed: Resumed::Lost(lost) },
             (Some(from), None) => {
                 let replay = t.history.after(from.after_seq, last_seq);
-                let gap = replay.gap.map(|(from_seq, to_seq)| SeqRange { from_seq, to_seq });
-                Grant { epoch, last_seq, first_seq, replay: replay.messages, resumed: Resumed::Replayed { gap } }
+                Grant {
+                    epoch,
+                    last_seq,
+                    first_seq,
+                    replay: replay.messages,
+                    resumed: Resumed::Replayed { gap: replay.gap },
+                }
             }
             (None, None) => Grant { epoch, last_seq, first_seq, replay: Vec::new(), resumed: Resumed::Live },
         })

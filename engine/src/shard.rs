@@ -14,7 +14,7 @@
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -26,7 +26,7 @@ use glommio::sync::{Semaphore, StaticPermit};
 use crate::config::Config;
 use crate::fdpass::Links;
 use crate::limits::{
-    FANOUT_PENDING_BYTES_MAX, ITEM_OVERHEAD_BYTES, OUTBOX_BYTES_MAX, READ_SCRATCH_BYTES,
+    ADMIN_CONNECTIONS_RESERVED, FANOUT_PENDING_BYTES_MAX, ITEM_OVERHEAD_BYTES, OUTBOX_BYTES_MAX, READ_SCRATCH_BYTES,
     REMOTE_PUBLISH_BYTES_IN_FLIGHT_MAX, WRITE_BATCH_BYTES_MAX,
 };
 use crate::message::{Message, PayloadKind};
@@ -89,25 +89,61 @@ pub struct Adoption {
     pub handoff: Handoff,
 }
 
+/// A place in one of the node-wide connection counts of [`NodeShared`];
+/// dropping it gives the place back.
+#[derive(Debug)]
+struct Place {
+    /// Holds the counts.
+    node: Arc<NodeShared>,
+    /// Which count the place is in.
+    count: fn(&NodeShared) -> &AtomicUsize,
+}
+
+impl Place {
+    /// Takes a place if the count is below `max`.
+    fn take(node: &Arc<NodeShared>, count: fn(&NodeShared) -> &AtomicUsize, max: usize) -> Option<Place> {
+        if count(node).fetch_add(1, Ordering::AcqRel) >= max {
+            count(node).fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(Place { node: node.clone(), count })
+    }
+}
+
+impl Drop for Place {
+    fn drop(&mut self) {
+        (self.count)(&self.node).fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// One connection's place in the node-wide count (`NodeShared::connections`),
 /// taken at accept; dropping it gives the place back.
 #[derive(Debug)]
-pub struct NodeConnection(Arc<NodeShared>);
+pub struct NodeConnection {
+    /// Held for its drop.
+    _place: Place,
+}
 
 impl NodeConnection {
     /// Takes a place if fewer than `max` connections are open on the node.
     pub fn take(node: &Arc<NodeShared>, max: usize) -> Option<NodeConnection> {
-        if node.connections.fetch_add(1, Ordering::AcqRel) >= max {
-            node.connections.fetch_sub(1, Ordering::AcqRel);
-            return None;
-        }
-        Some(NodeConnection(node.clone()))
+        Place::take(node, |n| &n.connections, max).map(|place| NodeConnection { _place: place })
     }
 }
 
-impl Drop for NodeConnection {
-    fn drop(&mut self) {
-        self.0.connections.fetch_sub(1, Ordering::AcqRel);
+/// A place among the connections admitted at the limit for health,
+/// readiness and metrics only (`NodeShared::admin_connections`).
+#[derive(Debug)]
+pub struct AdminConnection {
+    /// Held for its drop.
+    _place: Place,
+}
+
+impl AdminConnection {
+    /// Takes a place if fewer than `ADMIN_CONNECTIONS_RESERVED` are in use.
+    pub fn take(node: &Arc<NodeShared>) -> Option<AdminConnection> {
+        Place::take(node, |n| &n.admin_connections, ADMIN_CONNECTIONS_RESERVED)
+            .map(|place| AdminConnection { _place: place })
     }
 }
 
@@ -137,32 +173,10 @@ pub struct NodeShared {
     /// Client connections open on the node, every shard together (checked
     /// against `connections_max` at accept; a hand-off moves a connection
     /// between shards without changing it).
-    pub connections: std::sync::atomic::AtomicUsize,
+    pub connections: AtomicUsize,
     /// Connections admitted over `connections_max` for a health, readiness
     /// or metrics request (see `ADMIN_CONNECTIONS_RESERVED`).
-    pub admin_connections: std::sync::atomic::AtomicUsize,
-}
-
-/// A place among the connections admitted at the limit for health,
-/// readiness and metrics only; dropping it gives the place back.
-#[derive(Debug)]
-pub struct AdminConnection(Arc<NodeShared>);
-
-impl AdminConnection {
-    /// Takes a place if fewer than `ADMIN_CONNECTIONS_RESERVED` are in use.
-    pub fn take(node: &Arc<NodeShared>) -> Option<AdminConnection> {
-        if node.admin_connections.fetch_add(1, Ordering::AcqRel) >= crate::limits::ADMIN_CONNECTIONS_RESERVED {
-            node.admin_connections.fetch_sub(1, Ordering::AcqRel);
-            return None;
-        }
-        Some(AdminConnection(node.clone()))
-    }
-}
-
-impl Drop for AdminConnection {
-    fn drop(&mut self) {
-        self.0.admin_connections.fetch_sub(1, Ordering::AcqRel);
-    }
+    pub admin_connections: AtomicUsize,
 }
 
 /// How a subscriber wants messages framed.
