@@ -393,6 +393,13 @@ impl Outbound {
         (!missed.is_empty()).then(|| missed.remove(0))
     }
 
+    /// Forgets the drops of `topic` not yet reported: the connection left
+    /// the topic, and a notice arriving later, perhaps after it subscribed
+    /// again to a new epoch of the topic, would name the wrong messages.
+    pub fn forget_missed(&self, topic: &TopicName) {
+        self.missed.borrow_mut().retain(|m| m.topic != *topic);
+    }
+
     /// Ranges waiting to be reported (at most one per topic).
     pub fn missed_pending(&self) -> usize {
         self.missed.borrow().len()

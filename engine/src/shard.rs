@@ -627,9 +627,10 @@ impl Shard {
         let Some(local) = self.topics.borrow().get(topic).cloned() else { return };
         let now_empty = {
             let mut subs = local.subs.borrow_mut();
-            let before = subs.len();
-            subs.retain(|s| s.id != sub_id);
-            if subs.len() < before {
+            if let Some(at) = subs.iter().position(|s| s.id == sub_id) {
+                // Drops it left unreported are about a topic the connection
+                // left (and may meet again in another epoch): never told.
+                subs.remove(at).out.forget_missed(topic);
                 metrics::sub(&self.metrics.subscriptions_current, 1);
             }
             subs.is_empty()
