@@ -354,3 +354,42 @@ fn each_balancer_shard_has_a_descriptor_table_of_its_own() {
         expect_text(ws, "through both tables");
     }
 }
+
+/// A node at its connection limit is alive: it answers health checks with
+/// 503 "full", the balancer keeps it (and its topics) in the table, and a
+/// publish for its topic is refused with a 503 the client can retry. Before,
+/// the checks got 503 `too_many_connections`, the node was marked down, and
+/// publishes for its topics went to another node, were answered 200 and
+/// reached none of the subscribers still on the full one.
+#[test]
+fn a_full_node_keeps_its_topics() {
+    let node = Node::start(&["--shards", "1", "--connections-max", "3"]);
+    let balancer = Balancer::start(&[&node], &["--shards", "1", "--health-interval-ms", "50", "--health-fall", "2"]);
+    // A keep-alive connection to the node, taken before it is full: the
+    // test reads the node's counters on it without needing a new one.
+    let mut watch = TcpStream::connect(node.addr()).unwrap();
+    watch.set_read_timeout(Some(WAIT)).unwrap();
+    let mut rejected = || {
+        watch.write_all(b"GET /metrics HTTP/1.1\r\nhost: test\r\n\r\n").unwrap();
+        let (status, body) = common::read_response(&mut watch);
+        assert_eq!(status, 200, "{body}");
+        body.lines()
+            .find_map(|l| l.strip_prefix("fluxnode_connections_rejected_total "))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .expect("counter")
+    };
+    let mut subscriber = subscribe(&balancer, "busy");
+    let filler = node.ws("/v1/ws");
+    // Full now. Every health check is a connection over the limit: wait
+    // for ten of them, five times what marks a node down.
+    let full_at = rejected();
+    wait_until("ten health checks of the full node", || rejected() >= full_at + 10);
+    assert_eq!(balancer.node_info(&node.addr())["health"], "up", "a full node is alive");
+    let (status, body) = balancer.publish("busy", "no room");
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("too_many_connections"), "{body}");
+    // Its subscriber is still served, by a publisher already connected.
+    drop(filler);
+    wait_until("room again", || balancer.publish("busy", "after").0 == 200);
+    expect_text(&mut subscriber, "after");
+}

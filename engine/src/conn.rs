@@ -24,7 +24,7 @@ use serde::Deserialize;
 
 use crate::config::{SlowConsumerPolicy, TopicSockets};
 use crate::http::{self, RequestHead, Route, Upgrade};
-use crate::limits::{HTTP_BODY_SLACK_BYTES, WRITE_BATCH_BYTES_MAX};
+use crate::limits::{HTTP_BODY_SLACK_BYTES, TOPICS_PAGE_DEFAULT, TOPICS_PAGE_MAX, WRITE_BATCH_BYTES_MAX};
 use crate::message::PayloadKind;
 use crate::metrics;
 use crate::native::{self, Request};
@@ -33,7 +33,7 @@ use crate::owner::{OwnerError, ResumeFrom, Resumed};
 use crate::proxy_protocol::{self, ProxyError, ProxyHeader};
 use crate::shard::{AdminConnection, Adoption, Format, Handoff, NodeConnection, PublishDone, Shard};
 use crate::sync::Event;
-use crate::topic::TopicName;
+use crate::topic::{TopicName, TopicQuery};
 use crate::ws::{self, close_code, Decoder, WsEvent};
 
 /// How long the writer waits, after sending a close frame, for the client to
@@ -346,7 +346,9 @@ async fn respond(shard: &Rc<Shard>, head: &RequestHead, route: Route, body: Byte
             let (status, state) = readiness(shard);
             json(status, serde_json::json!({ "status": state }))
         }
-        Route::Metrics | Route::ListTopics | Route::TopicInfo(_) => control(shard, route, keep_alive).await,
+        Route::Metrics | Route::ListTopics | Route::TopicInfo(_) => {
+            control(shard, route, &head.query, keep_alive).await
+        }
         Route::LegacyPublish => legacy_publish(shard, &body, keep_alive).await,
         Route::TopicPublish(name) => {
             let topic = match TopicName::new(&name) {
@@ -410,8 +412,9 @@ pub async fn serve_admin_only(shard: Rc<Shard>, stream: TcpStream, admin: AdminC
 }
 
 /// Answers a control-plane request in the shard's low-share task queue.
-async fn control(shard: &Rc<Shard>, route: Route, keep_alive: bool) -> Vec<u8> {
+async fn control(shard: &Rc<Shard>, route: Route, query: &str, keep_alive: bool) -> Vec<u8> {
     let task_shard = shard.clone();
+    let listing = topic_query(query);
     let work = async move {
         let shard = &task_shard;
         let json = |status, value: serde_json::Value| {
@@ -419,17 +422,28 @@ async fn control(shard: &Rc<Shard>, route: Route, keep_alive: bool) -> Vec<u8> {
         };
         match route {
             Route::Metrics => {
-                let text = metrics::render_prometheus(&shard.gather_stats().await);
+                let text = metrics::render_prometheus(&shard.gather_stats(None).await);
                 http::response(200, "text/plain; version=0.0.4", text.as_bytes(), keep_alive)
             }
             Route::TopicInfo(name) => match TopicName::new(&name) {
                 Err(e) => http::json_error(400, "invalid_topic", &e.to_string(), keep_alive),
-                Ok(topic) => match topic_list(shard, Some(&topic)).await.pop() {
-                    Some(info) => json(200, info),
-                    None => http::json_error(404, "unknown_topic", "no such topic on this node", keep_alive),
-                },
+                Ok(topic) => {
+                    // The smallest name with the topic's name as prefix is
+                    // the topic itself, when it exists.
+                    let query = TopicQuery { prefix: topic.as_str().to_string(), after: None, limit: 1 };
+                    match topic_list(shard, query).await.0.pop() {
+                        Some(info) if info["topic"] == topic.as_str() => json(200, info),
+                        _ => http::json_error(404, "unknown_topic", "no such topic on this node", keep_alive),
+                    }
+                }
             },
-            _ => json(200, serde_json::json!({ "topics": topic_list(shard, None).await })),
+            _ => match listing {
+                Err(why) => http::json_error(400, "bad_request", &why, keep_alive),
+                Ok(query) => {
+                    let (topics, next) = topic_list(shard, query).await;
+                    json(200, serde_json::json!({ "topics": topics, "next": next }))
+                }
+            },
         }
     };
     match glommio::spawn_local_into(work, shard.control_queue) {
@@ -479,10 +493,27 @@ async fn legacy_publish(shard: &Rc<Shard>, body: &[u8], keep_alive: bool) -> Vec
     }
 }
 
-/// Merged view of topics across shards: the owner's figures plus the
-/// subscriber count from every shard.
-async fn topic_list(shard: &Rc<Shard>, only: Option<&TopicName>) -> Vec<serde_json::Value> {
-    let stats = shard.gather_stats().await;
+/// The page `GET /v1/topics?prefix=&after=&limit=` asks for.
+fn topic_query(query: &str) -> Result<TopicQuery, String> {
+    let limit = match http::query_param(query, "limit") {
+        None => TOPICS_PAGE_DEFAULT,
+        Some(v) => match v.parse::<usize>() {
+            Ok(n) if (1..=TOPICS_PAGE_MAX).contains(&n) => n,
+            _ => return Err(format!("limit must be a number from 1 to {TOPICS_PAGE_MAX}")),
+        },
+    };
+    let prefix = http::query_param(query, "prefix").unwrap_or("").to_string();
+    let after = http::query_param(query, "after").map(str::to_string);
+    Ok(TopicQuery { prefix, after, limit })
+}
+
+/// One page of the merged view of topics across shards: the owner's
+/// figures plus the subscriber count from every shard, and the cursor of
+/// the next page (the last name of this one) when there is more.
+async fn topic_list(shard: &Rc<Shard>, query: TopicQuery) -> (Vec<serde_json::Value>, Option<String>) {
+    let limit = query.limit;
+    // One more than the page from each shard tells whether there is more.
+    let stats = shard.gather_stats(Some(TopicQuery { limit: limit + 1, ..query })).await;
     let mut subscribers: HashMap<&str, u64> = HashMap::new();
     for s in &stats {
         for (name, n) in &s.local_subscribers {
@@ -492,7 +523,6 @@ async fn topic_list(shard: &Rc<Shard>, only: Option<&TopicName>) -> Vec<serde_js
     let mut out: Vec<serde_json::Value> = stats
         .iter()
         .flat_map(|s| s.owned_topics.iter())
-        .filter(|t| only.is_none_or(|o| *o == t.name))
         .map(|t| {
             serde_json::json!({
                 "topic": t.name.as_str(),
@@ -508,7 +538,10 @@ async fn topic_list(shard: &Rc<Shard>, only: Option<&TopicName>) -> Vec<serde_js
         })
         .collect();
     out.sort_by(|a, b| a["topic"].as_str().cmp(&b["topic"].as_str()));
-    out
+    let more = out.len() > limit;
+    out.truncate(limit);
+    let next = more.then(|| out.last().and_then(|t| t["topic"].as_str()).map(str::to_string)).flatten();
+    (out, next)
 }
 
 /// Which path a WebSocket session speaks, and its per-path state.

@@ -62,6 +62,12 @@ pub const HISTORY_MEMORY_MAX_DEFAULT: usize = 4 << 30;
 /// later meets a new epoch and is told so); a topic made by a subscribe goes
 /// with its last subscriber. Only subscribed topics can fill the table.
 pub const TOPICS_MAX_DEFAULT: usize = 4096;
+/// Topics in one page of `GET /v1/topics` unless `limit` says otherwise,
+/// and the most it may say. A page costs each shard a scan of its topics
+/// and the node one JSON body; 1,000 entries is about 200 KB.
+pub const TOPICS_PAGE_DEFAULT: usize = 100;
+/// See `TOPICS_PAGE_DEFAULT`.
+pub const TOPICS_PAGE_MAX: usize = 1000;
 /// Default most subscriptions one connection may hold (native protocol).
 pub const SUBSCRIPTIONS_PER_CONNECTION_MAX_DEFAULT: usize = 1024;
 /// Default most open client connections per node, every shard together

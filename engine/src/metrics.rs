@@ -57,9 +57,12 @@ pub struct ShardStats {
     pub counters: Vec<u64>,
     /// Latency histogram copy.
     pub latency_us: Histogram<u64>,
-    /// Topics this shard owns.
+    /// How many topics this shard owns.
+    pub owned_topics_count: usize,
+    /// The owned topics a listing asked for (none for `/metrics`).
     pub owned_topics: Vec<TopicStat>,
-    /// Local subscriber count per topic on this shard.
+    /// Local subscriber count per topic on this shard, for the topics a
+    /// listing asked for.
     pub local_subscribers: Vec<(String, u64)>,
 }
 
@@ -191,7 +194,7 @@ pub fn render_prometheus(shards: &[ShardStats]) -> String {
         let total: u64 = shards.iter().map(|s| s.counters.get(i).copied().unwrap_or(0)).sum();
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {total}");
     }
-    let topics: usize = shards.iter().map(|s| s.owned_topics.len()).sum();
+    let topics: usize = shards.iter().map(|s| s.owned_topics_count).sum();
     let _ = writeln!(
         out,
         "# HELP fluxnode_topics Topics on this node.\n# TYPE fluxnode_topics gauge\nfluxnode_topics {topics}"
@@ -229,6 +232,7 @@ mod tests {
             shard: i,
             counters: m.counter_values(),
             latency_us: m.latency_us.borrow().clone(),
+            owned_topics_count: 0,
             owned_topics: vec![],
             local_subscribers: vec![],
         };

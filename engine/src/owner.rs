@@ -12,7 +12,7 @@ use crate::history::History;
 pub use crate::history::SeqRange;
 pub use crate::message::Epoch;
 use crate::message::{unix_time_ms, Message, PayloadKind};
-use crate::topic::TopicName;
+use crate::topic::{TopicName, TopicQuery};
 
 /// Why the owner refused a publish or subscribe.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -234,9 +234,10 @@ impl Owner {
         self.evicted_total
     }
 
-    /// Snapshot of every owned topic.
-    pub fn stats(&self) -> Vec<TopicStat> {
-        self.topics.iter().map(|(name, t)| stat(name, t)).collect()
+    /// Snapshots of the owned topics `query` asks for, sorted by name.
+    pub fn stats_page(&self, query: &TopicQuery) -> Vec<TopicStat> {
+        let matching = self.topics.iter().filter(|(name, _)| query.matches(name.as_str())).collect();
+        query.first_page(matching, |(name, _)| name.as_str()).into_iter().map(|(name, t)| stat(name, t)).collect()
     }
 
     /// Snapshot of one owned topic, if it exists.

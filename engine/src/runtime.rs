@@ -15,13 +15,63 @@ use crate::limits::{IO_URING_RING_DEPTH, SHUTDOWN_POLL_MS};
 /// Binds `addr` with SO_REUSEPORT without listening, resolving port 0, so
 /// that every shard can then bind the same port. Keep the socket until the
 /// shards have bound.
+///
+/// SO_REUSEPORT would also let a second process join a port another
+/// process already serves (the kernel then spreads connections over both,
+/// and two nodes sequence the same topics). So a named port is refused with
+/// `AddrInUse` while something keeps accepting connections on it (see
+/// [`someone_listens`]). A test bind without SO_REUSEPORT is no good: after
+/// a `kill -9` the dead node's accepted sockets linger (FIN_WAIT2,
+/// TIME_WAIT) while their clients hang on, and that bind fails until they
+/// expire, where a restart must work at once. What is left is a narrow
+/// race: two nodes starting at the same instant, neither listening yet.
 pub fn reserve(addr: SocketAddr) -> std::io::Result<(socket2::Socket, SocketAddr)> {
+    if addr.port() != 0 && someone_listens(addr) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::AddrInUse,
+            "another process already accepts connections on this port",
+        ));
+    }
     let domain = if addr.is_ipv6() { socket2::Domain::IPV6 } else { socket2::Domain::IPV4 };
     let socket = socket2::Socket::new(domain, socket2::Type::STREAM, None)?;
     socket.set_reuse_port(true)?;
     socket.bind(&addr.into())?;
     let local = socket.local_addr()?.as_socket().ok_or_else(|| std::io::Error::other("not an IP socket"))?;
     Ok((socket, local))
+}
+
+/// How long a listener may go on accepting after its process died. A
+/// process's io_uring is torn down after it exits, asynchronously, and a
+/// pending accept or poll there keeps the listening socket open meanwhile:
+/// seen here, a node restarted right after `kill -9` connected to its
+/// predecessor's listener. A live node answers for the whole period.
+const DEAD_LISTENER_GRACE: Duration = Duration::from_secs(2);
+/// Pause between two connection attempts while waiting it out.
+const DEAD_LISTENER_RETRY: Duration = Duration::from_millis(50);
+
+/// Whether connections to `addr` (to loopback for a wildcard address) are
+/// still accepted after [`DEAD_LISTENER_GRACE`]. Loopback answers or
+/// refuses at once; the timeout bounds odd set-ups.
+fn someone_listens(addr: SocketAddr) -> bool {
+    let mut target = addr;
+    if addr.ip().is_unspecified() {
+        target.set_ip(if addr.is_ipv6() {
+            std::net::Ipv6Addr::LOCALHOST.into()
+        } else {
+            std::net::Ipv4Addr::LOCALHOST.into()
+        });
+    }
+    let deadline = std::time::Instant::now() + DEAD_LISTENER_GRACE;
+    loop {
+        match std::net::TcpStream::connect_timeout(&target, Duration::from_secs(1)) {
+            // A connection to itself is no listener: with nothing listening
+            // Linux may pick the port as the source port (simultaneous open).
+            Ok(stream) if stream.local_addr().ok() == stream.peer_addr().ok() => return false,
+            Ok(_) if std::time::Instant::now() >= deadline => return true,
+            Ok(_) => std::thread::sleep(DEAD_LISTENER_RETRY),
+            Err(_) => return false,
+        }
+    }
 }
 
 /// Running executors: their threads, and which of them run with a

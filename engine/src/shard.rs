@@ -35,7 +35,7 @@ use crate::native;
 use crate::outbound::{Frame, Offer, Outbound};
 use crate::owner::{Epoch, Grant, Owner, OwnerError, ResumeFrom, Resumed};
 use crate::sync::{Event, Slot};
-use crate::topic::TopicName;
+use crate::topic::{TopicName, TopicQuery};
 use crate::ws;
 
 /// What crosses between shards, always inside a batch (`Vec<Item>`).
@@ -53,8 +53,8 @@ pub enum Item {
     Unsubscribe { topic: TopicName },
     /// A sequenced message for the receiving shard's subscribers.
     Deliver { topic: TopicName, message: Message },
-    /// Ask for a stats snapshot.
-    StatsRequest { req: u64 },
+    /// Ask for a stats snapshot, with the topics a listing wants.
+    StatsRequest { req: u64, topics: Option<TopicQuery> },
     /// A stats snapshot.
     StatsReply { req: u64, stats: Box<ShardStats> },
     /// A connection accepted elsewhere, for the receiving shard to serve.
@@ -361,6 +361,23 @@ pub struct Shard {
     links: Links,
     /// Wakes the adopter task.
     handoff_wake: Event,
+    /// Peers' stats requests, for the stats task (control queue).
+    stats_requests: RefCell<Vec<StatsWanted>>,
+    /// Wakes the stats task.
+    stats_wake: Event,
+}
+
+/// A peer's stats request, answered by the stats task in the control queue:
+/// a topic listing scans every owned topic, which must not hold up the
+/// data plane's ingress.
+#[derive(Debug)]
+struct StatsWanted {
+    /// The asking shard.
+    from: usize,
+    /// Its request id.
+    req: u64,
+    /// The topics it lists, if any.
+    topics: Option<TopicQuery>,
 }
 
 impl Shard {
@@ -408,6 +425,8 @@ impl Shard {
             latency_tally: RefCell::default(),
             handoffs: RefCell::default(),
             handoff_wake: Event::default(),
+            stats_requests: RefCell::default(),
+            stats_wake: Event::default(),
             links,
         })
     }
@@ -494,6 +513,25 @@ impl Shard {
         glommio::spawn_local_into(async move { shard.fanout().await }, data_queue).map(|t| t.detach()).ok();
         let shard = self.clone();
         glommio::spawn_local_into(async move { shard.adopter(data_queue).await }, data_queue).map(|t| t.detach()).ok();
+        let shard = self.clone();
+        let control = self.control_queue;
+        glommio::spawn_local_into(async move { shard.stats_server().await }, control).map(|t| t.detach()).ok();
+    }
+
+    /// Answers peers' stats requests, in the control queue.
+    async fn stats_server(self: Rc<Self>) {
+        loop {
+            let wanted = std::mem::take(&mut *self.stats_requests.borrow_mut());
+            if wanted.is_empty() {
+                self.stats_wake.wait().await;
+                continue;
+            }
+            for StatsWanted { from, req, topics } in wanted {
+                let stats = Box::new(self.snapshot(topics.as_ref()));
+                self.send(from, Item::StatsReply { req, stats });
+                glommio::yield_if_needed().await;
+            }
+        }
     }
 
     /// Sends a socket to shard `owner`'s descriptor table, first of the two
@@ -641,17 +679,18 @@ impl Shard {
         }
     }
 
-    /// Snapshots of every shard, this one included, in shard order.
-    pub async fn gather_stats(self: &Rc<Self>) -> Vec<ShardStats> {
+    /// Snapshots of every shard, this one included, in shard order, with
+    /// the topics `topics` lists (none without it).
+    pub async fn gather_stats(self: &Rc<Self>, topics: Option<TopicQuery>) -> Vec<ShardStats> {
         let mut waits = Vec::new();
         for peer in (0..self.shards).filter(|&p| p != self.id) {
             let req = self.next_id();
             let slot = Slot::default();
             self.replies.borrow_mut().insert(req, Reply::Stats(slot.clone()));
-            self.send(peer, Item::StatsRequest { req });
+            self.send(peer, Item::StatsRequest { req, topics: topics.clone() });
             waits.push(slot);
         }
-        let mut all = vec![self.snapshot()];
+        let mut all = vec![self.snapshot(topics.as_ref())];
         for slot in waits {
             all.push(slot.wait().await);
         }
@@ -664,19 +703,30 @@ impl Shard {
         self.node.shutdown.load(Ordering::Relaxed)
     }
 
-    fn snapshot(&self) -> ShardStats {
-        self.metrics.topics_evicted.set(self.owner.borrow().evicted_total());
+    /// This shard's counters and, for a listing, the page of its owned
+    /// topics and of its local subscriber counts that `topics` asks for
+    /// (each topic with local subscribers is owned somewhere, so the page's
+    /// topics are among the first `limit` local ones).
+    fn snapshot(&self, topics: Option<&TopicQuery>) -> ShardStats {
+        let owner = self.owner.borrow();
+        self.metrics.topics_evicted.set(owner.evicted_total());
+        let (owned_topics, local_subscribers) = match topics {
+            None => (Vec::new(), Vec::new()),
+            Some(query) => {
+                let local = self.topics.borrow();
+                let matching = local.values().filter(|t| query.matches(t.name.as_str())).collect();
+                let page = query.first_page(matching, |t| t.name.as_str());
+                let counts = page.iter().map(|t| (t.name.as_str().to_string(), t.subs.borrow().len() as u64));
+                (owner.stats_page(query), counts.collect())
+            }
+        };
         ShardStats {
             shard: self.id,
             counters: self.metrics.counter_values(),
             latency_us: self.metrics.latency_us.borrow().clone(),
-            owned_topics: self.owner.borrow().stats(),
-            local_subscribers: self
-                .topics
-                .borrow()
-                .values()
-                .map(|t| (t.name.as_str().to_string(), t.subs.borrow().len() as u64))
-                .collect(),
+            owned_topics_count: owner.len(),
+            owned_topics,
+            local_subscribers,
         }
     }
 
@@ -727,9 +777,9 @@ impl Shard {
                     done.complete(result);
                 }
             }
-            Item::StatsRequest { req } => {
-                let stats = Box::new(self.snapshot());
-                self.send(from, Item::StatsReply { req, stats });
+            Item::StatsRequest { req, topics } => {
+                self.stats_requests.borrow_mut().push(StatsWanted { from, req, topics });
+                self.stats_wake.notify();
             }
             Item::StatsReply { req, stats } => {
                 if let Some(Reply::Stats(slot)) = self.replies.borrow_mut().remove(&req) {

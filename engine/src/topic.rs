@@ -60,6 +60,40 @@ impl std::fmt::Display for TopicName {
     }
 }
 
+/// Which topics a listing wants: names starting with `prefix`, after
+/// `after` in byte order, at most `limit` of them (a page of
+/// `GET /v1/topics`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicQuery {
+    /// Names start with this ("" for all).
+    pub prefix: String,
+    /// The cursor: names sort after this one (the last of the previous page).
+    pub after: Option<String>,
+    /// Most names in the page.
+    pub limit: usize,
+}
+
+impl TopicQuery {
+    /// Whether `name` belongs to the listing (before the limit).
+    pub fn matches(&self, name: &str) -> bool {
+        name.starts_with(&self.prefix) && self.after.as_deref().is_none_or(|after| name > after)
+    }
+
+    /// The first `limit` of `items` by name: a linear selection, then a sort
+    /// of the page only, so a page costs O(topics), not O(topics log topics).
+    pub fn first_page<T>(&self, mut items: Vec<T>, name: impl Fn(&T) -> &str) -> Vec<T> {
+        if self.limit == 0 {
+            return Vec::new();
+        }
+        if items.len() > self.limit {
+            items.select_nth_unstable_by(self.limit - 1, |a, b| name(a).cmp(name(b)));
+            items.truncate(self.limit);
+        }
+        items.sort_unstable_by(|a, b| name(a).cmp(name(b)));
+        items
+    }
+}
+
 /// 64-bit FNV-1a.
 pub fn fnv1a(bytes: &[u8]) -> u64 {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
@@ -87,6 +121,20 @@ mod tests {
         for bad in ["a/b", "../etc", "a b", "é", "a\0", "a*", ">"] {
             assert_eq!(TopicName::new(bad), Err(TopicError::BadCharacter), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn a_query_pages_by_name() {
+        let names: Vec<String> = ["b2", "a1", "b1", "c", "b3", "b10"].iter().map(|s| s.to_string()).collect();
+        let query = |after: Option<&str>, limit| TopicQuery { prefix: "b".into(), after: after.map(Into::into), limit };
+        let page = |q: &TopicQuery| {
+            let matching: Vec<String> = names.iter().filter(|n| q.matches(n)).cloned().collect();
+            q.first_page(matching, |n| n.as_str())
+        };
+        assert_eq!(page(&query(None, 2)), ["b1", "b10"]);
+        assert_eq!(page(&query(Some("b10"), 2)), ["b2", "b3"]);
+        assert_eq!(page(&query(Some("b3"), 2)), Vec::<String>::new());
+        assert_eq!(page(&query(None, 0)), Vec::<String>::new());
     }
 
     #[test]
