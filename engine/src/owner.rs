@@ -3,7 +3,8 @@
 //!
 //! Lives on the topic's owner shard only; nothing else touches it.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
+use std::ops::Bound;
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -127,6 +128,10 @@ struct OwnedTopic {
 pub struct Owner {
     /// Owned topics by name.
     topics: HashMap<TopicName, OwnedTopic, ahash::RandomState>,
+    /// The same names in order, for listings: a page is a range read,
+    /// O(log topics + page), not a scan. Changed only when a topic is made
+    /// or freed, never on the publish path.
+    names: BTreeSet<TopicName>,
     /// Most topics this shard may own.
     topics_max: usize,
     /// History bounds for new topics.
@@ -149,6 +154,7 @@ impl Owner {
     pub fn new(topics_max: usize, history_messages_max: usize, history_bytes_max: usize, epoch_seed: u64) -> Owner {
         Owner {
             topics: HashMap::default(),
+            names: BTreeSet::new(),
             topics_max,
             history_messages_max,
             history_bytes_max,
@@ -226,6 +232,7 @@ impl Owner {
         t.last_active = now;
         if t.subscriber_shards == 0 && t.last_seq == 0 {
             self.topics.remove(topic);
+            self.names.remove(topic);
         }
     }
 
@@ -236,8 +243,16 @@ impl Owner {
 
     /// Snapshots of the owned topics `query` asks for, sorted by name.
     pub fn stats_page(&self, query: &TopicQuery) -> Vec<TopicStat> {
-        let matching = self.topics.iter().filter(|(name, _)| query.matches(name.as_str())).collect();
-        query.first_page(matching, |(name, _)| name.as_str()).into_iter().map(|(name, t)| stat(name, t)).collect()
+        let start = match &query.after {
+            Some(after) if after.as_str() >= query.prefix.as_str() => Bound::Excluded(after.as_str()),
+            _ => Bound::Included(query.prefix.as_str()),
+        };
+        self.names
+            .range::<str, _>((start, Bound::Unbounded))
+            .take_while(|name| name.as_str().starts_with(&query.prefix))
+            .take(query.limit)
+            .filter_map(|name| self.topics.get(name).map(|t| stat(name, t)))
+            .collect()
     }
 
     /// Snapshot of one owned topic, if it exists.
@@ -262,6 +277,7 @@ impl Owner {
             }
             self.topics_created += 1;
             let epoch = Epoch(mix(self.epoch_seed ^ mix(self.topics_created)));
+            self.names.insert(topic.clone());
             self.topics.insert(
                 topic.clone(),
                 OwnedTopic {
@@ -293,6 +309,7 @@ impl Owner {
             .map(|(name, _)| name.clone());
         let Some(name) = oldest else { return false };
         self.topics.remove(&name);
+        self.names.remove(&name);
         self.evicted_total += 1;
         true
     }
@@ -394,6 +411,24 @@ mod tests {
         o.unsubscribe(&name("busy"), 0, later(6));
         let g = o.subscribe(&name("old"), 0, from(1, Some(old_epoch)), later(7)).expect("room made");
         assert_eq!(g.resumed, Resumed::Lost(HistoryLost::EpochChanged));
+    }
+
+    #[test]
+    fn listings_read_pages_in_name_order() {
+        let mut o = Owner::new(10, 10, 1000, 3);
+        let now = Instant::now();
+        for n in ["b2", "a1", "b1", "c", "b10"] {
+            o.publish(&name(n), PayloadKind::Text, Bytes::new(), now).expect("publish");
+        }
+        let page = |prefix: &str, after: Option<&str>, limit| {
+            let query = TopicQuery { prefix: prefix.into(), after: after.map(Into::into), limit };
+            o.stats_page(&query).into_iter().map(|t| t.name.as_str().to_string()).collect::<Vec<_>>()
+        };
+        assert_eq!(page("", None, 10), ["a1", "b1", "b10", "b2", "c"]);
+        assert_eq!(page("b", None, 2), ["b1", "b10"]);
+        assert_eq!(page("b", Some("b10"), 2), ["b2"]);
+        assert_eq!(page("b", Some("a9"), 1), ["b1"], "a cursor before the prefix starts at the prefix");
+        assert_eq!(page("b", Some("b2"), 5), Vec::<String>::new());
     }
 
     #[test]

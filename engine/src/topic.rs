@@ -12,6 +12,14 @@ use crate::limits::TOPIC_NAME_BYTES_MAX;
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct TopicName(Arc<str>);
 
+/// Ordered sets of names can be read by string ranges (listings): the
+/// order is the string's, as the derived `Ord` is.
+impl std::borrow::Borrow<str> for TopicName {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
 /// Why a topic name was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum TopicError {

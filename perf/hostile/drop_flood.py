@@ -52,17 +52,20 @@ async def subscriber(addr, stats, stop):
                 except asyncio.TimeoutError:
                     continue
                 got += len(frame)
-                if frame.startswith('{"type":"dropped"'):
-                    stats["notices"] += 1
-                    stats["announced"] += json.loads(frame).get("count", 0) or 0
-                elif frame.startswith('{"type":"message"'):
+                if frame.startswith('{"type":"message"'):
                     stats["messages"] += 1
+                elif (notice := json.loads(frame)).get("type") == "dropped":
+                    stats["notices"] += 1
+                    # Older nodes sent no count: one per sequence in the range.
+                    stats["announced"] += notice.get("count", notice["to_seq"] - notice["from_seq"] + 1)
                 # Read at READ_RATE bytes a second, no faster.
                 ahead = got / READ_RATE - (time.monotonic() - start)
                 if ahead > 0:
                     await asyncio.sleep(ahead)
         except websockets.ConnectionClosed as closed:
-            stats["closes"].append(closed.rcvd.code if closed.rcvd else None)
+            node = f"node {closed.rcvd.code} {closed.rcvd.reason!r}" if closed.rcvd else "no close from the node"
+            client = f"client {closed.sent.code} {closed.sent.reason!r}" if closed.sent else "no close from the client"
+            stats["closes"].append(f"{node}, {client}")
 
 
 def rss_kib(pid):
