@@ -20,7 +20,7 @@ use crate::limits::{IO_URING_RING_DEPTH, SHUTDOWN_POLL_MS};
 /// process already serves (the kernel then spreads connections over both,
 /// and two nodes sequence the same topics). So a named port is refused with
 /// `AddrInUse` while something keeps accepting connections on it (see
-/// [`someone_listens`]). A test bind without SO_REUSEPORT is no good: after
+/// `someone_listens`). A test bind without SO_REUSEPORT is no good: after
 /// a `kill -9` the dead node's accepted sockets linger (FIN_WAIT2,
 /// TIME_WAIT) while their clients hang on, and that bind fails until they
 /// expire, where a restart must work at once. What is left is a narrow
