@@ -78,6 +78,10 @@ pub struct Args {
     /// Most subscriptions per connection. [default: 1024]
     #[arg(long)]
     pub subscriptions_per_connection_max: Option<usize>,
+    /// Share of each shard's topic table, in percent (1 to 100), that one
+    /// client address may keep alive by subscribing. [default: 25]
+    #[arg(long)]
+    pub client_topics_share_percent: Option<usize>,
     /// Most client connections on this node. [default: 16384]
     #[arg(long)]
     pub connections_max: Option<usize>,
@@ -115,6 +119,7 @@ struct FileConfig {
     history_memory_max: Option<usize>,
     topics_max: Option<usize>,
     subscriptions_per_connection_max: Option<usize>,
+    client_topics_share_percent: Option<usize>,
     connections_max: Option<usize>,
     handshake_timeout_ms: Option<u64>,
     idle_timeout_ms: Option<u64>,
@@ -145,6 +150,9 @@ pub struct Config {
     pub topics_max: usize,
     /// Most subscriptions per connection.
     pub subscriptions_per_connection_max: usize,
+    /// Share of each shard's topic table one client address may keep
+    /// subscribed, in percent.
+    pub client_topics_share_percent: usize,
     /// Most client connections on this node.
     pub connections_max: usize,
     /// Time allowed for a complete request head.
@@ -185,6 +193,7 @@ impl Default for Config {
             history_bytes_max: limits::HISTORY_BYTES_MAX_DEFAULT,
             topics_max: limits::TOPICS_MAX_DEFAULT,
             subscriptions_per_connection_max: limits::SUBSCRIPTIONS_PER_CONNECTION_MAX_DEFAULT,
+            client_topics_share_percent: limits::CLIENT_TOPICS_SHARE_PERCENT_DEFAULT,
             connections_max: limits::CONNECTIONS_MAX_DEFAULT,
             handshake_timeout: Duration::from_millis(limits::HANDSHAKE_TIMEOUT_MS_DEFAULT),
             idle_timeout: Duration::from_millis(limits::IDLE_TIMEOUT_MS_DEFAULT),
@@ -233,6 +242,10 @@ impl Config {
                 .subscriptions_per_connection_max
                 .or(file.subscriptions_per_connection_max)
                 .unwrap_or(d.subscriptions_per_connection_max),
+            client_topics_share_percent: args
+                .client_topics_share_percent
+                .or(file.client_topics_share_percent)
+                .unwrap_or(d.client_topics_share_percent),
             connections_max: args.connections_max.or(file.connections_max).unwrap_or(d.connections_max),
             handshake_timeout: args
                 .handshake_timeout_ms
@@ -274,6 +287,12 @@ impl Config {
         }
         if self.topics_max == 0 || self.subscriptions_per_connection_max == 0 {
             return fail("topics_max and subscriptions_per_connection_max must be at least 1".into());
+        }
+        if !(1..=100).contains(&self.client_topics_share_percent) {
+            return fail(format!(
+                "client_topics_share_percent must be 1..=100, got {}",
+                self.client_topics_share_percent
+            ));
         }
         match self.topics_max.checked_mul(self.history_bytes_max) {
             Some(total) if total <= history_memory_max => {}
@@ -346,6 +365,7 @@ mod tests {
         assert_eq!(c.send_queue_bytes_max, d.send_queue_bytes_max);
         assert_eq!(c.history_bytes_max, d.history_bytes_max);
         assert_eq!(c.topics_max, d.topics_max);
+        assert_eq!(c.client_topics_share_percent, d.client_topics_share_percent);
         assert_eq!(c.connections_max, d.connections_max);
         assert_eq!(c.idle_timeout, d.idle_timeout);
         assert_eq!(c.drain_timeout, d.drain_timeout);

@@ -453,9 +453,7 @@ async fn control(shard: &Rc<Shard>, route: Route, query: &str, keep_alive: bool)
 }
 
 fn owner_error(e: OwnerError, keep_alive: bool) -> Vec<u8> {
-    match e {
-        OwnerError::TooManyTopics => http::json_error(503, "too_many_topics", &e.to_string(), keep_alive),
-    }
+    http::json_error(e.http_status(), e.code(), &e.to_string(), keep_alive)
 }
 
 /// The original RayFlux publish body.
@@ -564,6 +562,9 @@ struct Session {
     io: Io,
     /// Frames waiting to be written.
     out: Rc<Outbound>,
+    /// The client's address (FluxBalancer's PROXY header's when relayed):
+    /// topics its subscriptions keep alive are charged to it.
+    client: std::net::IpAddr,
     /// Set when the reader has finished.
     reader_done: Cell<bool>,
     /// Notified when the reader finishes.
@@ -618,6 +619,7 @@ async fn websocket(
         shard: shard.clone(),
         io,
         out,
+        client: client.ip(),
         reader_done: Cell::new(false),
         reader_done_event: Event::default(),
     });
@@ -691,9 +693,9 @@ async fn prepare(
             let resume = from.map(|after_seq| ResumeFrom { after_seq, epoch });
             let granted = session
                 .shard
-                .subscribe(&topic, &session.out, Format::Raw, resume, None)
+                .subscribe(&topic, &session.out, session.client, Format::Raw, resume, None)
                 .await
-                .map_err(|e| http::json_error(503, "too_many_topics", &e.to_string(), false))?;
+                .map_err(|e| owner_error(e, false))?;
             let headers = vec![
                 ("x-rayflux-last-seq", granted.last_seq.to_string()),
                 ("x-rayflux-epoch", granted.epoch.to_string()),
@@ -862,7 +864,7 @@ async fn legacy_message(session: &Session, sub: &mut Option<(TopicName, u64)>, p
             return true;
         }
     };
-    match session.shard.subscribe(&topic, &session.out, Format::Legacy, None, None).await {
+    match session.shard.subscribe(&topic, &session.out, session.client, Format::Legacy, None, None).await {
         Ok(granted) => *sub = Some((topic, granted.sub_id)),
         Err(e) => session.out.close(close_code::TRY_AGAIN_LATER, &e.to_string()),
     }
@@ -913,12 +915,12 @@ async fn native_message(
             }
             Ok(topic) => {
                 let resume = from_seq.map(|after_seq| ResumeFrom { after_seq, epoch });
-                match shard.subscribe(&topic, out, Format::Native, resume, Some(id)).await {
+                match shard.subscribe(&topic, out, session.client, Format::Native, resume, Some(id)).await {
                     Ok(granted) => {
                         subs.insert(topic, granted.sub_id);
                         return true; // the ok reply was queued before any message
                     }
-                    Err(e) => native::reply_error(Some(id), "too_many_topics", &e.to_string()),
+                    Err(e) => native::reply_error(Some(id), e.code(), &e.to_string()),
                 }
             }
         },

@@ -68,6 +68,13 @@ pub const TOPICS_MAX_DEFAULT: usize = 4096;
 pub const TOPICS_PAGE_DEFAULT: usize = 100;
 /// See `TOPICS_PAGE_DEFAULT`.
 pub const TOPICS_PAGE_MAX: usize = 1000;
+/// Default share of each shard's topic table, in percent, that one client
+/// address may keep alive by subscribing (topics nobody subscribes to are
+/// evicted when room is needed, so only subscriptions can fill a table).
+/// A quarter leaves three quarters for everyone else whatever one address
+/// does over however many connections; many users behind one NAT address
+/// may need more (`--client-topics-share-percent`), or more `topics_max`.
+pub const CLIENT_TOPICS_SHARE_PERCENT_DEFAULT: usize = 25;
 /// Default most subscriptions one connection may hold (native protocol).
 pub const SUBSCRIPTIONS_PER_CONNECTION_MAX_DEFAULT: usize = 1024;
 /// Default most open client connections per node, every shard together

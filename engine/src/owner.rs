@@ -4,6 +4,7 @@
 //! Lives on the topic's owner shard only; nothing else touches it.
 
 use std::collections::{BTreeSet, HashMap};
+use std::net::IpAddr;
 use std::ops::Bound;
 use std::time::Instant;
 
@@ -21,6 +22,47 @@ pub enum OwnerError {
     /// The node holds `topics_max` topics already (client may retry later; 503).
     #[error("too many topics on this node")]
     TooManyTopics,
+    /// The subscriber's address already holds its share of the topic table
+    /// in topics kept alive by its subscriptions (429; see
+    /// `Config::client_topics_share_percent`).
+    #[error("this client address holds its share of this node's topics ({max} on this topic's shard)")]
+    ClientShare {
+        /// The share, in topics of this owner's table.
+        max: usize,
+    },
+}
+
+impl OwnerError {
+    /// The error code clients see (native `error.code`, HTTP body `error`).
+    pub fn code(self) -> &'static str {
+        match self {
+            OwnerError::TooManyTopics => "too_many_topics",
+            OwnerError::ClientShare { .. } => "client_topic_share",
+        }
+    }
+
+    /// The HTTP status that carries it: 503 when the node is full (try
+    /// later, or another node), 429 when this client holds its share.
+    pub fn http_status(self) -> u16 {
+        match self {
+            OwnerError::TooManyTopics => 503,
+            OwnerError::ClientShare { .. } => 429,
+        }
+    }
+}
+
+/// The bounds of one owner's table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OwnerLimits {
+    /// Most topics this shard may own.
+    pub topics_max: usize,
+    /// History bound, in messages, for each topic.
+    pub history_messages_max: usize,
+    /// History bound, in payload bytes, for each topic.
+    pub history_bytes_max: usize,
+    /// Most topics one client address may keep in the table by subscribing
+    /// (at least 1): one client cannot lock everyone else out.
+    pub client_pins_max: usize,
 }
 
 /// Where a subscriber wants to start.
@@ -121,6 +163,10 @@ struct OwnedTopic {
     window_count: u64,
     /// Publishes in the last complete window.
     last_window_rate: u64,
+    /// The address whose subscription made the topic subscribed (the
+    /// first subscribing shard's subscriber): charged for it in
+    /// `Owner::pins` until no shard subscribes.
+    pinned_by: Option<IpAddr>,
 }
 
 /// All topics owned by one shard.
@@ -132,12 +178,12 @@ pub struct Owner {
     /// O(log topics + page), not a scan. Changed only when a topic is made
     /// or freed, never on the publish path.
     names: BTreeSet<TopicName>,
-    /// Most topics this shard may own.
-    topics_max: usize,
-    /// History bounds for new topics.
-    history_messages_max: usize,
-    /// History bounds for new topics.
-    history_bytes_max: usize,
+    /// Table and history bounds.
+    limits: OwnerLimits,
+    /// Subscribed topics charged to each client address (see
+    /// `OwnedTopic::pinned_by`); an address has an entry only while it is
+    /// charged for at least one topic, so the map is bounded by the table.
+    pins: HashMap<IpAddr, usize, ahash::RandomState>,
     /// Where epochs come from: mixed with `topics_created`, so every
     /// incarnation of a topic gets a different one. The shell seeds it from
     /// the clock and the process; a simulation from its seed.
@@ -151,13 +197,12 @@ pub struct Owner {
 impl Owner {
     /// An owner with no topics; `epoch_seed` must differ between processes
     /// (see [`Epoch`]).
-    pub fn new(topics_max: usize, history_messages_max: usize, history_bytes_max: usize, epoch_seed: u64) -> Owner {
+    pub fn new(limits: OwnerLimits, epoch_seed: u64) -> Owner {
         Owner {
             topics: HashMap::default(),
             names: BTreeSet::new(),
-            topics_max,
-            history_messages_max,
-            history_bytes_max,
+            limits: OwnerLimits { client_pins_max: limits.client_pins_max.max(1), ..limits },
+            pins: HashMap::default(),
             epoch_seed,
             topics_created: 0,
             evicted_total: 0,
@@ -187,17 +232,29 @@ impl Owner {
         Ok((message, t.subscriber_shards))
     }
 
-    /// Registers `shard` as subscribing and answers with the topic's
-    /// position and, when `from` is given, the retained messages after it,
-    /// or why nothing after it can be had (never a silent gap).
+    /// Registers `shard` as subscribing, for a subscriber at `client`, and
+    /// answers with the topic's position and, when `from` is given, the
+    /// retained messages after it, or why nothing after it can be had
+    /// (never a silent gap). A topic no shard subscribed to yet is charged
+    /// to `client`, which is refused past its share.
     pub fn subscribe(
         &mut self,
         topic: &TopicName,
         shard: usize,
+        client: IpAddr,
         from: Option<ResumeFrom>,
         now: Instant,
     ) -> Result<Grant, OwnerError> {
+        let pinned = self.topics.get(topic).is_some_and(|t| t.subscriber_shards != 0);
+        let charged = self.pins.get(&client).copied().unwrap_or(0);
+        if !pinned && charged >= self.limits.client_pins_max {
+            return Err(OwnerError::ClientShare { max: self.limits.client_pins_max });
+        }
         let t = self.topic_mut(topic, now)?;
+        let newly_pinned = t.subscriber_shards == 0;
+        if newly_pinned {
+            t.pinned_by = Some(client);
+        }
         t.subscriber_shards |= 1 << shard;
         t.last_active = now;
         let (epoch, last_seq) = (t.epoch, t.last_seq);
@@ -207,7 +264,7 @@ impl Owner {
             Some(ResumeFrom { after_seq, .. }) if after_seq > last_seq => Some(HistoryLost::BeyondLastSeq),
             _ => None,
         };
-        Ok(match (from, lost) {
+        let grant = match (from, lost) {
             (_, Some(lost)) => Grant { epoch, last_seq, first_seq, replay: Vec::new(), resumed: Resumed::Lost(lost) },
             (Some(from), None) => {
                 let replay = t.history.after(from.after_seq, last_seq);
@@ -220,7 +277,11 @@ impl Owner {
                 }
             }
             (None, None) => Grant { epoch, last_seq, first_seq, replay: Vec::new(), resumed: Resumed::Live },
-        })
+        };
+        if newly_pinned {
+            *self.pins.entry(client).or_default() += 1;
+        }
+        Ok(grant)
     }
 
     /// Removes `shard` from the topic's subscribing shards. A topic left
@@ -230,6 +291,11 @@ impl Owner {
         let Some(t) = self.topics.get_mut(topic) else { return };
         t.subscriber_shards &= !(1 << shard);
         t.last_active = now;
+        if t.subscriber_shards == 0 {
+            if let Some(client) = t.pinned_by.take() {
+                release(&mut self.pins, client);
+            }
+        }
         if t.subscriber_shards == 0 && t.last_seq == 0 {
             self.topics.remove(topic);
             self.names.remove(topic);
@@ -260,6 +326,16 @@ impl Owner {
         self.topics.get(topic).map(|t| stat(topic, t))
     }
 
+    /// Subscribed topics charged to `client` in this table.
+    pub fn pinned_by(&self, client: IpAddr) -> usize {
+        self.pins.get(&client).copied().unwrap_or(0)
+    }
+
+    /// The most topics one client address may keep subscribed here.
+    pub fn client_pins_max(&self) -> usize {
+        self.limits.client_pins_max
+    }
+
     /// Number of owned topics.
     pub fn len(&self) -> usize {
         self.topics.len()
@@ -272,7 +348,7 @@ impl Owner {
 
     fn topic_mut(&mut self, topic: &TopicName, now: Instant) -> Result<&mut OwnedTopic, OwnerError> {
         if !self.topics.contains_key(topic) {
-            if self.topics.len() >= self.topics_max && !self.evict_one_idle() {
+            if self.topics.len() >= self.limits.topics_max && !self.evict_one_idle() {
                 return Err(OwnerError::TooManyTopics);
             }
             self.topics_created += 1;
@@ -284,11 +360,12 @@ impl Owner {
                     epoch,
                     last_active: now,
                     last_seq: 0,
-                    history: History::new(self.history_messages_max, self.history_bytes_max),
+                    history: History::new(self.limits.history_messages_max, self.limits.history_bytes_max),
                     subscriber_shards: 0,
                     window_start: now,
                     window_count: 0,
                     last_window_rate: 0,
+                    pinned_by: None,
                 },
             );
         }
@@ -312,6 +389,17 @@ impl Owner {
         self.names.remove(&name);
         self.evicted_total += 1;
         true
+    }
+}
+
+/// Takes one topic off `client`'s charge, forgetting an address charged
+/// for none.
+fn release(pins: &mut HashMap<IpAddr, usize, ahash::RandomState>, client: IpAddr) {
+    if let Some(n) = pins.get_mut(&client) {
+        *n -= 1;
+        if *n == 0 {
+            pins.remove(&client);
+        }
     }
 }
 
@@ -340,6 +428,13 @@ fn stat(name: &TopicName, t: &OwnedTopic) -> TopicStat {
 mod tests {
     use super::*;
 
+    const A: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 1));
+    const B: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 2));
+
+    fn limits(topics_max: usize) -> OwnerLimits {
+        OwnerLimits { topics_max, history_messages_max: 10, history_bytes_max: 1000, client_pins_max: topics_max }
+    }
+
     fn name(s: &str) -> TopicName {
         TopicName::new(s).expect("valid name")
     }
@@ -350,16 +445,16 @@ mod tests {
 
     #[test]
     fn sequences_without_gaps_and_tracks_subscribers() {
-        let mut o = Owner::new(2, 10, 1000, 7);
+        let mut o = Owner::new(limits(2), 7);
         let t = name("a");
         let now = Instant::now();
         let (m1, mask) = o.publish(&t, PayloadKind::Text, Bytes::from_static(b"x"), now).expect("publish");
         assert_eq!((m1.seq, mask), (1, 0));
-        let g = o.subscribe(&t, 3, None, now).expect("subscribe");
+        let g = o.subscribe(&t, 3, A, None, now).expect("subscribe");
         assert_eq!((g.last_seq, g.first_seq, g.replay.len(), g.resumed), (1, 1, 0, Resumed::Live));
         let (m2, mask) = o.publish(&t, PayloadKind::Text, Bytes::from_static(b"y"), now).expect("publish");
         assert_eq!((m2.seq, mask), (2, 0b1000));
-        let g = o.subscribe(&t, 0, from(0, Some(g.epoch)), now).expect("subscribe");
+        let g = o.subscribe(&t, 0, A, from(0, Some(g.epoch)), now).expect("subscribe");
         assert_eq!(g.replay.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![1, 2]);
         assert_eq!(g.resumed, Resumed::Replayed { gap: None });
         o.unsubscribe(&t, 3, now);
@@ -370,30 +465,30 @@ mod tests {
     fn a_resume_from_another_sequence_space_is_told_its_history_is_lost() {
         let now = Instant::now();
         let t = name("a");
-        let mut before = Owner::new(4, 10, 1000, 1);
+        let mut before = Owner::new(limits(4), 1);
         for _ in 0..5 {
             before.publish(&t, PayloadKind::Text, Bytes::new(), now).expect("publish");
         }
         let old_epoch = before.stat(&t).expect("topic").epoch;
         // A restart: a new process, a new seed, the same topic from seq 1.
-        let mut after = Owner::new(4, 10, 1000, 2);
+        let mut after = Owner::new(limits(4), 2);
         for _ in 0..3 {
             after.publish(&t, PayloadKind::Text, Bytes::new(), now).expect("publish");
         }
-        let g = after.subscribe(&t, 0, from(2, Some(old_epoch)), now).expect("subscribe");
+        let g = after.subscribe(&t, 0, A, from(2, Some(old_epoch)), now).expect("subscribe");
         assert_ne!(g.epoch, old_epoch);
         assert_eq!((g.resumed, g.replay.len()), (Resumed::Lost(HistoryLost::EpochChanged), 0));
         // Without the epoch, a sequence never assigned here gives it away.
-        let g = after.subscribe(&t, 0, from(4, None), now).expect("subscribe");
+        let g = after.subscribe(&t, 0, A, from(4, None), now).expect("subscribe");
         assert_eq!(g.resumed, Resumed::Lost(HistoryLost::BeyondLastSeq));
         // The current epoch and a sequence it has: an ordinary replay.
-        let g = after.subscribe(&t, 0, from(1, Some(g.epoch)), now).expect("subscribe");
+        let g = after.subscribe(&t, 0, A, from(1, Some(g.epoch)), now).expect("subscribe");
         assert_eq!((g.resumed, g.replay.len()), (Resumed::Replayed { gap: None }, 2));
     }
 
     #[test]
     fn full_tables_evict_the_least_recently_active_idle_topic() {
-        let mut o = Owner::new(2, 10, 1000, 3);
+        let mut o = Owner::new(limits(2), 3);
         let t0 = Instant::now();
         let later = |ms| t0 + std::time::Duration::from_millis(ms);
         o.publish(&name("old"), PayloadKind::Text, Bytes::new(), t0).expect("publish");
@@ -403,19 +498,19 @@ mod tests {
         assert!(o.stat(&name("old")).is_none(), "the least recently active idle topic went");
         assert_eq!(o.evicted_total(), 1);
         // Subscribed topics are never evicted.
-        o.subscribe(&name("busy"), 0, None, later(3)).expect("subscribe");
-        o.subscribe(&name("new"), 1, None, later(4)).expect("subscribe");
+        o.subscribe(&name("busy"), 0, A, None, later(3)).expect("subscribe");
+        o.subscribe(&name("new"), 1, A, None, later(4)).expect("subscribe");
         let err = o.publish(&name("more"), PayloadKind::Text, Bytes::new(), later(5));
         assert_eq!(err.unwrap_err(), OwnerError::TooManyTopics);
         // Recreated later, "old" is a new sequence space, and says so.
         o.unsubscribe(&name("busy"), 0, later(6));
-        let g = o.subscribe(&name("old"), 0, from(1, Some(old_epoch)), later(7)).expect("room made");
+        let g = o.subscribe(&name("old"), 0, A, from(1, Some(old_epoch)), later(7)).expect("room made");
         assert_eq!(g.resumed, Resumed::Lost(HistoryLost::EpochChanged));
     }
 
     #[test]
     fn listings_read_pages_in_name_order() {
-        let mut o = Owner::new(10, 10, 1000, 3);
+        let mut o = Owner::new(limits(10), 3);
         let now = Instant::now();
         for n in ["b2", "a1", "b1", "c", "b10"] {
             o.publish(&name(n), PayloadKind::Text, Bytes::new(), now).expect("publish");
@@ -433,13 +528,38 @@ mod tests {
 
     #[test]
     fn a_topic_made_by_a_subscribe_goes_with_its_last_subscriber() {
-        let mut o = Owner::new(2, 10, 1000, 3);
+        let mut o = Owner::new(limits(2), 3);
         let now = Instant::now();
-        o.subscribe(&name("s"), 0, None, now).expect("subscribe");
-        o.subscribe(&name("s"), 1, None, now).expect("subscribe");
+        o.subscribe(&name("s"), 0, A, None, now).expect("subscribe");
+        o.subscribe(&name("s"), 1, A, None, now).expect("subscribe");
         o.unsubscribe(&name("s"), 0, now);
         assert_eq!(o.len(), 1, "shard 1 still subscribes");
         o.unsubscribe(&name("s"), 1, now);
         assert!(o.is_empty());
+    }
+
+    #[test]
+    fn one_address_cannot_pin_more_than_its_share_of_the_table() {
+        let mut o = Owner::new(OwnerLimits { client_pins_max: 2, ..limits(4) }, 3);
+        let now = Instant::now();
+        o.subscribe(&name("a1"), 0, A, None, now).expect("first");
+        o.subscribe(&name("a2"), 1, A, None, now).expect("second");
+        let refused = o.subscribe(&name("a3"), 0, A, None, now).expect_err("past the share");
+        assert_eq!(refused, OwnerError::ClientShare { max: 2 });
+        assert_eq!((refused.http_status(), refused.code()), (429, "client_topic_share"));
+        assert!(o.stat(&name("a3")).is_none(), "a refused subscribe makes no topic");
+        // Joining a topic someone already keeps subscribed costs nothing.
+        o.subscribe(&name("b1"), 0, B, None, now).expect("another address");
+        o.subscribe(&name("b1"), 1, A, None, now).expect("already pinned");
+        assert_eq!((o.pinned_by(A), o.pinned_by(B)), (2, 1));
+        // The rest of the table is still there for everyone else.
+        o.subscribe(&name("b2"), 0, B, None, now).expect("room for B");
+        // A's charge goes when no shard subscribes any more.
+        o.unsubscribe(&name("a1"), 0, now);
+        assert_eq!(o.pinned_by(A), 1);
+        o.subscribe(&name("a3"), 0, A, None, now).expect("room again");
+        o.unsubscribe(&name("b1"), 0, now);
+        o.unsubscribe(&name("b1"), 1, now);
+        assert_eq!(o.pinned_by(B), 1);
     }
 }

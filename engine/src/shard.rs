@@ -33,7 +33,7 @@ use crate::message::{Message, PayloadKind};
 use crate::metrics::{self, LatencyTally, Metrics, ShardStats};
 use crate::native;
 use crate::outbound::{Frame, Offer, Outbound};
-use crate::owner::{Epoch, Grant, Owner, OwnerError, ResumeFrom, Resumed};
+use crate::owner::{Epoch, Grant, Owner, OwnerError, OwnerLimits, ResumeFrom, Resumed};
 use crate::sync::{Event, Slot};
 use crate::topic::{TopicName, TopicQuery};
 use crate::ws;
@@ -46,7 +46,7 @@ pub enum Item {
     /// The owner's answer to `Publish`: the assigned sequence.
     PublishDone { req: u64, result: Result<u64, OwnerError> },
     /// Register the sending shard for a topic (to the owner).
-    Subscribe { topic: TopicName, from: Option<ResumeFrom>, req: u64 },
+    Subscribe { topic: TopicName, client: std::net::IpAddr, from: Option<ResumeFrom>, req: u64 },
     /// The owner's answer to `Subscribe`.
     SubscribeDone { topic: TopicName, req: u64, result: Result<Grant, OwnerError> },
     /// The sending shard has no subscribers left for a topic (to the owner).
@@ -287,7 +287,7 @@ impl PublishDone {
                 out.offer_control(native::reply_ok(id, serde_json::json!({ "seq": seq })));
             }
             (PublishDone::NativeReply { out, id }, Err(e)) => {
-                out.offer_control(native::reply_error(Some(id), "too_many_topics", &e.to_string()));
+                out.offer_control(native::reply_error(Some(id), e.code(), &e.to_string()));
             }
             (PublishDone::Await(slot), result) => slot.set(result),
         }
@@ -392,15 +392,16 @@ impl Shard {
         links: Links,
     ) -> Rc<Shard> {
         let topics_max = config.topics_max.div_ceil(shards);
+        let limits = OwnerLimits {
+            topics_max,
+            history_messages_max: config.history_messages_max,
+            history_bytes_max: config.history_bytes_max,
+            client_pins_max: topics_max * config.client_topics_share_percent / 100,
+        };
         Rc::new(Shard {
             id,
             shards,
-            owner: RefCell::new(Owner::new(
-                topics_max,
-                config.history_messages_max,
-                config.history_bytes_max,
-                epoch_seed(id),
-            )),
+            owner: RefCell::new(Owner::new(limits, epoch_seed(id))),
             config,
             node,
             metrics: Metrics::default(),
@@ -622,6 +623,7 @@ impl Shard {
         self: &Rc<Self>,
         topic: &TopicName,
         out: &Rc<Outbound>,
+        client: std::net::IpAddr,
         format: Format,
         from: Option<ResumeFrom>,
         reply_id: Option<u64>,
@@ -652,7 +654,7 @@ impl Shard {
         metrics::add(&self.metrics.subscriptions_current, 1);
         let slot = Slot::default();
         self.replies.borrow_mut().insert(req, Reply::Subscribe(slot.clone()));
-        self.send(topic.owner_shard(self.shards), Item::Subscribe { topic: topic.clone(), from, req });
+        self.send(topic.owner_shard(self.shards), Item::Subscribe { topic: topic.clone(), client, from, req });
         let result = slot.wait().await;
         if result.is_err() {
             self.unsubscribe(topic, sub_id);
@@ -764,8 +766,8 @@ impl Shard {
                 let result = self.sequence(&topic, kind, payload);
                 self.send(from, Item::PublishDone { req, result });
             }
-            Item::Subscribe { topic, from: resume, req } => {
-                let result = self.owner.borrow_mut().subscribe(&topic, from, resume, Instant::now());
+            Item::Subscribe { topic, client, from: resume, req } => {
+                let result = self.owner.borrow_mut().subscribe(&topic, from, client, resume, Instant::now());
                 self.send(from, Item::SubscribeDone { topic, req, result });
             }
             Item::Unsubscribe { topic } => self.owner.borrow_mut().unsubscribe(&topic, from, Instant::now()),

@@ -91,6 +91,46 @@ fn distinct_topics_never_lock_the_node() {
     assert!(node.metric("fluxnode_topics_evicted_total") >= 900);
 }
 
+/// Topics a subscription keeps alive are never evicted, so one client
+/// could fill the table by subscribing (over many connections) and lock
+/// everyone else out. Each client address may keep at most its share
+/// (`--client-topics-share-percent`, of each shard's table) subscribed;
+/// past it, its subscribes are refused (native `client_topic_share`, HTTP
+/// 429) while other addresses still get topics.
+#[test]
+fn one_client_address_cannot_lock_everyone_out() {
+    // One shard of 8 topics, a quarter each: 2 topics per address.
+    let node = Node::start(&["--shards", "1", "--topics-max", "8", "--proxy-protocol"]);
+    let (a, b) = ([10, 0, 0, 1].into(), [10, 0, 0, 2].into());
+    let subscribe = |ws: &mut Ws, id: u64, topic: &str| {
+        native_call(ws, serde_json::json!({"op": "subscribe", "id": id, "topic": topic}))
+    };
+    let mut a1 = ws_connect_as(&node.addr(), "/v1/ws", a).expect("upgrade");
+    let mut a2 = ws_connect_as(&node.addr(), "/v1/ws", a).expect("upgrade");
+    assert_eq!(subscribe(&mut a1, 1, "a-1")["ok"], true);
+    assert_eq!(subscribe(&mut a2, 1, "a-2")["ok"], true);
+    // A third topic from the same address, on any connection, is refused.
+    let refused = subscribe(&mut a2, 2, "a-3");
+    assert_eq!(refused["error"]["code"], "client_topic_share", "{refused}");
+    assert_eq!(ws_connect_as(&node.addr(), "/v1/topics/a-4/ws?role=sub", a).err(), Some(429));
+    // Everyone else still gets topics; joining one that is already
+    // subscribed costs nothing.
+    let mut b1 = ws_connect_as(&node.addr(), "/v1/ws", b).expect("upgrade");
+    for (id, topic) in [(1, "b-1"), (2, "b-2"), (3, "a-1")] {
+        let reply = subscribe(&mut b1, id, topic);
+        assert_eq!(reply["ok"], true, "{reply}");
+    }
+    let raw = ws_connect_as(&node.addr(), "/v1/topics/a-2/ws?role=sub", a).expect("a topic already kept");
+    // The last subscriber leaving a topic gives the share back.
+    assert_eq!(native_call(&mut a2, serde_json::json!({"op": "unsubscribe", "id": 3, "topic": "a-2"}))["ok"], true);
+    drop(raw);
+    let mut id = 10;
+    wait_until("a's share given back", || {
+        id += 1;
+        subscribe(&mut a1, id, "a-3")["ok"] == true
+    });
+}
+
 /// `GET /v1/topics` answered every topic in one body (29 MB and 1.5 to
 /// 2.6 s at 200,000 topics, stalling the data plane). It is now paginated:
 /// at most `limit` (default 100, at most 1000) topics a page, sorted, with

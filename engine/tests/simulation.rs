@@ -16,8 +16,9 @@
 //!   connection that dies takes its unsent notices with it; its client saw
 //!   the jump in sequence numbers, and resumes from the highest it saw;
 //! - every queue stays within its cap plus one frame and the control slack,
-//!   pending drop ranges within one per topic, and every sequencer within
-//!   its topic limit.
+//!   pending drop ranges within one per topic, every sequencer within its
+//!   topic limit, and no client address keeps more than its share of a
+//!   sequencer's topics subscribed.
 //!
 //! The glue between the two (what `shard.rs` does with a grant and a
 //! delivery) is modelled here in a few lines; it moves into the simulation
@@ -29,6 +30,7 @@
 //! `SIM_SEED=n`.
 
 use std::collections::{BTreeSet, HashMap};
+use std::net::{IpAddr, Ipv4Addr};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -37,7 +39,7 @@ use fluxnode::config::SlowConsumerPolicy;
 use fluxnode::limits::CONTROL_SLACK_BYTES;
 use fluxnode::message::PayloadKind;
 use fluxnode::outbound::{Frame, Offer, Outbound};
-use fluxnode::owner::{Epoch, Owner, ResumeFrom, Resumed};
+use fluxnode::owner::{Epoch, Owner, OwnerLimits, ResumeFrom, Resumed};
 use fluxnode::topic::TopicName;
 use fluxnode::{native, ws};
 
@@ -57,6 +59,11 @@ const QUEUE_CAP_BYTES: usize = 600;
 const FRAME_BYTES_MAX: usize = 4 + 17 + 150;
 /// Live connections at most.
 const CONNECTIONS_MAX: usize = 8;
+/// Client addresses the connections come from.
+const ADDRESSES: u8 = 2;
+/// Topics one address may keep subscribed in one sequencer: below
+/// `TOPICS_PER_SHARD`, so that the share is reached.
+const CLIENT_PINS_MAX: usize = 2;
 
 #[test]
 fn seeds() {
@@ -131,6 +138,8 @@ struct ClientTopic {
 /// One connection: the node's side (queue, subscriptions) and the client's.
 struct Conn {
     out: Rc<Outbound>,
+    /// The client's address: topics its subscriptions keep are charged to it.
+    addr: IpAddr,
     /// Node side: topic -> last sequence queued (`Subscriber::last_seq`).
     subs: HashMap<usize, u64>,
     /// Client side.
@@ -314,7 +323,8 @@ impl Sim {
         let name = self.names[t].clone();
         let now = self.now();
         let resume = from.as_ref().map(|c| ResumeFrom { after_seq: c.last_seen, epoch: Some(c.epoch) });
-        let Ok(grant) = self.owners[name.owner_shard(SHARDS)].subscribe(&name, 0, resume, now) else {
+        let Ok(grant) = self.owners[name.owner_shard(SHARDS)].subscribe(&name, 0, self.conns[i].addr, resume, now)
+        else {
             return Ok(()); // no room for the topic: refused, nothing promised
         };
         self.subscribed[t] += 1;
@@ -380,8 +390,10 @@ impl Sim {
         }
         let policy = if self.rng.below(2) == 0 { SlowConsumerPolicy::Drop } else { SlowConsumerPolicy::Disconnect };
         let read_bytes = self.reader_speed();
+        let addr = self.address();
         self.conns.push(Conn {
             out: Rc::new(Outbound::new(QUEUE_CAP_BYTES, policy)),
+            addr,
             subs: HashMap::new(),
             client: HashMap::new(),
             leaving: BTreeSet::new(),
@@ -431,6 +443,11 @@ impl Sim {
     }
 
     /// A reader: stalled, slow (one small frame a turn) or fast.
+    /// A client address, some connections sharing one.
+    fn address(&mut self) -> IpAddr {
+        address(self.rng.below(ADDRESSES as usize) as u8)
+    }
+
     fn reader_speed(&mut self) -> usize {
         [0, 1, 200, 2000, 1 << 20][self.rng.below(5)]
     }
@@ -481,13 +498,30 @@ impl Sim {
             if owner.len() > TOPICS_PER_SHARD {
                 return Err(format!("shard {shard} holds {} topics", owner.len()));
             }
+            for a in 0..ADDRESSES {
+                let pinned = owner.pinned_by(address(a));
+                if pinned > CLIENT_PINS_MAX {
+                    return Err(format!("shard {shard}: address {a} keeps {pinned} topics subscribed"));
+                }
+            }
         }
         Ok(())
     }
 }
 
 fn new_owners(rng: &mut Rng) -> Vec<Owner> {
-    (0..SHARDS).map(|_| Owner::new(TOPICS_PER_SHARD, HISTORY_MESSAGES, 1 << 20, rng.next())).collect()
+    let limits = OwnerLimits {
+        topics_max: TOPICS_PER_SHARD,
+        history_messages_max: HISTORY_MESSAGES,
+        history_bytes_max: 1 << 20,
+        client_pins_max: CLIENT_PINS_MAX,
+    };
+    (0..SHARDS).map(|_| Owner::new(limits, rng.next())).collect()
+}
+
+/// The simulation's client address `n`.
+fn address(n: u8) -> IpAddr {
+    IpAddr::V4(Ipv4Addr::new(10, 0, 0, n))
 }
 
 /// A client receives a message.

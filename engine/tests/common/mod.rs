@@ -180,6 +180,25 @@ pub fn ws_connect(addr: &str, path: &str) -> Result<Ws, tungstenite::Error> {
     Ok(ws)
 }
 
+/// Connects a WebSocket client that FluxBalancer relays for `client`: the
+/// connection starts with a PROXY v2 header naming it (the node must run
+/// with `--proxy-protocol`). The HTTP status when the upgrade is refused.
+pub fn ws_connect_as(addr: &str, path: &str, client: std::net::Ipv4Addr) -> Result<Ws, u16> {
+    let mut stream = TcpStream::connect(addr).expect("connect");
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    let mut header = b"\r\n\r\n\0\r\nQUIT\n\x21\x11\x00\x0c".to_vec();
+    header.extend_from_slice(&client.octets());
+    header.extend_from_slice(&[127, 0, 0, 1, 0xc3, 0x50, 0x1f, 0x90]);
+    stream.write_all(&header).unwrap();
+    match tungstenite::client(format!("ws://{addr}{path}"), stream) {
+        Ok((ws, _)) => Ok(ws),
+        Err(tungstenite::HandshakeError::Failure(tungstenite::Error::Http(response))) => {
+            Err(response.status().as_u16())
+        }
+        Err(e) => panic!("upgrade failed without an HTTP answer: {e}"),
+    }
+}
+
 /// Reads an HTTP response (status and body) until the server closes or
 /// the content-length is satisfied.
 pub fn read_response(stream: &mut TcpStream) -> (u16, String) {
