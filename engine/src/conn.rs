@@ -22,6 +22,7 @@ use futures_lite::{AsyncRead, AsyncWrite};
 use glommio::net::TcpStream;
 use serde::Deserialize;
 
+use crate::broker::{Format, Granted, PublishReply, SubscribeRequest};
 use crate::config::{SlowConsumerPolicy, TopicSockets};
 use crate::http::{self, RequestHead, Route, Upgrade};
 use crate::limits::{HTTP_BODY_SLACK_BYTES, TOPICS_PAGE_DEFAULT, TOPICS_PAGE_MAX, WRITE_BATCH_BYTES_MAX};
@@ -31,7 +32,7 @@ use crate::native::{self, Request};
 use crate::outbound::{DirectSink, Outbound, Unsent};
 use crate::owner::{OwnerError, ResumeFrom, Resumed};
 use crate::proxy_protocol::{self, ProxyError, ProxyHeader};
-use crate::shard::{AdminConnection, Adoption, Format, Handoff, NodeConnection, PublishDone, Shard};
+use crate::shard::{AdminConnection, Adoption, Handoff, NodeConnection, Shard};
 use crate::sync::Event;
 use crate::topic::{TopicName, TopicQuery};
 use crate::ws::{self, close_code, Decoder, WsEvent};
@@ -693,7 +694,14 @@ async fn prepare(
             let resume = from.map(|after_seq| ResumeFrom { after_seq, epoch });
             let granted = session
                 .shard
-                .subscribe(&topic, &session.out, session.client, Format::Raw, resume, None)
+                .subscribe(SubscribeRequest {
+                    topic: topic.clone(),
+                    out: session.out.clone(),
+                    client: session.client,
+                    format: Format::Raw,
+                    from: resume,
+                    reply_id: None,
+                })
                 .await
                 .map_err(|e| owner_error(e, false))?;
             let headers = vec![
@@ -709,7 +717,7 @@ async fn prepare(
 
 /// The close a raw subscriber that resumed after `from` gets right after
 /// its 101, when the grant says it cannot have everything it asked for.
-fn resume_close(granted: &crate::shard::Granted, from: u64) -> ResumeClose {
+fn resume_close(granted: &Granted, from: u64) -> ResumeClose {
     match granted.resumed {
         Resumed::Live | Resumed::Replayed { gap: None } => None,
         Resumed::Replayed { gap: Some(gap) } => {
@@ -831,7 +839,7 @@ async fn raw_message(session: &Session, topic: &TopicName, publish: bool, kind: 
         session.out.close(close_code::POLICY_VIOLATION, "this socket has role=sub: it cannot publish");
         return true;
     }
-    let done = PublishDone::CloseOnError(session.out.clone());
+    let done = PublishReply::CloseOnError(session.out.clone());
     session.shard.publish_pipelined(topic.clone(), kind, payload, done).await;
     true
 }
@@ -864,7 +872,15 @@ async fn legacy_message(session: &Session, sub: &mut Option<(TopicName, u64)>, p
             return true;
         }
     };
-    match session.shard.subscribe(&topic, &session.out, session.client, Format::Legacy, None, None).await {
+    let request = SubscribeRequest {
+        topic: topic.clone(),
+        out: session.out.clone(),
+        client: session.client,
+        format: Format::Legacy,
+        from: None,
+        reply_id: None,
+    };
+    match session.shard.subscribe(request).await {
         Ok(granted) => *sub = Some((topic, granted.sub_id)),
         Err(e) => session.out.close(close_code::TRY_AGAIN_LATER, &e.to_string()),
     }
@@ -898,7 +914,7 @@ async fn native_message(
         Request::Publish { id, topic, kind, payload } => match topic_of(id, &topic) {
             Err(reply) => reply,
             Ok(topic) => {
-                let done = PublishDone::NativeReply { out: out.clone(), id };
+                let done = PublishReply::Native { out: out.clone(), id };
                 shard.publish_pipelined(topic, kind, payload, done).await;
                 return true; // the reply is queued when the owner answers
             }
@@ -915,7 +931,15 @@ async fn native_message(
             }
             Ok(topic) => {
                 let resume = from_seq.map(|after_seq| ResumeFrom { after_seq, epoch });
-                match shard.subscribe(&topic, out, session.client, Format::Native, resume, Some(id)).await {
+                let request = SubscribeRequest {
+                    topic: topic.clone(),
+                    out: out.clone(),
+                    client: session.client,
+                    format: Format::Native,
+                    from: resume,
+                    reply_id: Some(id),
+                };
+                match shard.subscribe(request).await {
                     Ok(granted) => {
                         subs.insert(topic, granted.sub_id);
                         return true; // the ok reply was queued before any message

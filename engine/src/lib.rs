@@ -17,18 +17,23 @@
 //! - [`native`]: the native protocol's requests, replies and envelopes.
 //! - [`history`]: the bounded per-topic ring.
 //! - [`owner`]: the sequencer for the topics a shard owns.
+//! - [`broker`]: a shard's data-plane decisions (sequence, subscribe,
+//!   resume, fan out, answer) as a state machine: inputs and the time in,
+//!   actions out.
 //! - [`outbound`]: a connection's bounded send queue and slow-consumer policy.
 //! - [`proxy_protocol`]: PROXY protocol v2 headers from FluxBalancer.
 //! - [`message`], [`metrics`], [`sync`]: shared types, counters, shard-local sync.
 //!
 //! The shell:
-//! - [`shard`]: a shard's state and tasks, and the cross-shard items.
+//! - [`shard`]: the glommio shell around a broker: its tasks, the channel
+//!   mesh between shards, and what crosses it.
 //! - [`conn`]: one connection: HTTP, then a WebSocket session.
 //! - [`fdpass`]: moving a socket between shards' descriptor tables.
 //! - [`server`]: executors, mesh, listeners, graceful shutdown.
 //! - [`runtime`]: the glommio shell shared with `fluxbalancer`: port
 //!   reservation, executor start, accept loop, logging, signals.
 
+pub mod broker;
 pub mod config;
 pub mod conn;
 pub mod fdpass;

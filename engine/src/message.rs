@@ -59,3 +59,21 @@ impl std::str::FromStr for Epoch {
         u64::from_str_radix(s, 16).map(Epoch)
     }
 }
+
+/// The time, read once by the shell and handed to the sans-IO cores (which
+/// never read a clock): the monotonic instant for durations and latency,
+/// and the wall clock for message timestamps.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Now {
+    /// Monotonic time.
+    pub at: Instant,
+    /// Milliseconds since the Unix epoch.
+    pub unix_ms: u64,
+}
+
+impl Now {
+    /// Reads both clocks (the shell's job).
+    pub fn read() -> Now {
+        Now { at: Instant::now(), unix_ms: unix_time_ms() }
+    }
+}

@@ -13,7 +13,7 @@ use bytes::Bytes;
 use crate::history::History;
 pub use crate::history::SeqRange;
 pub use crate::message::Epoch;
-use crate::message::{unix_time_ms, Message, PayloadKind};
+use crate::message::{Message, Now, PayloadKind};
 use crate::topic::{TopicName, TopicQuery};
 
 /// Why the owner refused a publish or subscribe.
@@ -216,17 +216,17 @@ impl Owner {
         topic: &TopicName,
         kind: PayloadKind,
         payload: Bytes,
-        now: Instant,
+        now: Now,
     ) -> Result<(Message, u64), OwnerError> {
-        let t = self.topic_mut(topic, now)?;
-        t.last_active = now;
+        let t = self.topic_mut(topic, now.at)?;
+        t.last_active = now.at;
         t.last_seq += 1;
-        let message = Message { seq: t.last_seq, timestamp_ms: unix_time_ms(), kind, payload, published_at: now };
+        let message = Message { seq: t.last_seq, timestamp_ms: now.unix_ms, kind, payload, published_at: now.at };
         t.history.push(message.clone());
-        if now.duration_since(t.window_start).as_secs() >= 1 {
+        if now.at.duration_since(t.window_start).as_secs() >= 1 {
             t.last_window_rate = t.window_count;
             t.window_count = 0;
-            t.window_start = now;
+            t.window_start = now.at;
         }
         t.window_count += 1;
         Ok((message, t.subscriber_shards))
@@ -431,6 +431,10 @@ mod tests {
     const A: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 1));
     const B: IpAddr = IpAddr::V4(std::net::Ipv4Addr::new(10, 0, 0, 2));
 
+    fn at(instant: Instant) -> Now {
+        Now { at: instant, unix_ms: 1 }
+    }
+
     fn limits(topics_max: usize) -> OwnerLimits {
         OwnerLimits { topics_max, history_messages_max: 10, history_bytes_max: 1000, client_pins_max: topics_max }
     }
@@ -448,11 +452,11 @@ mod tests {
         let mut o = Owner::new(limits(2), 7);
         let t = name("a");
         let now = Instant::now();
-        let (m1, mask) = o.publish(&t, PayloadKind::Text, Bytes::from_static(b"x"), now).expect("publish");
+        let (m1, mask) = o.publish(&t, PayloadKind::Text, Bytes::from_static(b"x"), at(now)).expect("publish");
         assert_eq!((m1.seq, mask), (1, 0));
         let g = o.subscribe(&t, 3, A, None, now).expect("subscribe");
         assert_eq!((g.last_seq, g.first_seq, g.replay.len(), g.resumed), (1, 1, 0, Resumed::Live));
-        let (m2, mask) = o.publish(&t, PayloadKind::Text, Bytes::from_static(b"y"), now).expect("publish");
+        let (m2, mask) = o.publish(&t, PayloadKind::Text, Bytes::from_static(b"y"), at(now)).expect("publish");
         assert_eq!((m2.seq, mask), (2, 0b1000));
         let g = o.subscribe(&t, 0, A, from(0, Some(g.epoch)), now).expect("subscribe");
         assert_eq!(g.replay.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![1, 2]);
@@ -467,13 +471,13 @@ mod tests {
         let t = name("a");
         let mut before = Owner::new(limits(4), 1);
         for _ in 0..5 {
-            before.publish(&t, PayloadKind::Text, Bytes::new(), now).expect("publish");
+            before.publish(&t, PayloadKind::Text, Bytes::new(), at(now)).expect("publish");
         }
         let old_epoch = before.stat(&t).expect("topic").epoch;
         // A restart: a new process, a new seed, the same topic from seq 1.
         let mut after = Owner::new(limits(4), 2);
         for _ in 0..3 {
-            after.publish(&t, PayloadKind::Text, Bytes::new(), now).expect("publish");
+            after.publish(&t, PayloadKind::Text, Bytes::new(), at(now)).expect("publish");
         }
         let g = after.subscribe(&t, 0, A, from(2, Some(old_epoch)), now).expect("subscribe");
         assert_ne!(g.epoch, old_epoch);
@@ -491,16 +495,16 @@ mod tests {
         let mut o = Owner::new(limits(2), 3);
         let t0 = Instant::now();
         let later = |ms| t0 + std::time::Duration::from_millis(ms);
-        o.publish(&name("old"), PayloadKind::Text, Bytes::new(), t0).expect("publish");
-        o.publish(&name("busy"), PayloadKind::Text, Bytes::new(), later(1)).expect("publish");
+        o.publish(&name("old"), PayloadKind::Text, Bytes::new(), at(t0)).expect("publish");
+        o.publish(&name("busy"), PayloadKind::Text, Bytes::new(), at(later(1))).expect("publish");
         let old_epoch = o.stat(&name("old")).expect("topic").epoch;
-        o.publish(&name("new"), PayloadKind::Text, Bytes::new(), later(2)).expect("room made");
+        o.publish(&name("new"), PayloadKind::Text, Bytes::new(), at(later(2))).expect("room made");
         assert!(o.stat(&name("old")).is_none(), "the least recently active idle topic went");
         assert_eq!(o.evicted_total(), 1);
         // Subscribed topics are never evicted.
         o.subscribe(&name("busy"), 0, A, None, later(3)).expect("subscribe");
         o.subscribe(&name("new"), 1, A, None, later(4)).expect("subscribe");
-        let err = o.publish(&name("more"), PayloadKind::Text, Bytes::new(), later(5));
+        let err = o.publish(&name("more"), PayloadKind::Text, Bytes::new(), at(later(5)));
         assert_eq!(err.unwrap_err(), OwnerError::TooManyTopics);
         // Recreated later, "old" is a new sequence space, and says so.
         o.unsubscribe(&name("busy"), 0, later(6));
@@ -513,7 +517,7 @@ mod tests {
         let mut o = Owner::new(limits(10), 3);
         let now = Instant::now();
         for n in ["b2", "a1", "b1", "c", "b10"] {
-            o.publish(&name(n), PayloadKind::Text, Bytes::new(), now).expect("publish");
+            o.publish(&name(n), PayloadKind::Text, Bytes::new(), at(now)).expect("publish");
         }
         let page = |prefix: &str, after: Option<&str>, limit| {
             let query = TopicQuery { prefix: prefix.into(), after: after.map(Into::into), limit };

@@ -1,15 +1,17 @@
-//! A shard: one pinned executor's share of the node, and the only place
+//! A shard: the glommio shell around one [`Broker`], and the only place
 //! where shards meet.
 //!
-//! Each shard owns (a) the topics that hash to it (`Owner`: sequencing and
-//! history), (b) a `LocalTopic` for every topic with subscribers on its
-//! connections, (c) one outbox per peer shard. State is `Rc`/`RefCell`
-//! inside the shard; shards exchange only batches of [`Item`] over the
-//! bounded SPSC channels of glommio's channel mesh.
+//! The broker decides; the shard carries its [`Action`]s out: items for
+//! peers go to one outbox per peer, whose flusher task sends everything
+//! queued as one batch over the bounded SPSC channels of glommio's channel
+//! mesh; queues in direct mode are written by the fan-out task before it
+//! yields; answers wake the tasks that await them. Beside the data plane,
+//! the shard answers peers' stats requests (in the control queue) and
+//! adopts sockets handed over by peers.
 //!
 //! Tasks per shard: one ingress task per peer channel, one flusher per peer
-//! outbox, one fan-out task that drains dirty topics' dual buffers into
-//! connection queues, plus the accept loop and connections (see `server`).
+//! outbox, one fan-out task, the stats server and the adopter, plus the
+//! accept loop and connections (see `server`).
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -21,44 +23,44 @@ use std::time::Instant;
 use bytes::Bytes;
 use glommio::channels::channel_mesh::Senders;
 use glommio::channels::shared_channel::ConnectedReceiver;
-use glommio::sync::{Semaphore, StaticPermit};
 
+use crate::broker::{
+    self, Action, Broker, BrokerLimits, Granted, PublishReply, Published, SubscribeRequest, Subscription,
+};
 use crate::config::Config;
 use crate::fdpass::Links;
 use crate::limits::{
     ADMIN_CONNECTIONS_RESERVED, FANOUT_PENDING_BYTES_MAX, ITEM_OVERHEAD_BYTES, OUTBOX_BYTES_MAX, READ_SCRATCH_BYTES,
     REMOTE_PUBLISH_BYTES_IN_FLIGHT_MAX, WRITE_BATCH_BYTES_MAX,
 };
-use crate::message::{Message, PayloadKind};
+use crate::message::{Now, PayloadKind};
 use crate::metrics::{self, LatencyTally, Metrics, ShardStats};
-use crate::native;
-use crate::outbound::{Frame, Offer, Outbound};
-use crate::owner::{Epoch, Grant, Owner, OwnerError, OwnerLimits, ResumeFrom, Resumed};
+use crate::outbound::Outbound;
+use crate::owner::{Owner, OwnerError, OwnerLimits};
 use crate::sync::{Event, Slot};
 use crate::topic::{TopicName, TopicQuery};
-use crate::ws;
 
 /// What crosses between shards, always inside a batch (`Vec<Item>`).
 #[derive(Debug)]
 pub enum Item {
-    /// Sequence this message (to the owner).
-    Publish { topic: TopicName, kind: PayloadKind, payload: Bytes, req: u64 },
-    /// The owner's answer to `Publish`: the assigned sequence.
-    PublishDone { req: u64, result: Result<u64, OwnerError> },
-    /// Register the sending shard for a topic (to the owner).
-    Subscribe { topic: TopicName, client: std::net::IpAddr, from: Option<ResumeFrom>, req: u64 },
-    /// The owner's answer to `Subscribe`.
-    SubscribeDone { topic: TopicName, req: u64, result: Result<Grant, OwnerError> },
-    /// The sending shard has no subscribers left for a topic (to the owner).
-    Unsubscribe { topic: TopicName },
-    /// A sequenced message for the receiving shard's subscribers.
-    Deliver { topic: TopicName, message: Message },
+    /// Between brokers: publishes, subscriptions, deliveries.
+    Data(broker::Item),
     /// Ask for a stats snapshot, with the topics a listing wants.
     StatsRequest { req: u64, topics: Option<TopicQuery> },
     /// A stats snapshot.
     StatsReply { req: u64, stats: Box<ShardStats> },
     /// A connection accepted elsewhere, for the receiving shard to serve.
     Handoff(Box<Handoff>),
+}
+
+impl Item {
+    fn cost_bytes(&self) -> usize {
+        match self {
+            Item::Data(item) => item.cost_bytes(),
+            Item::Handoff(h) => ITEM_OVERHEAD_BYTES + h.buf.len(),
+            _ => ITEM_OVERHEAD_BYTES,
+        }
+    }
 }
 
 /// A topic socket handed to the shard that owns its topic, between its
@@ -147,19 +149,6 @@ impl AdminConnection {
     }
 }
 
-impl Item {
-    fn cost_bytes(&self) -> usize {
-        ITEM_OVERHEAD_BYTES
-            + match self {
-                Item::Publish { payload, .. } => payload.len(),
-                Item::Deliver { message, .. } => message.payload.len(),
-                Item::SubscribeDone { result: Ok(g), .. } => g.replay.iter().map(|m| m.payload.len()).sum(),
-                Item::Handoff(h) => h.buf.len(),
-                _ => 0,
-            }
-    }
-}
-
 /// A batch: what one channel send carries.
 pub type Batch = Vec<Item>;
 
@@ -179,79 +168,6 @@ pub struct NodeShared {
     pub admin_connections: AtomicUsize,
 }
 
-/// How a subscriber wants messages framed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Format {
-    /// Raw topic socket: payload verbatim, opcode as published.
-    Raw = 0,
-    /// Original RayFlux `/subscribe`: payload verbatim, always binary.
-    Legacy = 1,
-    /// Native protocol envelope.
-    Native = 2,
-}
-
-/// What a subscriber learns when its subscription is granted.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Granted {
-    /// Subscription id, for unsubscribe.
-    pub sub_id: u64,
-    /// The topic's sequence space.
-    pub epoch: Epoch,
-    /// Last sequence at the moment the subscription went live.
-    pub last_seq: u64,
-    /// What of the resume the client asked for it cannot get.
-    pub resumed: Resumed,
-}
-
-/// A subscription waiting for its owner's grant.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Pending {
-    /// The request id the grant answers.
-    req: u64,
-    /// The native request id to answer first, if any.
-    reply_id: Option<u64>,
-}
-
-/// A subscriber of a local topic.
-#[derive(Debug)]
-struct Subscriber {
-    /// Shard-unique id.
-    id: u64,
-    /// The connection's send queue.
-    out: Rc<Outbound>,
-    /// Framing.
-    format: Format,
-    /// Last sequence queued to it; later deliveries only.
-    last_seq: u64,
-    /// Set until the owner's grant arrives.
-    pending: Option<Pending>,
-}
-
-/// A topic with subscribers on this shard. Lives on this shard only.
-///
-/// The dual buffer: ingress (deliveries from the owner) appends to `fill`;
-/// the fan-out task swaps `fill` and `drain` and writes the `drain` side
-/// into subscriber queues. The two sides are separate `RefCell`s, so a
-/// delivery arriving while a fan-out pass runs never waits for it, and the
-/// two vectors keep their capacity, so steady state allocates nothing.
-#[derive(Debug)]
-struct LocalTopic {
-    /// Topic name.
-    name: TopicName,
-    /// Last sequence received by this shard for this topic.
-    last_seq: Cell<u64>,
-    /// The topic's sequence space, once a grant told this shard.
-    epoch: Cell<Option<Epoch>>,
-    /// Subscribers, in subscription order.
-    subs: RefCell<Vec<Subscriber>>,
-    /// Side being filled by ingress.
-    fill: RefCell<Vec<Message>>,
-    /// Side being drained by fan-out.
-    drain: RefCell<Vec<Message>>,
-    /// Whether the topic is in the shard's dirty list.
-    dirty: Cell<bool>,
-}
-
 /// An outbox toward one peer shard.
 #[derive(Debug, Default)]
 struct Outbox {
@@ -263,41 +179,10 @@ struct Outbox {
     wake: Event,
 }
 
-/// Where the owner's answer to a pipelined publish goes. Pipelined
-/// publishes let one connection have many publishes in flight (ordering is
-/// kept by the FIFO channel to the owner), so a publisher on one shard is not
-/// limited to one cross-shard round trip per message.
+/// An answer a task on this shard awaits.
 #[derive(Debug)]
-pub enum PublishDone {
-    /// Nothing to say on success; close the connection (1013) on error. Raw
-    /// topic sockets, whose protocol has no replies.
-    CloseOnError(Rc<Outbound>),
-    /// Queue the native reply for request `id`.
-    NativeReply { out: Rc<Outbound>, id: u64 },
-    /// Hand the result to a task that awaits it (HTTP publishes).
-    Await(Slot<Result<u64, OwnerError>>),
-}
-
-impl PublishDone {
-    fn complete(self, result: Result<u64, OwnerError>) {
-        match (self, result) {
-            (PublishDone::CloseOnError(_), Ok(_)) => {}
-            (PublishDone::CloseOnError(out), Err(e)) => out.close(ws::close_code::TRY_AGAIN_LATER, &e.to_string()),
-            (PublishDone::NativeReply { out, id }, Ok(seq)) => {
-                out.offer_control(native::reply_ok(id, serde_json::json!({ "seq": seq })));
-            }
-            (PublishDone::NativeReply { out, id }, Err(e)) => {
-                out.offer_control(native::reply_error(Some(id), e.code(), &e.to_string()));
-            }
-            (PublishDone::Await(slot), result) => slot.set(result),
-        }
-    }
-}
-
-/// A reply awaited by a task on this shard.
-#[derive(Debug)]
-enum Reply {
-    Publish(PublishDone, Option<StaticPermit>),
+enum Awaited {
+    Publish(Slot<Result<u64, OwnerError>>),
     Subscribe(Slot<Result<Granted, OwnerError>>),
     Stats(Slot<ShardStats>),
 }
@@ -313,30 +198,23 @@ pub struct Shard {
     pub config: Arc<Config>,
     /// Process-wide flags.
     pub node: Arc<NodeShared>,
-    /// This shard's counters.
-    pub metrics: Metrics,
+    /// This shard's counters (the broker counts its own in them too).
+    pub metrics: Rc<Metrics>,
+    /// The data plane's decisions.
+    broker: RefCell<Broker>,
+    /// Actions taken from the broker, being carried out (kept for its
+    /// capacity).
+    actions: RefCell<Vec<Action>>,
     /// Senders to every peer (None with one shard).
     senders: Option<Senders<Batch>>,
-    /// Topics this shard owns.
-    owner: RefCell<Owner>,
-    /// Topics with local subscribers.
-    topics: RefCell<HashMap<TopicName, Rc<LocalTopic>, ahash::RandomState>>,
     /// Outboxes by peer index (this shard's own is unused).
     outboxes: Vec<Outbox>,
-    /// Notified when outboxes or fan-out buffers drain.
+    /// Notified when outboxes, fan-out buffers or publishes in flight drain.
     room: Event,
-    /// Topics with undrained deliveries.
-    dirty: RefCell<Vec<Rc<LocalTopic>>>,
-    /// Payload bytes in fill buffers.
-    fanout_pending_bytes: Cell<usize>,
     /// Wakes the fan-out task.
     fanout_wake: Event,
-    /// Byte budget per owner for publishes in flight.
-    remote_budget: Vec<Rc<Semaphore>>,
-    /// Awaited replies by request id.
-    replies: RefCell<HashMap<u64, Reply, ahash::RandomState>>,
-    /// Next request or subscription id.
-    next_id: Cell<u64>,
+    /// Answers awaited by tasks, by request id.
+    awaited: RefCell<HashMap<u64, Awaited, ahash::RandomState>>,
     /// Low-share task queue for the control plane (`/metrics`, `/v1/topics`),
     /// so admin work never competes on equal terms with fan-out.
     pub control_queue: glommio::TaskQueueHandle,
@@ -392,34 +270,31 @@ impl Shard {
         links: Links,
     ) -> Rc<Shard> {
         let topics_max = config.topics_max.div_ceil(shards);
-        let limits = OwnerLimits {
+        let owner_limits = OwnerLimits {
             topics_max,
             history_messages_max: config.history_messages_max,
             history_bytes_max: config.history_bytes_max,
             client_pins_max: topics_max * config.client_topics_share_percent / 100,
         };
+        let limits = BrokerLimits { publish_bytes_in_flight_max: REMOTE_PUBLISH_BYTES_IN_FLIGHT_MAX };
+        let metrics = Rc::new(Metrics::default());
+        let owner = Owner::new(owner_limits, epoch_seed(id));
         Rc::new(Shard {
             id,
             shards,
-            owner: RefCell::new(Owner::new(limits, epoch_seed(id))),
             config,
             node,
-            metrics: Metrics::default(),
+            broker: RefCell::new(Broker::new(id, shards, owner, limits, metrics.clone())),
+            metrics,
+            actions: RefCell::default(),
             senders,
-            topics: RefCell::default(),
             outboxes: (0..shards).map(|_| Outbox::default()).collect(),
             room: Event::default(),
-            dirty: RefCell::default(),
-            fanout_pending_bytes: Cell::new(0),
             fanout_wake: Event::default(),
-            remote_budget: (0..shards)
-                .map(|_| Rc::new(Semaphore::new(REMOTE_PUBLISH_BYTES_IN_FLIGHT_MAX as u64)))
-                .collect(),
-            replies: RefCell::default(),
-            next_id: Cell::new(1),
+            awaited: RefCell::default(),
             control_queue,
             read_scratch: RefCell::new(vec![0; READ_SCRATCH_BYTES]),
-            write_scratch: RefCell::new(Vec::with_capacity(crate::limits::WRITE_BATCH_BYTES_MAX)),
+            write_scratch: RefCell::new(Vec::with_capacity(WRITE_BATCH_BYTES_MAX)),
             sessions: RefCell::default(),
             flush_list: RefCell::default(),
             flush_published: RefCell::default(),
@@ -430,6 +305,44 @@ impl Shard {
             stats_wake: Event::default(),
             links,
         })
+    }
+
+    /// Carries out what the broker decided.
+    fn apply(&self) {
+        let mut actions = self.actions.borrow_mut();
+        self.broker.borrow_mut().take_actions(&mut actions);
+        for action in actions.drain(..) {
+            match action {
+                Action::Send { to, item } => self.send(to, Item::Data(item)),
+                Action::Flush(out) => {
+                    let mut list = self.flush_list.borrow_mut();
+                    if list.is_empty() {
+                        self.fanout_wake.notify();
+                    }
+                    list.push(out);
+                }
+                Action::Published { req, result } => {
+                    if let Some(Awaited::Publish(slot)) = self.awaited.borrow_mut().remove(&req) {
+                        slot.set(result);
+                    }
+                }
+                Action::Subscribed { req, result } => {
+                    if let Some(Awaited::Subscribe(slot)) = self.awaited.borrow_mut().remove(&req) {
+                        slot.set(result);
+                    }
+                }
+                Action::Room => self.room.notify(),
+                Action::FanOut => self.fanout_wake.notify(),
+            }
+        }
+    }
+
+    /// Queues an item in peer `shard`'s outbox for its next batch.
+    fn send(&self, shard: usize, item: Item) {
+        let outbox = &self.outboxes[shard];
+        outbox.bytes.set(outbox.bytes.get() + item.cost_bytes());
+        outbox.items.borrow_mut().push(item);
+        outbox.wake.notify();
     }
 
     /// Counts frames handed to a socket by a writer task and records their
@@ -477,23 +390,6 @@ impl Shard {
         self.count_written(messages, bytes);
     }
 
-    /// Counts an offer and lists a direct-mode queue for the next flush.
-    fn offered(&self, out: &Rc<Outbound>, offer: Offer) {
-        match offer {
-            Offer::Queued | Offer::Closed => {}
-            Offer::Flush => self.flush_list.borrow_mut().push(out.clone()),
-            Offer::Dropped => metrics::add(&self.metrics.messages_dropped, 1),
-            Offer::Disconnected => {
-                metrics::add(&self.metrics.slow_consumer_disconnects, 1);
-                tracing::warn!(
-                    shard = self.id,
-                    "slow consumer disconnected (send queue over {} bytes)",
-                    self.config.send_queue_bytes_max
-                );
-            }
-        }
-    }
-
     /// Spawns the ingress, flusher and fan-out tasks.
     pub fn start(
         self: &Rc<Self>,
@@ -517,6 +413,87 @@ impl Shard {
         let shard = self.clone();
         let control = self.control_queue;
         glommio::spawn_local_into(async move { shard.stats_server().await }, control).map(|t| t.detach()).ok();
+    }
+
+    /// Hands one peer's batches to the broker.
+    async fn ingress(self: Rc<Self>, peer: usize, receiver: ConnectedReceiver<Batch>) {
+        while let Some(batch) = receiver.recv().await {
+            let now = Now::read();
+            for item in batch {
+                match item {
+                    Item::Data(item) => self.broker.borrow_mut().handle(peer, item, now),
+                    Item::StatsRequest { req, topics } => {
+                        self.stats_requests.borrow_mut().push(StatsWanted { from: peer, req, topics });
+                        self.stats_wake.notify();
+                    }
+                    Item::StatsReply { req, stats } => {
+                        if let Some(Awaited::Stats(slot)) = self.awaited.borrow_mut().remove(&req) {
+                            slot.set(*stats);
+                        }
+                    }
+                    Item::Handoff(handoff) => self.received(peer, *handoff),
+                }
+            }
+            self.apply();
+            // Backpressure: stop taking batches while fan-out is behind.
+            while self.broker.borrow().fanout_pending_bytes() > FANOUT_PENDING_BYTES_MAX {
+                self.room.wait().await;
+            }
+        }
+    }
+
+    /// Takes the socket of a hand-off from its link, for the adopter task.
+    fn received(&self, from: usize, handoff: Handoff) {
+        match self.links.receive(from, handoff.seq) {
+            Ok(fd) => {
+                self.handoffs.borrow_mut().push(Adoption { fd, handoff });
+                self.handoff_wake.notify();
+            }
+            // This table is full (EMFILE), or the record is gone: the
+            // client sees the connection close before its 101.
+            Err(e) => tracing::warn!(shard = self.id, from, "handed-off socket not received: {e}"),
+        }
+    }
+
+    async fn flusher(self: Rc<Self>, peer: usize) {
+        let Some(senders) = &self.senders else { return };
+        let outbox = &self.outboxes[peer];
+        loop {
+            if outbox.items.borrow().is_empty() {
+                outbox.wake.wait().await;
+                continue;
+            }
+            let batch = std::mem::take(&mut *outbox.items.borrow_mut());
+            let cost: usize = batch.iter().map(Item::cost_bytes).sum();
+            if senders.send_to(peer, batch).await.is_err() {
+                return; // the peer is gone: shutdown
+            }
+            outbox.bytes.set(outbox.bytes.get().saturating_sub(cost));
+            self.room.notify();
+        }
+    }
+
+    /// The fan-out task: has the broker fan out every topic with
+    /// deliveries, and writes the queues that got frames. Writes are
+    /// flushed before every yield, so a long pass over many topics does not
+    /// hold the first topics' frames until its end.
+    async fn fanout(self: Rc<Self>) {
+        loop {
+            if !self.broker.borrow().has_fan_out() && self.flush_list.borrow().is_empty() {
+                self.fanout_wake.wait().await;
+                continue;
+            }
+            while self.broker.borrow_mut().fan_out_next() {
+                self.apply();
+                if glommio::executor().need_preempt() {
+                    self.flush_direct();
+                    glommio::yield_if_needed().await;
+                }
+            }
+            self.apply();
+            self.flush_direct();
+            self.room.notify();
+        }
     }
 
     /// Answers peers' stats requests, in the control queue.
@@ -567,9 +544,7 @@ impl Shard {
 
     /// A fresh shard-unique id.
     pub fn next_id(&self) -> u64 {
-        let id = self.next_id.get();
-        self.next_id.set(id + 1);
-        id
+        self.broker.borrow_mut().next_id()
     }
 
     /// Publishes a message to `topic`; resolves with its sequence number
@@ -581,104 +556,75 @@ impl Shard {
         kind: PayloadKind,
         payload: Bytes,
     ) -> Result<u64, OwnerError> {
-        let slot = Slot::default();
-        self.publish_pipelined(topic, kind, payload, PublishDone::Await(slot.clone())).await;
-        slot.wait().await
+        match self.publish_pipelined(topic, kind, payload, PublishReply::Caller).await {
+            Published::Now(result) => result,
+            Published::Later { req } => {
+                let slot = Slot::default();
+                self.awaited.borrow_mut().insert(req, Awaited::Publish(slot.clone()));
+                slot.wait().await
+            }
+        }
     }
 
     /// Publishes without waiting for the owner's answer, which goes to
-    /// `done`. Returns once the message is sequenced (local owner) or queued
-    /// to the owner; messages from one caller keep their order.
+    /// `reply`. Returns once the message is sequenced (local owner) or
+    /// queued to the owner; messages from one caller keep their order.
     pub async fn publish_pipelined(
         self: &Rc<Self>,
         topic: TopicName,
         kind: PayloadKind,
         payload: Bytes,
-        done: PublishDone,
-    ) {
-        let owner = topic.owner_shard(self.shards);
-        if owner == self.id {
+        reply: PublishReply,
+    ) -> Published {
+        if topic.owner_shard(self.shards) == self.id {
             self.wait_for_room().await;
-            return done.complete(self.sequence(&topic, kind, payload));
-        }
-        let permit = self.remote_permit(owner, payload.len()).await;
-        let req = self.next_id();
-        self.replies.borrow_mut().insert(req, Reply::Publish(done, permit));
-        self.send(owner, Item::Publish { topic, kind, payload, req });
-    }
-
-    /// Waits for room in the byte budget of publishes in flight to `owner`;
-    /// the permit is held until the owner answers.
-    async fn remote_permit(&self, owner: usize, payload_len: usize) -> Option<StaticPermit> {
-        let cost = (payload_len + ITEM_OVERHEAD_BYTES) as u64;
-        // The semaphore is never closed, so acquiring cannot fail.
-        self.remote_budget[owner].acquire_static_permit(cost).await.ok()
-    }
-
-    /// Subscribes `out` to `topic`. With `from_seq`, first replays retained
-    /// messages after it. Resolves once the subscription is live: every
-    /// message sequenced after that reaches `out`. With `reply_id`, the
-    /// native ok reply is queued before any message.
-    pub async fn subscribe(
-        self: &Rc<Self>,
-        topic: &TopicName,
-        out: &Rc<Outbound>,
-        client: std::net::IpAddr,
-        format: Format,
-        from: Option<ResumeFrom>,
-        reply_id: Option<u64>,
-    ) -> Result<Granted, OwnerError> {
-        let sub_id = self.next_id();
-        let local = self.local_topic(topic);
-        let live = local.subs.borrow().iter().any(|s| s.pending.is_none());
-        if let (true, None, Some(epoch)) = (live, from, local.epoch.get()) {
-            let last_seq = local.last_seq.get();
-            if let Some(id) = reply_id {
-                out.offer_control(native::reply_ok(
-                    id,
-                    serde_json::json!({ "topic": topic.as_str(), "epoch": epoch.to_string(), "last_seq": last_seq }),
-                ));
+        } else {
+            while !self.broker.borrow().remote_room(&topic, payload.len()) {
+                self.room.wait().await;
             }
-            local.subs.borrow_mut().push(Subscriber { id: sub_id, out: out.clone(), format, last_seq, pending: None });
-            metrics::add(&self.metrics.subscriptions_current, 1);
-            return Ok(Granted { sub_id, epoch, last_seq, resumed: Resumed::Live });
         }
-        let req = self.next_id();
-        local.subs.borrow_mut().push(Subscriber {
-            id: sub_id,
-            out: out.clone(),
-            format,
-            last_seq: 0,
-            pending: Some(Pending { req, reply_id }),
-        });
-        metrics::add(&self.metrics.subscriptions_current, 1);
-        let slot = Slot::default();
-        self.replies.borrow_mut().insert(req, Reply::Subscribe(slot.clone()));
-        self.send(topic.owner_shard(self.shards), Item::Subscribe { topic: topic.clone(), client, from, req });
-        let result = slot.wait().await;
-        if result.is_err() {
-            self.unsubscribe(topic, sub_id);
+        let published = self.broker.borrow_mut().publish(topic, kind, payload, reply, Now::read());
+        self.apply();
+        published
+    }
+
+    /// Waits while the outboxes or the fan-out buffers are over their caps.
+    async fn wait_for_room(&self) {
+        loop {
+            let full = self.broker.borrow().fanout_pending_bytes() > FANOUT_PENDING_BYTES_MAX
+                || self.outboxes.iter().any(|o| o.bytes.get() > OUTBOX_BYTES_MAX);
+            if !full {
+                return;
+            }
+            self.room.wait().await;
         }
-        result.map(|g| Granted { sub_id, ..g })
+    }
+
+    /// Subscribes a connection (see [`Broker::subscribe`]). Resolves once
+    /// the subscription is live: every message sequenced after that
+    /// reaches the connection, after the replay its resume asked for.
+    pub async fn subscribe(self: &Rc<Self>, request: SubscribeRequest) -> Result<Granted, OwnerError> {
+        let subscription = self.broker.borrow_mut().subscribe(request, Now::read());
+        match subscription {
+            Subscription::Live(granted) => {
+                self.apply();
+                Ok(granted)
+            }
+            Subscription::Pending { req } => {
+                // Registered before the actions run: a local owner answers
+                // inside the call.
+                let slot = Slot::default();
+                self.awaited.borrow_mut().insert(req, Awaited::Subscribe(slot.clone()));
+                self.apply();
+                slot.wait().await
+            }
+        }
     }
 
     /// Removes a subscription; the last one on this shard tells the owner.
     pub fn unsubscribe(&self, topic: &TopicName, sub_id: u64) {
-        let Some(local) = self.topics.borrow().get(topic).cloned() else { return };
-        let now_empty = {
-            let mut subs = local.subs.borrow_mut();
-            if let Some(at) = subs.iter().position(|s| s.id == sub_id) {
-                // Drops it left unreported are about a topic the connection
-                // left (and may meet again in another epoch): never told.
-                subs.remove(at).out.forget_missed(topic);
-                metrics::sub(&self.metrics.subscriptions_current, 1);
-            }
-            subs.is_empty()
-        };
-        if now_empty {
-            self.topics.borrow_mut().remove(topic);
-            self.send(topic.owner_shard(self.shards), Item::Unsubscribe { topic: topic.clone() });
-        }
+        self.broker.borrow_mut().unsubscribe(topic, sub_id, Now::read());
+        self.apply();
     }
 
     /// Snapshots of every shard, this one included, in shard order, with
@@ -688,7 +634,7 @@ impl Shard {
         for peer in (0..self.shards).filter(|&p| p != self.id) {
             let req = self.next_id();
             let slot = Slot::default();
-            self.replies.borrow_mut().insert(req, Reply::Stats(slot.clone()));
+            self.awaited.borrow_mut().insert(req, Awaited::Stats(slot.clone()));
             self.send(peer, Item::StatsRequest { req, topics: topics.clone() });
             waits.push(slot);
         }
@@ -710,17 +656,12 @@ impl Shard {
     /// (each topic with local subscribers is owned somewhere, so the page's
     /// topics are among the first `limit` local ones).
     fn snapshot(&self, topics: Option<&TopicQuery>) -> ShardStats {
-        let owner = self.owner.borrow();
+        let broker = self.broker.borrow();
+        let owner = broker.owner();
         self.metrics.topics_evicted.set(owner.evicted_total());
         let (owned_topics, local_subscribers) = match topics {
             None => (Vec::new(), Vec::new()),
-            Some(query) => {
-                let local = self.topics.borrow();
-                let matching = local.values().filter(|t| query.matches(t.name.as_str())).collect();
-                let page = query.first_page(matching, |t| t.name.as_str());
-                let counts = page.iter().map(|t| (t.name.as_str().to_string(), t.subs.borrow().len() as u64));
-                (owner.stats_page(query), counts.collect())
-            }
+            Some(query) => (owner.stats_page(query), broker.local_subscribers(query)),
         };
         ShardStats {
             shard: self.id,
@@ -731,248 +672,6 @@ impl Shard {
             local_subscribers,
         }
     }
-
-    /// Sequences a message on this (owner) shard and routes it to every
-    /// subscribing shard.
-    fn sequence(&self, topic: &TopicName, kind: PayloadKind, payload: Bytes) -> Result<u64, OwnerError> {
-        let len = payload.len() as u64;
-        let (message, mask) = self.owner.borrow_mut().publish(topic, kind, payload, Instant::now())?;
-        metrics::add(&self.metrics.messages_published, 1);
-        metrics::add(&self.metrics.bytes_published, len);
-        let seq = message.seq;
-        for shard in (0..self.shards).filter(|s| mask & (1 << s) != 0) {
-            self.send(shard, Item::Deliver { topic: topic.clone(), message: message.clone() });
-        }
-        Ok(seq)
-    }
-
-    /// Routes an item: handled at once for this shard, else queued in the
-    /// peer's outbox for the next batch.
-    fn send(&self, shard: usize, item: Item) {
-        if shard == self.id {
-            self.handle(shard, item);
-            return;
-        }
-        let outbox = &self.outboxes[shard];
-        outbox.bytes.set(outbox.bytes.get() + item.cost_bytes());
-        outbox.items.borrow_mut().push(item);
-        outbox.wake.notify();
-    }
-
-    /// Handles one item from shard `from` (possibly this shard).
-    fn handle(&self, from: usize, item: Item) {
-        match item {
-            Item::Publish { topic, kind, payload, req } => {
-                let result = self.sequence(&topic, kind, payload);
-                self.send(from, Item::PublishDone { req, result });
-            }
-            Item::Subscribe { topic, client, from: resume, req } => {
-                let result = self.owner.borrow_mut().subscribe(&topic, from, client, resume, Instant::now());
-                self.send(from, Item::SubscribeDone { topic, req, result });
-            }
-            Item::Unsubscribe { topic } => self.owner.borrow_mut().unsubscribe(&topic, from, Instant::now()),
-            Item::Deliver { topic, message } => self.deliver(&topic, message),
-            Item::SubscribeDone { topic, req, result } => self.granted(&topic, req, result),
-            Item::PublishDone { req, result } => {
-                let reply = self.replies.borrow_mut().remove(&req);
-                if let Some(Reply::Publish(done, _permit)) = reply {
-                    done.complete(result);
-                }
-            }
-            Item::StatsRequest { req, topics } => {
-                self.stats_requests.borrow_mut().push(StatsWanted { from, req, topics });
-                self.stats_wake.notify();
-            }
-            Item::StatsReply { req, stats } => {
-                if let Some(Reply::Stats(slot)) = self.replies.borrow_mut().remove(&req) {
-                    slot.set(*stats);
-                }
-            }
-            Item::Handoff(handoff) => match self.links.receive(from, handoff.seq) {
-                Ok(fd) => {
-                    self.handoffs.borrow_mut().push(Adoption { fd, handoff: *handoff });
-                    self.handoff_wake.notify();
-                }
-                // This table is full (EMFILE), or the record is gone: the
-                // client sees the connection close before its 101.
-                Err(e) => tracing::warn!(shard = self.id, from, "handed-off socket not received: {e}"),
-            },
-        }
-    }
-
-    /// Ingress side of the dual buffer.
-    fn deliver(&self, topic: &TopicName, message: Message) {
-        let Some(local) = self.topics.borrow().get(topic).cloned() else { return };
-        if message.seq <= local.last_seq.get() {
-            return;
-        }
-        local.last_seq.set(message.seq);
-        self.fanout_pending_bytes.set(self.fanout_pending_bytes.get() + message.payload.len());
-        local.fill.borrow_mut().push(message);
-        if !local.dirty.replace(true) {
-            self.dirty.borrow_mut().push(local);
-            self.fanout_wake.notify();
-        }
-    }
-
-    /// Applies the owner's grant to the pending subscriber `req`: queue the
-    /// native reply, then the replay, then go live.
-    fn granted(&self, topic: &TopicName, req: u64, result: Result<Grant, OwnerError>) {
-        let reply = self.replies.borrow_mut().remove(&req);
-        let Some(Reply::Subscribe(slot)) = reply else { return };
-        let grant = match result {
-            Ok(grant) => grant,
-            Err(e) => return slot.set(Err(e)),
-        };
-        let local = self.topics.borrow().get(topic).cloned();
-        if let Some(local) = local {
-            if local.last_seq.get() < grant.last_seq {
-                local.last_seq.set(grant.last_seq);
-            }
-            local.epoch.set(Some(grant.epoch));
-            let mut subs = local.subs.borrow_mut();
-            if let Some(sub) = subs.iter_mut().find(|s| s.pending.is_some_and(|p| p.req == req)) {
-                if let Some(Pending { reply_id: Some(id), .. }) = sub.pending {
-                    sub.out.offer_control(native::reply_ok(id, grant_reply(topic, &grant)));
-                }
-                for message in &grant.replay {
-                    let frame = Frame::data(encode(sub.format, topic, message), message.published_at);
-                    self.offered(&sub.out, sub.out.offer_data(&frame, topic, message.seq));
-                }
-                // A listed replay is written by the fan-out task's next flush.
-                self.fanout_wake.notify();
-                sub.last_seq = grant.last_seq;
-                sub.pending = None;
-            }
-        }
-        slot.set(Ok(Granted { sub_id: 0, epoch: grant.epoch, last_seq: grant.last_seq, resumed: grant.resumed }));
-    }
-
-    fn local_topic(&self, topic: &TopicName) -> Rc<LocalTopic> {
-        self.topics
-            .borrow_mut()
-            .entry(topic.clone())
-            .or_insert_with(|| {
-                Rc::new(LocalTopic {
-                    name: topic.clone(),
-                    last_seq: Cell::new(0),
-                    epoch: Cell::new(None),
-                    subs: RefCell::default(),
-                    fill: RefCell::default(),
-                    drain: RefCell::default(),
-                    dirty: Cell::new(false),
-                })
-            })
-            .clone()
-    }
-
-    async fn wait_for_room(&self) {
-        loop {
-            let full = self.fanout_pending_bytes.get() > FANOUT_PENDING_BYTES_MAX
-                || self.outboxes.iter().any(|o| o.bytes.get() > OUTBOX_BYTES_MAX);
-            if !full {
-                return;
-            }
-            self.room.wait().await;
-        }
-    }
-
-    async fn ingress(self: Rc<Self>, peer: usize, receiver: ConnectedReceiver<Batch>) {
-        while let Some(batch) = receiver.recv().await {
-            for item in batch {
-                self.handle(peer, item);
-            }
-            // Backpressure: stop taking batches while fan-out is behind.
-            while self.fanout_pending_bytes.get() > FANOUT_PENDING_BYTES_MAX {
-                self.room.wait().await;
-            }
-        }
-    }
-
-    async fn flusher(self: Rc<Self>, peer: usize) {
-        let Some(senders) = &self.senders else { return };
-        let outbox = &self.outboxes[peer];
-        loop {
-            if outbox.items.borrow().is_empty() {
-                outbox.wake.wait().await;
-                continue;
-            }
-            let batch = std::mem::take(&mut *outbox.items.borrow_mut());
-            let cost: usize = batch.iter().map(Item::cost_bytes).sum();
-            if senders.send_to(peer, batch).await.is_err() {
-                return; // the peer is gone: shutdown
-            }
-            outbox.bytes.set(outbox.bytes.get().saturating_sub(cost));
-            self.room.notify();
-        }
-    }
-
-    /// The fan-out task: drains dirty topics into subscriber queues.
-    /// Writes are flushed before every yield, so a long pass over many
-    /// topics does not hold the first topics' frames until its end.
-    async fn fanout(self: Rc<Self>) {
-        loop {
-            let dirty = std::mem::take(&mut *self.dirty.borrow_mut());
-            if dirty.is_empty() && self.flush_list.borrow().is_empty() {
-                self.fanout_wake.wait().await;
-                continue;
-            }
-            for topic in dirty {
-                self.drain_topic(&topic);
-                if glommio::executor().need_preempt() {
-                    self.flush_direct();
-                    glommio::yield_if_needed().await;
-                }
-            }
-            self.flush_direct();
-            self.room.notify();
-        }
-    }
-
-    fn drain_topic(&self, topic: &LocalTopic) {
-        topic.dirty.set(false);
-        let mut drain = topic.drain.borrow_mut();
-        std::mem::swap(&mut *drain, &mut *topic.fill.borrow_mut());
-        let mut subs = topic.subs.borrow_mut();
-        let mut bytes = 0;
-        for message in drain.drain(..) {
-            bytes += message.payload.len();
-            self.fan_out(&topic.name, &mut subs, &message);
-        }
-        self.fanout_pending_bytes.set(self.fanout_pending_bytes.get().saturating_sub(bytes));
-    }
-
-    /// Queues one message to every live subscriber that has not had it,
-    /// framed at most once per format on this shard and shared by all.
-    fn fan_out(&self, topic: &TopicName, subs: &mut [Subscriber], message: &Message) {
-        let mut frames: [Option<Rc<Frame>>; 3] = [None, None, None];
-        for sub in subs.iter_mut().filter(|s| s.pending.is_none() && message.seq > s.last_seq) {
-            let frame = frames[sub.format as usize]
-                .get_or_insert_with(|| Frame::data(encode(sub.format, topic, message), message.published_at));
-            self.offered(&sub.out, sub.out.offer_data(frame, topic, message.seq));
-            sub.last_seq = message.seq;
-        }
-    }
-}
-
-/// The native subscribe reply's fields: where the topic stands, and what of
-/// the resume cannot be had (`gap`: evicted from history; `lost`: another
-/// sequence space, nothing after `from_seq` can be recovered).
-fn grant_reply(topic: &TopicName, grant: &Grant) -> serde_json::Value {
-    let mut extra = serde_json::json!({
-        "topic": topic.as_str(),
-        "epoch": grant.epoch.to_string(),
-        "last_seq": grant.last_seq,
-        "first_seq": grant.first_seq,
-    });
-    match grant.resumed {
-        Resumed::Live | Resumed::Replayed { gap: None } => {}
-        Resumed::Replayed { gap: Some(gap) } => {
-            extra["gap"] = serde_json::json!({ "from_seq": gap.from_seq, "to_seq": gap.to_seq });
-        }
-        Resumed::Lost(why) => extra["lost"] = serde_json::json!({ "reason": why.as_str() }),
-    }
-    extra
 }
 
 /// A seed for this process's topic epochs: the wall clock's nanoseconds,
@@ -982,13 +681,4 @@ fn epoch_seed(shard: usize) -> u64 {
     let nanos =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
     nanos ^ (u64::from(std::process::id()) << 32) ^ ((shard as u64) << 56)
-}
-
-/// Frames a message for a subscriber format.
-fn encode(format: Format, topic: &TopicName, message: &Message) -> Bytes {
-    match format {
-        Format::Raw => ws::encode_data(message.kind, &message.payload),
-        Format::Legacy => ws::encode_data(PayloadKind::Binary, &message.payload),
-        Format::Native => native::encode_message(topic, message),
-    }
 }

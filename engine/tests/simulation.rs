@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use fluxnode::config::SlowConsumerPolicy;
 use fluxnode::limits::CONTROL_SLACK_BYTES;
-use fluxnode::message::PayloadKind;
+use fluxnode::message::{Now, PayloadKind};
 use fluxnode::outbound::{Frame, Offer, Outbound};
 use fluxnode::owner::{Epoch, Owner, OwnerLimits, ResumeFrom, Resumed};
 use fluxnode::topic::TopicName;
@@ -231,7 +231,7 @@ impl Sim {
         let now = self.now();
         let padding = Bytes::from(vec![0u8; self.rng.below(151)]);
         let owner = &mut self.owners[name.owner_shard(SHARDS)];
-        let Ok((message, _)) = owner.publish(&name, PayloadKind::Binary, padding, now) else {
+        let Ok((message, _)) = owner.publish(&name, PayloadKind::Binary, padding, Now { at: now, unix_ms: 0 }) else {
             return Ok(()); // every topic of the shard has subscribers: refused
         };
         let epoch = owner.stat(&name).expect("just published").epoch;

@@ -1,0 +1,638 @@
+//! The broker: one shard's data-plane decisions, as a plain state machine.
+//!
+//! It sequences the topics its shard owns (through [`Owner`]), keeps the
+//! topics its shard's connections subscribe to, frames each message once
+//! per format and offers it to the subscribers' send queues ([`Outbound`],
+//! itself sans-IO), and answers subscribes and publishes. Inputs are method
+//! calls with the time ([`Now`]); what the shell must carry out comes back
+//! as [`Action`]s from [`Broker::take_actions`]: send an item to shard k,
+//! write a queue that is in direct mode, complete a publish or a subscribe a
+//! task awaits, notice that room was made. No runtime, socket or clock lives
+//! here, so the simulation (`tests/simulation.rs`) drives several brokers
+//! exactly as the shards do.
+//!
+//! Messages for another shard are [`Item`]s; the shell batches them over
+//! the channel mesh and hands what arrives to [`Broker::handle`]. Items for
+//! this shard itself are handled at once, inside the call that made them.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::rc::Rc;
+
+use bytes::Bytes;
+
+use crate::limits::ITEM_OVERHEAD_BYTES;
+use crate::message::{Message, Now, PayloadKind};
+use crate::metrics::{self, Metrics};
+use crate::native;
+use crate::outbound::{Frame, Offer, Outbound};
+use crate::owner::{Epoch, Grant, Owner, OwnerError, ResumeFrom, Resumed};
+use crate::topic::{TopicName, TopicQuery};
+use crate::ws;
+
+/// What one shard's broker tells another's.
+#[derive(Debug)]
+pub enum Item {
+    /// Sequence this message (to the owner).
+    Publish { topic: TopicName, kind: PayloadKind, payload: Bytes, req: u64 },
+    /// The owner's answer to `Publish`: the assigned sequence.
+    PublishDone { req: u64, result: Result<u64, OwnerError> },
+    /// Register the sending shard for a topic, for a subscriber at `client`
+    /// (to the owner).
+    Subscribe { topic: TopicName, client: IpAddr, from: Option<ResumeFrom>, req: u64 },
+    /// The owner's answer to `Subscribe`.
+    SubscribeDone { topic: TopicName, req: u64, result: Result<Grant, OwnerError> },
+    /// The sending shard has no subscribers left for a topic (to the owner).
+    Unsubscribe { topic: TopicName },
+    /// A sequenced message for the receiving shard's subscribers.
+    Deliver { topic: TopicName, message: Message },
+}
+
+impl Item {
+    /// What the item costs a bounded outbox: its payload bytes plus a
+    /// fixed overhead.
+    pub fn cost_bytes(&self) -> usize {
+        ITEM_OVERHEAD_BYTES
+            + match self {
+                Item::Publish { payload, .. } => payload.len(),
+                Item::Deliver { message, .. } => message.payload.len(),
+                Item::SubscribeDone { result: Ok(g), .. } => g.replay.iter().map(|m| m.payload.len()).sum(),
+                _ => 0,
+            }
+    }
+}
+
+/// What the shell must carry out.
+#[derive(Debug)]
+pub enum Action {
+    /// Queue `item` for shard `to` (never this shard).
+    Send { to: usize, item: Item },
+    /// A queue in direct mode got frames: write it (one non-blocking send)
+    /// before the shard yields. Listed once until written.
+    Flush(Rc<Outbound>),
+    /// The owner answered a publish made with [`PublishReply::Caller`].
+    Published { req: u64, result: Result<u64, OwnerError> },
+    /// A subscribe answered later ([`Subscription::Pending`]) went live, or
+    /// was refused (the subscriber is then gone).
+    Subscribed { req: u64, result: Result<Granted, OwnerError> },
+    /// Publishes in flight to an owner were answered: callers waiting for
+    /// [`Broker::remote_room`] may go on.
+    Room,
+    /// A topic has deliveries waiting and none had before: call
+    /// [`Broker::fan_out_next`] until it says there are no more.
+    FanOut,
+}
+
+/// How a subscriber wants messages framed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Format {
+    /// Raw topic socket: payload verbatim, opcode as published.
+    Raw = 0,
+    /// Original RayFlux `/subscribe`: payload verbatim, always binary.
+    Legacy = 1,
+    /// Native protocol envelope.
+    Native = 2,
+}
+
+/// What a subscriber learns when its subscription is granted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Granted {
+    /// Subscription id, for unsubscribe.
+    pub sub_id: u64,
+    /// The topic's sequence space.
+    pub epoch: Epoch,
+    /// Last sequence at the moment the subscription went live.
+    pub last_seq: u64,
+    /// What of the resume the client asked for it cannot get.
+    pub resumed: Resumed,
+}
+
+/// Where the answer to a publish goes. Pipelined publishes let one
+/// connection have many in flight (the channel to the owner is FIFO, so
+/// they keep their order).
+#[derive(Debug)]
+pub enum PublishReply {
+    /// Nothing on success; close the connection (1013) on error. Raw topic
+    /// sockets, whose protocol has no replies.
+    CloseOnError(Rc<Outbound>),
+    /// Queue the native reply for request `id`.
+    Native { out: Rc<Outbound>, id: u64 },
+    /// The caller awaits it: [`Published::Later`], then
+    /// [`Action::Published`].
+    Caller,
+}
+
+impl PublishReply {
+    /// Carries out the answer; false for `Caller`, whose answer is not
+    /// delivered here.
+    fn complete(&self, result: Result<u64, OwnerError>) -> bool {
+        match (self, result) {
+            (PublishReply::CloseOnError(_), Ok(_)) => {}
+            (PublishReply::CloseOnError(out), Err(e)) => out.close(ws::close_code::TRY_AGAIN_LATER, &e.to_string()),
+            (PublishReply::Native { out, id }, Ok(seq)) => {
+                out.offer_control(native::reply_ok(*id, serde_json::json!({ "seq": seq })));
+            }
+            (PublishReply::Native { out, id }, Err(e)) => {
+                out.offer_control(native::reply_error(Some(*id), e.code(), &e.to_string()));
+            }
+            (PublishReply::Caller, _) => return false,
+        }
+        true
+    }
+}
+
+/// What [`Broker::publish`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Published {
+    /// Sequenced here (this shard owns the topic).
+    Now(Result<u64, OwnerError>),
+    /// Sent to the owner; a `Caller` reply comes as [`Action::Published`]
+    /// with this `req`.
+    Later { req: u64 },
+}
+
+/// A connection's subscribe.
+#[derive(Debug)]
+pub struct SubscribeRequest {
+    /// The topic.
+    pub topic: TopicName,
+    /// The connection's send queue.
+    pub out: Rc<Outbound>,
+    /// The connection's client address (charged for the topic if this
+    /// subscription makes it subscribed).
+    pub client: IpAddr,
+    /// How it wants messages framed.
+    pub format: Format,
+    /// Where to resume, if anywhere.
+    pub from: Option<ResumeFrom>,
+    /// The native request to answer before any message, if any.
+    pub reply_id: Option<u64>,
+}
+
+/// What [`Broker::subscribe`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Subscription {
+    /// Live at once: the topic is live on this shard and no resume was
+    /// asked for.
+    Live(Granted),
+    /// Asked of the owner; the answer comes as [`Action::Subscribed`].
+    Pending { req: u64 },
+}
+
+/// A subscription waiting for its owner's grant.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Pending {
+    /// The request id the grant answers.
+    req: u64,
+    /// The native request id to answer first, if any.
+    reply_id: Option<u64>,
+}
+
+/// A subscriber of a local topic.
+#[derive(Debug)]
+struct Subscriber {
+    /// Shard-unique id.
+    id: u64,
+    /// The connection's send queue.
+    out: Rc<Outbound>,
+    /// Framing.
+    format: Format,
+    /// Last sequence queued to it; later deliveries only.
+    last_seq: u64,
+    /// Set until the owner's grant arrives.
+    pending: Option<Pending>,
+}
+
+/// A topic with subscribers on this shard.
+#[derive(Debug)]
+struct LocalTopic {
+    /// Topic name.
+    name: TopicName,
+    /// Last sequence received by this shard for this topic.
+    last_seq: u64,
+    /// The topic's sequence space, once a grant told this shard.
+    epoch: Option<Epoch>,
+    /// Subscribers, in subscription order.
+    subs: Vec<Subscriber>,
+    /// Deliveries not yet fanned out; keeps its capacity.
+    fill: Vec<Message>,
+    /// Whether the topic is in the dirty list.
+    dirty: bool,
+}
+
+/// A request this shard awaits from an owner.
+#[derive(Debug)]
+enum Waiting {
+    /// A publish, its reply, and what it holds of the in-flight budget.
+    Publish { reply: PublishReply, owner: usize, cost: usize },
+    /// A subscribe; the subscriber is pending in its local topic.
+    Subscribe,
+}
+
+/// The bounds a broker keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BrokerLimits {
+    /// Bytes of publishes in flight to one owner shard (`remote_room`).
+    pub publish_bytes_in_flight_max: usize,
+}
+
+/// One shard's broker.
+#[derive(Debug)]
+pub struct Broker {
+    /// This shard.
+    id: usize,
+    /// Number of shards.
+    shards: usize,
+    /// Bounds.
+    limits: BrokerLimits,
+    /// Topics this shard owns.
+    owner: Owner,
+    /// Local topics by name: the index of their slot.
+    topics: HashMap<TopicName, usize, ahash::RandomState>,
+    /// Local topics; `None` is a free slot (listed in `free`).
+    slots: Vec<Option<LocalTopic>>,
+    /// Free slots.
+    free: Vec<usize>,
+    /// Slots of topics with deliveries not yet fanned out.
+    dirty: Vec<usize>,
+    /// Payload bytes in fill buffers.
+    fanout_pending_bytes: usize,
+    /// Requests awaiting an owner's answer, by request id.
+    waiting: HashMap<u64, Waiting, ahash::RandomState>,
+    /// Bytes of publishes in flight, per owner shard.
+    in_flight: Vec<usize>,
+    /// Next request or subscription id.
+    next_id: u64,
+    /// What the shell must carry out.
+    actions: Vec<Action>,
+    /// This shard's counters.
+    metrics: Rc<Metrics>,
+}
+
+impl Broker {
+    /// A broker for shard `id` of `shards`, owning through `owner`.
+    pub fn new(id: usize, shards: usize, owner: Owner, limits: BrokerLimits, metrics: Rc<Metrics>) -> Broker {
+        Broker {
+            id,
+            shards,
+            limits,
+            owner,
+            topics: HashMap::default(),
+            slots: Vec::new(),
+            free: Vec::new(),
+            dirty: Vec::new(),
+            fanout_pending_bytes: 0,
+            waiting: HashMap::default(),
+            in_flight: vec![0; shards],
+            next_id: 1,
+            actions: Vec::new(),
+            metrics,
+        }
+    }
+
+    /// Moves what the shell must carry out into `into` (emptied first).
+    pub fn take_actions(&mut self, into: &mut Vec<Action>) {
+        into.clear();
+        std::mem::swap(into, &mut self.actions);
+    }
+
+    /// A fresh shard-unique id.
+    pub fn next_id(&mut self) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        id
+    }
+
+    /// Whether a publish of `payload_len` bytes to `topic` may be sent to
+    /// its owner now; always true when this shard owns it.
+    pub fn remote_room(&self, topic: &TopicName, payload_len: usize) -> bool {
+        let owner = topic.owner_shard(self.shards);
+        owner == self.id
+            || self.in_flight[owner] == 0
+            || self.in_flight[owner] + payload_len + ITEM_OVERHEAD_BYTES <= self.limits.publish_bytes_in_flight_max
+    }
+
+    /// Publishes a message: sequenced at once when this shard owns the
+    /// topic, else sent to the owner (even past `remote_room`: the shell
+    /// asks first). `reply` is completed here, except a `Caller`'s.
+    pub fn publish(
+        &mut self,
+        topic: TopicName,
+        kind: PayloadKind,
+        payload: Bytes,
+        reply: PublishReply,
+        now: Now,
+    ) -> Published {
+        let owner = topic.owner_shard(self.shards);
+        if owner == self.id {
+            let result = self.sequence(&topic, kind, payload, now);
+            reply.complete(result);
+            return Published::Now(result);
+        }
+        let req = self.next_id();
+        let cost = payload.len() + ITEM_OVERHEAD_BYTES;
+        self.in_flight[owner] += cost;
+        self.waiting.insert(req, Waiting::Publish { reply, owner, cost });
+        self.send(owner, Item::Publish { topic, kind, payload, req }, now);
+        Published::Later { req }
+    }
+
+    /// Subscribes a connection of this shard. Live at once when the topic is live here and `from` is
+    /// `None`; otherwise asks the owner, which answers with the resume's
+    /// replay. With `reply_id`, the native ok reply is queued before any
+    /// message.
+    pub fn subscribe(&mut self, request: SubscribeRequest, now: Now) -> Subscription {
+        let SubscribeRequest { topic, out, client, format, from, reply_id } = request;
+        let topic = &topic;
+        let sub_id = self.next_id();
+        let slot = self.local_topic(topic);
+        let Some(local) = self.slots[slot].as_mut() else { unreachable!("local_topic returns a used slot") };
+        let live = local.subs.iter().any(|s| s.pending.is_none());
+        metrics::add(&self.metrics.subscriptions_current, 1);
+        if let (true, None, Some(epoch)) = (live, from, local.epoch) {
+            let last_seq = local.last_seq;
+            if let Some(id) = reply_id {
+                out.offer_control(native::reply_ok(
+                    id,
+                    serde_json::json!({ "topic": topic.as_str(), "epoch": epoch.to_string(), "last_seq": last_seq }),
+                ));
+            }
+            local.subs.push(Subscriber { id: sub_id, out: out.clone(), format, last_seq, pending: None });
+            return Subscription::Live(Granted { sub_id, epoch, last_seq, resumed: Resumed::Live });
+        }
+        let req = sub_id;
+        local.subs.push(Subscriber {
+            id: sub_id,
+            out: out.clone(),
+            format,
+            last_seq: 0,
+            pending: Some(Pending { req, reply_id }),
+        });
+        self.waiting.insert(req, Waiting::Subscribe);
+        let owner = topic.owner_shard(self.shards);
+        self.send(owner, Item::Subscribe { topic: topic.clone(), client, from, req }, now);
+        Subscription::Pending { req }
+    }
+
+    /// Removes a subscription; the last one on this shard tells the owner.
+    pub fn unsubscribe(&mut self, topic: &TopicName, sub_id: u64, now: Now) {
+        let Some(&slot) = self.topics.get(topic) else { return };
+        let Some(local) = self.slots[slot].as_mut() else { return };
+        if let Some(at) = local.subs.iter().position(|s| s.id == sub_id) {
+            let sub = local.subs.remove(at);
+            // Drops it left unreported are about a topic the connection
+            // left (and may meet again in another epoch): never told.
+            sub.out.forget_missed(topic);
+            if let Some(pending) = sub.pending {
+                self.waiting.remove(&pending.req);
+            }
+            metrics::sub(&self.metrics.subscriptions_current, 1);
+        }
+        if local.subs.is_empty() {
+            self.free_local(slot);
+            let owner = topic.owner_shard(self.shards);
+            self.send(owner, Item::Unsubscribe { topic: topic.clone() }, now);
+        }
+    }
+
+    /// Handles an item from shard `from` (possibly this one).
+    pub fn handle(&mut self, from: usize, item: Item, now: Now) {
+        match item {
+            Item::Publish { topic, kind, payload, req } => {
+                let result = self.sequence(&topic, kind, payload, now);
+                self.send(from, Item::PublishDone { req, result }, now);
+            }
+            Item::Subscribe { topic, client, from: resume, req } => {
+                let result = self.owner.subscribe(&topic, from, client, resume, now.at);
+                self.send(from, Item::SubscribeDone { topic, req, result }, now);
+            }
+            Item::Unsubscribe { topic } => self.owner.unsubscribe(&topic, from, now.at),
+            Item::Deliver { topic, message } => self.deliver(&topic, message),
+            Item::SubscribeDone { topic, req, result } => self.granted(&topic, req, result, now),
+            Item::PublishDone { req, result } => {
+                if let Some(Waiting::Publish { reply, owner, cost }) = self.waiting.remove(&req) {
+                    self.in_flight[owner] -= cost;
+                    self.actions.push(Action::Room);
+                    if !reply.complete(result) {
+                        self.actions.push(Action::Published { req, result });
+                    }
+                }
+            }
+        }
+    }
+
+    /// Fans out the next topic with deliveries waiting: each message framed
+    /// once per format in use and offered to every live subscriber that has
+    /// not had it. False when no topic was waiting.
+    pub fn fan_out_next(&mut self) -> bool {
+        let Some(slot) = self.dirty.pop() else { return false };
+        let Some(local) = self.slots[slot].as_mut() else { return true };
+        local.dirty = false;
+        let mut bytes = 0;
+        for message in local.fill.drain(..) {
+            bytes += message.payload.len();
+            let mut frames: [Option<Rc<Frame>>; 3] = [None, None, None];
+            for sub in local.subs.iter_mut().filter(|s| s.pending.is_none() && message.seq > s.last_seq) {
+                let frame = frames[sub.format as usize].get_or_insert_with(|| {
+                    Frame::data(encode(sub.format, &local.name, &message), message.published_at)
+                });
+                let offer = sub.out.offer_data(frame, &local.name, message.seq);
+                offered(&mut self.actions, &self.metrics, &sub.out, offer);
+                sub.last_seq = message.seq;
+            }
+        }
+        self.fanout_pending_bytes -= bytes;
+        true
+    }
+
+    /// Whether some topic has deliveries waiting for [`Broker::fan_out_next`].
+    pub fn has_fan_out(&self) -> bool {
+        !self.dirty.is_empty()
+    }
+
+    /// Payload bytes delivered here and not yet fanned out.
+    pub fn fanout_pending_bytes(&self) -> usize {
+        self.fanout_pending_bytes
+    }
+
+    /// The topics this shard owns.
+    pub fn owner(&self) -> &Owner {
+        &self.owner
+    }
+
+    /// Local subscriber counts of the first `query.limit` local topics
+    /// that match it, in name order.
+    pub fn local_subscribers(&self, query: &TopicQuery) -> Vec<(String, u64)> {
+        let matching = self.slots.iter().flatten().filter(|t| query.matches(t.name.as_str())).collect();
+        let page = query.first_page(matching, |t| t.name.as_str());
+        page.iter().map(|t| (t.name.as_str().to_string(), t.subs.len() as u64)).collect()
+    }
+
+    /// Local topics and their subscribers, for checks.
+    pub fn local_topics(&self) -> impl Iterator<Item = (&TopicName, usize)> {
+        self.slots.iter().flatten().map(|t| (&t.name, t.subs.len()))
+    }
+
+    /// Bytes of publishes in flight to each owner shard.
+    pub fn in_flight_bytes(&self) -> &[usize] {
+        &self.in_flight
+    }
+
+    /// Sequences a message on this (owner) shard and routes it to every
+    /// subscribing shard.
+    fn sequence(&mut self, topic: &TopicName, kind: PayloadKind, payload: Bytes, now: Now) -> Result<u64, OwnerError> {
+        let len = payload.len() as u64;
+        let (message, mask) = self.owner.publish(topic, kind, payload, now)?;
+        metrics::add(&self.metrics.messages_published, 1);
+        metrics::add(&self.metrics.bytes_published, len);
+        let seq = message.seq;
+        for shard in (0..self.shards).filter(|s| mask & (1 << s) != 0) {
+            self.send(shard, Item::Deliver { topic: topic.clone(), message: message.clone() }, now);
+        }
+        Ok(seq)
+    }
+
+    /// Routes an item: handled at once for this shard, else an action.
+    fn send(&mut self, to: usize, item: Item, now: Now) {
+        if to == self.id {
+            self.handle(to, item, now);
+        } else {
+            self.actions.push(Action::Send { to, item });
+        }
+    }
+
+    /// Appends a delivery to its local topic's fill buffer.
+    fn deliver(&mut self, topic: &TopicName, message: Message) {
+        let Some(&slot) = self.topics.get(topic) else { return };
+        let Some(local) = self.slots[slot].as_mut() else { return };
+        if message.seq <= local.last_seq {
+            return;
+        }
+        local.last_seq = message.seq;
+        self.fanout_pending_bytes += message.payload.len();
+        local.fill.push(message);
+        if !local.dirty {
+            local.dirty = true;
+            if self.dirty.is_empty() {
+                self.actions.push(Action::FanOut);
+            }
+            self.dirty.push(slot);
+        }
+    }
+
+    /// Applies the owner's answer to the pending subscriber `req`: queue the
+    /// native reply, then the replay, then go live; or remove it.
+    fn granted(&mut self, topic: &TopicName, req: u64, result: Result<Grant, OwnerError>, now: Now) {
+        if self.waiting.remove(&req).is_none() {
+            return; // the subscriber left before the answer
+        }
+        let slot = self.topics.get(topic).copied();
+        let local = slot.and_then(|s| self.slots[s].as_mut());
+        let Some(local) = local else { return };
+        let Some(at) = local.subs.iter().position(|s| s.pending.is_some_and(|p| p.req == req)) else { return };
+        let grant = match result {
+            Ok(grant) => grant,
+            Err(e) => {
+                let sub_id = local.subs[at].id;
+                self.unsubscribe(topic, sub_id, now);
+                self.actions.push(Action::Subscribed { req, result: Err(e) });
+                return;
+            }
+        };
+        local.last_seq = local.last_seq.max(grant.last_seq);
+        local.epoch = Some(grant.epoch);
+        let sub = &mut local.subs[at];
+        if let Some(Pending { reply_id: Some(id), .. }) = sub.pending {
+            sub.out.offer_control(native::reply_ok(id, grant_reply(topic, &grant)));
+        }
+        for message in &grant.replay {
+            let frame = Frame::data(encode(sub.format, topic, message), message.published_at);
+            let offer = sub.out.offer_data(&frame, topic, message.seq);
+            offered(&mut self.actions, &self.metrics, &sub.out, offer);
+        }
+        sub.last_seq = grant.last_seq;
+        sub.pending = None;
+        let granted = Granted { sub_id: sub.id, epoch: grant.epoch, last_seq: grant.last_seq, resumed: grant.resumed };
+        self.actions.push(Action::Subscribed { req, result: Ok(granted) });
+    }
+
+    /// The slot of `topic`'s local state, made if missing.
+    fn local_topic(&mut self, topic: &TopicName) -> usize {
+        if let Some(&slot) = self.topics.get(topic) {
+            return slot;
+        }
+        let local = LocalTopic {
+            name: topic.clone(),
+            last_seq: 0,
+            epoch: None,
+            subs: Vec::new(),
+            fill: Vec::new(),
+            dirty: false,
+        };
+        let slot = match self.free.pop() {
+            Some(slot) => {
+                self.slots[slot] = Some(local);
+                slot
+            }
+            None => {
+                self.slots.push(Some(local));
+                self.slots.len() - 1
+            }
+        };
+        self.topics.insert(topic.clone(), slot);
+        slot
+    }
+
+    /// Frees a local topic's slot, with any deliveries it still held.
+    fn free_local(&mut self, slot: usize) {
+        if let Some(local) = self.slots[slot].take() {
+            self.topics.remove(&local.name);
+            self.fanout_pending_bytes -= local.fill.iter().map(|m| m.payload.len()).sum::<usize>();
+            // A stale entry in `dirty` finds the slot empty, or reused by a
+            // topic whose own deliveries it then fans out early: harmless.
+            self.free.push(slot);
+        }
+    }
+}
+
+/// Counts an offer and lists a direct-mode queue for the next flush.
+fn offered(actions: &mut Vec<Action>, metrics: &Metrics, out: &Rc<Outbound>, offer: Offer) {
+    match offer {
+        Offer::Queued | Offer::Closed => {}
+        Offer::Flush => actions.push(Action::Flush(out.clone())),
+        Offer::Dropped => metrics::add(&metrics.messages_dropped, 1),
+        Offer::Disconnected => {
+            metrics::add(&metrics.slow_consumer_disconnects, 1);
+            tracing::warn!("slow consumer disconnected (send queue over its cap)");
+        }
+    }
+}
+
+/// The native subscribe reply's fields: where the topic stands, and what of
+/// the resume cannot be had (`gap`: evicted from history; `lost`: another
+/// sequence space, nothing after `from_seq` can be recovered).
+fn grant_reply(topic: &TopicName, grant: &Grant) -> serde_json::Value {
+    let mut extra = serde_json::json!({
+        "topic": topic.as_str(),
+        "epoch": grant.epoch.to_string(),
+        "last_seq": grant.last_seq,
+        "first_seq": grant.first_seq,
+    });
+    match grant.resumed {
+        Resumed::Live | Resumed::Replayed { gap: None } => {}
+        Resumed::Replayed { gap: Some(gap) } => {
+            extra["gap"] = serde_json::json!({ "from_seq": gap.from_seq, "to_seq": gap.to_seq });
+        }
+        Resumed::Lost(why) => extra["lost"] = serde_json::json!({ "reason": why.as_str() }),
+    }
+    extra
+}
+
+/// Frames a message for a subscriber format.
+fn encode(format: Format, topic: &TopicName, message: &Message) -> Bytes {
+    match format {
+        Format::Raw => ws::encode_data(message.kind, &message.payload),
+        Format::Legacy => ws::encode_data(PayloadKind::Binary, &message.payload),
+        Format::Native => native::encode_message(topic, message),
+    }
+}
