@@ -26,7 +26,7 @@ use crate::message::{Message, Now, PayloadKind};
 use crate::metrics::{self, Metrics};
 use crate::native;
 use crate::outbound::{Frame, Offer, Outbound};
-use crate::owner::{Epoch, Grant, Owner, OwnerError, ResumeFrom, Resumed};
+use crate::owner::{Epoch, Grant, Owner, OwnerError, ResumeFrom, Resumed, Sequenced};
 use crate::topic::{TopicName, TopicQuery};
 use crate::ws;
 
@@ -44,8 +44,9 @@ pub enum Item {
     SubscribeDone { topic: TopicName, req: u64, result: Result<Grant, OwnerError> },
     /// The sending shard has no subscribers left for a topic (to the owner).
     Unsubscribe { topic: TopicName },
-    /// A sequenced message for the receiving shard's subscribers.
-    Deliver { topic: TopicName, message: Message },
+    /// A sequenced message for the receiving shard's subscribers, with the
+    /// sequence space its number belongs to.
+    Deliver { topic: TopicName, epoch: Epoch, message: Message },
 }
 
 impl Item {
@@ -175,8 +176,9 @@ pub enum Subscription {
     /// Live at once: the topic is live on this shard and no resume was
     /// asked for.
     Live(Granted),
-    /// Asked of the owner; the answer comes as [`Action::Subscribed`].
-    Pending { req: u64 },
+    /// Asked of the owner; the answer comes as [`Action::Subscribed`] with
+    /// `req`. `sub_id` unsubscribes it meanwhile.
+    Pending { req: u64, sub_id: u64 },
 }
 
 /// A subscription waiting for its owner's grant.
@@ -371,7 +373,7 @@ impl Broker {
         self.waiting.insert(req, Waiting::Subscribe);
         let owner = topic.owner_shard(self.shards);
         self.send(owner, Item::Subscribe { topic: topic.clone(), client, from, req }, now);
-        Subscription::Pending { req }
+        Subscription::Pending { req, sub_id }
     }
 
     /// Removes a subscription; the last one on this shard tells the owner.
@@ -407,7 +409,7 @@ impl Broker {
                 self.send(from, Item::SubscribeDone { topic, req, result }, now);
             }
             Item::Unsubscribe { topic } => self.owner.unsubscribe(&topic, from, now.at),
-            Item::Deliver { topic, message } => self.deliver(&topic, message),
+            Item::Deliver { topic, epoch, message } => self.deliver(&topic, epoch, message),
             Item::SubscribeDone { topic, req, result } => self.granted(&topic, req, result, now),
             Item::PublishDone { req, result } => {
                 if let Some(Waiting::Publish { reply, owner, cost }) = self.waiting.remove(&req) {
@@ -482,12 +484,12 @@ impl Broker {
     /// subscribing shard.
     fn sequence(&mut self, topic: &TopicName, kind: PayloadKind, payload: Bytes, now: Now) -> Result<u64, OwnerError> {
         let len = payload.len() as u64;
-        let (message, mask) = self.owner.publish(topic, kind, payload, now)?;
+        let Sequenced { message, epoch, subscriber_shards } = self.owner.publish(topic, kind, payload, now)?;
         metrics::add(&self.metrics.messages_published, 1);
         metrics::add(&self.metrics.bytes_published, len);
         let seq = message.seq;
-        for shard in (0..self.shards).filter(|s| mask & (1 << s) != 0) {
-            self.send(shard, Item::Deliver { topic: topic.clone(), message: message.clone() }, now);
+        for shard in (0..self.shards).filter(|s| subscriber_shards & (1 << s) != 0) {
+            self.send(shard, Item::Deliver { topic: topic.clone(), epoch, message: message.clone() }, now);
         }
         Ok(seq)
     }
@@ -501,11 +503,16 @@ impl Broker {
         }
     }
 
-    /// Appends a delivery to its local topic's fill buffer.
-    fn deliver(&mut self, topic: &TopicName, message: Message) {
+    /// Appends a delivery to its local topic's fill buffer. A delivery
+    /// from another sequence space than the one this shard's subscribers
+    /// were granted, or before any grant, is stale: it was sent before this
+    /// shard last left the topic, which may since have been made anew (its
+    /// numbers would then shadow the new ones). A grant covers everything
+    /// sequenced before it, so nothing live is lost.
+    fn deliver(&mut self, topic: &TopicName, epoch: Epoch, message: Message) {
         let Some(&slot) = self.topics.get(topic) else { return };
         let Some(local) = self.slots[slot].as_mut() else { return };
-        if message.seq <= local.last_seq {
+        if local.epoch != Some(epoch) || message.seq <= local.last_seq {
             return;
         }
         local.last_seq = message.seq;
@@ -539,8 +546,12 @@ impl Broker {
                 return;
             }
         };
+        if local.epoch != Some(grant.epoch) {
+            // The first grant of this local topic: its sequence space.
+            local.epoch = Some(grant.epoch);
+            local.last_seq = grant.last_seq;
+        }
         local.last_seq = local.last_seq.max(grant.last_seq);
-        local.epoch = Some(grant.epoch);
         let sub = &mut local.subs[at];
         if let Some(Pending { reply_id: Some(id), .. }) = sub.pending {
             sub.out.offer_control(native::reply_ok(id, grant_reply(topic, &grant)));

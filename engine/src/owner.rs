@@ -107,6 +107,17 @@ pub enum Resumed {
     Lost(HistoryLost),
 }
 
+/// A message the owner sequenced, and where it goes.
+#[derive(Debug, Clone)]
+pub struct Sequenced {
+    /// The message, with its sequence number and timestamp.
+    pub message: Message,
+    /// The sequence space the number belongs to.
+    pub epoch: Epoch,
+    /// Bit i set: shard i has subscribers to deliver it to.
+    pub subscriber_shards: u64,
+}
+
 /// What a subscribing shard learns when it registers for a topic.
 #[derive(Debug, Clone)]
 pub struct Grant {
@@ -217,7 +228,7 @@ impl Owner {
         kind: PayloadKind,
         payload: Bytes,
         now: Now,
-    ) -> Result<(Message, u64), OwnerError> {
+    ) -> Result<Sequenced, OwnerError> {
         let t = self.topic_mut(topic, now.at)?;
         t.last_active = now.at;
         t.last_seq += 1;
@@ -229,7 +240,7 @@ impl Owner {
             t.window_start = now.at;
         }
         t.window_count += 1;
-        Ok((message, t.subscriber_shards))
+        Ok(Sequenced { message, epoch: t.epoch, subscriber_shards: t.subscriber_shards })
     }
 
     /// Registers `shard` as subscribing, for a subscriber at `client`, and
@@ -452,12 +463,12 @@ mod tests {
         let mut o = Owner::new(limits(2), 7);
         let t = name("a");
         let now = Instant::now();
-        let (m1, mask) = o.publish(&t, PayloadKind::Text, Bytes::from_static(b"x"), at(now)).expect("publish");
-        assert_eq!((m1.seq, mask), (1, 0));
+        let s1 = o.publish(&t, PayloadKind::Text, Bytes::from_static(b"x"), at(now)).expect("publish");
+        assert_eq!((s1.message.seq, s1.subscriber_shards), (1, 0));
         let g = o.subscribe(&t, 3, A, None, now).expect("subscribe");
         assert_eq!((g.last_seq, g.first_seq, g.replay.len(), g.resumed), (1, 1, 0, Resumed::Live));
-        let (m2, mask) = o.publish(&t, PayloadKind::Text, Bytes::from_static(b"y"), at(now)).expect("publish");
-        assert_eq!((m2.seq, mask), (2, 0b1000));
+        let s2 = o.publish(&t, PayloadKind::Text, Bytes::from_static(b"y"), at(now)).expect("publish");
+        assert_eq!((s2.message.seq, s2.subscriber_shards, s2.epoch), (2, 0b1000, g.epoch));
         let g = o.subscribe(&t, 0, A, from(0, Some(g.epoch)), now).expect("subscribe");
         assert_eq!(g.replay.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![1, 2]);
         assert_eq!(g.resumed, Resumed::Replayed { gap: None });

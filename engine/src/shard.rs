@@ -610,7 +610,7 @@ impl Shard {
                 self.apply();
                 Ok(granted)
             }
-            Subscription::Pending { req } => {
+            Subscription::Pending { req, .. } => {
                 // Registered before the actions run: a local owner answers
                 // inside the call.
                 let slot = Slot::default();

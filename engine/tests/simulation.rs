@@ -1,15 +1,21 @@
-//! A seeded, deterministic simulation of the node's sans-IO decisions: the
-//! sequencers of several shards (`Owner`: sequencing, history, resume,
-//! epochs, eviction) and connections' send queues (`Outbound`: caps, the
-//! `drop` and `disconnect` policies, missed ranges, the peer's close),
-//! driven by random publishes, subscribes, unsubscribes, resumes, stalled
-//! and slow readers, peer closes, disconnects and node restarts. After every
-//! step the invariants are checked:
+//! A seeded, deterministic simulation of the node's brokers: several
+//! shards' [`Broker`]s (sequencing, history, resume, epochs, eviction,
+//! local topics, fan-out, framing, answers) exactly as the shards run them,
+//! the channel mesh between them as per-pair FIFO queues delivered at random
+//! moments, and connections' send queues (`Outbound`: caps, the `drop` and
+//! `disconnect` policies, missed ranges, the peer's close) read by simulated
+//! clients. Driven by random publishes from many publishers, subscribes,
+//! unsubscribes, resumes, fan-out passes, stalled and slow readers, peer
+//! closes, disconnects and node restarts. After every step the invariants
+//! are checked:
 //!
 //! - sequence numbers are contiguous and strictly increasing per topic
 //!   epoch;
 //! - every subscriber sees each epoch's messages in order, without
-//!   duplicates, and only from the epoch its subscription was granted;
+//!   duplicates, only from the epoch its subscription was granted, and each
+//!   publisher's messages to a topic in the order they were published;
+//! - every delivered message was sequenced, with the sequence number its
+//!   envelope says;
 //! - nothing is lost unless it was announced to that subscriber (a
 //!   `dropped` notice, a history gap, or a lost history on resume): checked
 //!   whenever a live connection's queue and pending notices are empty. A
@@ -17,36 +23,37 @@
 //!   the jump in sequence numbers, and resumes from the highest it saw;
 //! - every queue stays within its cap plus one frame and the control slack,
 //!   pending drop ranges within one per topic, every sequencer within its
-//!   topic limit, and no client address keeps more than its share of a
-//!   sequencer's topics subscribed.
-//!
-//! The glue between the two (what `shard.rs` does with a grant and a
-//! delivery) is modelled here in a few lines; it moves into the simulation
-//! proper once the broker is a state machine of its own (issue 11).
+//!   topic limit, no client address above its share of a sequencer's
+//!   topics, publishes in flight within their budget, and the fan-out
+//!   buffers empty once every pass has run.
 //!
 //! `cargo test --test simulation` runs `SIM_SEEDS` seeds (default 200) of
 //! `SIM_STEPS` steps (default 20,000); the ignored `long_run` runs 1,000
 //! seeds of 100,000. A failure names its seed and step: rerun it with
 //! `SIM_SEED=n`.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::net::{IpAddr, Ipv4Addr};
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use fluxnode::broker::{
+    Action, Broker, BrokerLimits, Format, Granted, Item, PublishReply, Published, SubscribeRequest, Subscription,
+};
 use fluxnode::config::SlowConsumerPolicy;
-use fluxnode::limits::CONTROL_SLACK_BYTES;
+use fluxnode::limits::{CONTROL_SLACK_BYTES, ITEM_OVERHEAD_BYTES};
 use fluxnode::message::{Now, PayloadKind};
+use fluxnode::metrics::Metrics;
 use fluxnode::outbound::{Frame, Offer, Outbound};
-use fluxnode::owner::{Epoch, Owner, OwnerLimits, ResumeFrom, Resumed};
+use fluxnode::owner::{Epoch, Owner, OwnerError, OwnerLimits, ResumeFrom, Resumed};
 use fluxnode::topic::TopicName;
 use fluxnode::{native, ws};
 
 /// Topics in play: more than the shards together may hold, so that
 /// eviction happens.
 const TOPICS: usize = 12;
-/// Sequencers (one per simulated shard).
+/// Shards (brokers).
 const SHARDS: usize = 3;
 /// Topics each sequencer may hold.
 const TOPICS_PER_SHARD: usize = 3;
@@ -54,16 +61,23 @@ const TOPICS_PER_SHARD: usize = 3;
 const HISTORY_MESSAGES: usize = 8;
 /// Send-queue cap per connection: a few frames, so that policies trigger.
 const QUEUE_CAP_BYTES: usize = 600;
-/// Largest data frame the simulation makes: header, 17 bytes of identity,
-/// up to 150 bytes of padding.
-const FRAME_BYTES_MAX: usize = 4 + 17 + 150;
+/// Largest data frame the simulation makes: 4 bytes of frame header, a
+/// native binary envelope (type and name length, up to 3 bytes of name, seq
+/// and timestamp), 20 bytes of identity and up to 150 of padding.
+const FRAME_BYTES_MAX: usize = 4 + (2 + 3 + 16) + 20 + 150;
 /// Live connections at most.
 const CONNECTIONS_MAX: usize = 8;
+/// Publishers; publisher p is a connection of shard p % SHARDS (the order
+/// the node keeps is a connection's order).
+const PUBLISHERS: u32 = 4;
 /// Client addresses the connections come from.
 const ADDRESSES: u8 = 2;
 /// Topics one address may keep subscribed in one sequencer: below
 /// `TOPICS_PER_SHARD`, so that the share is reached.
 const CLIENT_PINS_MAX: usize = 2;
+/// Bytes of publishes one shard may have in flight to one owner: a few
+/// messages, so that publishers wait.
+const IN_FLIGHT_MAX: usize = 4 * (ITEM_OVERHEAD_BYTES + 170);
 
 #[test]
 fn seeds() {
@@ -99,9 +113,18 @@ fn run_or_panic(seed: u64, steps: u64) {
     let s = &sim.stats;
     assert!(s.published > 0 && s.delivered > 0, "seed {seed}: nothing happened");
     eprintln!(
-        "seed {seed}: {steps} steps, {} published, {} delivered, {} dropped and announced, {} disconnects, \
-         {} lost histories, {} gaps, {} restarts, {} quiescence checks",
-        s.published, s.delivered, s.announced, s.disconnects, s.lost, s.gaps, s.restarts, s.quiescent
+        "seed {seed}: {steps} steps, {} published ({} through a peer), {} delivered, {} dropped and announced, \
+         {} disconnects, {} lost histories, {} gaps, {} refused, {} restarts, {} quiescence checks",
+        s.published,
+        s.remote,
+        s.delivered,
+        s.announced,
+        s.disconnects,
+        s.lost,
+        s.gaps,
+        s.refused,
+        s.restarts,
+        s.quiescent
     );
 }
 
@@ -133,15 +156,40 @@ struct ClientTopic {
     missing: BTreeSet<u64>,
     /// Sequences the node said this client would not get.
     announced: BTreeSet<u64>,
+    /// Last publisher sequence received, per publisher.
+    publishers: HashMap<u32, u64>,
+}
+
+/// A subscription on the node's side.
+#[derive(Debug, Clone, Copy)]
+enum Sub {
+    /// Waiting for the owner's grant (`req`).
+    Pending { sub_id: u64 },
+    /// Live.
+    Live { sub_id: u64 },
+}
+
+impl Sub {
+    fn id(self) -> u64 {
+        match self {
+            Sub::Pending { sub_id } | Sub::Live { sub_id } => sub_id,
+        }
+    }
 }
 
 /// One connection: the node's side (queue, subscriptions) and the client's.
 struct Conn {
+    /// Its own id, stable while it lives.
+    id: u64,
+    /// The shard that serves it.
+    shard: usize,
     out: Rc<Outbound>,
+    /// How it wants messages framed.
+    format: Format,
     /// The client's address: topics its subscriptions keep are charged to it.
     addr: IpAddr,
-    /// Node side: topic -> last sequence queued (`Subscriber::last_seq`).
-    subs: HashMap<usize, u64>,
+    /// Node side: topic -> its subscription.
+    subs: HashMap<usize, Sub>,
     /// Client side.
     client: HashMap<usize, ClientTopic>,
     /// Topics unsubscribed whose reply the client has not read yet: frames
@@ -153,14 +201,31 @@ struct Conn {
     read_bytes: usize,
 }
 
+/// A subscribe the owner has not answered yet.
+struct Asked {
+    conn: u64,
+    topic: usize,
+    from: Option<ClientTopic>,
+}
+
+/// A message the simulation published: filled in when it is sequenced.
+#[derive(Debug, Clone, Copy)]
+struct Sent {
+    topic: usize,
+    /// Its place, once sequenced.
+    seq: Option<(Epoch, u64)>,
+}
+
 #[derive(Default)]
 struct Stats {
     published: u64,
+    remote: u64,
     delivered: u64,
     announced: u64,
     disconnects: u64,
     lost: u64,
     gaps: u64,
+    refused: u64,
     restarts: u64,
     quiescent: u64,
 }
@@ -168,13 +233,22 @@ struct Stats {
 struct Sim {
     rng: Rng,
     names: Vec<TopicName>,
-    owners: Vec<Owner>,
+    brokers: Vec<Broker>,
+    /// The channel mesh: `mesh[from][to]`, FIFO.
+    mesh: Vec<Vec<VecDeque<Item>>>,
     conns: Vec<Conn>,
+    next_conn: u64,
     /// Clients whose connection died, with what they knew: they come back
     /// and resume.
     waiting: Vec<HashMap<usize, ClientTopic>>,
-    /// Live connections subscribed, per topic (the owner hears of the last).
-    subscribed: Vec<usize>,
+    /// Subscribes awaiting their grant, by (shard, req).
+    asked: HashMap<(usize, u64), Asked>,
+    /// Publishes awaiting their sequence, by (shard, req): the message id.
+    publishing: HashMap<(usize, u64), u64>,
+    /// Every message published, by id (its payload carries the id).
+    sent: Vec<Sent>,
+    /// Next sequence number per publisher.
+    publisher_seq: Vec<u64>,
     /// Last sequence assigned per (topic, epoch).
     assigned: HashMap<(usize, Epoch), u64>,
     start: Instant,
@@ -187,14 +261,19 @@ type Check = Result<(), String>;
 impl Sim {
     fn new(seed: u64) -> Sim {
         let mut rng = Rng(seed);
-        let owners = new_owners(&mut rng);
+        let brokers = new_brokers(&mut rng);
         Sim {
             rng,
             names: (0..TOPICS).map(|t| TopicName::new(&format!("t{t}")).expect("valid")).collect(),
-            owners,
+            brokers,
+            mesh: new_mesh(),
             conns: Vec::new(),
+            next_conn: 0,
             waiting: Vec::new(),
-            subscribed: vec![0; TOPICS],
+            asked: HashMap::new(),
+            publishing: HashMap::new(),
+            sent: Vec::new(),
+            publisher_seq: vec![0; PUBLISHERS as usize],
             assigned: HashMap::new(),
             start: Instant::now(),
             step: 0,
@@ -203,60 +282,162 @@ impl Sim {
     }
 
     /// Simulated time: one millisecond a step, never the wall clock.
-    fn now(&self) -> Instant {
-        self.start + Duration::from_millis(self.step)
+    fn now(&self) -> Now {
+        Now { at: self.start + Duration::from_millis(self.step), unix_ms: 1_700_000_000_000 + self.step }
     }
 
     fn step(&mut self) -> Check {
         self.step += 1;
         match self.rng.below(1000) {
-            0..=449 => {
-                let t = self.rng.below(TOPICS);
-                self.publish(t)?
-            }
-            450..=749 => self.read()?,
-            750..=819 => self.subscribe()?,
-            820..=859 => self.unsubscribe(),
-            860..=899 => self.connect(),
-            900..=949 => self.resume()?,
-            950..=979 => self.peer_close(),
-            980..=996 => self.set_reader_speed(),
+            0..=249 => self.publish()?,
+            250..=449 => self.carry()?,
+            450..=529 => self.fan_out()?,
+            530..=749 => self.read()?,
+            750..=849 => self.subscribe()?,
+            850..=869 => self.unsubscribe()?,
+            870..=899 => self.connect(),
+            900..=939 => self.resume()?,
+            940..=959 => self.peer_close()?,
+            960..=998 => self.set_reader_speed(),
             _ => self.restart(),
         }
+        self.reap_disconnected();
         self.check_bounds()
     }
 
-    fn publish(&mut self, t: usize) -> Check {
+    /// A publisher publishes to a random topic, if its shard may send more
+    /// to the topic's owner (the shell waits until it may).
+    fn publish(&mut self) -> Check {
+        let t = self.rng.below(TOPICS);
+        let publisher = self.rng.below(PUBLISHERS as usize) as u32;
+        let shard = publisher as usize % SHARDS;
+        let padding = self.rng.below(151);
         let name = self.names[t].clone();
+        if !self.brokers[shard].remote_room(&name, 20 + padding) {
+            return Ok(());
+        }
+        let id = self.sent.len() as u64;
+        self.publisher_seq[publisher as usize] += 1;
+        let mut payload = id.to_be_bytes().to_vec();
+        payload.extend_from_slice(&publisher.to_be_bytes());
+        payload.extend_from_slice(&self.publisher_seq[publisher as usize].to_be_bytes());
+        payload.resize(20 + padding, 0);
+        self.sent.push(Sent { topic: t, seq: None });
         let now = self.now();
-        let padding = Bytes::from(vec![0u8; self.rng.below(151)]);
-        let owner = &mut self.owners[name.owner_shard(SHARDS)];
-        let Ok((message, _)) = owner.publish(&name, PayloadKind::Binary, padding, Now { at: now, unix_ms: 0 }) else {
+        let published =
+            self.brokers[shard].publish(name, PayloadKind::Binary, Bytes::from(payload), PublishReply::Caller, now);
+        match published {
+            Published::Now(result) => self.sequenced(shard, id, result)?,
+            Published::Later { req } => {
+                self.stats.remote += 1;
+                self.publishing.insert((shard, req), id);
+            }
+        }
+        self.actions(shard)
+    }
+
+    /// Message `id` was sequenced by the owner of its topic (`owner`), or
+    /// refused: checks and records its place.
+    fn sequenced(&mut self, owner: usize, id: u64, result: Result<u64, OwnerError>) -> Check {
+        let Ok(seq) = result else {
+            self.stats.refused += 1;
             return Ok(()); // every topic of the shard has subscribers: refused
         };
-        let epoch = owner.stat(&name).expect("just published").epoch;
+        let t = self.sent[id as usize].topic;
+        let epoch = self.brokers[owner].owner().stat(&self.names[t]).ok_or("sequenced, and no topic")?.epoch;
         let last = self.assigned.entry((t, epoch)).or_insert(0);
-        if message.seq != *last + 1 {
-            return Err(format!("topic {t} epoch {epoch}: seq {} after {}", message.seq, last));
+        if seq != *last + 1 {
+            return Err(format!("topic {t} epoch {epoch}: seq {seq} after {last}"));
         }
-        *last = message.seq;
+        *last = seq;
+        self.sent[id as usize].seq = Some((epoch, seq));
         self.stats.published += 1;
-        let frame = Frame::data(data_frame(t, epoch, message.seq, &message.payload), now);
-        let mut dead = Vec::new();
-        for (i, conn) in self.conns.iter_mut().enumerate() {
-            let Some(queued) = conn.subs.get_mut(&t) else { continue };
-            if message.seq <= *queued {
-                continue;
-            }
-            *queued = message.seq;
-            if conn.out.offer_data(&frame, &name, message.seq) == Offer::Disconnected {
-                dead.push(i);
+        Ok(())
+    }
+
+    /// The mesh carries a batch: the first few items from one shard to
+    /// another, handled by the receiving broker one by one.
+    fn carry(&mut self) -> Check {
+        let (from, to) = (self.rng.below(SHARDS), self.rng.below(SHARDS));
+        let batch = 1 + self.rng.below(4);
+        for _ in 0..batch {
+            let Some(item) = self.mesh[from][to].pop_front() else { break };
+            // What an owner sequences is seen as its answer leaves.
+            let now = self.now();
+            self.brokers[to].handle(from, item, now);
+            self.actions(to)?;
+        }
+        Ok(())
+    }
+
+    /// A shard's fan-out task runs a pass: every waiting topic.
+    fn fan_out(&mut self) -> Check {
+        let shard = self.rng.below(SHARDS);
+        while self.brokers[shard].fan_out_next() {
+            self.actions(shard)?;
+        }
+        if self.brokers[shard].fanout_pending_bytes() != 0 {
+            let left = self.brokers[shard].fanout_pending_bytes();
+            return Err(format!("shard {shard}: {left} bytes left after a whole pass"));
+        }
+        Ok(())
+    }
+
+    /// Carries out shard `shard`'s actions as the shell does.
+    fn actions(&mut self, shard: usize) -> Check {
+        let mut actions = Vec::new();
+        self.brokers[shard].take_actions(&mut actions);
+        for action in actions {
+            match action {
+                Action::Send { to, item } => {
+                    if let Item::PublishDone { req, result } = &item {
+                        // The owner answers as it sequences: record it now,
+                        // while its epoch is the one it sequenced in.
+                        if let Some(&id) = self.publishing.get(&(to, *req)) {
+                            self.sequenced(shard, id, *result)?;
+                        }
+                    }
+                    self.mesh[shard][to].push_back(item);
+                }
+                // No queue is in direct mode here: clients read through
+                // the writer's path.
+                Action::Flush(_) => return Err("a queue without a socket asked for a direct flush".into()),
+                Action::Published { req, result } => {
+                    let id = self.publishing.remove(&(shard, req)).ok_or("an answer to no publish")?;
+                    if self.sent[id as usize].seq.map(|(_, s)| s) != result.ok() {
+                        return Err(format!(
+                            "publish {id}: answered {result:?}, sequenced {:?}",
+                            self.sent[id as usize]
+                        ));
+                    }
+                }
+                Action::Subscribed { req, result } => self.granted(shard, req, result)?,
+                Action::Room | Action::FanOut => {}
             }
         }
-        for i in dead.into_iter().rev() {
-            self.stats.disconnects += 1;
-            self.kill(i);
-        }
+        Ok(())
+    }
+
+    /// A subscribe was answered: the client learns where it stands.
+    fn granted(&mut self, shard: usize, req: u64, result: Result<Granted, OwnerError>) -> Check {
+        let asked = self.asked.remove(&(shard, req)).ok_or("a grant nobody asked for")?;
+        let Some(conn) = self.conns.iter_mut().find(|c| c.id == asked.conn) else {
+            return Err("a grant for a connection that left".into());
+        };
+        let t = asked.topic;
+        let granted = match result {
+            Ok(granted) => granted,
+            Err(_) => {
+                // Refused (no room, or the address's share): the broker
+                // dropped the subscription; nothing was promised.
+                self.stats.refused += 1;
+                conn.subs.remove(&t);
+                return Ok(());
+            }
+        };
+        conn.subs.insert(t, Sub::Live { sub_id: granted.sub_id });
+        let client = client_after(&mut self.stats, t, &granted, asked.from)?;
+        conn.client.insert(t, client);
         Ok(())
     }
 
@@ -277,11 +458,18 @@ impl Sim {
         if conn.read_bytes > 0 && !conn.out.is_empty() {
             conn.out.take_batch(&mut bytes, conn.read_bytes, &mut published);
         }
-        for frame in parse_frames(&bytes)? {
+        for frame in parse_frames(&bytes, conn.format)? {
             match frame {
-                Parsed::Data { topic, epoch, seq } => {
+                Parsed::Data { id, publisher, publisher_seq, seq } => {
                     self.stats.delivered += 1;
-                    receive(conn, topic, epoch, seq)?;
+                    let sent = self.sent.get(id as usize).copied().ok_or("a message never published")?;
+                    let Some((epoch, assigned)) = sent.seq else {
+                        return Err(format!("message {id} delivered, never sequenced"));
+                    };
+                    if seq.is_some_and(|s| s != assigned) {
+                        return Err(format!("message {id}: envelope says seq {seq:?}, sequenced {assigned}"));
+                    }
+                    receive(conn, sent.topic, epoch, assigned, publisher, publisher_seq)?;
                 }
                 Parsed::Unsubscribed { topic } => {
                     conn.client.remove(&topic);
@@ -314,74 +502,61 @@ impl Sim {
         if self.conns[i].subs.contains_key(&t) || self.conns[i].leaving.contains(&t) {
             return Ok(());
         }
-        self.grant(i, t, None)
+        self.ask(i, t, None)
     }
 
-    /// Subscribes connection `i` to topic `t`, resuming from `from`, and
-    /// applies the grant as `shard::granted` does.
-    fn grant(&mut self, i: usize, t: usize, from: Option<ClientTopic>) -> Check {
-        let name = self.names[t].clone();
+    /// Connection `i` subscribes to topic `t`, resuming from `from`.
+    fn ask(&mut self, i: usize, t: usize, from: Option<ClientTopic>) -> Check {
+        let conn = &self.conns[i];
+        let (shard, conn_id) = (conn.shard, conn.id);
+        let request = SubscribeRequest {
+            topic: self.names[t].clone(),
+            out: conn.out.clone(),
+            client: conn.addr,
+            format: conn.format,
+            from: from.as_ref().map(|c| ResumeFrom { after_seq: c.last_seen, epoch: Some(c.epoch) }),
+            reply_id: None,
+        };
         let now = self.now();
-        let resume = from.as_ref().map(|c| ResumeFrom { after_seq: c.last_seen, epoch: Some(c.epoch) });
-        let Ok(grant) = self.owners[name.owner_shard(SHARDS)].subscribe(&name, 0, self.conns[i].addr, resume, now)
-        else {
-            return Ok(()); // no room for the topic: refused, nothing promised
-        };
-        self.subscribed[t] += 1;
-        let conn = &mut self.conns[i];
-        let mut client = ClientTopic {
-            epoch: grant.epoch,
-            last_seen: grant.last_seq,
-            missing: BTreeSet::new(),
-            announced: BTreeSet::new(),
-        };
-        match (grant.resumed, from) {
-            (Resumed::Live, _) => {}
-            (Resumed::Lost(_), _) => self.stats.lost += 1,
-            (Resumed::Replayed { gap }, Some(from)) => {
-                if from.epoch != grant.epoch {
-                    return Err(format!("topic {t}: replayed from epoch {} into {}", from.epoch, grant.epoch));
+        match self.brokers[shard].subscribe(request, now) {
+            Subscription::Live(granted) => {
+                if from.is_some() {
+                    return Err("a resume went live without asking the owner".into());
                 }
-                client = ClientTopic { missing: BTreeSet::new(), ..from };
-                if let Some(gap) = gap {
-                    self.stats.gaps += 1;
-                    client.announced.extend(gap.from_seq..=gap.to_seq);
-                }
+                let client = client_after(&mut self.stats, t, &granted, None)?;
+                let conn = &mut self.conns[i];
+                conn.subs.insert(t, Sub::Live { sub_id: granted.sub_id });
+                conn.client.insert(t, client);
             }
-            (Resumed::Replayed { .. }, None) => return Err("replayed without a resume".into()),
-        }
-        conn.client.insert(t, client);
-        for message in &grant.replay {
-            let frame = Frame::data(data_frame(t, grant.epoch, message.seq, &message.payload), now);
-            if conn.out.offer_data(&frame, &name, message.seq) == Offer::Disconnected {
-                conn.subs.insert(t, grant.last_seq);
-                self.stats.disconnects += 1;
-                self.kill(i);
-                return Ok(());
+            Subscription::Pending { req, sub_id } => {
+                self.conns[i].subs.insert(t, Sub::Pending { sub_id });
+                self.asked.insert((shard, req), Asked { conn: conn_id, topic: t, from });
             }
         }
-        conn.subs.insert(t, grant.last_seq);
-        Ok(())
+        self.actions(shard)
     }
 
-    fn unsubscribe(&mut self) {
+    fn unsubscribe(&mut self) -> Check {
         if self.conns.is_empty() {
-            return;
+            return Ok(());
         }
         let i = self.rng.below(self.conns.len());
-        let Some(&t) = self.conns[i].subs.keys().min() else { return };
+        let Some(&t) = self.conns[i].subs.keys().min() else { return Ok(()) };
+        let now = self.now();
         let conn = &mut self.conns[i];
-        conn.subs.remove(&t);
-        conn.out.forget_missed(&self.names[t]);
+        let sub = conn.subs.remove(&t).expect("listed");
+        let (shard, id) = (conn.shard, conn.id);
+        self.brokers[shard].unsubscribe(&self.names[t], sub.id(), now);
+        self.asked.retain(|_, a| !(a.conn == id && a.topic == t));
         conn.leaving.insert(t);
         let reply = serde_json::json!({ "type": "unsubscribed", "topic": t }).to_string();
         let replied = conn.out.offer_control(ws::encode_data(PayloadKind::Text, reply.as_bytes()));
-        self.left(t);
         if !replied {
             // Replies not read past the cap and the slack: closed with 4008.
             self.stats.disconnects += 1;
             self.kill(i);
         }
+        self.actions(shard)
     }
 
     fn connect(&mut self) {
@@ -389,10 +564,15 @@ impl Sim {
             return;
         }
         let policy = if self.rng.below(2) == 0 { SlowConsumerPolicy::Drop } else { SlowConsumerPolicy::Disconnect };
+        let format = if self.rng.below(2) == 0 { Format::Raw } else { Format::Native };
         let read_bytes = self.reader_speed();
-        let addr = self.address();
+        let addr = address(self.rng.below(ADDRESSES as usize) as u8);
+        self.next_conn += 1;
         self.conns.push(Conn {
+            id: self.next_conn,
+            shard: self.rng.below(SHARDS),
             out: Rc::new(Outbound::new(QUEUE_CAP_BYTES, policy)),
+            format,
             addr,
             subs: HashMap::new(),
             client: HashMap::new(),
@@ -409,30 +589,33 @@ impl Sim {
         }
         let known = self.waiting.swap_remove(self.rng.below(self.waiting.len()));
         self.connect();
-        let out = self.conns.last().expect("just connected").out.clone();
+        let id = self.conns.last().expect("just connected").id;
         let mut topics: Vec<_> = known.into_iter().collect();
         topics.sort_by_key(|(t, _)| *t);
         for (t, client) in topics {
             // A connection can die during its replays (disconnect policy).
-            let Some(i) = self.conns.iter().position(|c| Rc::ptr_eq(&c.out, &out)) else { break };
-            self.grant(i, t, Some(client))?;
+            let Some(i) = self.conns.iter().position(|c| c.id == id) else { break };
+            self.ask(i, t, Some(client))?;
         }
         Ok(())
     }
 
     /// The client closes: its queue is discarded at once and nothing more is
     /// queued (RFC 6455 5.5.1).
-    fn peer_close(&mut self) {
+    fn peer_close(&mut self) -> Check {
         if self.conns.is_empty() {
-            return;
+            return Ok(());
         }
         let i = self.rng.below(self.conns.len());
         let out = self.conns[i].out.clone();
         out.peer_closed(1000);
-        let frame = Frame::data(data_frame(0, Epoch(0), 1, &[]), self.now());
+        let frame = Frame::data(Bytes::from_static(b"\x82\x00"), self.now().at);
         let after = out.offer_data(&frame, &self.names[0], u64::MAX);
-        assert!(out.is_empty() && after == Offer::Closed, "a closed queue takes nothing");
+        if !out.is_empty() || after != Offer::Closed {
+            return Err("a closed queue took a frame".into());
+        }
         self.kill(i);
+        Ok(())
     }
 
     fn set_reader_speed(&mut self) {
@@ -443,48 +626,58 @@ impl Sim {
     }
 
     /// A reader: stalled, slow (one small frame a turn) or fast.
-    /// A client address, some connections sharing one.
-    fn address(&mut self) -> IpAddr {
-        address(self.rng.below(ADDRESSES as usize) as u8)
-    }
-
     fn reader_speed(&mut self) -> usize {
         [0, 1, 200, 2000, 1 << 20][self.rng.below(5)]
     }
 
-    /// `kill -9` and a restart: every sequencer starts afresh with a new
-    /// seed, every connection dies, every client will resume.
+    /// `kill -9` and a restart: every broker starts afresh with a new seed,
+    /// every connection and item in flight is gone, every client will
+    /// resume.
     fn restart(&mut self) {
         self.stats.restarts += 1;
-        while !self.conns.is_empty() {
-            self.kill(self.conns.len() - 1);
+        for conn in self.conns.drain(..) {
+            if !conn.client.is_empty() {
+                self.waiting.push(conn.client);
+            }
         }
-        self.owners = new_owners(&mut self.rng);
-        self.subscribed = vec![0; TOPICS];
+        self.brokers = new_brokers(&mut self.rng);
+        self.mesh = new_mesh();
+        self.asked.clear();
+        self.publishing.clear();
     }
 
-    /// Connection `i` is gone; its client waits to resume.
+    /// Connections the slow-consumer policy closed are gone.
+    fn reap_disconnected(&mut self) {
+        let mut i = 0;
+        while i < self.conns.len() {
+            if self.conns[i].out.is_closing() {
+                self.stats.disconnects += 1;
+                self.kill(i);
+            } else {
+                i += 1;
+            }
+        }
+    }
+
+    /// Connection `i` is gone: its subscriptions end (as the connection's
+    /// task does on its way out) and its client waits to resume.
     fn kill(&mut self, i: usize) {
         let conn = self.conns.swap_remove(i);
-        for &t in conn.subs.keys() {
-            self.left(t);
+        let now = self.now();
+        for (&t, sub) in &conn.subs {
+            self.brokers[conn.shard].unsubscribe(&self.names[t], sub.id(), now);
         }
+        self.asked.retain(|_, a| a.conn != conn.id);
         if !conn.client.is_empty() {
             self.waiting.push(conn.client);
         }
     }
 
-    /// A subscription to `t` ended; the last one tells the owner.
-    fn left(&mut self, t: usize) {
-        self.subscribed[t] -= 1;
-        if self.subscribed[t] == 0 {
-            let name = &self.names[t];
-            let now = self.now();
-            self.owners[name.owner_shard(SHARDS)].unsubscribe(name, 0, now);
+    fn check_bounds(&mut self) -> Check {
+        for shard in 0..SHARDS {
+            // Actions left by a kill's unsubscribes.
+            self.actions(shard)?;
         }
-    }
-
-    fn check_bounds(&self) -> Check {
         for (i, conn) in self.conns.iter().enumerate() {
             let bound = QUEUE_CAP_BYTES + FRAME_BYTES_MAX + CONTROL_SLACK_BYTES;
             if conn.out.queued_bytes() > bound {
@@ -494,7 +687,8 @@ impl Sim {
                 return Err(format!("connection {i}: {} missed ranges pending", conn.out.missed_pending()));
             }
         }
-        for (shard, owner) in self.owners.iter().enumerate() {
+        for (shard, broker) in self.brokers.iter().enumerate() {
+            let owner = broker.owner();
             if owner.len() > TOPICS_PER_SHARD {
                 return Err(format!("shard {shard} holds {} topics", owner.len()));
             }
@@ -504,19 +698,32 @@ impl Sim {
                     return Err(format!("shard {shard}: address {a} keeps {pinned} topics subscribed"));
                 }
             }
+            if let Some(bytes) = broker.in_flight_bytes().iter().find(|&&b| b > IN_FLIGHT_MAX) {
+                return Err(format!("shard {shard}: {bytes} bytes of publishes in flight"));
+            }
         }
         Ok(())
     }
 }
 
-fn new_owners(rng: &mut Rng) -> Vec<Owner> {
-    let limits = OwnerLimits {
+fn new_brokers(rng: &mut Rng) -> Vec<Broker> {
+    let owner_limits = OwnerLimits {
         topics_max: TOPICS_PER_SHARD,
         history_messages_max: HISTORY_MESSAGES,
         history_bytes_max: 1 << 20,
         client_pins_max: CLIENT_PINS_MAX,
     };
-    (0..SHARDS).map(|_| Owner::new(limits, rng.next())).collect()
+    let limits = BrokerLimits { publish_bytes_in_flight_max: IN_FLIGHT_MAX };
+    (0..SHARDS)
+        .map(|id| {
+            let owner = Owner::new(owner_limits, rng.next());
+            Broker::new(id, SHARDS, owner, limits, Rc::new(Metrics::default()))
+        })
+        .collect()
+}
+
+fn new_mesh() -> Vec<Vec<VecDeque<Item>>> {
+    (0..SHARDS).map(|_| (0..SHARDS).map(|_| VecDeque::new()).collect()).collect()
 }
 
 /// The simulation's client address `n`.
@@ -524,8 +731,44 @@ fn address(n: u8) -> IpAddr {
     IpAddr::V4(Ipv4Addr::new(10, 0, 0, n))
 }
 
+/// What a client knows of topic `t` once `granted`, having asked to resume
+/// `from`.
+fn client_after(
+    stats: &mut Stats,
+    t: usize,
+    granted: &Granted,
+    from: Option<ClientTopic>,
+) -> Result<ClientTopic, String> {
+    let fresh = ClientTopic {
+        epoch: granted.epoch,
+        last_seen: granted.last_seq,
+        missing: BTreeSet::new(),
+        announced: BTreeSet::new(),
+        publishers: HashMap::new(),
+    };
+    Ok(match (granted.resumed, from) {
+        (Resumed::Live, _) => fresh,
+        (Resumed::Lost(_), _) => {
+            stats.lost += 1;
+            fresh
+        }
+        (Resumed::Replayed { gap }, Some(from)) => {
+            if from.epoch != granted.epoch {
+                return Err(format!("topic {t}: replayed from epoch {} into {}", from.epoch, granted.epoch));
+            }
+            let mut client = ClientTopic { missing: BTreeSet::new(), ..from };
+            if let Some(gap) = gap {
+                stats.gaps += 1;
+                client.announced.extend(gap.from_seq..=gap.to_seq);
+            }
+            client
+        }
+        (Resumed::Replayed { .. }, None) => return Err("replayed without a resume".into()),
+    })
+}
+
 /// A client receives a message.
-fn receive(conn: &mut Conn, topic: usize, epoch: Epoch, seq: u64) -> Check {
+fn receive(conn: &mut Conn, topic: usize, epoch: Epoch, seq: u64, publisher: u32, publisher_seq: u64) -> Check {
     let Some(c) = conn.client.get_mut(&topic) else {
         return Err(format!("topic {topic}: message {seq} on a connection not subscribed"));
     };
@@ -535,6 +778,11 @@ fn receive(conn: &mut Conn, topic: usize, epoch: Epoch, seq: u64) -> Check {
     if seq <= c.last_seen {
         return Err(format!("topic {topic}: seq {seq} after {} (duplicate or out of order)", c.last_seen));
     }
+    let last = c.publishers.entry(publisher).or_insert(0);
+    if publisher_seq <= *last {
+        return Err(format!("topic {topic}: publisher {publisher}'s message {publisher_seq} after its {last}"));
+    }
+    *last = publisher_seq;
     c.missing.extend(c.last_seen + 1..seq);
     c.last_seen = seq;
     Ok(())
@@ -554,24 +802,29 @@ fn quiescent(conn: &mut Conn) -> Check {
     Ok(())
 }
 
-/// A data frame naming its topic, epoch and sequence, then padding.
-fn data_frame(topic: usize, epoch: Epoch, seq: u64, padding: &[u8]) -> Bytes {
-    let mut payload = vec![topic as u8];
-    payload.extend_from_slice(&epoch.0.to_be_bytes());
-    payload.extend_from_slice(&seq.to_be_bytes());
-    payload.extend_from_slice(padding);
-    ws::encode_data(PayloadKind::Binary, &payload)
-}
-
 enum Parsed {
-    Data { topic: usize, epoch: Epoch, seq: u64 },
-    Dropped { topic: usize, from_seq: u64, to_seq: u64, count: u64 },
-    Unsubscribed { topic: usize },
+    /// A message: its id and publisher from the payload, and the sequence
+    /// its envelope names (native only).
+    Data {
+        id: u64,
+        publisher: u32,
+        publisher_seq: u64,
+        seq: Option<u64>,
+    },
+    Dropped {
+        topic: usize,
+        from_seq: u64,
+        to_seq: u64,
+        count: u64,
+    },
+    Unsubscribed {
+        topic: usize,
+    },
 }
 
 /// Parses what a client read: whole server frames only (a batch holds whole
 /// frames).
-fn parse_frames(mut bytes: &[u8]) -> Result<Vec<Parsed>, String> {
+fn parse_frames(mut bytes: &[u8], format: Format) -> Result<Vec<Parsed>, String> {
     let mut out = Vec::new();
     while !bytes.is_empty() {
         let end = ws::frame_end_at(bytes, 0, 1);
@@ -580,11 +833,22 @@ fn parse_frames(mut bytes: &[u8]) -> Result<Vec<Parsed>, String> {
         let header = if frame[1] & 0x7f == 126 { 4 } else { 2 };
         let payload = &frame[header..];
         out.push(match frame[0] & 0x0f {
-            0x2 => Parsed::Data {
-                topic: payload[0] as usize,
-                epoch: Epoch(u64::from_be_bytes(payload[1..9].try_into().expect("8 bytes"))),
-                seq: u64::from_be_bytes(payload[9..17].try_into().expect("8 bytes")),
-            },
+            0x2 => {
+                // A native binary envelope: type, name length, name, seq, ts.
+                let (seq, payload) = match format {
+                    Format::Native => {
+                        let at = 2 + payload[1] as usize;
+                        (Some(be_u64(&payload[at..])), &payload[at + 16..])
+                    }
+                    _ => (None, payload),
+                };
+                Parsed::Data {
+                    id: be_u64(payload),
+                    publisher: u32::from_be_bytes(payload[8..12].try_into().expect("4 bytes")),
+                    publisher_seq: be_u64(&payload[12..]),
+                    seq,
+                }
+            }
             0x1 => {
                 let notice: serde_json::Value = serde_json::from_slice(payload).map_err(|e| e.to_string())?;
                 if notice["type"] == "unsubscribed" {
@@ -604,4 +868,8 @@ fn parse_frames(mut bytes: &[u8]) -> Result<Vec<Parsed>, String> {
         });
     }
     Ok(out)
+}
+
+fn be_u64(bytes: &[u8]) -> u64 {
+    u64::from_be_bytes(bytes[..8].try_into().expect("8 bytes"))
 }
