@@ -20,6 +20,7 @@ use std::fmt::Write;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use proto::http;
 use serde::Deserialize;
 
 use crate::membership::{Membership, MembershipError, Source};
@@ -47,15 +48,7 @@ impl Response {
 
     /// The whole HTTP/1.1 response, closing the connection.
     pub fn to_http(&self) -> Vec<u8> {
-        format!(
-            "HTTP/1.1 {} {}\r\ncontent-type: {}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{}",
-            self.status,
-            reason(self.status),
-            self.content_type,
-            self.body.len(),
-            self.body
-        )
-        .into_bytes()
+        http::response(self.status, self.content_type, self.body.as_bytes(), false)
     }
 }
 
@@ -190,27 +183,10 @@ fn render_metrics(ctx: &Context<'_>) -> String {
     out
 }
 
-fn reason(status: u16) -> &'static str {
-    match status {
-        200 => "OK",
-        201 => "Created",
-        400 => "Bad Request",
-        404 => "Not Found",
-        405 => "Method Not Allowed",
-        408 => "Request Timeout",
-        409 => "Conflict",
-        413 => "Payload Too Large",
-        431 => "Request Header Fields Too Large",
-        502 => "Bad Gateway",
-        503 => "Service Unavailable",
-        _ => "",
-    }
-}
-
 /// A short JSON error response that closes the connection, for clients the
 /// balancer refuses before choosing a node (400, 408, 431, 502, 503).
 pub fn client_error(status: u16, code: &str, message: &str) -> Vec<u8> {
-    Response::error(status, code, message).to_http()
+    http::json_error(status, code, message, false)
 }
 
 #[cfg(test)]

@@ -12,12 +12,12 @@ use std::time::Duration;
 use futures_lite::{AsyncReadExt, AsyncWriteExt};
 use glommio::channels::shared_channel::ConnectedSender;
 use glommio::net::{TcpListener, TcpStream};
+use proto::proxy_protocol;
 
 use crate::admin;
 use crate::health;
 use crate::limits::{ADMIN_BODY_BYTES_MAX, ADMIN_REQUEST_TIMEOUT_MS, DNS_ADDRESSES_MAX, HEALTH_RESPONSE_BYTES_MAX};
 use crate::membership::{Health, Membership, View};
-use crate::proxy_header;
 use crate::shard::Shard;
 use crate::stats::ShardStats;
 
@@ -99,7 +99,7 @@ impl Control {
     /// Serves the admin API until shutdown.
     pub async fn admin_loop(self: Rc<Self>, listener: TcpListener) {
         let stopping = || self.shard.shutting_down();
-        while let Some(stream) = fluxnode::runtime::accept_next(&listener, self.shard.id, stopping).await {
+        while let Some(stream) = runtime::accept_next(&listener, self.shard.id, stopping).await {
             let control = self.clone();
             glommio::spawn_local(async move { control.admin_request(stream).await }).detach();
         }
@@ -138,7 +138,7 @@ async fn read_request(stream: &mut TcpStream) -> Result<Option<(String, String, 
     let mut buf = Vec::new();
     let mut chunk = [0u8; 2048];
     let (head, head_len) = loop {
-        if let Some(parsed) = fluxnode::http::parse_head(&buf).map_err(|e| e.status())? {
+        if let Some(parsed) = proto::http::parse_head(&buf).map_err(|e| e.status())? {
             break parsed;
         }
         let n = stream.read(&mut chunk).await.map_err(|_| 400u16)?;
@@ -166,7 +166,7 @@ async fn read_request(stream: &mut TcpStream) -> Result<Option<(String, String, 
 async fn check(addr: SocketAddr, timeout: Duration, proxy_protocol: bool) -> bool {
     let attempt = async {
         let mut stream = TcpStream::connect(addr).await?;
-        let mut request = if proxy_protocol { proxy_header::encode_local() } else { Vec::new() };
+        let mut request = if proxy_protocol { proxy_protocol::encode_local() } else { Vec::new() };
         request.extend_from_slice(health::REQUEST);
         stream.write_all(&request).await?;
         let mut received = Vec::new();

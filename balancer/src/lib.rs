@@ -10,7 +10,6 @@
 //! - [`membership`]: the node set, health thresholds, draining, and the
 //!   immutable views shards route by.
 //! - [`health`]: the health-check request and verdict.
-//! - [`proxy_header`]: PROXY protocol v2 headers towards nodes.
 //! - [`admin`]: the admin API and `/metrics`.
 //!
 //! The shell:
@@ -30,7 +29,6 @@ pub mod limits;
 pub mod maglev;
 pub mod membership;
 pub mod proxy;
-pub mod proxy_header;
 pub mod route;
 pub mod server;
 pub mod shard;

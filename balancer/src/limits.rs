@@ -32,15 +32,6 @@ pub const FALLBACK_TABLES_MAX: usize = 8;
 /// control shard wait, never drop one.
 pub const VIEW_CHANNEL_CAPACITY: usize = 4;
 
-/// glommio's registered io memory per shard. The balancer reads into its
-/// own buffers, so it needs little, and 8 MiB of locked memory must hold
-/// every shard's share (see engine/src/limits.rs).
-pub const IO_MEMORY_BYTES_PER_SHARD: usize = 256 << 10;
-
-/// How often a shard checks the shutdown flag while it waits for the next
-/// connection.
-pub const SHUTDOWN_POLL_MS: u64 = 50;
-
 /// Most addresses one DNS answer may add: one table holds at most
 /// `maglev::NODES_MAX` nodes.
 pub const DNS_ADDRESSES_MAX: usize = crate::maglev::NODES_MAX;

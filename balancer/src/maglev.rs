@@ -9,6 +9,8 @@
 //! so every balancer replica and version builds the same table from the same
 //! node set, in any order, without coordination.
 
+use proto::hash::spread;
+
 /// Default table size: a prime well above 100 x the largest expected node
 /// count, as the paper recommends for balance.
 pub const TABLE_SIZE_DEFAULT: usize = 65_537;
@@ -97,7 +99,7 @@ impl Table {
         if self.slots.is_empty() {
             return None;
         }
-        let slot = (fnv1a(key) % self.slots.len() as u64) as usize;
+        let slot = (spread(key) % self.slots.len() as u64) as usize;
         Some(self.slots[slot] as usize)
     }
 
@@ -120,23 +122,7 @@ fn salted_hash(salt: &[u8], name: &str) -> u64 {
     let mut bytes = salt.to_vec();
     bytes.push(0);
     bytes.extend_from_slice(name.as_bytes());
-    fnv1a(&bytes)
-}
-
-/// 64-bit FNV-1a, followed by a final avalanche so that nearby names (node
-/// addresses differ in one digit) spread over the table.
-fn fnv1a(bytes: &[u8]) -> u64 {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in bytes {
-        hash ^= u64::from(b);
-        hash = hash.wrapping_mul(0x0100_0000_01b3);
-    }
-    // splitmix64 finaliser.
-    hash ^= hash >> 30;
-    hash = hash.wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    hash ^= hash >> 27;
-    hash = hash.wrapping_mul(0x94d0_49bb_1331_11eb);
-    hash ^ (hash >> 31)
+    spread(&bytes)
 }
 
 fn is_prime(n: usize) -> bool {

@@ -6,36 +6,21 @@ use std::sync::atomic::Ordering;
 use clap::Parser;
 use fluxbalancer::config::{Args, Config};
 use fluxbalancer::server::Balancer;
+use runtime::or_exit;
 
 fn main() {
-    fluxnode::runtime::init_tracing("FLUXBALANCER_LOG");
-    let args = Args::parse();
-    let config = match Config::from_args(&args) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("fluxbalancer: {e}");
-            std::process::exit(2);
-        }
-    };
-    let balancer = match Balancer::bind(&config) {
-        Ok(b) => b,
-        Err(e) => {
-            eprintln!("fluxbalancer: {e}");
-            std::process::exit(1);
-        }
-    };
+    runtime::init_tracing("FLUXBALANCER_LOG");
+    let config = or_exit("fluxbalancer", 2, Config::from_args(&Args::parse()));
+    let balancer = or_exit("fluxbalancer", 1, Balancer::bind(&config));
     let shutdown = balancer.shutdown.clone();
     // No new connections from now on; open ones get drain_timeout to end.
-    fluxnode::runtime::stop_on_signals("fluxbalancer", move || shutdown.store(true, Ordering::Release));
+    runtime::stop_on_signals("fluxbalancer", move || shutdown.store(true, Ordering::Release));
     let shards = config.shards;
     let on_ready = move |addr, admin| {
         // Tests and scripts read this line: the balancer accepts from now on.
         println!("fluxbalancer listening on {addr} (admin {admin}) with {shards} shards");
         let _ = std::io::stdout().flush();
     };
-    if let Err(e) = balancer.run(config, on_ready) {
-        eprintln!("fluxbalancer: {e}");
-        std::process::exit(1);
-    }
+    or_exit("fluxbalancer", 1, balancer.run(config, on_ready));
     tracing::info!("stopped");
 }

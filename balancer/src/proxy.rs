@@ -22,11 +22,11 @@ use std::task::Poll;
 
 use futures_lite::{AsyncRead, AsyncWrite};
 use glommio::net::TcpStream;
+use proto::proxy_protocol;
 
 use crate::admin::client_error;
 use crate::limits::CONNECT_ATTEMPTS_MAX;
 use crate::membership::View;
-use crate::proxy_header;
 use crate::route::{self, HeadError, RouteKey};
 use crate::shard::Shard;
 use crate::stats;
@@ -60,7 +60,7 @@ pub async fn serve(shard: Rc<Shard>, client: TcpStream) {
     let node = view.stats[index].clone();
     stats::add(&node.connections_current, 1);
     stats::add(&node.connections_total, 1);
-    let mut first = if shard.config.proxy_protocol { proxy_header::encode_proxy(peer, local) } else { Vec::new() };
+    let mut first = if shard.config.proxy_protocol { proxy_protocol::encode_proxy(peer, local) } else { Vec::new() };
     first.extend_from_slice(&head);
     stats::add(&node.bytes_to_node, head.len() as u64);
     drop(head);

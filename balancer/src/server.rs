@@ -7,28 +7,18 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fluxnode::runtime;
 use glommio::channels::shared_channel::{self, SharedReceiver, SharedSender};
 use glommio::net::TcpListener;
 use glommio::{Latency, Shares};
+use runtime::limits::{IO_MEMORY_BYTES_PER_SHARD, SHUTDOWN_POLL_MS};
+use runtime::{ServerError, ShardError};
 
 use crate::config::Config;
 use crate::control::Control;
-use crate::limits::{IO_MEMORY_BYTES_PER_SHARD, SHUTDOWN_POLL_MS, VIEW_CHANNEL_CAPACITY};
+use crate::limits::VIEW_CHANNEL_CAPACITY;
 use crate::membership::{Membership, Source, View};
 use crate::shard::Shard;
 use crate::stats::{self, ShardStats};
-
-/// Why the balancer could not run.
-#[derive(Debug, thiserror::Error)]
-pub enum ServerError {
-    /// A listening address could not be bound.
-    #[error("cannot listen on {addr}: {source}")]
-    Bind { addr: SocketAddr, source: std::io::Error },
-    /// glommio could not start the executors.
-    #[error("cannot start executors: {0}")]
-    Executor(String),
-}
 
 /// A balancer being started.
 #[derive(Debug)]
@@ -94,13 +84,12 @@ impl Balancer {
                     addrs: (self.local_addr, self.admin_addr),
                 };
                 move |_private_table| shard_main(setup, parts, receiver)
-            })
-            .map_err(ServerError::Executor)?;
+            })?;
         if runtime::wait_for_count(&bound, config.shards) {
             on_ready(self.local_addr, self.admin_addr);
         }
         handles.check_room(open_files, config.connections_max, 2); // client and node
-        runtime::join_executors(handles).map_err(ServerError::Executor)
+        Ok(runtime::join_executors(handles)?)
     }
 }
 
@@ -119,7 +108,7 @@ async fn shard_main(
     setup: ShardSetup,
     control_parts: Option<(Membership, Vec<SharedSender<Arc<View>>>)>,
     receiver: Option<SharedReceiver<Arc<View>>>,
-) -> Result<(), String> {
+) -> Result<(), ShardError> {
     let executor = glommio::executor();
     let data_queue =
         executor.create_task_queue(Shares::Static(1000), Latency::Matters(Duration::from_millis(1)), "data");
@@ -127,7 +116,8 @@ async fn shard_main(
     let id = setup.index;
     let shard = Shard::new(id, setup.config.clone(), setup.view, setup.shard_stats[id].clone(), setup.shutdown);
     let (listen, admin) = setup.addrs;
-    let bind = |addr| TcpListener::bind(addr).map_err(|e| format!("shard {id}: cannot bind {addr}: {e}"));
+    let bind =
+        |addr| TcpListener::bind(addr).map_err(|source| ShardError::Bind { shard: id, addr, source: source.into() });
     let listener = bind(listen)?;
     if let Some((membership, senders)) = control_parts {
         let admin_listener = bind(admin)?;

@@ -5,13 +5,13 @@ use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use fluxnode::config::SlowConsumerPolicy;
-use fluxnode::history::History;
-use fluxnode::message::{Message, PayloadKind};
-use fluxnode::metrics::{LatencyTally, Metrics};
-use fluxnode::outbound::{DirectSink, Frame, Outbound};
-use fluxnode::topic::TopicName;
-use fluxnode::{http, native, ws};
+use proto::history::History;
+use proto::message::{Message, PayloadKind};
+use proto::metrics::{LatencyTally, Metrics};
+use proto::outbound::SlowConsumerPolicy;
+use proto::outbound::{DirectSink, Frame, Outbound};
+use proto::topic::TopicName;
+use proto::{http, native, ws};
 
 fn message(seq: u64, len: usize, kind: PayloadKind) -> Message {
     Message {

@@ -9,20 +9,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
+use proto::limits;
 use serde::Deserialize;
 
-use crate::limits;
-
-/// What a connection does when its send queue is full.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum SlowConsumerPolicy {
-    /// Close the connection with code 4008 and a reason giving the numbers.
-    Disconnect,
-    /// Skip messages, count them, and tell the client the missed sequence
-    /// range (native protocol only; the other paths always disconnect).
-    Drop,
-}
+pub use proto::outbound::SlowConsumerPolicy;
 
 /// Which shard serves a topic socket (`/v1/topics/{topic}/ws`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, clap::ValueEnum)]

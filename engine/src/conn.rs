@@ -20,22 +20,22 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, Bytes, BytesMut};
 use futures_lite::{AsyncRead, AsyncWrite};
 use glommio::net::TcpStream;
+use proto::broker::{Format, Granted, PublishReply, SubscribeRequest};
+use proto::http::{self, RequestHead, Route, Upgrade};
+use proto::limits::{HTTP_BODY_SLACK_BYTES, WRITE_BATCH_BYTES_MAX};
+use proto::message::PayloadKind;
+use proto::metrics;
+use proto::native::{self, Request};
+use proto::outbound::{DirectSink, Outbound, Unsent};
+use proto::owner::{OwnerError, ResumeFrom, Resumed};
+use proto::proxy_protocol::{self, ProxyError, ProxyHeader};
+use proto::sync::Event;
+use proto::topic::{TopicName, TopicQuery};
+use proto::ws::{self, close_code, Decoder, WsEvent};
 use serde::Deserialize;
 
-use crate::broker::{Format, Granted, PublishReply, SubscribeRequest};
 use crate::config::{SlowConsumerPolicy, TopicSockets};
-use crate::http::{self, RequestHead, Route, Upgrade};
-use crate::limits::{HTTP_BODY_SLACK_BYTES, TOPICS_PAGE_DEFAULT, TOPICS_PAGE_MAX, WRITE_BATCH_BYTES_MAX};
-use crate::message::PayloadKind;
-use crate::metrics;
-use crate::native::{self, Request};
-use crate::outbound::{DirectSink, Outbound, Unsent};
-use crate::owner::{OwnerError, ResumeFrom, Resumed};
-use crate::proxy_protocol::{self, ProxyError, ProxyHeader};
 use crate::shard::{AdminConnection, Adoption, Handoff, NodeConnection, Shard};
-use crate::sync::Event;
-use crate::topic::{TopicName, TopicQuery};
-use crate::ws::{self, close_code, Decoder, WsEvent};
 
 /// How long the writer waits, after sending a close frame, for the client to
 /// answer before the socket is shut: RFC 6455 asks for the close handshake,
@@ -51,7 +51,19 @@ pub const CLOSE_HISTORY_LOST: u16 = 4011;
 
 /// A socket shared by the reader and writer tasks of one connection.
 #[derive(Clone, Debug)]
-struct Io(Rc<RefCell<TcpStream>>);
+struct Io(Rc<Socket>);
+
+/// The connection's socket, shared by its reader, its writer and the
+/// shard's direct flush (all on one thread, never across an await).
+#[derive(Debug)]
+struct Socket(RefCell<TcpStream>);
+
+impl std::ops::Deref for Socket {
+    type Target = RefCell<TcpStream>;
+    fn deref(&self) -> &RefCell<TcpStream> {
+        &self.0
+    }
+}
 
 impl Io {
     /// Reads into the shard's scratch buffer and appends what arrived to
@@ -151,7 +163,7 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream, slot: ConnectionSlot) {
     let Ok(mut client) = stream.peer_addr() else {
         return; // the client already left
     };
-    let io = Io(Rc::new(RefCell::new(stream)));
+    let io = Io(Rc::new(Socket(RefCell::new(stream))));
     let mut buf = BytesMut::new();
     if shard.config.proxy_protocol {
         let wait = shard.config.handshake_timeout;
@@ -269,7 +281,7 @@ pub async fn adopt(shard: Rc<Shard>, adoption: Adoption) {
     let slot = ConnectionSlot::adopted(shard.clone(), node);
     // SAFETY: `fd` is an open TCP socket this task now owns alone.
     let stream = unsafe { TcpStream::from_raw_fd(fd.into_raw_fd()) };
-    let io = Io(Rc::new(RefCell::new(stream)));
+    let io = Io(Rc::new(Socket(RefCell::new(stream))));
     let route = http::route(&head.method, &head.path);
     websocket(shard, io, BytesMut::from(&buf[..]), head, route, client, slot).await;
 }
@@ -391,7 +403,7 @@ fn readiness(shard: &Shard) -> (u16, &'static str) {
 /// are answered as usual, anything else with 503 `too_many_connections`;
 /// then the connection closes.
 pub async fn serve_admin_only(shard: Rc<Shard>, stream: TcpStream, admin: AdminConnection) {
-    let io = Io(Rc::new(RefCell::new(stream)));
+    let io = Io(Rc::new(Socket(RefCell::new(stream))));
     let mut buf = BytesMut::new();
     let wait = shard.config.handshake_timeout;
     let read = async {
@@ -415,7 +427,7 @@ pub async fn serve_admin_only(shard: Rc<Shard>, stream: TcpStream, admin: AdminC
 /// Answers a control-plane request in the shard's low-share task queue.
 async fn control(shard: &Rc<Shard>, route: Route, query: &str, keep_alive: bool) -> Vec<u8> {
     let task_shard = shard.clone();
-    let listing = topic_query(query);
+    let listing = TopicQuery::from_query(query);
     let work = async move {
         let shard = &task_shard;
         let json = |status, value: serde_json::Value| {
@@ -439,7 +451,7 @@ async fn control(shard: &Rc<Shard>, route: Route, query: &str, keep_alive: bool)
                 }
             },
             _ => match listing {
-                Err(why) => http::json_error(400, "bad_request", &why, keep_alive),
+                Err(why) => http::json_error(400, "bad_request", &why.to_string(), keep_alive),
                 Ok(query) => {
                     let (topics, next) = topic_list(shard, query).await;
                     json(200, serde_json::json!({ "topics": topics, "next": next }))
@@ -490,20 +502,6 @@ async fn legacy_publish(shard: &Rc<Shard>, body: &[u8], keep_alive: bool) -> Vec
         }
         Err(e) => owner_error(e, keep_alive),
     }
-}
-
-/// The page `GET /v1/topics?prefix=&after=&limit=` asks for.
-fn topic_query(query: &str) -> Result<TopicQuery, String> {
-    let limit = match http::query_param(query, "limit") {
-        None => TOPICS_PAGE_DEFAULT,
-        Some(v) => match v.parse::<usize>() {
-            Ok(n) if (1..=TOPICS_PAGE_MAX).contains(&n) => n,
-            _ => return Err(format!("limit must be a number from 1 to {TOPICS_PAGE_MAX}")),
-        },
-    };
-    let prefix = http::query_param(query, "prefix").unwrap_or("").to_string();
-    let after = http::query_param(query, "after").map(str::to_string);
-    Ok(TopicQuery { prefix, after, limit })
 }
 
 /// One page of the merged view of topics across shards: the owner's
@@ -1070,7 +1068,7 @@ impl Drop for DirectOff<'_> {
     }
 }
 
-impl DirectSink for RefCell<TcpStream> {
+impl DirectSink for Socket {
     fn try_send(&self, data: &[u8]) -> io::Result<usize> {
         let stream = self.borrow();
         match socket2::SockRef::from(&*stream).send_with_flags(data, libc::MSG_DONTWAIT) {

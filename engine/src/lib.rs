@@ -8,47 +8,21 @@
 //!
 //! # Layout
 //!
-//! Sans-IO cores (pure, unit-tested, no sockets or clocks of their own):
-//! - [`limits`]: every limit, named, with its reason.
-//! - [`config`]: flags and TOML merged and validated into `Config`.
-//! - [`topic`]: topic names and the topic-to-shard hash.
-//! - [`ws`]: WebSocket frames: client decoder, server encoders, close codes.
-//! - [`http`]: request heads, routes, responses.
-//! - [`native`]: the native protocol's requests, replies and envelopes.
-//! - [`history`]: the bounded per-topic ring.
-//! - [`owner`]: the sequencer for the topics a shard owns.
-//! - [`broker`]: a shard's data-plane decisions (sequence, subscribe,
-//!   resume, fan out, answer) as a state machine: inputs and the time in,
-//!   actions out.
-//! - [`outbound`]: a connection's bounded send queue and slow-consumer policy.
-//! - [`proxy_protocol`]: PROXY protocol v2 headers from FluxBalancer.
-//! - [`message`], [`metrics`], [`sync`]: shared types, counters, shard-local sync.
+//! This crate is the node's shell. Its decisions live in `proto` (sans-IO:
+//! codecs, topics, history, the sequencer, the broker, send queues,
+//! limits); the glommio plumbing it shares with `fluxbalancer` lives in
+//! `runtime` (executors, descriptor tables, fd passing, accept loop,
+//! signals). Along the publish path, in order:
 //!
-//! The shell:
-//! - [`shard`]: the glommio shell around a broker: its tasks, the channel
-//!   mesh between shards, and what crosses it.
-//! - [`conn`]: one connection: HTTP, then a WebSocket session.
-//! - [`fdpass`]: moving a socket between shards' descriptor tables.
-//! - [`server`]: executors, mesh, listeners, graceful shutdown.
-//! - [`runtime`]: the glommio shell shared with `fluxbalancer`: port
-//!   reservation, executor start, accept loop, logging, signals.
+//! - [`conn`]: one connection: HTTP, then a WebSocket session; its reader
+//!   decodes frames and hands publishes and subscribes to the shard, its
+//!   writer task sends what the direct flush could not.
+//! - [`shard`]: the glommio shell around one `proto::broker::Broker`: carries
+//!   its actions out (outboxes to peers, direct flushes, awaited answers).
+//! - [`server`]: executors, the channel mesh, listeners, graceful shutdown.
+//! - [`config`]: flags and TOML merged and validated into `Config`.
 
-pub mod broker;
 pub mod config;
 pub mod conn;
-pub mod fdpass;
-pub mod history;
-pub mod http;
-pub mod limits;
-pub mod message;
-pub mod metrics;
-pub mod native;
-pub mod outbound;
-pub mod owner;
-pub mod proxy_protocol;
-pub mod runtime;
 pub mod server;
 pub mod shard;
-pub mod sync;
-pub mod topic;
-pub mod ws;

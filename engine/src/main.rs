@@ -6,27 +6,15 @@ use std::sync::atomic::Ordering;
 use clap::Parser;
 use fluxnode::config::{Args, Config};
 use fluxnode::server::Node;
+use runtime::or_exit;
 
 fn main() {
-    fluxnode::runtime::init_tracing("FLUXNODE_LOG");
-    let args = Args::parse();
-    let config = match Config::from_args(&args) {
-        Ok(c) => c,
-        Err(e) => {
-            eprintln!("fluxnode: {e}");
-            std::process::exit(2);
-        }
-    };
-    let node = match Node::bind(&config) {
-        Ok(n) => n,
-        Err(e) => {
-            eprintln!("fluxnode: {e}");
-            std::process::exit(1);
-        }
-    };
+    runtime::init_tracing("FLUXNODE_LOG");
+    let config = or_exit("fluxnode", 2, Config::from_args(&Args::parse()));
+    let node = or_exit("fluxnode", 1, Node::bind(&config));
     let shared = node.shared.clone();
     // Readiness drops first so /readyz answers 503 while connections drain.
-    fluxnode::runtime::stop_on_signals("fluxnode", move || {
+    runtime::stop_on_signals("fluxnode", move || {
         shared.ready.store(false, Ordering::Release);
         shared.shutdown.store(true, Ordering::Release);
     });
@@ -36,9 +24,6 @@ fn main() {
         println!("fluxnode listening on {addr} with {shards} shards");
         let _ = std::io::stdout().flush();
     };
-    if let Err(e) = node.run(config, on_ready) {
-        eprintln!("fluxnode: {e}");
-        std::process::exit(1);
-    }
+    or_exit("fluxnode", 1, node.run(config, on_ready));
     tracing::info!("stopped");
 }

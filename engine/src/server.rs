@@ -10,25 +10,15 @@ use std::time::{Duration, Instant};
 use glommio::channels::channel_mesh::MeshBuilder;
 use glommio::net::TcpListener;
 use glommio::{Latency, Shares};
+use proto::limits::SHARD_CHANNEL_BATCHES;
+use proto::metrics;
+use proto::ws::close_code;
+use runtime::fdpass::{LinkMatrix, Links};
+use runtime::limits::{IO_MEMORY_BYTES_PER_SHARD, SHUTDOWN_POLL_MS};
+use runtime::{ExecutorError, ServerError, ShardError};
 
 use crate::config::{Config, TopicSockets};
-use crate::fdpass::{LinkMatrix, Links};
-use crate::limits::{IO_MEMORY_BYTES_PER_SHARD, SHARD_CHANNEL_BATCHES, SHUTDOWN_POLL_MS};
-use crate::metrics;
-use crate::runtime;
 use crate::shard::{AdminConnection, Batch, NodeConnection, NodeShared, Shard};
-use crate::ws::close_code;
-
-/// Why the node could not run.
-#[derive(Debug, thiserror::Error)]
-pub enum ServerError {
-    /// The listening address could not be bound.
-    #[error("cannot listen on {addr}: {source}")]
-    Bind { addr: SocketAddr, source: std::io::Error },
-    /// glommio could not start the executors.
-    #[error("cannot start executors: {0}")]
-    Executor(String),
-}
 
 /// A node being started: the address actually bound and the shared flags.
 #[derive(Debug)]
@@ -63,7 +53,7 @@ impl Node {
         let open_files = runtime::raise_open_files_limit() as usize;
         // Topic sockets move between shards' descriptor tables over these.
         let links = if shards > 1 && config.topic_sockets == TopicSockets::Owner {
-            Some(Arc::new(LinkMatrix::new(shards).map_err(|e| ServerError::Executor(format!("hand-off links: {e}")))?))
+            Some(Arc::new(LinkMatrix::new(shards).map_err(|e| ServerError::Executor(ExecutorError::Links(e)))?))
         } else {
             None
         };
@@ -74,8 +64,7 @@ impl Node {
                 let start = ShardStart { addr, bound, drained, links, private_table };
                 shard_main(config, mesh, shared, start)
             }
-        })
-        .map_err(ServerError::Executor)?;
+        })?;
         executors.check_room(open_files, config.connections_max, 1);
         let private = executors.private_count();
         // Readiness waits for every shard's listener.
@@ -89,7 +78,7 @@ impl Node {
         if all_bound {
             on_ready(self.local_addr);
         }
-        runtime::join_executors(executors).map_err(ServerError::Executor)
+        Ok(runtime::join_executors(executors)?)
     }
 }
 
@@ -114,19 +103,20 @@ async fn shard_main(
     mesh: MeshBuilder<Batch, glommio::channels::channel_mesh::Full>,
     shared: Arc<NodeShared>,
     start: ShardStart,
-) -> Result<(), String> {
+) -> Result<(), ShardError> {
     let ShardStart { addr, bound, drained, links, private_table } = start;
     let executor = glommio::executor();
     let data_queue =
         executor.create_task_queue(Shares::Static(1000), Latency::Matters(Duration::from_millis(1)), "data");
     let control_queue = executor.create_task_queue(Shares::Static(100), Latency::NotImportant, "control");
-    let (senders, mut receivers) = mesh.join().await.map_err(|_| "cannot join the shard mesh".to_string())?;
+    let (senders, mut receivers) = mesh.join().await.map_err(|_| ShardError::Mesh)?;
     let id = senders.peer_id();
     let shards = config.shards;
     let links = links.map_or_else(|| Links::none(shards), |l| l.claim(id, private_table));
     let shard = Shard::new(id, shards, config.clone(), shared.clone(), Some(senders), control_queue, links);
     shard.start(receivers.streams(), data_queue);
-    let listener = TcpListener::bind(addr).map_err(|e| format!("shard {id}: cannot bind {addr}: {e}"))?;
+    let listener =
+        TcpListener::bind(addr).map_err(|source| ShardError::Bind { shard: id, addr, source: source.into() })?;
     bound.fetch_add(1, Ordering::AcqRel);
     tracing::debug!(shard = id, %addr, "shard listening");
     accept_loop(&shard, &listener, data_queue).await;
@@ -170,7 +160,7 @@ async fn accept_loop(shard: &Rc<Shard>, listener: &TcpListener, data_queue: glom
 fn reject(stream: glommio::net::TcpStream) {
     glommio::spawn_local(async move {
         let mut stream = stream;
-        let body = crate::http::json_error(503, "too_many_connections", "connection limit reached", false);
+        let body = proto::http::json_error(503, "too_many_connections", "connection limit reached", false);
         let _ = futures_lite::AsyncWriteExt::write_all(&mut stream, &body).await;
     })
     .detach();

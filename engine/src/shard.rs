@@ -23,22 +23,22 @@ use std::time::Instant;
 use bytes::Bytes;
 use glommio::channels::channel_mesh::Senders;
 use glommio::channels::shared_channel::ConnectedReceiver;
-
-use crate::broker::{
+use proto::broker::{
     self, Action, Broker, BrokerLimits, Granted, PublishReply, Published, SubscribeRequest, Subscription,
 };
-use crate::config::Config;
-use crate::fdpass::Links;
-use crate::limits::{
+use proto::limits::{
     ADMIN_CONNECTIONS_RESERVED, FANOUT_PENDING_BYTES_MAX, ITEM_OVERHEAD_BYTES, OUTBOX_BYTES_MAX, READ_SCRATCH_BYTES,
     REMOTE_PUBLISH_BYTES_IN_FLIGHT_MAX, WRITE_BATCH_BYTES_MAX,
 };
-use crate::message::{Now, PayloadKind};
-use crate::metrics::{self, LatencyTally, Metrics, ShardStats};
-use crate::outbound::Outbound;
-use crate::owner::{Owner, OwnerError, OwnerLimits};
-use crate::sync::{Event, Slot};
-use crate::topic::{TopicName, TopicQuery};
+use proto::message::{Now, PayloadKind};
+use proto::metrics::{self, LatencyTally, Metrics, ShardStats};
+use proto::outbound::Outbound;
+use proto::owner::{Owner, OwnerError, OwnerLimits};
+use proto::sync::{Event, Slot};
+use proto::topic::{TopicName, TopicQuery};
+use runtime::fdpass::Links;
+
+use crate::config::Config;
 
 /// What crosses between shards, always inside a batch (`Vec<Item>`).
 #[derive(Debug)]
@@ -74,7 +74,7 @@ pub struct Handoff {
     /// Bytes read after the request head.
     pub buf: Vec<u8>,
     /// The parsed request head.
-    pub head: crate::http::RequestHead,
+    pub head: proto::http::RequestHead,
     /// The address the node attributes the connection to.
     pub client: std::net::SocketAddr,
     /// The connection's place in the node's count, released if the hand-off

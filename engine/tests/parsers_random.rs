@@ -3,7 +3,7 @@
 //! `fuzz/`, outside CI). No parser may panic on any input.
 
 use bytes::{Bytes, BytesMut};
-use fluxnode::{http, native, proxy_protocol, ws};
+use proto::{http, native, proxy_protocol, ws};
 
 const MUTATIONS_PER_SEED: usize = 20_000;
 

@@ -38,17 +38,17 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use fluxnode::broker::{
+use proto::broker::{
     Action, Broker, BrokerLimits, Format, Granted, Item, PublishReply, Published, SubscribeRequest, Subscription,
 };
-use fluxnode::config::SlowConsumerPolicy;
-use fluxnode::limits::{CONTROL_SLACK_BYTES, ITEM_OVERHEAD_BYTES};
-use fluxnode::message::{Now, PayloadKind};
-use fluxnode::metrics::Metrics;
-use fluxnode::outbound::{Frame, Offer, Outbound};
-use fluxnode::owner::{Epoch, Owner, OwnerError, OwnerLimits, ResumeFrom, Resumed};
-use fluxnode::topic::TopicName;
-use fluxnode::{native, ws};
+use proto::limits::{CONTROL_SLACK_BYTES, ITEM_OVERHEAD_BYTES};
+use proto::message::{Now, PayloadKind};
+use proto::metrics::Metrics;
+use proto::outbound::SlowConsumerPolicy;
+use proto::outbound::{Frame, Offer, Outbound};
+use proto::owner::{Epoch, Owner, OwnerError, OwnerLimits, ResumeFrom, Resumed};
+use proto::topic::TopicName;
+use proto::{native, ws};
 
 /// Topics in play: more than the shards together may hold, so that
 /// eviction happens.

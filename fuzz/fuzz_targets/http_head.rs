@@ -2,7 +2,7 @@
 //! claims more bytes than it was given.
 #![no_main]
 
-use fluxnode::http;
+use proto::http;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -2,7 +2,7 @@
 #![no_main]
 
 use bytes::Bytes;
-use fluxnode::native;
+use proto::native;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

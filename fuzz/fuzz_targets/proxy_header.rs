@@ -3,7 +3,7 @@
 //! "incomplete", never an error.
 #![no_main]
 
-use fluxnode::proxy_protocol;
+use proto::proxy_protocol;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

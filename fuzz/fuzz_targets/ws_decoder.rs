@@ -4,7 +4,7 @@
 #![no_main]
 
 use bytes::BytesMut;
-use fluxnode::ws::Decoder;
+use proto::ws::Decoder;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -291,7 +291,7 @@ pub fn expect_close(ws: &mut Ws) -> (u16, String) {
 pub fn topic_on_shard(prefix: &str, shards: u64, want: u64) -> String {
     (0..)
         .map(|i| format!("{prefix}{i}"))
-        .find(|t| fluxnode::topic::TopicName::new(t).unwrap().owner_shard(shards as usize) as u64 == want)
+        .find(|t| proto::topic::TopicName::new(t).unwrap().owner_shard(shards as usize) as u64 == want)
         .unwrap()
 }
 

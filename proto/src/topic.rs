@@ -5,7 +5,8 @@
 
 use std::sync::Arc;
 
-use crate::limits::TOPIC_NAME_BYTES_MAX;
+use crate::http::query_param;
+use crate::limits::{TOPICS_PAGE_DEFAULT, TOPICS_PAGE_MAX, TOPIC_NAME_BYTES_MAX};
 
 /// A validated topic name. Cheap to clone (shared string), `Send` so it can
 /// cross shards inside batches.
@@ -58,7 +59,7 @@ impl TopicName {
     /// across processes, versions and machines (unlike a seeded hasher), so
     /// every node and tool agrees on ownership.
     pub fn owner_shard(&self, shards: usize) -> usize {
-        (fnv1a(self.0.as_bytes()) % shards as u64) as usize
+        (crate::hash::fnv1a(self.0.as_bytes()) % shards as u64) as usize
     }
 }
 
@@ -81,7 +82,30 @@ pub struct TopicQuery {
     pub limit: usize,
 }
 
+/// Why a listing's query string was refused (HTTP 400 `bad_request`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum QueryError {
+    /// `limit` is not a number from 1 to `TOPICS_PAGE_MAX`.
+    #[error("limit must be a number from 1 to {}", TOPICS_PAGE_MAX)]
+    Limit,
+}
+
 impl TopicQuery {
+    /// The listing `GET /v1/topics?prefix=P&after=A&limit=N` asks for
+    /// (`limit` defaults to `TOPICS_PAGE_DEFAULT`).
+    pub fn from_query(query: &str) -> Result<TopicQuery, QueryError> {
+        let limit = match query_param(query, "limit") {
+            None => TOPICS_PAGE_DEFAULT,
+            Some(v) => match v.parse::<usize>() {
+                Ok(n) if (1..=TOPICS_PAGE_MAX).contains(&n) => n,
+                _ => return Err(QueryError::Limit),
+            },
+        };
+        let prefix = query_param(query, "prefix").unwrap_or("").to_string();
+        let after = query_param(query, "after").map(str::to_string);
+        Ok(TopicQuery { prefix, after, limit })
+    }
+
     /// Whether `name` belongs to the listing (before the limit).
     pub fn matches(&self, name: &str) -> bool {
         name.starts_with(&self.prefix) && self.after.as_deref().is_none_or(|after| name > after)
@@ -100,16 +124,6 @@ impl TopicQuery {
         items.sort_unstable_by(|a, b| name(a).cmp(name(b)));
         items
     }
-}
-
-/// 64-bit FNV-1a.
-pub fn fnv1a(bytes: &[u8]) -> u64 {
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for &b in bytes {
-        hash ^= u64::from(b);
-        hash = hash.wrapping_mul(0x0100_0000_01b3);
-    }
-    hash
 }
 
 #[cfg(test)]
@@ -150,7 +164,6 @@ mod tests {
         let t = TopicName::new("chat").unwrap();
         assert_eq!(t.owner_shard(7), t.owner_shard(7));
         // Known value pins the hash so it cannot change silently between versions.
-        assert_eq!(fnv1a(b"a"), 0xaf63_dc4c_8601_ec8c);
         let mut counts = [0usize; 4];
         for i in 0..4000 {
             counts[TopicName::new(&format!("t{i}")).unwrap().owner_shard(4)] += 1;

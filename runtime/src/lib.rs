@@ -1,6 +1,74 @@
 //! The glommio shell both binaries share (`fluxnode` and `fluxbalancer`):
 //! reserving a port for SO_REUSEPORT shards, starting executors one at a
-//! time, accepting until shutdown, logging and signals. No protocol here.
+//! time (each with a descriptor table of its own), moving sockets between
+//! those tables ([`fdpass`]), accepting until shutdown, logging, signals,
+//! and the start-up errors both report. No protocol here.
+
+pub mod fdpass;
+pub mod limits;
+
+/// Why one shard's future ended in error.
+#[derive(Debug, thiserror::Error)]
+pub enum ShardError {
+    /// Its listener could not be bound.
+    #[error("shard {shard}: cannot bind {addr}: {source}")]
+    Bind { shard: usize, addr: SocketAddr, source: std::io::Error },
+    /// It could not join the channel mesh between shards.
+    #[error("cannot join the shard mesh")]
+    Mesh,
+}
+
+/// Why executors could not be started, or how one ended.
+#[derive(Debug, thiserror::Error)]
+pub enum ExecutorError {
+    /// glommio refused to make the executor (io_uring, memlock).
+    #[error("shard {shard}: cannot make its executor: {reason}")]
+    Make { shard: usize, reason: String },
+    /// The executor's thread could not be started.
+    #[error("cannot start an executor thread: {0}")]
+    Thread(#[source] std::io::Error),
+    /// The executor was not made within 30 s.
+    #[error("shard {shard} was not made within 30 s")]
+    NotMade { shard: usize },
+    /// A shard did not start within 30 s.
+    #[error("a shard did not start within 30 s")]
+    NotStarted,
+    /// Start-up stopped before this executor was told to go.
+    #[error("start-up abandoned")]
+    Abandoned,
+    /// The hand-off links between shards could not be made.
+    #[error("hand-off links: {0}")]
+    Links(#[source] std::io::Error),
+    /// A shard's future failed.
+    #[error(transparent)]
+    Shard(#[from] ShardError),
+    /// An executor's thread panicked.
+    #[error("an executor panicked")]
+    Panicked,
+}
+
+/// Why a binary could not run (both report the same way).
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// A listening address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    /// The executors could not start, or one failed.
+    #[error("cannot start executors: {0}")]
+    Executor(#[from] ExecutorError),
+}
+
+/// The value of `result`, or: print `program: error` and exit with
+/// `status` (2 for a bad configuration, 1 otherwise).
+pub fn or_exit<T, E: std::fmt::Display>(program: &str, status: i32, result: Result<T, E>) -> T {
+    match result {
+        Ok(value) => value,
+        Err(e) => {
+            eprintln!("{program}: {e}");
+            std::process::exit(status);
+        }
+    }
+}
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -78,7 +146,7 @@ fn someone_listens(addr: SocketAddr) -> bool {
 /// descriptor table of their own.
 #[derive(Debug)]
 pub struct Executors {
-    handles: Vec<std::thread::JoinHandle<Result<(), String>>>,
+    handles: Vec<std::thread::JoinHandle<Result<(), ExecutorError>>>,
     /// Per executor: whether it runs with a private descriptor table.
     private_tables: Vec<bool>,
 }
@@ -111,10 +179,10 @@ pub fn start_executors<G, Fut>(
     io_memory: usize,
     private_tables: bool,
     mut make: impl FnMut(usize) -> G,
-) -> Result<Executors, String>
+) -> Result<Executors, ExecutorError>
 where
     G: FnOnce(bool) -> Fut + Send + 'static,
-    Fut: Future<Output = Result<(), String>> + 'static,
+    Fut: Future<Output = Result<(), ShardError>> + 'static,
 {
     let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
     let mut handles = Vec::with_capacity(shards);
@@ -122,7 +190,7 @@ where
     let (started_tx, started_rx) = std::sync::mpsc::channel::<(usize, bool)>();
     for index in 0..shards {
         let placement = if shards <= cores { Placement::Fixed(index) } else { Placement::Unbound };
-        let (made_tx, made_rx) = std::sync::mpsc::channel::<Result<(), String>>();
+        let (made_tx, made_rx) = std::sync::mpsc::channel::<Result<(), ExecutorError>>();
         let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
         let started_tx = started_tx.clone();
         let build = make(index);
@@ -141,23 +209,23 @@ where
                         let _ = made_tx.send(Ok(()));
                         executor
                     }
-                    Err(e) => {
-                        let _ = made_tx.send(Err(e.clone()));
-                        return Err(e);
+                    Err(reason) => {
+                        let _ = made_tx.send(Err(ExecutorError::Make { shard: index, reason: reason.clone() }));
+                        return Err(ExecutorError::Make { shard: index, reason });
                     }
                 };
-                go_rx.recv().map_err(|_| "start-up abandoned".to_string())?;
+                go_rx.recv().map_err(|_| ExecutorError::Abandoned)?;
                 let private = private_tables && leave_shared_table(index);
                 executor.run(async move {
                     let _ = started_tx.send((index, private));
-                    build(private).await
+                    build(private).await.map_err(ExecutorError::Shard)
                 })
             })
-            .map_err(|e| e.to_string())?;
+            .map_err(ExecutorError::Thread)?;
         match made_rx.recv_timeout(Duration::from_secs(30)) {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => return Err(format!("shard {index}: {e}")),
-            Err(_) => return Err(format!("shard {index} was not made")),
+            Ok(Err(e)) => return Err(e),
+            Err(_) => return Err(ExecutorError::NotMade { shard: index }),
         }
         handles.push(handle);
         go.push(go_tx);
@@ -168,7 +236,7 @@ where
     let mut private = vec![false; shards];
     for _ in 0..shards {
         let (index, own_table) =
-            started_rx.recv_timeout(Duration::from_secs(30)).map_err(|_| "a shard did not start".to_string())?;
+            started_rx.recv_timeout(Duration::from_secs(30)).map_err(|_| ExecutorError::NotStarted)?;
         private[index] = own_table;
     }
     Ok(Executors { handles, private_tables: private })
@@ -242,22 +310,23 @@ pub fn wait_for_count(count: &std::sync::atomic::AtomicUsize, target: usize) -> 
     count.load(Ordering::Acquire) >= target
 }
 
-/// Waits for every executor; the errors of those that failed, joined.
-pub fn join_executors(executors: Executors) -> Result<(), String> {
-    let failed: Vec<String> = executors
-        .handles
-        .into_iter()
-        .filter_map(|h| match h.join() {
-            Ok(Ok(())) => None,
-            Ok(Err(e)) => Some(e),
-            Err(_) => Some("an executor panicked".to_string()),
-        })
-        .collect();
-    if failed.is_empty() {
-        Ok(())
-    } else {
-        Err(failed.join("; "))
+/// Waits for every executor; the first error of those that failed (the
+/// others are logged).
+pub fn join_executors(executors: Executors) -> Result<(), ExecutorError> {
+    let mut first = None;
+    for handle in executors.handles {
+        let failed = match handle.join() {
+            Ok(Ok(())) => continue,
+            Ok(Err(e)) => e,
+            Err(_) => ExecutorError::Panicked,
+        };
+        if first.is_some() {
+            tracing::error!("{failed}");
+        } else {
+            first = Some(failed);
+        }
     }
+    first.map_or(Ok(()), Err)
 }
 
 /// The next accepted connection, or None once `stopping()` holds (checked

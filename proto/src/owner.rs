@@ -414,12 +414,9 @@ fn release(pins: &mut HashMap<IpAddr, usize, ahash::RandomState>, client: IpAddr
     }
 }
 
-/// SplitMix64's finaliser: spreads a counter over 64 bits.
-fn mix(mut x: u64) -> u64 {
-    x = x.wrapping_add(0x9e37_79b9_7f4a_7c15);
-    x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-    x ^ (x >> 31)
+/// SplitMix64's step: spreads a counter over 64 bits.
+fn mix(x: u64) -> u64 {
+    crate::hash::avalanche(x.wrapping_add(0x9e37_79b9_7f4a_7c15))
 }
 
 fn stat(name: &TopicName, t: &OwnedTopic) -> TopicStat {

@@ -24,11 +24,21 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
-use crate::config::SlowConsumerPolicy;
 use crate::limits::{CONTROL_SLACK_BYTES, DROPPED_NOTICE_BYTES_MAX};
 use crate::sync::Event;
 use crate::topic::TopicName;
 use crate::ws::close_code;
+
+/// What a connection does when its send queue is full.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum SlowConsumerPolicy {
+    /// Close the connection with code 4008 and a reason giving the numbers.
+    Disconnect,
+    /// Skip messages, count them, and tell the client the missed sequence
+    /// range (native protocol only; the other paths always disconnect).
+    Drop,
+}
 
 /// An encoded frame, framed once and shared by every queue it is in: a
 /// queue entry is one pointer, and queueing it to a subscriber is one

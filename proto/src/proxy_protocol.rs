@@ -1,7 +1,9 @@
 //! PROXY protocol version 2 (haproxy.org proxy-protocol.txt, section 2.2),
-//! read at the start of every connection when the node runs behind
-//! FluxBalancer with `proxy_protocol = true`, so that the node knows the
-//! client's address. Sans-IO: bytes in, the header's meaning and length out.
+//! both ways: FluxBalancer writes a header at the start of every connection
+//! it relays ([`encode_proxy`], [`encode_local`] for its own health checks),
+//! and a node running with `proxy_protocol = true` reads it ([`parse`]), so
+//! that the node knows the client's address. Sans-IO: addresses in, bytes
+//! out; bytes in, the header's meaning and length out.
 //!
 //! Version 1 (the text form) is not accepted: FluxBalancer sends v2, and
 //! one format means one parser to fuzz.
@@ -10,6 +12,15 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
 /// The 12-byte signature every v2 header starts with.
 pub const SIGNATURE: [u8; 12] = *b"\r\n\r\n\0\r\nQUIT\n";
+
+/// Version 2, command LOCAL: the balancer's own connection (health checks).
+const CMD_LOCAL: u8 = 0x20;
+/// Version 2, command PROXY: the connection is relayed for a client.
+const CMD_PROXY: u8 = 0x21;
+/// TCP over IPv4.
+const FAMILY_TCP4: u8 = 0x11;
+/// TCP over IPv6.
+const FAMILY_TCP6: u8 = 0x21;
 
 /// Largest header accepted, bytes: the 16-byte preamble plus addresses
 /// (36 bytes for IPv6) and room for TLVs a balancer might add.
@@ -41,6 +52,46 @@ pub enum ProxyError {
     BadLength,
 }
 
+/// The header for a relayed connection from `client` that arrived at
+/// `local` (the balancer's listening address as the client saw it). A
+/// mixed IPv4/IPv6 pair is sent as IPv6 with the IPv4 side mapped.
+pub fn encode_proxy(client: SocketAddr, local: SocketAddr) -> Vec<u8> {
+    let mut out = Vec::with_capacity(16 + 36);
+    out.extend_from_slice(&SIGNATURE);
+    out.push(CMD_PROXY);
+    match (client, local) {
+        (SocketAddr::V4(c), SocketAddr::V4(l)) => {
+            out.push(FAMILY_TCP4);
+            out.extend_from_slice(&12u16.to_be_bytes());
+            out.extend_from_slice(&c.ip().octets());
+            out.extend_from_slice(&l.ip().octets());
+            out.extend_from_slice(&c.port().to_be_bytes());
+            out.extend_from_slice(&l.port().to_be_bytes());
+        }
+        (c, l) => {
+            let v6 = |a: SocketAddr| match a {
+                SocketAddr::V4(a) => a.ip().to_ipv6_mapped().octets(),
+                SocketAddr::V6(a) => a.ip().octets(),
+            };
+            out.push(FAMILY_TCP6);
+            out.extend_from_slice(&36u16.to_be_bytes());
+            out.extend_from_slice(&v6(c));
+            out.extend_from_slice(&v6(l));
+            out.extend_from_slice(&c.port().to_be_bytes());
+            out.extend_from_slice(&l.port().to_be_bytes());
+        }
+    }
+    out
+}
+
+/// The header for the balancer's own connections (health checks): the node
+/// keeps the real peer address.
+pub fn encode_local() -> Vec<u8> {
+    let mut out = SIGNATURE.to_vec();
+    out.extend_from_slice(&[CMD_LOCAL, 0x00, 0x00, 0x00]);
+    out
+}
+
 /// Parses the header at the start of `received`. `Ok(None)`: incomplete,
 /// read more. `Ok(Some((header, length)))`: the first `length` bytes were
 /// the header; what follows is the client's own data.
@@ -64,22 +115,22 @@ pub fn parse(received: &[u8]) -> Result<Option<(ProxyHeader, usize)>, ProxyError
         return Ok(None);
     }
     let body = &received[16..length];
-    if version_command & 0x0f == 0 {
+    if version_command == CMD_LOCAL {
         return Ok(Some((ProxyHeader::Local, length)));
     }
     let client = match family {
-        0x11 if body.len() >= 12 => {
+        FAMILY_TCP4 if body.len() >= 12 => {
             let ip = Ipv4Addr::new(body[0], body[1], body[2], body[3]);
             SocketAddr::new(IpAddr::V4(ip), u16::from_be_bytes([body[8], body[9]]))
         }
-        0x21 if body.len() >= 36 => {
+        FAMILY_TCP6 if body.len() >= 36 => {
             let mut octets = [0u8; 16];
             octets.copy_from_slice(&body[..16]);
             let ip = Ipv6Addr::from(octets);
             let ip = ip.to_ipv4_mapped().map(IpAddr::V4).unwrap_or(IpAddr::V6(ip));
             SocketAddr::new(ip, u16::from_be_bytes([body[32], body[33]]))
         }
-        0x11 | 0x21 => return Err(ProxyError::BadLength),
+        FAMILY_TCP4 | FAMILY_TCP6 => return Err(ProxyError::BadLength),
         // UNSPEC, UDP and UNIX families carry no TCP client address.
         _ => return Ok(Some((ProxyHeader::Local, length))),
     };
@@ -138,5 +189,33 @@ mod tests {
         let mut h = v4_header();
         h[15] = 4;
         assert_eq!(parse(&h[..20]), Err(ProxyError::BadLength), "too short for IPv4 addresses");
+    }
+
+    #[test]
+    fn encoded_ipv4_layout() {
+        let h = encode_proxy("192.0.2.7:40000".parse().unwrap(), "198.51.100.1:9080".parse().unwrap());
+        assert_eq!(h.len(), 28);
+        assert_eq!(&h[..12], &SIGNATURE);
+        assert_eq!(&h[12..16], &[0x21, 0x11, 0, 12]);
+        assert_eq!(&h[16..20], &[192, 0, 2, 7]);
+        assert_eq!(&h[20..24], &[198, 51, 100, 1]);
+        assert_eq!(&h[24..26], &40000u16.to_be_bytes());
+        assert_eq!(&h[26..28], &9080u16.to_be_bytes());
+    }
+
+    #[test]
+    fn what_is_encoded_parses_back() {
+        for (client, local) in [
+            ("192.0.2.7:40000", "198.51.100.1:9080"),
+            ("[2001:db8::1]:5", "127.0.0.1:6"),
+            ("10.0.0.1:8080", "[::1]:80"),
+        ] {
+            let client: SocketAddr = client.parse().unwrap();
+            let h = encode_proxy(client, local.parse().unwrap());
+            assert_eq!(parse(&h), Ok(Some((ProxyHeader::Proxy { client }, h.len()))), "{client}");
+        }
+        let local = encode_local();
+        assert_eq!((local.len(), local[12]), (16, 0x20));
+        assert_eq!(parse(&local), Ok(Some((ProxyHeader::Local, 16))));
     }
 }

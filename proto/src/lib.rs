@@ -1,0 +1,40 @@
+//! RayFlux's sans-IO core, shared by FluxNode and FluxBalancer: everything
+//! here takes bytes, inputs and the time and returns values or actions. No
+//! runtime, socket or clock lives here (the shells read the clocks and hand
+//! in a `message::Now`), so every module is unit-tested, and the brokers of
+//! several shards run together in a seeded simulation
+//! (`engine/tests/simulation.rs`).
+//!
+//! # Layout
+//!
+//! - [`limits`]: every limit, named, with its reason.
+//! - [`topic`]: topic names and their owner shard.
+//! - [`hash`]: the stable hashes the node and the balancer agree on.
+//! - [`ws`]: WebSocket frames: client decoder, server encoders, close codes.
+//! - [`http`]: request heads, routes, responses.
+//! - [`native`]: the native protocol's requests, replies and envelopes.
+//! - [`proxy_protocol`]: PROXY protocol v2 headers, both ways.
+//! - [`message`]: a sequenced message, epochs, the time as an input.
+//! - [`history`]: the bounded per-topic ring.
+//! - [`owner`]: the sequencer for the topics a shard owns.
+//! - [`broker`]: a shard's data-plane decisions (sequence, subscribe,
+//!   resume, fan out, answer) as a state machine: inputs and the time in,
+//!   actions out.
+//! - [`outbound`]: a connection's bounded send queue and slow-consumer policy.
+//! - [`metrics`], [`sync`]: counters and histograms; shard-local
+//!   runtime-agnostic wake-ups (`Event`, `Slot`).
+
+pub mod broker;
+pub mod hash;
+pub mod history;
+pub mod http;
+pub mod limits;
+pub mod message;
+pub mod metrics;
+pub mod native;
+pub mod outbound;
+pub mod owner;
+pub mod proxy_protocol;
+pub mod sync;
+pub mod topic;
+pub mod ws;
