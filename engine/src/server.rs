@@ -96,6 +96,18 @@ struct ShardStart {
     private_table: bool,
 }
 
+/// Serves the connections peers hand over to `shard`, each in a task of
+/// its own, as if this shard had accepted them.
+async fn adopter(shard: Rc<Shard>, data_queue: glommio::TaskQueueHandle) {
+    loop {
+        for adoption in shard.adoptions().await {
+            if let Ok(task) = glommio::spawn_local_into(crate::conn::adopt(shard.clone(), adoption), data_queue) {
+                task.detach();
+            }
+        }
+    }
+}
+
 /// One shard's life: join the mesh, start tasks, accept until shutdown,
 /// drain.
 async fn shard_main(
@@ -115,6 +127,8 @@ async fn shard_main(
     let links = links.map_or_else(|| Links::none(shards), |l| l.claim(id, private_table));
     let shard = Shard::new(id, shards, config.clone(), shared.clone(), Some(senders), control_queue, links);
     shard.start(receivers.streams(), data_queue);
+    let adopting = shard.clone();
+    glommio::spawn_local_into(adopter(adopting, data_queue), data_queue).map(|t| t.detach()).ok();
     let listener =
         TcpListener::bind(addr).map_err(|source| ShardError::Bind { shard: id, addr, source: source.into() })?;
     bound.fetch_add(1, Ordering::AcqRel);

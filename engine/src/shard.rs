@@ -10,7 +10,7 @@
 //! adopts sockets handed over by peers.
 //!
 //! Tasks per shard: one ingress task per peer channel, one flusher per peer
-//! outbox, one fan-out task, the stats server and the adopter, plus the
+//! outbox, one fan-out task and the stats server, plus the adopter,
 //! accept loop and connections (see `server`).
 
 use std::cell::{Cell, RefCell};
@@ -409,8 +409,6 @@ impl Shard {
         let shard = self.clone();
         glommio::spawn_local_into(async move { shard.fanout().await }, data_queue).map(|t| t.detach()).ok();
         let shard = self.clone();
-        glommio::spawn_local_into(async move { shard.adopter(data_queue).await }, data_queue).map(|t| t.detach()).ok();
-        let shard = self.clone();
         let control = self.control_queue;
         glommio::spawn_local_into(async move { shard.stats_server().await }, control).map(|t| t.detach()).ok();
     }
@@ -525,20 +523,15 @@ impl Shard {
         self.send(owner, Item::Handoff(Box::new(handoff)));
     }
 
-    /// Serves the connections peers hand over, each in a task of its own.
-    async fn adopter(self: Rc<Self>, data_queue: glommio::TaskQueueHandle) {
+    /// The connections peers handed over since the last call, waiting
+    /// until there is one (the server's adopter task serves each).
+    pub async fn adoptions(&self) -> Vec<Adoption> {
         loop {
             let handoffs = std::mem::take(&mut *self.handoffs.borrow_mut());
-            if handoffs.is_empty() {
-                self.handoff_wake.wait().await;
-                continue;
+            if !handoffs.is_empty() {
+                return handoffs;
             }
-            for adoption in handoffs {
-                let task = glommio::spawn_local_into(crate::conn::adopt(self.clone(), adoption), data_queue);
-                if let Ok(task) = task {
-                    task.detach();
-                }
-            }
+            self.handoff_wake.wait().await;
         }
     }
 
