@@ -9,6 +9,10 @@ use std::time::Duration;
 use clap::Parser;
 use serde::Deserialize;
 
+use runtime::config::read_file;
+pub use runtime::config::ConfigError;
+use runtime::pick;
+
 use crate::maglev;
 
 /// Most shards: one per core; more would only share cores.
@@ -107,93 +111,155 @@ struct FileConfig {
 #[derive(Clone, Debug)]
 pub struct Config {
     /// Client-facing address, bound by every shard with SO_REUSEPORT.
-    pub listen: SocketAddr,
+    listen: SocketAddr,
     /// Admin address, served by shard 0.
-    pub admin_listen: SocketAddr,
+    admin_listen: SocketAddr,
     /// Number of shards, 1..=SHARDS_MAX.
-    pub shards: usize,
+    shards: usize,
     /// Static nodes, resolved.
-    pub nodes: Vec<SocketAddr>,
+    nodes: Vec<SocketAddr>,
     /// DNS name to re-resolve, `host:port`.
-    pub dns: Option<String>,
+    dns: Option<String>,
     /// DNS re-resolution interval.
-    pub dns_interval: Duration,
+    dns_interval: Duration,
     /// Maglev table size (prime).
-    pub table_size: usize,
+    table_size: usize,
     /// Health-check interval.
-    pub health_interval: Duration,
+    health_interval: Duration,
     /// Time one health check may take.
-    pub health_timeout: Duration,
+    health_timeout: Duration,
     /// Passed checks to come back.
-    pub health_rise: u32,
+    health_rise: u32,
     /// Failed checks to leave.
-    pub health_fall: u32,
+    health_fall: u32,
     /// Whether nodes get a PROXY v2 header.
-    pub proxy_protocol: bool,
+    proxy_protocol: bool,
     /// Time for the client's request head.
-    pub head_timeout: Duration,
+    head_timeout: Duration,
     /// Time to connect to a node.
-    pub connect_timeout: Duration,
+    connect_timeout: Duration,
     /// Silence both ways that closes a piped connection.
-    pub tunnel_idle_timeout: Duration,
+    tunnel_idle_timeout: Duration,
     /// Most client connections.
-    pub connections_max: usize,
+    connections_max: usize,
     /// Time shutdown waits for connections.
-    pub drain_timeout: Duration,
+    drain_timeout: Duration,
 }
 
-/// Why a configuration was refused.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The file named by `--config` could not be read.
-    #[error("cannot read config file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
-    /// The file is not valid TOML, or has an unknown key or a wrong type.
-    #[error("invalid config file {path}: {source}")]
-    Parse { path: PathBuf, source: toml::de::Error },
-    /// A value is out of range, or a node name does not resolve.
-    #[error("invalid configuration: {0}")]
-    Invalid(String),
+/// Read access: the fields are private, so a `Config` exists only as
+/// [`Config::from_args`] made it, valid.
+impl Config {
+    /// Client-facing address, bound by every shard with SO_REUSEPORT.
+    pub fn listen(&self) -> SocketAddr {
+        self.listen
+    }
+
+    /// Admin address, served by shard 0.
+    pub fn admin_listen(&self) -> SocketAddr {
+        self.admin_listen
+    }
+
+    /// Number of shards, 1..=SHARDS_MAX.
+    pub fn shards(&self) -> usize {
+        self.shards
+    }
+
+    /// Static nodes, resolved.
+    pub fn nodes(&self) -> &[SocketAddr] {
+        &self.nodes
+    }
+
+    /// DNS name to re-resolve, `host:port`.
+    pub fn dns(&self) -> Option<&str> {
+        self.dns.as_deref()
+    }
+
+    /// DNS re-resolution interval.
+    pub fn dns_interval(&self) -> Duration {
+        self.dns_interval
+    }
+
+    /// Maglev table size (prime).
+    pub fn table_size(&self) -> usize {
+        self.table_size
+    }
+
+    /// Health-check interval.
+    pub fn health_interval(&self) -> Duration {
+        self.health_interval
+    }
+
+    /// Time one health check may take.
+    pub fn health_timeout(&self) -> Duration {
+        self.health_timeout
+    }
+
+    /// Passed checks to come back.
+    pub fn health_rise(&self) -> u32 {
+        self.health_rise
+    }
+
+    /// Failed checks to leave.
+    pub fn health_fall(&self) -> u32 {
+        self.health_fall
+    }
+
+    /// Whether nodes get a PROXY v2 header.
+    pub fn proxy_protocol(&self) -> bool {
+        self.proxy_protocol
+    }
+
+    /// Time for the client's request head.
+    pub fn head_timeout(&self) -> Duration {
+        self.head_timeout
+    }
+
+    /// Time to connect to a node.
+    pub fn connect_timeout(&self) -> Duration {
+        self.connect_timeout
+    }
+
+    /// Silence both ways that closes a piped connection.
+    pub fn tunnel_idle_timeout(&self) -> Duration {
+        self.tunnel_idle_timeout
+    }
+
+    /// Most client connections.
+    pub fn connections_max(&self) -> usize {
+        self.connections_max
+    }
+
+    /// Time shutdown waits for connections.
+    pub fn drain_timeout(&self) -> Duration {
+        self.drain_timeout
+    }
 }
 
 impl Config {
     /// Merges flags over the file over defaults, resolves static nodes, and
     /// validates.
     pub fn from_args(args: &Args) -> Result<Config, ConfigError> {
-        let file = match &args.config {
-            Some(path) => {
-                let text =
-                    std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.clone(), source })?;
-                toml::from_str::<FileConfig>(&text)
-                    .map_err(|source| ConfigError::Parse { path: path.clone(), source })?
-            }
-            None => FileConfig::default(),
-        };
+        let file: FileConfig = read_file(args.config.as_deref())?;
         let ms = Duration::from_millis;
-        macro_rules! pick {
-            ($field:ident, $default:expr) => {
-                args.$field.or(file.$field).unwrap_or($default)
-            };
-        }
         let names = if args.nodes.is_empty() { &file.nodes } else { &args.nodes };
         let config = Config {
-            listen: pick!(listen, SocketAddr::from(([0, 0, 0, 0], 9080))),
-            admin_listen: pick!(admin_listen, SocketAddr::from(([127, 0, 0, 1], 9081))),
-            shards: pick!(shards, online_cores()),
+            listen: pick!(args, file, listen, SocketAddr::from(([0, 0, 0, 0], 9080))),
+            admin_listen: pick!(args, file, admin_listen, SocketAddr::from(([127, 0, 0, 1], 9081))),
+            shards: pick!(args, file, shards, online_cores()),
             nodes: resolve_all(names)?,
             dns: args.dns.clone().or(file.dns),
-            dns_interval: ms(pick!(dns_interval_ms, 5_000)),
-            table_size: pick!(table_size, maglev::TABLE_SIZE_DEFAULT),
-            health_interval: ms(pick!(health_interval_ms, 2_000)),
-            health_timeout: ms(pick!(health_timeout_ms, 1_000)),
-            health_rise: pick!(health_rise, 2),
-            health_fall: pick!(health_fall, 3),
+            dns_interval: ms(pick!(args, file, dns_interval_ms, 5_000)),
+            table_size: pick!(args, file, table_size, maglev::TABLE_SIZE_DEFAULT),
+            health_interval: ms(pick!(args, file, health_interval_ms, 2_000)),
+            health_timeout: ms(pick!(args, file, health_timeout_ms, 1_000)),
+            health_rise: pick!(args, file, health_rise, 2),
+            health_fall: pick!(args, file, health_fall, 3),
             proxy_protocol: args.proxy_protocol || file.proxy_protocol.unwrap_or(false),
-            head_timeout: ms(pick!(head_timeout_ms, 10_000)),
-            connect_timeout: ms(pick!(connect_timeout_ms, 2_000)),
-            tunnel_idle_timeout: ms(pick!(tunnel_idle_timeout_ms, 600_000)),
-            connections_max: pick!(connections_max, 8_192),
-            drain_timeout: ms(pick!(drain_timeout_ms, 10_000)),
+            head_timeout: ms(pick!(args, file, head_timeout_ms, 10_000)),
+            connect_timeout: ms(pick!(args, file, connect_timeout_ms, 2_000)),
+            tunnel_idle_timeout: ms(pick!(args, file, tunnel_idle_timeout_ms, 600_000)),
+            connections_max: pick!(args, file, connections_max, 8_192),
+            drain_timeout: ms(pick!(args, file, drain_timeout_ms, 10_000)),
         };
         config.validate()?;
         Ok(config)

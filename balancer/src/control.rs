@@ -56,7 +56,7 @@ impl Control {
             let addrs = self.membership.borrow().addrs();
             let checks: Vec<_> = addrs
                 .iter()
-                .map(|&addr| glommio::spawn_local(check(addr, config.health_timeout, config.proxy_protocol)))
+                .map(|&addr| glommio::spawn_local(check(addr, config.health_timeout(), config.proxy_protocol())))
                 .collect();
             for (addr, check) in addrs.into_iter().zip(checks) {
                 let passed = check.await;
@@ -68,14 +68,14 @@ impl Control {
                 }
             }
             self.publish().await;
-            glommio::timer::sleep(config.health_interval).await;
+            glommio::timer::sleep(config.health_interval()).await;
         }
     }
 
     /// Re-resolves the DNS name each interval. A failed lookup keeps the
     /// last answer (a DNS outage must not empty the table).
     pub async fn dns_loop(self: Rc<Self>, name: String) {
-        let interval = self.shard.config.dns_interval;
+        let interval = self.shard.config.dns_interval();
         while !self.shard.shutting_down() {
             let lookup_name = name.clone();
             // getaddrinfo blocks: it runs on glommio's blocking thread pool.

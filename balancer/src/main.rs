@@ -15,7 +15,7 @@ fn main() {
     let shutdown = balancer.shutdown.clone();
     // No new connections from now on; open ones get drain_timeout to end.
     runtime::stop_on_signals("fluxbalancer", move || shutdown.store(true, Ordering::Release));
-    let shards = config.shards;
+    let shards = config.shards();
     let on_ready = move |addr, admin| {
         // Tests and scripts read this line: the balancer accepts from now on.
         println!("fluxbalancer listening on {addr} (admin {admin}) with {shards} shards");

@@ -60,7 +60,7 @@ pub async fn serve(shard: Rc<Shard>, client: TcpStream) {
     let node = view.stats[index].clone();
     stats::add(&node.connections_current, 1);
     stats::add(&node.connections_total, 1);
-    let mut first = if shard.config.proxy_protocol { proxy_protocol::encode_proxy(peer, local) } else { Vec::new() };
+    let mut first = if shard.config.proxy_protocol() { proxy_protocol::encode_proxy(peer, local) } else { Vec::new() };
     first.extend_from_slice(&head);
     stats::add(&node.bytes_to_node, head.len() as u64);
     drop(head);
@@ -72,7 +72,7 @@ pub async fn serve(shard: Rc<Shard>, client: TcpStream) {
             pump(&shard, &client, &upstream, &node.bytes_to_node, &progress),
             pump(&shard, &upstream, &client, &node.bytes_from_node, &progress),
         );
-        let idle = watchdog(shard.config.tunnel_idle_timeout, &progress, [&client, &upstream]);
+        let idle = watchdog(shard.config.tunnel_idle_timeout(), &progress, [&client, &upstream]);
         futures_lite::future::or(
             async {
                 piping.await;
@@ -105,7 +105,7 @@ async fn read_head(
             }
         }
     };
-    let outcome = glommio::timer::timeout(shard.config.head_timeout, async { Ok(reading.await) }).await;
+    let outcome = glommio::timer::timeout(shard.config.head_timeout(), async { Ok(reading.await) }).await;
     let (status, code, message) = match outcome {
         Ok(Ok(Some(Ok(key)))) => return Some(key),
         Ok(Ok(None)) | Ok(Err(_)) => {
@@ -135,7 +135,7 @@ async fn connect(shard: &Shard, view: &Arc<View>, key: &RouteKey) -> Result<(usi
             shard.fallback(view, &failed).and_then(|f| f.table.lookup_index(&hash_input).map(|i| f.indices[i]))
         };
         let Some(index) = index else { break };
-        match TcpStream::connect_timeout(view.addrs[index], shard.config.connect_timeout).await {
+        match TcpStream::connect_timeout(view.addrs[index], shard.config.connect_timeout()).await {
             Ok(stream) => {
                 if attempt > 0 {
                     stats::add(&shard.stats.rerouted, 1);

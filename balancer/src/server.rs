@@ -38,8 +38,8 @@ impl Balancer {
     /// with SO_REUSEPORT.
     pub fn bind(config: &Config) -> Result<Balancer, ServerError> {
         let reserve = |addr| runtime::reserve(addr).map_err(|source| ServerError::Bind { addr, source });
-        let (listen, local_addr) = reserve(config.listen)?;
-        let (admin, admin_addr) = reserve(config.admin_listen)?;
+        let (listen, local_addr) = reserve(config.listen())?;
+        let (admin, admin_addr) = reserve(config.admin_listen())?;
         Ok(Balancer { local_addr, admin_addr, shutdown: Arc::default(), _reservations: [listen, admin] })
     }
 
@@ -47,18 +47,18 @@ impl Balancer {
     /// accepts connections.
     pub fn run(self, config: Config, on_ready: impl FnOnce(SocketAddr, SocketAddr)) -> Result<(), ServerError> {
         let config = Arc::new(config);
-        let mut membership = Membership::new(config.health_rise, config.health_fall, config.table_size);
-        for &node in &config.nodes {
+        let mut membership = Membership::new(config.health_rise(), config.health_fall(), config.table_size());
+        for &node in config.nodes() {
             // Config deduplicated the list and bounded it by NODES_MAX.
             let _ = membership.add(node, Source::Static);
         }
         // A fresh membership has never built a view, so the first call always
         // returns one (even for an empty node set).
         let first_view = Arc::new(membership.view_if_changed().expect("a fresh membership always builds a view"));
-        let shard_stats: Vec<Arc<ShardStats>> = (0..config.shards).map(|_| Arc::default()).collect();
+        let shard_stats: Vec<Arc<ShardStats>> = (0..config.shards()).map(|_| Arc::default()).collect();
         let mut senders = Vec::new();
         let mut receivers: Vec<Option<SharedReceiver<Arc<View>>>> = vec![None];
-        for _ in 1..config.shards {
+        for _ in 1..config.shards() {
             let (tx, rx) = shared_channel::new_bounded(VIEW_CHANNEL_CAPACITY);
             senders.push(tx);
             receivers.push(Some(rx));
@@ -71,7 +71,7 @@ impl Balancer {
         // each proxied connection holds two descriptors on the shard that
         // accepted it, and none moves between shards.
         let handles =
-            runtime::start_executors(config.shards, "fluxbalancer", IO_MEMORY_BYTES_PER_SHARD, true, |index| {
+            runtime::start_executors(config.shards(), "fluxbalancer", IO_MEMORY_BYTES_PER_SHARD, true, |index| {
                 let parts = if index == 0 { control_parts.take() } else { None };
                 let receiver = receivers.next().flatten();
                 let setup = ShardSetup {
@@ -85,10 +85,10 @@ impl Balancer {
                 };
                 move |_private_table| shard_main(setup, parts, receiver)
             })?;
-        if runtime::wait_for_count(&bound, config.shards) {
+        if runtime::wait_for_count(&bound, config.shards()) {
             on_ready(self.local_addr, self.admin_addr);
         }
-        handles.check_room(open_files, config.connections_max, 2); // client and node
+        handles.check_room(open_files, config.connections_max(), 2); // client and node
         Ok(runtime::join_executors(handles)?)
     }
 }
@@ -132,7 +132,7 @@ async fn shard_main(
             shard_stats: setup.shard_stats.clone(),
         });
         spawn_into(control_queue, control.clone().health_loop());
-        if let Some(name) = setup.config.dns.clone() {
+        if let Some(name) = setup.config.dns().map(str::to_string) {
             spawn_into(control_queue, control.clone().dns_loop(name));
         }
         spawn_into(control_queue, control.admin_loop(admin_listener));
@@ -149,7 +149,7 @@ async fn shard_main(
     setup.bound.fetch_add(1, Ordering::AcqRel);
     accept_loop(&shard, &listener, data_queue).await;
     drop(listener);
-    let deadline = Instant::now() + setup.config.drain_timeout;
+    let deadline = Instant::now() + setup.config.drain_timeout();
     while stats::get(&shard.stats.connections_current) > 0 && Instant::now() < deadline {
         glommio::timer::sleep(Duration::from_millis(SHUTDOWN_POLL_MS)).await;
     }

@@ -10,6 +10,9 @@ use std::time::Duration;
 
 use clap::Parser;
 use proto::limits;
+use runtime::config::read_file;
+pub use runtime::config::ConfigError;
+use runtime::pick;
 use serde::Deserialize;
 
 pub use proto::outbound::SlowConsumerPolicy;
@@ -123,52 +126,123 @@ struct FileConfig {
 #[derive(Clone, Debug)]
 pub struct Config {
     /// Listening address, shared by every shard through SO_REUSEPORT.
-    pub listen: SocketAddr,
+    listen: SocketAddr,
     /// Number of shards, 1..=SHARDS_MAX.
-    pub shards: usize,
+    shards: usize,
     /// Largest message payload or publish body, bytes.
-    pub message_bytes_max: usize,
+    message_bytes_max: usize,
     /// Per-connection send queue cap, bytes.
-    pub send_queue_bytes_max: usize,
+    send_queue_bytes_max: usize,
     /// Default slow-consumer policy.
-    pub slow_consumer_policy: SlowConsumerPolicy,
+    slow_consumer_policy: SlowConsumerPolicy,
     /// Messages retained per topic.
-    pub history_messages_max: usize,
+    history_messages_max: usize,
     /// Payload bytes retained per topic.
-    pub history_bytes_max: usize,
+    history_bytes_max: usize,
     /// Most topics on this node.
-    pub topics_max: usize,
+    topics_max: usize,
     /// Most subscriptions per connection.
-    pub subscriptions_per_connection_max: usize,
+    subscriptions_per_connection_max: usize,
     /// Share of each shard's topic table one client address may keep
     /// subscribed, in percent.
-    pub client_topics_share_percent: usize,
+    client_topics_share_percent: usize,
     /// Most client connections on this node.
-    pub connections_max: usize,
+    connections_max: usize,
     /// Time allowed for a complete request head.
-    pub handshake_timeout: Duration,
+    handshake_timeout: Duration,
     /// WebSocket silence before a ping.
-    pub idle_timeout: Duration,
+    idle_timeout: Duration,
     /// Time spent flushing on shutdown.
-    pub drain_timeout: Duration,
+    drain_timeout: Duration,
     /// Whether every connection starts with a PROXY v2 header.
-    pub proxy_protocol: bool,
+    proxy_protocol: bool,
     /// Which shard serves a topic socket.
-    pub topic_sockets: TopicSockets,
+    topic_sockets: TopicSockets,
 }
 
-/// Why a configuration was refused.
-#[derive(Debug, thiserror::Error)]
-pub enum ConfigError {
-    /// The file named by `--config` could not be read.
-    #[error("cannot read config file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
-    /// The file is not valid TOML or has an unknown key or a wrong type.
-    #[error("invalid config file {path}: {source}")]
-    Parse { path: PathBuf, source: toml::de::Error },
-    /// A value is out of its range or contradicts another.
-    #[error("invalid configuration: {0}")]
-    Invalid(String),
+/// Read access: the fields are private, so a `Config` exists only as
+/// [`Config::from_args`] or [`Config::default`] made it, valid.
+impl Config {
+    /// Listening address, shared by every shard through SO_REUSEPORT.
+    pub fn listen(&self) -> SocketAddr {
+        self.listen
+    }
+
+    /// Number of shards, 1..=SHARDS_MAX.
+    pub fn shards(&self) -> usize {
+        self.shards
+    }
+
+    /// Largest message payload or publish body, bytes.
+    pub fn message_bytes_max(&self) -> usize {
+        self.message_bytes_max
+    }
+
+    /// Per-connection send queue cap, bytes.
+    pub fn send_queue_bytes_max(&self) -> usize {
+        self.send_queue_bytes_max
+    }
+
+    /// Default slow-consumer policy.
+    pub fn slow_consumer_policy(&self) -> SlowConsumerPolicy {
+        self.slow_consumer_policy
+    }
+
+    /// Messages retained per topic.
+    pub fn history_messages_max(&self) -> usize {
+        self.history_messages_max
+    }
+
+    /// Payload bytes retained per topic.
+    pub fn history_bytes_max(&self) -> usize {
+        self.history_bytes_max
+    }
+
+    /// Most topics on this node.
+    pub fn topics_max(&self) -> usize {
+        self.topics_max
+    }
+
+    /// Most subscriptions per connection.
+    pub fn subscriptions_per_connection_max(&self) -> usize {
+        self.subscriptions_per_connection_max
+    }
+
+    /// Share of each shard's topic table one client address may keep
+    /// subscribed, in percent.
+    pub fn client_topics_share_percent(&self) -> usize {
+        self.client_topics_share_percent
+    }
+
+    /// Most client connections on this node.
+    pub fn connections_max(&self) -> usize {
+        self.connections_max
+    }
+
+    /// Time allowed for a complete request head.
+    pub fn handshake_timeout(&self) -> Duration {
+        self.handshake_timeout
+    }
+
+    /// WebSocket silence before a ping.
+    pub fn idle_timeout(&self) -> Duration {
+        self.idle_timeout
+    }
+
+    /// Time spent flushing on shutdown.
+    pub fn drain_timeout(&self) -> Duration {
+        self.drain_timeout
+    }
+
+    /// Whether every connection starts with a PROXY v2 header.
+    pub fn proxy_protocol(&self) -> bool {
+        self.proxy_protocol
+    }
+
+    /// Which shard serves a topic socket.
+    pub fn topic_sockets(&self) -> TopicSockets {
+        self.topic_sockets
+    }
 }
 
 impl Default for Config {
@@ -197,55 +271,32 @@ impl Default for Config {
 impl Config {
     /// Merges flags over the file over defaults, then validates.
     pub fn from_args(args: &Args) -> Result<Config, ConfigError> {
-        let file = match &args.config {
-            Some(path) => {
-                let text =
-                    std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.clone(), source })?;
-                toml::from_str::<FileConfig>(&text)
-                    .map_err(|source| ConfigError::Parse { path: path.clone(), source })?
-            }
-            None => FileConfig::default(),
-        };
+        let file: FileConfig = read_file(args.config.as_deref())?;
         let d = Config::default();
         let ms = Duration::from_millis;
-        let history_memory_max =
-            args.history_memory_max.or(file.history_memory_max).unwrap_or(limits::HISTORY_MEMORY_MAX_DEFAULT);
+        let history_memory_max = pick!(args, file, history_memory_max, limits::HISTORY_MEMORY_MAX_DEFAULT);
         let config = Config {
-            listen: args.listen.or(file.listen).unwrap_or(d.listen),
-            shards: args.shards.or(file.shards).unwrap_or(d.shards),
-            message_bytes_max: args.message_bytes_max.or(file.message_bytes_max).unwrap_or(d.message_bytes_max),
-            send_queue_bytes_max: args
-                .send_queue_bytes_max
-                .or(file.send_queue_bytes_max)
-                .unwrap_or(d.send_queue_bytes_max),
-            slow_consumer_policy: args
-                .slow_consumer_policy
-                .or(file.slow_consumer_policy)
-                .unwrap_or(d.slow_consumer_policy),
-            history_messages_max: args
-                .history_messages_max
-                .or(file.history_messages_max)
-                .unwrap_or(d.history_messages_max),
-            history_bytes_max: args.history_bytes_max.or(file.history_bytes_max).unwrap_or(d.history_bytes_max),
-            topics_max: args.topics_max.or(file.topics_max).unwrap_or(d.topics_max),
-            subscriptions_per_connection_max: args
-                .subscriptions_per_connection_max
-                .or(file.subscriptions_per_connection_max)
-                .unwrap_or(d.subscriptions_per_connection_max),
-            client_topics_share_percent: args
-                .client_topics_share_percent
-                .or(file.client_topics_share_percent)
-                .unwrap_or(d.client_topics_share_percent),
-            connections_max: args.connections_max.or(file.connections_max).unwrap_or(d.connections_max),
-            handshake_timeout: args
-                .handshake_timeout_ms
-                .or(file.handshake_timeout_ms)
-                .map(ms)
-                .unwrap_or(d.handshake_timeout),
-            idle_timeout: args.idle_timeout_ms.or(file.idle_timeout_ms).map(ms).unwrap_or(d.idle_timeout),
-            drain_timeout: args.drain_timeout_ms.or(file.drain_timeout_ms).map(ms).unwrap_or(d.drain_timeout),
+            listen: pick!(args, file, listen, d.listen),
+            shards: pick!(args, file, shards, d.shards),
+            message_bytes_max: pick!(args, file, message_bytes_max, d.message_bytes_max),
+            send_queue_bytes_max: pick!(args, file, send_queue_bytes_max, d.send_queue_bytes_max),
+            slow_consumer_policy: pick!(args, file, slow_consumer_policy, d.slow_consumer_policy),
+            history_messages_max: pick!(args, file, history_messages_max, d.history_messages_max),
+            history_bytes_max: pick!(args, file, history_bytes_max, d.history_bytes_max),
+            topics_max: pick!(args, file, topics_max, d.topics_max),
+            subscriptions_per_connection_max: pick!(
+                args,
+                file,
+                subscriptions_per_connection_max,
+                d.subscriptions_per_connection_max
+            ),
+            client_topics_share_percent: pick!(args, file, client_topics_share_percent, d.client_topics_share_percent),
+            connections_max: pick!(args, file, connections_max, d.connections_max),
+            handshake_timeout: ms(pick!(args, file, handshake_timeout_ms, d.handshake_timeout.as_millis() as u64)),
+            idle_timeout: ms(pick!(args, file, idle_timeout_ms, d.idle_timeout.as_millis() as u64)),
+            drain_timeout: ms(pick!(args, file, drain_timeout_ms, d.drain_timeout.as_millis() as u64)),
             proxy_protocol: args.proxy_protocol || file.proxy_protocol.unwrap_or(d.proxy_protocol),
-            topic_sockets: args.topic_sockets.or(file.topic_sockets).unwrap_or(d.topic_sockets),
+            topic_sockets: pick!(args, file, topic_sockets, d.topic_sockets),
         };
         config.validate(history_memory_max)?;
         Ok(config)

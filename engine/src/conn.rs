@@ -165,8 +165,8 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream, slot: ConnectionSlot) {
     };
     let io = Io(Rc::new(Socket(RefCell::new(stream))));
     let mut buf = BytesMut::new();
-    if shard.config.proxy_protocol {
-        let wait = shard.config.handshake_timeout;
+    if shard.config.proxy_protocol() {
+        let wait = shard.config.handshake_timeout();
         match glommio::timer::timeout(wait, async { Ok(read_proxy_header(&shard, &io, &mut buf).await) }).await {
             Ok(Ok(ProxyHeader::Proxy { client: relayed })) => client = relayed,
             Ok(Ok(ProxyHeader::Local)) => {}
@@ -180,7 +180,7 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream, slot: ConnectionSlot) {
     }
     let mut first = true;
     loop {
-        let wait = if first { shard.config.handshake_timeout } else { shard.config.idle_timeout };
+        let wait = if first { shard.config.handshake_timeout() } else { shard.config.idle_timeout() };
         let head = match glommio::timer::timeout(wait, async { Ok(read_head(&shard, &io, &mut buf).await) }).await {
             Ok(Ok(Some(head))) => head,
             Ok(Ok(None)) => return, // clean end between requests
@@ -230,7 +230,7 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream, slot: ConnectionSlot) {
 /// `topic_sockets = owner`. Everything else (errors included) is answered
 /// here.
 fn handoff_target(shard: &Shard, head: &RequestHead, route: &Route) -> Option<usize> {
-    if shard.shards < 2 || shard.config.topic_sockets != TopicSockets::Owner || shard.shutting_down() {
+    if shard.shards < 2 || shard.config.topic_sockets() != TopicSockets::Owner || shard.shutting_down() {
         return None;
     }
     let Route::TopicSocket(name) = route else { return None };
@@ -324,8 +324,8 @@ async fn request_body(
     route: &Route,
 ) -> Result<Bytes, Vec<u8>> {
     let limit = match route {
-        Route::LegacyPublish => shard.config.message_bytes_max + HTTP_BODY_SLACK_BYTES,
-        Route::TopicPublish(_) => shard.config.message_bytes_max,
+        Route::LegacyPublish => shard.config.message_bytes_max() + HTTP_BODY_SLACK_BYTES,
+        Route::TopicPublish(_) => shard.config.message_bytes_max(),
         _ => 0,
     };
     if head.content_length > limit {
@@ -333,7 +333,7 @@ async fn request_body(
         return Err(http::json_error(413, "payload_too_large", &message, false));
     }
     let want = head.content_length;
-    let read = glommio::timer::timeout(shard.config.handshake_timeout, async {
+    let read = glommio::timer::timeout(shard.config.handshake_timeout(), async {
         while buf.len() < want {
             match io.read(shard, buf).await {
                 Ok(0) | Err(_) => return Ok(false),
@@ -391,7 +391,7 @@ async fn respond(shard: &Rc<Shard>, head: &RequestHead, route: Route, body: Byte
 fn readiness(shard: &Shard) -> (u16, &'static str) {
     if !shard.node.ready.load(Ordering::Relaxed) {
         (503, "not ready")
-    } else if shard.node.connections.load(Ordering::Relaxed) >= shard.config.connections_max {
+    } else if shard.node.connections.load(Ordering::Relaxed) >= shard.config.connections_max() {
         (503, "full")
     } else {
         (200, "ready")
@@ -405,10 +405,10 @@ fn readiness(shard: &Shard) -> (u16, &'static str) {
 pub async fn serve_admin_only(shard: Rc<Shard>, stream: TcpStream, admin: AdminConnection) {
     let io = Io(Rc::new(Socket(RefCell::new(stream))));
     let mut buf = BytesMut::new();
-    let wait = shard.config.handshake_timeout;
+    let wait = shard.config.handshake_timeout();
     let read = async {
         // FluxBalancer's checks start with a PROXY header (the LOCAL command).
-        if shard.config.proxy_protocol && read_proxy_header(&shard, &io, &mut buf).await.is_err() {
+        if shard.config.proxy_protocol() && read_proxy_header(&shard, &io, &mut buf).await.is_err() {
             return Ok(None);
         }
         Ok(read_head(&shard, &io, &mut buf).await.ok().flatten())
@@ -492,7 +492,7 @@ async fn legacy_publish(shard: &Rc<Shard>, body: &[u8], keep_alive: bool) -> Vec
         Ok(t) => t,
         Err(e) => return http::json_error(400, "invalid_topic", &e.to_string(), keep_alive),
     };
-    if request.message.len() > shard.config.message_bytes_max {
+    if request.message.len() > shard.config.message_bytes_max() {
         return http::json_error(413, "payload_too_large", "message is over the size limit", keep_alive);
     }
     match shard.publish(topic.clone(), PayloadKind::Text, Bytes::from(request.message)).await {
@@ -605,7 +605,7 @@ async fn websocket(
     let policy = match http::query_param(&head.query, "slow") {
         Some("drop") if route == Route::NativeSocket => SlowConsumerPolicy::Drop,
         Some("disconnect") => SlowConsumerPolicy::Disconnect,
-        None if route == Route::NativeSocket => shard.config.slow_consumer_policy,
+        None if route == Route::NativeSocket => shard.config.slow_consumer_policy(),
         None => SlowConsumerPolicy::Disconnect,
         Some(_) => {
             let why = "slow must be drop (native protocol only) or disconnect";
@@ -613,7 +613,7 @@ async fn websocket(
             return;
         }
     };
-    let out = Rc::new(Outbound::new(shard.config.send_queue_bytes_max, policy));
+    let out = Rc::new(Outbound::new(shard.config.send_queue_bytes_max(), policy));
     let session = Rc::new(Session {
         shard: shard.clone(),
         io,
@@ -764,9 +764,9 @@ fn cleanup(session: &Session, path: &Path) {
 /// or the session closes from our side.
 async fn read_loop(session: &Session, buf: &mut BytesMut, path: &mut Path) {
     let shard = &session.shard;
-    let mut decoder = Decoder::new(shard.config.message_bytes_max);
+    let mut decoder = Decoder::new(shard.config.message_bytes_max());
     let mut ping_outstanding = false;
-    session.io.set_read_timeout(Some(shard.config.idle_timeout));
+    session.io.set_read_timeout(Some(shard.config.idle_timeout()));
     loop {
         loop {
             let event = match decoder.decode(buf) {
@@ -922,9 +922,9 @@ async fn native_message(
             Ok(topic) if subs.contains_key(&topic) => {
                 native::reply_error(Some(id), "already_subscribed", "already subscribed to this topic")
             }
-            Ok(_) if subs.len() >= shard.config.subscriptions_per_connection_max => {
+            Ok(_) if subs.len() >= shard.config.subscriptions_per_connection_max() => {
                 let why =
-                    format!("at most {} subscriptions per connection", shard.config.subscriptions_per_connection_max);
+                    format!("at most {} subscriptions per connection", shard.config.subscriptions_per_connection_max());
                 native::reply_error(Some(id), "too_many_subscriptions", &why)
             }
             Ok(topic) => {
@@ -976,8 +976,9 @@ async fn write_loop(session: Rc<Session>) {
         out.stop_direct();
         let unsent = out.take_unsent();
         if !unsent.is_empty() {
-            let write =
-                glommio::timer::timeout(shard.config.idle_timeout, async { Ok(write_unsent(&session, &unsent).await) });
+            let write = glommio::timer::timeout(shard.config.idle_timeout(), async {
+                Ok(write_unsent(&session, &unsent).await)
+            });
             if !matches!(write.await, Ok(Ok(()))) {
                 // The peer stopped reading for a whole idle period, or the socket failed.
                 out.close(close_code::SLOW_CONSUMER, "write stalled");

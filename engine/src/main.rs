@@ -18,7 +18,7 @@ fn main() {
         shared.ready.store(false, Ordering::Release);
         shared.shutdown.store(true, Ordering::Release);
     });
-    let shards = config.shards;
+    let shards = config.shards();
     let on_ready = move |addr| {
         // Tests and scripts read this line: the node accepts from now on.
         println!("fluxnode listening on {addr} with {shards} shards");

@@ -37,7 +37,7 @@ impl Node {
     /// Reserves the listening address (resolving port 0) so that every shard
     /// binds the same port with SO_REUSEPORT.
     pub fn bind(config: &Config) -> Result<Node, ServerError> {
-        let addr = config.listen;
+        let addr = config.listen();
         let (socket, local_addr) = runtime::reserve(addr).map_err(|source| ServerError::Bind { addr, source })?;
         Ok(Node { local_addr, shared: Arc::new(NodeShared::default()), bound: Arc::default(), _reservation: socket })
     }
@@ -46,13 +46,13 @@ impl Node {
     /// `on_ready` runs once every shard is accepting connections.
     pub fn run(self, config: Config, on_ready: impl FnOnce(SocketAddr)) -> Result<(), ServerError> {
         let config = Arc::new(config);
-        let shards = config.shards;
-        let mesh = MeshBuilder::<Batch, _>::full(config.shards, SHARD_CHANNEL_BATCHES);
+        let shards = config.shards();
+        let mesh = MeshBuilder::<Batch, _>::full(config.shards(), SHARD_CHANNEL_BATCHES);
         let drained = Arc::new(AtomicUsize::new(0));
         let addr = self.local_addr;
         let open_files = runtime::raise_open_files_limit() as usize;
         // Topic sockets move between shards' descriptor tables over these.
-        let links = if shards > 1 && config.topic_sockets == TopicSockets::Owner {
+        let links = if shards > 1 && config.topic_sockets() == TopicSockets::Owner {
             Some(Arc::new(LinkMatrix::new(shards).map_err(|e| ServerError::Executor(ExecutorError::Links(e)))?))
         } else {
             None
@@ -65,7 +65,7 @@ impl Node {
                 shard_main(config, mesh, shared, start)
             }
         })?;
-        executors.check_room(open_files, config.connections_max, 1);
+        executors.check_room(open_files, config.connections_max(), 1);
         let private = executors.private_count();
         // Readiness waits for every shard's listener.
         let all_bound = runtime::wait_for_count(&self.bound, shards);
@@ -123,7 +123,7 @@ async fn shard_main(
     let control_queue = executor.create_task_queue(Shares::Static(100), Latency::NotImportant, "control");
     let (senders, mut receivers) = mesh.join().await.map_err(|_| ShardError::Mesh)?;
     let id = senders.peer_id();
-    let shards = config.shards;
+    let shards = config.shards();
     let links = links.map_or_else(|| Links::none(shards), |l| l.claim(id, private_table));
     let shard = Shard::new(id, shards, config.clone(), shared.clone(), Some(senders), control_queue, links);
     shard.start(receivers.streams(), data_queue);
@@ -138,7 +138,7 @@ async fn shard_main(
     drain(&shard).await;
     drained.fetch_add(1, Ordering::AcqRel);
     // Stay up (serving peers' in-flight work) until every shard drained.
-    let deadline = Instant::now() + shard.config.drain_timeout;
+    let deadline = Instant::now() + shard.config.drain_timeout();
     while drained.load(Ordering::Acquire) < shards && Instant::now() < deadline {
         glommio::timer::sleep(Duration::from_millis(SHUTDOWN_POLL_MS)).await;
     }
@@ -146,7 +146,7 @@ async fn shard_main(
 }
 
 async fn accept_loop(shard: &Rc<Shard>, listener: &TcpListener, data_queue: glommio::TaskQueueHandle) {
-    let max = shard.config.connections_max;
+    let max = shard.config.connections_max();
     while let Some(stream) = runtime::accept_next(listener, shard.id, || shard.shutting_down()).await {
         let Some(place) = NodeConnection::take(&shard.node, max) else {
             metrics::add(&shard.metrics.connections_rejected, 1);
@@ -189,7 +189,7 @@ async fn drain(shard: &Rc<Shard>) {
     for out in &sessions {
         out.close(close_code::GOING_AWAY, "server shutting down");
     }
-    let deadline = Instant::now() + shard.config.drain_timeout;
+    let deadline = Instant::now() + shard.config.drain_timeout();
     while !shard.sessions.borrow().is_empty() && Instant::now() < deadline {
         glommio::timer::sleep(Duration::from_millis(SHUTDOWN_POLL_MS)).await;
     }

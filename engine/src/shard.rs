@@ -269,12 +269,12 @@ impl Shard {
         control_queue: glommio::TaskQueueHandle,
         links: Links,
     ) -> Rc<Shard> {
-        let topics_max = config.topics_max.div_ceil(shards);
+        let topics_max = config.topics_max().div_ceil(shards);
         let owner_limits = OwnerLimits {
             topics_max,
-            history_messages_max: config.history_messages_max,
-            history_bytes_max: config.history_bytes_max,
-            client_pins_max: topics_max * config.client_topics_share_percent / 100,
+            history_messages_max: config.history_messages_max(),
+            history_bytes_max: config.history_bytes_max(),
+            client_pins_max: topics_max * config.client_topics_share_percent() / 100,
         };
         let limits = BrokerLimits { publish_bytes_in_flight_max: REMOTE_PUBLISH_BYTES_IN_FLIGHT_MAX };
         let metrics = Rc::new(Metrics::default());

@@ -13,48 +13,33 @@
 //! bound by `net.unix.max_dgram_qlen` (that limit applies only to senders
 //! the receiver is not connected to), only by the socket buffer, and a full
 //! buffer answers `EWOULDBLOCK`: the accepting shard then serves the
-//! connection itself. Hand-written over `libc` because no well-kept crate
-//! offers `SCM_RIGHTS` on a sequenced-packet pair; it is two calls.
+//! connection itself. The two calls are `nix`'s `sendmsg` and `recvmsg`
+//! (already in the build through glommio); an earlier hand-written `libc`
+//! version needed five `unsafe` blocks for the control-message layout.
 
-use std::io;
+use std::io::{self, IoSlice, IoSliceMut};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+
+use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
 
 /// The bytes of one record besides its descriptor: the sequence number.
 const RECORD_BYTES: usize = 8;
 
-/// Room for one `SCM_RIGHTS` message with one descriptor (24 bytes on
-/// 64-bit Linux), as 8-byte words for `cmsghdr`'s alignment.
-type ControlBuf = [u64; 4];
-
 /// Sends `fd` over `link` as record `seq`, without blocking.
 pub fn send_fd(link: BorrowedFd<'_>, seq: u64, fd: BorrowedFd<'_>) -> io::Result<()> {
     let bytes = seq.to_le_bytes();
-    let mut iov = libc::iovec { iov_base: bytes.as_ptr() as *mut libc::c_void, iov_len: bytes.len() };
-    let mut control: ControlBuf = [0; 4];
-    // SAFETY: all-zero is a valid `msghdr` (null pointers, zero lengths).
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control.as_mut_ptr().cast();
-    // SAFETY: CMSG_SPACE is arithmetic.
-    msg.msg_controllen = unsafe { libc::CMSG_SPACE(size_of::<libc::c_int>() as u32) } as usize;
-    debug_assert!(msg.msg_controllen <= size_of::<ControlBuf>());
-    // SAFETY: `msg` points at `control`, which has room for one header with
-    // one `c_int` (checked above), so CMSG_FIRSTHDR is non-null and the
-    // writes stay inside `control`; `bytes`, `iov` and `control` outlive the
-    // call.
-    let sent = unsafe {
-        let cmsg = libc::CMSG_FIRSTHDR(&msg);
-        (*cmsg).cmsg_level = libc::SOL_SOCKET;
-        (*cmsg).cmsg_type = libc::SCM_RIGHTS;
-        (*cmsg).cmsg_len = libc::CMSG_LEN(size_of::<libc::c_int>() as u32) as usize;
-        std::ptr::write_unaligned(libc::CMSG_DATA(cmsg).cast::<libc::c_int>(), fd.as_raw_fd());
-        libc::sendmsg(link.as_raw_fd(), &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
-    };
-    match sent {
-        n if n < 0 => Err(io::Error::last_os_error()),
-        n if n as usize == RECORD_BYTES => Ok(()),
-        _ => Err(io::Error::other("short hand-off record")),
+    let fds = [fd.as_raw_fd()];
+    let sent = sendmsg::<()>(
+        link.as_raw_fd(),
+        &[IoSlice::new(&bytes)],
+        &[ControlMessage::ScmRights(&fds)],
+        MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_NOSIGNAL,
+        None,
+    )?;
+    if sent == RECORD_BYTES {
+        Ok(())
+    } else {
+        Err(io::Error::other("short hand-off record"))
     }
 }
 
@@ -65,42 +50,25 @@ pub fn send_fd(link: BorrowedFd<'_>, seq: u64, fd: BorrowedFd<'_>) -> io::Result
 /// closed.
 pub fn recv_fd(link: BorrowedFd<'_>) -> io::Result<(u64, OwnedFd)> {
     let mut bytes = [0u8; RECORD_BYTES + 1];
-    let mut iov = libc::iovec { iov_base: bytes.as_mut_ptr().cast(), iov_len: bytes.len() };
-    let mut control: ControlBuf = [0; 4];
-    // SAFETY: all-zero is a valid `msghdr`.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = control.as_mut_ptr().cast();
-    msg.msg_controllen = size_of::<ControlBuf>();
-    // SAFETY: `msg` describes `bytes` and `control`, both live and writable.
-    let received = unsafe { libc::recvmsg(link.as_raw_fd(), &mut msg, libc::MSG_DONTWAIT | libc::MSG_CMSG_CLOEXEC) };
-    if received < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let mut control = nix::cmsg_space!([RawFd; 1]);
+    let (received, truncated, mut fds) = {
+        let mut iov = [IoSliceMut::new(&mut bytes)];
+        let flags = MsgFlags::MSG_DONTWAIT | MsgFlags::MSG_CMSG_CLOEXEC;
+        let msg = recvmsg::<()>(link.as_raw_fd(), &mut iov, Some(&mut control), flags)?;
+        let mut fds = Vec::new();
+        for cmsg in msg.cmsgs() {
+            if let ControlMessageOwned::ScmRights(raw) = cmsg {
+                // SAFETY: the kernel just installed these descriptors in
+                // this table for us; nothing else owns them.
+                fds.extend(raw.into_iter().map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }));
+            }
+        }
+        (msg.bytes, msg.flags.intersects(MsgFlags::MSG_TRUNC | MsgFlags::MSG_CTRUNC), fds)
+    };
     if received == 0 {
         return Err(io::ErrorKind::UnexpectedEof.into());
     }
-    let mut fds = Vec::new();
-    // SAFETY: the kernel filled `msg.msg_control` with `msg_controllen`
-    // bytes of well-formed headers; CMSG_NXTHDR stays within them. Every
-    // SCM_RIGHTS descriptor is now ours, so each is owned exactly once.
-    unsafe {
-        let mut cmsg = libc::CMSG_FIRSTHDR(&msg);
-        while !cmsg.is_null() {
-            if (*cmsg).cmsg_level == libc::SOL_SOCKET && (*cmsg).cmsg_type == libc::SCM_RIGHTS {
-                let data = libc::CMSG_DATA(cmsg);
-                let count = ((*cmsg).cmsg_len - (data as usize - cmsg as usize)) / size_of::<libc::c_int>();
-                for i in 0..count {
-                    let raw = std::ptr::read_unaligned(data.cast::<libc::c_int>().add(i));
-                    fds.push(OwnedFd::from_raw_fd(raw));
-                }
-            }
-            cmsg = libc::CMSG_NXTHDR(&msg, cmsg);
-        }
-    }
-    let whole = received as usize == RECORD_BYTES && msg.msg_flags & (libc::MSG_TRUNC | libc::MSG_CTRUNC) == 0;
-    if !whole || fds.len() != 1 {
+    if received != RECORD_BYTES || truncated || fds.len() != 1 {
         return Err(io::Error::new(io::ErrorKind::InvalidData, "hand-off record without exactly one socket"));
     }
     let seq = u64::from_le_bytes(bytes[..RECORD_BYTES].try_into().unwrap_or_default());

@@ -4,6 +4,7 @@
 //! those tables ([`fdpass`]), accepting until shutdown, logging, signals,
 //! and the start-up errors both report. No protocol here.
 
+pub mod config;
 pub mod fdpass;
 pub mod limits;
 
