@@ -20,6 +20,7 @@ use std::fmt::Write;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
+use proto::admin::{ErrorBody, NodeList};
 use proto::http;
 use serde::Deserialize;
 
@@ -42,8 +43,14 @@ impl Response {
         Response { status, content_type: "application/json", body: value.to_string() }
     }
 
+    fn typed(status: u16, value: &impl serde::Serialize) -> Response {
+        // Serialising plain structs of strings and numbers cannot fail.
+        let body = serde_json::to_string(value).unwrap_or_default();
+        Response { status, content_type: "application/json", body }
+    }
+
     fn error(status: u16, code: &str, message: impl std::fmt::Display) -> Response {
-        Response::json(status, serde_json::json!({ "error": code, "message": message.to_string() }))
+        Response::typed(status, &ErrorBody { error: code.to_string(), message: message.to_string() })
     }
 
     /// The whole HTTP/1.1 response, closing the connection.
@@ -86,7 +93,7 @@ pub fn handle(method: &str, path: &str, body: &[u8], ctx: &mut Context<'_>) -> R
         ("GET", ["metrics"]) => {
             Response { status: 200, content_type: "text/plain; version=0.0.4", body: render_metrics(ctx) }
         }
-        ("GET", ["v1", "nodes"]) => Response::json(200, serde_json::json!({ "nodes": ctx.membership.list() })),
+        ("GET", ["v1", "nodes"]) => Response::typed(200, &NodeList { nodes: ctx.membership.list() }),
         ("POST", ["v1", "nodes"]) => add_node(body, ctx),
         ("DELETE", ["v1", "nodes", addr]) => with_addr(addr, |a| ctx.membership.remove(a), "removed"),
         ("POST", ["v1", "nodes", addr, "drain"]) => {

@@ -12,33 +12,10 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use serde::Serialize;
+pub use proto::admin::{Health, MemberInfo, Source};
 
 use crate::maglev::{MaglevError, Table, NODES_MAX};
 use crate::stats::NodeStats;
-
-/// Where a node came from. A DNS answer replaces only DNS nodes; the admin
-/// API may remove any node.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Source {
-    /// `--node` or the config file.
-    Static,
-    /// The `--dns` name.
-    Dns,
-    /// Added through the admin API.
-    Admin,
-}
-
-/// What the health checks last concluded.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Health {
-    /// In the table unless draining.
-    Up,
-    /// Out of the table until `rise` checks pass.
-    Down,
-}
 
 /// Why a membership change was refused; the admin API answers 404 or 409.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -52,31 +29,6 @@ pub enum MembershipError {
     /// The set is full.
     #[error("at most {NODES_MAX} nodes")]
     Full,
-}
-
-/// One node as the admin API lists it.
-#[derive(Debug, Serialize)]
-pub struct MemberInfo {
-    /// Address.
-    pub addr: SocketAddr,
-    /// Where it came from.
-    pub source: Source,
-    /// Health-check verdict.
-    pub health: Health,
-    /// Getting no new connections.
-    pub draining: bool,
-    /// In the current table.
-    pub routable: bool,
-    /// Piped connections open now.
-    pub connections_current: u64,
-    /// Piped connections opened.
-    pub connections_total: u64,
-    /// Connect attempts that failed.
-    pub connect_failures: u64,
-    /// Bytes piped from clients to the node.
-    pub bytes_to_node: u64,
-    /// Bytes piped from the node to clients.
-    pub bytes_from_node: u64,
 }
 
 /// A node's state. Owned by [`Membership`] on shard 0.

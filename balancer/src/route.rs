@@ -14,11 +14,11 @@
 
 use std::net::IpAddr;
 
-/// Largest request head the balancer reads before choosing (same as the
-/// node's own limit).
-pub const HEAD_BYTES_MAX: usize = 16 << 10;
-/// Most headers parsed.
-const HEADERS_MAX: usize = 64;
+/// Most headers parsed: the node's own limit.
+use proto::limits::HTTP_HEADERS_MAX as HEADERS_MAX;
+/// Largest request head the balancer reads before choosing: the node's own
+/// limit, so that a head the balancer passes is one the node accepts.
+pub use proto::limits::HTTP_HEAD_BYTES_MAX as HEAD_BYTES_MAX;
 
 /// The key a connection is routed by.
 #[derive(Debug, Clone, PartialEq, Eq)]

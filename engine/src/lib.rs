@@ -14,9 +14,11 @@
 //! `runtime` (executors, descriptor tables, fd passing, accept loop,
 //! signals). Along the publish path, in order:
 //!
-//! - [`conn`]: one connection: HTTP, then a WebSocket session; its reader
-//!   decodes frames and hands publishes and subscribes to the shard, its
-//!   writer task sends what the direct flush could not.
+//! - [`conn`]: one connection: HTTP (`rest`), then a WebSocket session
+//!   (`session`) whose frames go to one adapter per protocol
+//!   (`raw_session`, `native_session`, `legacy_session`), which hands
+//!   publishes and subscribes to the shard; the `writer` task sends what the
+//!   direct flush could not.
 //! - [`shard`]: the glommio shell around one `proto::broker::Broker`: carries
 //!   its actions out (outboxes to peers, direct flushes, awaited answers).
 //! - [`server`]: executors, the channel mesh, listeners, graceful shutdown.

@@ -2,6 +2,7 @@
 //! response encoding. Only what FluxNode serves: small JSON and text
 //! responses, bodies with Content-Length, and WebSocket upgrades.
 
+use crate::admin::ErrorBody;
 use crate::limits::{HTTP_HEADERS_MAX, HTTP_HEAD_BYTES_MAX};
 
 /// A parsed request head.
@@ -216,10 +217,16 @@ pub fn response(status: u16, content_type: &str, body: &[u8], keep_alive: bool) 
     out
 }
 
+/// Encodes a response with a JSON body (one of `admin`'s types).
+pub fn json(status: u16, value: &impl serde::Serialize, keep_alive: bool) -> Vec<u8> {
+    // Serialising plain structs of strings and numbers cannot fail.
+    let body = serde_json::to_vec(value).unwrap_or_default();
+    response(status, "application/json", &body, keep_alive)
+}
+
 /// Encodes a JSON error body `{"error": code, "message": message}`.
 pub fn json_error(status: u16, code: &str, message: &str, keep_alive: bool) -> Vec<u8> {
-    let body = serde_json::json!({ "error": code, "message": message }).to_string();
-    response(status, "application/json", body.as_bytes(), keep_alive)
+    json(status, &ErrorBody { error: code.to_string(), message: message.to_string() }, keep_alive)
 }
 
 /// Encodes the 101 answer to a WebSocket upgrade, with extra headers.

@@ -8,6 +8,7 @@
 //! # Layout
 //!
 //! - [`limits`]: every limit, named, with its reason.
+//! - [`admin`]: the JSON bodies of the node's and the balancer's HTTP APIs.
 //! - [`topic`]: topic names and their owner shard.
 //! - [`hash`]: the stable hashes the node and the balancer agree on.
 //! - [`ws`]: WebSocket frames: client decoder, server encoders, close codes.
@@ -24,6 +25,7 @@
 //! - [`metrics`], [`sync`]: counters and histograms; shard-local
 //!   runtime-agnostic wake-ups (`Event`, `Slot`).
 
+pub mod admin;
 pub mod broker;
 pub mod hash;
 pub mod history;

@@ -27,7 +27,7 @@ use bytes::Bytes;
 use crate::limits::{CONTROL_SLACK_BYTES, DROPPED_NOTICE_BYTES_MAX};
 use crate::sync::Event;
 use crate::topic::TopicName;
-use crate::ws::close_code;
+use crate::ws::{close_code, Close};
 
 /// What a connection does when its send queue is full.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Deserialize, clap::ValueEnum)]
@@ -96,7 +96,7 @@ pub struct Outbound {
     policy: Cell<SlowConsumerPolicy>,
     /// Set once the connection is closing: the close code and reason the
     /// writer sends after flushing what is queued.
-    closing: RefCell<Option<(u16, String)>>,
+    closing: RefCell<Option<Close>>,
     /// Messages skipped under the `drop` policy and not yet reported: at
     /// most one entry per topic, so its size is bounded by the connection's
     /// subscriptions whatever the drop rate.
@@ -317,7 +317,7 @@ impl Outbound {
     pub fn close(&self, code: u16, reason: &str) {
         let mut closing = self.closing.borrow_mut();
         if closing.is_none() {
-            *closing = Some((code, reason.to_string()));
+            *closing = Some(Close { code, reason: reason.to_string() });
             drop(closing);
             self.wake_writer.notify();
         }
@@ -342,7 +342,7 @@ impl Outbound {
     fn close_now(&self, code: u16, reason: String) {
         self.queue.borrow_mut().clear();
         self.queued_bytes.set(0);
-        *self.closing.borrow_mut() = Some((code, reason));
+        *self.closing.borrow_mut() = Some(Close { code, reason });
         self.wake_writer.notify();
     }
 
@@ -352,7 +352,7 @@ impl Outbound {
     }
 
     /// The close code and reason, once closing.
-    pub fn close_reason(&self) -> Option<(u16, String)> {
+    pub fn close_reason(&self) -> Option<Close> {
         self.closing.borrow().clone()
     }
 
@@ -494,7 +494,7 @@ mod tests {
         assert_eq!(o.offer_data(&data(20), &t, 2), Offer::Disconnected);
         assert_eq!(o.offer_data(&data(1), &t, 3), Offer::Closed);
         assert_eq!(o.queued_bytes(), 0);
-        assert_eq!(o.close_reason().unwrap().0, close_code::SLOW_CONSUMER);
+        assert_eq!(o.close_reason().unwrap().code, close_code::SLOW_CONSUMER);
     }
 
     #[test]
@@ -588,7 +588,7 @@ mod tests {
         assert_eq!(unsent.end_after_close(0), 5, "only frame 2 is finished");
         assert_eq!(unsent.end_after_close(5), 5);
         assert_eq!(unsent.end_after_close(6), 15);
-        assert_eq!(o.close_reason(), Some((1000, String::new())));
+        assert_eq!(o.close_reason(), Some(Close { code: 1000, reason: String::new() }));
         assert!(o.is_peer_closed());
     }
 

@@ -15,6 +15,15 @@ use tungstenite::protocol::frame::FrameHeader;
 
 use crate::message::PayloadKind;
 
+/// A close frame's content: the status code and the reason text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Close {
+    /// The status code (see [`close_code`]).
+    pub code: u16,
+    /// Words for a person, at most 123 bytes on the wire.
+    pub reason: String,
+}
+
 /// Close codes FluxNode sends. Standard codes from RFC 6455 section 7.4.1;
 /// the 4000-range codes are FluxNode's own, documented in docs/PROTOCOL.md.
 pub mod close_code {

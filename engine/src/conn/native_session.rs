@@ -1,0 +1,79 @@
+//! The native protocol's adapter: JSON or binary requests, one reply each.
+
+use super::*;
+
+pub(super) async fn native_message(
+    session: &Session,
+    subs: &mut HashMap<TopicName, u64>,
+    kind: PayloadKind,
+    payload: Bytes,
+) -> bool {
+    let parsed = match kind {
+        PayloadKind::Text => native::parse_text(&payload),
+        PayloadKind::Binary => native::parse_binary(&payload),
+    };
+    let out = &session.out;
+    let shard = &session.shard;
+    let request = match parsed {
+        Ok(r) => r,
+        Err(bad) => {
+            out.offer_control(native::reply_error(bad.id, bad.code, &bad.message));
+            return true;
+        }
+    };
+    let topic_of = |id: u64, name: &str| {
+        TopicName::new(name).map_err(|e| native::reply_error(Some(id), "invalid_topic", &e.to_string()))
+    };
+    let reply = match request {
+        Request::Ping { id } => native::reply_ok(id, serde_json::json!({ "pong": true })),
+        Request::Publish { id, topic, kind, payload } => match topic_of(id, &topic) {
+            Err(reply) => reply,
+            Ok(topic) => {
+                let done = PublishReply::Native { out: out.clone(), id };
+                shard.publish_pipelined(topic, kind, payload, done).await;
+                return true; // the reply is queued when the owner answers
+            }
+        },
+        Request::Subscribe { id, topic, from_seq, epoch } => match topic_of(id, &topic) {
+            Err(reply) => reply,
+            Ok(topic) if subs.contains_key(&topic) => {
+                native::reply_error(Some(id), "already_subscribed", "already subscribed to this topic")
+            }
+            Ok(_) if subs.len() >= shard.config.subscriptions_per_connection_max() => {
+                let why =
+                    format!("at most {} subscriptions per connection", shard.config.subscriptions_per_connection_max());
+                native::reply_error(Some(id), "too_many_subscriptions", &why)
+            }
+            Ok(topic) => {
+                let resume = from_seq.map(|after_seq| ResumeFrom { after_seq, epoch });
+                let request = SubscribeRequest {
+                    topic: topic.clone(),
+                    out: out.clone(),
+                    client: session.client,
+                    format: Format::Native,
+                    from: resume,
+                    reply_id: Some(id),
+                };
+                match shard.subscribe(request).await {
+                    Ok(granted) => {
+                        subs.insert(topic, granted.sub_id);
+                        return true; // the ok reply was queued before any message
+                    }
+                    Err(e) => native::reply_error(Some(id), e.code(), &e.to_string()),
+                }
+            }
+        },
+        Request::Unsubscribe { id, topic } => match topic_of(id, &topic) {
+            Err(reply) => reply,
+            Ok(topic) => match subs.remove(&topic) {
+                Some(sub_id) => {
+                    shard.unsubscribe(&topic, sub_id);
+                    native::reply_ok(id, serde_json::json!({}))
+                }
+                None => native::reply_error(Some(id), "not_subscribed", "not subscribed to this topic"),
+            },
+        },
+    };
+    out.offer_control(reply);
+    true
+}

@@ -1,0 +1,296 @@
+//! A WebSocket session: the upgrade, the reader loop, and which protocol
+//! adapter each frame goes to (`raw_session`, `legacy_session`,
+//! `native_session`).
+
+use super::*;
+
+/// Which path a WebSocket session speaks, and its per-path state.
+#[derive(Debug)]
+pub(super) enum Path {
+    /// `/v1/topics/{topic}/ws`.
+    Raw { topic: TopicName, publish: bool, sub: Option<u64> },
+    /// Original `/subscribe`: the first frame names the topic.
+    Legacy { sub: Option<(TopicName, u64)> },
+    /// `/v1/ws`: subscriptions by topic.
+    Native { subs: HashMap<TopicName, u64> },
+}
+
+/// State shared by a session's reader and writer.
+#[derive(Debug)]
+pub(super) struct Session {
+    /// The shard.
+    pub(super) shard: Rc<Shard>,
+    /// The socket.
+    pub(super) io: Io,
+    /// Frames waiting to be written.
+    pub(super) out: Rc<Outbound>,
+    /// The client's address (FluxBalancer's PROXY header's when relayed):
+    /// topics its subscriptions keep alive are charged to it.
+    pub(super) client: std::net::IpAddr,
+    /// Set when the reader has finished.
+    pub(super) reader_done: Cell<bool>,
+    /// Notified when the reader finishes.
+    pub(super) reader_done_event: Event,
+}
+
+pub(super) async fn websocket(
+    shard: Rc<Shard>,
+    io: Io,
+    buf: BytesMut,
+    head: RequestHead,
+    route: Route,
+    client: SocketAddr,
+    slot: ConnectionSlot,
+) {
+    let key = match &head.websocket {
+        Some(Upgrade::Valid { key }) => key.clone(),
+        Some(Upgrade::Invalid(why)) => {
+            let mut response = http::json_error(400, "bad_upgrade", why, false);
+            if why.contains("Version") {
+                response = http::json_error(426, "bad_upgrade", why, false);
+                let at = response.windows(2).position(|w| w == b"\r\n").unwrap_or(0) + 2;
+                response.splice(at..at, b"sec-websocket-version: 13\r\n".iter().copied());
+            }
+            let _ = io.write_all(&response).await;
+            return;
+        }
+        None => {
+            let _ = io
+                .write_all(&http::json_error(426, "upgrade_required", "this path needs a WebSocket upgrade", false))
+                .await;
+            return;
+        }
+    };
+    if shard.shutting_down() {
+        let _ = io.write_all(&http::json_error(503, "shutting_down", "the node is shutting down", false)).await;
+        return;
+    }
+    let policy = match http::query_param(&head.query, "slow") {
+        Some("drop") if route == Route::NativeSocket => SlowConsumerPolicy::Drop,
+        Some("disconnect") => SlowConsumerPolicy::Disconnect,
+        None if route == Route::NativeSocket => shard.config.slow_consumer_policy(),
+        None => SlowConsumerPolicy::Disconnect,
+        Some(_) => {
+            let why = "slow must be drop (native protocol only) or disconnect";
+            let _ = io.write_all(&http::json_error(400, "bad_request", why, false)).await;
+            return;
+        }
+    };
+    let out = Rc::new(Outbound::new(shard.config.send_queue_bytes_max(), policy));
+    let session = Rc::new(Session {
+        shard: shard.clone(),
+        io,
+        out,
+        client: client.ip(),
+        reader_done: Cell::new(false),
+        reader_done_event: Event::default(),
+    });
+    let (path, mut extra_headers, resume_close) = match prepare(&session, &head, route).await {
+        Ok(prepared) => prepared,
+        Err(response) => {
+            let _ = session.io.write_all(&response).await;
+            return;
+        }
+    };
+    // Which shard serves this session: for operators and for tests that need
+    // subscribers on every shard.
+    extra_headers.push(("x-rayflux-shard", shard.id.to_string()));
+    // The address the node attributes the connection to: the socket's peer,
+    // or the client named by FluxBalancer's PROXY header.
+    extra_headers.push(("x-rayflux-client", client.to_string()));
+    if session.io.write_all(&http::switching_protocols(&key, &extra_headers)).await.is_err() {
+        cleanup(&session, &path);
+        return;
+    }
+    if let Some(Close { code, reason }) = resume_close {
+        session.out.close(code, &reason);
+    }
+    // The session gets a task of its own, sized for the session only: this
+    // task's future is sized for its largest state (HTTP handling, the
+    // handshake), about 2.5 KB that an idle WebSocket would otherwise keep
+    // for its whole life.
+    glommio::spawn_local(async move {
+        run_session(session, buf, path).await;
+        drop(slot);
+    })
+    .detach();
+}
+
+/// What the raw socket's client is told right after the 101 when its
+/// resume cannot be served: a close with the code and reason.
+pub(super) type ResumeClose = Option<Close>;
+
+/// Work before the 101: validates the path's parameters and, for raw
+/// subscribers, makes the subscription live. Returns the path state, extra
+/// response headers and, for a raw `from` that cannot be served whole, the
+/// close that tells the client what it cannot get.
+pub(super) async fn prepare(
+    session: &Session,
+    head: &RequestHead,
+    route: Route,
+) -> Result<(Path, Vec<(&'static str, String)>, ResumeClose), Vec<u8>> {
+    let bad = |code: &str, why: &str| http::json_error(400, code, why, false);
+    match route {
+        Route::LegacySubscribe => Ok((Path::Legacy { sub: None }, vec![], None)),
+        Route::NativeSocket => Ok((Path::Native { subs: HashMap::new() }, vec![], None)),
+        Route::TopicSocket(name) => {
+            let topic = TopicName::new(&name).map_err(|e| bad("invalid_topic", &e.to_string()))?;
+            let (publish, subscribe) = match http::query_param(&head.query, "role").unwrap_or("pubsub") {
+                "pub" => (true, false),
+                "sub" => (false, true),
+                "pubsub" => (true, true),
+                _ => return Err(bad("bad_request", "role must be pub, sub or pubsub")),
+            };
+            let from = match http::query_param(&head.query, "from") {
+                None => None,
+                Some(v) => Some(v.parse::<u64>().map_err(|_| bad("bad_request", "from must be a sequence number"))?),
+            };
+            let epoch = match http::query_param(&head.query, "epoch") {
+                None => None,
+                Some(v) => Some(v.parse().map_err(|_| bad("bad_request", "epoch must be 16 hex digits"))?),
+            };
+            if !subscribe {
+                return Ok((Path::Raw { topic, publish, sub: None }, vec![], None));
+            }
+            let resume = from.map(|after_seq| ResumeFrom { after_seq, epoch });
+            let granted = session
+                .shard
+                .subscribe(SubscribeRequest {
+                    topic: topic.clone(),
+                    out: session.out.clone(),
+                    client: session.client,
+                    format: Format::Raw,
+                    from: resume,
+                    reply_id: None,
+                })
+                .await
+                .map_err(|e| owner_error(e, false))?;
+            let headers = vec![
+                ("x-rayflux-last-seq", granted.last_seq.to_string()),
+                ("x-rayflux-epoch", granted.epoch.to_string()),
+            ];
+            let close = resume_close(&granted, from.unwrap_or(0));
+            Ok((Path::Raw { topic, publish, sub: Some(granted.sub_id) }, headers, close))
+        }
+        _ => Err(http::json_error(404, "not_found", "no such path", false)),
+    }
+}
+
+/// The close a raw subscriber that resumed after `from` gets right after
+/// its 101, when the grant says it cannot have everything it asked for.
+pub(super) fn resume_close(granted: &Granted, from: u64) -> ResumeClose {
+    match granted.resumed {
+        Resumed::Live | Resumed::Replayed { gap: None } => None,
+        Resumed::Replayed { gap: Some(gap) } => {
+            let first = gap.to_seq + 1;
+            let reason = format!("history gap: first retained seq is {first}; resume with from={}", first - 1);
+            Some(Close { code: CLOSE_HISTORY_GAP, reason })
+        }
+        Resumed::Lost(why) => {
+            let (epoch, last) = (granted.epoch, granted.last_seq);
+            let why = why.as_str();
+            let reason =
+                format!("history lost ({why}): epoch is now {epoch}, last seq {last}; nothing after from={from} can be recovered");
+            Some(Close { code: CLOSE_HISTORY_LOST, reason })
+        }
+    }
+}
+
+pub(super) async fn run_session(session: Rc<Session>, mut buf: BytesMut, mut path: Path) {
+    let shard = session.shard.clone();
+    let session_id = shard.next_id();
+    shard.sessions.borrow_mut().insert(session_id, session.out.clone());
+    let writer = glommio::spawn_local(write_loop(session.clone()));
+    read_loop(&session, &mut buf, &mut path).await;
+    session.reader_done.set(true);
+    session.reader_done_event.notify();
+    cleanup(&session, &path);
+    writer.await;
+    shard.sessions.borrow_mut().remove(&session_id);
+}
+
+pub(super) fn cleanup(session: &Session, path: &Path) {
+    let shard = &session.shard;
+    match path {
+        Path::Raw { topic, sub: Some(id), .. } => shard.unsubscribe(topic, *id),
+        Path::Legacy { sub: Some((topic, id)) } => shard.unsubscribe(topic, *id),
+        Path::Native { subs } => {
+            for (topic, id) in subs {
+                shard.unsubscribe(topic, *id);
+            }
+        }
+        _ => {}
+    }
+}
+
+/// Reads frames until the client closes, breaks the protocol, goes silent,
+/// or the session closes from our side.
+pub(super) async fn read_loop(session: &Session, buf: &mut BytesMut, path: &mut Path) {
+    let shard = &session.shard;
+    let mut decoder = Decoder::new(shard.config.message_bytes_max());
+    let mut ping_outstanding = false;
+    session.io.set_read_timeout(Some(shard.config.idle_timeout()));
+    loop {
+        loop {
+            let event = match decoder.decode(buf) {
+                Ok(Some(event)) => event,
+                Ok(None) => break,
+                Err(e) => {
+                    metrics::add(&shard.metrics.protocol_errors, 1);
+                    session.out.close(e.close_code(), &e.to_string());
+                    return;
+                }
+            };
+            // Boxed: the event handlers' state (about 700 bytes) exists only
+            // while one runs, not in every idle session's read loop.
+            if !Box::pin(on_event(session, path, event)).await {
+                return;
+            }
+        }
+        release_if_empty(buf);
+        if session.out.is_closing() && session.out.is_empty() {
+            // Our close frame is out or going; wait briefly for the answer.
+            session.io.set_read_timeout(Some(CLOSE_LINGER));
+        }
+        match session.io.read(shard, buf).await {
+            Ok(0) => return,
+            Ok(_) => ping_outstanding = false,
+            Err(e) if e.kind() == io::ErrorKind::TimedOut && !ping_outstanding && !session.out.is_closing() => {
+                ping_outstanding = true;
+                session.out.offer_control(ws::encode_ping(b"fluxnode"));
+            }
+            Err(e) if e.kind() == io::ErrorKind::TimedOut && !session.out.is_closing() => {
+                session.out.close(close_code::IDLE_TIMEOUT, "idle timeout: no answer to ping");
+                session.io.set_read_timeout(Some(CLOSE_LINGER));
+            }
+            Err(_) => return,
+        }
+    }
+}
+
+/// Handles one client event; false ends the reader.
+pub(super) async fn on_event(session: &Session, path: &mut Path, event: WsEvent) -> bool {
+    match event {
+        WsEvent::Ping(payload) => {
+            session.out.offer_control(ws::encode_pong(&payload));
+            true
+        }
+        WsEvent::Pong => true,
+        WsEvent::Close { code } => {
+            // Echo the client's code (RFC 6455 5.5.1; the decoder refused
+            // codes a peer may not send), without waiting for queued data.
+            session.out.peer_closed(code.unwrap_or(close_code::NORMAL));
+            false
+        }
+        WsEvent::Message { kind, payload } => {
+            if session.out.is_closing() {
+                return true; // draining until the client's close arrives
+            }
+            match path {
+                Path::Raw { topic, publish, .. } => raw_message(session, topic, *publish, kind, payload).await,
+                Path::Legacy { sub } => legacy_message(session, sub, payload).await,
+                Path::Native { subs } => native_message(session, subs, kind, payload).await,
+            }
+        }
+    }
+}

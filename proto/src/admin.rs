@@ -1,0 +1,131 @@
+//! The JSON bodies of the node's and the balancer's HTTP APIs, typed once,
+//! so that the servers that write them and the tools that read them
+//! (`fluxctl`, tests) cannot disagree. Documented in docs/PROTOCOL.md.
+
+use std::net::SocketAddr;
+
+use serde::{Deserialize, Serialize};
+
+/// Every error body: `{"error": code, "message": text}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// A stable code (`invalid_topic`, `too_many_topics`, ...).
+    pub error: String,
+    /// Words for a person.
+    pub message: String,
+}
+
+/// `/healthz` and `/readyz`: `{"status": "ok" | "ready" | "not ready" | "full"}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StatusBody {
+    /// The state.
+    pub status: String,
+}
+
+/// The answer to an HTTP publish (`POST /publish`, `POST /v1/topics/{topic}`),
+/// as the original RayFlux server answered: `{"seq", "status", "topic"}`,
+/// keys in this order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PublishAnswer {
+    /// The sequence number the message got.
+    pub seq: u64,
+    /// Always "message accepted".
+    pub status: String,
+    /// The topic.
+    pub topic: String,
+}
+
+impl PublishAnswer {
+    /// The answer for message `seq` of `topic`.
+    pub fn accepted(topic: &str, seq: u64) -> PublishAnswer {
+        PublishAnswer { seq, status: "message accepted".into(), topic: topic.into() }
+    }
+}
+
+/// One topic as the node lists it (`GET /v1/topics`, `GET /v1/topics/{topic}`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopicInfo {
+    /// The name.
+    pub topic: String,
+    /// Last sequence assigned (0: none yet).
+    pub last_seq: u64,
+    /// First sequence still retained (`last_seq + 1` when none is).
+    pub first_seq: u64,
+    /// Messages retained for resume.
+    pub retained_messages: u64,
+    /// Payload bytes retained for resume.
+    pub retained_bytes: u64,
+    /// Subscribers on every shard.
+    pub subscribers: u64,
+    /// Publishes in the last complete second.
+    pub publish_rate_per_sec: u64,
+    /// The shard that sequences it.
+    pub owner_shard: usize,
+    /// Its sequence space, 16 hex digits.
+    pub epoch: String,
+}
+
+/// A page of the node's topic listing: names in byte order after the
+/// request's `after`; `next` is the cursor of the following page, if any.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TopicPage {
+    /// The topics of this page.
+    pub topics: Vec<TopicInfo>,
+    /// Pass as `after` for the next page; absent on the last.
+    pub next: Option<String>,
+}
+
+/// Where a node came from. A DNS answer replaces only DNS nodes; the admin
+/// API may remove any node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    /// `--node` or the config file.
+    Static,
+    /// The `--dns` name.
+    Dns,
+    /// Added through the admin API.
+    Admin,
+}
+
+/// What the health checks last concluded.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Health {
+    /// In the table unless draining.
+    Up,
+    /// Out of the table until `rise` checks pass.
+    Down,
+}
+
+/// One node as the admin API lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MemberInfo {
+    /// Address.
+    pub addr: SocketAddr,
+    /// Where it came from.
+    pub source: Source,
+    /// Health-check verdict.
+    pub health: Health,
+    /// Getting no new connections.
+    pub draining: bool,
+    /// In the current table.
+    pub routable: bool,
+    /// Piped connections open now.
+    pub connections_current: u64,
+    /// Piped connections opened.
+    pub connections_total: u64,
+    /// Connect attempts that failed.
+    pub connect_failures: u64,
+    /// Bytes piped from clients to the node.
+    pub bytes_to_node: u64,
+    /// Bytes piped from the node to clients.
+    pub bytes_from_node: u64,
+}
+
+/// The balancer's node listing (`GET /v1/nodes`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeList {
+    /// Every member, in address order.
+    pub nodes: Vec<MemberInfo>,
+}
