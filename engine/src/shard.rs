@@ -14,7 +14,7 @@
 //! accept loop and connections (see `server`).
 
 use std::cell::{Cell, RefCell};
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -179,6 +179,31 @@ struct Outbox {
     wake: Event,
 }
 
+/// The line of publishes waiting for room in the in-flight budget toward
+/// one owner shard.
+#[derive(Debug, Default)]
+struct RemoteQueue {
+    /// Waiting callers' ids, first come first.
+    waiting: RefCell<VecDeque<u64>>,
+    /// The next id.
+    next: Cell<u64>,
+}
+
+/// A place in a [`RemoteQueue`]; dropping it leaves the line and lets the
+/// next caller look again.
+struct Turn<'a> {
+    queue: &'a RemoteQueue,
+    id: u64,
+    room: &'a Event,
+}
+
+impl Drop for Turn<'_> {
+    fn drop(&mut self) {
+        self.queue.waiting.borrow_mut().retain(|&w| w != self.id);
+        self.room.notify();
+    }
+}
+
 /// An answer a task on this shard awaits.
 #[derive(Debug)]
 enum Awaited {
@@ -213,6 +238,8 @@ pub struct Shard {
     room: Event,
     /// Wakes the fan-out task.
     fanout_wake: Event,
+    /// Publishes waiting for the in-flight budget, per owner shard.
+    remote_queues: Vec<RemoteQueue>,
     /// Answers awaited by tasks, by request id.
     awaited: RefCell<HashMap<u64, Awaited, ahash::RandomState>>,
     /// Low-share task queue for the control plane (`/metrics`, `/v1/topics`),
@@ -291,6 +318,7 @@ impl Shard {
             outboxes: (0..shards).map(|_| Outbox::default()).collect(),
             room: Event::default(),
             fanout_wake: Event::default(),
+            remote_queues: (0..shards).map(|_| RemoteQueue::default()).collect(),
             awaited: RefCell::default(),
             control_queue,
             read_scratch: RefCell::new(vec![0; READ_SCRATCH_BYTES]),
@@ -572,13 +600,31 @@ impl Shard {
         if topic.owner_shard(self.shards) == self.id {
             self.wait_for_room().await;
         } else {
-            while !self.broker.borrow().remote_room(&topic, payload.len()) {
-                self.room.wait().await;
-            }
+            self.take_turn(&topic, payload.len()).await;
         }
         let published = self.broker.borrow_mut().publish(topic, kind, payload, reply, Now::read());
         self.apply();
         published
+    }
+
+    /// Waits until a publish of `len` bytes to `topic`'s owner fits the
+    /// in-flight budget, first come, first served: while anyone waits, later
+    /// callers queue behind them, so a large publish is never starved by a
+    /// stream of small ones.
+    async fn take_turn(&self, topic: &TopicName, len: usize) {
+        let owner = topic.owner_shard(self.shards);
+        let queue = &self.remote_queues[owner];
+        if queue.waiting.borrow().is_empty() && self.broker.borrow().remote_room(topic, len) {
+            return;
+        }
+        let id = queue.next.get();
+        queue.next.set(id + 1);
+        queue.waiting.borrow_mut().push_back(id);
+        // Leaves the line however this ends (served, or the caller dropped).
+        let _turn = Turn { queue, id, room: &self.room };
+        while queue.waiting.borrow().front() != Some(&id) || !self.broker.borrow().remote_room(topic, len) {
+            self.room.wait().await;
+        }
     }
 
     /// Waits while the outboxes or the fan-out buffers are over their caps.

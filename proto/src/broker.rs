@@ -15,7 +15,7 @@
 //! the channel mesh and hands what arrives to [`Broker::handle`]. Items for
 //! this shard itself are handled at once, inside the call that made them.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
 use std::rc::Rc;
 
@@ -256,7 +256,9 @@ pub struct Broker {
     /// Free slots.
     free: Vec<usize>,
     /// Slots of topics with deliveries not yet fanned out.
-    dirty: Vec<usize>,
+    /// In the order they became dirty: a pass serves the oldest first, and
+    /// a topic dirtied again meanwhile waits its turn behind the others.
+    dirty: VecDeque<usize>,
     /// Payload bytes in fill buffers.
     fanout_pending_bytes: usize,
     /// Requests awaiting an owner's answer, by request id.
@@ -282,7 +284,7 @@ impl Broker {
             topics: HashMap::default(),
             slots: Vec::new(),
             free: Vec::new(),
-            dirty: Vec::new(),
+            dirty: VecDeque::new(),
             fanout_pending_bytes: 0,
             waiting: HashMap::default(),
             in_flight: vec![0; shards],
@@ -427,7 +429,7 @@ impl Broker {
     /// once per format in use and offered to every live subscriber that has
     /// not had it. False when no topic was waiting.
     pub fn fan_out_next(&mut self) -> bool {
-        let Some(slot) = self.dirty.pop() else { return false };
+        let Some(slot) = self.dirty.pop_front() else { return false };
         let Some(local) = self.slots[slot].as_mut() else { return true };
         local.dirty = false;
         let mut bytes = 0;
@@ -523,7 +525,7 @@ impl Broker {
             if self.dirty.is_empty() {
                 self.actions.push(Action::FanOut);
             }
-            self.dirty.push(slot);
+            self.dirty.push_back(slot);
         }
     }
 
