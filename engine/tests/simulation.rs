@@ -245,6 +245,10 @@ struct Sim {
     asked: HashMap<(usize, u64), Asked>,
     /// Publishes awaiting their sequence, by (shard, req): the message id.
     publishing: HashMap<(usize, u64), u64>,
+    /// Per shard: whether its broker asked for a fan-out pass (`FanOut`)
+    /// that has not run yet. A broker with topics waiting must have asked:
+    /// the real fan-out task sleeps until it does.
+    fanout_asked: Vec<bool>,
     /// Every message published, by id (its payload carries the id).
     sent: Vec<Sent>,
     /// Next sequence number per publisher.
@@ -272,6 +276,7 @@ impl Sim {
             waiting: Vec::new(),
             asked: HashMap::new(),
             publishing: HashMap::new(),
+            fanout_asked: vec![false; SHARDS],
             sent: Vec::new(),
             publisher_seq: vec![0; PUBLISHERS as usize],
             assigned: HashMap::new(),
@@ -373,6 +378,7 @@ impl Sim {
     /// A shard's fan-out task runs a pass: every waiting topic.
     fn fan_out(&mut self) -> Check {
         let shard = self.rng.below(SHARDS);
+        self.fanout_asked[shard] = false;
         while self.brokers[shard].fan_out_next() {
             self.actions(shard)?;
         }
@@ -412,7 +418,8 @@ impl Sim {
                     }
                 }
                 Action::Subscribed { req, result } => self.granted(shard, req, result)?,
-                Action::Room | Action::FanOut => {}
+                Action::FanOut => self.fanout_asked[shard] = true,
+                Action::Room => {}
             }
         }
         Ok(())
@@ -642,6 +649,7 @@ impl Sim {
         }
         self.brokers = new_brokers(&mut self.rng);
         self.mesh = new_mesh();
+        self.fanout_asked = vec![false; SHARDS];
         self.asked.clear();
         self.publishing.clear();
     }
@@ -700,6 +708,20 @@ impl Sim {
             }
             if let Some(bytes) = broker.in_flight_bytes().iter().find(|&&b| b > IN_FLIGHT_MAX) {
                 return Err(format!("shard {shard}: {bytes} bytes of publishes in flight"));
+            }
+            if broker.has_fan_out() && !self.fanout_asked[shard] {
+                return Err(format!("shard {shard}: topics wait for a fan-out it never asked for"));
+            }
+        }
+        // With no connection left and nothing in flight between shards,
+        // nothing may still be charged to any address.
+        if self.conns.is_empty() && self.mesh.iter().flatten().all(VecDeque::is_empty) {
+            for (shard, broker) in self.brokers.iter().enumerate() {
+                for a in 0..ADDRESSES {
+                    if broker.owner().pinned_by(address(a)) != 0 {
+                        return Err(format!("shard {shard}: address {a} still charged with no subscriber left"));
+                    }
+                }
             }
         }
         Ok(())
