@@ -18,6 +18,8 @@
 //! - [`message`]: a sequenced message, epochs, the time as an input.
 //! - [`history`]: the bounded per-topic ring.
 //! - [`owner`]: the sequencer for the topics a shard owns.
+//! - [`log`]: the durable log's record format, torn-tail detection and
+//!   sparse index (the first piece of durable topics).
 //! - [`broker`]: a shard's data-plane decisions (sequence, subscribe,
 //!   resume, fan out, answer) as a state machine: inputs and the time in,
 //!   actions out.
@@ -31,6 +33,7 @@ pub mod hash;
 pub mod history;
 pub mod http;
 pub mod limits;
+pub mod log;
 pub mod message;
 pub mod metrics;
 pub mod native;
