@@ -341,40 +341,38 @@ impl Broker {
         Published::Later { req }
     }
 
-    /// Subscribes a connection of this shard. Live at once when the topic is live here and `from` is
-    /// `None`; otherwise asks the owner, which answers with the resume's
-    /// replay. With `reply_id`, the native ok reply is queued before any
+    /// Subscribes a connection of this shard. Live at once when the topic
+    /// is live here and `from` is `None`; otherwise asks the owner, which
+    /// answers with the resume's replay. With `reply_id`, the native ok reply is queued before any
     /// message.
     pub fn subscribe(&mut self, request: SubscribeRequest, now: Now) -> Subscription {
         let SubscribeRequest { topic, out, client, format, from, reply_id } = request;
-        let topic = &topic;
         let sub_id = self.next_id();
-        let slot = self.local_topic(topic);
-        let Some(local) = self.slots[slot].as_mut() else { unreachable!("local_topic returns a used slot") };
+        let local = self.local_topic(&topic);
         let live = local.subs.iter().any(|s| s.pending.is_none());
+        // Live on this shard already and no resume asked for: the local
+        // topic's position is the subscriber's, no owner to ask.
+        let live_epoch = match (live, from, local.epoch) {
+            (true, None, Some(epoch)) => Some(epoch),
+            _ => None,
+        };
+        let last_seq = if live_epoch.is_some() { local.last_seq } else { 0 };
+        let pending = live_epoch.is_none().then_some(Pending { req: sub_id, reply_id });
+        if let (Some(epoch), Some(id)) = (live_epoch, reply_id) {
+            out.offer_control(native::reply_ok(
+                id,
+                serde_json::json!({ "topic": topic.as_str(), "epoch": epoch.to_string(), "last_seq": last_seq }),
+            ));
+        }
+        local.subs.push(Subscriber { id: sub_id, out, format, last_seq, pending });
         metrics::add(&self.metrics.subscriptions_current, 1);
-        if let (true, None, Some(epoch)) = (live, from, local.epoch) {
-            let last_seq = local.last_seq;
-            if let Some(id) = reply_id {
-                out.offer_control(native::reply_ok(
-                    id,
-                    serde_json::json!({ "topic": topic.as_str(), "epoch": epoch.to_string(), "last_seq": last_seq }),
-                ));
-            }
-            local.subs.push(Subscriber { id: sub_id, out: out.clone(), format, last_seq, pending: None });
+        if let Some(epoch) = live_epoch {
             return Subscription::Live(Granted { sub_id, epoch, last_seq, resumed: Resumed::Live });
         }
         let req = sub_id;
-        local.subs.push(Subscriber {
-            id: sub_id,
-            out: out.clone(),
-            format,
-            last_seq: 0,
-            pending: Some(Pending { req, reply_id }),
-        });
         self.waiting.insert(req, Waiting::Subscribe);
         let owner = topic.owner_shard(self.shards);
-        self.send(owner, Item::Subscribe { topic: topic.clone(), client, from, req }, now);
+        self.send(owner, Item::Subscribe { topic, client, from, req }, now);
         Subscription::Pending { req, sub_id }
     }
 
@@ -472,11 +470,6 @@ impl Broker {
         page.iter().map(|t| (t.name.as_str().to_string(), t.subs.len() as u64)).collect()
     }
 
-    /// Local topics and their subscribers, for checks.
-    pub fn local_topics(&self) -> impl Iterator<Item = (&TopicName, usize)> {
-        self.slots.iter().flatten().map(|t| (&t.name, t.subs.len()))
-    }
-
     /// Bytes of publishes in flight to each owner shard.
     pub fn in_flight_bytes(&self) -> &[usize] {
         &self.in_flight
@@ -569,31 +562,27 @@ impl Broker {
         self.actions.push(Action::Subscribed { req, result: Ok(granted) });
     }
 
-    /// The slot of `topic`'s local state, made if missing.
-    fn local_topic(&mut self, topic: &TopicName) -> usize {
-        if let Some(&slot) = self.topics.get(topic) {
-            return slot;
-        }
-        let local = LocalTopic {
+    /// `topic`'s local state, made (in a free slot if there is one) if missing.
+    fn local_topic(&mut self, topic: &TopicName) -> &mut LocalTopic {
+        let slot = match self.topics.get(topic) {
+            Some(&slot) => slot,
+            None => {
+                let slot = self.free.pop().unwrap_or_else(|| {
+                    self.slots.push(None);
+                    self.slots.len() - 1
+                });
+                self.topics.insert(topic.clone(), slot);
+                slot
+            }
+        };
+        self.slots[slot].get_or_insert_with(|| LocalTopic {
             name: topic.clone(),
             last_seq: 0,
             epoch: None,
             subs: Vec::new(),
             fill: Vec::new(),
             dirty: false,
-        };
-        let slot = match self.free.pop() {
-            Some(slot) => {
-                self.slots[slot] = Some(local);
-                slot
-            }
-            None => {
-                self.slots.push(Some(local));
-                self.slots.len() - 1
-            }
-        };
-        self.topics.insert(topic.clone(), slot);
-        slot
+        })
     }
 
     /// Frees a local topic's slot, with any deliveries it still held.

@@ -9,15 +9,49 @@ use crate::http::query_param;
 use crate::limits::{TOPICS_PAGE_DEFAULT, TOPICS_PAGE_MAX, TOPIC_NAME_BYTES_MAX};
 
 /// A validated topic name. Cheap to clone (shared string), `Send` so it can
-/// cross shards inside batches.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct TopicName(Arc<str>);
+/// cross shards inside batches. Its stable hash is computed once, when the
+/// name is validated: the publish path asks for the owner shard several
+/// times (the shell to choose what to wait for, the broker to route).
+#[derive(Clone, Debug)]
+pub struct TopicName {
+    /// The name.
+    name: Arc<str>,
+    /// `hash::fnv1a` of the name.
+    placement: u64,
+}
 
-/// Ordered sets of names can be read by string ranges (listings): the
-/// order is the string's, as the derived `Ord` is.
+/// Equality, order and hashing are the name's alone (`placement` follows
+/// from it), so that maps and ordered sets can be read by `&str`
+/// (`Borrow<str>`): listings read name ranges.
+impl PartialEq for TopicName {
+    fn eq(&self, other: &TopicName) -> bool {
+        self.name == other.name
+    }
+}
+
+impl Eq for TopicName {}
+
+impl PartialOrd for TopicName {
+    fn partial_cmp(&self, other: &TopicName) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for TopicName {
+    fn cmp(&self, other: &TopicName) -> std::cmp::Ordering {
+        self.name.cmp(&other.name)
+    }
+}
+
+impl std::hash::Hash for TopicName {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.name.hash(state);
+    }
+}
+
 impl std::borrow::Borrow<str> for TopicName {
     fn borrow(&self) -> &str {
-        &self.0
+        &self.name
     }
 }
 
@@ -47,25 +81,25 @@ impl TopicName {
         if !name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-')) {
             return Err(TopicError::BadCharacter);
         }
-        Ok(TopicName(Arc::from(name)))
+        Ok(TopicName { name: Arc::from(name), placement: crate::hash::fnv1a(name.as_bytes()) })
     }
 
     /// The name.
     pub fn as_str(&self) -> &str {
-        &self.0
+        &self.name
     }
 
     /// The shard that owns this topic among `shards` shards. FNV-1a: stable
     /// across processes, versions and machines (unlike a seeded hasher), so
     /// every node and tool agrees on ownership.
     pub fn owner_shard(&self, shards: usize) -> usize {
-        (crate::hash::fnv1a(self.0.as_bytes()) % shards as u64) as usize
+        (self.placement % shards as u64) as usize
     }
 }
 
 impl std::fmt::Display for TopicName {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(&self.name)
     }
 }
 
@@ -169,5 +203,17 @@ mod tests {
             counts[TopicName::new(&format!("t{i}")).unwrap().owner_shard(4)] += 1;
         }
         assert!(counts.iter().all(|&c| c > 800), "{counts:?}");
+        assert_eq!(t.owner_shard(7), (crate::hash::fnv1a(b"chat") % 7) as usize, "the cached hash is FNV-1a's");
+    }
+
+    #[test]
+    fn maps_and_sets_of_names_are_read_by_str() {
+        let names = ["b", "a", "c"].map(|n| TopicName::new(n).unwrap());
+        let map: std::collections::HashMap<TopicName, usize> = names.iter().cloned().zip(0..).collect();
+        assert_eq!(map.get("a"), Some(&1));
+        let set: std::collections::BTreeSet<TopicName> = names.into_iter().collect();
+        let from: std::ops::Bound<&str> = std::ops::Bound::Included("b");
+        let range: Vec<&str> = set.range::<str, _>((from, std::ops::Bound::Unbounded)).map(TopicName::as_str).collect();
+        assert_eq!(range, ["b", "c"]);
     }
 }
