@@ -4,6 +4,7 @@
 //! Precedence: a flag given on the command line beats the file, the file
 //! beats the default. Unknown keys in the file are rejected.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -15,7 +16,15 @@ pub use runtime::config::ConfigError;
 use runtime::pick;
 use serde::Deserialize;
 
+pub use proto::durable::{DurableSpec, FsyncPolicy};
 pub use proto::outbound::SlowConsumerPolicy;
+
+/// Default data directory (durable topics' logs), relative to the working
+/// directory. Nothing is written there until a durable topic exists.
+pub const DATA_DIR_DEFAULT: &str = "fluxnode-data";
+/// Default fsync interval under `--fsync interval`, ms: what a power
+/// failure may take of acknowledged messages.
+pub const FSYNC_INTERVAL_MS_DEFAULT: u64 = 100;
 
 /// Which shard serves a topic socket (`/v1/topics/{topic}/ws`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, clap::ValueEnum)]
@@ -95,6 +104,23 @@ pub struct Args {
     /// [default: owner]
     #[arg(long, value_enum)]
     pub topic_sockets: Option<TopicSockets>,
+    /// Where durable topics keep their logs. [default: fluxnode-data]
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// When durable topics' writes are fsynced: `always` (every group
+    /// commit, before answering) or `interval`. [default: always]
+    #[arg(long, value_enum)]
+    pub fsync: Option<FsyncPolicy>,
+    /// Fsync interval under `--fsync interval`, ms. [default: 100]
+    #[arg(long)]
+    pub fsync_interval_ms: Option<u64>,
+    /// Segment size at which a durable topic's log rolls, bytes. [default: 67108864]
+    #[arg(long)]
+    pub segment_bytes_max: Option<u64>,
+    /// Declare a durable topic (ack `local`, no retention bound); repeat for
+    /// more. The file's `[durable_topics.NAME]` tables set retention and ack.
+    #[arg(long = "durable", value_name = "TOPIC")]
+    pub durable: Vec<String>,
 }
 
 /// The TOML file: the same knobs as [`Args`], all optional, unknown keys
@@ -119,6 +145,31 @@ struct FileConfig {
     drain_timeout_ms: Option<u64>,
     proxy_protocol: Option<bool>,
     topic_sockets: Option<TopicSockets>,
+    data_dir: Option<PathBuf>,
+    fsync: Option<FsyncPolicy>,
+    fsync_interval_ms: Option<u64>,
+    segment_bytes_max: Option<u64>,
+    #[serde(default)]
+    durable_topics: BTreeMap<String, DurableSpec>,
+}
+
+/// The durable topics of `--durable` flags (default declaration) and the
+/// file's `[durable_topics.NAME]` tables, names validated.
+fn durable_topics(
+    flags: &[String],
+    file: &BTreeMap<String, DurableSpec>,
+) -> Result<Vec<(proto::topic::TopicName, DurableSpec)>, ConfigError> {
+    let mut all: BTreeMap<&str, DurableSpec> = file.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+    for name in flags {
+        all.entry(name).or_default();
+    }
+    all.into_iter()
+        .map(|(name, spec)| {
+            proto::topic::TopicName::new(name)
+                .map(|t| (t, spec))
+                .map_err(|e| ConfigError::Invalid(format!("durable topic {name:?}: {e}")))
+        })
+        .collect()
 }
 
 /// A validated configuration. Built only by [`Config::from_args`] or
@@ -158,6 +209,16 @@ pub struct Config {
     proxy_protocol: bool,
     /// Which shard serves a topic socket.
     topic_sockets: TopicSockets,
+    /// Where durable topics keep their logs.
+    data_dir: PathBuf,
+    /// When durable writes are fsynced.
+    fsync: FsyncPolicy,
+    /// Fsync interval under `FsyncPolicy::Interval`.
+    fsync_interval: Duration,
+    /// Segment roll size, bytes.
+    segment_bytes_max: u64,
+    /// Durable topics declared by configuration, validated names.
+    durable_topics: Vec<(proto::topic::TopicName, DurableSpec)>,
 }
 
 /// Read access: the fields are private, so a `Config` exists only as
@@ -243,6 +304,31 @@ impl Config {
     pub fn topic_sockets(&self) -> TopicSockets {
         self.topic_sockets
     }
+
+    /// Where durable topics keep their logs.
+    pub fn data_dir(&self) -> &std::path::Path {
+        &self.data_dir
+    }
+
+    /// When durable writes are fsynced.
+    pub fn fsync(&self) -> FsyncPolicy {
+        self.fsync
+    }
+
+    /// Fsync interval under `FsyncPolicy::Interval`.
+    pub fn fsync_interval(&self) -> Duration {
+        self.fsync_interval
+    }
+
+    /// Segment roll size, bytes.
+    pub fn segment_bytes_max(&self) -> u64 {
+        self.segment_bytes_max
+    }
+
+    /// Durable topics declared by configuration.
+    pub fn durable_topics(&self) -> &[(proto::topic::TopicName, DurableSpec)] {
+        &self.durable_topics
+    }
 }
 
 impl Default for Config {
@@ -264,6 +350,11 @@ impl Default for Config {
             drain_timeout: Duration::from_millis(limits::DRAIN_TIMEOUT_MS_DEFAULT),
             proxy_protocol: false,
             topic_sockets: TopicSockets::Owner,
+            data_dir: PathBuf::from(DATA_DIR_DEFAULT),
+            fsync: FsyncPolicy::Always,
+            fsync_interval: Duration::from_millis(FSYNC_INTERVAL_MS_DEFAULT),
+            segment_bytes_max: proto::durable::SEGMENT_BYTES_MAX_DEFAULT,
+            durable_topics: Vec::new(),
         }
     }
 }
@@ -297,6 +388,11 @@ impl Config {
             drain_timeout: ms(pick!(args, file, drain_timeout_ms, d.drain_timeout.as_millis() as u64)),
             proxy_protocol: args.proxy_protocol || file.proxy_protocol.unwrap_or(d.proxy_protocol),
             topic_sockets: pick!(args, file, topic_sockets, d.topic_sockets),
+            data_dir: args.data_dir.clone().or(file.data_dir.clone()).unwrap_or(d.data_dir),
+            fsync: pick!(args, file, fsync, d.fsync),
+            fsync_interval: ms(pick!(args, file, fsync_interval_ms, d.fsync_interval.as_millis() as u64)),
+            segment_bytes_max: pick!(args, file, segment_bytes_max, d.segment_bytes_max),
+            durable_topics: durable_topics(&args.durable, &file.durable_topics)?,
         };
         config.validate(history_memory_max)?;
         Ok(config)
@@ -304,6 +400,12 @@ impl Config {
 
     fn validate(&self, history_memory_max: usize) -> Result<(), ConfigError> {
         let fail = |m: String| Err(ConfigError::Invalid(m));
+        if self.segment_bytes_max < 1 << 16 || self.segment_bytes_max > 1 << 32 {
+            return fail(format!("segment_bytes_max must be 65536..=4294967296, got {}", self.segment_bytes_max));
+        }
+        if self.fsync_interval.is_zero() {
+            return fail("fsync_interval_ms must be at least 1".into());
+        }
         if self.shards == 0 || self.shards > limits::SHARDS_MAX {
             return fail(format!("shards must be 1..={}, got {}", limits::SHARDS_MAX, self.shards));
         }

@@ -26,5 +26,7 @@
 
 pub mod config;
 pub mod conn;
+pub mod durability;
 pub mod server;
 pub mod shard;
+pub mod store;

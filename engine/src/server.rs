@@ -126,6 +126,8 @@ async fn shard_main(
     let shards = config.shards();
     let links = links.map_or_else(|| Links::none(shards), |l| l.claim(id, private_table));
     let shard = Shard::new(id, shards, config.clone(), shared.clone(), Some(senders), control_queue, links);
+    // Durable topics come back before the shard serves anything.
+    shard.recover_durable().map_err(|e| ShardError::Storage { shard: id, message: e.to_string() })?;
     shard.start(receivers.streams(), data_queue);
     let adopting = shard.clone();
     glommio::spawn_local_into(adopter(adopting, data_queue), data_queue).map(|t| t.detach()).ok();
@@ -142,6 +144,7 @@ async fn shard_main(
     while drained.load(Ordering::Acquire) < shards && Instant::now() < deadline {
         glommio::timer::sleep(Duration::from_millis(SHUTDOWN_POLL_MS)).await;
     }
+    shard.close_durable().await;
     Ok(())
 }
 

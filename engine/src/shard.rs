@@ -24,8 +24,10 @@ use bytes::Bytes;
 use glommio::channels::channel_mesh::Senders;
 use glommio::channels::shared_channel::ConnectedReceiver;
 use proto::broker::{
-    self, Action, Broker, BrokerLimits, Granted, PublishReply, Published, SubscribeRequest, Subscription,
+    self, Action, Broker, BrokerLimits, Granted, PublishOptions, PublishReply, Published, SubscribeRequest,
+    Subscription,
 };
+use proto::durable::LogLimits;
 use proto::limits::{
     ADMIN_CONNECTIONS_RESERVED, FANOUT_PENDING_BYTES_MAX, ITEM_OVERHEAD_BYTES, OUTBOX_BYTES_MAX, READ_SCRATCH_BYTES,
     REMOTE_PUBLISH_BYTES_IN_FLIGHT_MAX, WRITE_BATCH_BYTES_MAX,
@@ -39,6 +41,8 @@ use proto::topic::{TopicName, TopicQuery};
 use runtime::fdpass::Links;
 
 use crate::config::Config;
+use crate::durability::{DurableAnswer, DurableAsk};
+use crate::store::Store;
 
 /// What crosses between shards, always inside a batch (`Vec<Item>`).
 #[derive(Debug)]
@@ -51,6 +55,10 @@ pub enum Item {
     StatsReply { req: u64, stats: Box<ShardStats> },
     /// A connection accepted elsewhere, for the receiving shard to serve.
     Handoff(Box<Handoff>),
+    /// Declare, delete or read a durable topic (to its owner).
+    DurableRequest { req: u64, ask: Box<DurableAsk> },
+    /// The owner's answer.
+    DurableReply { req: u64, answer: Box<DurableAnswer> },
 }
 
 impl Item {
@@ -58,6 +66,7 @@ impl Item {
         match self {
             Item::Data(item) => item.cost_bytes(),
             Item::Handoff(h) => ITEM_OVERHEAD_BYTES + h.buf.len(),
+            Item::DurableReply { answer, .. } => ITEM_OVERHEAD_BYTES + answer.cost_bytes(),
             _ => ITEM_OVERHEAD_BYTES,
         }
     }
@@ -206,10 +215,11 @@ impl Drop for Turn<'_> {
 
 /// An answer a task on this shard awaits.
 #[derive(Debug)]
-enum Awaited {
+pub(crate) enum Awaited {
     Publish(Slot<Result<u64, OwnerError>>),
     Subscribe(Slot<Result<Granted, OwnerError>>),
     Stats(Slot<ShardStats>),
+    Durable(Slot<DurableAnswer>),
 }
 
 /// One shard's state. Created once per executor, shared by its tasks via `Rc`.
@@ -226,7 +236,7 @@ pub struct Shard {
     /// This shard's counters (the broker counts its own in them too).
     pub metrics: Rc<Metrics>,
     /// The data plane's decisions.
-    broker: RefCell<Broker>,
+    pub(crate) broker: RefCell<Broker>,
     /// Actions taken from the broker, being carried out (kept for its
     /// capacity).
     actions: RefCell<Vec<Action>>,
@@ -241,7 +251,19 @@ pub struct Shard {
     /// Publishes waiting for the in-flight budget, per owner shard.
     remote_queues: Vec<RemoteQueue>,
     /// Answers awaited by tasks, by request id.
-    awaited: RefCell<HashMap<u64, Awaited, ahash::RandomState>>,
+    pub(crate) awaited: RefCell<HashMap<u64, Awaited, ahash::RandomState>>,
+    /// Durable topics' files.
+    pub(crate) store: Store,
+    /// Segment bounds of new durable logs.
+    pub(crate) log_limits: LogLimits,
+    /// Wakes the committer.
+    pub(crate) commit_wake: Event,
+    /// Whether a group commit is being written.
+    pub(crate) committing: Cell<bool>,
+    /// Peers' durable-topic requests, for the durable task (control queue).
+    pub(crate) durable_requests: RefCell<Vec<(usize, u64, DurableAsk)>>,
+    /// Wakes the durable task.
+    pub(crate) durable_wake: Event,
     /// Low-share task queue for the control plane (`/metrics`, `/v1/topics`),
     /// so admin work never competes on equal terms with fan-out.
     pub control_queue: glommio::TaskQueueHandle,
@@ -306,6 +328,7 @@ impl Shard {
         let limits = BrokerLimits { publish_bytes_in_flight_max: REMOTE_PUBLISH_BYTES_IN_FLIGHT_MAX };
         let metrics = Rc::new(Metrics::default());
         let owner = Owner::new(owner_limits, epoch_seed(id));
+        let config_for_store = config.clone();
         Rc::new(Shard {
             id,
             shards,
@@ -332,11 +355,17 @@ impl Shard {
             stats_requests: RefCell::default(),
             stats_wake: Event::default(),
             links,
+            store: Store::new(config_data_dir(&config_for_store), config_for_store.fsync()),
+            log_limits: LogLimits { segment_bytes_max: config_for_store.segment_bytes_max(), ..LogLimits::default() },
+            commit_wake: Event::default(),
+            committing: Cell::new(false),
+            durable_requests: RefCell::default(),
+            durable_wake: Event::default(),
         })
     }
 
     /// Carries out what the broker decided.
-    fn apply(&self) {
+    pub(crate) fn apply(&self) {
         let mut actions = self.actions.borrow_mut();
         self.broker.borrow_mut().take_actions(&mut actions);
         for action in actions.drain(..) {
@@ -361,12 +390,13 @@ impl Shard {
                 }
                 Action::Room => self.room.notify(),
                 Action::FanOut => self.fanout_wake.notify(),
+                Action::Commit => self.commit_wake.notify(),
             }
         }
     }
 
     /// Queues an item in peer `shard`'s outbox for its next batch.
-    fn send(&self, shard: usize, item: Item) {
+    pub(crate) fn send(&self, shard: usize, item: Item) {
         let outbox = &self.outboxes[shard];
         outbox.bytes.set(outbox.bytes.get() + item.cost_bytes());
         outbox.items.borrow_mut().push(item);
@@ -439,6 +469,12 @@ impl Shard {
         let shard = self.clone();
         let control = self.control_queue;
         glommio::spawn_local_into(async move { shard.stats_server().await }, control).map(|t| t.detach()).ok();
+        let shard = self.clone();
+        glommio::spawn_local_into(async move { shard.committer().await }, data_queue).map(|t| t.detach()).ok();
+        let shard = self.clone();
+        glommio::spawn_local_into(async move { shard.durable_server().await }, control).map(|t| t.detach()).ok();
+        let shard = self.clone();
+        glommio::spawn_local_into(async move { shard.log_keeper().await }, control).map(|t| t.detach()).ok();
     }
 
     /// Hands one peer's batches to the broker.
@@ -458,6 +494,15 @@ impl Shard {
                         }
                     }
                     Item::Handoff(handoff) => self.received(peer, *handoff),
+                    Item::DurableRequest { req, ask } => {
+                        self.durable_requests.borrow_mut().push((peer, req, *ask));
+                        self.durable_wake.notify();
+                    }
+                    Item::DurableReply { req, answer } => {
+                        if let Some(Awaited::Durable(slot)) = self.awaited.borrow_mut().remove(&req) {
+                            slot.set(*answer);
+                        }
+                    }
                 }
             }
             self.apply();
@@ -576,8 +621,9 @@ impl Shard {
         topic: TopicName,
         kind: PayloadKind,
         payload: Bytes,
+        options: PublishOptions,
     ) -> Result<u64, OwnerError> {
-        match self.publish_pipelined(topic, kind, payload, PublishReply::Caller).await {
+        match self.publish_pipelined(topic, kind, payload, options, PublishReply::Caller).await {
             Published::Now(result) => result,
             Published::Later { req } => {
                 let slot = Slot::default();
@@ -595,6 +641,7 @@ impl Shard {
         topic: TopicName,
         kind: PayloadKind,
         payload: Bytes,
+        options: PublishOptions,
         reply: PublishReply,
     ) -> Published {
         if topic.owner_shard(self.shards) == self.id {
@@ -602,7 +649,7 @@ impl Shard {
         } else {
             self.take_turn(&topic, payload.len()).await;
         }
-        let published = self.broker.borrow_mut().publish(topic, kind, payload, reply, Now::read());
+        let published = self.broker.borrow_mut().publish(topic, kind, payload, options, reply, Now::read());
         self.apply();
         published
     }
@@ -711,6 +758,10 @@ impl Shard {
             local_subscribers,
         }
     }
+}
+
+fn config_data_dir(config: &Config) -> &std::path::Path {
+    config.data_dir()
 }
 
 /// A seed for this process's topic epochs: the wall clock's nanoseconds,

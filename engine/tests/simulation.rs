@@ -329,8 +329,14 @@ impl Sim {
         payload.resize(20 + padding, 0);
         self.sent.push(Sent { topic: t, seq: None });
         let now = self.now();
-        let published =
-            self.brokers[shard].publish(name, PayloadKind::Binary, Bytes::from(payload), PublishReply::Caller, now);
+        let published = self.brokers[shard].publish(
+            name,
+            PayloadKind::Binary,
+            Bytes::from(payload),
+            Default::default(),
+            PublishReply::Caller,
+            now,
+        );
         match published {
             Published::Now(result) => self.sequenced(shard, id, result)?,
             Published::Later { req } => {
@@ -408,6 +414,8 @@ impl Sim {
                 // No queue is in direct mode here: clients read through
                 // the writer's path.
                 Action::Flush(_) => return Err("a queue without a socket asked for a direct flush".into()),
+                // No topic is durable here (yet): nothing to commit.
+                Action::Commit => return Err("a commit asked for without a durable topic".into()),
                 Action::Published { req, result } => {
                     let id = self.publishing.remove(&(shard, req)).ok_or("an answer to no publish")?;
                     if self.sent[id as usize].seq.map(|(_, s)| s) != result.ok() {

@@ -63,6 +63,68 @@ pub struct TopicInfo {
     pub owner_shard: usize,
     /// Its sequence space, 16 hex digits.
     pub epoch: String,
+    /// Set for a durable topic: its declaration and log.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub durable: Option<DurableInfo>,
+}
+
+/// A durable topic's declaration and log figures.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DurableInfo {
+    /// Default acknowledgement level (`none` or `local`).
+    pub ack: String,
+    /// Retention bounds.
+    pub retention: crate::durable::Retention,
+    /// First sequence in the log (readable with `/messages`).
+    pub log_first_seq: u64,
+    /// Records in the log.
+    pub log_messages: u64,
+    /// Bytes of records on disk.
+    pub log_bytes: u64,
+    /// Segment files.
+    pub segments: u64,
+    /// Distinct keys in the key index.
+    pub keys: u64,
+    /// Messages sequenced and waiting for the disk.
+    pub unwritten: u64,
+    /// Writing failed: the topic takes no publishes until a restart.
+    pub failed: bool,
+}
+
+/// One message read from a durable topic's log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogMessage {
+    /// Its sequence.
+    pub seq: u64,
+    /// When it was sequenced, ms since the Unix epoch.
+    pub ts: u64,
+    /// Its key, if any (as UTF-8, lossy).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub key: Option<String>,
+    /// A text payload.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<String>,
+    /// A binary payload, base64 (standard alphabet, padded).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data_base64: Option<String>,
+}
+
+/// A page of a durable topic's log (`GET /v1/topics/{topic}/messages`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogPage {
+    /// The topic.
+    pub topic: String,
+    /// Its sequence space, 16 hex digits.
+    pub epoch: String,
+    /// First sequence in the log.
+    pub first_seq: u64,
+    /// Last sequence written.
+    pub last_seq: u64,
+    /// The messages, in sequence order.
+    pub messages: Vec<LogMessage>,
+    /// Pass as `from_seq` for the next page (with the same `key`); absent
+    /// when this page reached the end of what is written.
+    pub next_seq: Option<u64>,
 }
 
 /// A page of the node's topic listing: names in byte order after the

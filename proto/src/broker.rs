@@ -21,12 +21,14 @@ use std::rc::Rc;
 
 use bytes::Bytes;
 
+use crate::durable::AckLevel;
+pub use crate::durable::PublishOptions;
 use crate::limits::ITEM_OVERHEAD_BYTES;
 use crate::message::{Message, Now, PayloadKind};
 use crate::metrics::{self, Metrics};
 use crate::native;
 use crate::outbound::{Frame, Offer, Outbound};
-use crate::owner::{Epoch, Grant, Owner, OwnerError, ResumeFrom, Resumed, Sequenced};
+use crate::owner::{Epoch, Grant, Owner, OwnerError, Released, ResumeFrom, Resumed, Sequenced, TopicCommit};
 use crate::topic::{TopicName, TopicQuery};
 use crate::ws;
 
@@ -34,7 +36,7 @@ use crate::ws;
 #[derive(Debug)]
 pub enum Item {
     /// Sequence this message (to the owner).
-    Publish { topic: TopicName, kind: PayloadKind, payload: Bytes, req: u64 },
+    Publish { topic: TopicName, kind: PayloadKind, payload: Bytes, options: PublishOptions, req: u64 },
     /// The owner's answer to `Publish`: the assigned sequence.
     PublishDone { req: u64, result: Result<u64, OwnerError> },
     /// Register the sending shard for a topic, for a subscriber at `client`
@@ -82,6 +84,19 @@ pub enum Action {
     /// A topic has deliveries waiting and none had before: call
     /// [`Broker::fan_out_next`] until it says there are no more.
     FanOut,
+    /// Durable topics have records to write and none had before: take
+    /// them with [`Broker::take_commits`], write them, and report each
+    /// with [`Broker::committed`] or [`Broker::commit_failed`].
+    Commit,
+}
+
+/// A publish whose answer waits for its durable topic's commit.
+#[derive(Debug)]
+enum Held {
+    /// Made on this shard.
+    Here { reply: PublishReply, req: u64 },
+    /// Made on shard `from` as request `req`.
+    There { from: usize, req: u64 },
 }
 
 /// How a subscriber wants messages framed.
@@ -269,6 +284,11 @@ pub struct Broker {
     next_id: u64,
     /// What the shell must carry out.
     actions: Vec<Action>,
+    /// Publishes awaiting their durable topic's commit, per topic, by
+    /// sequence.
+    held: HashMap<TopicName, VecDeque<(u64, Held)>, ahash::RandomState>,
+    /// `Action::Commit` was asked for and the commits not yet taken.
+    commit_asked: bool,
     /// This shard's counters.
     metrics: Rc<Metrics>,
 }
@@ -290,6 +310,8 @@ impl Broker {
             in_flight: vec![0; shards],
             next_id: 1,
             actions: Vec::new(),
+            held: HashMap::default(),
+            commit_asked: false,
             metrics,
         }
     }
@@ -318,27 +340,110 @@ impl Broker {
 
     /// Publishes a message: sequenced at once when this shard owns the
     /// topic, else sent to the owner (even past `remote_room`: the shell
-    /// asks first). `reply` is completed here, except a `Caller`'s.
+    /// asks first). `reply` is completed here, except a `Caller`'s. On a
+    /// durable topic at ack `local`, the answer waits for the commit: a
+    /// `Caller` then gets [`Published::Later`].
     pub fn publish(
         &mut self,
         topic: TopicName,
         kind: PayloadKind,
         payload: Bytes,
+        options: PublishOptions,
         reply: PublishReply,
         now: Now,
     ) -> Published {
         let owner = topic.owner_shard(self.shards);
         if owner == self.id {
-            let result = self.sequence(&topic, kind, payload, now);
-            reply.complete(result);
-            return Published::Now(result);
+            let result = self.sequence(&topic, kind, payload, options, now);
+            return match result {
+                Ok((seq, true)) => {
+                    let req = self.next_id();
+                    let later = matches!(reply, PublishReply::Caller);
+                    self.hold(topic, seq, Held::Here { reply, req });
+                    if later {
+                        Published::Later { req }
+                    } else {
+                        Published::Now(Ok(seq))
+                    }
+                }
+                Ok((seq, false)) => {
+                    reply.complete(Ok(seq));
+                    Published::Now(Ok(seq))
+                }
+                Err(e) => {
+                    reply.complete(Err(e));
+                    Published::Now(Err(e))
+                }
+            };
         }
         let req = self.next_id();
         let cost = payload.len() + ITEM_OVERHEAD_BYTES;
         self.in_flight[owner] += cost;
         self.waiting.insert(req, Waiting::Publish { reply, owner, cost });
-        self.send(owner, Item::Publish { topic, kind, payload, req }, now);
+        self.send(owner, Item::Publish { topic, kind, payload, options, req }, now);
         Published::Later { req }
+    }
+
+    /// The records of durable topics appended since the last call, per
+    /// topic: one group commit for the shell to write.
+    pub fn take_commits(&mut self) -> Vec<TopicCommit> {
+        self.commit_asked = false;
+        self.owner.take_commits()
+    }
+
+    /// A topic's commit is written: its messages are delivered and their
+    /// publishers answered.
+    pub fn committed(&mut self, commit: &TopicCommit, now: Now) {
+        let Some(Released { epoch, subscriber_shards, messages }) = self.owner.written(commit) else { return };
+        for message in messages {
+            for shard in (0..self.shards).filter(|s| subscriber_shards & (1 << s) != 0) {
+                let item = Item::Deliver { topic: commit.topic.clone(), epoch, message: message.clone() };
+                self.send(shard, item, now);
+            }
+        }
+        self.answer_held(&commit.topic, commit.through_seq, Ok, now);
+    }
+
+    /// A topic's commit failed: its held messages are dropped and their
+    /// publishers told; the topic takes no more publishes.
+    pub fn commit_failed(&mut self, commit: &TopicCommit, now: Now) {
+        self.owner.write_failed(commit);
+        self.answer_held(&commit.topic, commit.through_seq, |_| Err(OwnerError::StorageFailed), now);
+    }
+
+    /// Answers the held publishes of `topic` through `through_seq`.
+    fn answer_held(
+        &mut self,
+        topic: &TopicName,
+        through_seq: u64,
+        result: impl Fn(u64) -> Result<u64, OwnerError>,
+        now: Now,
+    ) {
+        let Some(queue) = self.held.get_mut(topic) else { return };
+        let mut done = Vec::new();
+        while queue.front().is_some_and(|(seq, _)| *seq <= through_seq) {
+            if let Some(entry) = queue.pop_front() {
+                done.push(entry);
+            }
+        }
+        if queue.is_empty() {
+            self.held.remove(topic);
+        }
+        for (seq, held) in done {
+            match held {
+                Held::Here { reply, req } => {
+                    if !reply.complete(result(seq)) {
+                        self.actions.push(Action::Published { req, result: result(seq) });
+                    }
+                }
+                Held::There { from, req } => self.send(from, Item::PublishDone { req, result: result(seq) }, now),
+            }
+        }
+    }
+
+    /// Keeps a publish's answer until its topic's commit.
+    fn hold(&mut self, topic: TopicName, seq: u64, held: Held) {
+        self.held.entry(topic).or_default().push_back((seq, held));
     }
 
     /// Subscribes a connection of this shard. Live at once when the topic
@@ -400,9 +505,11 @@ impl Broker {
     /// Handles an item from shard `from` (possibly this one).
     pub fn handle(&mut self, from: usize, item: Item, now: Now) {
         match item {
-            Item::Publish { topic, kind, payload, req } => {
-                let result = self.sequence(&topic, kind, payload, now);
-                self.send(from, Item::PublishDone { req, result }, now);
+            Item::Publish { topic, kind, payload, options, req } => {
+                match self.sequence(&topic, kind, payload, options, now) {
+                    Ok((seq, true)) => self.hold(topic, seq, Held::There { from, req }),
+                    result => self.send(from, Item::PublishDone { req, result: result.map(|(seq, _)| seq) }, now),
+                }
             }
             Item::Subscribe { topic, client, from: resume, req } => {
                 let result = self.owner.subscribe(&topic, from, client, resume, now.at);
@@ -476,17 +583,40 @@ impl Broker {
     }
 
     /// Sequences a message on this (owner) shard and routes it to every
-    /// subscribing shard.
-    fn sequence(&mut self, topic: &TopicName, kind: PayloadKind, payload: Bytes, now: Now) -> Result<u64, OwnerError> {
+    /// subscribing shard; a durable topic's is held for its commit. The
+    /// flag: whether the answer waits for the commit (held, at ack `local`).
+    fn sequence(
+        &mut self,
+        topic: &TopicName,
+        kind: PayloadKind,
+        payload: Bytes,
+        options: PublishOptions,
+        now: Now,
+    ) -> Result<(u64, bool), OwnerError> {
         let len = payload.len() as u64;
-        let Sequenced { message, epoch, subscriber_shards } = self.owner.publish(topic, kind, payload, now)?;
+        let PublishOptions { key, ack } = options;
+        let Sequenced { message, epoch, subscriber_shards, held } =
+            self.owner.publish(topic, kind, payload, key, now)?;
         metrics::add(&self.metrics.messages_published, 1);
         metrics::add(&self.metrics.bytes_published, len);
         let seq = message.seq;
+        if held {
+            if !self.commit_asked {
+                self.commit_asked = true;
+                self.actions.push(Action::Commit);
+            }
+            let default = self.owner.durable(topic).map_or(AckLevel::Local, |(spec, _)| spec.ack);
+            return Ok((seq, ack.unwrap_or(default) == AckLevel::Local));
+        }
         for shard in (0..self.shards).filter(|s| subscriber_shards & (1 << s) != 0) {
             self.send(shard, Item::Deliver { topic: topic.clone(), epoch, message: message.clone() }, now);
         }
-        Ok(seq)
+        Ok((seq, false))
+    }
+
+    /// The topics this shard owns, to declare or recover durable ones.
+    pub fn owner_mut(&mut self) -> &mut Owner {
+        &mut self.owner
     }
 
     /// Routes an item: handled at once for this shard, else an action.

@@ -137,6 +137,11 @@ fn has_token(value: &str, token: &str) -> bool {
     value.split(',').any(|t| t.trim().eq_ignore_ascii_case(token))
 }
 
+/// Every `name=value` of a query string, percent- and `+`-decoded, in order.
+pub fn query_pairs(query: &str) -> Vec<(String, String)> {
+    form_urlencoded::parse(query.as_bytes()).map(|(k, v)| (k.into_owned(), v.into_owned())).collect()
+}
+
 /// Looks up `name` in a query string (`a=1&b=2`). No percent-decoding: every
 /// parameter FluxNode reads is alphanumeric.
 pub fn query_param<'q>(query: &'q str, name: &str) -> Option<&'q str> {
@@ -161,6 +166,13 @@ pub enum Route {
     TopicInfo(String),
     /// `POST /v1/topics/{topic}`
     TopicPublish(String),
+    /// `PUT /v1/topics/{topic}`: declare a durable topic.
+    TopicDeclare(String),
+    /// `DELETE /v1/topics/{topic}`: a durable topic's log goes; the topic
+    /// stays, ephemeral.
+    TopicDelete(String),
+    /// `GET /v1/topics/{topic}/messages`: read a durable topic's log.
+    TopicRead(String),
     /// `GET /v1/topics/{topic}/ws` (upgrade)
     TopicSocket(String),
     /// `POST /publish` (original RayFlux API)
@@ -192,8 +204,11 @@ pub fn route(method: &str, path: &str) -> Route {
             Some(rest) => match rest.split_once('/') {
                 None if get => Route::TopicInfo(rest.to_string()),
                 None if post => Route::TopicPublish(rest.to_string()),
+                None if method == "PUT" => Route::TopicDeclare(rest.to_string()),
+                None if method == "DELETE" => Route::TopicDelete(rest.to_string()),
                 None => Route::MethodNotAllowed,
                 Some((topic, "ws")) => pick(get, Route::TopicSocket(topic.to_string())),
+                Some((topic, "messages")) => pick(get, Route::TopicRead(topic.to_string())),
                 Some(_) => Route::NotFound,
             },
             None => Route::NotFound,

@@ -19,7 +19,9 @@
 //! - [`history`]: the bounded per-topic ring.
 //! - [`owner`]: the sequencer for the topics a shard owns.
 //! - [`log`]: the durable log's record format, torn-tail detection and
-//!   sparse index (the first piece of durable topics).
+//!   sparse index.
+//! - [`durable`]: a durable topic's segmented log: appends, aligned write
+//!   jobs, rolling, retention, recovery, read plans by sequence, time and key.
 //! - [`broker`]: a shard's data-plane decisions (sequence, subscribe,
 //!   resume, fan out, answer) as a state machine: inputs and the time in,
 //!   actions out.
@@ -29,6 +31,7 @@
 
 pub mod admin;
 pub mod broker;
+pub mod durable;
 pub mod hash;
 pub mod history;
 pub mod http;

@@ -7,6 +7,7 @@ use std::borrow::Cow;
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::Deserialize;
 
+use crate::durable::{AckLevel, PublishOptions};
 use crate::message::{Epoch, Message, PayloadKind};
 use crate::topic::TopicName;
 use crate::ws;
@@ -24,8 +25,8 @@ pub enum Request {
     Subscribe { id: u64, topic: String, from_seq: Option<u64>, epoch: Option<Epoch> },
     /// Leave a topic.
     Unsubscribe { id: u64, topic: String },
-    /// Publish a payload.
-    Publish { id: u64, topic: String, kind: PayloadKind, payload: Bytes },
+    /// Publish a payload, with its key and acknowledgement level.
+    Publish { id: u64, topic: String, kind: PayloadKind, payload: Bytes, options: PublishOptions },
     /// Liveness check; the reply carries `"pong": true`.
     Ping { id: u64 },
 }
@@ -56,6 +57,10 @@ struct WireRequest<'a> {
     epoch: Option<Cow<'a, str>>,
     #[serde(borrow)]
     data: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    key: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    ack: Option<Cow<'a, str>>,
 }
 
 #[derive(Deserialize)]
@@ -85,11 +90,18 @@ pub fn parse_text(text: &[u8]) -> Result<Request, BadRequest> {
         "unsubscribe" => Ok(Request::Unsubscribe { id, topic: topic()? }),
         "publish" => {
             let data = wire.data.as_deref().ok_or_else(|| bad("missing \"data\""))?;
+            let ack = match wire.ack.as_deref().map(AckLevel::parse) {
+                None => None,
+                Some(Ok(ack)) => Some(ack),
+                Some(Err(e)) => return Err(bad(&e.to_string())),
+            };
+            let key = wire.key.as_deref().map(|k| Bytes::copy_from_slice(k.as_bytes()));
             Ok(Request::Publish {
                 id,
                 topic: topic()?,
                 kind: PayloadKind::Text,
                 payload: Bytes::copy_from_slice(data.as_bytes()),
+                options: PublishOptions { key, ack },
             })
         }
         "ping" => Ok(Request::Ping { id }),
@@ -118,6 +130,7 @@ pub fn parse_binary(frame: &Bytes) -> Result<Request, BadRequest> {
         topic: topic.to_string(),
         kind: PayloadKind::Binary,
         payload: frame.slice(10 + topic_len..),
+        options: PublishOptions::default(),
     })
 }
 
@@ -206,8 +219,23 @@ mod tests {
                 id: 2,
                 topic: "a".into(),
                 kind: PayloadKind::Text,
-                payload: Bytes::from_static(b"h\"i")
+                payload: Bytes::from_static(b"h\"i"),
+                options: PublishOptions::default(),
             })
+        );
+        assert_eq!(
+            parse_text(br#"{"op":"publish","id":2,"topic":"a","data":"x","key":"order-7","ack":"none"}"#),
+            Ok(Request::Publish {
+                id: 2,
+                topic: "a".into(),
+                kind: PayloadKind::Text,
+                payload: Bytes::from_static(b"x"),
+                options: PublishOptions { key: Some(Bytes::from_static(b"order-7")), ack: Some(AckLevel::None) },
+            })
+        );
+        assert_eq!(
+            parse_text(br#"{"op":"publish","id":2,"topic":"a","data":"x","ack":"stored"}"#).unwrap_err().code,
+            "bad_request"
         );
         assert_eq!(parse_text(br#"{"op":"ping","id":3}"#), Ok(Request::Ping { id: 3 }));
         assert_eq!(
@@ -241,7 +269,8 @@ mod tests {
                 id: 42,
                 topic: "t".into(),
                 kind: PayloadKind::Binary,
-                payload: Bytes::from_static(b"\x00\xff")
+                payload: Bytes::from_static(b"\x00\xff"),
+                options: PublishOptions::default(),
             }
         );
         assert!(parse_binary(&Bytes::from_static(&[1, 0, 0])).is_err());

@@ -10,8 +10,10 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
+use crate::durable::{DurableSpec, Recovered, TopicLog, WriteJob, UNWRITTEN_MESSAGES_MAX};
 use crate::history::History;
 pub use crate::history::SeqRange;
+use crate::log::Record;
 pub use crate::message::Epoch;
 use crate::message::{Message, Now, PayloadKind};
 use crate::topic::{TopicName, TopicQuery};
@@ -30,6 +32,14 @@ pub enum OwnerError {
         /// The share, in topics of this owner's table.
         max: usize,
     },
+    /// A durable topic has `UNWRITTEN_MESSAGES_MAX` messages waiting for
+    /// the disk (retry later; 503).
+    #[error("the topic's log is behind: too many messages waiting for the disk")]
+    StorageBehind,
+    /// Writing the durable topic's log failed; it takes no publishes until
+    /// the node restarts and recovers it (503).
+    #[error("the topic's log could not be written; it takes no publishes until the node restarts")]
+    StorageFailed,
 }
 
 impl OwnerError {
@@ -38,6 +48,8 @@ impl OwnerError {
         match self {
             OwnerError::TooManyTopics => "too_many_topics",
             OwnerError::ClientShare { .. } => "client_topic_share",
+            OwnerError::StorageBehind => "storage_behind",
+            OwnerError::StorageFailed => "storage_failed",
         }
     }
 
@@ -45,7 +57,7 @@ impl OwnerError {
     /// later, or another node), 429 when this client holds its share.
     pub fn http_status(self) -> u16 {
         match self {
-            OwnerError::TooManyTopics => 503,
+            OwnerError::TooManyTopics | OwnerError::StorageBehind | OwnerError::StorageFailed => 503,
             OwnerError::ClientShare { .. } => 429,
         }
     }
@@ -116,6 +128,78 @@ pub struct Sequenced {
     pub epoch: Epoch,
     /// Bit i set: shard i has subscribers to deliver it to.
     pub subscriber_shards: u64,
+    /// A durable topic's message: neither delivered nor in history until
+    /// its write is reported ([`Owner::written`]); `subscriber_shards` is 0.
+    pub held: bool,
+}
+
+/// One durable topic's share of a group commit: the writes to make, and
+/// the last message they carry.
+#[derive(Debug)]
+pub struct TopicCommit {
+    /// The topic.
+    pub topic: TopicName,
+    /// Writes, in order.
+    pub jobs: Vec<WriteJob>,
+    /// The last sequence the writes carry.
+    pub through_seq: u64,
+}
+
+/// Messages a commit made visible: deliver them.
+#[derive(Debug)]
+pub struct Released {
+    /// The topic's sequence space.
+    pub epoch: Epoch,
+    /// Shards with subscribers now.
+    pub subscriber_shards: u64,
+    /// The messages, in order.
+    pub messages: Vec<Message>,
+}
+
+/// A durable topic's state beside its history.
+#[derive(Debug)]
+struct Durable {
+    /// Its declaration.
+    spec: DurableSpec,
+    /// Its log.
+    log: TopicLog,
+    /// Sequenced, not yet reported written, in order.
+    unwritten: std::collections::VecDeque<Message>,
+    /// Appended since the last `take_commits`.
+    appended: bool,
+    /// A write failed: no more publishes until a restart.
+    failed: bool,
+    /// The last sequence subscribers may see: written, or skipped over at
+    /// recovery (never one that was sequenced and then lost).
+    visible: u64,
+}
+
+impl Durable {
+    /// A durable state whose log ends at `visible` (nothing waiting).
+    fn new(spec: DurableSpec, log: TopicLog, visible: u64) -> Box<Durable> {
+        Box::new(Durable { spec, log, unwritten: Default::default(), appended: false, failed: false, visible })
+    }
+}
+
+/// A durable topic's figures for listings.
+#[derive(Debug, Clone, Copy)]
+pub struct DurableStat {
+    /// Its declaration.
+    pub spec: DurableSpec,
+    /// First sequence in the log.
+    pub log_first_seq: u64,
+    /// Bytes and records in the log.
+    pub log_bytes: u64,
+    /// Records in the log.
+    pub log_messages: u64,
+    /// Segments.
+    pub segments: usize,
+    /// Distinct keys indexed.
+    pub keys: usize,
+    /// Messages waiting for the disk.
+    pub unwritten: usize,
+    /// Writing failed.
+    pub failed: bool,
 }
 
 /// What a subscribing shard learns when it registers for a topic.
@@ -152,6 +236,8 @@ pub struct TopicStat {
     pub subscriber_shards: u64,
     /// The topic's sequence space.
     pub epoch: Epoch,
+    /// Durable topics' log figures.
+    pub durable: Option<DurableStat>,
 }
 
 /// One owned topic.
@@ -178,6 +264,19 @@ struct OwnedTopic {
     /// first subscribing shard's subscriber): charged for it in
     /// `Owner::pins` until no shard subscribes.
     pinned_by: Option<IpAddr>,
+    /// Set for a durable topic.
+    durable: Option<Box<Durable>>,
+}
+
+impl OwnedTopic {
+    /// The last sequence subscribers may see: a durable topic's messages
+    /// are visible once written.
+    fn visible_seq(&self) -> u64 {
+        match &self.durable {
+            Some(d) => d.visible,
+            None => self.last_seq,
+        }
+    }
 }
 
 /// All topics owned by one shard.
@@ -203,6 +302,8 @@ pub struct Owner {
     topics_created: u64,
     /// Idle topics evicted to make room so far.
     evicted_total: u64,
+    /// Durable topics with records appended since the last commit.
+    appended: Vec<TopicName>,
 }
 
 impl Owner {
@@ -217,30 +318,197 @@ impl Owner {
             epoch_seed,
             topics_created: 0,
             evicted_total: 0,
+            appended: Vec::new(),
         }
     }
 
     /// Sequences a message: assigns the next sequence and a timestamp, keeps
     /// it in history, and returns it with the mask of subscribing shards.
+    /// A durable topic's message is appended to its log instead and held
+    /// until [`Owner::written`] (`key` is kept in the log and its index).
     pub fn publish(
         &mut self,
         topic: &TopicName,
         kind: PayloadKind,
         payload: Bytes,
+        key: Option<Bytes>,
         now: Now,
     ) -> Result<Sequenced, OwnerError> {
         let t = self.topic_mut(topic, now.at)?;
+        if let Some(d) = &t.durable {
+            if d.failed {
+                return Err(OwnerError::StorageFailed);
+            }
+            if d.unwritten.len() as u64 >= UNWRITTEN_MESSAGES_MAX {
+                return Err(OwnerError::StorageBehind);
+            }
+        }
         t.last_active = now.at;
-        t.last_seq += 1;
-        let message = Message { seq: t.last_seq, timestamp_ms: now.unix_ms, kind, payload, published_at: now.at };
-        t.history.push(message.clone());
+        let seq = t.last_seq + 1;
+        let message = Message { seq, timestamp_ms: now.unix_ms, kind, payload, published_at: now.at };
+        let mut first_append = false;
+        let held = if let Some(d) = &mut t.durable {
+            let record = Record {
+                seq,
+                timestamp_ms: now.unix_ms,
+                kind,
+                key,
+                headers: Vec::new(),
+                payload: message.payload.clone(),
+            };
+            // Only a record over the log's ceiling fails, and publishes are
+            // bounded far below it (MESSAGE_BYTES_MAX_CEILING).
+            d.log.append(&record).map_err(|_| OwnerError::StorageFailed)?;
+            d.unwritten.push_back(message.clone());
+            first_append = !d.appended;
+            d.appended = true;
+            true
+        } else {
+            t.history.push(message.clone());
+            false
+        };
+        t.last_seq = seq;
         if now.at.duration_since(t.window_start).as_secs() >= 1 {
             t.last_window_rate = t.window_count;
             t.window_count = 0;
             t.window_start = now.at;
         }
         t.window_count += 1;
-        Ok(Sequenced { message, epoch: t.epoch, subscriber_shards: t.subscriber_shards })
+        let subscriber_shards = if held { 0 } else { t.subscriber_shards };
+        let epoch = t.epoch;
+        if first_append {
+            self.appended.push(topic.clone());
+        }
+        Ok(Sequenced { message, epoch, subscriber_shards, held })
+    }
+
+    /// Makes `topic` durable with `spec`: from its next message on, every
+    /// message goes to its log first. With `recovered`, the topic comes back
+    /// as a previous run left it: its epoch, its log, its next sequence and
+    /// its last messages in history.
+    pub fn declare_durable(
+        &mut self,
+        topic: &TopicName,
+        spec: DurableSpec,
+        recovered: Option<(Epoch, Recovered)>,
+        limits: crate::durable::LogLimits,
+        now: Instant,
+    ) -> Result<(), OwnerError> {
+        let (messages_max, bytes_max) = (self.limits.history_messages_max, self.limits.history_bytes_max);
+        let history = History::new(messages_max, bytes_max);
+        let t = self.topic_mut(topic, now)?;
+        match recovered {
+            Some((epoch, r)) => {
+                t.epoch = epoch;
+                t.last_seq = r.next_seq - 1;
+                t.history = history;
+                // The ring holds contiguous numbers: only the tail after the
+                // last skip goes in, and nothing when the next number skips.
+                if r.log.next_seq() == r.next_seq {
+                    let mut previous = None;
+                    for record in r.tail {
+                        if previous.is_some_and(|p: u64| p + 1 != record.seq) {
+                            t.history = History::new(messages_max, bytes_max);
+                        }
+                        previous = Some(record.seq);
+                        t.history.push(Message {
+                            seq: record.seq,
+                            timestamp_ms: record.timestamp_ms,
+                            kind: record.kind,
+                            payload: record.payload,
+                            published_at: now,
+                        });
+                    }
+                }
+                t.durable = Some(Durable::new(spec, r.log, t.last_seq));
+            }
+            None => match &mut t.durable {
+                Some(d) => d.spec = spec,
+                None => t.durable = Some(Durable::new(spec, TopicLog::new(limits), t.last_seq)),
+            },
+        }
+        Ok(())
+    }
+
+    /// Makes a durable topic ephemeral again (its history stays; the shell
+    /// deletes its files). Messages still waiting for the disk stay held
+    /// until their commit reports.
+    pub fn undeclare_durable(&mut self, topic: &TopicName) -> bool {
+        match self.topics.get_mut(topic) {
+            Some(t) if t.durable.as_ref().is_some_and(|d| d.unwritten.is_empty()) => {
+                t.durable = None;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// A durable topic's declaration and log, if it is one.
+    pub fn durable(&self, topic: &TopicName) -> Option<(DurableSpec, &TopicLog)> {
+        self.topics.get(topic).and_then(|t| t.durable.as_ref()).map(|d| (d.spec, &d.log))
+    }
+
+    /// A durable topic's log, to expire segments.
+    pub fn durable_log_mut(&mut self, topic: &TopicName) -> Option<&mut TopicLog> {
+        self.topics.get_mut(topic).and_then(|t| t.durable.as_mut()).map(|d| &mut d.log)
+    }
+
+    /// Names of the durable topics.
+    pub fn durable_names(&self) -> Vec<TopicName> {
+        self.topics.iter().filter(|(_, t)| t.durable.is_some()).map(|(n, _)| n.clone()).collect()
+    }
+
+    /// The writes of everything appended since the last call, per topic:
+    /// one group commit.
+    pub fn take_commits(&mut self) -> Vec<TopicCommit> {
+        let mut commits = Vec::new();
+        for topic in std::mem::take(&mut self.appended) {
+            let Some(t) = self.topics.get_mut(&topic) else { continue };
+            let Some(d) = &mut t.durable else { continue };
+            d.appended = false;
+            let jobs = d.log.take_writes();
+            commits.push(TopicCommit { topic, jobs, through_seq: t.last_seq });
+        }
+        commits
+    }
+
+    /// Whether some durable topic has records waiting for `take_commits`.
+    pub fn has_commits(&self) -> bool {
+        !self.appended.is_empty()
+    }
+
+    /// Reports a topic's commit written: its messages through `through_seq`
+    /// go to history and are released for delivery.
+    pub fn written(&mut self, commit: &TopicCommit) -> Option<Released> {
+        let t = self.topics.get_mut(&commit.topic)?;
+        let d = t.durable.as_mut()?;
+        for job in &commit.jobs {
+            d.log.written(job.segment, job.end);
+        }
+        let mut messages = Vec::new();
+        while d.unwritten.front().is_some_and(|m| m.seq <= commit.through_seq) {
+            if let Some(m) = d.unwritten.pop_front() {
+                t.history.push(m.clone());
+                d.visible = m.seq;
+                messages.push(m);
+            }
+        }
+        Some(Released { epoch: t.epoch, subscriber_shards: t.subscriber_shards, messages })
+    }
+
+    /// Reports a topic's commit failed: the topic takes no more publishes,
+    /// and its held messages through `through_seq` are dropped (never
+    /// delivered); their sequences are returned, to answer their publishers.
+    pub fn write_failed(&mut self, commit: &TopicCommit) -> Vec<u64> {
+        let Some(d) = self.topics.get_mut(&commit.topic).and_then(|t| t.durable.as_mut()) else { return Vec::new() };
+        d.failed = true;
+        let mut seqs = Vec::new();
+        while d.unwritten.front().is_some_and(|m| m.seq <= commit.through_seq) {
+            if let Some(m) = d.unwritten.pop_front() {
+                seqs.push(m.seq);
+            }
+        }
+        seqs
     }
 
     /// Registers `shard` as subscribing, for a subscriber at `client`, and
@@ -268,11 +536,11 @@ impl Owner {
         }
         t.subscriber_shards |= 1 << shard;
         t.last_active = now;
-        let (epoch, last_seq) = (t.epoch, t.last_seq);
+        let (epoch, last_seq) = (t.epoch, t.visible_seq());
         let first_seq = t.history.first_seq().unwrap_or(last_seq + 1);
         let lost = match from {
             Some(ResumeFrom { epoch: Some(e), .. }) if e != epoch => Some(HistoryLost::EpochChanged),
-            Some(ResumeFrom { after_seq, .. }) if after_seq > last_seq => Some(HistoryLost::BeyondLastSeq),
+            Some(ResumeFrom { after_seq, .. }) if after_seq > t.last_seq => Some(HistoryLost::BeyondLastSeq),
             _ => None,
         };
         let grant = match (from, lost) {
@@ -307,7 +575,7 @@ impl Owner {
                 release(&mut self.pins, client);
             }
         }
-        if t.subscriber_shards == 0 && t.last_seq == 0 {
+        if t.subscriber_shards == 0 && t.last_seq == 0 && t.durable.is_none() {
             self.topics.remove(topic);
             self.names.remove(topic);
         }
@@ -377,6 +645,7 @@ impl Owner {
                     window_count: 0,
                     last_window_rate: 0,
                     pinned_by: None,
+                    durable: None,
                 },
             );
         }
@@ -392,7 +661,7 @@ impl Owner {
         let oldest = self
             .topics
             .iter()
-            .filter(|(_, t)| t.subscriber_shards == 0)
+            .filter(|(_, t)| t.subscriber_shards == 0 && t.durable.is_none())
             .min_by_key(|(_, t)| t.last_active)
             .map(|(name, _)| name.clone());
         let Some(name) = oldest else { return false };
@@ -422,13 +691,23 @@ fn mix(x: u64) -> u64 {
 fn stat(name: &TopicName, t: &OwnedTopic) -> TopicStat {
     TopicStat {
         name: name.clone(),
-        last_seq: t.last_seq,
-        first_seq: t.history.first_seq().unwrap_or(t.last_seq + 1),
+        last_seq: t.visible_seq(),
+        first_seq: t.history.first_seq().unwrap_or(t.visible_seq() + 1),
         retained_messages: t.history.len(),
         retained_bytes: t.history.bytes(),
         publish_rate_per_sec: t.last_window_rate,
         subscriber_shards: t.subscriber_shards,
         epoch: t.epoch,
+        durable: t.durable.as_ref().map(|d| DurableStat {
+            spec: d.spec,
+            log_first_seq: d.log.first_seq(),
+            log_bytes: d.log.bytes(),
+            log_messages: d.log.messages(),
+            segments: d.log.segment_count(),
+            keys: d.log.key_count(),
+            unwritten: d.unwritten.len(),
+            failed: d.failed,
+        }),
     }
 }
 
@@ -456,15 +735,43 @@ mod tests {
     }
 
     #[test]
+    fn a_durable_topics_messages_are_held_until_written_and_dropped_when_writing_fails() {
+        let mut o = Owner::new(limits(4), 7);
+        let t = name("orders");
+        let now = Instant::now();
+        o.declare_durable(&t, DurableSpec::default(), None, crate::durable::LogLimits::default(), now).unwrap();
+        o.subscribe(&t, 1, A, None, now).unwrap();
+        let s1 = o.publish(&t, PayloadKind::Text, Bytes::from_static(b"a"), None, at(now)).unwrap();
+        let s2 = o.publish(&t, PayloadKind::Text, Bytes::from_static(b"b"), None, at(now)).unwrap();
+        assert!(s1.held && s2.held && s1.subscriber_shards == 0);
+        // Not visible before the write: a subscriber's grant stops before it.
+        assert_eq!(o.subscribe(&t, 2, B, None, now).unwrap().last_seq, 0);
+        assert!(o.has_commits());
+        let commits = o.take_commits();
+        assert_eq!((commits.len(), commits[0].through_seq), (1, 2));
+        assert!(!o.has_commits());
+        let s3 = o.publish(&t, PayloadKind::Text, Bytes::from_static(b"c"), None, at(now)).unwrap();
+        let released = o.written(&commits[0]).unwrap();
+        assert_eq!(released.messages.iter().map(|m| m.seq).collect::<Vec<_>>(), [1, 2]);
+        assert_eq!(released.subscriber_shards, 0b110);
+        assert_eq!(o.stat(&t).unwrap().last_seq, 2, "3 still waits for its write");
+        let next = o.take_commits();
+        assert_eq!(o.write_failed(&next[0]), [s3.message.seq]);
+        let refused = o.publish(&t, PayloadKind::Text, Bytes::from_static(b"d"), None, at(now));
+        assert_eq!(refused.err(), Some(OwnerError::StorageFailed));
+        assert_eq!(o.stat(&t).unwrap().last_seq, 2);
+    }
+
+    #[test]
     fn sequences_without_gaps_and_tracks_subscribers() {
         let mut o = Owner::new(limits(2), 7);
         let t = name("a");
         let now = Instant::now();
-        let s1 = o.publish(&t, PayloadKind::Text, Bytes::from_static(b"x"), at(now)).expect("publish");
+        let s1 = o.publish(&t, PayloadKind::Text, Bytes::from_static(b"x"), None, at(now)).expect("publish");
         assert_eq!((s1.message.seq, s1.subscriber_shards), (1, 0));
         let g = o.subscribe(&t, 3, A, None, now).expect("subscribe");
         assert_eq!((g.last_seq, g.first_seq, g.replay.len(), g.resumed), (1, 1, 0, Resumed::Live));
-        let s2 = o.publish(&t, PayloadKind::Text, Bytes::from_static(b"y"), at(now)).expect("publish");
+        let s2 = o.publish(&t, PayloadKind::Text, Bytes::from_static(b"y"), None, at(now)).expect("publish");
         assert_eq!((s2.message.seq, s2.subscriber_shards, s2.epoch), (2, 0b1000, g.epoch));
         let g = o.subscribe(&t, 0, A, from(0, Some(g.epoch)), now).expect("subscribe");
         assert_eq!(g.replay.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![1, 2]);
@@ -479,13 +786,13 @@ mod tests {
         let t = name("a");
         let mut before = Owner::new(limits(4), 1);
         for _ in 0..5 {
-            before.publish(&t, PayloadKind::Text, Bytes::new(), at(now)).expect("publish");
+            before.publish(&t, PayloadKind::Text, Bytes::new(), None, at(now)).expect("publish");
         }
         let old_epoch = before.stat(&t).expect("topic").epoch;
         // A restart: a new process, a new seed, the same topic from seq 1.
         let mut after = Owner::new(limits(4), 2);
         for _ in 0..3 {
-            after.publish(&t, PayloadKind::Text, Bytes::new(), at(now)).expect("publish");
+            after.publish(&t, PayloadKind::Text, Bytes::new(), None, at(now)).expect("publish");
         }
         let g = after.subscribe(&t, 0, A, from(2, Some(old_epoch)), now).expect("subscribe");
         assert_ne!(g.epoch, old_epoch);
@@ -503,16 +810,16 @@ mod tests {
         let mut o = Owner::new(limits(2), 3);
         let t0 = Instant::now();
         let later = |ms| t0 + std::time::Duration::from_millis(ms);
-        o.publish(&name("old"), PayloadKind::Text, Bytes::new(), at(t0)).expect("publish");
-        o.publish(&name("busy"), PayloadKind::Text, Bytes::new(), at(later(1))).expect("publish");
+        o.publish(&name("old"), PayloadKind::Text, Bytes::new(), None, at(t0)).expect("publish");
+        o.publish(&name("busy"), PayloadKind::Text, Bytes::new(), None, at(later(1))).expect("publish");
         let old_epoch = o.stat(&name("old")).expect("topic").epoch;
-        o.publish(&name("new"), PayloadKind::Text, Bytes::new(), at(later(2))).expect("room made");
+        o.publish(&name("new"), PayloadKind::Text, Bytes::new(), None, at(later(2))).expect("room made");
         assert!(o.stat(&name("old")).is_none(), "the least recently active idle topic went");
         assert_eq!(o.evicted_total(), 1);
         // Subscribed topics are never evicted.
         o.subscribe(&name("busy"), 0, A, None, later(3)).expect("subscribe");
         o.subscribe(&name("new"), 1, A, None, later(4)).expect("subscribe");
-        let err = o.publish(&name("more"), PayloadKind::Text, Bytes::new(), at(later(5)));
+        let err = o.publish(&name("more"), PayloadKind::Text, Bytes::new(), None, at(later(5)));
         assert_eq!(err.unwrap_err(), OwnerError::TooManyTopics);
         // Recreated later, "old" is a new sequence space, and says so.
         o.unsubscribe(&name("busy"), 0, later(6));
@@ -525,7 +832,7 @@ mod tests {
         let mut o = Owner::new(limits(10), 3);
         let now = Instant::now();
         for n in ["b2", "a1", "b1", "c", "b10"] {
-            o.publish(&name(n), PayloadKind::Text, Bytes::new(), at(now)).expect("publish");
+            o.publish(&name(n), PayloadKind::Text, Bytes::new(), None, at(now)).expect("publish");
         }
         let page = |prefix: &str, after: Option<&str>, limit| {
             let query = TopicQuery { prefix: prefix.into(), after: after.map(Into::into), limit };

@@ -17,6 +17,9 @@ pub enum ShardError {
     /// It could not join the channel mesh between shards.
     #[error("cannot join the shard mesh")]
     Mesh,
+    /// Its durable topics could not be recovered.
+    #[error("shard {shard}: durable topics not recovered: {message}")]
+    Storage { shard: usize, message: String },
 }
 
 /// Why executors could not be started, or how one ended.

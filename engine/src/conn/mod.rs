@@ -12,6 +12,7 @@
 //! streams poll readiness separately for reading and writing, so each task
 //! borrows the stream only for the length of one `poll` call.
 
+pub(crate) mod durable_api;
 mod legacy_session;
 mod native_session;
 mod raw_session;
@@ -33,8 +34,8 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, Bytes, BytesMut};
 use futures_lite::{AsyncRead, AsyncWrite};
 use glommio::net::TcpStream;
-use proto::admin::{PublishAnswer, StatusBody, TopicInfo, TopicPage};
-use proto::broker::{Format, Granted, PublishReply, SubscribeRequest};
+use proto::admin::{DurableInfo, LogMessage, LogPage, PublishAnswer, StatusBody, TopicInfo, TopicPage};
+use proto::broker::{Format, Granted, PublishOptions, PublishReply, SubscribeRequest};
 use proto::http::{self, RequestHead, Route, Upgrade};
 use proto::limits::{HTTP_BODY_SLACK_BYTES, WRITE_BATCH_BYTES_MAX};
 use proto::message::PayloadKind;
@@ -52,6 +53,10 @@ use crate::config::{SlowConsumerPolicy, TopicSockets};
 use crate::shard::{AdminConnection, Adoption, Handoff, NodeConnection, Shard};
 
 use legacy_session::legacy_message;
+
+/// Largest body of a durable topic's declaration (`PUT /v1/topics/{topic}`):
+/// a few JSON fields.
+const DECLARE_BODY_BYTES_MAX: usize = 4096;
 use native_session::native_message;
 use raw_session::raw_message;
 pub use rest::serve_admin_only;
@@ -349,6 +354,7 @@ async fn request_body(
     let limit = match route {
         Route::LegacyPublish => shard.config.message_bytes_max() + HTTP_BODY_SLACK_BYTES,
         Route::TopicPublish(_) => shard.config.message_bytes_max(),
+        Route::TopicDeclare(_) => DECLARE_BODY_BYTES_MAX,
         _ => 0,
     };
     if head.content_length > limit {

@@ -26,11 +26,11 @@ pub(super) async fn native_message(
     };
     let reply = match request {
         Request::Ping { id } => native::reply_ok(id, serde_json::json!({ "pong": true })),
-        Request::Publish { id, topic, kind, payload } => match topic_of(id, &topic) {
+        Request::Publish { id, topic, kind, payload, options } => match topic_of(id, &topic) {
             Err(reply) => reply,
             Ok(topic) => {
                 let done = PublishReply::Native { out: out.clone(), id };
-                shard.publish_pipelined(topic, kind, payload, done).await;
+                shard.publish_pipelined(topic, kind, payload, options, done).await;
                 return true; // the reply is queued when the owner answers
             }
         },

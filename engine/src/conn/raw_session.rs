@@ -14,6 +14,6 @@ pub(super) async fn raw_message(
         return true;
     }
     let done = PublishReply::CloseOnError(session.out.clone());
-    session.shard.publish_pipelined(topic.clone(), kind, payload, done).await;
+    session.shard.publish_pipelined(topic.clone(), kind, payload, PublishOptions::default(), done).await;
     true
 }

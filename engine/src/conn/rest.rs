@@ -29,10 +29,22 @@ pub(super) async fn respond(
             let textual = head.content_type.starts_with("text/") || head.content_type.starts_with("application/json");
             let kind =
                 if textual && std::str::from_utf8(&body).is_ok() { PayloadKind::Text } else { PayloadKind::Binary };
-            match shard.publish(topic.clone(), kind, body).await {
+            let options = match publish_options(&head.query) {
+                Ok(options) => options,
+                Err(why) => return http::json_error(400, "bad_request", &why, keep_alive),
+            };
+            match shard.publish(topic.clone(), kind, body, options).await {
                 Ok(seq) => http::json(200, &PublishAnswer::accepted(topic.as_str(), seq), keep_alive),
                 Err(e) => owner_error(e, keep_alive),
             }
+        }
+        Route::TopicDeclare(name) | Route::TopicDelete(name) | Route::TopicRead(name) => {
+            let topic = match TopicName::new(&name) {
+                Ok(t) => t,
+                Err(e) => return http::json_error(400, "invalid_topic", &e.to_string(), keep_alive),
+            };
+            crate::conn::durable_api::respond(shard, route_kind(&head.method), topic, &head.query, &body, keep_alive)
+                .await
         }
         Route::MethodNotAllowed => {
             http::json_error(405, "method_not_allowed", "method not allowed on this path", keep_alive)
@@ -115,6 +127,28 @@ pub(super) async fn control(shard: &Rc<Shard>, route: Route, query: &str, keep_a
     }
 }
 
+/// Which durable operation a method on `/v1/topics/{topic}[/messages]` is.
+fn route_kind(method: &str) -> crate::conn::durable_api::Op {
+    match method {
+        "PUT" => crate::conn::durable_api::Op::Declare,
+        "DELETE" => crate::conn::durable_api::Op::Delete,
+        _ => crate::conn::durable_api::Op::Read,
+    }
+}
+
+/// A topic publish's `?ack=none|local&key=K`.
+fn publish_options(query: &str) -> Result<PublishOptions, String> {
+    let mut options = PublishOptions::default();
+    for (name, value) in http::query_pairs(query) {
+        match name.as_str() {
+            "ack" => options.ack = Some(proto::durable::AckLevel::parse(&value).map_err(|e| e.to_string())?),
+            "key" => options.key = Some(Bytes::from(value.into_bytes())),
+            _ => return Err(format!("unknown parameter {name:?} (ack, key)")),
+        }
+    }
+    Ok(options)
+}
+
 pub(super) fn owner_error(e: OwnerError, keep_alive: bool) -> Vec<u8> {
     http::json_error(e.http_status(), e.code(), &e.to_string(), keep_alive)
 }
@@ -145,7 +179,8 @@ pub(super) async fn legacy_publish(shard: &Rc<Shard>, body: &[u8], keep_alive: b
     if request.message.len() > shard.config.message_bytes_max() {
         return http::json_error(413, "payload_too_large", "message is over the size limit", keep_alive);
     }
-    match shard.publish(topic.clone(), PayloadKind::Text, Bytes::from(request.message)).await {
+    match shard.publish(topic.clone(), PayloadKind::Text, Bytes::from(request.message), PublishOptions::default()).await
+    {
         Ok(seq) => http::json(200, &PublishAnswer::accepted(topic.as_str(), seq), keep_alive),
         Err(e) => owner_error(e, keep_alive),
     }
@@ -177,6 +212,17 @@ pub(super) async fn topic_list(shard: &Rc<Shard>, query: TopicQuery) -> TopicPag
             publish_rate_per_sec: t.publish_rate_per_sec,
             owner_shard: t.name.owner_shard(shard.shards),
             epoch: t.epoch.to_string(),
+            durable: t.durable.map(|d| DurableInfo {
+                ack: d.spec.ack.as_str().to_string(),
+                retention: d.spec.retention,
+                log_first_seq: d.log_first_seq,
+                log_messages: d.log_messages,
+                log_bytes: d.log_bytes,
+                segments: d.segments as u64,
+                keys: d.keys as u64,
+                unwritten: d.unwritten as u64,
+                failed: d.failed,
+            }),
         })
         .collect();
     topics.sort_by(|a, b| a.topic.cmp(&b.topic));

@@ -1,0 +1,298 @@
+//! A shard's durable topics, the shell's side: the committer task that
+//! writes each group commit the broker hands it and reports it back, the
+//! keeper task (interval fsyncs, retention by age), recovery at start, the
+//! clean mark at stop, and the owner's answers to declare, delete and read
+//! requests from any shard.
+//!
+//! Group commit: publishes append to their topic's log in memory as they
+//! are sequenced (`proto::owner`); the committer takes everything appended
+//! since its last pass, writes it (and fsyncs it under `--fsync always`),
+//! then reports it, which delivers the messages and answers their
+//! publishers. Publishes sequenced while a pass is being written wait for
+//! the next pass, so one fsync covers every publisher of that moment.
+
+use std::collections::HashSet;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use proto::durable::{DurableSpec, FsyncPolicy, ReadFrom};
+use proto::log::Record;
+use proto::message::{Epoch, Now};
+use proto::sync::Slot;
+use proto::topic::TopicName;
+use runtime::limits::SHUTDOWN_POLL_MS;
+
+use crate::shard::{Awaited, Item, Shard};
+use crate::store::StoreError;
+
+/// How often the keeper applies retention by age.
+const RETENTION_CHECK_MS: u64 = 1_000;
+
+/// A request to a durable topic's owner shard.
+#[derive(Debug)]
+pub enum DurableAsk {
+    /// Make the topic durable (or change its declaration).
+    Declare { topic: TopicName, spec: DurableSpec },
+    /// Delete the topic's log; the topic stays, ephemeral.
+    Delete { topic: TopicName },
+    /// Read up to `limit` records of the log.
+    Read { topic: TopicName, from: ReadFrom, limit: usize },
+}
+
+/// The owner's answer.
+#[derive(Debug)]
+pub enum DurableAnswer {
+    /// Declared or deleted.
+    Done,
+    /// Refused: the HTTP status, code and message to show.
+    Failed { status: u16, code: &'static str, message: String },
+    /// What a read found.
+    Read {
+        /// The topic's sequence space.
+        epoch: Epoch,
+        /// First sequence in the log.
+        first_seq: u64,
+        /// Last sequence written.
+        last_seq: u64,
+        /// The records, in order.
+        records: Vec<Record>,
+        /// Whether more records match after the last one.
+        more: bool,
+    },
+}
+
+impl DurableAnswer {
+    /// Bytes an answer holds, for the outbox's bound.
+    pub fn cost_bytes(&self) -> usize {
+        match self {
+            DurableAnswer::Read { records, .. } => records.iter().map(|r| r.payload.len() + 64).sum(),
+            _ => 0,
+        }
+    }
+
+    fn failed(status: u16, code: &'static str, message: impl Into<String>) -> DurableAnswer {
+        DurableAnswer::Failed { status, code, message: message.into() }
+    }
+}
+
+impl Shard {
+    /// Asks `topic`'s owner shard (maybe this one) to declare, delete or
+    /// read it.
+    pub async fn durable(self: &Rc<Self>, topic: &TopicName, ask: DurableAsk) -> DurableAnswer {
+        let owner = topic.owner_shard(self.shards);
+        if owner == self.id {
+            return self.serve_durable(ask).await;
+        }
+        let req = self.next_id();
+        let slot = Slot::default();
+        self.awaited.borrow_mut().insert(req, Awaited::Durable(slot.clone()));
+        self.send(owner, Item::DurableRequest { req, ask: Box::new(ask) });
+        slot.wait().await
+    }
+
+    /// Serves peers' durable requests, in the control queue.
+    pub(crate) async fn durable_server(self: Rc<Self>) {
+        loop {
+            let wanted = std::mem::take(&mut *self.durable_requests.borrow_mut());
+            if wanted.is_empty() {
+                self.durable_wake.wait().await;
+                continue;
+            }
+            for (from, req, ask) in wanted {
+                let answer = self.serve_durable(ask).await;
+                self.send(from, Item::DurableReply { req, answer: Box::new(answer) });
+            }
+        }
+    }
+
+    /// Carries out a durable request on this (owner) shard.
+    async fn serve_durable(&self, ask: DurableAsk) -> DurableAnswer {
+        match ask {
+            DurableAsk::Declare { topic, spec } => {
+                let now = Instant::now();
+                let declared =
+                    self.broker.borrow_mut().owner_mut().declare_durable(&topic, spec, None, self.log_limits, now);
+                if let Err(e) = declared {
+                    return DurableAnswer::failed(e.http_status(), e.code(), e.to_string());
+                }
+                let epoch = self.broker.borrow().owner().stat(&topic).map(|s| s.epoch);
+                let Some(epoch) = epoch else { return DurableAnswer::failed(500, "internal", "topic vanished") };
+                match self.store.write_meta(&topic, epoch, spec) {
+                    Ok(()) => DurableAnswer::Done,
+                    Err(e) => {
+                        self.broker.borrow_mut().owner_mut().undeclare_durable(&topic);
+                        DurableAnswer::failed(500, "storage_failed", e.to_string())
+                    }
+                }
+            }
+            DurableAsk::Delete { topic } => {
+                if self.broker.borrow().owner().durable(&topic).is_none() {
+                    return DurableAnswer::failed(404, "not_durable", "no durable topic of that name on this node");
+                }
+                if !self.broker.borrow_mut().owner_mut().undeclare_durable(&topic) {
+                    return DurableAnswer::failed(409, "busy", "messages are still being written; retry");
+                }
+                match self.store.delete(&topic).await {
+                    Ok(()) => DurableAnswer::Done,
+                    Err(e) => DurableAnswer::failed(500, "storage_failed", e.to_string()),
+                }
+            }
+            DurableAsk::Read { topic, from, limit } => {
+                let (plan, total, epoch, first_seq, last_seq) = {
+                    let broker = self.broker.borrow();
+                    let owner = broker.owner();
+                    let (Some((_, log)), Some(stat)) = (owner.durable(&topic), owner.stat(&topic)) else {
+                        return DurableAnswer::failed(404, "not_durable", "no durable topic of that name on this node");
+                    };
+                    let total = match &from {
+                        ReadFrom::Key { key, from_seq } => Some(log.key_records(key, *from_seq)),
+                        _ => None,
+                    };
+                    (log.plan(from, limit), total, stat.epoch, log.first_seq(), stat.last_seq)
+                };
+                match self.store.read(&topic, &plan).await {
+                    Err(e) => DurableAnswer::failed(500, "storage_failed", e.to_string()),
+                    Ok(records) => {
+                        let last = records.last().map_or(0, |r| r.seq);
+                        let more = match total {
+                            Some(total) => records.len() < total,
+                            None => !records.is_empty() && last < last_seq,
+                        };
+                        DurableAnswer::Read { epoch, first_seq, last_seq, records, more }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Writes each group commit the broker hands over and reports it.
+    pub(crate) async fn committer(self: Rc<Self>) {
+        loop {
+            let commits = self.broker.borrow_mut().take_commits();
+            if commits.is_empty() {
+                self.commit_wake.wait().await;
+                continue;
+            }
+            self.committing.set(true);
+            for commit in &commits {
+                let result = self.store.write(&commit.topic, &commit.jobs).await;
+                let now = Now::read();
+                match result {
+                    Ok(()) => self.broker.borrow_mut().committed(commit, now),
+                    Err(e) => {
+                        tracing::error!(topic = commit.topic.as_str(), "durable write failed: {e}");
+                        self.broker.borrow_mut().commit_failed(commit, now);
+                    }
+                }
+                self.apply();
+                if commit.jobs.iter().any(|j| j.seal) {
+                    self.expire(&commit.topic, now.unix_ms);
+                }
+            }
+            self.committing.set(false);
+        }
+    }
+
+    /// Fsyncs under `--fsync interval`, and applies retention by age.
+    pub(crate) async fn log_keeper(self: Rc<Self>) {
+        let tick = match self.config.fsync() {
+            FsyncPolicy::Interval => self.config.fsync_interval(),
+            FsyncPolicy::Always => Duration::from_millis(RETENTION_CHECK_MS),
+        };
+        let mut last_retention = Instant::now();
+        loop {
+            glommio::timer::sleep(tick).await;
+            if self.config.fsync() == FsyncPolicy::Interval {
+                if let Err(e) = self.store.sync_written().await {
+                    tracing::error!(shard = self.id, "interval fsync failed: {e}");
+                }
+            }
+            if last_retention.elapsed() >= Duration::from_millis(RETENTION_CHECK_MS) {
+                last_retention = Instant::now();
+                let now_ms = Now::read().unix_ms;
+                let names = self.broker.borrow().owner().durable_names();
+                for topic in names {
+                    self.expire(&topic, now_ms);
+                }
+            }
+        }
+    }
+
+    /// Drops `topic`'s segments its retention no longer keeps.
+    fn expire(&self, topic: &TopicName, now_ms: u64) {
+        let gone = {
+            let mut broker = self.broker.borrow_mut();
+            let owner = broker.owner_mut();
+            let Some((spec, _)) = owner.durable(topic) else { return };
+            match owner.durable_log_mut(topic) {
+                Some(log) => log.expire(&spec.retention, now_ms),
+                None => return,
+            }
+        };
+        if !gone.is_empty() {
+            self.store.remove_segments(topic, &gone);
+        }
+    }
+
+    /// Recovers the durable topics on disk that this shard owns, and
+    /// declares the configured ones found nowhere. Runs before the shard
+    /// serves.
+    pub fn recover_durable(&self) -> Result<(), StoreError> {
+        let (id, shards) = (self.id, self.shards);
+        let found =
+            self.store.recover(|t| t.owner_shard(shards) == id, self.log_limits, self.config.history_messages_max())?;
+        let now = Instant::now();
+        let configured = self.config.durable_topics();
+        let mut seen = HashSet::new();
+        for f in found {
+            let spec = configured.iter().find(|(t, _)| *t == f.topic).map_or(f.spec, |(_, s)| *s);
+            let (next, messages) = (f.recovered.next_seq, f.recovered.log.messages());
+            let mut broker = self.broker.borrow_mut();
+            if let Err(e) =
+                broker.owner_mut().declare_durable(&f.topic, spec, Some((f.epoch, f.recovered)), self.log_limits, now)
+            {
+                tracing::error!(topic = f.topic.as_str(), "durable topic not recovered: {e}");
+                continue;
+            }
+            tracing::info!(shard = id, topic = f.topic.as_str(), messages, next_seq = next, "durable topic recovered");
+            if spec != f.spec {
+                self.store.write_meta(&f.topic, f.epoch, spec)?;
+            }
+            seen.insert(f.topic);
+        }
+        for (topic, spec) in configured.iter().filter(|(t, _)| t.owner_shard(shards) == id && !seen.contains(t)) {
+            let mut broker = self.broker.borrow_mut();
+            if let Err(e) = broker.owner_mut().declare_durable(topic, *spec, None, self.log_limits, now) {
+                tracing::error!(topic = topic.as_str(), "durable topic not declared: {e}");
+                continue;
+            }
+            let epoch = broker.owner().stat(topic).map(|s| s.epoch);
+            drop(broker);
+            if let Some(epoch) = epoch {
+                self.store.write_meta(topic, epoch, *spec)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// At a graceful stop: waits (up to the drain timeout) until every
+    /// sequenced durable message is written, then marks each durable topic
+    /// clean, so the next start continues its sequence without a skip.
+    pub async fn close_durable(&self) {
+        let deadline = Instant::now() + self.config.drain_timeout();
+        let busy = || self.committing.get() || self.broker.borrow().owner().has_commits();
+        while busy() && Instant::now() < deadline {
+            glommio::timer::sleep(Duration::from_millis(SHUTDOWN_POLL_MS)).await;
+        }
+        if busy() {
+            tracing::warn!(shard = self.id, "durable writes still running at the drain deadline: not marked clean");
+            return;
+        }
+        let names = self.broker.borrow().owner().durable_names();
+        for topic in names {
+            if let Err(e) = self.store.mark_clean(&topic).await {
+                tracing::warn!(topic = topic.as_str(), "not marked clean: {e}");
+            }
+        }
+    }
+}

@@ -1,0 +1,378 @@
+//! The durable topics' files: the shell around `proto::durable`. The broker
+//! decides what to write; this module writes it (direct I/O where the file
+//! system allows, buffered io_uring writes where it does not), fsyncs,
+//! cuts, deletes, reads back and recovers after a stop.
+//!
+//! On disk, under `data_dir/topics/`, one directory per durable topic:
+//!
+//! ```text
+//! <hash>-<name>/meta.json        the topic's name, epoch and declaration
+//! <hash>-<name>/<seq:020>.log    segments, named by their first sequence
+//! <hash>-<name>/clean            present only after a clean stop
+//! ```
+//!
+//! The directory name is the topic's stable hash (16 hex digits) and its
+//! name cut to 64 bytes, so it is unique, short and readable; `meta.json`
+//! holds the whole name. Directories do not depend on the shard count: at
+//! start each shard recovers the topics it owns.
+
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::rc::Rc;
+
+use bytes::Bytes;
+use glommio::io::{BufferedFile, DmaFile, OpenOptions};
+use proto::durable::{FsyncPolicy, LogLimits, ReadPlan, Recovered, TopicLog, WriteJob};
+use proto::log::{self, Record};
+use proto::message::Epoch;
+use proto::topic::TopicName;
+use serde::{Deserialize, Serialize};
+
+pub use proto::durable::DurableSpec;
+
+/// A topic's `meta.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Meta {
+    /// The topic's name.
+    pub topic: String,
+    /// Its sequence space, kept across restarts (16 hex digits).
+    pub epoch: String,
+    /// Its declaration.
+    pub spec: DurableSpec,
+}
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// A file operation failed.
+    #[error("{what} {path}: {source}")]
+    Io {
+        /// What was being done.
+        what: &'static str,
+        /// The file or directory.
+        path: PathBuf,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// A `meta.json` could not be read.
+    #[error("{path}: {why}")]
+    Meta {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        why: String,
+    },
+}
+
+fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> StoreError + 'a {
+    move |source| StoreError::Io { what, path: path.to_path_buf(), source }
+}
+
+fn gio<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(glommio::GlommioError<()>) -> StoreError + 'a {
+    move |e| StoreError::Io { what, path: path.to_path_buf(), source: e.into() }
+}
+
+/// An open segment file.
+#[derive(Debug)]
+enum SegmentFile {
+    /// `O_DIRECT`: the page cache is bypassed.
+    Direct(DmaFile),
+    /// Where the file system refuses `O_DIRECT` (tmpfs, some overlays).
+    Buffered(BufferedFile),
+}
+
+impl SegmentFile {
+    async fn open(path: &Path) -> Result<SegmentFile, StoreError> {
+        let mut options = OpenOptions::new();
+        options.read(true).write(true).create(true);
+        match options.dma_open(path).await {
+            Ok(file) => Ok(SegmentFile::Direct(file)),
+            Err(_) => options.buffered_open(path).await.map(SegmentFile::Buffered).map_err(gio("opening", path)),
+        }
+    }
+
+    async fn write(&self, job: &WriteJob, path: &Path) -> Result<(), StoreError> {
+        match self {
+            SegmentFile::Direct(file) => {
+                let mut buf = file.alloc_dma_buffer(job.bytes.len());
+                buf.as_bytes_mut().copy_from_slice(&job.bytes);
+                file.write_at(buf, job.offset).await.map_err(gio("writing", path))?;
+            }
+            SegmentFile::Buffered(file) => {
+                file.write_at(job.bytes.clone(), job.offset).await.map_err(gio("writing", path))?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn sync(&self, path: &Path) -> Result<(), StoreError> {
+        match self {
+            SegmentFile::Direct(file) => file.fdatasync().await,
+            SegmentFile::Buffered(file) => file.fdatasync().await,
+        }
+        .map_err(gio("syncing", path))
+    }
+
+    async fn truncate(&self, len: u64, path: &Path) -> Result<(), StoreError> {
+        match self {
+            SegmentFile::Direct(file) => file.truncate(len).await,
+            SegmentFile::Buffered(file) => file.truncate(len).await,
+        }
+        .map_err(gio("cutting", path))
+    }
+
+    async fn close(self) {
+        let _ = match self {
+            SegmentFile::Direct(file) => file.close().await,
+            SegmentFile::Buffered(file) => file.close().await,
+        };
+    }
+}
+
+/// One shard's durable files.
+#[derive(Debug)]
+pub struct Store {
+    /// `data_dir/topics`.
+    root: PathBuf,
+    /// Open segments by topic and first sequence (the active ones, and a
+    /// sealed one until its last write).
+    open: RefCell<HashMap<(TopicName, u64), Rc<SegmentFile>>>,
+    /// Files written since the last fsync (policy `interval`).
+    unsynced: RefCell<Vec<Rc<SegmentFile>>>,
+    /// When to fsync.
+    fsync: FsyncPolicy,
+}
+
+/// A durable topic found on disk at start, recovered.
+#[derive(Debug)]
+pub struct Found {
+    /// The topic.
+    pub topic: TopicName,
+    /// Its declaration.
+    pub spec: DurableSpec,
+    /// Its epoch.
+    pub epoch: Epoch,
+    /// Its log and next sequence.
+    pub recovered: Recovered,
+}
+
+impl Store {
+    /// A store under `data_dir` (nothing is created until a durable topic is).
+    pub fn new(data_dir: &Path, fsync: FsyncPolicy) -> Store {
+        Store { root: data_dir.join("topics"), open: RefCell::default(), unsynced: RefCell::default(), fsync }
+    }
+
+    /// The directory of `topic`.
+    pub fn dir(&self, topic: &TopicName) -> PathBuf {
+        let name = topic.as_str();
+        let cut = &name[..name.len().min(64)];
+        self.root.join(format!("{:016x}-{cut}", proto::hash::fnv1a(name.as_bytes())))
+    }
+
+    fn segment_path(&self, topic: &TopicName, base: u64) -> PathBuf {
+        self.dir(topic).join(format!("{base:020}.log"))
+    }
+
+    /// Creates `topic`'s directory and writes its `meta.json` (atomically:
+    /// a temporary file, fsynced, renamed).
+    pub fn write_meta(&self, topic: &TopicName, epoch: Epoch, spec: DurableSpec) -> Result<(), StoreError> {
+        let dir = self.dir(topic);
+        std::fs::create_dir_all(&dir).map_err(io("creating", &dir))?;
+        let meta = Meta { topic: topic.as_str().to_string(), epoch: epoch.to_string(), spec };
+        let body = serde_json::to_vec_pretty(&meta).unwrap_or_default();
+        let tmp = dir.join("meta.json.tmp");
+        let path = dir.join("meta.json");
+        let file = std::fs::File::create(&tmp).map_err(io("creating", &tmp))?;
+        std::io::Write::write_all(&mut &file, &body).map_err(io("writing", &tmp))?;
+        file.sync_all().map_err(io("syncing", &tmp))?;
+        std::fs::rename(&tmp, &path).map_err(io("renaming", &tmp))?;
+        sync_dir(&dir)?;
+        sync_dir(&self.root)
+    }
+
+    /// Deletes `topic`'s directory and everything in it.
+    pub async fn delete(&self, topic: &TopicName) -> Result<(), StoreError> {
+        let keys: Vec<_> = self.open.borrow().keys().filter(|(t, _)| t == topic).cloned().collect();
+        for key in keys {
+            let removed = self.open.borrow_mut().remove(&key);
+            if let Some(file) = removed {
+                if let Ok(file) = Rc::try_unwrap(file) {
+                    file.close().await;
+                }
+            }
+        }
+        let dir = self.dir(topic);
+        std::fs::remove_dir_all(&dir).map_err(io("deleting", &dir))?;
+        sync_dir(&self.root)
+    }
+
+    /// Writes one topic's share of a group commit; fsyncs it under the
+    /// `always` policy. Sealed segments are cut to their length and closed.
+    pub async fn write(&self, topic: &TopicName, jobs: &[WriteJob]) -> Result<(), StoreError> {
+        for job in jobs {
+            let path = self.segment_path(topic, job.segment);
+            let key = (topic.clone(), job.segment);
+            let existing = self.open.borrow().get(&key).cloned();
+            let file = match existing {
+                Some(file) => file,
+                None => {
+                    let file = Rc::new(SegmentFile::open(&path).await?);
+                    self.open.borrow_mut().insert(key.clone(), file.clone());
+                    if job.offset == 0 {
+                        // A new segment: its directory entry must survive too.
+                        sync_dir(&self.dir(topic))?;
+                    }
+                    file
+                }
+            };
+            file.write(job, &path).await?;
+            if job.seal {
+                file.truncate(job.end, &path).await?;
+            }
+            match self.fsync {
+                FsyncPolicy::Always => file.sync(&path).await?,
+                FsyncPolicy::Interval => self.unsynced.borrow_mut().push(file.clone()),
+            }
+            if job.seal {
+                self.open.borrow_mut().remove(&key);
+            }
+        }
+        Ok(())
+    }
+
+    /// Fsyncs every file written since the last call (policy `interval`).
+    pub async fn sync_written(&self) -> Result<(), StoreError> {
+        let files = std::mem::take(&mut *self.unsynced.borrow_mut());
+        let mut seen: Vec<*const SegmentFile> = Vec::new();
+        for file in files {
+            if seen.contains(&Rc::as_ptr(&file)) {
+                continue;
+            }
+            seen.push(Rc::as_ptr(&file));
+            file.sync(&self.root).await?;
+        }
+        Ok(())
+    }
+
+    /// Deletes expired segments of `topic`.
+    pub fn remove_segments(&self, topic: &TopicName, bases: &[u64]) {
+        for base in bases {
+            let path = self.segment_path(topic, *base);
+            if let Err(e) = std::fs::remove_file(&path) {
+                tracing::warn!("cannot delete expired segment {}: {e}", path.display());
+            }
+        }
+    }
+
+    /// Reads what `plan` asks for from `topic`'s segments (a plan covers
+    /// only bytes already written). A segment deleted meanwhile by
+    /// retention ends the read early.
+    pub async fn read(&self, topic: &TopicName, plan: &ReadPlan) -> Result<Vec<Record>, StoreError> {
+        let mut out = Vec::new();
+        for range in &plan.ranges {
+            let path = self.segment_path(topic, range.segment);
+            // Through the page cache: a direct read can be refused where the
+            // same file is open for polled direct writes.
+            let file = match BufferedFile::open(&path).await {
+                Ok(file) => file,
+                Err(_) => break,
+            };
+            let read = file.read_at(range.offset, range.len as usize).await.map_err(gio("reading", &path));
+            let _ = file.close().await;
+            let bytes = Bytes::copy_from_slice(&read?);
+            for (_, record) in log::scan(&bytes).records {
+                if plan.wants(&record) {
+                    out.push(record);
+                    if out.len() >= plan.limit {
+                        return Ok(out);
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Recovers every durable topic on disk that `owns` says is this
+    /// shard's: reads its segments, cuts torn tails, deletes segments after
+    /// damage, and marks it unclean until the next clean stop. Runs once at
+    /// start, before the shard serves; reads are blocking (start only).
+    pub fn recover(
+        &self,
+        owns: impl Fn(&TopicName) -> bool,
+        limits: LogLimits,
+        tail_max: usize,
+    ) -> Result<Vec<Found>, StoreError> {
+        let mut found = Vec::new();
+        let entries = match std::fs::read_dir(&self.root) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(found),
+            Err(e) => return Err(io("listing", &self.root)(e)),
+        };
+        for entry in entries.flatten() {
+            let dir = entry.path();
+            let meta_path = dir.join("meta.json");
+            let Ok(body) = std::fs::read(&meta_path) else { continue };
+            let meta: Meta = serde_json::from_slice(&body)
+                .map_err(|e| StoreError::Meta { path: meta_path.clone(), why: e.to_string() })?;
+            let topic = TopicName::new(&meta.topic)
+                .map_err(|e| StoreError::Meta { path: meta_path.clone(), why: e.to_string() })?;
+            if !owns(&topic) {
+                continue;
+            }
+            let epoch: Epoch = meta
+                .epoch
+                .parse()
+                .map_err(|_| StoreError::Meta { path: meta_path.clone(), why: "bad epoch".into() })?;
+            let mut bases: Vec<u64> = std::fs::read_dir(&dir)
+                .map_err(io("listing", &dir))?
+                .flatten()
+                .filter_map(|e| e.file_name().to_str()?.strip_suffix(".log")?.parse().ok())
+                .collect();
+            bases.sort_unstable();
+            let mut segments = Vec::new();
+            for base in bases {
+                let path = self.segment_path(&topic, base);
+                segments.push((base, Bytes::from(std::fs::read(&path).map_err(io("reading", &path))?)));
+            }
+            let marker = dir.join("clean");
+            let clean = marker.exists();
+            let recovered = TopicLog::recover(segments, clean, limits, tail_max);
+            for (base, len, why) in &recovered.cut {
+                let path = self.segment_path(&topic, *base);
+                if !matches!(why, log::Torn::BadLength) || *len == 0 {
+                    tracing::warn!(topic = topic.as_str(), "cutting {} at {len} ({why:?})", path.display());
+                }
+                let file = std::fs::OpenOptions::new().write(true).open(&path).map_err(io("opening", &path))?;
+                file.set_len(*len).map_err(io("cutting", &path))?;
+                file.sync_all().map_err(io("syncing", &path))?;
+            }
+            for base in &recovered.dropped {
+                let path = self.segment_path(&topic, *base);
+                tracing::warn!(topic = topic.as_str(), "removing {} (after damage, or empty)", path.display());
+                std::fs::remove_file(&path).map_err(io("deleting", &path))?;
+            }
+            if clean {
+                std::fs::remove_file(&marker).map_err(io("deleting", &marker))?;
+                sync_dir(&dir)?;
+            }
+            found.push(Found { topic, spec: meta.spec, epoch, recovered });
+        }
+        Ok(found)
+    }
+
+    /// Marks `topic` stopped cleanly: everything sequenced was written
+    /// and fsynced, so the next start needs no sequence skip.
+    pub async fn mark_clean(&self, topic: &TopicName) -> Result<(), StoreError> {
+        self.sync_written().await?;
+        let dir = self.dir(topic);
+        let marker = dir.join("clean");
+        std::fs::File::create(&marker).map_err(io("creating", &marker))?;
+        sync_dir(&dir)
+    }
+}
+
+/// Fsyncs a directory, so that entries made or removed in it survive.
+fn sync_dir(dir: &Path) -> Result<(), StoreError> {
+    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(io("syncing", dir))
+}

@@ -1,0 +1,702 @@
+//! Durable topics' logs, sans-IO: what one topic's segmented log holds and
+//! what the shell must write, read, cut or delete. Records go in (encoded by
+//! [`crate::log`]); write jobs, read plans and expired segments come out.
+//! The shell (`engine/src/store.rs`) owns the files and the clock.
+//!
+//! A topic's log is a list of segments, each named by its first sequence.
+//! The last is active: appends go to it until it reaches
+//! [`LogLimits::segment_bytes_max`] or [`LogLimits::segment_age_ms`], then
+//! the next append opens a new one and the old one is sealed (cut to its
+//! exact length once written). Writes are direct I/O, so every write job
+//! starts at an aligned offset and is padded with zeros to an aligned
+//! length: the last partial block already on disk is written again with the
+//! new records after it ([`WRITE_ALIGN_BYTES`]). Zeros after the last record
+//! read as a clean end (a record never has length 0).
+//!
+//! Three indexes, all in memory and rebuilt from the segments on recovery:
+//! the sparse index per segment (sequence and time to offset), the
+//! segment list (sequence to segment) and the key index (every record's
+//! location per key, so a key read touches only that key's records).
+
+use std::collections::{HashMap, VecDeque};
+
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+
+use crate::log::{self, Record, SparseIndex, Torn};
+
+/// Alignment of direct-I/O writes: offsets and lengths are multiples of it
+/// (4 KiB covers every logical block size Linux devices use).
+pub const WRITE_ALIGN_BYTES: usize = 4096;
+/// Default segment size before it rolls: large enough that a segment's
+/// open, seal and upload are rare, small enough to read whole on recovery.
+pub const SEGMENT_BYTES_MAX_DEFAULT: u64 = 64 << 20;
+/// Default segment age before it rolls (retention by age works in whole
+/// segments, so this is its granularity): one hour.
+pub const SEGMENT_AGE_MS_DEFAULT: u64 = 3_600_000;
+/// One sparse-index entry per this many bytes of segment.
+pub const INDEX_EVERY_BYTES: usize = 4096;
+/// Most messages of one topic sequenced and not yet written. Past it,
+/// publishes wait (on the owner shard) or are refused with
+/// `storage_behind` (from other shards). It also bounds the sequences a
+/// crash can leave assigned but unwritten: after an unclean stop the
+/// topic continues this many sequences later, so no acknowledged number
+/// is ever given to another message (see [`TopicLog::recover`]).
+pub const UNWRITTEN_MESSAGES_MAX: u64 = 65_536;
+/// Largest read plan: bytes of records one read returns at most.
+pub const READ_BYTES_MAX: usize = 4 << 20;
+/// Most messages one read returns.
+pub const READ_MESSAGES_MAX: usize = 10_000;
+
+/// When a publisher hears back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum AckLevel {
+    /// Once sequenced: nothing waits for the disk. A process crash loses
+    /// what was not yet written (at most [`UNWRITTEN_MESSAGES_MAX`]).
+    None,
+    /// Once written, and fsynced under the `always` fsync policy: survives
+    /// a process crash; a power failure too under `always`.
+    Local,
+}
+
+impl AckLevel {
+    /// Parses the wire name (`none`, `local`); `stored` is named but not
+    /// offered yet (no object store).
+    pub fn parse(s: &str) -> Result<AckLevel, AckError> {
+        match s {
+            "none" => Ok(AckLevel::None),
+            "local" => Ok(AckLevel::Local),
+            "stored" => Err(AckError::NotOffered),
+            _ => Err(AckError::Unknown),
+        }
+    }
+
+    /// The wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AckLevel::None => "none",
+            AckLevel::Local => "local",
+        }
+    }
+}
+
+/// What a publish may say besides its payload.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PublishOptions {
+    /// The routing key / aggregate id (kept in a durable topic's log and
+    /// key index).
+    pub key: Option<Bytes>,
+    /// When to answer, on a durable topic; its default when `None`.
+    /// Ephemeral topics answer once sequenced, whatever it says.
+    pub ack: Option<AckLevel>,
+}
+
+/// Why an acknowledgement level was refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum AckError {
+    /// Not one of the names.
+    #[error("ack must be none or local")]
+    Unknown,
+    /// `stored` needs an object store, which this node does not have yet.
+    #[error("ack=stored needs an object store, which this node does not offer yet")]
+    NotOffered,
+}
+
+/// When written records are fsynced.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum FsyncPolicy {
+    /// Every group commit ends with an fdatasync before anyone is answered.
+    Always,
+    /// Group commits only write; a timer fsyncs every interval.
+    Interval,
+}
+
+/// How much of a durable topic is kept. Whole sealed segments go, oldest
+/// first, while the segments after them still hold a size or count bound,
+/// or once their newest message is older than the age bound (as Kafka's
+/// retention works); the active segment always stays.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Retention {
+    /// Drop segments whose newest message is older than this, ms.
+    pub max_age_ms: Option<u64>,
+    /// Keep this many bytes, and at most one segment more.
+    pub max_bytes: Option<u64>,
+    /// Keep this many messages, and at most one segment more.
+    pub max_messages: Option<u64>,
+}
+
+/// A durable topic's declaration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DurableSpec {
+    /// Retention bounds.
+    #[serde(default)]
+    pub retention: Retention,
+    /// Acknowledgement level of publishes that do not name one.
+    #[serde(default = "default_ack")]
+    pub ack: AckLevel,
+}
+
+fn default_ack() -> AckLevel {
+    AckLevel::Local
+}
+
+impl Default for DurableSpec {
+    fn default() -> DurableSpec {
+        DurableSpec { retention: Retention::default(), ack: AckLevel::Local }
+    }
+}
+
+/// Segment rolling bounds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LogLimits {
+    /// Roll when the active segment reaches this many bytes.
+    pub segment_bytes_max: u64,
+    /// Roll when the active segment's first record is this old, ms.
+    pub segment_age_ms: u64,
+}
+
+impl Default for LogLimits {
+    fn default() -> LogLimits {
+        LogLimits { segment_bytes_max: SEGMENT_BYTES_MAX_DEFAULT, segment_age_ms: SEGMENT_AGE_MS_DEFAULT }
+    }
+}
+
+/// Where a record with a key lies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct KeyLoc {
+    seq: u64,
+    offset: u64,
+    len: u32,
+}
+
+/// One segment's state.
+#[derive(Debug)]
+struct Segment {
+    /// Sequence of its first record (its name).
+    base_seq: u64,
+    /// Sequence of its last record.
+    last_seq: u64,
+    /// Timestamp of its first and last record, ms.
+    first_ms: u64,
+    last_ms: u64,
+    /// Records in it.
+    messages: u64,
+    /// Bytes of records appended (written or not).
+    len: u64,
+    /// Bytes handed to write jobs.
+    written: u64,
+    /// Bytes known written (and fsynced under `always`): reads stop here.
+    durable: u64,
+    /// Records appended and not yet in a write job.
+    unwritten: Vec<u8>,
+    /// The bytes of the last partial aligned block handed to a write job
+    /// (from `align_down(written)` to `written`): the next job starts there.
+    tail: Vec<u8>,
+    /// Sequence and time to offset.
+    index: SparseIndex,
+}
+
+impl Segment {
+    fn new(base_seq: u64, first_ms: u64) -> Segment {
+        Segment {
+            base_seq,
+            last_seq: base_seq.saturating_sub(1),
+            first_ms,
+            last_ms: first_ms,
+            messages: 0,
+            len: 0,
+            written: 0,
+            durable: 0,
+            unwritten: Vec::new(),
+            tail: Vec::new(),
+            index: SparseIndex::new(INDEX_EVERY_BYTES),
+        }
+    }
+}
+
+/// One write the shell must make, then report with [`TopicLog::written`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WriteJob {
+    /// The segment's first sequence (its file name).
+    pub segment: u64,
+    /// Where to write: aligned.
+    pub offset: u64,
+    /// What to write: aligned length, zero-padded after `end`.
+    pub bytes: Vec<u8>,
+    /// The segment's length in records once written.
+    pub end: u64,
+    /// The segment is sealed: cut its file to `end` after this write.
+    pub seal: bool,
+}
+
+/// A byte range of one segment to read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReadRange {
+    /// The segment's first sequence (its file name).
+    pub segment: u64,
+    /// Start offset.
+    pub offset: u64,
+    /// Length, bytes.
+    pub len: u64,
+}
+
+/// What a read asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReadFrom {
+    /// Records with sequence >= this.
+    Seq(u64),
+    /// Records with timestamp >= this, ms.
+    Time(u64),
+    /// Records with this key and sequence >= `from_seq`.
+    Key { key: Bytes, from_seq: u64 },
+}
+
+/// A read's plan: the ranges to read, in log order, and how to filter the
+/// records found in them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReadPlan {
+    /// Ranges to read; each starts at a record.
+    pub ranges: Vec<ReadRange>,
+    /// Keep records with sequence >= this.
+    pub from_seq: u64,
+    /// Keep records with timestamp >= this.
+    pub from_ms: u64,
+    /// Keep only records with this key.
+    pub key: Option<Bytes>,
+    /// Stop after this many records.
+    pub limit: usize,
+}
+
+impl ReadPlan {
+    /// Whether `record` is one the reader asked for.
+    pub fn wants(&self, record: &Record) -> bool {
+        record.seq >= self.from_seq
+            && record.timestamp_ms >= self.from_ms
+            && self.key.as_ref().is_none_or(|k| record.key.as_ref() == Some(k))
+    }
+}
+
+/// What recovery found in one topic's segments.
+#[derive(Debug)]
+pub struct Recovered {
+    /// The log, ready for appends after `next_seq - 1`.
+    pub log: TopicLog,
+    /// The sequence the next message gets.
+    pub next_seq: u64,
+    /// Segments whose tail was not whole: cut the file to this length.
+    pub cut: Vec<(u64, u64, Torn)>,
+    /// Segments after a damaged one: not trusted, delete them.
+    pub dropped: Vec<u64>,
+    /// The last records, for the in-memory history (at most `tail_max`).
+    pub tail: Vec<Record>,
+}
+
+/// One durable topic's log.
+#[derive(Debug)]
+pub struct TopicLog {
+    /// Oldest first; the last is active.
+    segments: VecDeque<Segment>,
+    /// Where each key's records lie, oldest first.
+    keys: HashMap<Bytes, Vec<KeyLoc>, ahash::RandomState>,
+    /// Bounds.
+    limits: LogLimits,
+    /// Scratch for encoding.
+    scratch: Vec<u8>,
+}
+
+impl TopicLog {
+    /// An empty log.
+    pub fn new(limits: LogLimits) -> TopicLog {
+        TopicLog { segments: VecDeque::new(), keys: HashMap::default(), limits, scratch: Vec::new() }
+    }
+
+    /// Appends a record (its sequence after every one before), rolling to a
+    /// new segment first when the active one is full or old. The record is
+    /// not readable until a write job carrying it is reported written.
+    pub fn append(&mut self, record: &Record) -> Result<(), log::EncodeError> {
+        self.scratch.clear();
+        log::encode(record, &mut self.scratch)?;
+        let roll = self.segments.back().is_none_or(|s| {
+            s.messages > 0
+                && (s.len >= self.limits.segment_bytes_max
+                    || record.timestamp_ms.saturating_sub(s.first_ms) >= self.limits.segment_age_ms)
+        });
+        if roll {
+            self.segments.push_back(Segment::new(record.seq, record.timestamp_ms));
+        }
+        let Some(seg) = self.segments.back_mut() else { return Ok(()) };
+        if seg.messages == 0 {
+            seg.first_ms = record.timestamp_ms;
+        }
+        let offset = seg.len;
+        seg.index.appended(record.seq, record.timestamp_ms, offset as usize);
+        seg.unwritten.extend_from_slice(&self.scratch);
+        seg.len += self.scratch.len() as u64;
+        seg.last_seq = record.seq;
+        seg.last_ms = record.timestamp_ms;
+        seg.messages += 1;
+        if let Some(key) = &record.key {
+            let loc = KeyLoc { seq: record.seq, offset, len: self.scratch.len() as u32 };
+            self.keys.entry(key.clone()).or_default().push(loc);
+        }
+        Ok(())
+    }
+
+    /// The writes that carry every record appended since the last call, one
+    /// per segment with unwritten records, oldest first.
+    pub fn take_writes(&mut self) -> Vec<WriteJob> {
+        let active = self.segments.len().saturating_sub(1);
+        let mut jobs = Vec::new();
+        for (i, seg) in self.segments.iter_mut().enumerate().filter(|(_, s)| !s.unwritten.is_empty()) {
+            let offset = align_down(seg.written);
+            let mut bytes = std::mem::take(&mut seg.tail);
+            bytes.extend_from_slice(&seg.unwritten);
+            seg.unwritten.clear();
+            seg.written = seg.len;
+            let whole = align_down(seg.len) - offset;
+            seg.tail = bytes[whole as usize..].to_vec();
+            bytes.resize(align_up(bytes.len() as u64) as usize, 0);
+            jobs.push(WriteJob { segment: seg.base_seq, offset, bytes, end: seg.len, seal: i < active });
+        }
+        jobs
+    }
+
+    /// Notes that a write job's bytes are on disk (fsynced when the policy
+    /// says so): its records can be read.
+    pub fn written(&mut self, segment: u64, end: u64) {
+        if let Some(seg) = self.segments.iter_mut().find(|s| s.base_seq == segment) {
+            seg.durable = seg.durable.max(end);
+        }
+    }
+
+    /// Segments to delete under `retention` at `now_ms`, oldest first; they
+    /// are forgotten here (the shell deletes the files).
+    pub fn expire(&mut self, retention: &Retention, now_ms: u64) -> Vec<u64> {
+        let mut gone = Vec::new();
+        while self.segments.len() > 1 {
+            let Some(oldest) = self.segments.front() else { break };
+            // As Kafka does: a segment goes when the rest still holds the bound.
+            let over_bytes = retention.max_bytes.is_some_and(|max| self.bytes() - oldest.len >= max);
+            let over_messages = retention.max_messages.is_some_and(|max| self.messages() - oldest.messages >= max);
+            let over_age = retention.max_age_ms.is_some_and(|max| now_ms.saturating_sub(oldest.last_ms) > max);
+            let whole = oldest.durable == oldest.len;
+            if !whole || !(over_bytes || over_messages || over_age) {
+                break;
+            }
+            gone.push(oldest.base_seq);
+            self.segments.pop_front();
+        }
+        if !gone.is_empty() {
+            let first = self.first_seq();
+            self.keys.retain(|_, locs| {
+                locs.retain(|l| l.seq >= first);
+                !locs.is_empty()
+            });
+        }
+        gone
+    }
+
+    /// The ranges to read for `from`, at most `limit` records and about
+    /// [`READ_BYTES_MAX`] bytes, over what is on disk only.
+    pub fn plan(&self, from: ReadFrom, limit: usize) -> ReadPlan {
+        let limit = limit.clamp(1, READ_MESSAGES_MAX);
+        let mut plan = ReadPlan { ranges: Vec::new(), from_seq: 0, from_ms: 0, key: None, limit };
+        match from {
+            ReadFrom::Key { key, from_seq } => {
+                let locs = self.keys.get(&key).map(Vec::as_slice).unwrap_or(&[]);
+                let start = locs.partition_point(|l| l.seq < from_seq);
+                let mut bytes = 0;
+                for loc in locs[start..].iter().take(limit) {
+                    let Some(seg) = self.segment_of(loc.seq) else { continue };
+                    if loc.offset + u64::from(loc.len) > seg.durable || bytes >= READ_BYTES_MAX {
+                        break;
+                    }
+                    bytes += loc.len as usize;
+                    plan.ranges.push(ReadRange { segment: seg.base_seq, offset: loc.offset, len: u64::from(loc.len) });
+                }
+                plan.from_seq = from_seq;
+                plan.key = Some(key);
+            }
+            ReadFrom::Seq(seq) => {
+                plan.from_seq = seq;
+                let first = self.segments.partition_point(|s| s.last_seq < seq);
+                self.plan_segments(first, |s| s.index.offset_for_seq(seq) as u64, &mut plan.ranges);
+            }
+            ReadFrom::Time(ms) => {
+                plan.from_ms = ms;
+                let first = self.segments.partition_point(|s| s.last_ms < ms);
+                self.plan_segments(first, |s| s.index.offset_for_time(ms) as u64, &mut plan.ranges);
+            }
+        }
+        plan
+    }
+
+    /// Ranges from segment `first` on, starting in it at `start(seg)`,
+    /// until [`READ_BYTES_MAX`].
+    fn plan_segments(&self, first: usize, start: impl Fn(&Segment) -> u64, ranges: &mut Vec<ReadRange>) {
+        let mut budget = READ_BYTES_MAX as u64;
+        for (i, seg) in self.segments.iter().enumerate().skip(first) {
+            let offset = if i == first { start(seg).min(seg.durable) } else { 0 };
+            let len = (seg.durable - offset).min(budget);
+            if len == 0 {
+                break;
+            }
+            ranges.push(ReadRange { segment: seg.base_seq, offset, len });
+            budget -= len;
+            if budget == 0 || seg.durable < seg.len {
+                break;
+            }
+        }
+    }
+
+    /// The segment holding `seq`, if retained.
+    fn segment_of(&self, seq: u64) -> Option<&Segment> {
+        let i = self.segments.partition_point(|s| s.last_seq < seq);
+        self.segments.get(i).filter(|s| s.base_seq <= seq)
+    }
+
+    /// First retained sequence (the next one when the log is empty).
+    pub fn first_seq(&self) -> u64 {
+        self.segments.iter().find(|s| s.messages > 0).map_or(self.next_seq(), |s| s.base_seq)
+    }
+
+    /// The sequence after the last appended.
+    pub fn next_seq(&self) -> u64 {
+        self.segments.back().map_or(1, |s| s.last_seq + 1)
+    }
+
+    /// Bytes of records retained.
+    pub fn bytes(&self) -> u64 {
+        self.segments.iter().map(|s| s.len).sum()
+    }
+
+    /// Records retained.
+    pub fn messages(&self) -> u64 {
+        self.segments.iter().map(|s| s.messages).sum()
+    }
+
+    /// Segments retained.
+    pub fn segment_count(&self) -> usize {
+        self.segments.len()
+    }
+
+    /// Records with `key` and sequence >= `from_seq`.
+    pub fn key_records(&self, key: &Bytes, from_seq: u64) -> usize {
+        self.keys.get(key).map_or(0, |locs| locs.len() - locs.partition_point(|l| l.seq < from_seq))
+    }
+
+    /// Distinct keys indexed.
+    pub fn key_count(&self) -> usize {
+        self.keys.len()
+    }
+
+    /// Rebuilds a log from its segments' contents (oldest first, each with
+    /// its first sequence), as found on disk after a stop. A torn or damaged
+    /// tail is cut; segments after a damaged one are dropped (never a
+    /// silent hole in the middle). After an unclean stop (`clean` false)
+    /// the next sequence skips [`UNWRITTEN_MESSAGES_MAX`], past any number
+    /// a publisher may have been told and the crash lost. `tail_max` bounds
+    /// the records returned for the in-memory history; their payloads are
+    /// copies, so the segments' buffers are not kept.
+    pub fn recover(segments: Vec<(u64, Bytes)>, clean: bool, limits: LogLimits, tail_max: usize) -> Recovered {
+        let mut log = TopicLog::new(limits);
+        let mut cut = Vec::new();
+        let mut dropped = Vec::new();
+        let mut tail: VecDeque<Record> = VecDeque::new();
+        let mut damaged = false;
+        for (base, bytes) in segments {
+            if damaged {
+                dropped.push(base);
+                continue;
+            }
+            let scan = log::scan(&bytes);
+            let padding = bytes[scan.whole_bytes..].iter().all(|&b| b == 0);
+            if let Some(torn) = scan.torn {
+                cut.push((base, scan.whole_bytes as u64, torn));
+                // Zeros are the padding of the last aligned write: a clean end.
+                damaged = !padding;
+            }
+            if scan.records.is_empty() {
+                dropped.push(base);
+                continue;
+            }
+            let mut seg = Segment::new(base, 0);
+            for (offset, record) in &scan.records {
+                seg.index.appended(record.seq, record.timestamp_ms, *offset);
+                if seg.messages == 0 {
+                    seg.first_ms = record.timestamp_ms;
+                }
+                seg.messages += 1;
+                seg.last_seq = record.seq;
+                seg.last_ms = record.timestamp_ms;
+                if let Some(key) = &record.key {
+                    let next = scan.records.get((seg.messages) as usize).map_or(scan.whole_bytes, |r| r.0);
+                    let len = (next - offset) as u32;
+                    let loc = KeyLoc { seq: record.seq, offset: *offset as u64, len };
+                    log.keys.entry(Bytes::copy_from_slice(key)).or_default().push(loc);
+                }
+            }
+            seg.len = scan.whole_bytes as u64;
+            seg.written = seg.len;
+            seg.durable = seg.len;
+            let whole = align_down(seg.len) as usize;
+            seg.tail = bytes[whole..scan.whole_bytes].to_vec();
+            for (_, record) in scan.records.iter().rev().take(tail_max).rev() {
+                if tail.len() == tail_max {
+                    tail.pop_front();
+                }
+                tail.push_back(Record { payload: Bytes::copy_from_slice(&record.payload), ..record.clone() });
+            }
+            log.segments.push_back(seg);
+        }
+        let skip = if clean { 0 } else { UNWRITTEN_MESSAGES_MAX };
+        let next_seq = log.next_seq() + if log.segments.is_empty() { 0 } else { skip };
+        Recovered { log, next_seq, cut, dropped, tail: tail.into() }
+    }
+}
+
+fn align_down(v: u64) -> u64 {
+    v - v % WRITE_ALIGN_BYTES as u64
+}
+
+fn align_up(v: u64) -> u64 {
+    v.div_ceil(WRITE_ALIGN_BYTES as u64) * WRITE_ALIGN_BYTES as u64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::PayloadKind;
+
+    fn record(seq: u64, key: Option<&str>, len: usize) -> Record {
+        Record {
+            seq,
+            timestamp_ms: 1_000 + seq,
+            kind: PayloadKind::Binary,
+            key: key.map(|k| Bytes::copy_from_slice(k.as_bytes())),
+            headers: Vec::new(),
+            payload: Bytes::from(vec![(seq % 251) as u8; len]),
+        }
+    }
+
+    /// A file as the shell writes it: each job at its offset, sealed
+    /// segments cut to their end.
+    fn apply(files: &mut HashMap<u64, Vec<u8>>, log: &mut TopicLog) {
+        for job in log.take_writes() {
+            assert_eq!(job.offset % WRITE_ALIGN_BYTES as u64, 0);
+            assert_eq!(job.bytes.len() % WRITE_ALIGN_BYTES, 0);
+            let file = files.entry(job.segment).or_default();
+            let end = job.offset as usize + job.bytes.len();
+            if file.len() < end {
+                file.resize(end, 0);
+            }
+            file[job.offset as usize..end].copy_from_slice(&job.bytes);
+            if job.seal {
+                file.truncate(job.end as usize);
+            }
+            log.written(job.segment, job.end);
+        }
+    }
+
+    fn read(files: &HashMap<u64, Vec<u8>>, plan: &ReadPlan) -> Vec<Record> {
+        let mut out = Vec::new();
+        for r in &plan.ranges {
+            let bytes = Bytes::copy_from_slice(&files[&r.segment][r.offset as usize..(r.offset + r.len) as usize]);
+            out.extend(log::scan(&bytes).records.into_iter().map(|(_, rec)| rec).filter(|rec| plan.wants(rec)));
+        }
+        out.truncate(plan.limit);
+        out
+    }
+
+    fn sorted(files: &HashMap<u64, Vec<u8>>) -> Vec<(u64, Bytes)> {
+        let mut all: Vec<_> = files.iter().map(|(k, v)| (*k, Bytes::copy_from_slice(v))).collect();
+        all.sort_by_key(|(k, _)| *k);
+        all
+    }
+
+    #[test]
+    fn group_commits_rewrite_the_partial_block_and_reads_see_only_written_records() {
+        let limits = LogLimits { segment_bytes_max: 10_000, segment_age_ms: u64::MAX };
+        let mut log = TopicLog::new(limits);
+        let mut files = HashMap::new();
+        for seq in 1..=300 {
+            log.append(&record(seq, Some(["a", "b", "c"][seq as usize % 3]), 100 + seq as usize % 37)).unwrap();
+            if seq % 7 == 0 {
+                apply(&mut files, &mut log);
+            }
+        }
+        // 295 records written; 296..=300 appended only.
+        let all = read(&files, &log.plan(ReadFrom::Seq(1), 10_000));
+        assert_eq!(all.iter().map(|r| r.seq).collect::<Vec<_>>(), (1..=294).collect::<Vec<_>>());
+        apply(&mut files, &mut log);
+        let all = read(&files, &log.plan(ReadFrom::Seq(1), 10_000));
+        assert_eq!(all.len(), 300);
+        assert!(log.segment_count() > 3, "rolled by size: {}", log.segment_count());
+        let from = read(&files, &log.plan(ReadFrom::Seq(123), 5));
+        assert_eq!(from.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![123, 124, 125, 126, 127]);
+        let since = read(&files, &log.plan(ReadFrom::Time(1_000 + 250), 10_000));
+        assert_eq!(since.first().map(|r| r.seq), Some(250));
+        let b = read(&files, &log.plan(ReadFrom::Key { key: Bytes::from_static(b"b"), from_seq: 0 }, 10_000));
+        assert_eq!(b.len(), 100);
+        assert!(b.iter().all(|r| r.seq % 3 == 1));
+        assert!(b.windows(2).all(|w| w[0].seq < w[1].seq));
+    }
+
+    #[test]
+    fn recovery_rebuilds_the_same_log_and_cuts_a_torn_tail_at_every_length() {
+        let limits = LogLimits { segment_bytes_max: 3_000, segment_age_ms: u64::MAX };
+        let mut log = TopicLog::new(limits);
+        let mut files = HashMap::new();
+        for seq in 1..=60 {
+            log.append(&record(seq, Some(if seq % 2 == 0 { "even" } else { "odd" }), 90)).unwrap();
+            apply(&mut files, &mut log);
+        }
+        let clean = TopicLog::recover(sorted(&files), true, limits, 10);
+        assert_eq!(clean.next_seq, 61);
+        assert!(clean.cut.iter().all(|c| c.2 == Torn::BadLength), "only padding: {:?}", clean.cut);
+        assert_eq!(clean.tail.iter().map(|r| r.seq).collect::<Vec<_>>(), (51..=60).collect::<Vec<_>>());
+        let even = clean.log.plan(ReadFrom::Key { key: Bytes::from_static(b"even"), from_seq: 0 }, 100);
+        assert_eq!(read(&files, &even).len(), 30);
+        // Cut the last segment at every length: recovery keeps exactly the
+        // whole records, and an unclean stop skips ahead.
+        let last = *files.keys().max().unwrap();
+        let full = files[&last].clone();
+        let whole = log::scan(&Bytes::from(full.clone())).whole_bytes;
+        for cut_at in 0..whole {
+            let mut torn = files.clone();
+            torn.get_mut(&last).unwrap().truncate(cut_at);
+            let r = TopicLog::recover(sorted(&torn), false, limits, 10);
+            let kept = log::scan(&Bytes::copy_from_slice(&full[..cut_at])).records.len() as u64;
+            let last_kept = if kept == 0 { last - 1 } else { last + kept - 1 };
+            assert_eq!(r.log.next_seq(), last_kept + 1, "cut at {cut_at}");
+            assert_eq!(r.next_seq, last_kept + 1 + UNWRITTEN_MESSAGES_MAX);
+        }
+    }
+
+    #[test]
+    fn retention_drops_whole_sealed_segments_and_their_keys() {
+        let limits = LogLimits { segment_bytes_max: 2_000, segment_age_ms: u64::MAX };
+        let mut log = TopicLog::new(limits);
+        let mut files = HashMap::new();
+        for seq in 1..=100 {
+            log.append(&record(seq, Some(&format!("k{}", seq / 10)), 100)).unwrap();
+        }
+        apply(&mut files, &mut log);
+        let keys_before = log.key_count();
+        let gone = log.expire(&Retention { max_messages: Some(40), ..Retention::default() }, 0);
+        assert!(!gone.is_empty());
+        assert!(log.messages() <= 40 + 20, "{}", log.messages());
+        assert!(log.messages() >= 40);
+        assert!(log.key_count() < keys_before);
+        assert_eq!(log.first_seq(), gone.last().map(|_| log.segments[0].base_seq).unwrap());
+        let rest = read(&files, &log.plan(ReadFrom::Seq(0), 10_000));
+        assert_eq!(rest.first().map(|r| r.seq), Some(log.first_seq()));
+        // Age: everything but the active segment.
+        log.expire(&Retention { max_age_ms: Some(10), ..Retention::default() }, 10_000);
+        assert_eq!(log.segment_count(), 1);
+    }
+}
