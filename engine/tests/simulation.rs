@@ -21,6 +21,12 @@
 //!   whenever a live connection's queue and pending notices are empty. A
 //!   connection that dies takes its unsent notices with it; its client saw
 //!   the jump in sequence numbers, and resumes from the highest it saw;
+//! - durable topics (the first `DURABLE_TOPICS`, their group commits
+//!   written, or failing, at random moments): no subscriber receives a
+//!   message before the commit that carries it was reported written, no
+//!   publisher at ack `local` hears back before it either, no number is
+//!   answered twice, and a broker with records to write has asked for a
+//!   commit;
 //! - every queue stays within its cap plus one frame and the control slack,
 //!   pending drop ranges within one per topic, every sequencer within its
 //!   topic limit, no client address above its share of a sequencer's
@@ -39,20 +45,27 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use proto::broker::{
-    Action, Broker, BrokerLimits, Format, Granted, Item, PublishReply, Published, SubscribeRequest, Subscription,
+    Action, Broker, BrokerLimits, Format, Granted, Item, PublishOptions, PublishReply, Published, SubscribeRequest,
+    Subscription,
 };
+use proto::durable::{AckLevel, DurableSpec, LogLimits};
 use proto::limits::{CONTROL_SLACK_BYTES, ITEM_OVERHEAD_BYTES};
 use proto::message::{Now, PayloadKind};
 use proto::metrics::Metrics;
 use proto::outbound::SlowConsumerPolicy;
 use proto::outbound::{Frame, Offer, Outbound};
-use proto::owner::{Epoch, Owner, OwnerError, OwnerLimits, ResumeFrom, Resumed};
+use proto::owner::{Epoch, Owner, OwnerError, OwnerLimits, ResumeFrom, Resumed, TopicCommit};
 use proto::topic::TopicName;
 use proto::{native, ws};
 
 /// Topics in play: more than the shards together may hold, so that
 /// eviction happens.
 const TOPICS: usize = 12;
+/// The first this many topics are durable.
+const DURABLE_TOPICS: usize = 2;
+/// One commit in this many fails (the topic then refuses publishes until
+/// a restart).
+const COMMIT_FAILS_ONE_IN: usize = 300;
 /// Shards (brokers).
 const SHARDS: usize = 3;
 /// Topics each sequencer may hold.
@@ -114,7 +127,8 @@ fn run_or_panic(seed: u64, steps: u64) {
     assert!(s.published > 0 && s.delivered > 0, "seed {seed}: nothing happened");
     eprintln!(
         "seed {seed}: {steps} steps, {} published ({} through a peer), {} delivered, {} dropped and announced, \
-         {} disconnects, {} lost histories, {} gaps, {} refused, {} restarts, {} quiescence checks",
+         {} disconnects, {} lost histories, {} gaps, {} refused, {} restarts, {} quiescence checks, \
+         {} commits ({} failed)",
         s.published,
         s.remote,
         s.delivered,
@@ -124,7 +138,9 @@ fn run_or_panic(seed: u64, steps: u64) {
         s.gaps,
         s.refused,
         s.restarts,
-        s.quiescent
+        s.quiescent,
+        s.commits,
+        s.failed_commits
     );
 }
 
@@ -212,6 +228,8 @@ struct Asked {
 #[derive(Debug, Clone, Copy)]
 struct Sent {
     topic: usize,
+    /// Published at ack `local` (its answer waits for the commit).
+    ack_local: bool,
     /// Its place, once sequenced.
     seq: Option<(Epoch, u64)>,
 }
@@ -228,6 +246,8 @@ struct Stats {
     refused: u64,
     restarts: u64,
     quiescent: u64,
+    commits: u64,
+    failed_commits: u64,
 }
 
 struct Sim {
@@ -249,6 +269,15 @@ struct Sim {
     /// that has not run yet. A broker with topics waiting must have asked:
     /// the real fan-out task sleeps until it does.
     fanout_asked: Vec<bool>,
+    /// Per shard: whether its broker asked for a commit (`Commit`) not yet
+    /// taken.
+    commit_asked: Vec<bool>,
+    /// Per shard: the group commit being written.
+    writing: Vec<Vec<TopicCommit>>,
+    /// Last sequence reported written per durable (topic, epoch).
+    written: HashMap<(usize, Epoch), u64>,
+    /// Numbers answered per durable (topic, epoch): each once.
+    answered: std::collections::HashSet<(usize, Epoch, u64)>,
     /// Every message published, by id (its payload carries the id).
     sent: Vec<Sent>,
     /// Next sequence number per publisher.
@@ -265,10 +294,12 @@ type Check = Result<(), String>;
 impl Sim {
     fn new(seed: u64) -> Sim {
         let mut rng = Rng(seed);
-        let brokers = new_brokers(&mut rng);
+        let names: Vec<TopicName> = (0..TOPICS).map(|t| TopicName::new(&format!("t{t}")).expect("valid")).collect();
+        let start = Instant::now();
+        let brokers = new_brokers(&mut rng, &names, start);
         Sim {
             rng,
-            names: (0..TOPICS).map(|t| TopicName::new(&format!("t{t}")).expect("valid")).collect(),
+            names,
             brokers,
             mesh: new_mesh(),
             conns: Vec::new(),
@@ -277,10 +308,14 @@ impl Sim {
             asked: HashMap::new(),
             publishing: HashMap::new(),
             fanout_asked: vec![false; SHARDS],
+            commit_asked: vec![false; SHARDS],
+            writing: (0..SHARDS).map(|_| Vec::new()).collect(),
+            written: HashMap::new(),
+            answered: Default::default(),
             sent: Vec::new(),
             publisher_seq: vec![0; PUBLISHERS as usize],
             assigned: HashMap::new(),
-            start: Instant::now(),
+            start,
             step: 0,
             stats: Stats::default(),
         }
@@ -303,7 +338,8 @@ impl Sim {
             870..=899 => self.connect(),
             900..=939 => self.resume()?,
             940..=959 => self.peer_close()?,
-            960..=998 => self.set_reader_speed(),
+            960..=979 => self.set_reader_speed(),
+            980..=998 => self.commit()?,
             _ => self.restart(),
         }
         self.reap_disconnected();
@@ -327,13 +363,17 @@ impl Sim {
         payload.extend_from_slice(&publisher.to_be_bytes());
         payload.extend_from_slice(&self.publisher_seq[publisher as usize].to_be_bytes());
         payload.resize(20 + padding, 0);
-        self.sent.push(Sent { topic: t, seq: None });
+        // Durable topics default to `local`; some publishes ask for `none`.
+        let ack = [None, Some(AckLevel::None), Some(AckLevel::Local)][self.rng.below(3)];
+        let ack_local = t < DURABLE_TOPICS && ack != Some(AckLevel::None);
+        self.sent.push(Sent { topic: t, ack_local, seq: None });
         let now = self.now();
+        let options = PublishOptions { key: None, ack };
         let published = self.brokers[shard].publish(
             name,
             PayloadKind::Binary,
             Bytes::from(payload),
-            Default::default(),
+            options,
             PublishReply::Caller,
             now,
         );
@@ -356,6 +396,20 @@ impl Sim {
         };
         let t = self.sent[id as usize].topic;
         let epoch = self.brokers[owner].owner().stat(&self.names[t]).ok_or("sequenced, and no topic")?.epoch;
+        if t < DURABLE_TOPICS {
+            // Answers at `none` come as the owner sequences, at `local` as
+            // commits are written: not in sequence order, but each once.
+            let written = self.written.get(&(t, epoch)).copied().unwrap_or(0);
+            if self.sent[id as usize].ack_local && seq > written {
+                return Err(format!("topic {t}: seq {seq} answered at ack local, written through {written}"));
+            }
+            if !self.answered.insert((t, epoch, seq)) {
+                return Err(format!("topic {t} epoch {epoch}: seq {seq} answered twice"));
+            }
+            self.sent[id as usize].seq = Some((epoch, seq));
+            self.stats.published += 1;
+            return Ok(());
+        }
         let last = self.assigned.entry((t, epoch)).or_insert(0);
         if seq != *last + 1 {
             return Err(format!("topic {t} epoch {epoch}: seq {seq} after {last}"));
@@ -414,11 +468,14 @@ impl Sim {
                 // No queue is in direct mode here: clients read through
                 // the writer's path.
                 Action::Flush(_) => return Err("a queue without a socket asked for a direct flush".into()),
-                // No topic is durable here (yet): nothing to commit.
-                Action::Commit => return Err("a commit asked for without a durable topic".into()),
+                Action::Commit => self.commit_asked[shard] = true,
                 Action::Published { req, result } => {
                     let id = self.publishing.remove(&(shard, req)).ok_or("an answer to no publish")?;
-                    if self.sent[id as usize].seq.map(|(_, s)| s) != result.ok() {
+                    if self.sent[id as usize].seq.is_none() {
+                        // A durable topic this shard owns, answered at its
+                        // commit: this shard is the owner.
+                        self.sequenced(shard, id, result)?;
+                    } else if self.sent[id as usize].seq.map(|(_, s)| s) != result.ok() {
                         return Err(format!(
                             "publish {id}: answered {result:?}, sequenced {:?}",
                             self.sent[id as usize]
@@ -483,6 +540,15 @@ impl Sim {
                     };
                     if seq.is_some_and(|s| s != assigned) {
                         return Err(format!("message {id}: envelope says seq {seq:?}, sequenced {assigned}"));
+                    }
+                    if sent.topic < DURABLE_TOPICS {
+                        let written = self.written.get(&(sent.topic, epoch)).copied().unwrap_or(0);
+                        if assigned > written {
+                            return Err(format!(
+                                "topic {}: seq {assigned} delivered, written through {written}",
+                                sent.topic
+                            ));
+                        }
                     }
                     receive(conn, sent.topic, epoch, assigned, publisher, publisher_seq)?;
                 }
@@ -648,6 +714,34 @@ impl Sim {
     /// `kill -9` and a restart: every broker starts afresh with a new seed,
     /// every connection and item in flight is gone, every client will
     /// resume.
+    /// A shard's committer: reports the group commit it was writing
+    /// (written, or now and then failed), or takes the next one.
+    fn commit(&mut self) -> Check {
+        let shard = self.rng.below(SHARDS);
+        let writing = std::mem::take(&mut self.writing[shard]);
+        if writing.is_empty() {
+            self.commit_asked[shard] = false;
+            self.writing[shard] = self.brokers[shard].take_commits();
+            return Ok(());
+        }
+        for commit in &writing {
+            let t = self.names.iter().position(|n| *n == commit.topic).ok_or("a commit of no topic")?;
+            let now = self.now();
+            if self.rng.below(COMMIT_FAILS_ONE_IN) == 0 {
+                self.stats.failed_commits += 1;
+                self.brokers[shard].commit_failed(commit, now);
+            } else {
+                self.stats.commits += 1;
+                let epoch = self.brokers[shard].owner().stat(&commit.topic).ok_or("committed, and no topic")?.epoch;
+                let written = self.written.entry((t, epoch)).or_insert(0);
+                *written = (*written).max(commit.through_seq);
+                self.brokers[shard].committed(commit, now);
+            }
+            self.actions(shard)?;
+        }
+        Ok(())
+    }
+
     fn restart(&mut self) {
         self.stats.restarts += 1;
         for conn in self.conns.drain(..) {
@@ -655,9 +749,14 @@ impl Sim {
                 self.waiting.push(conn.client);
             }
         }
-        self.brokers = new_brokers(&mut self.rng);
+        // The disks go with the node (a recovery from disk is tested
+        // against real processes in tests/durable.rs): durable topics come
+        // back empty, in new epochs, which resumes are told.
+        self.brokers = new_brokers(&mut self.rng, &self.names, self.start);
         self.mesh = new_mesh();
         self.fanout_asked = vec![false; SHARDS];
+        self.commit_asked = vec![false; SHARDS];
+        self.writing = (0..SHARDS).map(|_| Vec::new()).collect();
         self.asked.clear();
         self.publishing.clear();
     }
@@ -720,6 +819,9 @@ impl Sim {
             if broker.has_fan_out() && !self.fanout_asked[shard] {
                 return Err(format!("shard {shard}: topics wait for a fan-out it never asked for"));
             }
+            if broker.owner().has_commits() && !self.commit_asked[shard] {
+                return Err(format!("shard {shard}: records wait for a commit it never asked for"));
+            }
         }
         // With no connection left and nothing in flight between shards,
         // nothing may still be charged to any address.
@@ -736,7 +838,7 @@ impl Sim {
     }
 }
 
-fn new_brokers(rng: &mut Rng) -> Vec<Broker> {
+fn new_brokers(rng: &mut Rng, names: &[TopicName], now: Instant) -> Vec<Broker> {
     let owner_limits = OwnerLimits {
         topics_max: TOPICS_PER_SHARD,
         history_messages_max: HISTORY_MESSAGES,
@@ -744,12 +846,19 @@ fn new_brokers(rng: &mut Rng) -> Vec<Broker> {
         client_pins_max: CLIENT_PINS_MAX,
     };
     let limits = BrokerLimits { publish_bytes_in_flight_max: IN_FLIGHT_MAX };
-    (0..SHARDS)
+    let mut brokers: Vec<Broker> = (0..SHARDS)
         .map(|id| {
             let owner = Owner::new(owner_limits, rng.next());
             Broker::new(id, SHARDS, owner, limits, Rc::new(Metrics::default()))
         })
-        .collect()
+        .collect();
+    // Small segments, so that logs roll.
+    let log = LogLimits { segment_bytes_max: 2048, segment_age_ms: 500 };
+    for name in &names[..DURABLE_TOPICS] {
+        let owner = brokers[name.owner_shard(SHARDS)].owner_mut();
+        owner.declare_durable(name, DurableSpec::default(), None, log, now).expect("room for the durable topics");
+    }
+    brokers
 }
 
 fn new_mesh() -> Vec<Vec<VecDeque<Item>>> {

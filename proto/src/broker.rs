@@ -404,11 +404,13 @@ impl Broker {
         self.answer_held(&commit.topic, commit.through_seq, Ok, now);
     }
 
-    /// A topic's commit failed: its held messages are dropped and their
-    /// publishers told; the topic takes no more publishes.
+    /// A topic's commit failed: its held messages (this commit's and any
+    /// appended since) are dropped and their publishers told; the topic
+    /// takes no more publishes.
     pub fn commit_failed(&mut self, commit: &TopicCommit, now: Now) {
         self.owner.write_failed(commit);
-        self.answer_held(&commit.topic, commit.through_seq, |_| Err(OwnerError::StorageFailed), now);
+        // Everything held for the topic: later appends are never written.
+        self.answer_held(&commit.topic, u64::MAX, |_| Err(OwnerError::StorageFailed), now);
     }
 
     /// Answers the held publishes of `topic` through `through_seq`.

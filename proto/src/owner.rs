@@ -466,6 +466,9 @@ impl Owner {
             let Some(t) = self.topics.get_mut(&topic) else { continue };
             let Some(d) = &mut t.durable else { continue };
             d.appended = false;
+            if d.failed {
+                continue; // its records are never written
+            }
             let jobs = d.log.take_writes();
             commits.push(TopicCommit { topic, jobs, through_seq: t.last_seq });
         }
@@ -481,7 +484,7 @@ impl Owner {
     /// go to history and are released for delivery.
     pub fn written(&mut self, commit: &TopicCommit) -> Option<Released> {
         let t = self.topics.get_mut(&commit.topic)?;
-        let d = t.durable.as_mut()?;
+        let d = t.durable.as_mut().filter(|d| !d.failed)?;
         for job in &commit.jobs {
             d.log.written(job.segment, job.end);
         }
@@ -497,18 +500,13 @@ impl Owner {
     }
 
     /// Reports a topic's commit failed: the topic takes no more publishes,
-    /// and its held messages through `through_seq` are dropped (never
-    /// delivered); their sequences are returned, to answer their publishers.
+    /// and every message it holds, in this commit or appended since, is
+    /// dropped (never delivered, never written); their sequences are
+    /// returned, to answer their publishers.
     pub fn write_failed(&mut self, commit: &TopicCommit) -> Vec<u64> {
         let Some(d) = self.topics.get_mut(&commit.topic).and_then(|t| t.durable.as_mut()) else { return Vec::new() };
         d.failed = true;
-        let mut seqs = Vec::new();
-        while d.unwritten.front().is_some_and(|m| m.seq <= commit.through_seq) {
-            if let Some(m) = d.unwritten.pop_front() {
-                seqs.push(m.seq);
-            }
-        }
-        seqs
+        d.unwritten.drain(..).map(|m| m.seq).collect()
     }
 
     /// Registers `shard` as subscribing, for a subscriber at `client`, and
