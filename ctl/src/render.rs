@@ -1,0 +1,261 @@
+//! Printing results as aligned tables or as JSON.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::time::Duration;
+
+use proto::admin::{LogMessage, NodeList, PublishAnswer, StatusBody, TopicInfo, TopicPage};
+use serde::Serialize;
+
+use crate::Output;
+
+/// Prints rows as columns padded to their widest cell.
+fn table(header: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let padded: Vec<String> = cells.iter().zip(&widths).map(|(c, w)| format!("{c:<w$}")).collect();
+        println!("{}", padded.join("  ").trim_end());
+    };
+    line(header.iter().map(|h| h.to_string()).collect());
+    for row in rows {
+        line(row.clone());
+    }
+}
+
+fn json<T: Serialize>(value: &T) {
+    println!("{}", serde_json::to_string_pretty(value).unwrap_or_default());
+}
+
+fn durability(t: &TopicInfo) -> String {
+    match &t.durable {
+        None => "ephemeral".into(),
+        Some(d) if d.failed => "durable (FAILED)".into(),
+        Some(d) => format!("durable ack={}", d.ack),
+    }
+}
+
+/// `topics list`.
+pub fn topic_page(out: Output, page: &TopicPage) {
+    if out == Output::Json {
+        return json(page);
+    }
+    let rows: Vec<Vec<String>> = page
+        .topics
+        .iter()
+        .map(|t| {
+            vec![
+                t.topic.clone(),
+                durability(t),
+                format!("{}..{}", t.first_seq, t.last_seq),
+                t.subscribers.to_string(),
+                t.publish_rate_per_sec.to_string(),
+                t.durable.as_ref().map_or("-".into(), |d| d.log_bytes.to_string()),
+            ]
+        })
+        .collect();
+    table(&["TOPIC", "KIND", "RETAINED", "SUBSCRIBERS", "MSG/S", "LOG BYTES"], &rows);
+    if let Some(next) = &page.next {
+        println!("(more: --after {next})");
+    }
+}
+
+/// `topics show`.
+pub fn topic(out: Output, t: &TopicInfo) {
+    if out == Output::Json {
+        return json(t);
+    }
+    let mut rows = vec![
+        vec!["topic".into(), t.topic.clone()],
+        vec!["kind".into(), durability(t)],
+        vec!["epoch".into(), t.epoch.clone()],
+        vec!["last_seq".into(), t.last_seq.to_string()],
+        vec![
+            "in memory".into(),
+            format!("{}..{} ({} messages, {} bytes)", t.first_seq, t.last_seq, t.retained_messages, t.retained_bytes),
+        ],
+        vec!["subscribers".into(), t.subscribers.to_string()],
+        vec!["publish rate".into(), format!("{}/s", t.publish_rate_per_sec)],
+        vec!["owner shard".into(), t.owner_shard.to_string()],
+    ];
+    if let Some(d) = &t.durable {
+        let r = &d.retention;
+        let bound = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
+        rows.push(vec![
+            "log".into(),
+            format!(
+                "{}..{} ({} messages, {} bytes, {} segments)",
+                d.log_first_seq, t.last_seq, d.log_messages, d.log_bytes, d.segments
+            ),
+        ]);
+        rows.push(vec!["keys".into(), d.keys.to_string()]);
+        rows.push(vec![
+            "retention".into(),
+            format!("age {} ms, bytes {}, messages {}", bound(r.max_age_ms), bound(r.max_bytes), bound(r.max_messages)),
+        ]);
+        rows.push(vec!["waiting for disk".into(), d.unwritten.to_string()]);
+    }
+    table(&["FIELD", "VALUE"], &rows);
+}
+
+/// A `{"status"}` answer.
+pub fn status(out: Output, done: &str, status: &StatusBody) {
+    match out {
+        Output::Json => json(status),
+        Output::Table => println!("{done}"),
+    }
+}
+
+/// Any JSON answer.
+pub fn value(out: Output, done: &str, v: &serde_json::Value) {
+    match out {
+        Output::Json => json(v),
+        Output::Table => println!("{done}"),
+    }
+}
+
+/// `pub`.
+pub fn published(out: Output, answer: &PublishAnswer) {
+    match out {
+        Output::Json => json(answer),
+        Output::Table => println!("{} seq {}", answer.topic, answer.seq),
+    }
+}
+
+/// One message of a log read.
+pub fn log_message(out: Output, m: &LogMessage) {
+    match out {
+        Output::Json => println!("{}", serde_json::to_string(m).unwrap_or_default()),
+        Output::Table => {
+            let data = m.data.clone().or_else(|| m.data_base64.as_ref().map(|b| format!("base64:{b}")));
+            println!("{}\t{}\t{}\t{}", m.seq, m.ts, m.key.as_deref().unwrap_or("-"), data.unwrap_or_default());
+        }
+    }
+}
+
+/// A native text envelope.
+pub fn envelope(out: Output, v: &serde_json::Value) {
+    match out {
+        Output::Json => println!("{v}"),
+        Output::Table => println!("{}\t{}\t{}", v["seq"], v["ts"], v["data"].as_str().unwrap_or_default()),
+    }
+}
+
+/// A native binary envelope: `0x01 | topic_len u8 | topic | seq u64 | ts u64 | payload`.
+pub fn binary_envelope(out: Output, bytes: &[u8]) {
+    let topic_len = bytes.get(1).copied().unwrap_or(0) as usize;
+    let at = 2 + topic_len;
+    let number =
+        |from: usize| bytes.get(from..from + 8).and_then(|b| b.try_into().ok()).map(u64::from_be_bytes).unwrap_or(0);
+    let (seq, ts) = (number(at), number(at + 8));
+    let payload = bytes.get(at + 16..).unwrap_or(&[]);
+    match out {
+        Output::Json => println!("{}", serde_json::json!({ "seq": seq, "ts": ts, "binary_bytes": payload.len() })),
+        Output::Table => println!("{seq}\t{ts}\t<{} bytes binary>", payload.len()),
+    }
+}
+
+/// A notice on a subscription (`dropped`, ...).
+pub fn notice(out: Output, v: &serde_json::Value) {
+    match out {
+        Output::Json => println!("{v}"),
+        Output::Table => eprintln!("fluxctl: {v}"),
+    }
+}
+
+/// Counters worth showing, with their labels.
+const SHOWN: [(&str, &str); 6] = [
+    ("fluxnode_connections", "connections"),
+    ("fluxnode_subscriptions", "subscriptions"),
+    ("fluxnode_topics", "topics"),
+    ("fluxnode_messages_published_total", "published"),
+    ("fluxnode_messages_delivered_total", "delivered"),
+    ("fluxnode_messages_dropped_total", "dropped"),
+];
+
+/// `stats --once`.
+pub fn totals(out: Output, m: &BTreeMap<String, f64>) {
+    let picked: BTreeMap<&str, f64> =
+        SHOWN.iter().map(|(name, label)| (*label, m.get(*name).copied().unwrap_or(0.0))).collect();
+    match out {
+        Output::Json => json(&picked),
+        Output::Table => {
+            let rows: Vec<Vec<String>> =
+                SHOWN.iter().map(|(_, l)| vec![l.to_string(), picked[l].to_string()]).collect();
+            table(&["COUNTER", "VALUE"], &rows);
+        }
+    }
+}
+
+/// One refresh of `stats`: rates over `period`, in place on a terminal.
+pub fn rates(out: Output, before: &BTreeMap<String, f64>, now: &BTreeMap<String, f64>, period: Duration) {
+    let rate = |name: &str| (now.get(name).unwrap_or(&0.0) - before.get(name).unwrap_or(&0.0)) / period.as_secs_f64();
+    let get = |name: &str| now.get(name).copied().unwrap_or(0.0);
+    let row = serde_json::json!({
+        "published_per_sec": rate("fluxnode_messages_published_total").round(),
+        "delivered_per_sec": rate("fluxnode_messages_delivered_total").round(),
+        "dropped_per_sec": rate("fluxnode_messages_dropped_total").round(),
+        "connections": get("fluxnode_connections"),
+        "subscriptions": get("fluxnode_subscriptions"),
+        "topics": get("fluxnode_topics"),
+        "p99_ms": get("fluxnode_delivery_latency_seconds{quantile=\"0.99\"}") * 1000.0,
+    });
+    match out {
+        Output::Json => println!("{row}"),
+        Output::Table => {
+            print!(
+                "\r\x1b[2Kpublished {}/s  delivered {}/s  dropped {}/s  connections {}  subscriptions {}  topics {}  p99 {:.2} ms",
+                row["published_per_sec"], row["delivered_per_sec"], row["dropped_per_sec"], row["connections"],
+                row["subscriptions"], row["topics"], row["p99_ms"].as_f64().unwrap_or(0.0)
+            );
+            let _ = std::io::stdout().flush();
+        }
+    }
+}
+
+/// `latency`: the node's delivery latency quantiles.
+pub fn latency(out: Output, m: &BTreeMap<String, f64>) {
+    let name = "fluxnode_delivery_latency_seconds";
+    let quantiles = ["0.5", "0.9", "0.99", "0.999", "1"];
+    let picked: Vec<(String, f64)> = quantiles
+        .iter()
+        .map(|q| (q.to_string(), m.get(&format!("{name}{{quantile=\"{q}\"}}")).copied().unwrap_or(0.0) * 1e3))
+        .collect();
+    let count = m.get(&format!("{name}_count")).copied().unwrap_or(0.0);
+    match out {
+        Output::Json => json(
+            &serde_json::json!({ "count": count, "quantiles_ms": picked.iter().cloned().collect::<BTreeMap<_, _>>() }),
+        ),
+        Output::Table => {
+            let rows: Vec<Vec<String>> = picked.iter().map(|(q, v)| vec![q.clone(), format!("{v:.3}")]).collect();
+            table(&["QUANTILE", "MS"], &rows);
+            println!("({count} deliveries since the node started)");
+        }
+    }
+}
+
+/// `topology show`.
+pub fn nodes(out: Output, list: &NodeList) {
+    if out == Output::Json {
+        return json(list);
+    }
+    let rows: Vec<Vec<String>> = list
+        .nodes
+        .iter()
+        .map(|n| {
+            vec![
+                n.addr.to_string(),
+                format!("{:?}", n.health).to_lowercase(),
+                if n.draining { "draining".into() } else { "-".into() },
+                if n.routable { "yes".into() } else { "no".into() },
+                n.connections_current.to_string(),
+                format!("{:?}", n.source).to_lowercase(),
+            ]
+        })
+        .collect();
+    table(&["NODE", "HEALTH", "DRAIN", "ROUTABLE", "CONNECTIONS", "SOURCE"], &rows);
+}

@@ -1,0 +1,81 @@
+//! The real `fluxctl` binary against a real node: topics, durable
+//! declaration, publish, reads by key and sequence, stats, errors and exit
+//! codes.
+
+#[path = "../../engine/tests/common/mod.rs"]
+mod common;
+
+use std::process::Command;
+
+use common::Node;
+
+/// Runs fluxctl against `node`; returns (exit code, stdout, stderr).
+fn fluxctl(node: &Node, args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_fluxctl"))
+        .args(["--node", &node.addr()])
+        .args(args)
+        .output()
+        .expect("run fluxctl");
+    let text = |b: Vec<u8>| String::from_utf8_lossy(&b).into_owned();
+    (out.status.code().unwrap_or(-1), text(out.stdout), text(out.stderr))
+}
+
+#[test]
+fn an_operator_session() {
+    let dir = std::env::temp_dir().join(format!("fluxctl-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let node = Node::start(&["--shards", "2", "--data-dir", dir.to_str().unwrap()]);
+
+    let (code, out, err) = fluxctl(&node, &["topics", "create", "orders", "--max-messages", "1000000"]);
+    assert_eq!(code, 0, "{out}{err}");
+    for i in 1..=6 {
+        let (code, out, err) =
+            fluxctl(&node, &["pub", "orders", &format!("event {i}"), "--key", &format!("order-{}", i % 2)]);
+        assert_eq!((code, out.trim()), (0, format!("orders seq {i}").as_str()), "{err}");
+    }
+    let (code, out, _) = fluxctl(&node, &["pub", "chat", "hi"]);
+    assert_eq!(code, 0, "{out}");
+
+    let (code, out, _) = fluxctl(&node, &["-o", "json", "topics", "list"]);
+    assert_eq!(code, 0);
+    let page: serde_json::Value = serde_json::from_str(&out).expect("json");
+    let names: Vec<&str> = page["topics"].as_array().unwrap().iter().map(|t| t["topic"].as_str().unwrap()).collect();
+    assert_eq!(names, ["chat", "orders"]);
+    assert_eq!(page["topics"][1]["durable"]["log_messages"], 6);
+    assert!(page["topics"][0].get("durable").is_none());
+
+    let (code, out, _) = fluxctl(&node, &["topics", "show", "orders"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("durable ack=local") && out.contains("keys              2"), "{out}");
+
+    let (code, out, _) = fluxctl(&node, &["sub", "orders", "--key", "order-1"]);
+    assert_eq!(code, 0);
+    let seqs: Vec<&str> = out.lines().map(|l| l.split('\t').next().unwrap()).collect();
+    assert_eq!(seqs, ["1", "3", "5"], "{out}");
+
+    let (code, out, _) = fluxctl(&node, &["-o", "json", "sub", "orders", "--from", "2", "--count", "4"]);
+    assert_eq!(code, 0);
+    let got: Vec<u64> =
+        out.lines().map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["seq"].as_u64().unwrap()).collect();
+    assert_eq!(got, [3, 4, 5, 6]);
+
+    let (code, out, _) = fluxctl(&node, &["-o", "json", "stats", "--once"]);
+    assert_eq!(code, 0);
+    let stats: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(stats["published"], 7.0, "{out}");
+
+    // Errors: the server's code and a non-zero exit.
+    let (code, _, err) = fluxctl(&node, &["topics", "delete", "chat"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("404 not_durable"), "{err}");
+    let (code, _, err) = fluxctl(&node, &["topics", "create", "orders", "--ack", "stored"]);
+    assert_eq!(code, 1, "{err}");
+    let (code, _, _) = fluxctl(&node, &["topics", "delete", "orders"]);
+    assert_eq!(code, 0);
+    let (code, _, err) = fluxctl(&node, &["--balancer", "127.0.0.1:1", "topology", "show"]);
+    assert_eq!(code, 3, "{err}");
+    let (code, out, _) = fluxctl(&node, &["completions", "bash"]);
+    assert!(code == 0 && out.contains("fluxctl"), "{out}");
+    drop(node);
+    let _ = std::fs::remove_dir_all(&dir);
+}
