@@ -23,6 +23,7 @@ Examples:
   fluxctl sub orders --from 0 --count 10
   fluxctl sub orders --key order-17            # every event of one aggregate
   fluxctl stats                                # live rates, Ctrl-C to stop
+  fluxctl snapshot create && fluxctl snapshot list
   fluxctl topology show --balancer 127.0.0.1:9081
   fluxctl completions bash > /etc/bash_completion.d/fluxctl";
 
@@ -103,6 +104,12 @@ enum Command {
     },
     /// A node's delivery latency percentiles (publish to socket write).
     Latency,
+    /// Snapshots of the durable topics in the object store (restore: start
+    /// a node on an empty data directory with `fluxnode --restore ID`).
+    Snapshot {
+        #[command(subcommand)]
+        command: SnapshotCommand,
+    },
     /// The balancer's nodes.
     Topology {
         #[command(subcommand)]
@@ -155,6 +162,24 @@ enum TopicsCommand {
     Delete {
         /// The topic.
         topic: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum SnapshotCommand {
+    /// Make a snapshot now (waits until every segment is uploaded).
+    Create,
+    /// The snapshots in the object store, oldest first.
+    List,
+    /// One snapshot's manifest (`latest` or an id).
+    Show {
+        /// `latest` or an id.
+        id: String,
+    },
+    /// Delete a snapshot's manifest (its segments stay).
+    Delete {
+        /// The id.
+        id: String,
     },
 }
 
@@ -246,6 +271,26 @@ fn run(cli: Cli) -> Result<(), Failure> {
             let text = node.get_text("/metrics")?;
             render::latency(out, &client::parse_metrics(&text));
         }
+        Command::Snapshot { command } => match command {
+            SnapshotCommand::Create => {
+                eprintln!("fluxctl: sealing and uploading every durable topic's segments...");
+                let made: proto::admin::SnapshotMade = node.send("POST", "/v1/snapshots", &serde_json::Value::Null)?;
+                render::snapshot_made(out, &made);
+            }
+            SnapshotCommand::List => {
+                let list: proto::admin::SnapshotList = node.get("/v1/snapshots")?;
+                render::snapshot_list(out, &list);
+            }
+            SnapshotCommand::Show { id } => {
+                let manifest: proto::admin::Manifest = node.get(&format!("/v1/snapshots/{id}"))?;
+                render::manifest(out, &manifest);
+            }
+            SnapshotCommand::Delete { id } => {
+                let status: proto::admin::StatusBody =
+                    node.send("DELETE", &format!("/v1/snapshots/{id}"), &serde_json::Value::Null)?;
+                render::status(out, &format!("snapshot {id} deleted"), &status);
+            }
+        },
         Command::Topology { command } => {
             let balancer = Client::new(&cli.balancer);
             match command {

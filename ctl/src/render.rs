@@ -4,7 +4,9 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::time::Duration;
 
-use proto::admin::{LogMessage, NodeList, PublishAnswer, StatusBody, TopicInfo, TopicPage};
+use proto::admin::{
+    LogMessage, Manifest, NodeList, PublishAnswer, SnapshotList, SnapshotMade, StatusBody, TopicInfo, TopicPage,
+};
 use serde::Serialize;
 
 use crate::Output;
@@ -258,4 +260,50 @@ pub fn nodes(out: Output, list: &NodeList) {
         })
         .collect();
     table(&["NODE", "HEALTH", "DRAIN", "ROUTABLE", "CONNECTIONS", "SOURCE"], &rows);
+}
+
+/// `snapshot create`.
+pub fn snapshot_made(out: Output, made: &SnapshotMade) {
+    match out {
+        Output::Json => json(made),
+        Output::Table => {
+            println!("snapshot {}: {} topics, {} segments, {} bytes", made.id, made.topics, made.segments, made.bytes)
+        }
+    }
+}
+
+/// `snapshot list`.
+pub fn snapshot_list(out: Output, list: &SnapshotList) {
+    match out {
+        Output::Json => json(list),
+        Output::Table => {
+            let rows: Vec<Vec<String>> = list.snapshots.iter().map(|id| vec![id.clone()]).collect();
+            table(&["SNAPSHOT"], &rows);
+        }
+    }
+}
+
+/// `snapshot show`.
+pub fn manifest(out: Output, m: &Manifest) {
+    if out == Output::Json {
+        return json(m);
+    }
+    println!("snapshot {} (created at {} ms)", m.id, m.created_ms);
+    let rows: Vec<Vec<String>> = m
+        .topics
+        .iter()
+        .map(|t| {
+            let first = t.segments.first().map_or(0, |s| s.base_seq);
+            let last = t.segments.last().map_or(0, |s| s.last_seq);
+            let bytes: u64 = t.segments.iter().map(|s| s.bytes).sum();
+            vec![
+                t.topic.clone(),
+                t.epoch.clone(),
+                format!("{first}..{last}"),
+                t.segments.len().to_string(),
+                bytes.to_string(),
+            ]
+        })
+        .collect();
+    table(&["TOPIC", "EPOCH", "SEQUENCES", "SEGMENTS", "BYTES"], &rows);
 }

@@ -68,8 +68,17 @@ fn an_operator_session() {
     let (code, _, err) = fluxctl(&node, &["topics", "delete", "chat"]);
     assert_eq!(code, 1);
     assert!(err.contains("404 not_durable"), "{err}");
-    let (code, _, err) = fluxctl(&node, &["topics", "create", "orders", "--ack", "stored"]);
+    let (code, _, err) = fluxctl(&node, &["topics", "create", "orders", "--ack", "eventually"]);
     assert_eq!(code, 1, "{err}");
+    // A snapshot (the node's default object store: a directory).
+    let (code, out, err) = fluxctl(&node, &["-o", "json", "snapshot", "create"]);
+    assert_eq!(code, 0, "{err}");
+    let made: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(made["topics"], 1, "{out}");
+    let (code, out, _) = fluxctl(&node, &["snapshot", "list"]);
+    assert!(code == 0 && out.contains(made["id"].as_str().unwrap()), "{out}");
+    let (code, out, _) = fluxctl(&node, &["snapshot", "show", "latest"]);
+    assert!(code == 0 && out.contains("orders") && out.contains("1..6"), "{out}");
     let (code, _, _) = fluxctl(&node, &["topics", "delete", "orders"]);
     assert_eq!(code, 0);
     let (code, _, err) = fluxctl(&node, &["--balancer", "127.0.0.1:1", "topology", "show"]);

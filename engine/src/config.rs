@@ -25,6 +25,11 @@ pub const DATA_DIR_DEFAULT: &str = "fluxnode-data";
 /// Default fsync interval under `--fsync interval`, ms: what a power
 /// failure may take of acknowledged messages.
 pub const FSYNC_INTERVAL_MS_DEFAULT: u64 = 100;
+/// Default upload interval, ms: the longest a publish at ack `stored` waits
+/// before its segment is sealed early and uploaded.
+pub const UPLOAD_INTERVAL_MS_DEFAULT: u64 = 1_000;
+/// Default snapshot period, ms (0: only on demand): hourly.
+pub const SNAPSHOT_INTERVAL_MS_DEFAULT: u64 = 3_600_000;
 
 /// Which shard serves a topic socket (`/v1/topics/{topic}/ws`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, clap::ValueEnum)]
@@ -121,6 +126,31 @@ pub struct Args {
     /// more. The file's `[durable_topics.NAME]` tables set retention and ack.
     #[arg(long = "durable", value_name = "TOPIC")]
     pub durable: Vec<String>,
+    /// Object store for durable topics' sealed segments and snapshots: a
+    /// directory, or `s3://bucket/prefix` (credentials from the standard AWS
+    /// chain). [default: DATA_DIR/objects]
+    #[arg(long)]
+    pub object_store: Option<String>,
+    /// S3 endpoint override, for S3-compatible stores (e.g. http://127.0.0.1:9000).
+    #[arg(long)]
+    pub s3_endpoint: Option<String>,
+    /// S3 region. [default: the AWS chain's, else us-east-1]
+    #[arg(long)]
+    pub s3_region: Option<String>,
+    /// Path-style S3 addressing (most S3-compatible stores need it).
+    #[arg(long)]
+    pub s3_path_style: bool,
+    /// Longest a publish at ack `stored` waits before its segment is sealed
+    /// early and uploaded, ms. [default: 1000]
+    #[arg(long)]
+    pub upload_interval_ms: Option<u64>,
+    /// Snapshot period, ms; 0 for on demand only. [default: 3600000]
+    #[arg(long)]
+    pub snapshot_interval_ms: Option<u64>,
+    /// Restore durable topics from a snapshot (`latest` or an id) into an
+    /// empty data directory before serving.
+    #[arg(long, value_name = "latest|ID")]
+    pub restore: Option<String>,
 }
 
 /// The TOML file: the same knobs as [`Args`], all optional, unknown keys
@@ -151,6 +181,28 @@ struct FileConfig {
     segment_bytes_max: Option<u64>,
     #[serde(default)]
     durable_topics: BTreeMap<String, DurableSpec>,
+    object_store: Option<String>,
+    s3_endpoint: Option<String>,
+    s3_region: Option<String>,
+    s3_path_style: Option<bool>,
+    upload_interval_ms: Option<u64>,
+    snapshot_interval_ms: Option<u64>,
+}
+
+/// The object store: `--object-store` or the file's, with the S3 settings,
+/// else `DATA_DIR/objects`.
+fn object_store(args: &Args, file: &FileConfig, data_dir: &std::path::Path) -> objstore::Target {
+    let named = args.object_store.clone().or(file.object_store.clone());
+    match named.map(|s| objstore::Target::parse(&s)) {
+        None => objstore::Target::Dir(data_dir.join("objects")),
+        Some(objstore::Target::S3(mut s3)) => {
+            s3.endpoint = args.s3_endpoint.clone().or(file.s3_endpoint.clone());
+            s3.region = args.s3_region.clone().or(file.s3_region.clone());
+            s3.path_style = args.s3_path_style || file.s3_path_style.unwrap_or(false);
+            objstore::Target::S3(s3)
+        }
+        Some(dir) => dir,
+    }
 }
 
 /// The durable topics of `--durable` flags (default declaration) and the
@@ -219,6 +271,14 @@ pub struct Config {
     segment_bytes_max: u64,
     /// Durable topics declared by configuration, validated names.
     durable_topics: Vec<(proto::topic::TopicName, DurableSpec)>,
+    /// Where sealed segments and snapshots go.
+    object_store: objstore::Target,
+    /// Longest wait before a segment with `stored` publishers is sealed.
+    upload_interval: Duration,
+    /// Snapshot period; zero for on demand only.
+    snapshot_interval: Duration,
+    /// Snapshot to restore before serving.
+    restore: Option<String>,
 }
 
 /// Read access: the fields are private, so a `Config` exists only as
@@ -329,6 +389,26 @@ impl Config {
     pub fn durable_topics(&self) -> &[(proto::topic::TopicName, DurableSpec)] {
         &self.durable_topics
     }
+
+    /// Where sealed segments and snapshots go.
+    pub fn object_store(&self) -> &objstore::Target {
+        &self.object_store
+    }
+
+    /// Longest wait before a segment with `stored` publishers is sealed.
+    pub fn upload_interval(&self) -> Duration {
+        self.upload_interval
+    }
+
+    /// Snapshot period; zero for on demand only.
+    pub fn snapshot_interval(&self) -> Duration {
+        self.snapshot_interval
+    }
+
+    /// Snapshot to restore before serving.
+    pub fn restore(&self) -> Option<&str> {
+        self.restore.as_deref()
+    }
 }
 
 impl Default for Config {
@@ -355,6 +435,10 @@ impl Default for Config {
             fsync_interval: Duration::from_millis(FSYNC_INTERVAL_MS_DEFAULT),
             segment_bytes_max: proto::durable::SEGMENT_BYTES_MAX_DEFAULT,
             durable_topics: Vec::new(),
+            object_store: objstore::Target::Dir(PathBuf::from(DATA_DIR_DEFAULT).join("objects")),
+            upload_interval: Duration::from_millis(UPLOAD_INTERVAL_MS_DEFAULT),
+            snapshot_interval: Duration::from_millis(SNAPSHOT_INTERVAL_MS_DEFAULT),
+            restore: None,
         }
     }
 }
@@ -366,6 +450,7 @@ impl Config {
         let d = Config::default();
         let ms = Duration::from_millis;
         let history_memory_max = pick!(args, file, history_memory_max, limits::HISTORY_MEMORY_MAX_DEFAULT);
+        let data_dir = args.data_dir.clone().or(file.data_dir.clone()).unwrap_or(d.data_dir);
         let config = Config {
             listen: pick!(args, file, listen, d.listen),
             shards: pick!(args, file, shards, d.shards),
@@ -388,11 +473,15 @@ impl Config {
             drain_timeout: ms(pick!(args, file, drain_timeout_ms, d.drain_timeout.as_millis() as u64)),
             proxy_protocol: args.proxy_protocol || file.proxy_protocol.unwrap_or(d.proxy_protocol),
             topic_sockets: pick!(args, file, topic_sockets, d.topic_sockets),
-            data_dir: args.data_dir.clone().or(file.data_dir.clone()).unwrap_or(d.data_dir),
+            data_dir: data_dir.clone(),
             fsync: pick!(args, file, fsync, d.fsync),
             fsync_interval: ms(pick!(args, file, fsync_interval_ms, d.fsync_interval.as_millis() as u64)),
             segment_bytes_max: pick!(args, file, segment_bytes_max, d.segment_bytes_max),
             durable_topics: durable_topics(&args.durable, &file.durable_topics)?,
+            object_store: object_store(args, &file, &data_dir),
+            upload_interval: ms(pick!(args, file, upload_interval_ms, UPLOAD_INTERVAL_MS_DEFAULT)),
+            snapshot_interval: ms(pick!(args, file, snapshot_interval_ms, SNAPSHOT_INTERVAL_MS_DEFAULT)),
+            restore: args.restore.clone(),
         };
         config.validate(history_memory_max)?;
         Ok(config)
@@ -403,8 +492,8 @@ impl Config {
         if self.segment_bytes_max < 1 << 16 || self.segment_bytes_max > 1 << 32 {
             return fail(format!("segment_bytes_max must be 65536..=4294967296, got {}", self.segment_bytes_max));
         }
-        if self.fsync_interval.is_zero() {
-            return fail("fsync_interval_ms must be at least 1".into());
+        if self.fsync_interval.is_zero() || self.upload_interval.is_zero() {
+            return fail("fsync_interval_ms and upload_interval_ms must be at least 1".into());
         }
         if self.shards == 0 || self.shards > limits::SHARDS_MAX {
             return fail(format!("shards must be 1..={}, got {}", limits::SHARDS_MAX, self.shards));

@@ -15,7 +15,7 @@ use std::collections::HashSet;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use proto::durable::{DurableSpec, FsyncPolicy, ReadFrom};
+use proto::durable::{DurableSpec, FsyncPolicy, ReadFrom, SegmentInfo};
 use proto::log::Record;
 use proto::message::{Epoch, Now};
 use proto::sync::Slot;
@@ -37,6 +37,8 @@ pub enum DurableAsk {
     Delete { topic: TopicName },
     /// Read up to `limit` records of the log.
     Read { topic: TopicName, from: ReadFrom, limit: usize },
+    /// This shard's part of a snapshot (to every shard).
+    Snapshot,
 }
 
 /// The owner's answer.
@@ -59,6 +61,8 @@ pub enum DurableAnswer {
         /// Whether more records match after the last one.
         more: bool,
     },
+    /// A shard's part of a snapshot.
+    Snapshot(Result<Vec<crate::archive::ManifestTopic>, String>),
 }
 
 impl DurableAnswer {
@@ -90,6 +94,26 @@ impl Shard {
         slot.wait().await
     }
 
+    /// Asks shard `shard` (maybe this one) for its part of a snapshot.
+    pub(crate) async fn snapshot_of(
+        self: &Rc<Self>,
+        shard: usize,
+    ) -> Result<Vec<crate::archive::ManifestTopic>, String> {
+        let answer = if shard == self.id {
+            self.serve_durable(DurableAsk::Snapshot).await
+        } else {
+            let req = self.next_id();
+            let slot = Slot::default();
+            self.awaited.borrow_mut().insert(req, Awaited::Durable(slot.clone()));
+            self.send(shard, Item::DurableRequest { req, ask: Box::new(DurableAsk::Snapshot) });
+            slot.wait().await
+        };
+        match answer {
+            DurableAnswer::Snapshot(part) => part,
+            other => Err(format!("unexpected answer {other:?}")),
+        }
+    }
+
     /// Serves peers' durable requests, in the control queue.
     pub(crate) async fn durable_server(self: Rc<Self>) {
         loop {
@@ -108,6 +132,7 @@ impl Shard {
     /// Carries out a durable request on this (owner) shard.
     async fn serve_durable(&self, ask: DurableAsk) -> DurableAnswer {
         match ask {
+            DurableAsk::Snapshot => DurableAnswer::Snapshot(self.snapshot_part().await),
             DurableAsk::Declare { topic, spec } => {
                 let now = Instant::now();
                 let declared =
@@ -176,6 +201,7 @@ impl Shard {
             self.committing.set(true);
             for commit in &commits {
                 let result = self.store.write(&commit.topic, &commit.jobs).await;
+                let result_ok = result.is_ok();
                 let now = Now::read();
                 match result {
                     Ok(()) => self.broker.borrow_mut().committed(commit, now),
@@ -185,11 +211,21 @@ impl Shard {
                     }
                 }
                 self.apply();
-                if commit.jobs.iter().any(|j| j.seal) {
+                let sealed: Vec<_> = commit.jobs.iter().filter(|j| j.seal).collect();
+                if result_ok && !sealed.is_empty() {
+                    for job in sealed {
+                        let info = SegmentInfo { base_seq: job.segment, last_seq: job.last_seq, len: job.end };
+                        self.upload_sealed(&commit.topic, info);
+                    }
                     self.expire(&commit.topic, now.unix_ms);
                 }
             }
             self.committing.set(false);
+            if self.broker.borrow().stored_waiting() > 0 {
+                // Publishers wait at ack `stored`: the archive task seals
+                // their segments within the upload interval.
+                self.archive_wake.notify();
+            }
         }
     }
 
@@ -225,7 +261,8 @@ impl Shard {
             let owner = broker.owner_mut();
             let Some((spec, _)) = owner.durable(topic) else { return };
             match owner.durable_log_mut(topic) {
-                Some(log) => log.expire(&spec.retention, now_ms),
+                // Only segments already in the object store go.
+                Some(log) => log.expire(&spec.retention, now_ms, true),
                 None => return,
             }
         };

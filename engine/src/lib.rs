@@ -24,6 +24,7 @@
 //! - [`server`]: executors, the channel mesh, listeners, graceful shutdown.
 //! - [`config`]: flags and TOML merged and validated into `Config`.
 
+pub mod archive;
 pub mod config;
 pub mod conn;
 pub mod durability;

@@ -45,6 +45,16 @@ impl Node {
     /// Runs the shards until shutdown completes. Blocks the calling thread.
     /// `on_ready` runs once every shard is accepting connections.
     pub fn run(self, config: Config, on_ready: impl FnOnce(SocketAddr)) -> Result<(), ServerError> {
+        // The object store's worker thread, and a restore, before any shard.
+        let worker = objstore::Worker::start(config.object_store())
+            .map_err(|e| ServerError::Storage(format!("cannot start the object store worker: {e}")))?;
+        if let Some(which) = config.restore() {
+            let (topics, segments, bytes) = crate::archive::restore(&worker, &config, which)
+                .map_err(|e| ServerError::Storage(format!("restore {which}: {e}")))?;
+            tracing::info!(topics, segments, bytes, "restored snapshot {which}");
+            eprintln!("restored snapshot {which}: {topics} topics, {segments} segments, {bytes} bytes");
+        }
+        let _ = self.shared.archive.set(Arc::new(worker));
         let config = Arc::new(config);
         let shards = config.shards();
         let mesh = MeshBuilder::<Batch, _>::full(config.shards(), SHARD_CHANNEL_BATCHES);
@@ -128,6 +138,7 @@ async fn shard_main(
     let shard = Shard::new(id, shards, config.clone(), shared.clone(), Some(senders), control_queue, links);
     // Durable topics come back before the shard serves anything.
     shard.recover_durable().map_err(|e| ShardError::Storage { shard: id, message: e.to_string() })?;
+    shard.resume_uploads();
     shard.start(receivers.streams(), data_queue);
     let adopting = shard.clone();
     glommio::spawn_local_into(adopter(adopting, data_queue), data_queue).map(|t| t.detach()).ok();

@@ -175,6 +175,8 @@ pub struct NodeShared {
     /// Connections admitted over `connections_max` for a health, readiness
     /// or metrics request (see `ADMIN_CONNECTIONS_RESERVED`).
     pub admin_connections: AtomicUsize,
+    /// The object-store worker, set once before the shards start.
+    pub archive: std::sync::OnceLock<Arc<objstore::Worker>>,
 }
 
 /// An outbox toward one peer shard.
@@ -264,6 +266,10 @@ pub struct Shard {
     pub(crate) durable_requests: RefCell<Vec<(usize, u64, DurableAsk)>>,
     /// Wakes the durable task.
     pub(crate) durable_wake: Event,
+    /// Sealed segments on their way to the object store.
+    pub(crate) uploads: RefCell<crate::archive::Uploads>,
+    /// Wakes the archive task.
+    pub(crate) archive_wake: Event,
     /// Low-share task queue for the control plane (`/metrics`, `/v1/topics`),
     /// so admin work never competes on equal terms with fan-out.
     pub control_queue: glommio::TaskQueueHandle,
@@ -361,6 +367,8 @@ impl Shard {
             committing: Cell::new(false),
             durable_requests: RefCell::default(),
             durable_wake: Event::default(),
+            uploads: RefCell::default(),
+            archive_wake: Event::default(),
         })
     }
 
@@ -475,6 +483,8 @@ impl Shard {
         glommio::spawn_local_into(async move { shard.durable_server().await }, control).map(|t| t.detach()).ok();
         let shard = self.clone();
         glommio::spawn_local_into(async move { shard.log_keeper().await }, control).map(|t| t.detach()).ok();
+        let shard = self.clone();
+        glommio::spawn_local_into(async move { shard.archiver().await }, control).map(|t| t.detach()).ok();
     }
 
     /// Hands one peer's batches to the broker.

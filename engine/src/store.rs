@@ -114,12 +114,12 @@ impl SegmentFile {
         .map_err(gio("syncing", path))
     }
 
-    async fn truncate(&self, len: u64, path: &Path) -> Result<(), StoreError> {
-        match self {
-            SegmentFile::Direct(file) => file.truncate(len).await,
-            SegmentFile::Buffered(file) => file.truncate(len).await,
-        }
-        .map_err(gio("cutting", path))
+    /// Cuts the file to `len` (a seal: rare). Through a second descriptor:
+    /// glommio's truncate needs a blocking-thread pool the shards do not
+    /// run; the fsync that follows on this one covers the new size.
+    fn truncate(len: u64, path: &Path) -> Result<(), StoreError> {
+        let file = std::fs::OpenOptions::new().write(true).open(path).map_err(io("opening", path))?;
+        file.set_len(len).map_err(io("cutting", path))
     }
 
     async fn close(self) {
@@ -165,12 +165,18 @@ impl Store {
 
     /// The directory of `topic`.
     pub fn dir(&self, topic: &TopicName) -> PathBuf {
-        let name = topic.as_str();
-        let cut = &name[..name.len().min(64)];
-        self.root.join(format!("{:016x}-{cut}", proto::hash::fnv1a(name.as_bytes())))
+        self.root.join(self.dir_name(topic))
     }
 
-    fn segment_path(&self, topic: &TopicName, base: u64) -> PathBuf {
+    /// The name of `topic`'s directory (also its place in the object store).
+    pub fn dir_name(&self, topic: &TopicName) -> String {
+        let name = topic.as_str();
+        let cut = &name[..name.len().min(64)];
+        format!("{:016x}-{cut}", proto::hash::fnv1a(name.as_bytes()))
+    }
+
+    /// Where segment `base` of `topic` lives.
+    pub(crate) fn segment_path(&self, topic: &TopicName, base: u64) -> PathBuf {
         self.dir(topic).join(format!("{base:020}.log"))
     }
 
@@ -226,9 +232,11 @@ impl Store {
                     file
                 }
             };
-            file.write(job, &path).await?;
+            if !job.bytes.is_empty() {
+                file.write(job, &path).await?;
+            }
             if job.seal {
-                file.truncate(job.end, &path).await?;
+                SegmentFile::truncate(job.end, &path)?;
             }
             match self.fsync {
                 FsyncPolicy::Always => file.sync(&path).await?,

@@ -7,36 +7,11 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use common::*;
 use tungstenite::Message;
-
-/// A fresh data directory for one test.
-fn data_dir(name: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("fluxnode-test-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    dir
-}
-
-/// Every message of a durable topic's log, by sequence, read page by page.
-fn read_log(node: &Node, topic: &str) -> BTreeMap<u64, String> {
-    let mut all = BTreeMap::new();
-    let mut from = 0;
-    loop {
-        let page = node.get_json(&format!("/v1/topics/{topic}/messages?from_seq={from}&limit=10000"));
-        for m in page["messages"].as_array().expect("messages") {
-            let seq = m["seq"].as_u64().unwrap();
-            assert!(all.insert(seq, m["data"].as_str().unwrap_or_default().to_string()).is_none(), "seq {seq} twice");
-        }
-        match page["next_seq"].as_u64() {
-            Some(next) => from = next,
-            None => return all,
-        }
-    }
-}
 
 /// What publishers were told: sequence -> payload, per topic.
 type Acked = Arc<Mutex<BTreeMap<(String, u64), String>>>;
@@ -79,7 +54,7 @@ fn publisher(addr: String, topic: String, run: usize, acked: Acked, count: Arc<A
 /// topics, `kill -9` once `per_run` more acks arrived, restart, check.
 /// Returns (iterations, acknowledged messages checked).
 fn crash_loop(iterations: usize, per_run: usize) -> (usize, usize) {
-    let dir = data_dir("crash");
+    let dir = fresh_dir("crash");
     let dir_arg = dir.to_str().unwrap().to_string();
     let topics = ["crash-a", "crash-b"];
     let flags = ["--shards", "2", "--durable", topics[0], "--durable", topics[1], "--data-dir", &dir_arg];
@@ -157,7 +132,7 @@ fn acknowledged_messages_survive_kill_9_many_times() {
 
 #[test]
 fn a_torn_tail_is_cut_and_numbers_are_not_reused() {
-    let dir = data_dir("torn");
+    let dir = fresh_dir("torn");
     let dir_arg = dir.to_str().unwrap().to_string();
     let flags = ["--shards", "1", "--durable", "torn", "--data-dir", &dir_arg];
     let node = Node::start(&flags);
@@ -200,7 +175,7 @@ fn nix_term(node: &Node) -> bool {
 
 #[test]
 fn declared_over_the_api_read_by_sequence_time_and_key_and_resumed_across_a_restart() {
-    let dir = data_dir("api");
+    let dir = fresh_dir("api");
     let dir_arg = dir.to_str().unwrap().to_string();
     let flags = ["--shards", "2", "--data-dir", &dir_arg];
     let node = Node::start(&flags);
@@ -211,7 +186,7 @@ fn declared_over_the_api_read_by_sequence_time_and_key_and_resumed_across_a_rest
         br#"{"ack":"local","retention":{"max_messages":100000}}"#,
     );
     assert_eq!(status, 200, "{body}");
-    let (status, body) = node.request("PUT", "/v1/topics/orders", "application/json", br#"{"ack":"stored"}"#);
+    let (status, body) = node.request("PUT", "/v1/topics/orders", "application/json", br#"{"ack":"eventually"}"#);
     assert_eq!(status, 400, "{body}");
     let mut ws = node.ws("/v1/ws");
     let mut epoch = String::new();

@@ -191,3 +191,63 @@ pub struct NodeList {
     /// Every member, in address order.
     pub nodes: Vec<MemberInfo>,
 }
+
+/// A manifest: every durable topic's uploaded segments at one moment.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Manifest {
+    /// Its id (milliseconds since the Unix epoch, zero-padded: ids sort in
+    /// time order).
+    pub id: String,
+    /// When it was made, ms since the Unix epoch.
+    pub created_ms: u64,
+    /// The topics.
+    pub topics: Vec<ManifestTopic>,
+}
+
+/// One durable topic in a manifest.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ManifestTopic {
+    /// Its name.
+    pub topic: String,
+    /// Its epoch when the snapshot was made.
+    pub epoch: String,
+    /// Its declaration.
+    pub spec: crate::durable::DurableSpec,
+    /// Its directory name (on disk and in the store).
+    pub dir: String,
+    /// Its segments, oldest first.
+    pub segments: Vec<ManifestSegment>,
+}
+
+/// One segment in a manifest.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ManifestSegment {
+    /// Its first sequence.
+    pub base_seq: u64,
+    /// Its last sequence.
+    pub last_seq: u64,
+    /// Its length, bytes.
+    pub bytes: u64,
+    /// Its key in the store.
+    pub key: String,
+}
+
+/// A snapshot just made (`POST /v1/snapshots`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotMade {
+    /// Its id.
+    pub id: String,
+    /// Durable topics in it.
+    pub topics: u64,
+    /// Segments it names.
+    pub segments: u64,
+    /// Bytes of those segments.
+    pub bytes: u64,
+}
+
+/// Snapshot ids in the object store, oldest first (`GET /v1/snapshots`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SnapshotList {
+    /// The ids.
+    pub snapshots: Vec<String>,
+}

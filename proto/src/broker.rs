@@ -285,8 +285,11 @@ pub struct Broker {
     /// What the shell must carry out.
     actions: Vec<Action>,
     /// Publishes awaiting their durable topic's commit, per topic, by
-    /// sequence.
-    held: HashMap<TopicName, VecDeque<(u64, Held)>, ahash::RandomState>,
+    /// sequence, with the level they wait for.
+    held: HashMap<TopicName, VecDeque<(u64, AckLevel, Held)>, ahash::RandomState>,
+    /// Publishes at ack `stored` whose commit is written, awaiting the
+    /// upload of their segment, per topic, by sequence.
+    stored_wait: HashMap<TopicName, VecDeque<(u64, Held)>, ahash::RandomState>,
     /// `Action::Commit` was asked for and the commits not yet taken.
     commit_asked: bool,
     /// This shard's counters.
@@ -311,6 +314,7 @@ impl Broker {
             next_id: 1,
             actions: Vec::new(),
             held: HashMap::default(),
+            stored_wait: HashMap::default(),
             commit_asked: false,
             metrics,
         }
@@ -356,17 +360,17 @@ impl Broker {
         if owner == self.id {
             let result = self.sequence(&topic, kind, payload, options, now);
             return match result {
-                Ok((seq, true)) => {
+                Ok((seq, Some(level))) => {
                     let req = self.next_id();
                     let later = matches!(reply, PublishReply::Caller);
-                    self.hold(topic, seq, Held::Here { reply, req });
+                    self.hold(topic, seq, level, Held::Here { reply, req });
                     if later {
                         Published::Later { req }
                     } else {
                         Published::Now(Ok(seq))
                     }
                 }
-                Ok((seq, false)) => {
+                Ok((seq, None)) => {
                     reply.complete(Ok(seq));
                     Published::Now(Ok(seq))
                 }
@@ -404,6 +408,51 @@ impl Broker {
         self.answer_held(&commit.topic, commit.through_seq, Ok, now);
     }
 
+    /// `topic`'s segments through `through_seq` are in the object store:
+    /// publishers waiting at ack `stored` are answered.
+    pub fn stored(&mut self, topic: &TopicName, through_seq: u64, now: Now) {
+        let Some(queue) = self.stored_wait.get_mut(topic) else { return };
+        let mut done = Vec::new();
+        while queue.front().is_some_and(|(seq, _)| *seq <= through_seq) {
+            if let Some(entry) = queue.pop_front() {
+                done.push(entry);
+            }
+        }
+        if queue.is_empty() {
+            self.stored_wait.remove(topic);
+        }
+        for (seq, held) in done {
+            self.answer(held, Ok(seq), now);
+        }
+    }
+
+    /// Seals the active segment of every topic with publishers waiting at
+    /// ack `stored` (the shell calls it every upload interval), so their
+    /// segments are uploaded without waiting to fill.
+    pub fn seal_for_stored(&mut self) {
+        let topics: Vec<TopicName> = self.stored_wait.keys().cloned().collect();
+        for topic in topics {
+            self.seal(&topic);
+        }
+    }
+
+    /// Seals `topic`'s active segment at the next commit (for an upload:
+    /// a snapshot, or publishers at ack `stored`); false when it holds
+    /// nothing unsealed.
+    pub fn seal(&mut self, topic: &TopicName) -> bool {
+        let sealed = self.owner.seal(topic);
+        if sealed && !self.commit_asked {
+            self.commit_asked = true;
+            self.actions.push(Action::Commit);
+        }
+        sealed
+    }
+
+    /// Publishes waiting for an upload.
+    pub fn stored_waiting(&self) -> usize {
+        self.stored_wait.values().map(VecDeque::len).sum()
+    }
+
     /// A topic's commit failed: its held messages (this commit's and any
     /// appended since) are dropped and their publishers told; the topic
     /// takes no more publishes.
@@ -411,6 +460,11 @@ impl Broker {
         self.owner.write_failed(commit);
         // Everything held for the topic: later appends are never written.
         self.answer_held(&commit.topic, u64::MAX, |_| Err(OwnerError::StorageFailed), now);
+        if let Some(queue) = self.stored_wait.remove(&commit.topic) {
+            for (_, held) in queue {
+                self.answer(held, Err(OwnerError::StorageFailed), now);
+            }
+        }
     }
 
     /// Answers the held publishes of `topic` through `through_seq`.
@@ -423,7 +477,7 @@ impl Broker {
     ) {
         let Some(queue) = self.held.get_mut(topic) else { return };
         let mut done = Vec::new();
-        while queue.front().is_some_and(|(seq, _)| *seq <= through_seq) {
+        while queue.front().is_some_and(|(seq, _, _)| *seq <= through_seq) {
             if let Some(entry) = queue.pop_front() {
                 done.push(entry);
             }
@@ -431,21 +485,31 @@ impl Broker {
         if queue.is_empty() {
             self.held.remove(topic);
         }
-        for (seq, held) in done {
-            match held {
-                Held::Here { reply, req } => {
-                    if !reply.complete(result(seq)) {
-                        self.actions.push(Action::Published { req, result: result(seq) });
-                    }
-                }
-                Held::There { from, req } => self.send(from, Item::PublishDone { req, result: result(seq) }, now),
+        for (seq, level, held) in done {
+            match (level, result(seq)) {
+                // Written; now it waits for its segment's upload.
+                (AckLevel::Stored, Ok(_)) => self.stored_wait.entry(topic.clone()).or_default().push_back((seq, held)),
+                (_, answer) => self.answer(held, answer, now),
             }
         }
     }
 
-    /// Keeps a publish's answer until its topic's commit.
-    fn hold(&mut self, topic: TopicName, seq: u64, held: Held) {
-        self.held.entry(topic).or_default().push_back((seq, held));
+    /// Delivers a held publish's answer.
+    fn answer(&mut self, held: Held, result: Result<u64, OwnerError>, now: Now) {
+        match held {
+            Held::Here { reply, req } => {
+                if !reply.complete(result) {
+                    self.actions.push(Action::Published { req, result });
+                }
+            }
+            Held::There { from, req } => self.send(from, Item::PublishDone { req, result }, now),
+        }
+    }
+
+    /// Keeps a publish's answer until its topic's commit (and, at ack
+    /// `stored`, its upload).
+    fn hold(&mut self, topic: TopicName, seq: u64, level: AckLevel, held: Held) {
+        self.held.entry(topic).or_default().push_back((seq, level, held));
     }
 
     /// Subscribes a connection of this shard. Live at once when the topic
@@ -509,7 +573,7 @@ impl Broker {
         match item {
             Item::Publish { topic, kind, payload, options, req } => {
                 match self.sequence(&topic, kind, payload, options, now) {
-                    Ok((seq, true)) => self.hold(topic, seq, Held::There { from, req }),
+                    Ok((seq, Some(level))) => self.hold(topic, seq, level, Held::There { from, req }),
                     result => self.send(from, Item::PublishDone { req, result: result.map(|(seq, _)| seq) }, now),
                 }
             }
@@ -585,8 +649,9 @@ impl Broker {
     }
 
     /// Sequences a message on this (owner) shard and routes it to every
-    /// subscribing shard; a durable topic's is held for its commit. The
-    /// flag: whether the answer waits for the commit (held, at ack `local`).
+    /// subscribing shard; a durable topic's is held for its commit. With
+    /// the level the answer waits for, if it waits (held, at ack `local` or
+    /// `stored`).
     fn sequence(
         &mut self,
         topic: &TopicName,
@@ -594,7 +659,7 @@ impl Broker {
         payload: Bytes,
         options: PublishOptions,
         now: Now,
-    ) -> Result<(u64, bool), OwnerError> {
+    ) -> Result<(u64, Option<AckLevel>), OwnerError> {
         let len = payload.len() as u64;
         let PublishOptions { key, ack } = options;
         let Sequenced { message, epoch, subscriber_shards, held } =
@@ -608,12 +673,13 @@ impl Broker {
                 self.actions.push(Action::Commit);
             }
             let default = self.owner.durable(topic).map_or(AckLevel::Local, |(spec, _)| spec.ack);
-            return Ok((seq, ack.unwrap_or(default) == AckLevel::Local));
+            let level = ack.unwrap_or(default);
+            return Ok((seq, (level != AckLevel::None).then_some(level)));
         }
         for shard in (0..self.shards).filter(|s| subscriber_shards & (1 << s) != 0) {
             self.send(shard, Item::Deliver { topic: topic.clone(), epoch, message: message.clone() }, now);
         }
-        Ok((seq, false))
+        Ok((seq, None))
     }
 
     /// The topics this shard owns, to declare or recover durable ones.

@@ -58,16 +58,19 @@ pub enum AckLevel {
     /// Once written, and fsynced under the `always` fsync policy: survives
     /// a process crash; a power failure too under `always`.
     Local,
+    /// Once the segment holding it is in the object store: survives the
+    /// loss of the node's disk. The segment is sealed early (within the
+    /// upload interval) when a publisher waits at this level.
+    Stored,
 }
 
 impl AckLevel {
-    /// Parses the wire name (`none`, `local`); `stored` is named but not
-    /// offered yet (no object store).
+    /// Parses the wire name (`none`, `local`, `stored`).
     pub fn parse(s: &str) -> Result<AckLevel, AckError> {
         match s {
             "none" => Ok(AckLevel::None),
             "local" => Ok(AckLevel::Local),
-            "stored" => Err(AckError::NotOffered),
+            "stored" => Ok(AckLevel::Stored),
             _ => Err(AckError::Unknown),
         }
     }
@@ -77,6 +80,7 @@ impl AckLevel {
         match self {
             AckLevel::None => "none",
             AckLevel::Local => "local",
+            AckLevel::Stored => "stored",
         }
     }
 }
@@ -96,11 +100,8 @@ pub struct PublishOptions {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum AckError {
     /// Not one of the names.
-    #[error("ack must be none or local")]
+    #[error("ack must be none, local or stored")]
     Unknown,
-    /// `stored` needs an object store, which this node does not have yet.
-    #[error("ack=stored needs an object store, which this node does not offer yet")]
-    NotOffered,
 }
 
 /// When written records are fsynced.
@@ -193,6 +194,11 @@ struct Segment {
     durable: u64,
     /// Records appended and not yet in a write job.
     unwritten: Vec<u8>,
+    /// Its last write job went out with `seal`: nothing is appended to it
+    /// any more.
+    sealed: bool,
+    /// It is in the object store.
+    uploaded: bool,
     /// The bytes of the last partial aligned block handed to a write job
     /// (from `align_down(written)` to `written`): the next job starts there.
     tail: Vec<u8>,
@@ -212,6 +218,8 @@ impl Segment {
             written: 0,
             durable: 0,
             unwritten: Vec::new(),
+            sealed: false,
+            uploaded: false,
             tail: Vec::new(),
             index: SparseIndex::new(INDEX_EVERY_BYTES),
         }
@@ -229,8 +237,22 @@ pub struct WriteJob {
     pub bytes: Vec<u8>,
     /// The segment's length in records once written.
     pub end: u64,
-    /// The segment is sealed: cut its file to `end` after this write.
+    /// The segment is sealed: cut its file to `end` after this write (and
+    /// upload it). A seal job may carry no bytes.
     pub seal: bool,
+    /// The segment's last sequence once this job is written.
+    pub last_seq: u64,
+}
+
+/// A sealed segment, for uploads and manifests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SegmentInfo {
+    /// Its first sequence (its name).
+    pub base_seq: u64,
+    /// Its last sequence.
+    pub last_seq: u64,
+    /// Its length, bytes.
+    pub len: u64,
 }
 
 /// A byte range of one segment to read.
@@ -306,12 +328,20 @@ pub struct TopicLog {
     limits: LogLimits,
     /// Scratch for encoding.
     scratch: Vec<u8>,
+    /// Seal the active segment at the next `take_writes`.
+    seal_requested: bool,
 }
 
 impl TopicLog {
     /// An empty log.
     pub fn new(limits: LogLimits) -> TopicLog {
-        TopicLog { segments: VecDeque::new(), keys: HashMap::default(), limits, scratch: Vec::new() }
+        TopicLog {
+            segments: VecDeque::new(),
+            keys: HashMap::default(),
+            limits,
+            scratch: Vec::new(),
+            seal_requested: false,
+        }
     }
 
     /// Appends a record (its sequence after every one before), rolling to a
@@ -321,9 +351,10 @@ impl TopicLog {
         self.scratch.clear();
         log::encode(record, &mut self.scratch)?;
         let roll = self.segments.back().is_none_or(|s| {
-            s.messages > 0
-                && (s.len >= self.limits.segment_bytes_max
-                    || record.timestamp_ms.saturating_sub(s.first_ms) >= self.limits.segment_age_ms)
+            s.sealed
+                || s.messages > 0
+                    && (s.len >= self.limits.segment_bytes_max
+                        || record.timestamp_ms.saturating_sub(s.first_ms) >= self.limits.segment_age_ms)
         });
         if roll {
             self.segments.push_back(Segment::new(record.seq, record.timestamp_ms));
@@ -347,22 +378,57 @@ impl TopicLog {
     }
 
     /// The writes that carry every record appended since the last call, one
-    /// per segment with unwritten records, oldest first.
+    /// per segment with unwritten records or a seal due, oldest first.
     pub fn take_writes(&mut self) -> Vec<WriteJob> {
         let active = self.segments.len().saturating_sub(1);
+        let seal_active = std::mem::take(&mut self.seal_requested);
         let mut jobs = Vec::new();
-        for (i, seg) in self.segments.iter_mut().enumerate().filter(|(_, s)| !s.unwritten.is_empty()) {
+        for (i, seg) in self.segments.iter_mut().enumerate() {
+            let seal = !seg.sealed && seg.messages > 0 && (i < active || seal_active);
+            if seg.unwritten.is_empty() && !seal {
+                continue;
+            }
             let offset = align_down(seg.written);
-            let mut bytes = std::mem::take(&mut seg.tail);
-            bytes.extend_from_slice(&seg.unwritten);
-            seg.unwritten.clear();
-            seg.written = seg.len;
-            let whole = align_down(seg.len) - offset;
-            seg.tail = bytes[whole as usize..].to_vec();
-            bytes.resize(align_up(bytes.len() as u64) as usize, 0);
-            jobs.push(WriteJob { segment: seg.base_seq, offset, bytes, end: seg.len, seal: i < active });
+            let mut bytes = Vec::new();
+            if !seg.unwritten.is_empty() {
+                bytes = std::mem::take(&mut seg.tail);
+                bytes.extend_from_slice(&seg.unwritten);
+                seg.unwritten.clear();
+                seg.written = seg.len;
+                let whole = align_down(seg.len) - offset;
+                seg.tail = bytes[whole as usize..].to_vec();
+                bytes.resize(align_up(bytes.len() as u64) as usize, 0);
+            }
+            seg.sealed |= seal;
+            let job = WriteJob { segment: seg.base_seq, offset, bytes, end: seg.len, seal, last_seq: seg.last_seq };
+            jobs.push(job);
         }
         jobs
+    }
+
+    /// Seals the active segment at the next `take_writes` (for an upload
+    /// that cannot wait for it to fill); false when it holds nothing.
+    pub fn seal_active(&mut self) -> bool {
+        let due = self.segments.back().is_some_and(|s| !s.sealed && s.messages > 0);
+        self.seal_requested |= due;
+        due
+    }
+
+    /// Notes that a sealed segment is in the object store.
+    pub fn uploaded(&mut self, segment: u64) {
+        if let Some(seg) = self.segments.iter_mut().find(|s| s.base_seq == segment) {
+            seg.uploaded = true;
+        }
+    }
+
+    /// Sealed segments not yet uploaded (after a restart: all of them).
+    pub fn to_upload(&self) -> Vec<SegmentInfo> {
+        self.segments.iter().filter(|s| s.sealed && !s.uploaded && s.durable == s.len).map(info).collect()
+    }
+
+    /// The uploaded segments, oldest first: what a manifest lists.
+    pub fn uploaded_segments(&self) -> Vec<SegmentInfo> {
+        self.segments.iter().filter(|s| s.uploaded).map(info).collect()
     }
 
     /// Notes that a write job's bytes are on disk (fsynced when the policy
@@ -374,8 +440,9 @@ impl TopicLog {
     }
 
     /// Segments to delete under `retention` at `now_ms`, oldest first; they
-    /// are forgotten here (the shell deletes the files).
-    pub fn expire(&mut self, retention: &Retention, now_ms: u64) -> Vec<u64> {
+    /// are forgotten here (the shell deletes the files). With `archiving`,
+    /// only segments already in the object store go.
+    pub fn expire(&mut self, retention: &Retention, now_ms: u64, archiving: bool) -> Vec<u64> {
         let mut gone = Vec::new();
         while self.segments.len() > 1 {
             let Some(oldest) = self.segments.front() else { break };
@@ -383,7 +450,7 @@ impl TopicLog {
             let over_bytes = retention.max_bytes.is_some_and(|max| self.bytes() - oldest.len >= max);
             let over_messages = retention.max_messages.is_some_and(|max| self.messages() - oldest.messages >= max);
             let over_age = retention.max_age_ms.is_some_and(|max| now_ms.saturating_sub(oldest.last_ms) > max);
-            let whole = oldest.durable == oldest.len;
+            let whole = oldest.durable == oldest.len && (!archiving || oldest.uploaded);
             if !whole || !(over_bytes || over_messages || over_age) {
                 break;
             }
@@ -543,6 +610,8 @@ impl TopicLog {
             seg.len = scan.whole_bytes as u64;
             seg.written = seg.len;
             seg.durable = seg.len;
+            // All but the last were sealed; the last is marked below.
+            seg.sealed = true;
             let whole = align_down(seg.len) as usize;
             seg.tail = bytes[whole..scan.whole_bytes].to_vec();
             for (_, record) in scan.records.iter().rev().take(tail_max).rev() {
@@ -553,10 +622,17 @@ impl TopicLog {
             }
             log.segments.push_back(seg);
         }
+        if let Some(last) = log.segments.back_mut() {
+            last.sealed = false; // appends continue in it
+        }
         let skip = if clean { 0 } else { UNWRITTEN_MESSAGES_MAX };
         let next_seq = log.next_seq() + if log.segments.is_empty() { 0 } else { skip };
         Recovered { log, next_seq, cut, dropped, tail: tail.into() }
     }
+}
+
+fn info(s: &Segment) -> SegmentInfo {
+    SegmentInfo { base_seq: s.base_seq, last_seq: s.last_seq, len: s.len }
 }
 
 fn align_down(v: u64) -> u64 {
@@ -591,10 +667,12 @@ mod tests {
             assert_eq!(job.bytes.len() % WRITE_ALIGN_BYTES, 0);
             let file = files.entry(job.segment).or_default();
             let end = job.offset as usize + job.bytes.len();
-            if file.len() < end {
+            if file.len() < end && !job.bytes.is_empty() {
                 file.resize(end, 0);
             }
-            file[job.offset as usize..end].copy_from_slice(&job.bytes);
+            if !job.bytes.is_empty() {
+                file[job.offset as usize..end].copy_from_slice(&job.bytes);
+            }
             if job.seal {
                 file.truncate(job.end as usize);
             }
@@ -678,6 +756,35 @@ mod tests {
     }
 
     #[test]
+    fn a_sealed_segment_is_offered_for_upload_once_and_retention_waits_for_it() {
+        let limits = LogLimits { segment_bytes_max: 1 << 20, segment_age_ms: u64::MAX };
+        let mut log = TopicLog::new(limits);
+        let mut files = HashMap::new();
+        assert!(!log.seal_active(), "nothing to seal");
+        for seq in 1..=5 {
+            log.append(&record(seq, None, 10)).unwrap();
+        }
+        apply(&mut files, &mut log);
+        assert!(log.to_upload().is_empty(), "the active segment is not sealed");
+        assert!(log.seal_active());
+        let jobs = log.take_writes();
+        assert_eq!(jobs.len(), 1);
+        assert!(jobs[0].seal && jobs[0].bytes.is_empty() && jobs[0].last_seq == 5);
+        log.written(jobs[0].segment, jobs[0].end);
+        assert_eq!(log.to_upload(), [SegmentInfo { base_seq: 1, last_seq: 5, len: jobs[0].end }]);
+        // The next append opens a new segment.
+        log.append(&record(6, None, 10)).unwrap();
+        apply(&mut files, &mut log);
+        assert_eq!(log.segment_count(), 2);
+        assert!(log.take_writes().is_empty(), "a seal goes out once");
+        let keep_one = Retention { max_messages: Some(1), ..Retention::default() };
+        assert!(log.expire(&keep_one, 0, true).is_empty(), "not uploaded yet");
+        log.uploaded(1);
+        assert_eq!(log.uploaded_segments().len(), 1);
+        assert_eq!(log.expire(&keep_one, 0, true), [1]);
+    }
+
+    #[test]
     fn retention_drops_whole_sealed_segments_and_their_keys() {
         let limits = LogLimits { segment_bytes_max: 2_000, segment_age_ms: u64::MAX };
         let mut log = TopicLog::new(limits);
@@ -687,7 +794,7 @@ mod tests {
         }
         apply(&mut files, &mut log);
         let keys_before = log.key_count();
-        let gone = log.expire(&Retention { max_messages: Some(40), ..Retention::default() }, 0);
+        let gone = log.expire(&Retention { max_messages: Some(40), ..Retention::default() }, 0, false);
         assert!(!gone.is_empty());
         assert!(log.messages() <= 40 + 20, "{}", log.messages());
         assert!(log.messages() >= 40);
@@ -696,7 +803,7 @@ mod tests {
         let rest = read(&files, &log.plan(ReadFrom::Seq(0), 10_000));
         assert_eq!(rest.first().map(|r| r.seq), Some(log.first_seq()));
         // Age: everything but the active segment.
-        log.expire(&Retention { max_age_ms: Some(10), ..Retention::default() }, 10_000);
+        log.expire(&Retention { max_age_ms: Some(10), ..Retention::default() }, 10_000, false);
         assert_eq!(log.segment_count(), 1);
     }
 }

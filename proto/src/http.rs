@@ -173,6 +173,14 @@ pub enum Route {
     TopicDelete(String),
     /// `GET /v1/topics/{topic}/messages`: read a durable topic's log.
     TopicRead(String),
+    /// `POST /v1/snapshots`: make a snapshot of the durable topics.
+    SnapshotCreate,
+    /// `GET /v1/snapshots`: the snapshots in the object store.
+    SnapshotList,
+    /// `GET /v1/snapshots/{id|latest}`: a manifest.
+    SnapshotShow(String),
+    /// `DELETE /v1/snapshots/{id}`: delete a manifest.
+    SnapshotDelete(String),
     /// `GET /v1/topics/{topic}/ws` (upgrade)
     TopicSocket(String),
     /// `POST /publish` (original RayFlux API)
@@ -200,6 +208,8 @@ pub fn route(method: &str, path: &str) -> Route {
         "/subscribe" => pick(get, Route::LegacySubscribe),
         "/v1/ws" => pick(get, Route::NativeSocket),
         "/v1/topics" | "/v1/topics/" => pick(get, Route::ListTopics),
+        "/v1/snapshots" | "/v1/snapshots/" if post => Route::SnapshotCreate,
+        "/v1/snapshots" | "/v1/snapshots/" => pick(get, Route::SnapshotList),
         _ => match path.strip_prefix("/v1/topics/") {
             Some(rest) => match rest.split_once('/') {
                 None if get => Route::TopicInfo(rest.to_string()),
@@ -211,7 +221,12 @@ pub fn route(method: &str, path: &str) -> Route {
                 Some((topic, "messages")) => pick(get, Route::TopicRead(topic.to_string())),
                 Some(_) => Route::NotFound,
             },
-            None => Route::NotFound,
+            None => match path.strip_prefix("/v1/snapshots/") {
+                Some(id) if get => Route::SnapshotShow(id.to_string()),
+                Some(id) if method == "DELETE" => Route::SnapshotDelete(id.to_string()),
+                Some(_) => Route::MethodNotAllowed,
+                None => Route::NotFound,
+            },
         },
     }
 }

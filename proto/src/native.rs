@@ -234,7 +234,7 @@ mod tests {
             })
         );
         assert_eq!(
-            parse_text(br#"{"op":"publish","id":2,"topic":"a","data":"x","ack":"stored"}"#).unwrap_err().code,
+            parse_text(br#"{"op":"publish","id":2,"topic":"a","data":"x","ack":"eventually"}"#).unwrap_err().code,
             "bad_request"
         );
         assert_eq!(parse_text(br#"{"op":"ping","id":3}"#), Ok(Request::Ping { id: 3 }));

@@ -475,6 +475,20 @@ impl Owner {
         commits
     }
 
+    /// Seals `topic`'s active segment at the next commit (an upload is
+    /// awaited); false when there is nothing to seal.
+    pub fn seal(&mut self, topic: &TopicName) -> bool {
+        let Some(d) = self.topics.get_mut(topic).and_then(|t| t.durable.as_mut()) else { return false };
+        if d.failed || !d.log.seal_active() {
+            return false;
+        }
+        if !d.appended {
+            d.appended = true;
+            self.appended.push(topic.clone());
+        }
+        true
+    }
+
     /// Whether some durable topic has records waiting for `take_commits`.
     pub fn has_commits(&self) -> bool {
         !self.appended.is_empty()

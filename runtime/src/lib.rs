@@ -60,6 +60,9 @@ pub enum ServerError {
     /// The executors could not start, or one failed.
     #[error("cannot start executors: {0}")]
     Executor(#[from] ExecutorError),
+    /// Durable storage could not be prepared (object store, restore).
+    #[error("{0}")]
+    Storage(String),
 }
 
 /// The value of `result`, or: print `program: error` and exit with

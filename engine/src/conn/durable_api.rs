@@ -4,6 +4,7 @@
 //! topic's owner shard, which answers from its log in its control queue.
 
 use base64::Engine;
+use proto::admin::{SnapshotList, SnapshotMade};
 use proto::durable::{DurableSpec, ReadFrom, READ_MESSAGES_MAX};
 
 use super::*;
@@ -64,6 +65,47 @@ pub(crate) async fn respond(
     }
 }
 
+/// Answers a snapshot request, in the control queue.
+pub(crate) async fn snapshots(shard: &Rc<Shard>, route: Route, keep_alive: bool) -> Vec<u8> {
+    let task_shard = shard.clone();
+    let work = async move {
+        let shard = &task_shard;
+        let failed = |why: String| http::json_error(503, "object_store", &why, keep_alive);
+        match route {
+            Route::SnapshotCreate => match shard.make_snapshot().await {
+                Ok(m) => {
+                    let made = SnapshotMade {
+                        id: m.id.clone(),
+                        topics: m.topics.len() as u64,
+                        segments: m.topics.iter().map(|t| t.segments.len() as u64).sum(),
+                        bytes: m.topics.iter().flat_map(|t| &t.segments).map(|s| s.bytes).sum(),
+                    };
+                    http::json(201, &made, keep_alive)
+                }
+                Err(why) => failed(why),
+            },
+            Route::SnapshotList => match shard.snapshot_ids().await {
+                Ok(snapshots) => http::json(200, &SnapshotList { snapshots }, keep_alive),
+                Err(why) => failed(why),
+            },
+            Route::SnapshotShow(id) => match shard.manifest(&id).await {
+                Ok(Some(m)) => http::json(200, &m, keep_alive),
+                Ok(None) => http::json_error(404, "unknown_snapshot", "no such snapshot", keep_alive),
+                Err(why) => failed(why),
+            },
+            Route::SnapshotDelete(id) => match shard.delete_snapshot(&id).await {
+                Ok(()) => http::json(200, &StatusBody { status: "ok".into() }, keep_alive),
+                Err(why) => failed(why),
+            },
+            _ => http::json_error(404, "not_found", "no such path", keep_alive),
+        }
+    };
+    match glommio::spawn_local_into(work, shard.control_queue) {
+        Ok(task) => task.await,
+        Err(e) => http::json_error(500, "internal", &format!("cannot schedule: {e}"), false),
+    }
+}
+
 /// `from_seq=N`, `since_ms=T` or `key=K` (with an optional `from_seq`),
 /// and `limit`.
 fn read_query(query: &str) -> Result<(ReadFrom, usize), String> {
@@ -97,6 +139,7 @@ fn render(topic: &TopicName, answer: DurableAnswer, keep_alive: bool) -> Vec<u8>
     match answer {
         DurableAnswer::Done => http::json(200, &StatusBody { status: "ok".into() }, keep_alive),
         DurableAnswer::Failed { status, code, message } => http::json_error(status, code, &message, keep_alive),
+        DurableAnswer::Snapshot(_) => http::json_error(500, "internal", "unexpected answer", keep_alive),
         DurableAnswer::Read { epoch, first_seq, last_seq, records, more } => {
             let next_seq = if more { records.last().map(|r| r.seq + 1) } else { None };
             let messages = records

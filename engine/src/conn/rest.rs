@@ -46,6 +46,9 @@ pub(super) async fn respond(
             crate::conn::durable_api::respond(shard, route_kind(&head.method), topic, &head.query, &body, keep_alive)
                 .await
         }
+        Route::SnapshotCreate | Route::SnapshotList | Route::SnapshotShow(_) | Route::SnapshotDelete(_) => {
+            crate::conn::durable_api::snapshots(shard, route, keep_alive).await
+        }
         Route::MethodNotAllowed => {
             http::json_error(405, "method_not_allowed", "method not allowed on this path", keep_alive)
         }

@@ -35,10 +35,22 @@ impl Node {
         Node::start_listening(&format!("127.0.0.1:{port}"), extra)
     }
 
+    /// Starts fluxnode with extra flags and environment variables.
+    pub fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> Node {
+        Node::start_listening_env("127.0.0.1:0", extra, env)
+    }
+
     fn start_listening(listen: &str, extra: &[&str]) -> Node {
-        let (child, line) = spawn_announced(
-            Command::new(fluxnode_bin()).args(["--listen", listen]).args(extra).env("FLUXNODE_LOG", "warn"),
-        );
+        Node::start_listening_env(listen, extra, &[])
+    }
+
+    fn start_listening_env(listen: &str, extra: &[&str], env: &[(&str, &str)]) -> Node {
+        let mut command = Command::new(fluxnode_bin());
+        command.args(["--listen", listen]).args(extra).env("FLUXNODE_LOG", "warn");
+        for (k, v) in env {
+            command.env(k, v);
+        }
+        let (child, line) = spawn_announced(&mut command);
         let port = line
             .split_whitespace()
             .find_map(|w| w.strip_prefix("127.0.0.1:"))
@@ -315,4 +327,30 @@ pub fn ws_on_shard(addr: &str, path: &str, want: u64) -> Ws {
         }
     }
     panic!("no connection landed on shard {want} in 200 tries");
+}
+
+/// A fresh, empty temporary directory for one test (`name` keeps tests
+/// apart, the process id keeps runs apart).
+pub fn fresh_dir(name: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("fluxnode-test-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+/// Every message of a durable topic's log (seq -> text data), read page by
+/// page through `/messages`; a sequence seen twice fails the test.
+pub fn read_log(node: &Node, topic: &str) -> std::collections::BTreeMap<u64, String> {
+    let mut all = std::collections::BTreeMap::new();
+    let mut from = 0;
+    loop {
+        let page = node.get_json(&format!("/v1/topics/{topic}/messages?from_seq={from}&limit=10000"));
+        for m in page["messages"].as_array().expect("messages") {
+            let seq = m["seq"].as_u64().unwrap();
+            assert!(all.insert(seq, m["data"].as_str().unwrap_or_default().to_string()).is_none(), "seq {seq} twice");
+        }
+        match page["next_seq"].as_u64() {
+            Some(next) => from = next,
+            None => return all,
+        }
+    }
 }

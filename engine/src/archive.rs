@@ -1,0 +1,428 @@
+//! Durable topics in the object store, the shell's side: uploading sealed
+//! segments, answering publishes at ack `stored`, snapshots (a manifest of
+//! every durable topic's uploaded segments at one moment), and restoring a
+//! fresh node from one.
+//!
+//! The node has one object-store worker (`objstore::Worker`: a thread with
+//! its own small runtime); shards hand it jobs (a file path, never the
+//! bytes, so queued jobs hold no memory) and poll their outcomes in the
+//! control queue. Uploads run one at a time, in order, so a segment is in
+//! the store before any later one of its topic, and before a manifest that
+//! names it.
+//!
+//! Keys in the store:
+//!
+//! ```text
+//! topics/<topic dir>/<first seq:020>.log   sealed segments (as on disk)
+//! snapshots/<id>.json                      manifests
+//! snapshots/latest                         the last manifest's id
+//! ```
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::path::Path;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use objstore::{Done, Job, Outcomes, Worker};
+pub use proto::admin::{Manifest, ManifestSegment, ManifestTopic};
+use proto::durable::SegmentInfo;
+use proto::message::Now;
+use proto::topic::TopicName;
+
+use crate::config::Config;
+use crate::shard::Shard;
+use crate::store::{Meta, Store};
+
+/// How often a shard looks at its uploads' outcomes while any is pending.
+const ARCHIVE_POLL_MS: u64 = 5;
+/// Longest a snapshot waits for its topics' last segments to be uploaded.
+const SNAPSHOT_WAIT: Duration = Duration::from_secs(120);
+
+/// A shard's uploads.
+#[derive(Debug, Default)]
+pub struct Uploads {
+    /// Sealed segments waiting to be handed to the worker.
+    backlog: VecDeque<(TopicName, SegmentInfo)>,
+    /// Handed over, by tag.
+    in_flight: HashMap<u64, (TopicName, SegmentInfo)>,
+    /// Other jobs (manifests, reads), by tag: their outcome, once done.
+    others: HashMap<u64, Option<Done>>,
+    /// Where the worker reports.
+    outcomes: Outcomes,
+    /// The next tag.
+    next_tag: u64,
+}
+
+/// A segment's key in the store.
+pub fn segment_key(store: &Store, topic: &TopicName, base_seq: u64) -> String {
+    format!("topics/{}/{base_seq:020}.log", store.dir_name(topic))
+}
+
+impl Shard {
+    /// The node's object-store worker, if it started.
+    fn worker(&self) -> Option<Arc<Worker>> {
+        self.node.archive.get().cloned()
+    }
+
+    /// Queues a sealed segment for upload.
+    pub(crate) fn upload_sealed(&self, topic: &TopicName, info: SegmentInfo) {
+        self.uploads.borrow_mut().backlog.push_back((topic.clone(), info));
+        self.archive_wake.notify();
+    }
+
+    /// Whether uploads are waiting or running.
+    pub(crate) fn uploading(&self) -> bool {
+        let uploads = self.uploads.borrow();
+        !uploads.backlog.is_empty() || !uploads.in_flight.is_empty()
+    }
+
+    /// The archive task (control queue): hands sealed segments to the
+    /// worker, applies their outcomes (answering publishes at ack
+    /// `stored`), seals segments that `stored` publishers wait for every
+    /// upload interval, and makes periodic snapshots (shard 0).
+    pub(crate) async fn archiver(self: Rc<Self>) {
+        let Some(worker) = self.worker() else { return };
+        let mut last_seal = Instant::now();
+        let period = self.config.snapshot_interval();
+        let mut next_snapshot = Instant::now() + period;
+        loop {
+            self.submit_uploads(&worker);
+            self.collect_outcomes();
+            if last_seal.elapsed() >= self.config.upload_interval() {
+                last_seal = Instant::now();
+                self.broker.borrow_mut().seal_for_stored();
+                self.apply();
+            }
+            if self.id == 0 && !period.is_zero() && Instant::now() >= next_snapshot {
+                next_snapshot = Instant::now() + period;
+                match self.make_snapshot().await {
+                    Ok(m) => tracing::info!(id = m.id, topics = m.topics.len(), "periodic snapshot"),
+                    Err(e) => tracing::warn!("periodic snapshot failed: {e}"),
+                }
+            }
+            let busy = self.uploading()
+                || !self.uploads.borrow().others.is_empty()
+                || self.broker.borrow().stored_waiting() > 0;
+            if busy {
+                glommio::timer::sleep(Duration::from_millis(ARCHIVE_POLL_MS)).await;
+            } else {
+                let wait = if period.is_zero() || self.id != 0 { Duration::from_secs(3600) } else { period };
+                let _ = glommio::timer::timeout(wait, async {
+                    self.archive_wake.wait().await;
+                    Ok(())
+                })
+                .await;
+            }
+        }
+    }
+
+    fn submit_uploads(&self, worker: &Worker) {
+        let mut uploads = self.uploads.borrow_mut();
+        while let Some((topic, info)) = uploads.backlog.pop_front() {
+            let tag = uploads.next_tag;
+            let key = segment_key(&self.store, &topic, info.base_seq);
+            let path = self.store.segment_path(&topic, info.base_seq);
+            let outcomes = uploads.outcomes.clone();
+            match worker.submit(Job::PutFile { key, path, tag, outcomes }) {
+                Ok(()) => {
+                    uploads.next_tag += 1;
+                    uploads.in_flight.insert(tag, (topic, info));
+                }
+                Err(_) => {
+                    // The worker's queue is full: later.
+                    uploads.backlog.push_front((topic, info));
+                    break;
+                }
+            }
+        }
+    }
+
+    fn collect_outcomes(&self) {
+        let done: Vec<Done> = {
+            let uploads = self.uploads.borrow();
+            let mut list = uploads.outcomes.lock().unwrap_or_else(|p| p.into_inner());
+            std::mem::take(&mut *list)
+        };
+        if done.is_empty() {
+            return;
+        }
+        let now = Now::read();
+        for d in done {
+            let upload = self.uploads.borrow_mut().in_flight.remove(&d.tag);
+            match upload {
+                Some((topic, info)) => match &d.result {
+                    Ok(_) => {
+                        let mut broker = self.broker.borrow_mut();
+                        if let Some(log) = broker.owner_mut().durable_log_mut(&topic) {
+                            log.uploaded(info.base_seq);
+                        }
+                        broker.stored(&topic, info.last_seq, now);
+                    }
+                    Err(e) => tracing::warn!(topic = topic.as_str(), "segment {} not uploaded: {e}", info.base_seq),
+                },
+                None => {
+                    let mut uploads = self.uploads.borrow_mut();
+                    if let Some(slot) = uploads.others.get_mut(&d.tag) {
+                        *slot = Some(d);
+                    }
+                }
+            }
+        }
+        self.apply();
+    }
+
+    /// Runs one non-upload job on the worker and waits for its outcome.
+    async fn run_job(&self, make: impl FnOnce(u64, Outcomes) -> Job) -> Result<Option<Bytes>, String> {
+        let Some(worker) = self.worker() else { return Err("no object store".into()) };
+        let (tag, outcomes) = {
+            let mut uploads = self.uploads.borrow_mut();
+            let tag = uploads.next_tag;
+            uploads.next_tag += 1;
+            uploads.others.insert(tag, None);
+            (tag, uploads.outcomes.clone())
+        };
+        let mut job = make(tag, outcomes);
+        loop {
+            match worker.submit(job) {
+                Ok(()) => break,
+                Err(back) => {
+                    job = back;
+                    glommio::timer::sleep(Duration::from_millis(ARCHIVE_POLL_MS)).await;
+                }
+            }
+        }
+        self.archive_wake.notify();
+        loop {
+            self.collect_outcomes();
+            let done = {
+                let mut uploads = self.uploads.borrow_mut();
+                match uploads.others.get(&tag) {
+                    Some(Some(_)) => uploads.others.remove(&tag).flatten(),
+                    _ => None,
+                }
+            };
+            if let Some(done) = done {
+                return done.result.map_err(|e| e.to_string());
+            }
+            glommio::timer::sleep(Duration::from_millis(ARCHIVE_POLL_MS)).await;
+        }
+    }
+
+    /// This shard's part of a snapshot: seals every durable topic's active
+    /// segment, waits until everything is written and uploaded, and lists
+    /// the uploaded segments. Everything acknowledged before the call is in
+    /// them.
+    pub(crate) async fn snapshot_part(&self) -> Result<Vec<ManifestTopic>, String> {
+        let names = self.broker.borrow().owner().durable_names();
+        for topic in &names {
+            self.broker.borrow_mut().seal(topic);
+        }
+        self.apply();
+        let deadline = Instant::now() + SNAPSHOT_WAIT;
+        loop {
+            self.collect_outcomes();
+            let busy = self.committing.get() || self.broker.borrow().owner().has_commits() || self.uploading();
+            if !busy {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err("segments not uploaded in time (is the object store reachable?)".into());
+            }
+            glommio::timer::sleep(Duration::from_millis(ARCHIVE_POLL_MS)).await;
+        }
+        let broker = self.broker.borrow();
+        let owner = broker.owner();
+        let mut topics = Vec::new();
+        for topic in names {
+            let (Some((spec, log)), Some(stat)) = (owner.durable(&topic), owner.stat(&topic)) else { continue };
+            let segments = log
+                .uploaded_segments()
+                .into_iter()
+                .map(|s| ManifestSegment {
+                    base_seq: s.base_seq,
+                    last_seq: s.last_seq,
+                    bytes: s.len,
+                    key: segment_key(&self.store, &topic, s.base_seq),
+                })
+                .collect();
+            topics.push(ManifestTopic {
+                topic: topic.as_str().to_string(),
+                epoch: stat.epoch.to_string(),
+                spec,
+                dir: self.store.dir_name(&topic),
+                segments,
+            });
+        }
+        Ok(topics)
+    }
+
+    /// Makes a snapshot of every shard's durable topics and uploads its
+    /// manifest (then `snapshots/latest`).
+    pub async fn make_snapshot(self: &Rc<Self>) -> Result<Manifest, String> {
+        let mut topics = Vec::new();
+        for shard in 0..self.shards {
+            topics.extend(self.snapshot_of(shard).await?);
+        }
+        topics.sort_by(|a, b| a.topic.cmp(&b.topic));
+        let created_ms = Now::read().unix_ms;
+        let manifest = Manifest { id: format!("{created_ms:013}"), created_ms, topics };
+        let body = Bytes::from(serde_json::to_vec_pretty(&manifest).unwrap_or_default());
+        let key = format!("snapshots/{}.json", manifest.id);
+        self.run_job(|tag, outcomes| Job::PutBytes { key, body, tag, outcomes }).await?;
+        let latest = Bytes::from(manifest.id.clone());
+        self.run_job(|tag, outcomes| Job::PutBytes { key: "snapshots/latest".into(), body: latest, tag, outcomes })
+            .await?;
+        Ok(manifest)
+    }
+
+    /// Snapshot ids in the store, oldest first.
+    pub async fn snapshot_ids(&self) -> Result<Vec<String>, String> {
+        let keys = self.run_job(|tag, outcomes| Job::List { under: "snapshots".into(), tag, outcomes }).await?;
+        let text = String::from_utf8_lossy(keys.as_deref().unwrap_or_default()).into_owned();
+        Ok(text
+            .lines()
+            .filter_map(|k| k.strip_prefix("snapshots/")?.strip_suffix(".json"))
+            .map(str::to_string)
+            .collect())
+    }
+
+    /// A manifest from the store (`latest` or an id); `None` if absent.
+    pub async fn manifest(&self, which: &str) -> Result<Option<Manifest>, String> {
+        let id = if which == "latest" {
+            let latest = self.run_job(|tag, o| Job::Get { key: "snapshots/latest".into(), tag, outcomes: o }).await?;
+            match latest {
+                Some(id) => String::from_utf8_lossy(&id).trim().to_string(),
+                None => return Ok(None),
+            }
+        } else {
+            which.to_string()
+        };
+        let key = format!("snapshots/{id}.json");
+        match self.run_job(|tag, outcomes| Job::Get { key, tag, outcomes }).await? {
+            None => Ok(None),
+            Some(body) => serde_json::from_slice(&body).map(Some).map_err(|e| format!("manifest {id}: {e}")),
+        }
+    }
+
+    /// Deletes a manifest (its segments stay: later snapshots share them).
+    pub async fn delete_snapshot(&self, id: &str) -> Result<(), String> {
+        let key = format!("snapshots/{id}.json");
+        self.run_job(|tag, outcomes| Job::Delete { key, tag, outcomes }).await.map(|_| ())
+    }
+
+    /// At start: marks the recovered topics' sealed segments that are
+    /// already in the store as uploaded, and queues the others.
+    pub(crate) fn resume_uploads(&self) {
+        let Some(worker) = self.worker() else { return };
+        let names = self.broker.borrow().owner().durable_names();
+        if names.is_empty() {
+            return;
+        }
+        let keys: HashSet<String> = worker
+            .block_on(|s| Box::pin(async move { s.list_once("topics").await }))
+            .map(|k| k.into_iter().collect())
+            .unwrap_or_default();
+        let mut broker = self.broker.borrow_mut();
+        for topic in names {
+            let Some(log) = broker.owner_mut().durable_log_mut(&topic) else { continue };
+            for info in log.to_upload() {
+                if keys.contains(&segment_key(&self.store, &topic, info.base_seq)) {
+                    log.uploaded(info.base_seq);
+                } else {
+                    self.uploads.borrow_mut().backlog.push_back((topic.clone(), info));
+                }
+            }
+        }
+    }
+}
+
+/// Why a restore failed.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    /// The data directory already holds durable topics.
+    #[error("{0} already holds durable topics: restore only into an empty data directory")]
+    NotEmpty(String),
+    /// No such snapshot.
+    #[error("no snapshot {0:?} in the object store")]
+    Missing(String),
+    /// The store or the disk failed.
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// Restores every durable topic of snapshot `which` (`latest` or an id)
+/// into `config`'s empty data directory: segments downloaded into place,
+/// `meta.json` with a new epoch (the snapshot may be older than what
+/// subscribers saw, so numbers after it cannot be trusted to mean the same
+/// messages: resumes are told `epoch_changed`), and the clean mark (the
+/// numbers continue after the last one restored). Blocking; runs before the
+/// shards start.
+pub fn restore(worker: &Worker, config: &Config, which: &str) -> Result<(usize, usize, u64), RestoreError> {
+    let topics_dir = config.data_dir().join("topics");
+    let occupied = std::fs::read_dir(&topics_dir).map(|mut d| d.next().is_some()).unwrap_or(false);
+    if occupied {
+        return Err(RestoreError::NotEmpty(topics_dir.display().to_string()));
+    }
+    let which = which.to_string();
+    let manifest = worker
+        .block_on(move |s| {
+            Box::pin(async move {
+                let id = if which == "latest" {
+                    match s.get("snapshots/latest").await? {
+                        Some(id) => String::from_utf8_lossy(&id).trim().to_string(),
+                        None => return Ok(None),
+                    }
+                } else {
+                    which
+                };
+                s.get(&format!("snapshots/{id}.json")).await
+            })
+        })
+        .map_err(|e| RestoreError::Failed(e.to_string()))?
+        .ok_or_else(|| RestoreError::Missing(config.restore().unwrap_or_default().to_string()))?;
+    let manifest: Manifest = serde_json::from_slice(&manifest).map_err(|e| RestoreError::Failed(e.to_string()))?;
+    let (mut segments, mut bytes) = (0, 0);
+    for t in &manifest.topics {
+        let dir = topics_dir.join(&t.dir);
+        std::fs::create_dir_all(&dir).map_err(|e| RestoreError::Failed(format!("{}: {e}", dir.display())))?;
+        for seg in &t.segments {
+            let key = seg.key.clone();
+            let body = worker
+                .block_on(move |s| Box::pin(async move { s.get(&key).await }))
+                .map_err(|e| RestoreError::Failed(e.to_string()))?
+                .ok_or_else(|| RestoreError::Failed(format!("segment {} is missing from the store", seg.key)))?;
+            if body.len() as u64 != seg.bytes {
+                return Err(RestoreError::Failed(format!(
+                    "segment {}: {} bytes, manifest says {}",
+                    seg.key,
+                    body.len(),
+                    seg.bytes
+                )));
+            }
+            write_synced(&dir.join(format!("{:020}.log", seg.base_seq)), &body)?;
+            segments += 1;
+            bytes += body.len() as u64;
+        }
+        let epoch = proto::message::Epoch(fresh_epoch(&t.topic));
+        let meta = Meta { topic: t.topic.clone(), epoch: epoch.to_string(), spec: t.spec };
+        write_synced(&dir.join("meta.json"), &serde_json::to_vec_pretty(&meta).unwrap_or_default())?;
+        write_synced(&dir.join("clean"), b"")?;
+    }
+    Ok((manifest.topics.len(), segments, bytes))
+}
+
+fn write_synced(path: &Path, body: &[u8]) -> Result<(), RestoreError> {
+    let fail = |e: std::io::Error| RestoreError::Failed(format!("{}: {e}", path.display()));
+    let file = std::fs::File::create(path).map_err(fail)?;
+    std::io::Write::write_all(&mut &file, body).map_err(fail)?;
+    file.sync_all().map_err(fail)
+}
+
+/// An epoch no earlier incarnation had: the clock, the process and the name.
+fn fresh_epoch(topic: &str) -> u64 {
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
+    proto::hash::avalanche(nanos ^ (u64::from(std::process::id()) << 32) ^ proto::hash::fnv1a(topic.as_bytes()))
+}
