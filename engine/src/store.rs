@@ -278,25 +278,39 @@ impl Store {
     /// retention ends the read early.
     pub async fn read(&self, topic: &TopicName, plan: &ReadPlan) -> Result<Vec<Record>, StoreError> {
         let mut out = Vec::new();
+        // Each segment is opened once per read (a key read touches many
+        // records of few segments).
+        let mut open: Option<(u64, BufferedFile)> = None;
         for range in &plan.ranges {
             let path = self.segment_path(topic, range.segment);
-            // Through the page cache: a direct read can be refused where the
-            // same file is open for polled direct writes.
-            let file = match BufferedFile::open(&path).await {
-                Ok(file) => file,
-                Err(_) => break,
-            };
-            let read = file.read_at(range.offset, range.len as usize).await.map_err(gio("reading", &path));
-            let _ = file.close().await;
-            let bytes = Bytes::copy_from_slice(&read?);
+            if open.as_ref().is_none_or(|(segment, _)| *segment != range.segment) {
+                if let Some((_, file)) = open.take() {
+                    let _ = file.close().await;
+                }
+                // Through the page cache: a direct read can be refused where
+                // the same file is open for polled direct writes.
+                match BufferedFile::open(&path).await {
+                    Ok(file) => open = Some((range.segment, file)),
+                    Err(_) => break, // deleted by retention meanwhile
+                }
+            }
+            let Some((_, file)) = &open else { break };
+            let read = file.read_at(range.offset, range.len as usize).await.map_err(gio("reading", &path))?;
+            let bytes = Bytes::copy_from_slice(&read);
             for (_, record) in log::scan(&bytes).records {
                 if plan.wants(&record) {
                     out.push(record);
                     if out.len() >= plan.limit {
-                        return Ok(out);
+                        break;
                     }
                 }
             }
+            if out.len() >= plan.limit {
+                break;
+            }
+        }
+        if let Some((_, file)) = open {
+            let _ = file.close().await;
         }
         Ok(out)
     }

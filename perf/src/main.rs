@@ -114,7 +114,9 @@ enum Command {
 /// Options every publish/subscribe scenario takes.
 #[derive(clap::Args, Clone)]
 struct Common {
-    /// A target: NAME=URL[,pid=PID], URL rayflux://HOST:PORT or nats://HOST:PORT.
+    /// A target: NAME=URL[,pid=PID][,durable=ACK], URL rayflux://HOST:PORT or
+    /// nats://HOST:PORT; durable=none|local|stored (RayFlux) declares each
+    /// topic of a run durable with that ack level first.
     /// Give two or more to run them in turns (A, B, A, B) and print ratios
     /// against the first. With pid, the server's CPU is read from /proc.
     #[arg(long = "target", required = true)]
@@ -183,6 +185,9 @@ struct Target {
     kind: Kind,
     addr: String,
     pid: Option<u32>,
+    /// RayFlux only: declare each topic of a run durable with this default
+    /// ack level (`none`, `local`, `stored`) before it starts.
+    durable: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -203,13 +208,15 @@ fn parse_target(spec: &str) -> Result<Target> {
         bail!("unknown target URL {url}: use rayflux://HOST:PORT or nats://HOST:PORT");
     };
     let mut pid = None;
+    let mut durable = None;
     for p in parts {
         match p.split_once('=') {
             Some(("pid", v)) => pid = Some(v.parse().context("pid")?),
+            Some(("durable", v)) if kind == Kind::Rayflux => durable = Some(v.to_string()),
             _ => bail!("unknown target option {p}"),
         }
     }
-    Ok(Target { name: name.to_string(), kind, addr: addr.to_string(), pid })
+    Ok(Target { name: name.to_string(), kind, addr: addr.to_string(), pid, durable })
 }
 
 /// A connection to a target, as publisher or subscriber.

@@ -106,6 +106,15 @@ pub fn run(target: &Target, shape: &Shape, turn: usize) -> Result<Run> {
     // publishing begins. Opening 14,000 connections to NATS takes longer
     // than the quiet timeout, and the first subscribers used to give up
     // before the first message and count every message as lost.
+    if let Some(ack) = &target.durable {
+        for t in 0..shape.topics {
+            let body = format!("{{\"ack\":\"{ack}\"}}");
+            let (status, answer) = http(&target.addr, "PUT", &format!("/v1/topics/{}", topic(t)), Some(&body))?;
+            if status != 200 {
+                bail!("declaring {} durable: {status} {answer}", topic(t));
+            }
+        }
+    }
     let go = GateOpener::new();
     let mut subscribers = Vec::new();
     for t in 0..shape.topics {
