@@ -15,18 +15,24 @@ use std::collections::HashSet;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
+use proto::broker::LogRead;
 use proto::durable::{DurableSpec, FsyncPolicy, ReadFrom, SegmentInfo};
 use proto::log::Record;
+use proto::log::RECORD_BODY_BYTES_MAX;
+use proto::message::Message;
 use proto::message::{Epoch, Now};
+use proto::outbound::Outbound;
 use proto::sync::Slot;
 use proto::topic::TopicName;
 use runtime::limits::SHUTDOWN_POLL_MS;
 
-use crate::shard::{Awaited, Item, Shard};
+use crate::shard::{Awaited, CatchUpWork, Item, Shard};
 use crate::store::StoreError;
 
 /// How often the keeper applies retention by age.
 const RETENTION_CHECK_MS: u64 = 1_000;
+/// How often a subscriber catching up looks for room in its queue.
+const CATCH_UP_POLL_MS: u64 = 2;
 
 /// A request to a durable topic's owner shard.
 #[derive(Debug)]
@@ -188,6 +194,98 @@ impl Shard {
                 }
             }
         }
+    }
+
+    /// The catch-up task (control queue): starts a task for each read and
+    /// each wait for room.
+    pub(crate) async fn catcher(self: Rc<Self>) {
+        loop {
+            let work = std::mem::take(&mut *self.catch_ups.borrow_mut());
+            if work.is_empty() {
+                self.catch_up_wake.wait().await;
+                continue;
+            }
+            for w in work {
+                match w {
+                    CatchUpWork::Read(read) => self.spawn_log_read(read),
+                    CatchUpWork::Next { topic, req, out } => self.spawn_catch_up(topic, req, out),
+                }
+            }
+        }
+    }
+
+    /// Reads a catch-up batch from a durable topic's log (control queue)
+    /// and hands it to the broker. A first record longer than the batch's
+    /// budget is read with a larger one.
+    pub(crate) fn spawn_log_read(self: &Rc<Self>, read: LogRead) {
+        let shard = self.clone();
+        let work = async move {
+            let plan = shard
+                .broker
+                .borrow()
+                .owner()
+                .durable(&read.topic)
+                .map(|(_, log)| log.plan_range(read.from_seq, read.to_seq, read.max_bytes));
+            let mut records = Vec::new();
+            if let Some(mut plan) = plan {
+                let mut budget = read.max_bytes.max(proto::durable::CATCH_UP_BYTES_MIN) as u64;
+                loop {
+                    records = match shard.store.read(&read.topic, &plan).await {
+                        Ok(records) => records,
+                        Err(e) => {
+                            tracing::warn!(topic = read.topic.as_str(), "catch-up read failed: {e}");
+                            Vec::new()
+                        }
+                    };
+                    let cut = plan.ranges.first().map_or(0, |r| r.len);
+                    if !records.is_empty() || cut < budget || budget >= RECORD_BODY_BYTES_MAX as u64 {
+                        break;
+                    }
+                    budget *= 4;
+                    let grown =
+                        shard.broker.borrow().owner().durable(&read.topic).map(|(_, log)| plan.grown(log, budget));
+                    match grown {
+                        Some(grown) => plan = grown,
+                        None => break,
+                    }
+                }
+            }
+            let at = Instant::now();
+            let messages = records
+                .into_iter()
+                .map(|r| Message {
+                    seq: r.seq,
+                    timestamp_ms: r.timestamp_ms,
+                    kind: r.kind,
+                    payload: r.payload,
+                    published_at: at,
+                })
+                .collect();
+            shard.broker.borrow_mut().log_read(&read.topic, read.id, messages, Now::read());
+            shard.apply();
+        };
+        glommio::spawn_local_into(work, self.control_queue).map(|t| t.detach()).ok();
+    }
+
+    /// Waits (control queue) until a subscriber catching up has drained its
+    /// queue to half its cap, then asks for its next batch.
+    pub(crate) fn spawn_catch_up(self: &Rc<Self>, topic: TopicName, req: u64, out: Rc<Outbound>) {
+        let shard = self.clone();
+        let work = async move {
+            loop {
+                if out.is_closing() {
+                    return;
+                }
+                let room = out.cap_bytes().saturating_sub(out.queued_bytes());
+                if room >= out.cap_bytes() / 2 {
+                    shard.broker.borrow_mut().catch_up(&topic, req, room, Now::read());
+                    shard.apply();
+                    return;
+                }
+                glommio::timer::sleep(Duration::from_millis(CATCH_UP_POLL_MS)).await;
+            }
+        };
+        glommio::spawn_local_into(work, self.control_queue).map(|t| t.detach()).ok();
     }
 
     /// Writes each group commit the broker hands over and reports it.

@@ -215,6 +215,15 @@ impl Drop for Turn<'_> {
     }
 }
 
+/// Work for subscribers catching up from a durable topic's log.
+#[derive(Debug)]
+pub(crate) enum CatchUpWork {
+    /// Read a batch (owner side).
+    Read(proto::broker::LogRead),
+    /// Ask for the next batch once `out` has room (subscriber side).
+    Next { topic: TopicName, req: u64, out: Rc<Outbound> },
+}
+
 /// An answer a task on this shard awaits.
 #[derive(Debug)]
 pub(crate) enum Awaited {
@@ -266,6 +275,10 @@ pub struct Shard {
     pub(crate) durable_requests: RefCell<Vec<(usize, u64, DurableAsk)>>,
     /// Wakes the durable task.
     pub(crate) durable_wake: Event,
+    /// Catch-up work for the catch-up task (control queue).
+    pub(crate) catch_ups: RefCell<Vec<CatchUpWork>>,
+    /// Wakes the catch-up task.
+    pub(crate) catch_up_wake: Event,
     /// Sealed segments on their way to the object store.
     pub(crate) uploads: RefCell<crate::archive::Uploads>,
     /// Wakes the archive task.
@@ -369,6 +382,8 @@ impl Shard {
             durable_wake: Event::default(),
             uploads: RefCell::default(),
             archive_wake: Event::default(),
+            catch_ups: RefCell::default(),
+            catch_up_wake: Event::default(),
         })
     }
 
@@ -399,6 +414,14 @@ impl Shard {
                 Action::Room => self.room.notify(),
                 Action::FanOut => self.fanout_wake.notify(),
                 Action::Commit => self.commit_wake.notify(),
+                Action::ReadLog(read) => {
+                    self.catch_ups.borrow_mut().push(CatchUpWork::Read(read));
+                    self.catch_up_wake.notify();
+                }
+                Action::CatchUp { topic, req, out } => {
+                    self.catch_ups.borrow_mut().push(CatchUpWork::Next { topic, req, out });
+                    self.catch_up_wake.notify();
+                }
             }
         }
     }
@@ -485,6 +508,8 @@ impl Shard {
         glommio::spawn_local_into(async move { shard.log_keeper().await }, control).map(|t| t.detach()).ok();
         let shard = self.clone();
         glommio::spawn_local_into(async move { shard.archiver().await }, control).map(|t| t.detach()).ok();
+        let shard = self.clone();
+        glommio::spawn_local_into(async move { shard.catcher().await }, control).map(|t| t.detach()).ok();
     }
 
     /// Hands one peer's batches to the broker.

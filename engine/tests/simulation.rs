@@ -22,7 +22,10 @@
 //!   connection that dies takes its unsent notices with it; its client saw
 //!   the jump in sequence numbers, and resumes from the highest it saw;
 //! - durable topics (the first `DURABLE_TOPICS`, their group commits
-//!   written, or failing, at random moments): no subscriber receives a
+//!   written, or failing, at random moments; resumes older than the
+//!   history caught up from their log in batches, read at random moments,
+//!   now and then unreadable, as if retention had removed it): no
+//!   subscriber receives a
 //!   message before the commit that carries it was reported written, no
 //!   publisher at ack `local` hears back before it either, no number is
 //!   answered twice, and a broker with records to write has asked for a
@@ -45,12 +48,12 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use proto::broker::{
-    Action, Broker, BrokerLimits, Format, Granted, Item, PublishOptions, PublishReply, Published, SubscribeRequest,
-    Subscription,
+    Action, Broker, BrokerLimits, Format, Granted, Item, LogRead, PublishOptions, PublishReply, Published,
+    SubscribeRequest, Subscription,
 };
 use proto::durable::{AckLevel, DurableSpec, LogLimits};
 use proto::limits::{CONTROL_SLACK_BYTES, ITEM_OVERHEAD_BYTES};
-use proto::message::{Now, PayloadKind};
+use proto::message::{Message, Now, PayloadKind};
 use proto::metrics::Metrics;
 use proto::outbound::SlowConsumerPolicy;
 use proto::outbound::{Frame, Offer, Outbound};
@@ -62,7 +65,7 @@ use proto::{native, ws};
 /// eviction happens.
 const TOPICS: usize = 12;
 /// The first this many topics are durable.
-const DURABLE_TOPICS: usize = 2;
+const DURABLE_TOPICS: usize = 4;
 /// One commit in this many fails (the topic then refuses publishes until
 /// a restart).
 const COMMIT_FAILS_ONE_IN: usize = 300;
@@ -128,7 +131,7 @@ fn run_or_panic(seed: u64, steps: u64) {
     eprintln!(
         "seed {seed}: {steps} steps, {} published ({} through a peer), {} delivered, {} dropped and announced, \
          {} disconnects, {} lost histories, {} gaps, {} refused, {} restarts, {} quiescence checks, \
-         {} commits ({} failed)",
+         {} commits ({} failed), {} catch-up batches, {} unreadable reads",
         s.published,
         s.remote,
         s.delivered,
@@ -140,7 +143,9 @@ fn run_or_panic(seed: u64, steps: u64) {
         s.restarts,
         s.quiescent,
         s.commits,
-        s.failed_commits
+        s.failed_commits,
+        s.catch_up_batches,
+        s.unread
     );
 }
 
@@ -248,6 +253,8 @@ struct Stats {
     quiescent: u64,
     commits: u64,
     failed_commits: u64,
+    catch_up_batches: u64,
+    unread: u64,
 }
 
 struct Sim {
@@ -276,6 +283,15 @@ struct Sim {
     writing: Vec<Vec<TopicCommit>>,
     /// Last sequence reported written per durable (topic, epoch).
     written: HashMap<(usize, Epoch), u64>,
+    /// Durable topics' sequenced messages by (topic, epoch): seq -> id
+    /// (what their logs hold once written).
+    logged: HashMap<(usize, Epoch), std::collections::BTreeMap<u64, u64>>,
+    /// Every message's payload, by id.
+    payloads: Vec<Bytes>,
+    /// Catch-up reads asked for, per shard.
+    log_reads: Vec<(usize, LogRead)>,
+    /// Subscribers catching up, waiting for room: (shard, topic, req, queue).
+    catch_ups: Vec<(usize, TopicName, u64, Rc<Outbound>)>,
     /// Numbers answered per durable (topic, epoch): each once.
     answered: std::collections::HashSet<(usize, Epoch, u64)>,
     /// Every message published, by id (its payload carries the id).
@@ -312,6 +328,10 @@ impl Sim {
             writing: (0..SHARDS).map(|_| Vec::new()).collect(),
             written: HashMap::new(),
             answered: Default::default(),
+            logged: HashMap::new(),
+            payloads: Vec::new(),
+            log_reads: Vec::new(),
+            catch_ups: Vec::new(),
             sent: Vec::new(),
             publisher_seq: vec![0; PUBLISHERS as usize],
             assigned: HashMap::new(),
@@ -338,7 +358,8 @@ impl Sim {
             870..=899 => self.connect(),
             900..=939 => self.resume()?,
             940..=959 => self.peer_close()?,
-            960..=979 => self.set_reader_speed(),
+            960..=969 => self.set_reader_speed(),
+            970..=979 => self.catch_up()?,
             980..=998 => self.commit()?,
             _ => self.restart(),
         }
@@ -367,16 +388,12 @@ impl Sim {
         let ack = [None, Some(AckLevel::None), Some(AckLevel::Local)][self.rng.below(3)];
         let ack_local = t < DURABLE_TOPICS && ack != Some(AckLevel::None);
         self.sent.push(Sent { topic: t, ack_local, seq: None });
+        let payload = Bytes::from(payload);
+        self.payloads.push(payload.clone());
         let now = self.now();
         let options = PublishOptions { key: None, ack };
-        let published = self.brokers[shard].publish(
-            name,
-            PayloadKind::Binary,
-            Bytes::from(payload),
-            options,
-            PublishReply::Caller,
-            now,
-        );
+        let published =
+            self.brokers[shard].publish(name, PayloadKind::Binary, payload, options, PublishReply::Caller, now);
         match published {
             Published::Now(result) => self.sequenced(shard, id, result)?,
             Published::Later { req } => {
@@ -406,6 +423,7 @@ impl Sim {
             if !self.answered.insert((t, epoch, seq)) {
                 return Err(format!("topic {t} epoch {epoch}: seq {seq} answered twice"));
             }
+            self.logged.entry((t, epoch)).or_default().insert(seq, id);
             self.sent[id as usize].seq = Some((epoch, seq));
             self.stats.published += 1;
             return Ok(());
@@ -469,6 +487,8 @@ impl Sim {
                 // the writer's path.
                 Action::Flush(_) => return Err("a queue without a socket asked for a direct flush".into()),
                 Action::Commit => self.commit_asked[shard] = true,
+                Action::ReadLog(read) => self.log_reads.push((shard, read)),
+                Action::CatchUp { topic, req, out } => self.catch_ups.push((shard, topic, req, out)),
                 Action::Published { req, result } => {
                     let id = self.publishing.remove(&(shard, req)).ok_or("an answer to no publish")?;
                     if self.sent[id as usize].seq.is_none() {
@@ -714,6 +734,61 @@ impl Sim {
     /// `kill -9` and a restart: every broker starts afresh with a new seed,
     /// every connection and item in flight is gone, every client will
     /// resume.
+    /// A catch-up read completes (the owner's log answers with what it
+    /// holds of the range, within the batch's bytes; now and then nothing,
+    /// as if retention had removed it), or a subscriber catching up with
+    /// room in its queue asks for its next batch.
+    fn catch_up(&mut self) -> Check {
+        if !self.log_reads.is_empty() && (self.catch_ups.is_empty() || self.rng.below(2) == 0) {
+            let (shard, read) = self.log_reads.swap_remove(self.rng.below(self.log_reads.len()));
+            let t = self.names.iter().position(|n| *n == read.topic).ok_or("a read of no topic")?;
+            let epoch = self.brokers[shard].owner().stat(&read.topic).ok_or("a read of a topic gone")?.epoch;
+            let written = self.written.get(&(t, epoch)).copied().unwrap_or(0);
+            let mut messages = Vec::new();
+            let mut bytes = 0;
+            if self.rng.below(10) != 0 {
+                let logged = self.logged.get(&(t, epoch)).cloned().unwrap_or_default();
+                for (&seq, &id) in logged.range(read.from_seq..=read.to_seq.min(written)) {
+                    let payload = self.payloads[id as usize].clone();
+                    if !messages.is_empty() && bytes + payload.len() > read.max_bytes {
+                        break;
+                    }
+                    bytes += payload.len();
+                    let at = self.now().at;
+                    messages.push(Message {
+                        seq,
+                        timestamp_ms: 0,
+                        kind: PayloadKind::Binary,
+                        payload,
+                        published_at: at,
+                    });
+                }
+            }
+            if messages.is_empty() {
+                self.stats.unread += 1;
+            }
+            let now = self.now();
+            self.brokers[shard].log_read(&read.topic, read.id, messages, now);
+            return self.actions(shard);
+        }
+        if self.catch_ups.is_empty() {
+            return Ok(());
+        }
+        let i = self.rng.below(self.catch_ups.len());
+        let (_, _, _, out) = &self.catch_ups[i];
+        let room = out.cap_bytes().saturating_sub(out.queued_bytes());
+        if out.is_closing() {
+            self.catch_ups.swap_remove(i);
+        } else if room >= out.cap_bytes() / 2 {
+            let (shard, topic, req, _) = self.catch_ups.swap_remove(i);
+            self.stats.catch_up_batches += 1;
+            let now = self.now();
+            self.brokers[shard].catch_up(&topic, req, room, now);
+            self.actions(shard)?;
+        }
+        Ok(())
+    }
+
     /// A shard's committer: reports the group commit it was writing
     /// (written, or now and then failed), or takes the next one.
     fn commit(&mut self) -> Check {
@@ -757,6 +832,8 @@ impl Sim {
         self.fanout_asked = vec![false; SHARDS];
         self.commit_asked = vec![false; SHARDS];
         self.writing = (0..SHARDS).map(|_| Vec::new()).collect();
+        self.log_reads.clear();
+        self.catch_ups.clear();
         self.asked.clear();
         self.publishing.clear();
     }
@@ -996,6 +1073,12 @@ fn parse_frames(mut bytes: &[u8], format: Format) -> Result<Vec<Parsed>, String>
                 }
                 let number = |k: &str| notice[k].as_u64().ok_or_else(|| format!("notice without {k}: {notice}"));
                 let topic = notice["topic"].as_str().and_then(|n| n[1..].parse().ok()).ok_or("notice topic")?;
+                if notice["type"] == "gap" {
+                    // Found while catching up: announced like a drop.
+                    let (from_seq, to_seq) = (number("from_seq")?, number("to_seq")?);
+                    out.push(Parsed::Dropped { topic, from_seq, to_seq, count: to_seq - from_seq + 1 });
+                    continue;
+                }
                 Parsed::Dropped {
                     topic,
                     from_seq: number("from_seq")?,

@@ -114,7 +114,7 @@ enum Command {
 /// Options every publish/subscribe scenario takes.
 #[derive(clap::Args, Clone)]
 struct Common {
-    /// A target: NAME=URL[,pid=PID][,durable=ACK], URL rayflux://HOST:PORT or
+    /// A target: `NAME=URL[,pid=PID][,durable=ACK]`, URL rayflux://HOST:PORT or
     /// nats://HOST:PORT; durable=none|local|stored (RayFlux) declares each
     /// topic of a run durable with that ack level first.
     /// Give two or more to run them in turns (A, B, A, B) and print ratios

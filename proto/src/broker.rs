@@ -28,7 +28,7 @@ use crate::message::{Message, Now, PayloadKind};
 use crate::metrics::{self, Metrics};
 use crate::native;
 use crate::outbound::{Frame, Offer, Outbound};
-use crate::owner::{Epoch, Grant, Owner, OwnerError, Released, ResumeFrom, Resumed, Sequenced, TopicCommit};
+use crate::owner::{Epoch, Grant, Owner, OwnerError, Released, ResumeFrom, Resumed, SeqRange, Sequenced, TopicCommit};
 use crate::topic::{TopicName, TopicQuery};
 use crate::ws;
 
@@ -40,8 +40,9 @@ pub enum Item {
     /// The owner's answer to `Publish`: the assigned sequence.
     PublishDone { req: u64, result: Result<u64, OwnerError> },
     /// Register the sending shard for a topic, for a subscriber at `client`
-    /// (to the owner).
-    Subscribe { topic: TopicName, client: IpAddr, from: Option<ResumeFrom>, req: u64 },
+    /// (to the owner). A catch-up from a durable topic's log answers with
+    /// at most about `room` bytes.
+    Subscribe { topic: TopicName, client: IpAddr, from: Option<ResumeFrom>, req: u64, room: usize },
     /// The owner's answer to `Subscribe`.
     SubscribeDone { topic: TopicName, req: u64, result: Result<Grant, OwnerError> },
     /// The sending shard has no subscribers left for a topic (to the owner).
@@ -88,6 +89,42 @@ pub enum Action {
     /// them with [`Broker::take_commits`], write them, and report each
     /// with [`Broker::committed`] or [`Broker::commit_failed`].
     Commit,
+    /// Read a durable topic's log for a subscriber catching up, in the
+    /// low-priority queue, and hand the messages to [`Broker::log_read`].
+    ReadLog(LogRead),
+    /// A subscriber catching up got a batch: once its queue `out` has room
+    /// again, call [`Broker::catch_up`] with `req` and that room.
+    CatchUp { topic: TopicName, req: u64, out: Rc<Outbound> },
+}
+
+/// A read of a durable topic's log for a catch-up.
+#[derive(Debug, Clone)]
+pub struct LogRead {
+    /// Answer with this id.
+    pub id: u64,
+    /// The topic.
+    pub topic: TopicName,
+    /// First and last sequence wanted.
+    pub from_seq: u64,
+    /// Last sequence wanted.
+    pub to_seq: u64,
+    /// About this many bytes at most.
+    pub max_bytes: usize,
+}
+
+/// A catch-up read in progress on the owner.
+#[derive(Debug)]
+struct Reading {
+    /// The subscribing shard and its request.
+    from: usize,
+    req: u64,
+    /// The subscriber's address.
+    client: IpAddr,
+    /// The range asked of the log.
+    range: SeqRange,
+    /// The grant made when the read was asked (its gap: what precedes the
+    /// log).
+    grant: Grant,
 }
 
 /// A publish whose answer waits for its durable topic's commit.
@@ -201,8 +238,14 @@ pub enum Subscription {
 struct Pending {
     /// The request id the grant answers.
     req: u64,
-    /// The native request id to answer first, if any.
+    /// The native request id to answer first, if any (none once answered:
+    /// a catch-up answers with its first batch).
     reply_id: Option<u64>,
+    /// The subscriber's address (asked again on each catch-up batch).
+    client: IpAddr,
+    /// A catch-up's earlier batches went out: the subscription was
+    /// reported to its task already.
+    reported: bool,
 }
 
 /// A subscriber of a local topic.
@@ -292,6 +335,8 @@ pub struct Broker {
     stored_wait: HashMap<TopicName, VecDeque<(u64, Held)>, ahash::RandomState>,
     /// `Action::Commit` was asked for and the commits not yet taken.
     commit_asked: bool,
+    /// Catch-up reads of durable logs in progress, by read id.
+    reading: HashMap<u64, Reading, ahash::RandomState>,
     /// This shard's counters.
     metrics: Rc<Metrics>,
 }
@@ -316,6 +361,7 @@ impl Broker {
             held: HashMap::default(),
             stored_wait: HashMap::default(),
             commit_asked: false,
+            reading: HashMap::default(),
             metrics,
         }
     }
@@ -386,6 +432,68 @@ impl Broker {
         self.waiting.insert(req, Waiting::Publish { reply, owner, cost });
         self.send(owner, Item::Publish { topic, kind, payload, options, req }, now);
         Published::Later { req }
+    }
+
+    /// A catch-up read of `topic`'s log (asked by [`Action::ReadLog`])
+    /// returned `messages` (in order, within its range; empty when nothing
+    /// of it could be read). The subscriber gets them, and: when they reach
+    /// what the history holds, the history after them and the subscription
+    /// goes live; else it asks again after the last one
+    /// ([`Action::CatchUp`]). A range that could not be read is reported
+    /// as a gap.
+    pub fn log_read(&mut self, topic: &TopicName, id: u64, messages: Vec<Message>, now: Now) {
+        let Some(Reading { from, req, client, range, grant }) = self.reading.remove(&id) else { return };
+        let after = messages.last().map_or(range.to_seq, |m| m.seq);
+        let unread = messages.is_empty().then_some(range);
+        let resume = Some(ResumeFrom { after_seq: after, epoch: Some(grant.epoch) });
+        // What precedes the log and what could not be read: adjacent.
+        let before = merge_gaps(resumed_gap(&grant), unread);
+        let result = match self.owner.subscribe(topic, from, client, resume, now.at) {
+            // Caught up, unless a gap before this batch and one after it
+            // would have to be told as one (the batch between them was had).
+            Ok(next)
+                if next.from_log.is_none()
+                    && (before.is_none()
+                        || resumed_gap(&next).is_none_or(|g| before.is_some_and(|b| b.to_seq + 1 >= g.from_seq))) =>
+            {
+                // Caught up: the log's part, then the history's.
+                let gap = merge_gaps(before, resumed_gap(&next));
+                let resumed = match next.resumed {
+                    Resumed::Lost(why) => Resumed::Lost(why),
+                    _ => Resumed::Replayed { gap },
+                };
+                let mut replay = messages;
+                replay.extend(next.replay);
+                Ok(Grant { replay, resumed, ..next })
+            }
+            Ok(next) => {
+                // More to read: this batch, then the subscriber asks again.
+                let gap = before;
+                Ok(Grant {
+                    last_seq: after,
+                    replay: messages,
+                    resumed: Resumed::Replayed { gap },
+                    from_log: None,
+                    more: true,
+                    ..next
+                })
+            }
+            Err(e) => Err(e),
+        };
+        self.send(from, Item::SubscribeDone { topic: topic.clone(), req, result }, now);
+    }
+
+    /// A subscriber catching up (see [`Action::CatchUp`]) has `room` bytes
+    /// free in its queue: ask its owner for the next batch.
+    pub fn catch_up(&mut self, topic: &TopicName, req: u64, room: usize, now: Now) {
+        let Some(&slot) = self.topics.get(topic) else { return };
+        let Some(local) = self.slots[slot].as_ref() else { return };
+        let Some(sub) = local.subs.iter().find(|s| s.pending.is_some_and(|p| p.req == req)) else { return };
+        let (Some(pending), Some(epoch)) = (sub.pending, local.epoch) else { return };
+        let from = Some(ResumeFrom { after_seq: sub.last_seq, epoch: Some(epoch) });
+        let owner = topic.owner_shard(self.shards);
+        let item = Item::Subscribe { topic: topic.clone(), client: pending.client, from, req, room };
+        self.send(owner, item, now);
     }
 
     /// The records of durable topics appended since the last call, per
@@ -528,7 +636,7 @@ impl Broker {
             _ => None,
         };
         let last_seq = if live_epoch.is_some() { local.last_seq } else { 0 };
-        let pending = live_epoch.is_none().then_some(Pending { req: sub_id, reply_id });
+        let pending = live_epoch.is_none().then_some(Pending { req: sub_id, reply_id, client, reported: false });
         if let (Some(epoch), Some(id)) = (live_epoch, reply_id) {
             out.offer_control(native::reply_ok(
                 id,
@@ -543,7 +651,8 @@ impl Broker {
         let req = sub_id;
         self.waiting.insert(req, Waiting::Subscribe);
         let owner = topic.owner_shard(self.shards);
-        self.send(owner, Item::Subscribe { topic, client, from, req }, now);
+        let room = out_room(&local_sub_out(self, &topic, sub_id));
+        self.send(owner, Item::Subscribe { topic, client, from, req, room }, now);
         Subscription::Pending { req, sub_id }
     }
 
@@ -577,9 +686,18 @@ impl Broker {
                     result => self.send(from, Item::PublishDone { req, result: result.map(|(seq, _)| seq) }, now),
                 }
             }
-            Item::Subscribe { topic, client, from: resume, req } => {
-                let result = self.owner.subscribe(&topic, from, client, resume, now.at);
-                self.send(from, Item::SubscribeDone { topic, req, result }, now);
+            Item::Subscribe { topic, client, from: resume, req, room } => {
+                match self.owner.subscribe(&topic, from, client, resume, now.at) {
+                    Ok(grant) if grant.from_log.is_some() => {
+                        let range = grant.from_log.unwrap_or(SeqRange { from_seq: 0, to_seq: 0 });
+                        let id = self.next_id();
+                        self.reading.insert(id, Reading { from, req, client, range, grant });
+                        let read =
+                            LogRead { id, topic, from_seq: range.from_seq, to_seq: range.to_seq, max_bytes: room };
+                        self.actions.push(Action::ReadLog(read));
+                    }
+                    result => self.send(from, Item::SubscribeDone { topic, req, result }, now),
+                }
             }
             Item::Unsubscribe { topic } => self.owner.unsubscribe(&topic, from, now.at),
             Item::Deliver { topic, epoch, message } => self.deliver(&topic, epoch, message),
@@ -723,7 +841,9 @@ impl Broker {
     /// Applies the owner's answer to the pending subscriber `req`: queue the
     /// native reply, then the replay, then go live; or remove it.
     fn granted(&mut self, topic: &TopicName, req: u64, result: Result<Grant, OwnerError>, now: Now) {
-        if self.waiting.remove(&req).is_none() {
+        let more = result.as_ref().is_ok_and(|g| g.more);
+        let present = if more { self.waiting.contains_key(&req) } else { self.waiting.remove(&req).is_some() };
+        if !present {
             return; // the subscriber left before the answer
         }
         let slot = self.topics.get(topic).copied();
@@ -746,18 +866,57 @@ impl Broker {
         }
         local.last_seq = local.last_seq.max(grant.last_seq);
         let sub = &mut local.subs[at];
-        if let Some(Pending { reply_id: Some(id), .. }) = sub.pending {
+        let Some(pending) = sub.pending else { return };
+        if let Some(id) = pending.reply_id {
             sub.out.offer_control(native::reply_ok(id, grant_reply(topic, &grant)));
         }
+        // A later batch of a catch-up tells what it cannot get where it
+        // falls: before this batch's messages or after them.
+        let gap = if pending.reported { resumed_gap(&grant) } else { None };
+        let first = grant.replay.first().map(|m| m.seq);
+        let (gap_before, gap_after) = match gap {
+            Some(g) if first.is_none_or(|f| g.to_seq < f) => (Some(g), None),
+            g => (None, g),
+        };
+        if let Some(g) = gap_before {
+            if !tell_gap(&sub.out, sub.format, topic, g) {
+                return;
+            }
+        }
+        // A replay stops where the queue is full (a catch-up batch is
+        // sized in log bytes, framing adds to it): the rest comes in the
+        // next batch, never through the slow-consumer policy.
+        let mut last_offered = None;
         for message in &grant.replay {
             let frame = Frame::data(encode(sub.format, topic, message), message.published_at);
+            if last_offered.is_some() && !sub.out.has_room_for(frame.bytes.len()) {
+                break;
+            }
             let offer = sub.out.offer_data(&frame, topic, message.seq);
             offered(&mut self.actions, &self.metrics, &sub.out, offer);
+            last_offered = Some(message.seq);
         }
-        sub.last_seq = grant.last_seq;
-        sub.pending = None;
+        let cut = last_offered.is_some_and(|seq| seq != grant.replay.last().map_or(seq, |m| m.seq));
+        if let Some(g) = gap_after.filter(|_| !cut) {
+            if !tell_gap(&sub.out, sub.format, topic, g) {
+                return;
+            }
+        }
+        let more = more || cut;
+        sub.last_seq = if cut { last_offered.unwrap_or(grant.last_seq) } else { grant.last_seq };
         let granted = Granted { sub_id: sub.id, epoch: grant.epoch, last_seq: grant.last_seq, resumed: grant.resumed };
-        self.actions.push(Action::Subscribed { req, result: Ok(granted) });
+        if more {
+            if cut {
+                self.waiting.insert(req, Waiting::Subscribe);
+            }
+            sub.pending = Some(Pending { reply_id: None, reported: true, ..pending });
+            self.actions.push(Action::CatchUp { topic: topic.clone(), req, out: sub.out.clone() });
+        } else {
+            sub.pending = None;
+        }
+        if !pending.reported {
+            self.actions.push(Action::Subscribed { req, result: Ok(granted) });
+        }
     }
 
     /// `topic`'s local state, made (in a free slot if there is one) if missing.
@@ -793,6 +952,49 @@ impl Broker {
             self.free.push(slot);
         }
     }
+}
+
+/// Tells a subscriber catching up that it cannot get `gap`: a notice on
+/// the native protocol; a raw socket closes as its resume would have (its
+/// client resumes after the gap). False when the connection closes.
+fn tell_gap(out: &Outbound, format: Format, topic: &TopicName, gap: SeqRange) -> bool {
+    if format == Format::Native {
+        out.offer_control(native::gap_notice(topic, gap.from_seq, gap.to_seq));
+        return true;
+    }
+    let reason =
+        format!("history gap: {}..={} cannot be had; resume with from={}", gap.from_seq, gap.to_seq, gap.to_seq);
+    out.close(ws::close_code::HISTORY_GAP, &reason);
+    false
+}
+
+/// The gap a grant reports, if any.
+fn resumed_gap(grant: &Grant) -> Option<SeqRange> {
+    match grant.resumed {
+        Resumed::Replayed { gap } => gap,
+        _ => None,
+    }
+}
+
+/// The smallest range covering both (only ever called with adjacent
+/// ranges, or with one of them absent).
+fn merge_gaps(a: Option<SeqRange>, b: Option<SeqRange>) -> Option<SeqRange> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(SeqRange { from_seq: a.from_seq.min(b.from_seq), to_seq: a.to_seq.max(b.to_seq) }),
+        (a, b) => a.or(b),
+    }
+}
+
+/// Bytes a queue may take before its cap (a catch-up batch's size).
+fn out_room(out: &Option<Rc<Outbound>>) -> usize {
+    out.as_ref().map_or(0, |o| o.cap_bytes().saturating_sub(o.queued_bytes()))
+}
+
+/// The queue of subscription `sub_id` of `topic` on this shard.
+fn local_sub_out(broker: &Broker, topic: &TopicName, sub_id: u64) -> Option<Rc<Outbound>> {
+    let slot = *broker.topics.get(topic)?;
+    let local = broker.slots[slot].as_ref()?;
+    local.subs.iter().find(|s| s.id == sub_id).map(|s| s.out.clone())
 }
 
 /// Counts an offer and lists a direct-mode queue for the next flush.

@@ -45,6 +45,9 @@ pub const INDEX_EVERY_BYTES: usize = 4096;
 pub const UNWRITTEN_MESSAGES_MAX: u64 = 65_536;
 /// Largest read plan: bytes of records one read returns at most.
 pub const READ_BYTES_MAX: usize = 4 << 20;
+/// Smallest catch-up batch, bytes (a record longer than the batch is read
+/// alone).
+pub const CATCH_UP_BYTES_MIN: usize = 4 << 10;
 /// Most messages one read returns.
 pub const READ_MESSAGES_MAX: usize = 10_000;
 
@@ -285,6 +288,8 @@ pub struct ReadPlan {
     pub ranges: Vec<ReadRange>,
     /// Keep records with sequence >= this.
     pub from_seq: u64,
+    /// Keep records with sequence <= this.
+    pub to_seq: u64,
     /// Keep records with timestamp >= this.
     pub from_ms: u64,
     /// Keep only records with this key.
@@ -294,9 +299,26 @@ pub struct ReadPlan {
 }
 
 impl ReadPlan {
+    /// The same plan with its ranges extended to `bytes` each (for a
+    /// record longer than the first plan's budget), within `log`'s
+    /// written bytes.
+    pub fn grown(&self, log: &TopicLog, bytes: u64) -> ReadPlan {
+        let ranges = self
+            .ranges
+            .iter()
+            .map(|r| {
+                let durable =
+                    log.segments.iter().find(|s| s.base_seq == r.segment).map_or(r.offset + r.len, |s| s.durable);
+                ReadRange { len: bytes.max(r.len).min(durable - r.offset), ..*r }
+            })
+            .collect();
+        ReadPlan { ranges, key: self.key.clone(), ..*self }
+    }
+
     /// Whether `record` is one the reader asked for.
     pub fn wants(&self, record: &Record) -> bool {
         record.seq >= self.from_seq
+            && record.seq <= self.to_seq
             && record.timestamp_ms >= self.from_ms
             && self.key.as_ref().is_none_or(|k| record.key.as_ref() == Some(k))
     }
@@ -471,7 +493,7 @@ impl TopicLog {
     /// [`READ_BYTES_MAX`] bytes, over what is on disk only.
     pub fn plan(&self, from: ReadFrom, limit: usize) -> ReadPlan {
         let limit = limit.clamp(1, READ_MESSAGES_MAX);
-        let mut plan = ReadPlan { ranges: Vec::new(), from_seq: 0, from_ms: 0, key: None, limit };
+        let mut plan = ReadPlan { ranges: Vec::new(), from_seq: 0, to_seq: u64::MAX, from_ms: 0, key: None, limit };
         match from {
             ReadFrom::Key { key, from_seq } => {
                 let locs = self.keys.get(&key).map(Vec::as_slice).unwrap_or(&[]);
@@ -491,21 +513,37 @@ impl TopicLog {
             ReadFrom::Seq(seq) => {
                 plan.from_seq = seq;
                 let first = self.segments.partition_point(|s| s.last_seq < seq);
-                self.plan_segments(first, |s| s.index.offset_for_seq(seq) as u64, &mut plan.ranges);
+                let start = |s: &Segment| s.index.offset_for_seq(seq) as u64;
+                self.plan_segments(first, start, READ_BYTES_MAX as u64, &mut plan.ranges);
             }
             ReadFrom::Time(ms) => {
                 plan.from_ms = ms;
                 let first = self.segments.partition_point(|s| s.last_ms < ms);
-                self.plan_segments(first, |s| s.index.offset_for_time(ms) as u64, &mut plan.ranges);
+                let start = |s: &Segment| s.index.offset_for_time(ms) as u64;
+                self.plan_segments(first, start, READ_BYTES_MAX as u64, &mut plan.ranges);
             }
         }
         plan
     }
 
+    /// The ranges holding sequences `from_seq..=to_seq`, about `max_bytes`
+    /// of them at most (at least one record's worth): a catch-up batch.
+    pub fn plan_range(&self, from_seq: u64, to_seq: u64, max_bytes: usize) -> ReadPlan {
+        let mut plan =
+            ReadPlan { ranges: Vec::new(), from_seq, to_seq, from_ms: 0, key: None, limit: READ_MESSAGES_MAX };
+        let first = self.segments.partition_point(|s| s.last_seq < from_seq);
+        let start = |s: &Segment| s.index.offset_for_seq(from_seq) as u64;
+        // A record longer than the budget is cut and not returned: the
+        // shell reads again with a larger one (see `grown`).
+        let budget = max_bytes.max(CATCH_UP_BYTES_MIN) as u64;
+        self.plan_segments(first, start, budget, &mut plan.ranges);
+        plan
+    }
+
     /// Ranges from segment `first` on, starting in it at `start(seg)`,
-    /// until [`READ_BYTES_MAX`].
-    fn plan_segments(&self, first: usize, start: impl Fn(&Segment) -> u64, ranges: &mut Vec<ReadRange>) {
-        let mut budget = READ_BYTES_MAX as u64;
+    /// until `budget` bytes.
+    fn plan_segments(&self, first: usize, start: impl Fn(&Segment) -> u64, budget: u64, ranges: &mut Vec<ReadRange>) {
+        let mut budget = budget;
         for (i, seg) in self.segments.iter().enumerate().skip(first) {
             let offset = if i == first { start(seg).min(seg.durable) } else { 0 };
             let len = (seg.durable - offset).min(budget);

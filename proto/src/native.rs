@@ -162,6 +162,14 @@ pub fn dropped_notice(topic: &TopicName, from_seq: u64, to_seq: u64, count: u64)
     ws::encode_data(PayloadKind::Text, body.to_string().as_bytes())
 }
 
+/// A notice that a subscription cannot get `from_seq..=to_seq` (found
+/// while catching up from a durable topic's log, after the subscribe reply
+/// went out: a range no longer retained, or numbers a crash skipped).
+pub fn gap_notice(topic: &TopicName, from_seq: u64, to_seq: u64) -> Bytes {
+    let body = serde_json::json!({ "type": "gap", "topic": topic.as_str(), "from_seq": from_seq, "to_seq": to_seq });
+    ws::encode_data(PayloadKind::Text, body.to_string().as_bytes())
+}
+
 /// Frames a delivered message: a JSON text frame for text payloads, the
 /// binary envelope `0x01 | topic_len: u8 | topic | seq: u64 BE | ts_ms: u64
 /// BE | payload` for binary payloads (no base64).

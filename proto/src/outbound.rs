@@ -386,6 +386,16 @@ impl Outbound {
         self.queued_bytes.get()
     }
 
+    /// The cap on queued data bytes.
+    pub fn cap_bytes(&self) -> usize {
+        self.cap_bytes
+    }
+
+    /// Whether `bytes` more fit under the cap now.
+    pub fn has_room_for(&self, bytes: usize) -> bool {
+        self.queued_bytes.get() + bytes <= self.cap_bytes
+    }
+
     /// Messages dropped so far.
     pub fn dropped_total(&self) -> u64 {
         self.dropped_total.get()

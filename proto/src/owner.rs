@@ -215,6 +215,13 @@ pub struct Grant {
     pub replay: Vec<Message>,
     /// What the subscriber cannot get.
     pub resumed: Resumed,
+    /// A durable topic's messages to read from its log before `replay`
+    /// (older than the history holds): the broker reads them and answers
+    /// with a fresh grant after them.
+    pub from_log: Option<SeqRange>,
+    /// A catch-up from the log answered in part: `replay` ends before the
+    /// topic's position; the subscriber asks again after its last message.
+    pub more: bool,
 }
 
 /// A snapshot of one owned topic for `/v1/topics`.
@@ -555,19 +562,33 @@ impl Owner {
             Some(ResumeFrom { after_seq, .. }) if after_seq > t.last_seq => Some(HistoryLost::BeyondLastSeq),
             _ => None,
         };
+        let grant =
+            |replay, resumed, from_log| Grant { epoch, last_seq, first_seq, replay, resumed, from_log, more: false };
         let grant = match (from, lost) {
-            (_, Some(lost)) => Grant { epoch, last_seq, first_seq, replay: Vec::new(), resumed: Resumed::Lost(lost) },
+            (_, Some(lost)) => grant(Vec::new(), Resumed::Lost(lost), None),
             (Some(from), None) => {
                 let replay = t.history.after(from.after_seq, last_seq);
-                Grant {
-                    epoch,
-                    last_seq,
-                    first_seq,
-                    replay: replay.messages,
-                    resumed: Resumed::Replayed { gap: replay.gap },
+                // A durable topic's log may hold what the history no longer
+                // does: read it first; only what neither holds is a gap.
+                let log = t.durable.as_ref().map(|d| (d.log.first_seq(), d.log.next_seq() - 1));
+                let in_log = match (replay.gap, log) {
+                    (Some(gap), Some((log_first, log_last))) => {
+                        let range =
+                            SeqRange { from_seq: gap.from_seq.max(log_first), to_seq: gap.to_seq.min(log_last) };
+                        (range.from_seq <= range.to_seq).then_some((gap, log_first, range))
+                    }
+                    _ => None,
+                };
+                match in_log {
+                    Some((gap, log_first, range)) => {
+                        let before = (gap.from_seq < log_first)
+                            .then(|| SeqRange { from_seq: gap.from_seq, to_seq: log_first - 1 });
+                        grant(Vec::new(), Resumed::Replayed { gap: before }, Some(range))
+                    }
+                    None => grant(replay.messages, Resumed::Replayed { gap: replay.gap }, None),
                 }
             }
-            (None, None) => Grant { epoch, last_seq, first_seq, replay: Vec::new(), resumed: Resumed::Live },
+            (None, None) => grant(Vec::new(), Resumed::Live, None),
         };
         if newly_pinned {
             *self.pins.entry(client).or_default() += 1;

@@ -49,6 +49,9 @@ pub mod close_code {
     pub const IDLE_TIMEOUT: u16 = 4001;
     /// The connection's send queue passed its cap (slow consumer).
     pub const SLOW_CONSUMER: u16 = 4008;
+    /// A raw socket's resume (`?from=N`) cannot have everything after N:
+    /// the reason names the first sequence it can have.
+    pub const HISTORY_GAP: u16 = 4010;
 
     /// Whether a peer may send `code` in a close frame (RFC 6455 7.4.1 and
     /// 7.4.2, and the IANA registry): 1000-1003 and 1007-1014 are defined;

@@ -70,7 +70,7 @@ use writer::write_loop;
 const CLOSE_LINGER: Duration = Duration::from_secs(2);
 
 /// Close code sent on a raw socket when `?from=N` is older than history.
-pub const CLOSE_HISTORY_GAP: u16 = 4010;
+pub const CLOSE_HISTORY_GAP: u16 = close_code::HISTORY_GAP;
 
 /// Close code sent on a raw socket when `?from=N` belongs to another
 /// sequence space (`epoch` differs, or N was never assigned here): nothing
