@@ -150,23 +150,15 @@ pub fn subscribe(node: &Client, topic: &str, start: Start, count: Option<u64>, o
             }
         }
     }
-    let (from_seq, epoch) = match (start.from, start.since) {
-        (_, Some(ms)) => {
-            let page: LogPage = node.get(&format!("/v1/topics/{topic}/messages?since_ms={ms}&limit=1"))?;
-            let first = page.messages.first().map_or(page.last_seq, |m| m.seq.saturating_sub(1));
-            (Some(first), Some(page.epoch))
-        }
-        (from, None) => (from, None),
-    };
     let url = format!("ws://{}/v1/ws", node_addr(node));
     let (mut ws, _) = tungstenite::connect(url.as_str())
         .map_err(|e| Failure::Unreachable { addr: node_addr(node).to_string(), why: e.to_string() })?;
     let mut request = serde_json::json!({ "op": "subscribe", "id": 1, "topic": topic });
-    if let Some(from) = from_seq {
+    if let Some(from) = start.from {
         request["from_seq"] = from.into();
     }
-    if let Some(epoch) = epoch {
-        request["epoch"] = epoch.into();
+    if let Some(ms) = start.since {
+        request["since_ms"] = ms.into();
     }
     ws.send(Message::text(request.to_string())).map_err(|e| Failure::Protocol(e.to_string()))?;
     while printed < limit {

@@ -298,6 +298,21 @@ fn a_subscriber_catches_up_from_the_log_beyond_the_history_and_across_a_crash() 
     for want in 3001..=3010u64 {
         assert_eq!(next_json(&mut ws)["seq"], want, "live after the catch-up");
     }
+    // From a time: the first message at or after it, from the log.
+    let log = node.get_json("/v1/topics/big/messages?from_seq=1500&limit=1");
+    let ts = log["messages"][0]["ts"].as_u64().unwrap();
+    let first = node.get_json(&format!("/v1/topics/big/messages?since_ms={ts}&limit=1"))["messages"][0]["seq"]
+        .as_u64()
+        .unwrap();
+    let mut since = node.ws("/v1/ws");
+    let r = native_call(&mut since, serde_json::json!({"op":"subscribe","id":1,"topic":"big","since_ms":ts}));
+    assert_eq!(r["ok"], true, "{r}");
+    for want in first..=3010u64 {
+        let m = next_json(&mut since);
+        assert_eq!(m["seq"], want, "{m}");
+        assert!(m["ts"].as_u64().unwrap() >= ts);
+    }
+    drop(since);
     // The raw socket catches up the same way.
     let mut raw = node.ws("/v1/topics/big/ws?role=sub&from=2990");
     for want in 2991..=3010u64 {

@@ -615,7 +615,7 @@ impl Sim {
             out: conn.out.clone(),
             client: conn.addr,
             format: conn.format,
-            from: from.as_ref().map(|c| ResumeFrom { after_seq: c.last_seen, epoch: Some(c.epoch) }),
+            from: from.as_ref().map(|c| ResumeFrom { after_seq: c.last_seen, epoch: Some(c.epoch), since_ms: None }),
             reply_id: None,
         };
         let now = self.now();

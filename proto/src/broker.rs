@@ -246,6 +246,9 @@ struct Pending {
     /// A catch-up's earlier batches went out: the subscription was
     /// reported to its task already.
     reported: bool,
+    /// A subscription from a time: replayed messages before it are skipped
+    /// (the owner's starting point may be a little earlier).
+    since_ms: Option<u64>,
 }
 
 /// A subscriber of a local topic.
@@ -445,7 +448,7 @@ impl Broker {
         let Some(Reading { from, req, client, range, grant }) = self.reading.remove(&id) else { return };
         let after = messages.last().map_or(range.to_seq, |m| m.seq);
         let unread = messages.is_empty().then_some(range);
-        let resume = Some(ResumeFrom { after_seq: after, epoch: Some(grant.epoch) });
+        let resume = Some(ResumeFrom { after_seq: after, epoch: Some(grant.epoch), since_ms: None });
         // What precedes the log and what could not be read: adjacent.
         let before = merge_gaps(resumed_gap(&grant), unread);
         let result = match self.owner.subscribe(topic, from, client, resume, now.at) {
@@ -490,7 +493,7 @@ impl Broker {
         let Some(local) = self.slots[slot].as_ref() else { return };
         let Some(sub) = local.subs.iter().find(|s| s.pending.is_some_and(|p| p.req == req)) else { return };
         let (Some(pending), Some(epoch)) = (sub.pending, local.epoch) else { return };
-        let from = Some(ResumeFrom { after_seq: sub.last_seq, epoch: Some(epoch) });
+        let from = Some(ResumeFrom { after_seq: sub.last_seq, epoch: Some(epoch), since_ms: None });
         let owner = topic.owner_shard(self.shards);
         let item = Item::Subscribe { topic: topic.clone(), client: pending.client, from, req, room };
         self.send(owner, item, now);
@@ -636,7 +639,9 @@ impl Broker {
             _ => None,
         };
         let last_seq = if live_epoch.is_some() { local.last_seq } else { 0 };
-        let pending = live_epoch.is_none().then_some(Pending { req: sub_id, reply_id, client, reported: false });
+        let since_ms = from.and_then(|f| f.since_ms);
+        let pending =
+            live_epoch.is_none().then_some(Pending { req: sub_id, reply_id, client, reported: false, since_ms });
         if let (Some(epoch), Some(id)) = (live_epoch, reply_id) {
             out.offer_control(native::reply_ok(
                 id,
@@ -888,6 +893,10 @@ impl Broker {
         // next batch, never through the slow-consumer policy.
         let mut last_offered = None;
         for message in &grant.replay {
+            if pending.since_ms.is_some_and(|ms| message.timestamp_ms < ms) {
+                last_offered = Some(message.seq); // before the start asked for: skipped, not lost
+                continue;
+            }
             let frame = Frame::data(encode(sub.format, topic, message), message.published_at);
             if last_offered.is_some() && !sub.out.has_room_for(frame.bytes.len()) {
                 break;

@@ -584,6 +584,21 @@ impl TopicLog {
         self.segments.iter().map(|s| s.messages).sum()
     }
 
+    /// A sequence after which every record at or after `ms` lies (a lower
+    /// bound from the sparse index: records of up to one index step before
+    /// `ms` may follow it); the one before the log's first when none is
+    /// known older.
+    pub fn seq_bound_before_time(&self, ms: u64) -> u64 {
+        let first = self.first_seq().saturating_sub(1);
+        let i = self.segments.partition_point(|s| s.last_ms < ms);
+        let Some(seg) = self.segments.get(i) else { return self.next_seq().saturating_sub(1) };
+        match seg.index.entry_before_time(ms) {
+            Some(seq) => seq - 1,
+            None if i > 0 => self.segments[i - 1].last_seq,
+            None => first,
+        }
+    }
+
     /// Segments retained.
     pub fn segment_count(&self) -> usize {
         self.segments.len()
@@ -756,6 +771,10 @@ mod tests {
         assert_eq!(from.iter().map(|r| r.seq).collect::<Vec<_>>(), vec![123, 124, 125, 126, 127]);
         let since = read(&files, &log.plan(ReadFrom::Time(1_000 + 250), 10_000));
         assert_eq!(since.first().map(|r| r.seq), Some(250));
+        // A subscription from that time starts at or before 250.
+        let bound = log.seq_bound_before_time(1_000 + 250);
+        assert!(bound < 250 && bound > 200, "{bound}");
+        assert_eq!(log.seq_bound_before_time(0), 0);
         let b = read(&files, &log.plan(ReadFrom::Key { key: Bytes::from_static(b"b"), from_seq: 0 }, 10_000));
         assert_eq!(b.len(), 100);
         assert!(b.iter().all(|r| r.seq % 3 == 1));

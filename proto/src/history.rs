@@ -72,6 +72,21 @@ impl History {
         Replay { messages, first_seq, gap }
     }
 
+    /// The first retained message at or after `ms`, when the history
+    /// reaches back before `ms` (so nothing at or after `ms` was evicted).
+    pub fn first_at_or_after(&self, ms: u64) -> Option<u64> {
+        if self.ring.front().is_none_or(|m| m.timestamp_ms >= ms) {
+            return None;
+        }
+        let i = self.ring.partition_point(|m| m.timestamp_ms < ms);
+        self.ring.get(i).map(|m| m.seq)
+    }
+
+    /// Timestamp of the last retained message, if any.
+    pub fn last_timestamp_ms(&self) -> Option<u64> {
+        self.ring.back().map(|m| m.timestamp_ms)
+    }
+
     /// First retained sequence, if any.
     pub fn first_seq(&self) -> Option<u64> {
         self.ring.front().map(|m| m.seq)
@@ -146,5 +161,9 @@ mod tests {
         assert_eq!((seqs(&r), r.gap), (vec![3, 4, 5], None));
         let r = h.after(99, 5);
         assert!(r.messages.is_empty());
+        // msg() stamps every message at 0: nothing is before 1, all is at or after 0.
+        assert_eq!(h.first_at_or_after(0), None, "the history does not reach before 0");
+        assert_eq!(h.first_at_or_after(1), None);
+        assert_eq!(h.last_timestamp_ms(), Some(0));
     }
 }

@@ -271,6 +271,12 @@ impl SparseIndex {
         i.checked_sub(1).map_or(0, |i| self.entries[i].2)
     }
 
+    /// The sequence of the last entry sequenced before `ms`, if any.
+    pub fn entry_before_time(&self, ms: u64) -> Option<u64> {
+        let i = self.entries.partition_point(|e| e.1 < ms);
+        i.checked_sub(1).map(|i| self.entries[i].0)
+    }
+
     /// Entries held.
     pub fn len(&self) -> usize {
         self.entries.len()

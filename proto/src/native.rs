@@ -22,7 +22,9 @@ pub const SERVER_BINARY_MESSAGE: u8 = 0x01;
 pub enum Request {
     /// Subscribe to a topic, optionally resuming after `from_seq` of the
     /// sequence space `epoch` (see [`Epoch`]).
-    Subscribe { id: u64, topic: String, from_seq: Option<u64>, epoch: Option<Epoch> },
+    /// Or from the first message at or after `since_ms` (ms since the Unix
+    /// epoch).
+    Subscribe { id: u64, topic: String, from_seq: Option<u64>, epoch: Option<Epoch>, since_ms: Option<u64> },
     /// Leave a topic.
     Unsubscribe { id: u64, topic: String },
     /// Publish a payload, with its key and acknowledgement level.
@@ -53,6 +55,7 @@ struct WireRequest<'a> {
     #[serde(borrow)]
     topic: Option<Cow<'a, str>>,
     from_seq: Option<u64>,
+    since_ms: Option<u64>,
     #[serde(borrow)]
     epoch: Option<Cow<'a, str>>,
     #[serde(borrow)]
@@ -85,7 +88,10 @@ pub fn parse_text(text: &[u8]) -> Result<Request, BadRequest> {
                 Some(Ok(epoch)) => Some(epoch),
                 Some(Err(_)) => return Err(bad("\"epoch\" must be the 16 hex digits a subscribe reply gave")),
             };
-            Ok(Request::Subscribe { id, topic: topic()?, from_seq: wire.from_seq, epoch })
+            if wire.from_seq.is_some() && wire.since_ms.is_some() {
+                return Err(bad("\"from_seq\" and \"since_ms\" do not combine"));
+            }
+            Ok(Request::Subscribe { id, topic: topic()?, from_seq: wire.from_seq, epoch, since_ms: wire.since_ms })
         }
         "unsubscribe" => Ok(Request::Unsubscribe { id, topic: topic()? }),
         "publish" => {
@@ -211,11 +217,17 @@ mod tests {
     fn parses_each_op() {
         assert_eq!(
             parse_text(br#"{"op":"subscribe","id":1,"topic":"a","from_seq":5}"#),
-            Ok(Request::Subscribe { id: 1, topic: "a".into(), from_seq: Some(5), epoch: None })
+            Ok(Request::Subscribe { id: 1, topic: "a".into(), from_seq: Some(5), epoch: None, since_ms: None })
         );
         assert_eq!(
             parse_text(br#"{"op":"subscribe","id":1,"topic":"a","from_seq":5,"epoch":"00000000000000ff"}"#),
-            Ok(Request::Subscribe { id: 1, topic: "a".into(), from_seq: Some(5), epoch: Some(Epoch(255)) })
+            Ok(Request::Subscribe {
+                id: 1,
+                topic: "a".into(),
+                from_seq: Some(5),
+                epoch: Some(Epoch(255)),
+                since_ms: None
+            })
         );
         assert_eq!(
             parse_text(br#"{"op":"subscribe","id":1,"topic":"a","epoch":"zz"}"#).unwrap_err().code,

@@ -84,6 +84,11 @@ pub struct ResumeFrom {
     pub after_seq: u64,
     /// The epoch `after_seq` belongs to, if the subscriber knows it.
     pub epoch: Option<Epoch>,
+    /// Start at the first message sequenced at or after this time (ms
+    /// since the Unix epoch) instead: the owner finds `after_seq` (a bound
+    /// that may start a little earlier; the subscriber's shard skips what
+    /// precedes the time), and no epoch is needed.
+    pub since_ms: Option<u64>,
 }
 
 /// Why a resume cannot be served from this topic's sequence space at all.
@@ -557,6 +562,10 @@ impl Owner {
         t.last_active = now;
         let (epoch, last_seq) = (t.epoch, t.visible_seq());
         let first_seq = t.history.first_seq().unwrap_or(last_seq + 1);
+        let from = from.map(|f| match f.since_ms {
+            Some(ms) => ResumeFrom { after_seq: after_seq_for_time(t, ms), epoch: None, since_ms: Some(ms) },
+            None => f,
+        });
         let lost = match from {
             Some(ResumeFrom { epoch: Some(e), .. }) if e != epoch => Some(HistoryLost::EpochChanged),
             Some(ResumeFrom { after_seq, .. }) if after_seq > t.last_seq => Some(HistoryLost::BeyondLastSeq),
@@ -705,6 +714,20 @@ impl Owner {
     }
 }
 
+/// A sequence after which every message sequenced at or after `ms` lies:
+/// exact from the history when it reaches back before `ms`, else a lower
+/// bound from a durable topic's log index, else 0 (from the start).
+fn after_seq_for_time(t: &OwnedTopic, ms: u64) -> u64 {
+    let from_history = t.history.first_at_or_after(ms);
+    if let Some(seq) = from_history {
+        return seq - 1;
+    }
+    if t.history.first_seq().is_some() && t.history.last_timestamp_ms().is_some_and(|last| last < ms) {
+        return t.visible_seq(); // nothing retained is that recent: live
+    }
+    t.durable.as_ref().map_or(0, |d| d.log.seq_bound_before_time(ms))
+}
+
 /// Takes one topic off `client`'s charge, forgetting an address charged
 /// for none.
 fn release(pins: &mut HashMap<IpAddr, usize, ahash::RandomState>, client: IpAddr) {
@@ -764,7 +787,7 @@ mod tests {
     }
 
     fn from(after_seq: u64, epoch: Option<Epoch>) -> Option<ResumeFrom> {
-        Some(ResumeFrom { after_seq, epoch })
+        Some(ResumeFrom { after_seq, epoch, since_ms: None })
     }
 
     #[test]

@@ -34,7 +34,7 @@ pub(super) async fn native_message(
                 return true; // the reply is queued when the owner answers
             }
         },
-        Request::Subscribe { id, topic, from_seq, epoch } => match topic_of(id, &topic) {
+        Request::Subscribe { id, topic, from_seq, epoch, since_ms } => match topic_of(id, &topic) {
             Err(reply) => reply,
             Ok(topic) if subs.contains_key(&topic) => {
                 native::reply_error(Some(id), "already_subscribed", "already subscribed to this topic")
@@ -45,7 +45,11 @@ pub(super) async fn native_message(
                 native::reply_error(Some(id), "too_many_subscriptions", &why)
             }
             Ok(topic) => {
-                let resume = from_seq.map(|after_seq| ResumeFrom { after_seq, epoch });
+                let resume = match (from_seq, since_ms) {
+                    (_, Some(ms)) => Some(ResumeFrom { after_seq: 0, epoch: None, since_ms: Some(ms) }),
+                    (Some(after_seq), None) => Some(ResumeFrom { after_seq, epoch, since_ms: None }),
+                    (None, None) => None,
+                };
                 let request = SubscribeRequest {
                     topic: topic.clone(),
                     out: out.clone(),

@@ -152,7 +152,18 @@ pub(super) async fn prepare(
             if !subscribe {
                 return Ok((Path::Raw { topic, publish, sub: None }, vec![], None));
             }
-            let resume = from.map(|after_seq| ResumeFrom { after_seq, epoch });
+            let since = match http::query_param(&head.query, "since") {
+                None => None,
+                Some(v) => {
+                    Some(v.parse::<u64>().map_err(|_| bad("bad_request", "since must be ms since the Unix epoch"))?)
+                }
+            };
+            let resume = match (from, since) {
+                (Some(_), Some(_)) => return Err(bad("bad_request", "from and since do not combine")),
+                (_, Some(ms)) => Some(ResumeFrom { after_seq: 0, epoch: None, since_ms: Some(ms) }),
+                (Some(after_seq), None) => Some(ResumeFrom { after_seq, epoch, since_ms: None }),
+                (None, None) => None,
+            };
             let granted = session
                 .shard
                 .subscribe(SubscribeRequest {
