@@ -13,7 +13,8 @@
 //! Keys in the store:
 //!
 //! ```text
-//! topics/<topic dir>/<first seq:020>.log   sealed segments (as on disk)
+//! topics/<topic dir>/<first seq:020>-<last seq:020>.log
+//!                                          sealed segments (as on disk)
 //! snapshots/<id>.json                      manifests
 //! snapshots/latest                         the last manifest's id
 //! ```
@@ -43,10 +44,11 @@ const SNAPSHOT_WAIT: Duration = Duration::from_secs(120);
 /// A shard's uploads.
 #[derive(Debug, Default)]
 pub struct Uploads {
-    /// Sealed segments waiting to be handed to the worker.
-    backlog: VecDeque<(TopicName, SegmentInfo)>,
+    /// Sealed segments waiting to be handed to the worker, with the
+    /// attempts made.
+    backlog: VecDeque<(TopicName, SegmentInfo, u32)>,
     /// Handed over, by tag.
-    in_flight: HashMap<u64, (TopicName, SegmentInfo)>,
+    in_flight: HashMap<u64, (TopicName, SegmentInfo, u32)>,
     /// Other jobs (manifests, reads), by tag: their outcome, once done.
     others: HashMap<u64, Option<Done>>,
     /// Where the worker reports.
@@ -55,10 +57,15 @@ pub struct Uploads {
     next_tag: u64,
 }
 
-/// A segment's key in the store.
-pub fn segment_key(store: &Store, topic: &TopicName, base_seq: u64) -> String {
-    format!("topics/{}/{base_seq:020}.log", store.dir_name(topic))
+/// A segment's key in the store: its first and last sequence, so an
+/// object left by another incarnation of the topic never passes for it.
+pub fn segment_key(store: &Store, topic: &TopicName, info: &SegmentInfo) -> String {
+    format!("topics/{}/{:020}-{:020}.log", store.dir_name(topic), info.base_seq, info.last_seq)
 }
+
+/// Failed uploads of one segment (its file unreadable) before it is left
+/// for the next start: it is then neither in any manifest nor expired.
+const UPLOAD_ATTEMPTS: u32 = 10;
 
 impl Shard {
     /// The node's object-store worker, if it started.
@@ -68,7 +75,7 @@ impl Shard {
 
     /// Queues a sealed segment for upload.
     pub(crate) fn upload_sealed(&self, topic: &TopicName, info: SegmentInfo) {
-        self.uploads.borrow_mut().backlog.push_back((topic.clone(), info));
+        self.uploads.borrow_mut().backlog.push_back((topic.clone(), info, 0));
         self.archive_wake.notify();
     }
 
@@ -120,19 +127,19 @@ impl Shard {
 
     fn submit_uploads(&self, worker: &Worker) {
         let mut uploads = self.uploads.borrow_mut();
-        while let Some((topic, info)) = uploads.backlog.pop_front() {
+        while let Some((topic, info, attempts)) = uploads.backlog.pop_front() {
             let tag = uploads.next_tag;
-            let key = segment_key(&self.store, &topic, info.base_seq);
+            let key = segment_key(&self.store, &topic, &info);
             let path = self.store.segment_path(&topic, info.base_seq);
             let outcomes = uploads.outcomes.clone();
             match worker.submit(Job::PutFile { key, path, tag, outcomes }) {
                 Ok(()) => {
                     uploads.next_tag += 1;
-                    uploads.in_flight.insert(tag, (topic, info));
+                    uploads.in_flight.insert(tag, (topic, info, attempts));
                 }
                 Err(_) => {
                     // The worker's queue is full: later.
-                    uploads.backlog.push_front((topic, info));
+                    uploads.backlog.push_front((topic, info, attempts));
                     break;
                 }
             }
@@ -152,15 +159,32 @@ impl Shard {
         for d in done {
             let upload = self.uploads.borrow_mut().in_flight.remove(&d.tag);
             match upload {
-                Some((topic, info)) => match &d.result {
+                Some((topic, info, attempts)) => match &d.result {
                     Ok(_) => {
                         let mut broker = self.broker.borrow_mut();
-                        if let Some(log) = broker.owner_mut().durable_log_mut(&topic) {
+                        // Publishers at `stored` are answered only through
+                        // the oldest segments that are all uploaded.
+                        let through = broker.owner_mut().durable_log_mut(&topic).map(|log| {
                             log.uploaded(info.base_seq);
+                            log.uploaded_through()
+                        });
+                        if let Some(through) = through {
+                            broker.stored(&topic, through, now);
                         }
-                        broker.stored(&topic, info.last_seq, now);
                     }
-                    Err(e) => tracing::warn!(topic = topic.as_str(), "segment {} not uploaded: {e}", info.base_seq),
+                    Err(e) => {
+                        let gone = !self.store.segment_path(&topic, info.base_seq).exists();
+                        if gone || attempts + 1 >= UPLOAD_ATTEMPTS {
+                            tracing::error!(topic = topic.as_str(), "segment {} not uploaded: {e}", info.base_seq);
+                        } else {
+                            tracing::warn!(
+                                topic = topic.as_str(),
+                                "segment {} not uploaded, retrying: {e}",
+                                info.base_seq
+                            );
+                            self.uploads.borrow_mut().backlog.push_back((topic, info, attempts + 1));
+                        }
+                    }
                 },
                 None => {
                     let mut uploads = self.uploads.borrow_mut();
@@ -216,15 +240,28 @@ impl Shard {
     /// them.
     pub(crate) async fn snapshot_part(&self) -> Result<Vec<ManifestTopic>, String> {
         let names = self.broker.borrow().owner().durable_names();
+        // What each topic had made visible when asked: the snapshot waits
+        // for that much to be uploaded, not for the node to go quiet.
+        let targets: Vec<(TopicName, u64)> =
+            names.iter().filter_map(|t| Some((t.clone(), self.broker.borrow().owner().stat(t)?.last_seq))).collect();
         for topic in &names {
             self.broker.borrow_mut().seal(topic);
         }
         self.apply();
         let deadline = Instant::now() + SNAPSHOT_WAIT;
         loop {
+            // This may run in the archive task itself: hand uploads over here.
+            if let Some(worker) = self.worker() {
+                self.submit_uploads(&worker);
+            }
             self.collect_outcomes();
-            let busy = self.committing.get() || self.broker.borrow().owner().has_commits() || self.uploading();
-            if !busy {
+            let behind = targets.iter().any(|(topic, target)| {
+                let broker = self.broker.borrow();
+                let owner = broker.owner();
+                let uploaded = owner.durable(topic).map_or(u64::MAX, |(_, log)| log.uploaded_through());
+                uploaded < *target && !owner.durable_failed(topic)
+            });
+            if !behind {
                 break;
             }
             if Instant::now() > deadline {
@@ -244,7 +281,7 @@ impl Shard {
                     base_seq: s.base_seq,
                     last_seq: s.last_seq,
                     bytes: s.len,
-                    key: segment_key(&self.store, &topic, s.base_seq),
+                    key: segment_key(&self.store, &topic, &s),
                 })
                 .collect();
             topics.push(ManifestTopic {
@@ -328,10 +365,10 @@ impl Shard {
         for topic in names {
             let Some(log) = broker.owner_mut().durable_log_mut(&topic) else { continue };
             for info in log.to_upload() {
-                if keys.contains(&segment_key(&self.store, &topic, info.base_seq)) {
+                if keys.contains(&segment_key(&self.store, &topic, &info)) {
                     log.uploaded(info.base_seq);
                 } else {
-                    self.uploads.borrow_mut().backlog.push_back((topic.clone(), info));
+                    self.uploads.borrow_mut().backlog.push_back((topic.clone(), info, 0));
                 }
             }
         }
@@ -406,7 +443,7 @@ pub fn restore(worker: &Worker, config: &Config, which: &str) -> Result<(usize, 
             bytes += body.len() as u64;
         }
         let epoch = proto::message::Epoch(fresh_epoch(&t.topic));
-        let meta = Meta { topic: t.topic.clone(), epoch: epoch.to_string(), spec: t.spec };
+        let meta = Meta { topic: t.topic.clone(), epoch: epoch.to_string(), spec: t.spec, seq_floor: 0 };
         write_synced(&dir.join("meta.json"), &serde_json::to_vec_pretty(&meta).unwrap_or_default())?;
         write_synced(&dir.join("clean"), b"")?;
     }

@@ -148,7 +148,8 @@ impl Shard {
                 }
                 let epoch = self.broker.borrow().owner().stat(&topic).map(|s| s.epoch);
                 let Some(epoch) = epoch else { return DurableAnswer::failed(500, "internal", "topic vanished") };
-                match self.store.write_meta(&topic, epoch, spec) {
+                let floor = self.broker.borrow().owner().last_seq(&topic).unwrap_or(0);
+                match self.store.write_meta(&topic, epoch, spec, floor) {
                     Ok(()) => DurableAnswer::Done,
                     Err(e) => {
                         self.broker.borrow_mut().owner_mut().undeclare_durable(&topic);
@@ -183,7 +184,7 @@ impl Shard {
                 };
                 match self.store.read(&topic, &plan).await {
                     Err(e) => DurableAnswer::failed(500, "storage_failed", e.to_string()),
-                    Ok(records) => {
+                    Ok((records, _)) => {
                         let last = records.last().map_or(0, |r| r.seq);
                         let more = match total {
                             Some(total) => records.len() < total,
@@ -230,15 +231,18 @@ impl Shard {
             if let Some(mut plan) = plan {
                 let mut budget = read.max_bytes.max(proto::durable::CATCH_UP_BYTES_MIN) as u64;
                 loop {
-                    records = match shard.store.read(&read.topic, &plan).await {
-                        Ok(records) => records,
+                    let whole_seen;
+                    (records, whole_seen) = match shard.store.read(&read.topic, &plan).await {
+                        Ok(read) => read,
                         Err(e) => {
                             tracing::warn!(topic = read.topic.as_str(), "catch-up read failed: {e}");
-                            Vec::new()
+                            (Vec::new(), true)
                         }
                     };
+                    // Grow only when the first record was cut short by the
+                    // budget (a range with no wanted record is no reason).
                     let cut = plan.ranges.first().map_or(0, |r| r.len);
-                    if !records.is_empty() || cut < budget || budget >= RECORD_BODY_BYTES_MAX as u64 {
+                    if whole_seen || cut < budget || budget >= RECORD_BODY_BYTES_MAX as u64 {
                         break;
                     }
                     budget *= 4;
@@ -273,7 +277,7 @@ impl Shard {
         let shard = self.clone();
         let work = async move {
             loop {
-                if out.is_closing() {
+                if out.is_closing() || !shard.broker.borrow().catching_up(&topic, req) {
                     return;
                 }
                 let room = out.cap_bytes().saturating_sub(out.queued_bytes());
@@ -391,7 +395,7 @@ impl Shard {
             }
             tracing::info!(shard = id, topic = f.topic.as_str(), messages, next_seq = next, "durable topic recovered");
             if spec != f.spec {
-                self.store.write_meta(&f.topic, f.epoch, spec)?;
+                self.store.write_meta(&f.topic, f.epoch, spec, f.seq_floor)?;
             }
             seen.insert(f.topic);
         }
@@ -402,9 +406,10 @@ impl Shard {
                 continue;
             }
             let epoch = broker.owner().stat(topic).map(|s| s.epoch);
+            let floor = broker.owner().last_seq(topic).unwrap_or(0);
             drop(broker);
             if let Some(epoch) = epoch {
-                self.store.write_meta(topic, epoch, *spec)?;
+                self.store.write_meta(topic, epoch, *spec, floor)?;
             }
         }
         Ok(())
@@ -425,6 +430,10 @@ impl Shard {
         }
         let names = self.broker.borrow().owner().durable_names();
         for topic in names {
+            if self.broker.borrow().owner().durable_failed(&topic) {
+                tracing::warn!(topic = topic.as_str(), "a write failed: not marked clean");
+                continue;
+            }
             if let Err(e) = self.store.mark_clean(&topic).await {
                 tracing::warn!(topic = topic.as_str(), "not marked clean: {e}");
             }

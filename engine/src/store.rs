@@ -40,6 +40,10 @@ pub struct Meta {
     pub epoch: String,
     /// Its declaration.
     pub spec: DurableSpec,
+    /// The last sequence the topic had assigned when it was declared
+    /// durable: numbering never restarts below it, even over an empty log.
+    #[serde(default)]
+    pub seq_floor: u64,
 }
 
 /// Why a store operation failed.
@@ -155,6 +159,8 @@ pub struct Found {
     pub epoch: Epoch,
     /// Its log and next sequence.
     pub recovered: Recovered,
+    /// Its numbering floor (see [`Meta::seq_floor`]).
+    pub seq_floor: u64,
 }
 
 impl Store {
@@ -182,10 +188,16 @@ impl Store {
 
     /// Creates `topic`'s directory and writes its `meta.json` (atomically:
     /// a temporary file, fsynced, renamed).
-    pub fn write_meta(&self, topic: &TopicName, epoch: Epoch, spec: DurableSpec) -> Result<(), StoreError> {
+    pub fn write_meta(
+        &self,
+        topic: &TopicName,
+        epoch: Epoch,
+        spec: DurableSpec,
+        seq_floor: u64,
+    ) -> Result<(), StoreError> {
         let dir = self.dir(topic);
         std::fs::create_dir_all(&dir).map_err(io("creating", &dir))?;
-        let meta = Meta { topic: topic.as_str().to_string(), epoch: epoch.to_string(), spec };
+        let meta = Meta { topic: topic.as_str().to_string(), epoch: epoch.to_string(), spec, seq_floor };
         let body = serde_json::to_vec_pretty(&meta).unwrap_or_default();
         let tmp = dir.join("meta.json.tmp");
         let path = dir.join("meta.json");
@@ -275,9 +287,11 @@ impl Store {
 
     /// Reads what `plan` asks for from `topic`'s segments (a plan covers
     /// only bytes already written). A segment deleted meanwhile by
-    /// retention ends the read early.
-    pub async fn read(&self, topic: &TopicName, plan: &ReadPlan) -> Result<Vec<Record>, StoreError> {
+    /// retention ends the read early. With the records, whether any whole
+    /// record was seen at all (wanted or not).
+    pub async fn read(&self, topic: &TopicName, plan: &ReadPlan) -> Result<(Vec<Record>, bool), StoreError> {
         let mut out = Vec::new();
+        let mut whole_seen = false;
         // Each segment is opened once per read (a key read touches many
         // records of few segments).
         let mut open: Option<(u64, BufferedFile)> = None;
@@ -297,7 +311,9 @@ impl Store {
             let Some((_, file)) = &open else { break };
             let read = file.read_at(range.offset, range.len as usize).await.map_err(gio("reading", &path))?;
             let bytes = Bytes::copy_from_slice(&read);
-            for (_, record) in log::scan(&bytes).records {
+            let scan = log::scan(&bytes);
+            whole_seen |= !scan.records.is_empty();
+            for (_, record) in scan.records {
                 if plan.wants(&record) {
                     out.push(record);
                     if out.len() >= plan.limit {
@@ -312,7 +328,7 @@ impl Store {
         if let Some((_, file)) = open {
             let _ = file.close().await;
         }
-        Ok(out)
+        Ok((out, whole_seen))
     }
 
     /// Recovers every durable topic on disk that `owns` says is this
@@ -352,14 +368,25 @@ impl Store {
                 .filter_map(|e| e.file_name().to_str()?.strip_suffix(".log")?.parse().ok())
                 .collect();
             bases.sort_unstable();
-            let mut segments = Vec::new();
-            for base in bases {
+            // One segment in memory at a time: each is read when recovery
+            // reaches it and dropped after (the index keeps no reference).
+            let failed = std::cell::RefCell::new(None);
+            let segments = bases.iter().map(|&base| {
                 let path = self.segment_path(&topic, base);
-                segments.push((base, Bytes::from(std::fs::read(&path).map_err(io("reading", &path))?)));
-            }
+                match std::fs::read(&path) {
+                    Ok(body) => (base, Bytes::from(body)),
+                    Err(e) => {
+                        failed.borrow_mut().get_or_insert(io("reading", &path)(e));
+                        (base, Bytes::new())
+                    }
+                }
+            });
             let marker = dir.join("clean");
             let clean = marker.exists();
-            let recovered = TopicLog::recover(segments, clean, limits, tail_max);
+            let recovered = TopicLog::recover(segments, clean, meta.seq_floor, limits, tail_max);
+            if let Some(e) = failed.into_inner() {
+                return Err(e); // before any cut or delete
+            }
             for (base, len, why) in &recovered.cut {
                 let path = self.segment_path(&topic, *base);
                 if !matches!(why, log::Torn::BadLength) || *len == 0 {
@@ -378,7 +405,7 @@ impl Store {
                 std::fs::remove_file(&marker).map_err(io("deleting", &marker))?;
                 sync_dir(&dir)?;
             }
-            found.push(Found { topic, spec: meta.spec, epoch, recovered });
+            found.push(Found { topic, spec: meta.spec, epoch, recovered, seq_floor: meta.seq_floor });
         }
         Ok(found)
     }

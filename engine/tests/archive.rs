@@ -101,6 +101,11 @@ fn stored_acks_snapshot_and_restore_through_a_directory_store() {
     let segments = std::fs::read_dir(objects.join("topics")).unwrap().next().unwrap().unwrap().path();
     assert!(std::fs::read_dir(segments).unwrap().count() >= 1, "a sealed segment was uploaded");
     expect.extend(publish(&node, "orders", "local", 50, "local").0);
+    // kill -9 and a restart on the same disk: the uploaded segments stay as
+    // they are (appends go to new ones), and more is published and stored.
+    drop(node);
+    let node = Node::start(&args);
+    expect.extend(publish(&node, "orders", "after-restart", 50, "stored").0);
     let node = snapshot_and_restore(node, &flags, &[], &expect);
     // The restored topic takes new messages after the restored ones.
     let (more, _) = publish(&node, "orders", "after", 1, "local");

@@ -115,6 +115,8 @@ pub struct LogRead {
 /// A catch-up read in progress on the owner.
 #[derive(Debug)]
 struct Reading {
+    /// The topic.
+    topic: TopicName,
     /// The subscribing shard and its request.
     from: usize,
     req: u64,
@@ -445,9 +447,20 @@ impl Broker {
     /// ([`Action::CatchUp`]). A range that could not be read is reported
     /// as a gap.
     pub fn log_read(&mut self, topic: &TopicName, id: u64, messages: Vec<Message>, now: Now) {
-        let Some(Reading { from, req, client, range, grant }) = self.reading.remove(&id) else { return };
+        let Some(Reading { from, req, client, range, grant, .. }) = self.reading.remove(&id) else { return };
+        let mut messages = messages;
+        // Numbers missing at the start of the batch (skipped by a crash, or
+        // removed by retention) are a gap; one missing inside it ends the
+        // batch there (the next batch starts with it).
+        if let Some(i) = messages.windows(2).position(|w| w[1].seq != w[0].seq + 1) {
+            messages.truncate(i + 1);
+        }
         let after = messages.last().map_or(range.to_seq, |m| m.seq);
-        let unread = messages.is_empty().then_some(range);
+        let unread = match messages.first() {
+            None => Some(range),
+            Some(m) if m.seq > range.from_seq => Some(SeqRange { from_seq: range.from_seq, to_seq: m.seq - 1 }),
+            Some(_) => None,
+        };
         let resume = Some(ResumeFrom { after_seq: after, epoch: Some(grant.epoch), since_ms: None });
         // What precedes the log and what could not be read: adjacent.
         let before = merge_gaps(resumed_gap(&grant), unread);
@@ -484,6 +497,13 @@ impl Broker {
             Err(e) => Err(e),
         };
         self.send(from, Item::SubscribeDone { topic: topic.clone(), req, result }, now);
+    }
+
+    /// Whether subscription request `req` of `topic` is still catching up
+    /// (the shell stops waiting for room once it is not).
+    pub fn catching_up(&self, topic: &TopicName, req: u64) -> bool {
+        let local = self.topics.get(topic).and_then(|&slot| self.slots[slot].as_ref());
+        local.is_some_and(|l| l.subs.iter().any(|s| s.pending.is_some_and(|p| p.req == req)))
     }
 
     /// A subscriber catching up (see [`Action::CatchUp`]) has `room` bytes
@@ -696,7 +716,8 @@ impl Broker {
                     Ok(grant) if grant.from_log.is_some() => {
                         let range = grant.from_log.unwrap_or(SeqRange { from_seq: 0, to_seq: 0 });
                         let id = self.next_id();
-                        self.reading.insert(id, Reading { from, req, client, range, grant });
+                        let reading = Reading { topic: topic.clone(), from, req, client, range, grant };
+                        self.reading.insert(id, reading);
                         let read =
                             LogRead { id, topic, from_seq: range.from_seq, to_seq: range.to_seq, max_bytes: room };
                         self.actions.push(Action::ReadLog(read));
@@ -704,7 +725,12 @@ impl Broker {
                     result => self.send(from, Item::SubscribeDone { topic, req, result }, now),
                 }
             }
-            Item::Unsubscribe { topic } => self.owner.unsubscribe(&topic, from, now.at),
+            Item::Unsubscribe { topic } => {
+                // A catch-up read for a shard that left: its answer would
+                // register the shard again.
+                self.reading.retain(|_, r| r.from != from || r.topic != topic);
+                self.owner.unsubscribe(&topic, from, now.at);
+            }
             Item::Deliver { topic, epoch, message } => self.deliver(&topic, epoch, message),
             Item::SubscribeDone { topic, req, result } => self.granted(&topic, req, result, now),
             Item::PublishDone { req, result } => {

@@ -36,13 +36,16 @@ pub const SEGMENT_BYTES_MAX_DEFAULT: u64 = 64 << 20;
 pub const SEGMENT_AGE_MS_DEFAULT: u64 = 3_600_000;
 /// One sparse-index entry per this many bytes of segment.
 pub const INDEX_EVERY_BYTES: usize = 4096;
-/// Most messages of one topic sequenced and not yet written. Past it,
-/// publishes wait (on the owner shard) or are refused with
-/// `storage_behind` (from other shards). It also bounds the sequences a
+/// Most messages of one topic sequenced and not yet written. Past it (or
+/// past [`UNWRITTEN_BYTES_MAX`]) publishes are refused with
+/// `storage_behind` (503, retry). It also bounds the sequences a
 /// crash can leave assigned but unwritten: after an unclean stop the
 /// topic continues this many sequences later, so no acknowledged number
 /// is ever given to another message (see [`TopicLog::recover`]).
 pub const UNWRITTEN_MESSAGES_MAX: u64 = 65_536;
+/// Most payload bytes of one topic sequenced and not yet written: what a
+/// slow disk may make the node hold for it (twice: message and record).
+pub const UNWRITTEN_BYTES_MAX: usize = 64 << 20;
 /// Largest read plan: bytes of records one read returns at most.
 pub const READ_BYTES_MAX: usize = 4 << 20;
 /// Smallest catch-up batch, bytes (a record longer than the batch is read
@@ -443,14 +446,21 @@ impl TopicLog {
         }
     }
 
+    /// The last sequence of the oldest segments that are all in the object
+    /// store (0 when the oldest is not): what `stored` may answer through.
+    pub fn uploaded_through(&self) -> u64 {
+        self.segments.iter().take_while(|s| s.uploaded).last().map_or(0, |s| s.last_seq)
+    }
+
     /// Sealed segments not yet uploaded (after a restart: all of them).
     pub fn to_upload(&self) -> Vec<SegmentInfo> {
         self.segments.iter().filter(|s| s.sealed && !s.uploaded && s.durable == s.len).map(info).collect()
     }
 
-    /// The uploaded segments, oldest first: what a manifest lists.
+    /// The oldest segments that are all uploaded, oldest first: what a
+    /// manifest lists (never one after a segment that is not there).
     pub fn uploaded_segments(&self) -> Vec<SegmentInfo> {
-        self.segments.iter().filter(|s| s.uploaded).map(info).collect()
+        self.segments.iter().take_while(|s| s.uploaded).map(info).collect()
     }
 
     /// Notes that a write job's bytes are on disk (fsynced when the policy
@@ -622,7 +632,13 @@ impl TopicLog {
     /// a publisher may have been told and the crash lost. `tail_max` bounds
     /// the records returned for the in-memory history; their payloads are
     /// copies, so the segments' buffers are not kept.
-    pub fn recover(segments: Vec<(u64, Bytes)>, clean: bool, limits: LogLimits, tail_max: usize) -> Recovered {
+    pub fn recover(
+        segments: impl IntoIterator<Item = (u64, Bytes)>,
+        clean: bool,
+        seq_floor: u64,
+        limits: LogLimits,
+        tail_max: usize,
+    ) -> Recovered {
         let mut log = TopicLog::new(limits);
         let mut cut = Vec::new();
         let mut dropped = Vec::new();
@@ -675,11 +691,11 @@ impl TopicLog {
             }
             log.segments.push_back(seg);
         }
-        if let Some(last) = log.segments.back_mut() {
-            last.sealed = false; // appends continue in it
-        }
+        // Every recovered segment stays sealed (its file was cut to its
+        // records): appends go to a new one, so a segment already in the
+        // object store never changes under its key.
         let skip = if clean { 0 } else { UNWRITTEN_MESSAGES_MAX };
-        let next_seq = log.next_seq() + if log.segments.is_empty() { 0 } else { skip };
+        let next_seq = log.next_seq().max(seq_floor + 1) + skip;
         Recovered { log, next_seq, cut, dropped, tail: tail.into() }
     }
 }
@@ -790,7 +806,7 @@ mod tests {
             log.append(&record(seq, Some(if seq % 2 == 0 { "even" } else { "odd" }), 90)).unwrap();
             apply(&mut files, &mut log);
         }
-        let clean = TopicLog::recover(sorted(&files), true, limits, 10);
+        let clean = TopicLog::recover(sorted(&files), true, 0, limits, 10);
         assert_eq!(clean.next_seq, 61);
         assert!(clean.cut.iter().all(|c| c.2 == Torn::BadLength), "only padding: {:?}", clean.cut);
         assert_eq!(clean.tail.iter().map(|r| r.seq).collect::<Vec<_>>(), (51..=60).collect::<Vec<_>>());
@@ -804,12 +820,22 @@ mod tests {
         for cut_at in 0..whole {
             let mut torn = files.clone();
             torn.get_mut(&last).unwrap().truncate(cut_at);
-            let r = TopicLog::recover(sorted(&torn), false, limits, 10);
+            let r = TopicLog::recover(sorted(&torn), false, 0, limits, 10);
             let kept = log::scan(&Bytes::copy_from_slice(&full[..cut_at])).records.len() as u64;
             let last_kept = if kept == 0 { last - 1 } else { last + kept - 1 };
             assert_eq!(r.log.next_seq(), last_kept + 1, "cut at {cut_at}");
             assert_eq!(r.next_seq, last_kept + 1 + UNWRITTEN_MESSAGES_MAX);
         }
+        // A floor from the topic's declaration holds even over an empty log,
+        // and a crash skips from there too.
+        assert_eq!(TopicLog::recover(Vec::new(), true, 100, limits, 10).next_seq, 101);
+        assert_eq!(TopicLog::recover(Vec::new(), false, 100, limits, 10).next_seq, 101 + UNWRITTEN_MESSAGES_MAX);
+        // Recovered segments stay sealed: the next append opens a new one.
+        let mut again = TopicLog::recover(sorted(&files), true, 0, limits, 10).log;
+        let before = again.segment_count();
+        again.append(&record(61, None, 10)).unwrap();
+        assert_eq!(again.segment_count(), before + 1);
+        assert_eq!(again.to_upload().len(), before, "every recovered segment is offered for upload");
     }
 
     #[test]

@@ -24,6 +24,9 @@ pub const HTTP_BODY_SLACK_BYTES: usize = 64 << 10;
 /// Longest topic name, in bytes. Names are keys, not paths; 255 fits the
 /// native binary envelope's one-byte length.
 pub const TOPIC_NAME_BYTES_MAX: usize = 255;
+/// Longest message key (routing key / aggregate id), bytes: an identifier,
+/// kept in every record and in the key index.
+pub const KEY_BYTES_MAX: usize = 1024;
 
 /// Default cap on bytes queued for one connection and not yet written.
 /// 4 MiB holds a full default history replay (see the assert below) plus

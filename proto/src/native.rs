@@ -102,6 +102,9 @@ pub fn parse_text(text: &[u8]) -> Result<Request, BadRequest> {
                 Some(Err(e)) => return Err(bad(&e.to_string())),
             };
             let key = wire.key.as_deref().map(|k| Bytes::copy_from_slice(k.as_bytes()));
+            if key.as_ref().is_some_and(|k| k.len() > crate::limits::KEY_BYTES_MAX) {
+                return Err(bad(&format!("\"key\" is longer than {} bytes", crate::limits::KEY_BYTES_MAX)));
+            }
             Ok(Request::Publish {
                 id,
                 topic: topic()?,

@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
-use crate::durable::{DurableSpec, Recovered, TopicLog, WriteJob, UNWRITTEN_MESSAGES_MAX};
+use crate::durable::{DurableSpec, Recovered, TopicLog, WriteJob, UNWRITTEN_BYTES_MAX, UNWRITTEN_MESSAGES_MAX};
 use crate::history::History;
 pub use crate::history::SeqRange;
 use crate::log::Record;
@@ -170,6 +170,8 @@ struct Durable {
     log: TopicLog,
     /// Sequenced, not yet reported written, in order.
     unwritten: std::collections::VecDeque<Message>,
+    /// Their payload bytes.
+    unwritten_bytes: usize,
     /// Appended since the last `take_commits`.
     appended: bool,
     /// A write failed: no more publishes until a restart.
@@ -182,7 +184,15 @@ struct Durable {
 impl Durable {
     /// A durable state whose log ends at `visible` (nothing waiting).
     fn new(spec: DurableSpec, log: TopicLog, visible: u64) -> Box<Durable> {
-        Box::new(Durable { spec, log, unwritten: Default::default(), appended: false, failed: false, visible })
+        Box::new(Durable {
+            spec,
+            log,
+            unwritten: Default::default(),
+            unwritten_bytes: 0,
+            appended: false,
+            failed: false,
+            visible,
+        })
     }
 }
 
@@ -351,7 +361,7 @@ impl Owner {
             if d.failed {
                 return Err(OwnerError::StorageFailed);
             }
-            if d.unwritten.len() as u64 >= UNWRITTEN_MESSAGES_MAX {
+            if d.unwritten.len() as u64 >= UNWRITTEN_MESSAGES_MAX || d.unwritten_bytes >= UNWRITTEN_BYTES_MAX {
                 return Err(OwnerError::StorageBehind);
             }
         }
@@ -371,6 +381,7 @@ impl Owner {
             // Only a record over the log's ceiling fails, and publishes are
             // bounded far below it (MESSAGE_BYTES_MAX_CEILING).
             d.log.append(&record).map_err(|_| OwnerError::StorageFailed)?;
+            d.unwritten_bytes += message.payload.len();
             d.unwritten.push_back(message.clone());
             first_append = !d.appended;
             d.appended = true;
@@ -465,6 +476,17 @@ impl Owner {
         self.topics.get_mut(topic).and_then(|t| t.durable.as_mut()).map(|d| &mut d.log)
     }
 
+    /// Whether writing `topic`'s log failed (it is not marked clean at a
+    /// stop: its next start skips numbers and cuts what was half written).
+    pub fn durable_failed(&self, topic: &TopicName) -> bool {
+        self.topics.get(topic).and_then(|t| t.durable.as_ref()).is_some_and(|d| d.failed)
+    }
+
+    /// The last sequence `topic` assigned (a durable declaration's floor).
+    pub fn last_seq(&self, topic: &TopicName) -> Option<u64> {
+        self.topics.get(topic).map(|t| t.last_seq)
+    }
+
     /// Names of the durable topics.
     pub fn durable_names(&self) -> Vec<TopicName> {
         self.topics.iter().filter(|(_, t)| t.durable.is_some()).map(|(n, _)| n.clone()).collect()
@@ -517,6 +539,7 @@ impl Owner {
         let mut messages = Vec::new();
         while d.unwritten.front().is_some_and(|m| m.seq <= commit.through_seq) {
             if let Some(m) = d.unwritten.pop_front() {
+                d.unwritten_bytes -= m.payload.len();
                 t.history.push(m.clone());
                 d.visible = m.seq;
                 messages.push(m);
@@ -532,6 +555,7 @@ impl Owner {
     pub fn write_failed(&mut self, commit: &TopicCommit) -> Vec<u64> {
         let Some(d) = self.topics.get_mut(&commit.topic).and_then(|t| t.durable.as_mut()) else { return Vec::new() };
         d.failed = true;
+        d.unwritten_bytes = 0;
         d.unwritten.drain(..).map(|m| m.seq).collect()
     }
 

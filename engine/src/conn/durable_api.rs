@@ -41,7 +41,8 @@ pub(crate) async fn respond(
                 match serde_json::from_slice(body) {
                     Ok(spec) => spec,
                     Err(e) => {
-                        let why = format!("expected {{\"ack\": \"none\"|\"local\", \"retention\": {{...}}}}: {e}");
+                        let why =
+                            format!("expected {{\"ack\": \"none\"|\"local\"|\"stored\", \"retention\": {{...}}}}: {e}");
                         return http::json_error(400, "bad_request", &why, keep_alive);
                     }
                 }
@@ -67,6 +68,12 @@ pub(crate) async fn respond(
 
 /// Answers a snapshot request, in the control queue.
 pub(crate) async fn snapshots(shard: &Rc<Shard>, route: Route, keep_alive: bool) -> Vec<u8> {
+    // An id names a file in a directory store: letters, digits and '-' only.
+    if let Route::SnapshotShow(id) | Route::SnapshotDelete(id) = &route {
+        if id.is_empty() || id.len() > 64 || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+            return http::json_error(400, "bad_request", "a snapshot id is letters, digits and '-'", keep_alive);
+        }
+    }
     let task_shard = shard.clone();
     let work = async move {
         let shard = &task_shard;

@@ -145,6 +145,9 @@ fn publish_options(query: &str) -> Result<PublishOptions, String> {
     for (name, value) in http::query_pairs(query) {
         match name.as_str() {
             "ack" => options.ack = Some(proto::durable::AckLevel::parse(&value).map_err(|e| e.to_string())?),
+            "key" if value.len() > proto::limits::KEY_BYTES_MAX => {
+                return Err(format!("key is longer than {} bytes", proto::limits::KEY_BYTES_MAX))
+            }
             "key" => options.key = Some(Bytes::from(value.into_bytes())),
             _ => return Err(format!("unknown parameter {name:?} (ack, key)")),
         }
