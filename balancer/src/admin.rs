@@ -12,6 +12,7 @@
 //! | `DELETE /v1/nodes/{addr}`         | remove a node (200; 404 if absent)       |
 //! | `POST /v1/nodes/{addr}/drain`     | no new connections; open ones stay       |
 //! | `POST /v1/nodes/{addr}/undrain`   | back to normal                           |
+//! | `GET /v1/locate?topic=T`          | the node topic T's connections go to now |
 //!
 //! Errors are JSON `{"error": code, "message": text}` with status 400, 404,
 //! 405, 409 or 413 (and 501 for a chunked body, as on the node).
@@ -20,7 +21,7 @@ use std::fmt::Write;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
-use proto::admin::{ErrorBody, NodeList};
+use proto::admin::{ErrorBody, Located, NodeList};
 use proto::http;
 use serde::Deserialize;
 
@@ -77,7 +78,7 @@ struct AddNode {
 /// Handles one request. The caller rebuilds and sends the view afterwards
 /// (a no-op when nothing routable changed).
 pub fn handle(method: &str, path: &str, body: &[u8], ctx: &mut Context<'_>) -> Response {
-    let path = path.split('?').next().unwrap_or(path);
+    let (path, query) = path.split_once('?').unwrap_or((path, ""));
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     match (method, segments.as_slice()) {
         ("GET", ["healthz"]) => Response { status: 200, content_type: "text/plain", body: "ok\n".into() },
@@ -95,6 +96,7 @@ pub fn handle(method: &str, path: &str, body: &[u8], ctx: &mut Context<'_>) -> R
         }
         ("GET", ["v1", "nodes"]) => Response::typed(200, &NodeList { nodes: ctx.membership.list() }),
         ("POST", ["v1", "nodes"]) => add_node(body, ctx),
+        ("GET", ["v1", "locate"]) => locate(query, ctx),
         ("DELETE", ["v1", "nodes", addr]) => with_addr(addr, |a| ctx.membership.remove(a), "removed"),
         ("POST", ["v1", "nodes", addr, "drain"]) => {
             with_addr(addr, |a| ctx.membership.set_draining(a, true), "draining")
@@ -106,6 +108,19 @@ pub fn handle(method: &str, path: &str, body: &[u8], ctx: &mut Context<'_>) -> R
             Response::error(405, "method_not_allowed", format!("{method} is not allowed on {path}"))
         }
         _ => Response::error(404, "not_found", format!("no admin route {path}")),
+    }
+}
+
+/// `GET /v1/locate?topic=T` (or `key=K`, the same hash).
+fn locate(query: &str, ctx: &Context<'_>) -> Response {
+    let wanted = http::query_pairs(query).into_iter().find(|(k, _)| k == "topic" || k == "key").map(|(_, v)| v);
+    let Some(topic) = wanted else {
+        return Response::error(400, "bad_request", "give ?topic=NAME");
+    };
+    let key = crate::route::RouteKey::Topic(topic.clone()).hash_input();
+    match ctx.membership.locate(&key) {
+        Some(node) => Response::typed(200, &Located { topic, node }),
+        None => Response::error(503, "no_node", "no node is routable"),
     }
 }
 
@@ -203,6 +218,24 @@ mod tests {
     fn run(m: &mut Membership, method: &str, path: &str, body: &str) -> Response {
         let shards = [Arc::new(ShardStats::default())];
         handle(method, path, body.as_bytes(), &mut Context { membership: m, shards: &shards })
+    }
+
+    #[test]
+    fn locate_names_the_node_the_shards_route_to() {
+        let mut m = Membership::new(1, 1, 101);
+        assert_eq!(run(&mut m, "GET", "/v1/locate?topic=orders", "").status, 503);
+        for port in [7001, 7002, 7003] {
+            assert_eq!(run(&mut m, "POST", "/v1/nodes", &format!(r#"{{"addr":"127.0.0.1:{port}"}}"#)).status, 201);
+        }
+        let view = m.view_if_changed().expect("a view");
+        for topic in ["orders", "chat", "a", "b", "c", "d", "e", "f"] {
+            let key = crate::route::RouteKey::Topic(topic.to_string()).hash_input();
+            let routed = view.table.lookup_index(&key).map(|i| view.addrs[i]);
+            let answer = run(&mut m, "GET", &format!("/v1/locate?topic={topic}"), "");
+            let located: Located = serde_json::from_str(&answer.body).expect("json");
+            assert_eq!(Some(located.node), routed, "{topic}");
+        }
+        assert_eq!(run(&mut m, "GET", "/v1/locate", "").status, 400);
     }
 
     #[test]

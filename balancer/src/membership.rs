@@ -212,6 +212,16 @@ impl Membership {
         })
     }
 
+    /// The node a routing key's connections go to now (the same table the
+    /// shards route with: built from the routable nodes, sorted by address).
+    pub fn locate(&self, key: &[u8]) -> Option<SocketAddr> {
+        let mut addrs: Vec<SocketAddr> = self.routable().map(|(a, _)| a).collect();
+        addrs.sort_by_key(|a| a.to_string());
+        let names: Vec<String> = addrs.iter().map(SocketAddr::to_string).collect();
+        let table = Table::build(&names, self.table_size).ok()?;
+        table.lookup_index(key).map(|i| addrs[i])
+    }
+
     /// The admin API's listing.
     pub fn list(&self) -> Vec<MemberInfo> {
         use crate::stats::get;

@@ -23,6 +23,8 @@ pub enum Failure {
     Unreachable { addr: String, why: String },
     /// The server answered something this tool does not understand.
     Protocol(String),
+    /// Something on this machine failed (writing an output file).
+    Local(String),
 }
 
 impl std::fmt::Display for Failure {
@@ -31,6 +33,7 @@ impl std::fmt::Display for Failure {
             Failure::Server { status, code, message } => write!(f, "{status} {code}: {message}"),
             Failure::Unreachable { addr, why } => write!(f, "cannot reach {addr}: {why}"),
             Failure::Protocol(why) => write!(f, "unexpected answer: {why}"),
+            Failure::Local(why) => write!(f, "{why}"),
         }
     }
 }
@@ -39,7 +42,7 @@ impl Failure {
     /// The process exit code (see the crate's documentation).
     pub fn exit_code(&self) -> u8 {
         match self {
-            Failure::Server { .. } | Failure::Protocol(_) => 1,
+            Failure::Server { .. } | Failure::Protocol(_) | Failure::Local(_) => 1,
             Failure::Unreachable { .. } => 3,
         }
     }

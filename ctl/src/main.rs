@@ -23,6 +23,7 @@ Examples:
   fluxctl sub orders --from 0 --count 10
   fluxctl sub orders --key order-17            # every event of one aggregate
   fluxctl stats                                # live rates, Ctrl-C to stop
+  fluxctl latency --hgrm node.hgrm --plot node.svg
   fluxctl snapshot create && fluxctl snapshot list
   fluxctl topology show --balancer 127.0.0.1:9081
   fluxctl completions bash > /etc/bash_completion.d/fluxctl";
@@ -102,8 +103,18 @@ enum Command {
         #[arg(long, default_value_t = 1000)]
         interval_ms: u64,
     },
-    /// A node's delivery latency percentiles (publish to socket write).
-    Latency,
+    /// A node's delivery latency percentiles (publish to socket write),
+    /// every shard merged: a table, and optionally a `.hgrm` file and an SVG
+    /// plot of the distribution.
+    Latency {
+        /// Also write the distribution in HdrHistogram's `.hgrm` text form.
+        #[arg(long, value_name = "FILE")]
+        hgrm: Option<std::path::PathBuf>,
+        /// Also write an SVG plot of the distribution (latency against
+        /// percentile, log scale).
+        #[arg(long, value_name = "FILE")]
+        plot: Option<std::path::PathBuf>,
+    },
     /// Snapshots of the durable topics in the object store (restore: start
     /// a node on an empty data directory with `fluxnode --restore ID`).
     Snapshot {
@@ -207,6 +218,11 @@ enum TopologyCommand {
         /// ip:port
         addr: String,
     },
+    /// The node a topic's connections go to now.
+    Locate {
+        /// The topic.
+        topic: String,
+    },
 }
 
 fn main() -> ExitCode {
@@ -267,9 +283,18 @@ fn run(cli: Cli) -> Result<(), Failure> {
             client::subscribe(&node, &topic, client::Start { from, since, key }, count, out)?
         }
         Command::Stats { once, interval_ms } => client::stats(&node, once, interval_ms, out)?,
-        Command::Latency => {
-            let text = node.get_text("/metrics")?;
-            render::latency(out, &client::parse_metrics(&text));
+        Command::Latency { hgrm, plot } => {
+            let report: proto::admin::LatencyReport = node.get("/v1/latency")?;
+            render::latency(out, &report);
+            let write = |path: &std::path::Path, body: String| {
+                std::fs::write(path, body).map_err(|e| Failure::Local(format!("{}: {e}", path.display())))
+            };
+            if let Some(path) = hgrm {
+                write(&path, render::hgrm(&report))?;
+            }
+            if let Some(path) = plot {
+                write(&path, render::plot_svg(&report))?;
+            }
         }
         Command::Snapshot { command } => match command {
             SnapshotCommand::Create => {
@@ -312,6 +337,11 @@ fn run(cli: Cli) -> Result<(), Failure> {
                     let v: serde_json::Value =
                         balancer.send("POST", &format!("/v1/nodes/{addr}/drain"), &serde_json::Value::Null)?;
                     render::value(out, &format!("draining {addr}"), &v);
+                }
+                TopologyCommand::Locate { topic } => {
+                    let located: proto::admin::Located =
+                        balancer.get(&format!("/v1/locate?topic={}", client::encode(&topic)))?;
+                    render::located(out, &located);
                 }
                 TopologyCommand::Undrain { addr } => {
                     let v: serde_json::Value =

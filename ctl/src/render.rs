@@ -5,7 +5,8 @@ use std::io::Write;
 use std::time::Duration;
 
 use proto::admin::{
-    LogMessage, Manifest, NodeList, PublishAnswer, SnapshotList, SnapshotMade, StatusBody, TopicInfo, TopicPage,
+    LatencyReport, Located, LogMessage, Manifest, NodeList, PublishAnswer, SnapshotList, SnapshotMade, StatusBody,
+    TopicInfo, TopicPage,
 };
 use serde::Serialize;
 
@@ -219,25 +220,78 @@ pub fn rates(out: Output, before: &BTreeMap<String, f64>, now: &BTreeMap<String,
     }
 }
 
-/// `latency`: the node's delivery latency quantiles.
-pub fn latency(out: Output, m: &BTreeMap<String, f64>) {
-    let name = "fluxnode_delivery_latency_seconds";
-    let quantiles = ["0.5", "0.9", "0.99", "0.999", "1"];
-    let picked: Vec<(String, f64)> = quantiles
+/// `latency`: the distribution's usual percentiles, milliseconds.
+pub fn latency(out: Output, report: &LatencyReport) {
+    let at = |q: f64| report.points.iter().find(|p| p.quantile >= q).or(report.points.last()).map_or(0, |p| p.value_us);
+    let picked: Vec<(&str, f64)> = [("p50", 0.5), ("p90", 0.9), ("p99", 0.99), ("p99.9", 0.999), ("max", 1.0)]
         .iter()
-        .map(|q| (q.to_string(), m.get(&format!("{name}{{quantile=\"{q}\"}}")).copied().unwrap_or(0.0) * 1e3))
+        .map(|(name, q)| (*name, at(*q) as f64 / 1e3))
         .collect();
-    let count = m.get(&format!("{name}_count")).copied().unwrap_or(0.0);
     match out {
-        Output::Json => json(
-            &serde_json::json!({ "count": count, "quantiles_ms": picked.iter().cloned().collect::<BTreeMap<_, _>>() }),
-        ),
+        Output::Json => json(report),
         Output::Table => {
-            let rows: Vec<Vec<String>> = picked.iter().map(|(q, v)| vec![q.clone(), format!("{v:.3}")]).collect();
-            table(&["QUANTILE", "MS"], &rows);
-            println!("({count} deliveries since the node started)");
+            let rows: Vec<Vec<String>> = picked.iter().map(|(q, v)| vec![q.to_string(), format!("{v:.3}")]).collect();
+            table(&["PERCENTILE", "MS"], &rows);
+            println!("({} deliveries since the node started)", report.count);
         }
     }
+}
+
+/// The distribution in HdrHistogram's `.hgrm` text form (values in ms).
+pub fn hgrm(report: &LatencyReport) -> String {
+    let mut out = String::from("       Value     Percentile TotalCount 1/(1-Percentile)\n\n");
+    for p in &report.points {
+        let inverse = if p.quantile < 1.0 { format!("{:.2}", 1.0 / (1.0 - p.quantile)) } else { "inf".into() };
+        out.push_str(&format!(
+            "{:12.3} {:14.12} {:10} {:>14}\n",
+            p.value_us as f64 / 1e3,
+            p.quantile,
+            p.total_count,
+            inverse
+        ));
+    }
+    let max = report.points.last().map_or(0, |p| p.value_us);
+    out.push_str(&format!("#[Max = {:12.3}, Total count = {:12}]\n", max as f64 / 1e3, report.count));
+    out
+}
+
+/// An SVG plot: latency (ms, linear) against percentile on the usual
+/// `1/(1-p)` log axis, from p0 to p99.99.
+pub fn plot_svg(report: &LatencyReport) -> String {
+    let (w, h, margin) = (720.0, 400.0, 60.0);
+    let x_of = |q: f64| ((1.0 / (1.0 - q.min(0.9999))).log10() / 4.0) * (w - 2.0 * margin) + margin;
+    let max_ms = report.points.iter().map(|p| p.value_us).max().unwrap_or(1).max(1) as f64 / 1e3;
+    let y_of = |ms: f64| h - margin - ms / max_ms * (h - 2.0 * margin);
+    let path: Vec<String> = report
+        .points
+        .iter()
+        .filter(|p| p.quantile <= 0.9999)
+        .map(|p| format!("{:.1},{:.1}", x_of(p.quantile), y_of(p.value_us as f64 / 1e3)))
+        .collect();
+    let mut svg = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"{w}\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"12\">\n\
+         <rect width=\"100%\" height=\"100%\" fill=\"white\"/>\n\
+         <text x=\"{margin}\" y=\"20\">FluxNode delivery latency ({} deliveries), ms by percentile</text>\n",
+        report.count
+    );
+    for (label, q) in [("0%", 0.0), ("90%", 0.9), ("99%", 0.99), ("99.9%", 0.999), ("99.99%", 0.9999)] {
+        let x = x_of(q);
+        svg.push_str(&format!(
+            "<line x1=\"{x:.1}\" y1=\"{margin}\" x2=\"{x:.1}\" y2=\"{:.1}\" stroke=\"#ddd\"/><text x=\"{x:.1}\" y=\"{:.1}\">{label}</text>\n",
+            h - margin,
+            h - margin + 16.0
+        ));
+    }
+    svg.push_str(&format!(
+        "<text x=\"4\" y=\"{:.1}\">{max_ms:.1} ms</text><text x=\"4\" y=\"{:.1}\">0</text>\n",
+        margin,
+        h - margin
+    ));
+    svg.push_str(&format!(
+        "<polyline fill=\"none\" stroke=\"#1f77b4\" stroke-width=\"2\" points=\"{}\"/>\n</svg>\n",
+        path.join(" ")
+    ));
+    svg
 }
 
 /// `topology show`.
@@ -306,4 +360,12 @@ pub fn manifest(out: Output, m: &Manifest) {
         })
         .collect();
     table(&["TOPIC", "EPOCH", "SEQUENCES", "SEGMENTS", "BYTES"], &rows);
+}
+
+/// `topology locate`.
+pub fn located(out: Output, located: &Located) {
+    match out {
+        Output::Json => json(located),
+        Output::Table => println!("{} -> {}", located.topic, located.node),
+    }
 }

@@ -64,6 +64,17 @@ fn an_operator_session() {
     let stats: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(stats["published"], 7.0, "{out}");
 
+    let hgrm = dir.with_extension("hgrm");
+    let svg = dir.with_extension("svg");
+    let (code, out, err) =
+        fluxctl(&node, &["latency", "--hgrm", hgrm.to_str().unwrap(), "--plot", svg.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("p99") && out.contains("deliveries"), "{out}");
+    let text = std::fs::read_to_string(&hgrm).unwrap();
+    assert!(text.contains("Percentile") && text.contains("#[Max ="), "{text}");
+    assert!(std::fs::read_to_string(&svg).unwrap().contains("<polyline"));
+    let _ = (std::fs::remove_file(&hgrm), std::fs::remove_file(&svg));
+
     // Errors: the server's code and a non-zero exit.
     let (code, _, err) = fluxctl(&node, &["topics", "delete", "chat"]);
     assert_eq!(code, 1);

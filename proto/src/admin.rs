@@ -185,6 +185,37 @@ pub struct MemberInfo {
     pub bytes_from_node: u64,
 }
 
+/// A node's delivery latency distribution (`GET /v1/latency`): publish
+/// (sequencing) to the socket write, every shard merged, as the HdrHistogram
+/// percentile iteration gives it (the rows of a `.hgrm` file).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LatencyReport {
+    /// Deliveries counted.
+    pub count: u64,
+    /// The distribution, in increasing percentile.
+    pub points: Vec<LatencyPoint>,
+}
+
+/// One row of a [`LatencyReport`].
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct LatencyPoint {
+    /// The latency, microseconds.
+    pub value_us: u64,
+    /// The fraction of deliveries at or below it (0 to 1).
+    pub quantile: f64,
+    /// Deliveries at or below it.
+    pub total_count: u64,
+}
+
+/// Where the balancer sends a topic (`GET /v1/locate?topic=T`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Located {
+    /// The topic (or `key`) asked about.
+    pub topic: String,
+    /// The node its connections go to now.
+    pub node: SocketAddr,
+}
+
 /// The balancer's node listing (`GET /v1/nodes`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeList {

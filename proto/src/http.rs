@@ -160,6 +160,8 @@ pub enum Route {
     Readyz,
     /// `GET /metrics`
     Metrics,
+    /// `GET /v1/latency`: the delivery latency distribution.
+    Latency,
     /// `GET /v1/topics`
     ListTopics,
     /// `GET /v1/topics/{topic}`
@@ -204,6 +206,7 @@ pub fn route(method: &str, path: &str) -> Route {
         "/healthz" => pick(get, Route::Healthz),
         "/readyz" => pick(get, Route::Readyz),
         "/metrics" => pick(get, Route::Metrics),
+        "/v1/latency" => pick(get, Route::Latency),
         "/publish" => pick(post, Route::LegacyPublish),
         "/subscribe" => pick(get, Route::LegacySubscribe),
         "/v1/ws" => pick(get, Route::NativeSocket),

@@ -187,6 +187,27 @@ impl Metrics {
     }
 }
 
+/// The delivery latency distribution of all shards, merged.
+pub fn latency_report(shards: &[ShardStats]) -> crate::admin::LatencyReport {
+    let mut merged = Histogram::<u64>::new_with_max(LATENCY_US_MAX, 3).expect("valid histogram bounds");
+    for s in shards {
+        let _ = merged.add(&s.latency_us);
+    }
+    let mut total = 0;
+    let points = merged
+        .iter_quantiles(1)
+        .map(|v| {
+            total += v.count_since_last_iteration();
+            crate::admin::LatencyPoint {
+                value_us: merged.highest_equivalent(v.value_iterated_to()),
+                quantile: v.quantile_iterated_to(),
+                total_count: total,
+            }
+        })
+        .collect();
+    crate::admin::LatencyReport { count: merged.len(), points }
+}
+
 /// Renders Prometheus text exposition for all shards.
 pub fn render_prometheus(shards: &[ShardStats]) -> String {
     let mut out = String::new();

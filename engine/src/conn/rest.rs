@@ -17,7 +17,7 @@ pub(super) async fn respond(
             let (status, state) = readiness(shard);
             http::json(status, &StatusBody { status: state.into() }, keep_alive)
         }
-        Route::Metrics | Route::ListTopics | Route::TopicInfo(_) => {
+        Route::Metrics | Route::Latency | Route::ListTopics | Route::TopicInfo(_) => {
             control(shard, route, &head.query, keep_alive).await
         }
         Route::LegacyPublish => legacy_publish(shard, &body, keep_alive).await,
@@ -106,6 +106,7 @@ pub(super) async fn control(shard: &Rc<Shard>, route: Route, query: &str, keep_a
                 let text = metrics::render_prometheus(&shard.gather_stats(None).await);
                 http::response(200, "text/plain; version=0.0.4", text.as_bytes(), keep_alive)
             }
+            Route::Latency => http::json(200, &metrics::latency_report(&shard.gather_stats(None).await), keep_alive),
             Route::TopicInfo(name) => match TopicName::new(&name) {
                 Err(e) => http::json_error(400, "invalid_topic", &e.to_string(), keep_alive),
                 Ok(topic) => {
