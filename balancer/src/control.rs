@@ -158,7 +158,9 @@ async fn read_request(stream: &mut TcpStream) -> Result<Option<(String, String, 
         buf.extend_from_slice(&chunk[..n]);
     }
     let body = buf[head_len..head_len + head.content_length].to_vec();
-    Ok(Some((head.method, head.path, body)))
+    // The admin API sees the query too (`/v1/locate?topic=T`).
+    let path = if head.query.is_empty() { head.path } else { format!("{}?{}", head.path, head.query) };
+    Ok(Some((head.method, path, body)))
 }
 
 /// One health check: connect, `GET /readyz`, judge the status line, all

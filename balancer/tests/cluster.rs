@@ -99,7 +99,12 @@ fn a_topics_publishers_and_subscribers_meet_on_one_node() {
     let mut subscribers: Vec<Ws> = topics.iter().map(|t| subscribe(&balancer, t)).collect();
     let mut used = [0usize; 3];
     for (topic, ws) in topics.iter().zip(subscribers.iter_mut()) {
-        used[holder(&nodes, topic)] += 1;
+        let at = holder(&nodes, topic);
+        used[at] += 1;
+        // The admin API names the node the connection went to.
+        let (status, located) = balancer.admin("GET", &format!("/v1/locate?topic={topic}"), "");
+        assert_eq!(status, 200, "{located}");
+        assert!(located.contains(&nodes[at].addr()), "{topic}: {located}, held by {}", nodes[at].addr());
         let (status, body) = balancer.publish(topic, &format!("hello {topic}"));
         assert_eq!(status, 200, "{body}");
         expect_text(ws, &format!("hello {topic}"));
