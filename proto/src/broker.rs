@@ -923,7 +923,9 @@ impl Broker {
                 last_offered = Some(message.seq); // before the start asked for: skipped, not lost
                 continue;
             }
-            let frame = Frame::data(encode(sub.format, topic, message), message.published_at);
+            // A replay's latency counts from now: its messages' publish
+            // times would measure how old the history is, not the node.
+            let frame = Frame::data(encode(sub.format, topic, message), now.at);
             if last_offered.is_some() && !sub.out.has_room_for(frame.bytes.len()) {
                 break;
             }
