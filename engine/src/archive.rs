@@ -459,7 +459,5 @@ fn write_synced(path: &Path, body: &[u8]) -> Result<(), RestoreError> {
 
 /// An epoch no earlier incarnation had: the clock, the process and the name.
 fn fresh_epoch(topic: &str) -> u64 {
-    let nanos =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
-    proto::hash::avalanche(nanos ^ (u64::from(std::process::id()) << 32) ^ proto::hash::fnv1a(topic.as_bytes()))
+    proto::hash::avalanche(crate::shard::epoch_seed(0) ^ proto::hash::fnv1a(topic.as_bytes()))
 }

@@ -89,15 +89,7 @@ impl Shard {
     /// Asks `topic`'s owner shard (maybe this one) to declare, delete or
     /// read it.
     pub async fn durable(self: &Rc<Self>, topic: &TopicName, ask: DurableAsk) -> DurableAnswer {
-        let owner = topic.owner_shard(self.shards);
-        if owner == self.id {
-            return self.serve_durable(ask).await;
-        }
-        let req = self.next_id();
-        let slot = Slot::default();
-        self.awaited.borrow_mut().insert(req, Awaited::Durable(slot.clone()));
-        self.send(owner, Item::DurableRequest { req, ask: Box::new(ask) });
-        slot.wait().await
+        self.durable_on(topic.owner_shard(self.shards), ask).await
     }
 
     /// Asks shard `shard` (maybe this one) for its part of a snapshot.
@@ -105,19 +97,22 @@ impl Shard {
         self: &Rc<Self>,
         shard: usize,
     ) -> Result<Vec<crate::archive::ManifestTopic>, String> {
-        let answer = if shard == self.id {
-            self.serve_durable(DurableAsk::Snapshot).await
-        } else {
-            let req = self.next_id();
-            let slot = Slot::default();
-            self.awaited.borrow_mut().insert(req, Awaited::Durable(slot.clone()));
-            self.send(shard, Item::DurableRequest { req, ask: Box::new(DurableAsk::Snapshot) });
-            slot.wait().await
-        };
-        match answer {
+        match self.durable_on(shard, DurableAsk::Snapshot).await {
             DurableAnswer::Snapshot(part) => part,
             other => Err(format!("unexpected answer {other:?}")),
         }
+    }
+
+    /// Carries out `ask` on shard `shard`: here, or through its durable task.
+    async fn durable_on(self: &Rc<Self>, shard: usize, ask: DurableAsk) -> DurableAnswer {
+        if shard == self.id {
+            return self.serve_durable(ask).await;
+        }
+        let req = self.next_id();
+        let slot = Slot::default();
+        self.awaited.borrow_mut().insert(req, Awaited::Durable(slot.clone()));
+        self.send(shard, Item::DurableRequest { req, ask: Box::new(ask) });
+        slot.wait().await
     }
 
     /// Serves peers' durable requests, in the control queue.
@@ -280,7 +275,7 @@ impl Shard {
                 if out.is_closing() || !shard.broker.borrow().catching_up(&topic, req) {
                     return;
                 }
-                let room = out.cap_bytes().saturating_sub(out.queued_bytes());
+                let room = out.room();
                 if room >= out.cap_bytes() / 2 {
                     shard.broker.borrow_mut().catch_up(&topic, req, room, Now::read());
                     shard.apply();

@@ -347,7 +347,8 @@ impl Shard {
         let limits = BrokerLimits { publish_bytes_in_flight_max: REMOTE_PUBLISH_BYTES_IN_FLIGHT_MAX };
         let metrics = Rc::new(Metrics::default());
         let owner = Owner::new(owner_limits, epoch_seed(id));
-        let config_for_store = config.clone();
+        let store = Store::new(config.data_dir(), config.fsync());
+        let log_limits = LogLimits { segment_bytes_max: config.segment_bytes_max(), ..LogLimits::default() };
         Rc::new(Shard {
             id,
             shards,
@@ -374,8 +375,8 @@ impl Shard {
             stats_requests: RefCell::default(),
             stats_wake: Event::default(),
             links,
-            store: Store::new(config_data_dir(&config_for_store), config_for_store.fsync()),
-            log_limits: LogLimits { segment_bytes_max: config_for_store.segment_bytes_max(), ..LogLimits::default() },
+            store,
+            log_limits,
             commit_wake: Event::default(),
             committing: Cell::new(false),
             durable_requests: RefCell::default(),
@@ -795,14 +796,10 @@ impl Shard {
     }
 }
 
-fn config_data_dir(config: &Config) -> &std::path::Path {
-    config.data_dir()
-}
-
 /// A seed for this process's topic epochs: the wall clock's nanoseconds,
 /// the process id and the shard, so that a restarted node (or another node)
 /// never gives a topic the epoch it had before.
-fn epoch_seed(shard: usize) -> u64 {
+pub(crate) fn epoch_seed(shard: usize) -> u64 {
     let nanos =
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(0);
     nanos ^ (u64::from(std::process::id()) << 32) ^ ((shard as u64) << 56)

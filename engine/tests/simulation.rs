@@ -776,7 +776,7 @@ impl Sim {
         }
         let i = self.rng.below(self.catch_ups.len());
         let (_, _, _, out) = &self.catch_ups[i];
-        let room = out.cap_bytes().saturating_sub(out.queued_bytes());
+        let room = out.room();
         if out.is_closing() {
             self.catch_ups.swap_remove(i);
         } else if room >= out.cap_bytes() / 2 {

@@ -129,6 +129,9 @@ struct Reading {
     grant: Grant,
 }
 
+/// Per topic, entries in increasing sequence.
+type BySeq<T> = HashMap<TopicName, VecDeque<(u64, T)>, ahash::RandomState>;
+
 /// A publish whose answer waits for its durable topic's commit.
 #[derive(Debug)]
 enum Held {
@@ -334,10 +337,10 @@ pub struct Broker {
     actions: Vec<Action>,
     /// Publishes awaiting their durable topic's commit, per topic, by
     /// sequence, with the level they wait for.
-    held: HashMap<TopicName, VecDeque<(u64, AckLevel, Held)>, ahash::RandomState>,
+    held: BySeq<(AckLevel, Held)>,
     /// Publishes at ack `stored` whose commit is written, awaiting the
     /// upload of their segment, per topic, by sequence.
-    stored_wait: HashMap<TopicName, VecDeque<(u64, Held)>, ahash::RandomState>,
+    stored_wait: BySeq<Held>,
     /// `Action::Commit` was asked for and the commits not yet taken.
     commit_asked: bool,
     /// Catch-up reads of durable logs in progress, by read id.
@@ -542,17 +545,7 @@ impl Broker {
     /// `topic`'s segments through `through_seq` are in the object store:
     /// publishers waiting at ack `stored` are answered.
     pub fn stored(&mut self, topic: &TopicName, through_seq: u64, now: Now) {
-        let Some(queue) = self.stored_wait.get_mut(topic) else { return };
-        let mut done = Vec::new();
-        while queue.front().is_some_and(|(seq, _)| *seq <= through_seq) {
-            if let Some(entry) = queue.pop_front() {
-                done.push(entry);
-            }
-        }
-        if queue.is_empty() {
-            self.stored_wait.remove(topic);
-        }
-        for (seq, held) in done {
+        for (seq, held) in take_through(&mut self.stored_wait, topic, through_seq) {
             self.answer(held, Ok(seq), now);
         }
     }
@@ -572,11 +565,18 @@ impl Broker {
     /// nothing unsealed.
     pub fn seal(&mut self, topic: &TopicName) -> bool {
         let sealed = self.owner.seal(topic);
-        if sealed && !self.commit_asked {
+        if sealed {
+            self.ask_commit();
+        }
+        sealed
+    }
+
+    /// Asks the shell for a commit pass, once until it takes the commits.
+    fn ask_commit(&mut self) {
+        if !self.commit_asked {
             self.commit_asked = true;
             self.actions.push(Action::Commit);
         }
-        sealed
     }
 
     /// Publishes waiting for an upload.
@@ -606,17 +606,7 @@ impl Broker {
         result: impl Fn(u64) -> Result<u64, OwnerError>,
         now: Now,
     ) {
-        let Some(queue) = self.held.get_mut(topic) else { return };
-        let mut done = Vec::new();
-        while queue.front().is_some_and(|(seq, _, _)| *seq <= through_seq) {
-            if let Some(entry) = queue.pop_front() {
-                done.push(entry);
-            }
-        }
-        if queue.is_empty() {
-            self.held.remove(topic);
-        }
-        for (seq, level, held) in done {
+        for (seq, (level, held)) in take_through(&mut self.held, topic, through_seq) {
             match (level, result(seq)) {
                 // Written; now it waits for its segment's upload.
                 (AckLevel::Stored, Ok(_)) => self.stored_wait.entry(topic.clone()).or_default().push_back((seq, held)),
@@ -640,7 +630,7 @@ impl Broker {
     /// Keeps a publish's answer until its topic's commit (and, at ack
     /// `stored`, its upload).
     fn hold(&mut self, topic: TopicName, seq: u64, level: AckLevel, held: Held) {
-        self.held.entry(topic).or_default().push_back((seq, level, held));
+        self.held.entry(topic).or_default().push_back((seq, (level, held)));
     }
 
     /// Subscribes a connection of this shard. Live at once when the topic
@@ -668,6 +658,8 @@ impl Broker {
                 serde_json::json!({ "topic": topic.as_str(), "epoch": epoch.to_string(), "last_seq": last_seq }),
             ));
         }
+        // What a catch-up's first batch may bring: the queue's free room.
+        let room = out.room();
         local.subs.push(Subscriber { id: sub_id, out, format, last_seq, pending });
         metrics::add(&self.metrics.subscriptions_current, 1);
         if let Some(epoch) = live_epoch {
@@ -676,7 +668,6 @@ impl Broker {
         let req = sub_id;
         self.waiting.insert(req, Waiting::Subscribe);
         let owner = topic.owner_shard(self.shards);
-        let room = out_room(&local_sub_out(self, &topic, sub_id));
         self.send(owner, Item::Subscribe { topic, client, from, req, room }, now);
         Subscription::Pending { req, sub_id }
     }
@@ -816,12 +807,8 @@ impl Broker {
         metrics::add(&self.metrics.messages_published, 1);
         metrics::add(&self.metrics.bytes_published, len);
         let seq = message.seq;
-        if held {
-            if !self.commit_asked {
-                self.commit_asked = true;
-                self.actions.push(Action::Commit);
-            }
-            let default = self.owner.durable(topic).map_or(AckLevel::Local, |(spec, _)| spec.ack);
+        if let Some(default) = held {
+            self.ask_commit();
             let level = ack.unwrap_or(default);
             return Ok((seq, (level != AckLevel::None).then_some(level)));
         }
@@ -991,6 +978,18 @@ impl Broker {
     }
 }
 
+/// Takes the entries of `topic`'s queue with sequence <= `through_seq`,
+/// forgetting a queue left empty.
+fn take_through<T>(queues: &mut BySeq<T>, topic: &TopicName, through_seq: u64) -> Vec<(u64, T)> {
+    let Some(queue) = queues.get_mut(topic) else { return Vec::new() };
+    let n = queue.partition_point(|(seq, _)| *seq <= through_seq);
+    let done = queue.drain(..n).collect();
+    if queue.is_empty() {
+        queues.remove(topic);
+    }
+    done
+}
+
 /// Tells a subscriber catching up that it cannot get `gap`: a notice on
 /// the native protocol; a raw socket closes as its resume would have (its
 /// client resumes after the gap). False when the connection closes.
@@ -1020,18 +1019,6 @@ fn merge_gaps(a: Option<SeqRange>, b: Option<SeqRange>) -> Option<SeqRange> {
         (Some(a), Some(b)) => Some(SeqRange { from_seq: a.from_seq.min(b.from_seq), to_seq: a.to_seq.max(b.to_seq) }),
         (a, b) => a.or(b),
     }
-}
-
-/// Bytes a queue may take before its cap (a catch-up batch's size).
-fn out_room(out: &Option<Rc<Outbound>>) -> usize {
-    out.as_ref().map_or(0, |o| o.cap_bytes().saturating_sub(o.queued_bytes()))
-}
-
-/// The queue of subscription `sub_id` of `topic` on this shard.
-fn local_sub_out(broker: &Broker, topic: &TopicName, sub_id: u64) -> Option<Rc<Outbound>> {
-    let slot = *broker.topics.get(topic)?;
-    let local = broker.slots[slot].as_ref()?;
-    local.subs.iter().find(|s| s.id == sub_id).map(|s| s.out.clone())
 }
 
 /// Counts an offer and lists a direct-mode queue for the next flush.

@@ -187,12 +187,18 @@ impl Metrics {
     }
 }
 
-/// The delivery latency distribution of all shards, merged.
-pub fn latency_report(shards: &[ShardStats]) -> crate::admin::LatencyReport {
+/// Every shard's delivery latency histogram in one.
+fn merged_latency(shards: &[ShardStats]) -> Histogram<u64> {
     let mut merged = Histogram::<u64>::new_with_max(LATENCY_US_MAX, 3).expect("valid histogram bounds");
     for s in shards {
         let _ = merged.add(&s.latency_us);
     }
+    merged
+}
+
+/// The delivery latency distribution of all shards, merged.
+pub fn latency_report(shards: &[ShardStats]) -> crate::admin::LatencyReport {
+    let merged = merged_latency(shards);
     let mut total = 0;
     let points = merged
         .iter_quantiles(1)
@@ -220,10 +226,7 @@ pub fn render_prometheus(shards: &[ShardStats]) -> String {
         out,
         "# HELP fluxnode_topics Topics on this node.\n# TYPE fluxnode_topics gauge\nfluxnode_topics {topics}"
     );
-    let mut merged = Histogram::<u64>::new_with_max(LATENCY_US_MAX, 3).expect("valid histogram bounds");
-    for s in shards {
-        let _ = merged.add(&s.latency_us);
-    }
+    let merged = merged_latency(shards);
     let name = "fluxnode_delivery_latency_seconds";
     let _ = writeln!(out, "# HELP {name} Publish (sequencing) to socket write latency.\n# TYPE {name} summary");
     for q in [0.5, 0.9, 0.99, 0.999, 1.0] {

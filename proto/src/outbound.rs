@@ -391,9 +391,14 @@ impl Outbound {
         self.cap_bytes
     }
 
+    /// Data bytes that fit under the cap now.
+    pub fn room(&self) -> usize {
+        self.cap_bytes.saturating_sub(self.queued_bytes.get())
+    }
+
     /// Whether `bytes` more fit under the cap now.
     pub fn has_room_for(&self, bytes: usize) -> bool {
-        self.queued_bytes.get() + bytes <= self.cap_bytes
+        bytes <= self.room()
     }
 
     /// Messages dropped so far.

@@ -10,7 +10,9 @@ use std::time::Instant;
 
 use bytes::Bytes;
 
-use crate::durable::{DurableSpec, Recovered, TopicLog, WriteJob, UNWRITTEN_BYTES_MAX, UNWRITTEN_MESSAGES_MAX};
+use crate::durable::{
+    AckLevel, DurableSpec, Recovered, TopicLog, WriteJob, UNWRITTEN_BYTES_MAX, UNWRITTEN_MESSAGES_MAX,
+};
 use crate::history::History;
 pub use crate::history::SeqRange;
 use crate::log::Record;
@@ -133,9 +135,10 @@ pub struct Sequenced {
     pub epoch: Epoch,
     /// Bit i set: shard i has subscribers to deliver it to.
     pub subscriber_shards: u64,
-    /// A durable topic's message: neither delivered nor in history until
-    /// its write is reported ([`Owner::written`]); `subscriber_shards` is 0.
-    pub held: bool,
+    /// Set for a durable topic's message, with the topic's default
+    /// acknowledgement level: neither delivered nor in history until its
+    /// write is reported ([`Owner::written`]); `subscriber_shards` is 0.
+    pub held: Option<AckLevel>,
 }
 
 /// One durable topic's share of a group commit: the writes to make, and
@@ -385,10 +388,10 @@ impl Owner {
             d.unwritten.push_back(message.clone());
             first_append = !d.appended;
             d.appended = true;
-            true
+            Some(d.spec.ack)
         } else {
             t.history.push(message.clone());
-            false
+            None
         };
         t.last_seq = seq;
         if now.at.duration_since(t.window_start).as_secs() >= 1 {
@@ -397,7 +400,7 @@ impl Owner {
             t.window_start = now.at;
         }
         t.window_count += 1;
-        let subscriber_shards = if held { 0 } else { t.subscriber_shards };
+        let subscriber_shards = if held.is_some() { 0 } else { t.subscriber_shards };
         let epoch = t.epoch;
         if first_append {
             self.appended.push(topic.clone());
@@ -823,7 +826,7 @@ mod tests {
         o.subscribe(&t, 1, A, None, now).unwrap();
         let s1 = o.publish(&t, PayloadKind::Text, Bytes::from_static(b"a"), None, at(now)).unwrap();
         let s2 = o.publish(&t, PayloadKind::Text, Bytes::from_static(b"b"), None, at(now)).unwrap();
-        assert!(s1.held && s2.held && s1.subscriber_shards == 0);
+        assert!(s1.held.is_some() && s2.held.is_some() && s1.subscriber_shards == 0);
         // Not visible before the write: a subscriber's grant stops before it.
         assert_eq!(o.subscribe(&t, 2, B, None, now).unwrap().last_seq, 0);
         assert!(o.has_commits());
