@@ -20,7 +20,6 @@
 //! ```
 
 use std::collections::{HashMap, HashSet, VecDeque};
-use std::path::Path;
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -30,11 +29,11 @@ use objstore::{Done, Job, Outcomes, Worker};
 pub use proto::admin::{Manifest, ManifestSegment, ManifestTopic};
 use proto::durable::SegmentInfo;
 use proto::message::Now;
+use proto::metrics;
 use proto::topic::TopicName;
 
-use crate::config::Config;
 use crate::shard::Shard;
-use crate::store::{Meta, Store};
+use crate::store::Store;
 
 /// How often a shard looks at its uploads' outcomes while any is pending.
 const ARCHIVE_POLL_MS: u64 = 5;
@@ -75,6 +74,7 @@ impl Shard {
 
     /// Queues a sealed segment for upload.
     pub(crate) fn upload_sealed(&self, topic: &TopicName, info: SegmentInfo) {
+        metrics::add(&self.metrics.upload_backlog_bytes, info.len);
         self.uploads.borrow_mut().backlog.push_back((topic.clone(), info, 0));
         self.archive_wake.notify();
     }
@@ -161,6 +161,8 @@ impl Shard {
             match upload {
                 Some((topic, info, attempts)) => match &d.result {
                     Ok(_) => {
+                        metrics::sub(&self.metrics.upload_backlog_bytes, info.len);
+                        metrics::add(&self.metrics.uploaded_bytes, info.len);
                         let mut broker = self.broker.borrow_mut();
                         // Publishers at `stored` are answered only through
                         // the oldest segments that are all uploaded.
@@ -175,6 +177,7 @@ impl Shard {
                     Err(e) => {
                         let gone = !self.store.segment_path(&topic, info.base_seq).exists();
                         if gone || attempts + 1 >= UPLOAD_ATTEMPTS {
+                            metrics::sub(&self.metrics.upload_backlog_bytes, info.len);
                             tracing::error!(topic = topic.as_str(), "segment {} not uploaded: {e}", info.base_seq);
                         } else {
                             tracing::warn!(
@@ -198,7 +201,7 @@ impl Shard {
     }
 
     /// Runs one non-upload job on the worker and waits for its outcome.
-    async fn run_job(&self, make: impl FnOnce(u64, Outcomes) -> Job) -> Result<Option<Bytes>, String> {
+    pub(crate) async fn run_job(&self, make: impl FnOnce(u64, Outcomes) -> Job) -> Result<Option<Bytes>, String> {
         let Some(worker) = self.worker() else { return Err("no object store".into()) };
         let (tag, outcomes) = {
             let mut uploads = self.uploads.borrow_mut();
@@ -240,10 +243,14 @@ impl Shard {
     /// them.
     pub(crate) async fn snapshot_part(&self) -> Result<Vec<ManifestTopic>, String> {
         let names = self.broker.borrow().owner().durable_names();
-        // What each topic had made visible when asked: the snapshot waits
-        // for that much to be uploaded, not for the node to go quiet.
-        let targets: Vec<(TopicName, u64)> =
-            names.iter().filter_map(|t| Some((t.clone(), self.broker.borrow().owner().stat(t)?.last_seq))).collect();
+        // What each topic's log held when asked: the snapshot waits for
+        // that much to be uploaded, not for the node to go quiet. (Not the
+        // topic's last sequence: after an unclean stop it skips numbers no
+        // record will ever have.)
+        let targets: Vec<(TopicName, u64)> = names
+            .iter()
+            .filter_map(|t| Some((t.clone(), self.broker.borrow().owner().durable(t)?.1.next_seq() - 1)))
+            .collect();
         for topic in &names {
             self.broker.borrow_mut().seal(topic);
         }
@@ -275,13 +282,15 @@ impl Shard {
         for topic in names {
             let (Some((spec, log)), Some(stat)) = (owner.durable(&topic), owner.stat(&topic)) else { continue };
             let segments = log
-                .uploaded_segments()
+                .stored_segments()
                 .into_iter()
                 .map(|s| ManifestSegment {
                     base_seq: s.base_seq,
                     last_seq: s.last_seq,
                     bytes: s.len,
-                    key: segment_key(&self.store, &topic, &s),
+                    key: segment_key(&self.store, &topic, &s.info()),
+                    first_ms: s.first_ms,
+                    last_ms: s.last_ms,
                 })
                 .collect();
             topics.push(ManifestTopic {
@@ -368,96 +377,10 @@ impl Shard {
                 if keys.contains(&segment_key(&self.store, &topic, &info)) {
                     log.uploaded(info.base_seq);
                 } else {
+                    metrics::add(&self.metrics.upload_backlog_bytes, info.len);
                     self.uploads.borrow_mut().backlog.push_back((topic.clone(), info, 0));
                 }
             }
         }
     }
-}
-
-/// Why a restore failed.
-#[derive(Debug, thiserror::Error)]
-pub enum RestoreError {
-    /// The data directory already holds durable topics.
-    #[error("{0} already holds durable topics: restore only into an empty data directory")]
-    NotEmpty(String),
-    /// No such snapshot.
-    #[error("no snapshot {0:?} in the object store")]
-    Missing(String),
-    /// The store or the disk failed.
-    #[error("{0}")]
-    Failed(String),
-}
-
-/// Restores every durable topic of snapshot `which` (`latest` or an id)
-/// into `config`'s empty data directory: segments downloaded into place,
-/// `meta.json` with a new epoch (the snapshot may be older than what
-/// subscribers saw, so numbers after it cannot be trusted to mean the same
-/// messages: resumes are told `epoch_changed`), and the clean mark (the
-/// numbers continue after the last one restored). Blocking; runs before the
-/// shards start.
-pub fn restore(worker: &Worker, config: &Config, which: &str) -> Result<(usize, usize, u64), RestoreError> {
-    let topics_dir = config.data_dir().join("topics");
-    let occupied = std::fs::read_dir(&topics_dir).map(|mut d| d.next().is_some()).unwrap_or(false);
-    if occupied {
-        return Err(RestoreError::NotEmpty(topics_dir.display().to_string()));
-    }
-    let which = which.to_string();
-    let manifest = worker
-        .block_on(move |s| {
-            Box::pin(async move {
-                let id = if which == "latest" {
-                    match s.get("snapshots/latest").await? {
-                        Some(id) => String::from_utf8_lossy(&id).trim().to_string(),
-                        None => return Ok(None),
-                    }
-                } else {
-                    which
-                };
-                s.get(&format!("snapshots/{id}.json")).await
-            })
-        })
-        .map_err(|e| RestoreError::Failed(e.to_string()))?
-        .ok_or_else(|| RestoreError::Missing(config.restore().unwrap_or_default().to_string()))?;
-    let manifest: Manifest = serde_json::from_slice(&manifest).map_err(|e| RestoreError::Failed(e.to_string()))?;
-    let (mut segments, mut bytes) = (0, 0);
-    for t in &manifest.topics {
-        let dir = topics_dir.join(&t.dir);
-        std::fs::create_dir_all(&dir).map_err(|e| RestoreError::Failed(format!("{}: {e}", dir.display())))?;
-        for seg in &t.segments {
-            let key = seg.key.clone();
-            let body = worker
-                .block_on(move |s| Box::pin(async move { s.get(&key).await }))
-                .map_err(|e| RestoreError::Failed(e.to_string()))?
-                .ok_or_else(|| RestoreError::Failed(format!("segment {} is missing from the store", seg.key)))?;
-            if body.len() as u64 != seg.bytes {
-                return Err(RestoreError::Failed(format!(
-                    "segment {}: {} bytes, manifest says {}",
-                    seg.key,
-                    body.len(),
-                    seg.bytes
-                )));
-            }
-            write_synced(&dir.join(format!("{:020}.log", seg.base_seq)), &body)?;
-            segments += 1;
-            bytes += body.len() as u64;
-        }
-        let epoch = proto::message::Epoch(fresh_epoch(&t.topic));
-        let meta = Meta { topic: t.topic.clone(), epoch: epoch.to_string(), spec: t.spec, seq_floor: 0 };
-        write_synced(&dir.join("meta.json"), &serde_json::to_vec_pretty(&meta).unwrap_or_default())?;
-        write_synced(&dir.join("clean"), b"")?;
-    }
-    Ok((manifest.topics.len(), segments, bytes))
-}
-
-fn write_synced(path: &Path, body: &[u8]) -> Result<(), RestoreError> {
-    let fail = |e: std::io::Error| RestoreError::Failed(format!("{}: {e}", path.display()));
-    let file = std::fs::File::create(path).map_err(fail)?;
-    std::io::Write::write_all(&mut &file, body).map_err(fail)?;
-    file.sync_all().map_err(fail)
-}
-
-/// An epoch no earlier incarnation had: the clock, the process and the name.
-fn fresh_epoch(topic: &str) -> u64 {
-    proto::hash::avalanche(crate::shard::epoch_seed(0) ^ proto::hash::fnv1a(topic.as_bytes()))
 }

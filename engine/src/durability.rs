@@ -64,8 +64,8 @@ pub enum DurableAnswer {
         last_seq: u64,
         /// The records, in order.
         records: Vec<Record>,
-        /// Whether more records match after the last one.
-        more: bool,
+        /// Where the next page starts (`from_seq`), when more may match.
+        next_seq: Option<u64>,
     },
     /// A shard's part of a snapshot.
     Snapshot(Result<Vec<crate::archive::ManifestTopic>, String>),
@@ -159,6 +159,7 @@ impl Shard {
                 if !self.broker.borrow_mut().owner_mut().undeclare_durable(&topic) {
                     return DurableAnswer::failed(409, "busy", "messages are still being written; retry");
                 }
+                self.fetched.borrow_mut().forget(&topic);
                 match self.store.delete(&topic).await {
                     Ok(()) => DurableAnswer::Done,
                     Err(e) => DurableAnswer::failed(500, "storage_failed", e.to_string()),
@@ -175,8 +176,18 @@ impl Shard {
                         ReadFrom::Key { key, from_seq } => Some(log.key_records(key, *from_seq)),
                         _ => None,
                     };
-                    (log.plan(from, limit), total, stat.epoch, log.first_seq(), stat.last_seq)
+                    (log.plan(from, limit), total, stat.epoch, log.first_readable_seq(), stat.last_seq)
                 };
+                if plan.archived.is_some() {
+                    // Before what is on disk: from the object store.
+                    return match self.read_archived(&topic, &plan).await {
+                        Ok(page) => {
+                            let next_seq = (page.next_seq <= last_seq).then_some(page.next_seq);
+                            DurableAnswer::Read { epoch, first_seq, last_seq, records: page.records, next_seq }
+                        }
+                        Err(e) => DurableAnswer::failed(503, "store_unavailable", e),
+                    };
+                }
                 match self.store.read(&topic, &plan).await {
                     Err(e) => DurableAnswer::failed(500, "storage_failed", e.to_string()),
                     Ok((records, _)) => {
@@ -185,7 +196,8 @@ impl Shard {
                             Some(total) => records.len() < total,
                             None => !records.is_empty() && last < last_seq,
                         };
-                        DurableAnswer::Read { epoch, first_seq, last_seq, records, more }
+                        let next_seq = more.then_some(last + 1);
+                        DurableAnswer::Read { epoch, first_seq, last_seq, records, next_seq }
                     }
                 }
             }
@@ -216,12 +228,29 @@ impl Shard {
     pub(crate) fn spawn_log_read(self: &Rc<Self>, read: LogRead) {
         let shard = self.clone();
         let work = async move {
-            let plan = shard
-                .broker
-                .borrow()
-                .owner()
-                .durable(&read.topic)
-                .map(|(_, log)| log.plan_range(read.from_seq, read.to_seq, read.max_bytes));
+            let plan_from = |from_seq: u64| {
+                let broker = shard.broker.borrow();
+                let log = broker.owner().durable(&read.topic).map(|(_, log)| log);
+                log.map(|log| log.plan_range(from_seq, read.to_seq, read.max_bytes))
+            };
+            let mut plan = plan_from(read.from_seq);
+            // Archived segments first (tiered reads); one that cannot be
+            // fetched is skipped, and the broker reports its range as a gap.
+            while let Some((segment, archived)) = plan.as_ref().and_then(|p| Some((p.archived?, p))) {
+                match shard.read_archived(&read.topic, archived).await {
+                    Ok(page) if !page.records.is_empty() => {
+                        shard.caught_up_batch(&read, page.records);
+                        return;
+                    }
+                    Ok(_) => {}
+                    Err(e) => tracing::warn!(topic = read.topic.as_str(), "catch-up from the object store: {e}"),
+                }
+                if segment.last_seq >= read.to_seq {
+                    plan = None;
+                    break;
+                }
+                plan = plan_from(segment.last_seq + 1);
+            }
             let mut records = Vec::new();
             if let Some(mut plan) = plan {
                 let mut budget = read.max_bytes.max(proto::durable::CATCH_UP_BYTES_MIN) as u64;
@@ -249,21 +278,26 @@ impl Shard {
                     }
                 }
             }
-            let at = Instant::now();
-            let messages = records
-                .into_iter()
-                .map(|r| Message {
-                    seq: r.seq,
-                    timestamp_ms: r.timestamp_ms,
-                    kind: r.kind,
-                    payload: r.payload,
-                    published_at: at,
-                })
-                .collect();
-            shard.broker.borrow_mut().log_read(&read.topic, read.id, messages, Now::read());
-            shard.apply();
+            shard.caught_up_batch(&read, records);
         };
         glommio::spawn_local_into(work, self.control_queue).map(|t| t.detach()).ok();
+    }
+
+    /// Hands a catch-up batch read from the log to the broker.
+    fn caught_up_batch(&self, read: &LogRead, records: Vec<Record>) {
+        let at = Instant::now();
+        let messages = records
+            .into_iter()
+            .map(|r| Message {
+                seq: r.seq,
+                timestamp_ms: r.timestamp_ms,
+                kind: r.kind,
+                payload: r.payload,
+                published_at: at,
+            })
+            .collect();
+        self.broker.borrow_mut().log_read(&read.topic, read.id, messages, Now::read());
+        self.apply();
     }
 
     /// Waits (control queue) until a subscriber catching up has drained its
@@ -353,18 +387,27 @@ impl Shard {
 
     /// Drops `topic`'s segments its retention no longer keeps.
     fn expire(&self, topic: &TopicName, now_ms: u64) {
-        let gone = {
+        let (gone, archived) = {
             let mut broker = self.broker.borrow_mut();
             let owner = broker.owner_mut();
             let Some((spec, _)) = owner.durable(topic) else { return };
             match owner.durable_log_mut(topic) {
-                // Only segments already in the object store go.
-                Some(log) => log.expire(&spec.retention, now_ms, true),
+                // Only segments already in the object store go; they stay
+                // readable from there.
+                Some(log) => {
+                    let gone = log.expire(&spec.retention, now_ms, true);
+                    (gone, log.archived().copied().collect::<Vec<_>>())
+                }
                 None => return,
             }
         };
-        if !gone.is_empty() {
-            self.store.remove_segments(topic, &gone);
+        if gone.is_empty() {
+            return;
+        }
+        match self.store.write_archived(topic, &archived) {
+            Ok(()) => self.store.remove_segments(topic, &gone),
+            // Their files stay until a restart finds them again.
+            Err(e) => tracing::error!(topic = topic.as_str(), "archived segments not recorded: {e}"),
         }
     }
 

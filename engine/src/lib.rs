@@ -31,3 +31,4 @@ pub mod durability;
 pub mod server;
 pub mod shard;
 pub mod store;
+pub mod tiered;

@@ -49,10 +49,24 @@ impl Node {
         let worker = objstore::Worker::start(config.object_store())
             .map_err(|e| ServerError::Storage(format!("cannot start the object store worker: {e}")))?;
         if let Some(which) = config.restore() {
-            let (topics, segments, bytes) = crate::archive::restore(&worker, &config, which)
-                .map_err(|e| ServerError::Storage(format!("restore {which}: {e}")))?;
-            tracing::info!(topics, segments, bytes, "restored snapshot {which}");
-            eprintln!("restored snapshot {which}: {topics} topics, {segments} segments, {bytes} bytes");
+            let seed = crate::shard::epoch_seed(0);
+            let now_ms = proto::message::Now::read().unix_ms;
+            let mut reported = 0;
+            let done = objstore::restore::restore(&worker, config.data_dir(), which, seed, now_ms, |p| {
+                // A line per tenth of the download.
+                let tenth = (p.done_bytes * 10).checked_div(p.total_bytes).unwrap_or(10);
+                if tenth > reported {
+                    reported = tenth;
+                    tracing::info!(done_bytes = p.done_bytes, total_bytes = p.total_bytes, "restoring");
+                }
+            })
+            .map_err(|e| ServerError::Storage(format!("restore {which}: {e}")))?;
+            let objstore::restore::Restored { topics, segments, bytes, archived } = done;
+            tracing::info!(topics, segments, bytes, archived, "restored snapshot {which}");
+            eprintln!(
+                "restored snapshot {which}: {topics} topics, {segments} segments, {bytes} bytes; \
+                 {archived} older segments left in the object store"
+            );
         }
         let _ = self.shared.archive.set(Arc::new(worker));
         let config = Arc::new(config);

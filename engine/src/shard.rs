@@ -281,6 +281,8 @@ pub struct Shard {
     pub(crate) catch_up_wake: Event,
     /// Sealed segments on their way to the object store.
     pub(crate) uploads: RefCell<crate::archive::Uploads>,
+    /// Archived segments fetched back for tiered reads.
+    pub(crate) fetched: RefCell<crate::tiered::FetchedCache>,
     /// Wakes the archive task.
     pub(crate) archive_wake: Event,
     /// Low-share task queue for the control plane (`/metrics`, `/v1/topics`),
@@ -382,6 +384,7 @@ impl Shard {
             durable_requests: RefCell::default(),
             durable_wake: Event::default(),
             uploads: RefCell::default(),
+            fetched: RefCell::default(),
             archive_wake: Event::default(),
             catch_ups: RefCell::default(),
             catch_up_wake: Event::default(),

@@ -23,28 +23,14 @@ use std::rc::Rc;
 
 use bytes::Bytes;
 use glommio::io::{BufferedFile, DmaFile, OpenOptions};
-use proto::durable::{FsyncPolicy, LogLimits, ReadPlan, Recovered, TopicLog, WriteJob};
+use proto::durable::{ArchivedSegment, FsyncPolicy, LogLimits, ReadPlan, Recovered, TopicLog, WriteJob, ARCHIVED_FILE};
 use proto::log::{self, Record};
 use proto::message::Epoch;
 use proto::topic::TopicName;
-use serde::{Deserialize, Serialize};
 
 pub use proto::durable::DurableSpec;
 
-/// A topic's `meta.json`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Meta {
-    /// The topic's name.
-    pub topic: String,
-    /// Its sequence space, kept across restarts (16 hex digits).
-    pub epoch: String,
-    /// Its declaration.
-    pub spec: DurableSpec,
-    /// The last sequence the topic had assigned when it was declared
-    /// durable: numbering never restarts below it, even over an empty log.
-    #[serde(default)]
-    pub seq_floor: u64,
-}
+pub use proto::durable::TopicMeta as Meta;
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -198,15 +184,15 @@ impl Store {
         let dir = self.dir(topic);
         std::fs::create_dir_all(&dir).map_err(io("creating", &dir))?;
         let meta = Meta { topic: topic.as_str().to_string(), epoch: epoch.to_string(), spec, seq_floor };
-        let body = serde_json::to_vec_pretty(&meta).unwrap_or_default();
-        let tmp = dir.join("meta.json.tmp");
-        let path = dir.join("meta.json");
-        let file = std::fs::File::create(&tmp).map_err(io("creating", &tmp))?;
-        std::io::Write::write_all(&mut &file, &body).map_err(io("writing", &tmp))?;
-        file.sync_all().map_err(io("syncing", &tmp))?;
-        std::fs::rename(&tmp, &path).map_err(io("renaming", &tmp))?;
-        sync_dir(&dir)?;
+        write_atomic(&dir, "meta.json", &serde_json::to_vec_pretty(&meta).unwrap_or_default())?;
         sync_dir(&self.root)
+    }
+
+    /// Writes `topic`'s list of archived segments (`archived.json`,
+    /// atomically), before their files are removed: a crash in between
+    /// leaves a segment both listed and on disk, and recovery keeps the disk.
+    pub fn write_archived(&self, topic: &TopicName, list: &[ArchivedSegment]) -> Result<(), StoreError> {
+        write_atomic(&self.dir(topic), ARCHIVED_FILE, &serde_json::to_vec(list).unwrap_or_default())
     }
 
     /// Deletes `topic`'s directory and everything in it.
@@ -383,7 +369,13 @@ impl Store {
             });
             let marker = dir.join("clean");
             let clean = marker.exists();
-            let recovered = TopicLog::recover(segments, clean, meta.seq_floor, limits, tail_max);
+            let mut recovered = TopicLog::recover(segments, clean, meta.seq_floor, limits, tail_max);
+            let archived_path = dir.join(ARCHIVED_FILE);
+            if let Ok(body) = std::fs::read(&archived_path) {
+                let list: Vec<ArchivedSegment> = serde_json::from_slice(&body)
+                    .map_err(|e| StoreError::Meta { path: archived_path.clone(), why: e.to_string() })?;
+                recovered.log.set_archived(list);
+            }
             if let Some(e) = failed.into_inner() {
                 return Err(e); // before any cut or delete
             }
@@ -419,6 +411,17 @@ impl Store {
         std::fs::File::create(&marker).map_err(io("creating", &marker))?;
         sync_dir(&dir)
     }
+}
+
+/// Writes `dir/name` atomically: a temporary file, fsynced, renamed, and
+/// the directory fsynced.
+fn write_atomic(dir: &Path, name: &str, body: &[u8]) -> Result<(), StoreError> {
+    let tmp = dir.join(format!("{name}.tmp"));
+    let file = std::fs::File::create(&tmp).map_err(io("creating", &tmp))?;
+    std::io::Write::write_all(&mut &file, body).map_err(io("writing", &tmp))?;
+    file.sync_all().map_err(io("syncing", &tmp))?;
+    std::fs::rename(&tmp, dir.join(name)).map_err(io("renaming", &tmp))?;
+    sync_dir(dir)
 }
 
 /// Fsyncs a directory, so that entries made or removed in it survive.

@@ -736,7 +736,8 @@ impl Sim {
     /// resume.
     /// A catch-up read completes (the owner's log answers with what it
     /// holds of the range, within the batch's bytes; now and then nothing,
-    /// as if retention had removed it), or a subscriber catching up with
+    /// as if retention had removed it, or only a later part, as if an
+    /// archived segment could not be fetched), or a subscriber catching up with
     /// room in its queue asks for its next batch.
     fn catch_up(&mut self) -> Check {
         if !self.log_reads.is_empty() && (self.catch_ups.is_empty() || self.rng.below(2) == 0) {
@@ -746,9 +747,15 @@ impl Sim {
             let written = self.written.get(&(t, epoch)).copied().unwrap_or(0);
             let mut messages = Vec::new();
             let mut bytes = 0;
-            if self.rng.below(10) != 0 {
+            let roll = self.rng.below(10);
+            if roll != 0 {
+                // Now and then the start of the range is not to be had (an
+                // archived segment the object store could not give back):
+                // the batch starts after it.
+                let span = read.to_seq.min(written).saturating_sub(read.from_seq) + 1;
+                let from = if roll == 1 { read.from_seq + self.rng.below(span as usize) as u64 } else { read.from_seq };
                 let logged = self.logged.get(&(t, epoch)).cloned().unwrap_or_default();
-                for (&seq, &id) in logged.range(read.from_seq..=read.to_seq.min(written)) {
+                for (&seq, &id) in logged.range(from..=read.to_seq.min(written)) {
                     let payload = self.payloads[id as usize].clone();
                     if !messages.is_empty() && bytes + payload.len() > read.max_bytes {
                         break;

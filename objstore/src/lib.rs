@@ -14,6 +14,8 @@
 //! [`BACKOFF_MAX`], without end for uploads (the store coming back resumes
 //! them), [`READ_ATTEMPTS`] times for reads.
 
+pub mod restore;
+
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;

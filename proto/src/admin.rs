@@ -75,12 +75,22 @@ pub struct DurableInfo {
     pub ack: String,
     /// Retention bounds.
     pub retention: crate::durable::Retention,
-    /// First sequence in the log (readable with `/messages`).
+    /// First sequence readable with `/messages` or a resume (in the object
+    /// store when older segments left the disk).
     pub log_first_seq: u64,
-    /// Records in the log.
+    /// First sequence on local disk.
+    #[serde(default)]
+    pub local_first_seq: u64,
+    /// Records on local disk.
     pub log_messages: u64,
-    /// Bytes of records on disk.
+    /// Bytes of records on local disk.
     pub log_bytes: u64,
+    /// Bytes of segments only in the object store (tiered reads).
+    #[serde(default)]
+    pub archived_bytes: u64,
+    /// Segments only in the object store.
+    #[serde(default)]
+    pub archived_segments: u64,
     /// Segment files.
     pub segments: u64,
     /// Distinct keys in the key index.
@@ -261,6 +271,13 @@ pub struct ManifestSegment {
     pub bytes: u64,
     /// Its key in the store.
     pub key: String,
+    /// Timestamps of its first and last record, ms (0 in manifests older
+    /// than tiered reads).
+    #[serde(default)]
+    pub first_ms: u64,
+    /// See `first_ms`.
+    #[serde(default)]
+    pub last_ms: u64,
 }
 
 /// A snapshot just made (`POST /v1/snapshots`).

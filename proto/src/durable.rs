@@ -180,6 +180,25 @@ struct KeyLoc {
     len: u32,
 }
 
+/// The file next to a topic's segments that lists its archived segments.
+pub const ARCHIVED_FILE: &str = "archived.json";
+
+/// A durable topic's `meta.json`, next to its segments (written by the
+/// node, and by a restore).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TopicMeta {
+    /// The topic's name.
+    pub topic: String,
+    /// Its sequence space, kept across restarts (16 hex digits).
+    pub epoch: String,
+    /// Its declaration.
+    pub spec: DurableSpec,
+    /// The last sequence the topic had assigned when it was declared
+    /// durable: numbering never restarts below it, even over an empty log.
+    #[serde(default)]
+    pub seq_floor: u64,
+}
+
 /// One segment's state.
 #[derive(Debug)]
 struct Segment {
@@ -261,6 +280,30 @@ pub struct SegmentInfo {
     pub len: u64,
 }
 
+/// A segment that retention removed from local disk after it was
+/// uploaded: still read from the object store (tiered reads). The shell
+/// keeps a topic's list next to its segments, so it survives a restart.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArchivedSegment {
+    /// Its first sequence (its name).
+    pub base_seq: u64,
+    /// Its last sequence.
+    pub last_seq: u64,
+    /// Its length, bytes.
+    pub len: u64,
+    /// Timestamp of its first and last record, ms.
+    pub first_ms: u64,
+    /// Timestamp of its last record, ms.
+    pub last_ms: u64,
+}
+
+impl ArchivedSegment {
+    /// Its name and extent, as uploaded.
+    pub fn info(&self) -> SegmentInfo {
+        SegmentInfo { base_seq: self.base_seq, last_seq: self.last_seq, len: self.len }
+    }
+}
+
 /// A byte range of one segment to read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ReadRange {
@@ -299,6 +342,11 @@ pub struct ReadPlan {
     pub key: Option<Bytes>,
     /// Stop after this many records.
     pub limit: usize,
+    /// Read this segment from the object store instead of `ranges` (the
+    /// reader is before what is on disk); see [`Fetched::read`].
+    pub archived: Option<ArchivedSegment>,
+    /// About how many bytes of records to read from an archived segment.
+    pub max_bytes: usize,
 }
 
 impl ReadPlan {
@@ -347,6 +395,9 @@ pub struct Recovered {
 pub struct TopicLog {
     /// Oldest first; the last is active.
     segments: VecDeque<Segment>,
+    /// Segments before the first on disk, only in the object store, oldest
+    /// first; the last ends just before the first on disk.
+    archived: VecDeque<ArchivedSegment>,
     /// Where each key's records lie, oldest first.
     keys: HashMap<Bytes, Vec<KeyLoc>, ahash::RandomState>,
     /// Bounds.
@@ -362,6 +413,7 @@ impl TopicLog {
     pub fn new(limits: LogLimits) -> TopicLog {
         TopicLog {
             segments: VecDeque::new(),
+            archived: VecDeque::new(),
             keys: HashMap::default(),
             limits,
             scratch: Vec::new(),
@@ -457,10 +509,18 @@ impl TopicLog {
         self.segments.iter().filter(|s| s.sealed && !s.uploaded && s.durable == s.len).map(info).collect()
     }
 
-    /// The oldest segments that are all uploaded, oldest first: what a
-    /// manifest lists (never one after a segment that is not there).
-    pub fn uploaded_segments(&self) -> Vec<SegmentInfo> {
-        self.segments.iter().take_while(|s| s.uploaded).map(info).collect()
+    /// Every segment in the object store that a manifest lists, oldest
+    /// first: the archived ones, then the oldest on disk that are all
+    /// uploaded (never one after a segment that is not there).
+    pub fn stored_segments(&self) -> Vec<ArchivedSegment> {
+        let on_disk = self.segments.iter().take_while(|s| s.uploaded).map(|s| ArchivedSegment {
+            base_seq: s.base_seq,
+            last_seq: s.last_seq,
+            len: s.len,
+            first_ms: s.first_ms,
+            last_ms: s.last_ms,
+        });
+        self.archived.iter().copied().chain(on_disk).collect()
     }
 
     /// Notes that a write job's bytes are on disk (fsynced when the policy
@@ -473,7 +533,8 @@ impl TopicLog {
 
     /// Segments to delete under `retention` at `now_ms`, oldest first; they
     /// are forgotten here (the shell deletes the files). With `archiving`,
-    /// only segments already in the object store go.
+    /// only segments already in the object store go, and they stay
+    /// readable from there ([`TopicLog::archived`]).
     pub fn expire(&mut self, retention: &Retention, now_ms: u64, archiving: bool) -> Vec<u64> {
         let mut gone = Vec::new();
         while self.segments.len() > 1 {
@@ -487,6 +548,15 @@ impl TopicLog {
                 break;
             }
             gone.push(oldest.base_seq);
+            if archiving {
+                self.archived.push_back(ArchivedSegment {
+                    base_seq: oldest.base_seq,
+                    last_seq: oldest.last_seq,
+                    len: oldest.len,
+                    first_ms: oldest.first_ms,
+                    last_ms: oldest.last_ms,
+                });
+            }
             self.segments.pop_front();
         }
         if !gone.is_empty() {
@@ -503,8 +573,32 @@ impl TopicLog {
     /// [`READ_BYTES_MAX`] bytes, over what is on disk only.
     pub fn plan(&self, from: ReadFrom, limit: usize) -> ReadPlan {
         let limit = limit.clamp(1, READ_MESSAGES_MAX);
-        let mut plan = ReadPlan { ranges: Vec::new(), from_seq: 0, to_seq: u64::MAX, from_ms: 0, key: None, limit };
+        let mut plan = ReadPlan {
+            ranges: Vec::new(),
+            from_seq: 0,
+            to_seq: u64::MAX,
+            from_ms: 0,
+            key: None,
+            limit,
+            archived: None,
+            max_bytes: READ_BYTES_MAX,
+        };
         match from {
+            ReadFrom::Key { key, from_seq } if self.archived_holding(from_seq).is_some() => {
+                // The key index covers what is on disk: an archived segment
+                // is scanned, about `max_bytes` a page.
+                plan.archived = self.archived_holding(from_seq);
+                plan.from_seq = from_seq;
+                plan.key = Some(key);
+            }
+            ReadFrom::Seq(seq) if self.archived_holding(seq).is_some() => {
+                plan.archived = self.archived_holding(seq);
+                plan.from_seq = seq;
+            }
+            ReadFrom::Time(ms) if self.archived.back().is_some_and(|a| a.last_ms >= ms) => {
+                plan.archived = self.archived.iter().find(|a| a.last_ms >= ms).copied();
+                plan.from_ms = ms;
+            }
             ReadFrom::Key { key, from_seq } => {
                 let locs = self.keys.get(&key).map(Vec::as_slice).unwrap_or(&[]);
                 let start = locs.partition_point(|l| l.seq < from_seq);
@@ -539,15 +633,64 @@ impl TopicLog {
     /// The ranges holding sequences `from_seq..=to_seq`, about `max_bytes`
     /// of them at most (at least one record's worth): a catch-up batch.
     pub fn plan_range(&self, from_seq: u64, to_seq: u64, max_bytes: usize) -> ReadPlan {
-        let mut plan =
-            ReadPlan { ranges: Vec::new(), from_seq, to_seq, from_ms: 0, key: None, limit: READ_MESSAGES_MAX };
-        let first = self.segments.partition_point(|s| s.last_seq < from_seq);
-        let start = |s: &Segment| s.index.offset_for_seq(from_seq) as u64;
         // A record longer than the budget is cut and not returned: the
         // shell reads again with a larger one (see `grown`).
-        let budget = max_bytes.max(CATCH_UP_BYTES_MIN) as u64;
-        self.plan_segments(first, start, budget, &mut plan.ranges);
+        let budget = max_bytes.max(CATCH_UP_BYTES_MIN);
+        let mut plan = ReadPlan {
+            ranges: Vec::new(),
+            from_seq,
+            to_seq,
+            from_ms: 0,
+            key: None,
+            limit: READ_MESSAGES_MAX,
+            archived: self.archived_holding(from_seq),
+            max_bytes: budget,
+        };
+        if plan.archived.is_none() {
+            let first = self.segments.partition_point(|s| s.last_seq < from_seq);
+            let start = |s: &Segment| s.index.offset_for_seq(from_seq) as u64;
+            self.plan_segments(first, start, budget as u64, &mut plan.ranges);
+        }
         plan
+    }
+
+    /// The archived segment holding `seq` or the first after it, when `seq`
+    /// is before what is on disk.
+    fn archived_holding(&self, seq: u64) -> Option<ArchivedSegment> {
+        if seq >= self.first_seq() {
+            return None;
+        }
+        self.archived.iter().find(|a| a.last_seq >= seq).copied()
+    }
+
+    /// Segments only in the object store, oldest first.
+    pub fn archived(&self) -> impl Iterator<Item = &ArchivedSegment> {
+        self.archived.iter()
+    }
+
+    /// Takes a recovered list of archived segments (kept by the shell):
+    /// those that end before the first segment on disk, in order, without
+    /// overlaps.
+    pub fn set_archived(&mut self, list: impl IntoIterator<Item = ArchivedSegment>) {
+        let first_local = self.segments.front().map_or(u64::MAX, |s| s.base_seq);
+        self.archived.clear();
+        for a in list {
+            let after_last = self.archived.back().is_none_or(|b| a.base_seq > b.last_seq);
+            if a.last_seq < first_local && a.base_seq <= a.last_seq && after_last {
+                self.archived.push_back(a);
+            }
+        }
+    }
+
+    /// First sequence a read can reach: in the object store when segments
+    /// were archived, else on disk.
+    pub fn first_readable_seq(&self) -> u64 {
+        self.archived.front().map_or_else(|| self.first_seq(), |a| a.base_seq)
+    }
+
+    /// Bytes of the archived segments.
+    pub fn archived_bytes(&self) -> u64 {
+        self.archived.iter().map(|a| a.len).sum()
     }
 
     /// Ranges from segment `first` on, starting in it at `start(seg)`,
@@ -599,6 +742,12 @@ impl TopicLog {
     /// `ms` may follow it); the one before the log's first when none is
     /// known older.
     pub fn seq_bound_before_time(&self, ms: u64) -> u64 {
+        if self.archived.back().is_some_and(|a| a.last_ms >= ms) {
+            // In the object store: no index in memory, so from the start of
+            // the archived segment that reaches `ms`.
+            let holding = self.archived.iter().find(|a| a.last_ms >= ms);
+            return holding.map_or(0, |a| a.base_seq.saturating_sub(1));
+        }
         let first = self.first_seq().saturating_sub(1);
         let i = self.segments.partition_point(|s| s.last_ms < ms);
         let Some(seg) = self.segments.get(i) else { return self.next_seq().saturating_sub(1) };
@@ -698,6 +847,158 @@ impl TopicLog {
         let next_seq = log.next_seq().max(seq_floor + 1) + skip;
         Recovered { log, next_seq, cut, dropped, tail: tail.into() }
     }
+}
+
+/// An archived segment fetched back from the object store, indexed for
+/// reads. The shell fetches it, calls [`Fetched::index_step`] until it is
+/// whole (in bounded steps, between which it yields), caches it, and serves
+/// archived read plans from it with [`Fetched::read`].
+#[derive(Debug)]
+pub struct Fetched {
+    /// The segment it is.
+    pub segment: ArchivedSegment,
+    bytes: Bytes,
+    index: SparseIndex,
+    /// Offset up to which records are checked and indexed.
+    indexed_to: usize,
+    /// Sequence of the last record indexed.
+    last_indexed: u64,
+}
+
+/// Why a fetched object is not the archived segment it should be.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FetchError {
+    /// Its length is not the segment's.
+    #[error("{got} bytes where the segment had {want}")]
+    Length {
+        /// Bytes fetched.
+        got: usize,
+        /// Bytes the segment had.
+        want: u64,
+    },
+    /// A record in it is damaged.
+    #[error("damaged record at offset {offset}: {torn:?}")]
+    Damaged {
+        /// Where.
+        offset: usize,
+        /// How.
+        torn: Torn,
+    },
+    /// Its records do not end at the segment's last sequence.
+    #[error("records end at {got}, the segment at {want}")]
+    LastSeq {
+        /// Last sequence found.
+        got: u64,
+        /// The segment's.
+        want: u64,
+    },
+}
+
+/// What [`Fetched::read`] found.
+#[derive(Debug, Default)]
+pub struct FetchedRead {
+    /// The records the plan wants, in order.
+    pub records: Vec<Record>,
+    /// The sequence to continue from (the one after the last record looked
+    /// at): a read that reached the segment's end continues after it.
+    pub next_seq: u64,
+}
+
+impl Fetched {
+    /// A fetched object, not yet checked; `Err` when its length is wrong.
+    pub fn new(segment: ArchivedSegment, bytes: Bytes) -> Result<Fetched, FetchError> {
+        if bytes.len() as u64 != segment.len {
+            return Err(FetchError::Length { got: bytes.len(), want: segment.len });
+        }
+        Ok(Fetched { segment, bytes, index: SparseIndex::new(INDEX_EVERY_BYTES), indexed_to: 0, last_indexed: 0 })
+    }
+
+    /// Checks and indexes about `budget` more bytes of records: `Ok(true)`
+    /// once the whole segment is, `Err` when it is not the segment.
+    pub fn index_step(&mut self, budget: usize) -> Result<bool, FetchError> {
+        let stop = self.indexed_to.saturating_add(budget.max(1));
+        while self.indexed_to < self.bytes.len() && self.indexed_to < stop {
+            let at = self.indexed_to;
+            let (record, next) =
+                log::read_one(&self.bytes, at).map_err(|torn| FetchError::Damaged { offset: at, torn })?;
+            self.index.appended(record.seq, record.timestamp_ms, at);
+            self.last_indexed = record.seq;
+            self.indexed_to = next;
+        }
+        let done = self.indexed_to == self.bytes.len();
+        if done && self.last_indexed != self.segment.last_seq {
+            return Err(FetchError::LastSeq { got: self.last_indexed, want: self.segment.last_seq });
+        }
+        Ok(done)
+    }
+
+    /// Bytes it holds (for the shell's cache bound).
+    pub fn len(&self) -> usize {
+        self.bytes.len()
+    }
+
+    /// Whether it holds no bytes.
+    pub fn is_empty(&self) -> bool {
+        self.bytes.is_empty()
+    }
+
+    /// The records of this segment that `plan` wants (its `archived` is this
+    /// segment), starting from the sparse index: at most `plan.limit`, and
+    /// about `plan.max_bytes` of records looked at (at least one), not
+    /// counting those before the plan's start. Payloads share the fetched
+    /// buffer. Call once indexed.
+    pub fn read(&self, plan: &ReadPlan) -> FetchedRead {
+        let mut at = if plan.from_ms > 0 {
+            self.index.offset_for_time(plan.from_ms)
+        } else {
+            self.index.offset_for_seq(plan.from_seq)
+        };
+        let mut out = FetchedRead { records: Vec::new(), next_seq: self.segment.last_seq + 1 };
+        let mut looked = 0;
+        while at < self.bytes.len() {
+            let Ok((record, next)) = log::read_one(&self.bytes, at) else { break };
+            let before_start = record.seq < plan.from_seq || record.timestamp_ms < plan.from_ms;
+            if record.seq > plan.to_seq {
+                out.next_seq = record.seq;
+                break;
+            }
+            if !before_start {
+                if looked >= plan.max_bytes || out.records.len() >= plan.limit {
+                    out.next_seq = record.seq;
+                    break;
+                }
+                looked += next - at;
+            }
+            if plan.wants(&record) {
+                out.records.push(record);
+            }
+            at = next;
+        }
+        out
+    }
+}
+
+/// How many of a restored topic's segments (oldest first, as a snapshot
+/// lists them) stay in the object store only: those `retention` would
+/// have expired from disk at `now_ms` (the rule of [`TopicLog::expire`]).
+/// The newest always comes to disk.
+pub fn left_in_store(segments: &[ArchivedSegment], retention: &Retention, now_ms: u64) -> usize {
+    let mut bytes: u64 = segments.iter().map(|s| s.len).sum();
+    let mut messages: u64 = segments.iter().map(|s| s.last_seq + 1 - s.base_seq).sum();
+    let mut left = 0;
+    for s in segments.iter().take(segments.len().saturating_sub(1)) {
+        let count = s.last_seq + 1 - s.base_seq;
+        let over_bytes = retention.max_bytes.is_some_and(|max| bytes - s.len >= max);
+        let over_messages = retention.max_messages.is_some_and(|max| messages - count >= max);
+        let over_age = retention.max_age_ms.is_some_and(|max| s.last_ms > 0 && now_ms.saturating_sub(s.last_ms) > max);
+        if !(over_bytes || over_messages || over_age) {
+            break;
+        }
+        bytes -= s.len;
+        messages -= count;
+        left += 1;
+    }
+    left
 }
 
 fn info(s: &Segment) -> SegmentInfo {
@@ -863,7 +1164,7 @@ mod tests {
         let keep_one = Retention { max_messages: Some(1), ..Retention::default() };
         assert!(log.expire(&keep_one, 0, true).is_empty(), "not uploaded yet");
         log.uploaded(1);
-        assert_eq!(log.uploaded_segments().len(), 1);
+        assert_eq!(log.stored_segments().len(), 1);
         assert_eq!(log.expire(&keep_one, 0, true), [1]);
     }
 
@@ -888,5 +1189,116 @@ mod tests {
         // Age: everything but the active segment.
         log.expire(&Retention { max_age_ms: Some(10), ..Retention::default() }, 10_000, false);
         assert_eq!(log.segment_count(), 1);
+    }
+
+    /// A fetched archived segment as the shell gets it from the store.
+    fn fetch(files: &HashMap<u64, Vec<u8>>, a: ArchivedSegment) -> Fetched {
+        let mut f = Fetched::new(a, Bytes::copy_from_slice(&files[&a.base_seq])).unwrap();
+        while !f.index_step(1_000).unwrap() {}
+        f
+    }
+
+    /// Reads everything `from` asks for, page by page, through archived
+    /// segments and then the disk, as the shell does.
+    fn read_all(files: &HashMap<u64, Vec<u8>>, log: &TopicLog, from: ReadFrom) -> Vec<u64> {
+        let mut seqs = Vec::new();
+        let mut plan = log.plan(from.clone(), 7);
+        let mut pages = 0;
+        while let Some(a) = plan.archived {
+            pages += 1;
+            assert!(pages < 1_000, "pages do not advance");
+            let page = fetch(files, a).read(&plan);
+            seqs.extend(page.records.iter().map(|r| r.seq));
+            let next = page.next_seq;
+            plan = match &from {
+                ReadFrom::Key { key, .. } => log.plan(ReadFrom::Key { key: key.clone(), from_seq: next }, 7),
+                _ => log.plan(ReadFrom::Seq(next), 7),
+            };
+        }
+        let mut from_seq = plan.from_seq;
+        loop {
+            let page = read(files, &plan);
+            let Some(last) = page.last().map(|r| r.seq) else { break };
+            seqs.extend(page.iter().map(|r| r.seq));
+            from_seq = from_seq.max(last + 1);
+            plan = match &from {
+                ReadFrom::Key { key, .. } => log.plan(ReadFrom::Key { key: key.clone(), from_seq }, 7),
+                _ => log.plan(ReadFrom::Seq(from_seq), 7),
+            };
+        }
+        seqs
+    }
+
+    #[test]
+    fn segments_retention_removes_after_upload_stay_readable_from_the_store() {
+        let limits = LogLimits { segment_bytes_max: 2_000, segment_age_ms: u64::MAX };
+        let mut log = TopicLog::new(limits);
+        let mut files = HashMap::new();
+        for seq in 1..=100 {
+            log.append(&record(seq, Some(&format!("k{}", seq % 3)), 100)).unwrap();
+        }
+        apply(&mut files, &mut log);
+        for info in log.to_upload() {
+            log.uploaded(info.base_seq);
+        }
+        let gone = log.expire(&Retention { max_messages: Some(30), ..Retention::default() }, 0, true);
+        assert!(gone.len() >= 3, "{gone:?}");
+        let archived: Vec<_> = log.archived().copied().collect();
+        assert_eq!(archived.iter().map(|a| a.base_seq).collect::<Vec<_>>(), gone);
+        assert_eq!(log.first_readable_seq(), 1);
+        assert!(log.first_seq() > 1);
+        assert_eq!(archived.last().unwrap().last_seq + 1, log.first_seq(), "no hole between store and disk");
+        // Every record, in order, from the start, from the middle of an
+        // archived segment, and by key.
+        assert_eq!(read_all(&files, &log, ReadFrom::Seq(0)), (1..=100).collect::<Vec<_>>());
+        assert_eq!(read_all(&files, &log, ReadFrom::Seq(12)), (12..=100).collect::<Vec<_>>());
+        let k1: Vec<u64> = (1..=100).filter(|s| s % 3 == 1).collect();
+        let key = Bytes::from_static(b"k1");
+        assert_eq!(read_all(&files, &log, ReadFrom::Key { key, from_seq: 0 }), k1);
+        // From a time: the archived segment that reaches it.
+        let plan = log.plan(ReadFrom::Time(1_000 + 20), 10);
+        let a = plan.archived.expect("archived");
+        let page = fetch(&files, a).read(&plan);
+        assert_eq!(page.records.first().map(|r| r.seq), Some(20));
+        assert!(log.seq_bound_before_time(1_020) < 20);
+        // A catch-up batch in the store.
+        let plan = log.plan_range(5, 9, 1 << 20);
+        let page = fetch(&files, plan.archived.unwrap()).read(&plan);
+        assert_eq!(page.records.iter().map(|r| r.seq).collect::<Vec<_>>(), [5, 6, 7, 8, 9]);
+        assert_eq!(page.next_seq, 10);
+        // The list survives a restart: only what ends before the disk.
+        let mut other = TopicLog::new(limits);
+        other.set_archived(archived.iter().copied());
+        assert_eq!(other.archived().count(), archived.len());
+        log.set_archived(archived.iter().copied().chain(archived.iter().copied()));
+        assert_eq!(log.archived().count(), archived.len(), "overlaps dropped");
+    }
+
+    #[test]
+    fn a_fetched_object_that_is_not_the_segment_is_refused() {
+        let limits = LogLimits { segment_bytes_max: 2_000, segment_age_ms: u64::MAX };
+        let mut log = TopicLog::new(limits);
+        let mut files = HashMap::new();
+        for seq in 1..=40 {
+            log.append(&record(seq, None, 100)).unwrap();
+        }
+        apply(&mut files, &mut log);
+        let info = log.to_upload()[0];
+        let a = ArchivedSegment {
+            base_seq: info.base_seq,
+            last_seq: info.last_seq,
+            len: info.len,
+            first_ms: 0,
+            last_ms: 0,
+        };
+        let bytes = files[&a.base_seq].clone();
+        assert!(matches!(Fetched::new(a, Bytes::from(bytes[..10].to_vec())), Err(FetchError::Length { .. })));
+        let mut damaged = bytes.clone();
+        damaged[50] ^= 1;
+        let mut f = Fetched::new(a, Bytes::from(damaged)).unwrap();
+        assert!(matches!(f.index_step(usize::MAX), Err(FetchError::Damaged { .. })));
+        let wrong = ArchivedSegment { last_seq: a.last_seq + 1, ..a };
+        let mut f = Fetched::new(wrong, Bytes::from(bytes)).unwrap();
+        assert!(matches!(f.index_step(usize::MAX), Err(FetchError::LastSeq { .. })));
     }
 }

@@ -150,8 +150,9 @@ pub fn scan(segment: &Bytes) -> Scan {
     Scan { records, whole_bytes: at, torn }
 }
 
-/// The record at `at` and the offset after it.
-fn read_one(segment: &Bytes, at: usize) -> Result<(Record, usize), Torn> {
+/// The record at `at` of `segment` (payload shared, not copied) and the
+/// offset after it.
+pub fn read_one(segment: &Bytes, at: usize) -> Result<(Record, usize), Torn> {
     let rest = &segment[at..];
     if rest.len() < FRAME_BYTES {
         return Err(Torn::Short);

@@ -43,6 +43,14 @@ pub struct Metrics {
     /// Idle topics this shard evicted to make room (copied from its owner
     /// when a snapshot is taken).
     pub topics_evicted: Cell<u64>,
+    /// Bytes of sealed segments waiting for or in upload.
+    pub upload_backlog_bytes: Cell<u64>,
+    /// Bytes of segments uploaded to the object store.
+    pub uploaded_bytes: Cell<u64>,
+    /// Archived segments fetched back from the object store (tiered reads).
+    pub segments_fetched: Cell<u64>,
+    /// Bytes of those.
+    pub fetched_bytes: Cell<u64>,
     /// Publish-to-write latency, microseconds.
     pub latency_us: RefCell<Histogram<u64>>,
 }
@@ -81,6 +89,10 @@ pub const COUNTERS: &[(&str, &str, &str)] = &[
     ("fluxnode_slow_consumer_disconnects_total", "Connections closed as slow consumers.", "counter"),
     ("fluxnode_protocol_errors_total", "Connections closed for bad input.", "counter"),
     ("fluxnode_topics_evicted_total", "Idle topics evicted to make room for new ones.", "counter"),
+    ("fluxnode_upload_backlog_bytes", "Bytes of sealed segments waiting for or in upload.", "gauge"),
+    ("fluxnode_uploaded_bytes_total", "Bytes of segments uploaded to the object store.", "counter"),
+    ("fluxnode_segments_fetched_total", "Archived segments fetched back from the object store.", "counter"),
+    ("fluxnode_fetched_bytes_total", "Bytes of archived segments fetched back.", "counter"),
 ];
 
 impl Default for Metrics {
@@ -99,6 +111,10 @@ impl Default for Metrics {
             slow_consumer_disconnects: Cell::new(0),
             protocol_errors: Cell::new(0),
             topics_evicted: Cell::new(0),
+            upload_backlog_bytes: Cell::new(0),
+            uploaded_bytes: Cell::new(0),
+            segments_fetched: Cell::new(0),
+            fetched_bytes: Cell::new(0),
             // 3 significant digits over 1 us..60 s: fixed parameters, cannot fail.
             latency_us: RefCell::new(Histogram::new_with_max(LATENCY_US_MAX, 3).expect("valid histogram bounds")),
         }
@@ -180,6 +196,10 @@ impl Metrics {
             &self.slow_consumer_disconnects,
             &self.protocol_errors,
             &self.topics_evicted,
+            &self.upload_backlog_bytes,
+            &self.uploaded_bytes,
+            &self.segments_fetched,
+            &self.fetched_bytes,
         ]
         .iter()
         .map(|c| c.get())

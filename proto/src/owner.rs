@@ -204,9 +204,16 @@ impl Durable {
 pub struct DurableStat {
     /// Its declaration.
     pub spec: DurableSpec,
-    /// First sequence in the log.
+    /// First sequence a read can reach (in the object store when
+    /// segments were archived).
     pub log_first_seq: u64,
-    /// Bytes and records in the log.
+    /// First sequence on local disk.
+    pub local_first_seq: u64,
+    /// Bytes of segments only in the object store, and their count.
+    pub archived_bytes: u64,
+    /// Segments only in the object store.
+    pub archived_segments: usize,
+    /// Bytes of records on local disk.
     pub log_bytes: u64,
     /// Records in the log.
     pub log_messages: u64,
@@ -606,7 +613,7 @@ impl Owner {
                 let replay = t.history.after(from.after_seq, last_seq);
                 // A durable topic's log may hold what the history no longer
                 // does: read it first; only what neither holds is a gap.
-                let log = t.durable.as_ref().map(|d| (d.log.first_seq(), d.log.next_seq() - 1));
+                let log = t.durable.as_ref().map(|d| (d.log.first_readable_seq(), d.log.next_seq() - 1));
                 let in_log = match (replay.gap, log) {
                     (Some(gap), Some((log_first, log_last))) => {
                         let range =
@@ -783,7 +790,10 @@ fn stat(name: &TopicName, t: &OwnedTopic) -> TopicStat {
         epoch: t.epoch,
         durable: t.durable.as_ref().map(|d| DurableStat {
             spec: d.spec,
-            log_first_seq: d.log.first_seq(),
+            log_first_seq: d.log.first_readable_seq(),
+            local_first_seq: d.log.first_seq(),
+            archived_bytes: d.log.archived_bytes(),
+            archived_segments: d.log.archived().count(),
             log_bytes: d.log.bytes(),
             log_messages: d.log.messages(),
             segments: d.log.segment_count(),

@@ -147,8 +147,7 @@ fn render(topic: &TopicName, answer: DurableAnswer, keep_alive: bool) -> Vec<u8>
         DurableAnswer::Done => http::json(200, &StatusBody { status: "ok".into() }, keep_alive),
         DurableAnswer::Failed { status, code, message } => http::json_error(status, code, &message, keep_alive),
         DurableAnswer::Snapshot(_) => http::json_error(500, "internal", "unexpected answer", keep_alive),
-        DurableAnswer::Read { epoch, first_seq, last_seq, records, more } => {
-            let next_seq = if more { records.last().map(|r| r.seq + 1) } else { None };
+        DurableAnswer::Read { epoch, first_seq, last_seq, records, next_seq } => {
             let messages = records
                 .into_iter()
                 .map(|r| {
