@@ -13,6 +13,8 @@ use crate::Output;
 
 /// How long one HTTP call may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(30);
+/// Longest wait for a snapshot (the node's own bound is 120 s).
+const PATIENT_CALL_TIMEOUT: Duration = Duration::from_secs(150);
 
 /// Why a command failed.
 #[derive(Debug)]
@@ -49,7 +51,7 @@ impl Failure {
 }
 
 /// One server's HTTP API.
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Client {
     addr: String,
     agent: ureq::Agent,
@@ -59,6 +61,12 @@ impl Client {
     /// A client of `addr` (host:port).
     pub fn new(addr: &str) -> Client {
         Client { addr: addr.to_string(), agent: ureq::AgentBuilder::new().timeout(CALL_TIMEOUT).build() }
+    }
+
+    /// The same server, for a call that may take as long as a snapshot
+    /// (the node waits up to two minutes for uploads).
+    pub fn patient(&self) -> Client {
+        Client { addr: self.addr.clone(), agent: ureq::AgentBuilder::new().timeout(PATIENT_CALL_TIMEOUT).build() }
     }
 
     fn url(&self, path: &str) -> String {

@@ -8,6 +8,7 @@
 
 mod client;
 mod render;
+mod restore;
 
 use std::process::ExitCode;
 
@@ -25,6 +26,7 @@ Examples:
   fluxctl stats                                # live rates, Ctrl-C to stop
   fluxctl latency --hgrm node.hgrm --plot node.svg
   fluxctl snapshot create && fluxctl snapshot list
+  fluxctl snapshot restore latest --data-dir /var/lib/fluxnode --object-store s3://bucket/node-a
   fluxctl topology show --balancer 127.0.0.1:9081
   fluxctl completions bash > /etc/bash_completion.d/fluxctl";
 
@@ -115,8 +117,9 @@ enum Command {
         #[arg(long, value_name = "FILE")]
         plot: Option<std::path::PathBuf>,
     },
-    /// Snapshots of the durable topics in the object store (restore: start
-    /// a node on an empty data directory with `fluxnode --restore ID`).
+    /// Snapshots of the durable topics in the object store (create, list,
+    /// show, delete through a node; restore offline into a data directory,
+    /// or start a node on an empty one with `fluxnode --restore ID`).
     Snapshot {
         #[command(subcommand)]
         command: SnapshotCommand,
@@ -178,7 +181,8 @@ enum TopicsCommand {
 
 #[derive(Debug, Subcommand)]
 enum SnapshotCommand {
-    /// Make a snapshot now (waits until every segment is uploaded).
+    /// Make a snapshot now (waits until every segment is uploaded, with a
+    /// progress bar on a terminal).
     Create,
     /// The snapshots in the object store, oldest first.
     List,
@@ -191,6 +195,15 @@ enum SnapshotCommand {
     Delete {
         /// The id.
         id: String,
+    },
+    /// Restore a snapshot into an empty data directory, offline (then start
+    /// fluxnode on it): the segments each topic's retention keeps on disk
+    /// are downloaded, older ones stay in the store and are read from there.
+    Restore {
+        /// `latest` or an id.
+        id: String,
+        #[command(flatten)]
+        target: restore::RestoreTarget,
     },
 }
 
@@ -297,10 +310,10 @@ fn run(cli: Cli) -> Result<(), Failure> {
             }
         }
         Command::Snapshot { command } => match command {
-            SnapshotCommand::Create => {
-                eprintln!("fluxctl: sealing and uploading every durable topic's segments...");
-                let made: proto::admin::SnapshotMade = node.send("POST", "/v1/snapshots", &serde_json::Value::Null)?;
-                render::snapshot_made(out, &made);
+            SnapshotCommand::Create => render::snapshot_made(out, &restore::create(&node)?),
+            SnapshotCommand::Restore { id, target } => {
+                let done = restore::restore(&id, &target)?;
+                render::restored(out, &id, &target.data_dir, &done);
             }
             SnapshotCommand::List => {
                 let list: proto::admin::SnapshotList = node.get("/v1/snapshots")?;

@@ -88,13 +88,22 @@ pub fn topic(out: Output, t: &TopicInfo) {
     if let Some(d) = &t.durable {
         let r = &d.retention;
         let bound = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
+        rows.push(vec!["log".into(), format!("{}..{}", d.log_first_seq, t.last_seq)]);
         rows.push(vec![
-            "log".into(),
+            "on disk".into(),
             format!(
                 "{}..{} ({} messages, {} bytes, {} segments)",
-                d.log_first_seq, t.last_seq, d.log_messages, d.log_bytes, d.segments
+                d.local_first_seq, t.last_seq, d.log_messages, d.log_bytes, d.segments
             ),
         ]);
+        if d.archived_segments > 0 {
+            let before = d.local_first_seq.saturating_sub(1);
+            let store = format!(
+                "{}..{} ({} bytes, {} segments)",
+                d.log_first_seq, before, d.archived_bytes, d.archived_segments
+            );
+            rows.push(vec!["only in the store".into(), store]);
+        }
         rows.push(vec!["keys".into(), d.keys.to_string()]);
         rows.push(vec![
             "retention".into(),
@@ -323,6 +332,28 @@ pub fn snapshot_made(out: Output, made: &SnapshotMade) {
         Output::Table => {
             println!("snapshot {}: {} topics, {} segments, {} bytes", made.id, made.topics, made.segments, made.bytes)
         }
+    }
+}
+
+/// `snapshot restore`.
+pub fn restored(out: Output, id: &str, data_dir: &std::path::Path, done: &objstore::restore::Restored) {
+    match out {
+        Output::Json => json(&serde_json::json!({
+            "snapshot": id,
+            "data_dir": data_dir.display().to_string(),
+            "topics": done.topics,
+            "segments": done.segments,
+            "bytes": done.bytes,
+            "archived_segments": done.archived,
+        })),
+        Output::Table => println!(
+            "restored snapshot {id} into {}: {} topics, {} segments, {} bytes; {} older segments read from the store",
+            data_dir.display(),
+            done.topics,
+            done.segments,
+            done.bytes,
+            done.archived
+        ),
     }
 }
 

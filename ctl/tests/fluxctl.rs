@@ -90,6 +90,36 @@ fn an_operator_session() {
     assert!(code == 0 && out.contains(made["id"].as_str().unwrap()), "{out}");
     let (code, out, _) = fluxctl(&node, &["snapshot", "show", "latest"]);
     assert!(code == 0 && out.contains("orders") && out.contains("1..6"), "{out}");
+    // Restored offline into an empty data directory, then served by a
+    // second node.
+    let restored = dir.with_extension("restored");
+    let _ = std::fs::remove_dir_all(&restored);
+    let objects = dir.join("objects");
+    let args = [
+        "snapshot",
+        "restore",
+        "latest",
+        "--data-dir",
+        restored.to_str().unwrap(),
+        "--object-store",
+        objects.to_str().unwrap(),
+    ];
+    let (code, out, err) = fluxctl(&node, &args);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("1 topics") && out.contains("segments"), "{out}");
+    let (code, _, err) = fluxctl(&node, &args);
+    assert_eq!(code, 1, "a second restore into the same directory is refused: {err}");
+    assert!(err.contains("restore only into an empty data directory"), "{err}");
+    let second = Node::start(&["--data-dir", restored.to_str().unwrap(), "--object-store", objects.to_str().unwrap()]);
+    let (code, out, _) = fluxctl(&second, &["-o", "json", "sub", "orders", "--from", "0", "--count", "6"]);
+    assert_eq!(code, 0);
+    let got: Vec<String> = out
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).unwrap()["data"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(got, (1..=6).map(|i| format!("event {i}")).collect::<Vec<_>>());
+    drop(second);
+    let _ = std::fs::remove_dir_all(&restored);
     let (code, _, _) = fluxctl(&node, &["topics", "delete", "orders"]);
     assert_eq!(code, 0);
     let (code, _, err) = fluxctl(&node, &["--balancer", "127.0.0.1:1", "topology", "show"]);
