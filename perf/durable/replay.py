@@ -74,4 +74,5 @@ def main():
           f"{made['bytes'] / 1e6 / s:.0f} MB/s")
 
 
-main()
+if __name__ == "__main__":
+    main()
