@@ -19,6 +19,7 @@ fn message(seq: u64, len: usize, kind: PayloadKind) -> Message {
         timestamp_ms: 1_763_800_000_000,
         kind,
         payload: Bytes::from(vec![b'x'; len]),
+        key: None,
         published_at: Instant::now(),
     }
 }
@@ -92,6 +93,7 @@ fn history(c: &mut Criterion) {
                 timestamp_ms: 0,
                 kind: PayloadKind::Binary,
                 payload: payload.clone(),
+                key: None,
                 published_at: Instant::now(),
             });
         })

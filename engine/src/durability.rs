@@ -293,6 +293,7 @@ impl Shard {
                 timestamp_ms: r.timestamp_ms,
                 kind: r.kind,
                 payload: r.payload,
+                key: r.key,
                 published_at: at,
             })
             .collect();

@@ -18,7 +18,7 @@ use std::collections::{HashMap, VecDeque};
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use glommio::channels::channel_mesh::Senders;
@@ -43,6 +43,10 @@ use runtime::fdpass::Links;
 use crate::config::Config;
 use crate::durability::{DurableAnswer, DurableAsk};
 use crate::store::Store;
+
+/// How often a shard applies the time to the consumer groups it owns: the
+/// granularity of ack deadlines and delayed refusals.
+const GROUP_TICK_MS: u64 = 10;
 
 /// What crosses between shards, always inside a batch (`Vec<Item>`).
 #[derive(Debug)]
@@ -514,6 +518,8 @@ impl Shard {
         glommio::spawn_local_into(async move { shard.archiver().await }, control).map(|t| t.detach()).ok();
         let shard = self.clone();
         glommio::spawn_local_into(async move { shard.catcher().await }, control).map(|t| t.detach()).ok();
+        let shard = self.clone();
+        glommio::spawn_local_into(async move { shard.group_ticker().await }, data_queue).map(|t| t.detach()).ok();
     }
 
     /// Hands one peer's batches to the broker.
@@ -742,6 +748,44 @@ impl Shard {
                 self.awaited.borrow_mut().insert(req, Awaited::Subscribe(slot.clone()));
                 self.apply();
                 slot.wait().await
+            }
+        }
+    }
+
+    /// Joins a consumer group (see [`Broker::join_group`]): the reply is
+    /// queued to the member's connection when the owner answers.
+    pub fn join_group(&self, request: proto::broker::JoinRequest) -> u64 {
+        let sub = self.broker.borrow_mut().join_group(request, Now::read());
+        self.apply();
+        sub
+    }
+
+    /// Whether `sub` is a consumer-group member on this shard.
+    pub fn is_member(&self, sub: u64) -> bool {
+        self.broker.borrow().is_member(sub)
+    }
+
+    /// Leaves a consumer group; the owner gives back what the member held.
+    pub fn leave_group(&self, sub: u64) {
+        self.broker.borrow_mut().leave_group(sub, Now::read());
+        self.apply();
+    }
+
+    /// A member's ack, refusal or prefetch change; false if not a member.
+    pub fn settle(&self, sub: u64, settle: proto::broker::Settle) -> bool {
+        let done = self.broker.borrow_mut().settle(sub, settle, Now::read());
+        self.apply();
+        done
+    }
+
+    /// Applies the time to the consumer groups this shard owns (ack
+    /// deadlines, delayed refusals, idle groups).
+    pub(crate) async fn group_ticker(self: Rc<Self>) {
+        loop {
+            glommio::timer::sleep(Duration::from_millis(GROUP_TICK_MS)).await;
+            if self.broker.borrow().has_groups() {
+                self.broker.borrow_mut().tick_groups(Now::read());
+                self.apply();
             }
         }
     }

@@ -41,6 +41,8 @@
 //! seeds of 100,000. A failure names its seed and step: rerun it with
 //! `SIM_SEED=n`.
 
+mod sim_support;
+
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::net::{IpAddr, Ipv4Addr};
 use std::rc::Rc;
@@ -60,6 +62,7 @@ use proto::outbound::{Frame, Offer, Outbound};
 use proto::owner::{Epoch, Owner, OwnerError, OwnerLimits, ResumeFrom, Resumed, TopicCommit};
 use proto::topic::TopicName;
 use proto::{native, ws};
+use sim_support::{run_seeds, Rng};
 
 /// Topics in play: more than the shards together may hold, so that
 /// eviction happens.
@@ -97,26 +100,13 @@ const IN_FLIGHT_MAX: usize = 4 * (ITEM_OVERHEAD_BYTES + 170);
 
 #[test]
 fn seeds() {
-    let steps = env_or("SIM_STEPS", 20_000);
-    if let Ok(seed) = std::env::var("SIM_SEED") {
-        let seed = seed.parse().expect("SIM_SEED is a number");
-        return run_or_panic(seed, steps);
-    }
-    for seed in 0..env_or("SIM_SEEDS", 200) {
-        run_or_panic(seed, steps);
-    }
+    run_seeds(200, 20_000, run_or_panic);
 }
 
 #[test]
 #[ignore = "long: 1,000 seeds of 100,000 steps; cargo test --release --test simulation -- --ignored"]
 fn long_run() {
-    for seed in 0..env_or("SIM_SEEDS", 1_000) {
-        run_or_panic(seed, env_or("SIM_STEPS", 100_000));
-    }
-}
-
-fn env_or(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    run_seeds(1_000, 100_000, run_or_panic);
 }
 
 fn run_or_panic(seed: u64, steps: u64) {
@@ -147,23 +137,6 @@ fn run_or_panic(seed: u64, steps: u64) {
         s.catch_up_batches,
         s.unread
     );
-}
-
-/// SplitMix64: small, seeded, reproducible.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
-        let mut x = self.0;
-        x = (x ^ (x >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
-        x = (x ^ (x >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
-        x ^ (x >> 31)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
 }
 
 /// What a client knows of one topic.
@@ -767,6 +740,7 @@ impl Sim {
                         timestamp_ms: 0,
                         kind: PayloadKind::Binary,
                         payload,
+                        key: None,
                         published_at: at,
                     });
                 }

@@ -32,6 +32,10 @@ use crate::owner::{Epoch, Grant, Owner, OwnerError, Released, ResumeFrom, Resume
 use crate::topic::{TopicName, TopicQuery};
 use crate::ws;
 
+mod groups;
+pub use crate::group::Settle;
+pub use groups::{GroupJoinError, GroupName, JoinRequest};
+
 /// What one shard's broker tells another's.
 #[derive(Debug)]
 pub enum Item {
@@ -50,6 +54,26 @@ pub enum Item {
     /// A sequenced message for the receiving shard's subscribers, with the
     /// sequence space its number belongs to.
     Deliver { topic: TopicName, epoch: Epoch, message: Message },
+    /// Member `sub` of the sending shard joins a consumer group (to the
+    /// owner); `settings` and `dead_letter` apply if it creates the group.
+    GroupJoin {
+        topic: TopicName,
+        group: GroupName,
+        sub: u64,
+        prefetch: u32,
+        settings: crate::group::GroupSettings,
+        dead_letter: TopicName,
+    },
+    /// The owner's answer to `GroupJoin`.
+    GroupJoined { topic: TopicName, group: GroupName, sub: u64, result: Result<(), GroupJoinError> },
+    /// Member `sub` of the sending shard left (to the owner).
+    GroupLeave { topic: TopicName, group: GroupName, sub: u64 },
+    /// Member `sub` of the sending shard acknowledges, refuses, or changes
+    /// its prefetch (to the owner).
+    GroupSettle { topic: TopicName, group: GroupName, sub: u64, settle: Settle },
+    /// A message for member `sub` of the receiving shard, its
+    /// `delivery`th delivery, tagged `tag` in the group.
+    GroupDeliver { topic: TopicName, group: GroupName, sub: u64, message: Message, delivery: u32, tag: u64 },
 }
 
 impl Item {
@@ -59,7 +83,7 @@ impl Item {
         ITEM_OVERHEAD_BYTES
             + match self {
                 Item::Publish { payload, .. } => payload.len(),
-                Item::Deliver { message, .. } => message.payload.len(),
+                Item::Deliver { message, .. } | Item::GroupDeliver { message, .. } => message.payload.len(),
                 Item::SubscribeDone { result: Ok(g), .. } => g.replay.iter().map(|m| m.payload.len()).sum(),
                 _ => 0,
             }
@@ -345,6 +369,10 @@ pub struct Broker {
     commit_asked: bool,
     /// Catch-up reads of durable logs in progress, by read id.
     reading: HashMap<u64, Reading, ahash::RandomState>,
+    /// Consumer groups of the topics this shard owns.
+    groups: HashMap<(TopicName, GroupName), groups::OwnedGroup, ahash::RandomState>,
+    /// Consumer-group members on this shard, by id.
+    members: HashMap<u64, groups::LocalMember, ahash::RandomState>,
     /// This shard's counters.
     metrics: Rc<Metrics>,
 }
@@ -370,6 +398,8 @@ impl Broker {
             stored_wait: HashMap::default(),
             commit_asked: false,
             reading: HashMap::default(),
+            groups: HashMap::default(),
+            members: HashMap::default(),
             metrics,
         }
     }
@@ -538,6 +568,7 @@ impl Broker {
                 let item = Item::Deliver { topic: commit.topic.clone(), epoch, message: message.clone() };
                 self.send(shard, item, now);
             }
+            self.offer_to_groups(&commit.topic, &message, now);
         }
         self.answer_held(&commit.topic, commit.through_seq, Ok, now);
     }
@@ -723,6 +754,11 @@ impl Broker {
                 self.owner.unsubscribe(&topic, from, now.at);
             }
             Item::Deliver { topic, epoch, message } => self.deliver(&topic, epoch, message),
+            item @ (Item::GroupJoin { .. }
+            | Item::GroupJoined { .. }
+            | Item::GroupLeave { .. }
+            | Item::GroupSettle { .. }
+            | Item::GroupDeliver { .. }) => self.handle_group(from, item, now),
             Item::SubscribeDone { topic, req, result } => self.granted(&topic, req, result, now),
             Item::PublishDone { req, result } => {
                 if let Some(Waiting::Publish { reply, owner, cost }) = self.waiting.remove(&req) {
@@ -801,6 +837,9 @@ impl Broker {
         now: Now,
     ) -> Result<(u64, Option<AckLevel>), OwnerError> {
         let len = payload.len() as u64;
+        if !self.groups_have_room(topic, payload.len()) {
+            return Err(OwnerError::GroupFull);
+        }
         let PublishOptions { key, ack } = options;
         let Sequenced { message, epoch, subscriber_shards, held } =
             self.owner.publish(topic, kind, payload, key, now)?;
@@ -815,6 +854,7 @@ impl Broker {
         for shard in (0..self.shards).filter(|s| subscriber_shards & (1 << s) != 0) {
             self.send(shard, Item::Deliver { topic: topic.clone(), epoch, message: message.clone() }, now);
         }
+        self.offer_to_groups(topic, &message, now);
         Ok((seq, None))
     }
 

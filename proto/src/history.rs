@@ -121,6 +121,7 @@ mod tests {
             timestamp_ms: 0,
             kind: PayloadKind::Binary,
             payload: Bytes::from(vec![0u8; len]),
+            key: None,
             published_at: Instant::now(),
         }
     }

@@ -22,6 +22,8 @@
 //!   sparse index.
 //! - [`durable`]: a durable topic's segmented log: appends, aligned write
 //!   jobs, rolling, retention, recovery, read plans by sequence, time and key.
+//! - [`group`]: one consumer group of a topic (segments, prefetch, acks,
+//!   redelivery, dead letters), kept by the topic's owner.
 //! - [`broker`]: a shard's data-plane decisions (sequence, subscribe,
 //!   resume, fan out, answer) as a state machine: inputs and the time in,
 //!   actions out.
@@ -32,6 +34,7 @@
 pub mod admin;
 pub mod broker;
 pub mod durable;
+pub mod group;
 pub mod hash;
 pub mod history;
 pub mod http;

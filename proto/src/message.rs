@@ -27,6 +27,9 @@ pub struct Message {
     pub kind: PayloadKind,
     /// The payload bytes, shared.
     pub payload: Bytes,
+    /// The routing key / aggregate id it was published with, if any
+    /// (consumer groups partition by it; durable topics index it).
+    pub key: Option<Bytes>,
     /// Monotonic time of sequencing, for publish-to-write latency.
     pub published_at: Instant,
 }

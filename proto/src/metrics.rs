@@ -51,6 +51,8 @@ pub struct Metrics {
     pub segments_fetched: Cell<u64>,
     /// Bytes of those.
     pub fetched_bytes: Cell<u64>,
+    /// Consumer-group messages sent to a dead-letter topic.
+    pub dead_letters: Cell<u64>,
     /// Publish-to-write latency, microseconds.
     pub latency_us: RefCell<Histogram<u64>>,
 }
@@ -93,6 +95,7 @@ pub const COUNTERS: &[(&str, &str, &str)] = &[
     ("fluxnode_uploaded_bytes_total", "Bytes of segments uploaded to the object store.", "counter"),
     ("fluxnode_segments_fetched_total", "Archived segments fetched back from the object store.", "counter"),
     ("fluxnode_fetched_bytes_total", "Bytes of archived segments fetched back.", "counter"),
+    ("fluxnode_dead_letters_total", "Consumer-group messages sent to a dead-letter topic.", "counter"),
 ];
 
 impl Default for Metrics {
@@ -115,6 +118,7 @@ impl Default for Metrics {
             uploaded_bytes: Cell::new(0),
             segments_fetched: Cell::new(0),
             fetched_bytes: Cell::new(0),
+            dead_letters: Cell::new(0),
             // 3 significant digits over 1 us..60 s: fixed parameters, cannot fail.
             latency_us: RefCell::new(Histogram::new_with_max(LATENCY_US_MAX, 3).expect("valid histogram bounds")),
         }
@@ -200,6 +204,7 @@ impl Metrics {
             &self.uploaded_bytes,
             &self.segments_fetched,
             &self.fetched_bytes,
+            &self.dead_letters,
         ]
         .iter()
         .map(|c| c.get())

@@ -8,6 +8,10 @@ use bytes::{BufMut, Bytes, BytesMut};
 use serde::Deserialize;
 
 use crate::durable::{AckLevel, PublishOptions};
+use crate::group::{
+    GroupSettings, Settle, ACK_TIMEOUT_MS_DEFAULT, ACK_TIMEOUT_MS_MAX, ACK_TIMEOUT_MS_MIN, GROUP_NAME_BYTES_MAX,
+    MAX_DELIVERIES_DEFAULT, NACK_DELAY_MS_MAX, PREFETCH_MAX,
+};
 use crate::message::{Epoch, Message, PayloadKind};
 use crate::topic::TopicName;
 use crate::ws;
@@ -31,7 +35,17 @@ pub enum Request {
     Publish { id: u64, topic: String, kind: PayloadKind, payload: Bytes, options: PublishOptions },
     /// Liveness check; the reply carries `"pong": true`.
     Ping { id: u64 },
+    /// Join consumer group `group` of a topic (`subscribe` with `group`).
+    Join { id: u64, topic: String, group: String, prefetch: u32, settings: GroupSettings, dead_letter: Option<String> },
+    /// Leave a consumer group (`unsubscribe` with `group`).
+    Leave { id: u64, topic: String, group: String },
+    /// A member's ack, refusal or prefetch change (`ack`, `nack`,
+    /// `prefetch`); answered only when it has an `id`.
+    Settle { id: Option<u64>, topic: String, group: String, settle: Settle },
 }
+
+/// Default prefetch of a group member: unacknowledged messages it holds.
+pub const PREFETCH_DEFAULT: u32 = 100;
 
 /// A request the server cannot act on, with the id to answer if known.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -64,6 +78,16 @@ struct WireRequest<'a> {
     key: Option<Cow<'a, str>>,
     #[serde(borrow)]
     ack: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    group: Option<Cow<'a, str>>,
+    prefetch: Option<u32>,
+    ack_timeout_ms: Option<u64>,
+    max_deliveries: Option<u32>,
+    #[serde(borrow)]
+    dead_letter: Option<Cow<'a, str>>,
+    seq: Option<u64>,
+    through_tag: Option<u64>,
+    delay_ms: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -81,7 +105,69 @@ pub fn parse_text(text: &[u8]) -> Result<Request, BadRequest> {
     let id = wire.id.unwrap_or(0);
     let bad = |message: &str| BadRequest { id: Some(id), code: "bad_request", message: message.to_string() };
     let topic = || wire.topic.as_deref().map(str::to_string).ok_or_else(|| bad("missing \"topic\""));
+    let group = || {
+        let g = wire.group.as_deref().ok_or_else(|| bad("missing \"group\""))?;
+        let charset = g.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
+        if g.is_empty() || g.len() > GROUP_NAME_BYTES_MAX || !charset {
+            return Err(bad(&format!("\"group\" must be 1 to {GROUP_NAME_BYTES_MAX} bytes of [A-Za-z0-9._-]")));
+        }
+        Ok(g.to_string())
+    };
     match wire.op.as_ref() {
+        "subscribe" if wire.group.is_some() => {
+            if wire.from_seq.is_some() || wire.since_ms.is_some() || wire.epoch.is_some() {
+                return Err(bad("a group subscription starts from now: no \"from_seq\", \"since_ms\" or \"epoch\""));
+            }
+            let prefetch = wire.prefetch.unwrap_or(PREFETCH_DEFAULT);
+            if prefetch > PREFETCH_MAX {
+                return Err(bad(&format!("\"prefetch\" is at most {PREFETCH_MAX}")));
+            }
+            let timeout = wire.ack_timeout_ms.unwrap_or(ACK_TIMEOUT_MS_DEFAULT);
+            if !(ACK_TIMEOUT_MS_MIN..=ACK_TIMEOUT_MS_MAX).contains(&timeout) {
+                return Err(bad(&format!("\"ack_timeout_ms\" is {ACK_TIMEOUT_MS_MIN} to {ACK_TIMEOUT_MS_MAX}")));
+            }
+            let max_deliveries = wire.max_deliveries.unwrap_or(MAX_DELIVERIES_DEFAULT);
+            if max_deliveries == 0 {
+                return Err(bad("\"max_deliveries\" is at least 1"));
+            }
+            Ok(Request::Join {
+                id,
+                topic: topic()?,
+                group: group()?,
+                prefetch,
+                settings: GroupSettings { ack_timeout_ms: timeout, max_deliveries },
+                dead_letter: wire.dead_letter.as_deref().map(str::to_string),
+            })
+        }
+        "unsubscribe" if wire.group.is_some() => Ok(Request::Leave { id, topic: topic()?, group: group()? }),
+        "ack" => {
+            let settle = match (wire.seq, wire.through_tag) {
+                (Some(seq), None) => Settle::Ack { seq },
+                (None, Some(tag)) => Settle::AckThrough { tag },
+                _ => return Err(bad("an ack names \"seq\" or \"through_tag\"")),
+            };
+            Ok(Request::Settle { id: wire.id, topic: topic()?, group: group()?, settle })
+        }
+        "nack" => {
+            let seq = wire.seq.ok_or_else(|| bad("missing \"seq\""))?;
+            let delay_ms = wire.delay_ms.unwrap_or(0);
+            if delay_ms > NACK_DELAY_MS_MAX {
+                return Err(bad(&format!("\"delay_ms\" is at most {NACK_DELAY_MS_MAX}")));
+            }
+            Ok(Request::Settle {
+                id: wire.id,
+                topic: topic()?,
+                group: group()?,
+                settle: Settle::Nack { seq, delay_ms },
+            })
+        }
+        "prefetch" => {
+            let prefetch = wire.prefetch.ok_or_else(|| bad("missing \"prefetch\""))?;
+            if prefetch > PREFETCH_MAX {
+                return Err(bad(&format!("\"prefetch\" is at most {PREFETCH_MAX}")));
+            }
+            Ok(Request::Settle { id: wire.id, topic: topic()?, group: group()?, settle: Settle::Prefetch { prefetch } })
+        }
         "subscribe" => {
             let epoch = match wire.epoch.as_deref().map(str::parse::<Epoch>) {
                 None => None,
@@ -190,10 +276,14 @@ pub fn encode_message(topic: &TopicName, message: &Message) -> Bytes {
             let mut out = Vec::with_capacity(64 + topic.as_str().len() + data.len());
             out.extend_from_slice(b"{\"type\":\"message\",\"topic\":\"");
             out.extend_from_slice(topic.as_str().as_bytes()); // charset needs no escaping
-            out.extend_from_slice(
-                format!("\",\"seq\":{},\"ts\":{},\"data\":", message.seq, message.timestamp_ms).as_bytes(),
-            );
+            out.extend_from_slice(format!("\",\"seq\":{},\"ts\":{},", message.seq, message.timestamp_ms).as_bytes());
             // Serialising a str into a Vec cannot fail.
+            if let Some(key) = &message.key {
+                out.extend_from_slice(b"\"key\":");
+                serde_json::to_writer(&mut out, &String::from_utf8_lossy(key)).expect("write to memory");
+                out.push(b',');
+            }
+            out.extend_from_slice(b"\"data\":");
             serde_json::to_writer(&mut out, data).expect("write to memory");
             out.push(b'}');
             ws::encode_data(PayloadKind::Text, &out)
@@ -209,6 +299,36 @@ pub fn encode_message(topic: &TopicName, message: &Message) -> Bytes {
             ws::encode_data_parts(PayloadKind::Binary, &[&head, &message.payload])
         }
     }
+}
+
+/// A message delivered to a consumer-group member: always a JSON text
+/// frame (`data` for text, `data_base64` for binary payloads) naming the
+/// group, the delivery count and the delivery's tag, so the member can
+/// acknowledge it (by `seq`, or every delivery through a `tag`).
+pub fn encode_group_message(topic: &TopicName, group: &str, message: &Message, delivery: u32, tag: u64) -> Bytes {
+    let mut body = serde_json::json!({
+        "type": "message",
+        "topic": topic.as_str(),
+        "group": group,
+        "seq": message.seq,
+        "ts": message.timestamp_ms,
+        "delivery": delivery,
+        "tag": tag,
+    });
+    if let Some(key) = &message.key {
+        body["key"] = serde_json::Value::String(String::from_utf8_lossy(key).into_owned());
+    }
+    match message.kind {
+        PayloadKind::Text => {
+            body["data"] = serde_json::Value::String(String::from_utf8_lossy(&message.payload).into_owned())
+        }
+        PayloadKind::Binary => {
+            use base64::Engine;
+            let encoded = base64::engine::general_purpose::STANDARD.encode(&message.payload);
+            body["data_base64"] = serde_json::Value::String(encoded);
+        }
+    }
+    ws::encode_data(PayloadKind::Text, body.to_string().as_bytes())
 }
 
 #[cfg(test)]
@@ -303,6 +423,7 @@ mod tests {
             timestamp_ms: 9,
             kind: PayloadKind::Binary,
             payload: Bytes::from_static(b"xy"),
+            key: None,
             published_at: Instant::now(),
         };
         let framed = encode_message(&TopicName::new("t").unwrap(), &msg);

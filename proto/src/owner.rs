@@ -42,6 +42,11 @@ pub enum OwnerError {
     /// the node restarts and recovers it (503).
     #[error("the topic's log could not be written; it takes no publishes until the node restarts")]
     StorageFailed,
+    /// A consumer group of the topic holds `group::BACKLOG_MESSAGES_MAX`
+    /// messages or `BACKLOG_BYTES_MAX` bytes not yet delivered (its members
+    /// are behind or gone; retry later; 503).
+    #[error("a consumer group of this topic is full: its members are behind")]
+    GroupFull,
 }
 
 impl OwnerError {
@@ -52,6 +57,7 @@ impl OwnerError {
             OwnerError::ClientShare { .. } => "client_topic_share",
             OwnerError::StorageBehind => "storage_behind",
             OwnerError::StorageFailed => "storage_failed",
+            OwnerError::GroupFull => "group_full",
         }
     }
 
@@ -59,7 +65,10 @@ impl OwnerError {
     /// later, or another node), 429 when this client holds its share.
     pub fn http_status(self) -> u16 {
         match self {
-            OwnerError::TooManyTopics | OwnerError::StorageBehind | OwnerError::StorageFailed => 503,
+            OwnerError::TooManyTopics
+            | OwnerError::StorageBehind
+            | OwnerError::StorageFailed
+            | OwnerError::GroupFull => 503,
             OwnerError::ClientShare { .. } => 429,
         }
     }
@@ -377,14 +386,14 @@ impl Owner {
         }
         t.last_active = now.at;
         let seq = t.last_seq + 1;
-        let message = Message { seq, timestamp_ms: now.unix_ms, kind, payload, published_at: now.at };
+        let message = Message { seq, timestamp_ms: now.unix_ms, kind, payload, key, published_at: now.at };
         let mut first_append = false;
         let held = if let Some(d) = &mut t.durable {
             let record = Record {
                 seq,
                 timestamp_ms: now.unix_ms,
                 kind,
-                key,
+                key: message.key.clone(),
                 headers: Vec::new(),
                 payload: message.payload.clone(),
             };
@@ -449,6 +458,7 @@ impl Owner {
                             timestamp_ms: record.timestamp_ms,
                             kind: record.kind,
                             payload: record.payload,
+                            key: record.key,
                             published_at: now,
                         });
                     }

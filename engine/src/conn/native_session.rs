@@ -5,6 +5,7 @@ use super::*;
 pub(super) async fn native_message(
     session: &Session,
     subs: &mut HashMap<TopicName, u64>,
+    groups: &mut HashMap<(TopicName, String), u64>,
     kind: PayloadKind,
     payload: Bytes,
 ) -> bool {
@@ -67,6 +68,58 @@ pub(super) async fn native_message(
                 }
             }
         },
+        Request::Join { id, topic, group, prefetch, settings, dead_letter } => match topic_of(id, &topic) {
+            Err(reply) => reply,
+            Ok(topic) => {
+                let key = (topic.clone(), group.clone());
+                let joined = groups.get(&key).is_some_and(|sub| shard.is_member(*sub));
+                let dead_letter = dead_letter.unwrap_or_else(|| format!("{}.{group}.dlq", topic.as_str()));
+                match TopicName::new(&dead_letter) {
+                    _ if joined => native::reply_error(Some(id), "already_subscribed", "already in this group"),
+                    _ if subs.len() + groups.len() >= shard.config.subscriptions_per_connection_max() => {
+                        let max = shard.config.subscriptions_per_connection_max();
+                        native::reply_error(
+                            Some(id),
+                            "too_many_subscriptions",
+                            &format!("at most {max} per connection"),
+                        )
+                    }
+                    Err(e) => native::reply_error(Some(id), "invalid_topic", &format!("dead_letter: {e}")),
+                    Ok(dead_letter) => {
+                        let request = JoinRequest {
+                            topic,
+                            group: group.as_str().into(),
+                            out: out.clone(),
+                            prefetch,
+                            settings,
+                            dead_letter,
+                            reply_id: id,
+                        };
+                        groups.insert(key, shard.join_group(request));
+                        return true; // the owner's answer queues the reply
+                    }
+                }
+            }
+        },
+        Request::Leave { id, topic, group } => match topic_of(id, &topic) {
+            Err(reply) => reply,
+            Ok(topic) => match groups.remove(&(topic, group)) {
+                Some(sub) if shard.is_member(sub) => {
+                    shard.leave_group(sub);
+                    native::reply_ok(id, serde_json::json!({}))
+                }
+                _ => native::reply_error(Some(id), "not_subscribed", "not in this group"),
+            },
+        },
+        Request::Settle { id, topic, group, settle } => {
+            let member = TopicName::new(&topic).ok().and_then(|t| groups.get(&(t, group)).copied());
+            let settled = member.is_some_and(|sub| shard.settle(sub, settle));
+            match (id, settled) {
+                (None, _) => return true,
+                (Some(id), true) => native::reply_ok(id, serde_json::json!({})),
+                (Some(id), false) => native::reply_error(Some(id), "not_subscribed", "not in this group"),
+            }
+        }
         Request::Unsubscribe { id, topic } => match topic_of(id, &topic) {
             Err(reply) => reply,
             Ok(topic) => match subs.remove(&topic) {

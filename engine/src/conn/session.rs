@@ -11,8 +11,9 @@ pub(super) enum Path {
     Raw { topic: TopicName, publish: bool, sub: Option<u64> },
     /// Original `/subscribe`: the first frame names the topic.
     Legacy { sub: Option<(TopicName, u64)> },
-    /// `/v1/ws`: subscriptions by topic.
-    Native { subs: HashMap<TopicName, u64> },
+    /// `/v1/ws`: subscriptions by topic, consumer-group memberships by
+    /// topic and group.
+    Native { subs: HashMap<TopicName, u64>, groups: HashMap<(TopicName, String), u64> },
 }
 
 /// State shared by a session's reader and writer.
@@ -132,7 +133,7 @@ pub(super) async fn prepare(
     let bad = |code: &str, why: &str| http::json_error(400, code, why, false);
     match route {
         Route::LegacySubscribe => Ok((Path::Legacy { sub: None }, vec![], None)),
-        Route::NativeSocket => Ok((Path::Native { subs: HashMap::new() }, vec![], None)),
+        Route::NativeSocket => Ok((Path::Native { subs: HashMap::new(), groups: HashMap::new() }, vec![], None)),
         Route::TopicSocket(name) => {
             let topic = TopicName::new(&name).map_err(|e| bad("invalid_topic", &e.to_string()))?;
             let (publish, subscribe) = match http::query_param(&head.query, "role").unwrap_or("pubsub") {
@@ -225,9 +226,12 @@ pub(super) fn cleanup(session: &Session, path: &Path) {
     match path {
         Path::Raw { topic, sub: Some(id), .. } => shard.unsubscribe(topic, *id),
         Path::Legacy { sub: Some((topic, id)) } => shard.unsubscribe(topic, *id),
-        Path::Native { subs } => {
+        Path::Native { subs, groups } => {
             for (topic, id) in subs {
                 shard.unsubscribe(topic, *id);
+            }
+            for id in groups.values() {
+                shard.leave_group(*id);
             }
         }
         _ => {}
@@ -300,7 +304,7 @@ pub(super) async fn on_event(session: &Session, path: &mut Path, event: WsEvent)
             match path {
                 Path::Raw { topic, publish, .. } => raw_message(session, topic, *publish, kind, payload).await,
                 Path::Legacy { sub } => legacy_message(session, sub, payload).await,
-                Path::Native { subs } => native_message(session, subs, kind, payload).await,
+                Path::Native { subs, groups } => native_message(session, subs, groups, kind, payload).await,
             }
         }
     }

@@ -1,0 +1,579 @@
+//! A seeded, deterministic simulation of consumer groups across shards:
+//! several shards' `Broker`s, the channel mesh between them as per-pair
+//! FIFO queues delivered at random moments, simulated time, and members on
+//! random shards that join, acknowledge (one by one or cumulatively),
+//! refuse (now or after a delay), stall past their ack deadline, change
+//! their prefetch, leave, and die. Publishers publish keyed messages on
+//! random shards. After every step:
+//!
+//! - each delivery of a message has its own number (1, 2, 3...), a
+//!   member's deliveries arrive in tag order, and a message is processed
+//!   twice only if it was delivered twice;
+//! - the owner never has more unacknowledged deliveries out to a member
+//!   than the member's prefetch;
+//! - a member receives a key's first deliveries in sequence order;
+//! - no member receives a message of a group it is not in;
+//! - the owner's books agree (`Group::check`): every unacknowledged
+//!   message is with its segment's holder, so a key is never with two
+//!   members at once, and the counts match.
+//!
+//! At the end the chaos stops: every member still alive processes what it
+//! gets, time runs past every deadline, and every published message must
+//! have been processed or dead-lettered (published to the group's
+//! dead-letter topic, which the simulation watches on the mesh): none lost.
+//!
+//! `cargo test --test group_simulation` runs `SIM_SEEDS` seeds (default
+//! 50) of `SIM_STEPS` steps (default 20,000); a failure names its seed:
+//! rerun with `SIM_SEED=n`.
+
+mod sim_support;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use proto::broker::{Action, Broker, BrokerLimits, Item, JoinRequest, PublishOptions, PublishReply, Published, Settle};
+use proto::group::GroupSettings;
+use proto::message::{Now, PayloadKind};
+use proto::metrics::Metrics;
+use proto::outbound::{Outbound, SlowConsumerPolicy};
+use proto::owner::{Owner, OwnerLimits};
+use proto::topic::TopicName;
+use sim_support::{run_seeds, Rng};
+
+const SHARDS: usize = 3;
+/// Keys the publishers use.
+const KEYS: u64 = 7;
+/// Members alive at most.
+const MEMBERS_MAX: usize = 5;
+/// Ack deadline and deliveries before the dead-letter topic.
+const ACK_TIMEOUT_MS: u64 = 50;
+const MAX_DELIVERIES: u32 = 4;
+
+#[test]
+fn seeds() {
+    run_seeds(50, 20_000, run_or_panic);
+}
+
+#[test]
+#[ignore = "long: 1,000 seeds of 100,000 steps; cargo test --profile ci --test group_simulation -- --ignored"]
+fn long_run() {
+    run_seeds(1_000, 100_000, run_or_panic);
+}
+
+fn run_or_panic(seed: u64, steps: u64) {
+    let mut sim = Sim::new(seed);
+    for step in 0..steps {
+        if let Err(why) = sim.step() {
+            panic!("seed {seed} step {step}: {why} (rerun: SIM_SEED={seed} SIM_STEPS={steps})");
+        }
+    }
+    if let Err(why) = sim.drain() {
+        panic!("seed {seed} at the end: {why} (rerun: SIM_SEED={seed} SIM_STEPS={steps})");
+    }
+    let s = &sim.stats;
+    assert!(s.processed > 0, "seed {seed}: nothing processed");
+    eprintln!(
+        "seed {seed}: {steps} steps, {} published, {} processed ({} twice), {} redeliveries, {} dead letters, \
+         {} joins, {} leaves, {} deaths, {} refusals",
+        sim.published.len(),
+        s.processed,
+        s.twice,
+        s.redeliveries,
+        sim.dead.len(),
+        s.joins,
+        s.leaves,
+        s.deaths,
+        s.nacks
+    );
+}
+
+/// A delivery a member received and has not settled.
+#[derive(Debug, Clone, Copy)]
+struct Held {
+    seq: u64,
+    tag: u64,
+}
+
+struct Member {
+    shard: usize,
+    sub: u64,
+    out: Rc<Outbound>,
+    prefetch: u32,
+    /// Deliveries received and not yet settled, in arrival order.
+    held: Vec<Held>,
+    /// The join was answered ok.
+    joined: bool,
+    /// Stalls: takes no new work and settles nothing (its deadlines pass).
+    stalled: bool,
+}
+
+#[derive(Default)]
+struct Stats {
+    processed: u64,
+    twice: u64,
+    redeliveries: u64,
+    joins: u64,
+    leaves: u64,
+    deaths: u64,
+    nacks: u64,
+}
+
+struct Sim {
+    rng: Rng,
+    brokers: Vec<Broker>,
+    mesh: Vec<Vec<VecDeque<Item>>>,
+    topic: TopicName,
+    dead_letter: TopicName,
+    start: Instant,
+    now_ms: u64,
+    members: Vec<Member>,
+    /// Published: seq -> (key, id).
+    published: BTreeMap<u64, (u64, u64)>,
+    /// Publishes awaiting their answer: (shard, req) -> (key, id).
+    publishing: HashMap<(usize, u64), (u64, u64)>,
+    /// The next publish's id (its payload).
+    next_id: u64,
+    /// Each delivered seq's key, checked against the publish at the end.
+    delivered_key: HashMap<u64, u64>,
+    /// Highest delivery number seen per seq.
+    deliveries: HashMap<u64, u32>,
+    /// Times processed per seq.
+    processed: HashMap<u64, u32>,
+    /// Last first-delivered seq per member and key.
+    first_by_key: HashMap<(u64, u64), u64>,
+    /// (seq, delivery) pairs seen.
+    numbered: std::collections::HashSet<(u64, u32)>,
+    /// Ids dead-lettered (seen on their way to the dead-letter topic).
+    dead: BTreeSet<u64>,
+    /// Seqs sequenced while the group did not exist (before its first
+    /// member, or after it was removed idle): not the group's.
+    exempt: BTreeSet<u64>,
+    stats: Stats,
+}
+
+impl Sim {
+    fn new(seed: u64) -> Sim {
+        let mut rng = Rng(seed);
+        let limits =
+            OwnerLimits { topics_max: 16, history_messages_max: 8, history_bytes_max: 1 << 20, client_pins_max: 16 };
+        let brokers = (0..SHARDS)
+            .map(|id| {
+                let owner = Owner::new(limits, rng.next());
+                let limits = BrokerLimits { publish_bytes_in_flight_max: 1 << 20 };
+                Broker::new(id, SHARDS, owner, limits, Rc::new(Metrics::default()))
+            })
+            .collect();
+        Sim {
+            rng,
+            brokers,
+            mesh: (0..SHARDS).map(|_| (0..SHARDS).map(|_| VecDeque::new()).collect()).collect(),
+            topic: TopicName::new("commands").expect("valid"),
+            // On another shard than the topic, so dead letters cross the
+            // mesh, where the simulation sees them.
+            dead_letter: (0..)
+                .map(|i| TopicName::new(&format!("commands.dead{i}")).expect("valid"))
+                .find(|t| t.owner_shard(SHARDS) != TopicName::new("commands").expect("valid").owner_shard(SHARDS))
+                .expect("a name on another shard"),
+            start: Instant::now(),
+            now_ms: 0,
+            members: Vec::new(),
+            published: BTreeMap::new(),
+            publishing: HashMap::new(),
+            next_id: 0,
+            delivered_key: HashMap::new(),
+            deliveries: HashMap::new(),
+            processed: HashMap::new(),
+            first_by_key: HashMap::new(),
+            numbered: Default::default(),
+            dead: BTreeSet::new(),
+            exempt: BTreeSet::new(),
+            stats: Stats::default(),
+        }
+    }
+
+    fn now(&self) -> Now {
+        Now { at: self.start + Duration::from_millis(self.now_ms), unix_ms: 1_700_000_000_000 + self.now_ms }
+    }
+
+    fn step(&mut self) -> Result<(), String> {
+        match self.rng.below(100) {
+            0..=19 => self.publish()?,
+            20..=49 => self.carry()?,
+            50..=69 => self.work(true)?,
+            70..=74 => self.join()?,
+            75..=76 => self.leave(false)?,
+            77 => self.leave(true)?,
+            78..=79 => self.toggle_stall(),
+            80..=81 => self.change_prefetch()?,
+            _ => {
+                self.now_ms += 1 + self.rng.below(5) as u64;
+                let shard = self.topic.owner_shard(SHARDS);
+                let now = self.now();
+                self.brokers[shard].tick_groups(now);
+                self.actions(shard)?;
+            }
+        }
+        self.check()
+    }
+
+    fn publish(&mut self) -> Result<(), String> {
+        let shard = self.rng.below(SHARDS);
+        let key = self.rng.below(KEYS as usize) as u64;
+        let options = PublishOptions { key: Some(Bytes::from(format!("k{key}"))), ack: None };
+        let now = self.now();
+        self.next_id += 1;
+        let id = self.next_id;
+        let payload = Bytes::from(format!("id {id}"));
+        let topic = self.topic.clone();
+        let before = self.owner_state();
+        let published =
+            self.brokers[shard].publish(topic, PayloadKind::Text, payload, options, PublishReply::Caller, now);
+        self.note_groupless(before);
+        match published {
+            Published::Now(Ok(seq)) => {
+                self.published.insert(seq, (key, id));
+            }
+            Published::Now(Err(e)) => return Err(format!("publish refused: {e}")),
+            Published::Later { req } => {
+                self.publishing.insert((shard, req), (key, id));
+            }
+        }
+        self.actions(shard)
+    }
+
+    fn carry(&mut self) -> Result<(), String> {
+        let (from, to) = (self.rng.below(SHARDS), self.rng.below(SHARDS));
+        for _ in 0..1 + self.rng.below(4) {
+            let Some(item) = self.mesh[from][to].pop_front() else { break };
+            self.handle(from, to, item)?;
+        }
+        Ok(())
+    }
+
+    fn handle(&mut self, from: usize, to: usize, item: Item) -> Result<(), String> {
+        // A dead letter on its way to the dead-letter topic's owner.
+        if let Item::Publish { topic, payload, .. } = &item {
+            if *topic == self.dead_letter {
+                let id =
+                    std::str::from_utf8(payload).ok().and_then(|p| p.strip_prefix("id ")).and_then(|s| s.parse().ok());
+                let id = id.ok_or_else(|| format!("a dead letter without its id: {payload:?}"))?;
+                self.dead.insert(id);
+            }
+        }
+        let now = self.now();
+        let before = self.owner_state();
+        self.brokers[to].handle(from, item, now);
+        self.note_groupless(before);
+        self.actions(to)
+    }
+
+    /// Whether the owner has the group, and the topic's last sequence.
+    fn owner_state(&self) -> (bool, u64) {
+        let owner = &self.brokers[self.topic.owner_shard(SHARDS)];
+        (owner.group_counts(&self.topic, "workers").is_some(), owner.owner().last_seq(&self.topic).unwrap_or(0))
+    }
+
+    /// Seqs sequenced by the call just made while there was no group.
+    fn note_groupless(&mut self, before: (bool, u64)) {
+        let (_, last) = self.owner_state();
+        if !before.0 {
+            self.exempt.extend(before.1 + 1..=last);
+        }
+    }
+
+    fn actions(&mut self, shard: usize) -> Result<(), String> {
+        let mut actions = Vec::new();
+        self.brokers[shard].take_actions(&mut actions);
+        for action in actions {
+            match action {
+                Action::Send { to, item } => self.mesh[shard][to].push_back(item),
+                Action::Published { req, result } => {
+                    let published = self.publishing.remove(&(shard, req)).ok_or("an answer to no publish")?;
+                    let seq = result.map_err(|e| format!("publish refused: {e}"))?;
+                    self.published.insert(seq, published);
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    fn join(&mut self) -> Result<(), String> {
+        if self.members.len() >= MEMBERS_MAX {
+            return Ok(());
+        }
+        let shard = self.rng.below(SHARDS);
+        let prefetch = self.rng.below(4) as u32; // 0: pulls nothing until raised
+        let out = Rc::new(Outbound::new(1 << 20, SlowConsumerPolicy::Disconnect));
+        let request = JoinRequest {
+            topic: self.topic.clone(),
+            group: "workers".into(),
+            out: out.clone(),
+            prefetch,
+            settings: GroupSettings { ack_timeout_ms: ACK_TIMEOUT_MS, max_deliveries: MAX_DELIVERIES },
+            dead_letter: self.dead_letter.clone(),
+            reply_id: 1,
+        };
+        let now = self.now();
+        let sub = self.brokers[shard].join_group(request, now);
+        self.members.push(Member { shard, sub, out, prefetch, held: Vec::new(), joined: false, stalled: false });
+        self.stats.joins += 1;
+        self.actions(shard)
+    }
+
+    /// A member leaves (or its connection dies: the same to the broker,
+    /// but what it held unsettled is simply gone).
+    fn leave(&mut self, dies: bool) -> Result<(), String> {
+        if self.members.is_empty() {
+            return Ok(());
+        }
+        let m = self.members.swap_remove(self.rng.below(self.members.len()));
+        let now = self.now();
+        self.brokers[m.shard].leave_group(m.sub, now);
+        if dies {
+            self.stats.deaths += 1;
+        } else {
+            self.stats.leaves += 1;
+        }
+        self.actions(m.shard)
+    }
+
+    fn toggle_stall(&mut self) {
+        if !self.members.is_empty() {
+            let i = self.rng.below(self.members.len());
+            self.members[i].stalled = !self.members[i].stalled;
+        }
+    }
+
+    fn change_prefetch(&mut self) -> Result<(), String> {
+        if self.members.is_empty() {
+            return Ok(());
+        }
+        let i = self.rng.below(self.members.len());
+        let prefetch = self.rng.below(5) as u32;
+        let (shard, sub) = (self.members[i].shard, self.members[i].sub);
+        // Deliveries made before a lower prefetch reached the owner may
+        // still arrive: the check holds the member to the highest it asked.
+        self.members[i].prefetch = self.members[i].prefetch.max(prefetch);
+        let now = self.now();
+        self.brokers[shard].settle(sub, Settle::Prefetch { prefetch }, now);
+        self.actions(shard)
+    }
+
+    /// A member reads what reached it, and (unless stalled) settles some of
+    /// what it holds: ack, cumulative ack, or refusal.
+    fn work(&mut self, chaos: bool) -> Result<(), String> {
+        if self.members.is_empty() {
+            return Ok(());
+        }
+        let i = self.rng.below(self.members.len());
+        self.read(i)?;
+        let m = &self.members[i];
+        if (m.stalled && chaos) || m.held.is_empty() {
+            return Ok(());
+        }
+        let (shard, sub) = (m.shard, m.sub);
+        let pick = self.rng.below(m.held.len());
+        let roll = if chaos { self.rng.below(10) } else { 0 };
+        let held = self.members[i].held.remove(pick);
+        let settle = match roll {
+            0..=6 => Settle::Ack { seq: held.seq },
+            7 => {
+                // This one and everything received before it.
+                let taken: Vec<Held> = self.members[i].held.drain(..pick).collect();
+                for h in taken {
+                    self.processed(h)?;
+                }
+                Settle::AckThrough { tag: held.tag }
+            }
+            _ => {
+                self.stats.nacks += 1;
+                let delay_ms = if roll == 8 { 0 } else { 1 + self.rng.below(20) as u64 };
+                let now = self.now();
+                self.brokers[shard].settle(sub, Settle::Nack { seq: held.seq, delay_ms }, now);
+                return self.actions(shard);
+            }
+        };
+        self.processed(held)?;
+        let now = self.now();
+        self.brokers[shard].settle(sub, settle, now);
+        self.actions(shard)
+    }
+
+    fn processed(&mut self, held: Held) -> Result<(), String> {
+        let n = self.processed.entry(held.seq).or_default();
+        *n += 1;
+        if *n > 1 {
+            self.stats.twice += 1;
+            if self.deliveries.get(&held.seq).is_none_or(|d| *d < 2) {
+                return Err(format!("seq {} processed twice but delivered once", held.seq));
+            }
+        }
+        self.stats.processed += 1;
+        Ok(())
+    }
+
+    /// Member `i` reads its queue.
+    fn read(&mut self, i: usize) -> Result<(), String> {
+        let mut bytes = Vec::new();
+        let mut published = Vec::new();
+        self.members[i].out.take_batch(&mut bytes, usize::MAX, &mut published);
+        for frame in text_frames(&bytes)? {
+            let v: serde_json::Value = serde_json::from_slice(&frame).map_err(|e| e.to_string())?;
+            match v["type"].as_str() {
+                Some("reply") if v["ok"] == true => self.members[i].joined = true,
+                Some("reply") => return Err(format!("join refused: {v}")),
+                Some("message") => {
+                    if !self.members[i].joined {
+                        return Err(format!("a delivery before the join's reply: {v}"));
+                    }
+                    if v["group"] != "workers" || v["topic"] != self.topic.as_str() {
+                        return Err(format!("a delivery of another group: {v}"));
+                    }
+                    let seq = v["seq"].as_u64().ok_or("no seq")?;
+                    let delivery = v["delivery"].as_u64().ok_or("no delivery")? as u32;
+                    let tag = v["tag"].as_u64().ok_or("no tag")?;
+                    if self.members[i].held.last().is_some_and(|h| h.tag >= tag) {
+                        return Err(format!("tag {tag} after a higher one"));
+                    }
+                    let key: u64 = v["key"].as_str().and_then(|k| k.strip_prefix('k')?.parse().ok()).ok_or("no key")?;
+                    if self.delivered_key.insert(seq, key).is_some_and(|k| k != key) {
+                        return Err(format!("seq {seq} delivered with two keys"));
+                    }
+                    // Each delivery number once (members on different
+                    // shards read in any order).
+                    if !self.numbered.insert((seq, delivery)) {
+                        return Err(format!("seq {seq}: delivery {delivery} twice"));
+                    }
+                    let last = self.deliveries.entry(seq).or_default();
+                    *last = (*last).max(delivery);
+                    if delivery == 1 {
+                        let sub = self.members[i].sub;
+                        let before = self.first_by_key.insert((sub, key), seq).unwrap_or(0);
+                        if seq <= before {
+                            return Err(format!("member {sub}, key k{key}: first delivery of {seq} after {before}"));
+                        }
+                    } else {
+                        self.stats.redeliveries += 1;
+                    }
+                    self.members[i].held.push(Held { seq, tag });
+                }
+                _ => return Err(format!("unexpected frame {v}")),
+            }
+        }
+        Ok(())
+    }
+
+    /// What the owner counts against a member's prefetch: its deliveries
+    /// not yet acknowledged, refused or expired (a delivery past its
+    /// deadline no longer counts, though the member may still have it).
+    fn check(&self) -> Result<(), String> {
+        let owner = &self.brokers[self.topic.owner_shard(SHARDS)];
+        owner.check_group(&self.topic, "workers")?;
+        for m in &self.members {
+            let held = owner.group_member_held(&self.topic, "workers", m.shard, m.sub).unwrap_or(0);
+            if held > m.prefetch {
+                return Err(format!(
+                    "member {} holds {held} unacknowledged deliveries, prefetch {}",
+                    m.sub, m.prefetch
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The end: no more chaos. Members wake, every item is carried, time
+    /// runs past every deadline, members process everything.
+    fn drain(&mut self) -> Result<(), String> {
+        if self.members.is_empty() {
+            self.join()?;
+        }
+        for m in &mut self.members {
+            m.stalled = false;
+        }
+        for i in 0..self.members.len() {
+            let (shard, sub) = (self.members[i].shard, self.members[i].sub);
+            let now = self.now();
+            self.brokers[shard].settle(sub, Settle::Prefetch { prefetch: 4 }, now);
+            self.members[i].prefetch = self.members[i].prefetch.max(4);
+            self.actions(shard)?;
+        }
+        for _ in 0..200_000 {
+            let mut moved = false;
+            for from in 0..SHARDS {
+                for to in 0..SHARDS {
+                    while let Some(item) = self.mesh[from][to].pop_front() {
+                        self.handle(from, to, item)?;
+                        moved = true;
+                    }
+                }
+            }
+            for i in 0..self.members.len() {
+                self.read(i)?;
+                while !self.members[i].held.is_empty() {
+                    self.work(false)?;
+                    moved = true;
+                    self.read(i)?;
+                }
+            }
+            if !moved {
+                if self.publishing.is_empty() && self.lost().is_empty() {
+                    return self.keys_match();
+                }
+                self.now_ms += ACK_TIMEOUT_MS;
+                let shard = self.topic.owner_shard(SHARDS);
+                let now = self.now();
+                self.brokers[shard].tick_groups(now);
+                self.actions(shard)?;
+            }
+        }
+        let lost = self.lost();
+        let owner = &self.brokers[self.topic.owner_shard(SHARDS)];
+        let seen: Vec<_> = lost.iter().map(|s| (s, self.deliveries.get(s), self.published.get(s))).collect();
+        Err(format!(
+            "{} messages neither processed nor dead-lettered: {:?}; group (waiting, unacked) {:?}, {} members",
+            lost.len(),
+            &seen[..seen.len().min(10)],
+            owner.group_counts(&self.topic, "workers"),
+            self.members.len()
+        ))
+    }
+
+    /// Published seqs neither processed nor dead-lettered.
+    fn lost(&self) -> Vec<u64> {
+        let gone = |(seq, (_, id)): (&u64, &(u64, u64))| {
+            !self.processed.contains_key(seq) && !self.dead.contains(id) && !self.exempt.contains(seq)
+        };
+        self.published.iter().filter(|p| gone(*p)).map(|(s, _)| *s).collect()
+    }
+
+    /// Every delivery carried the key its message was published with.
+    fn keys_match(&self) -> Result<(), String> {
+        for (seq, key) in &self.delivered_key {
+            if self.published.get(seq).map(|p| p.0) != Some(*key) {
+                return Err(format!("seq {seq} delivered with key k{key}, published {:?}", self.published.get(seq)));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The payloads of a run of unmasked server text frames.
+fn text_frames(mut bytes: &[u8]) -> Result<Vec<Vec<u8>>, String> {
+    let mut frames = Vec::new();
+    while !bytes.is_empty() {
+        if bytes.len() < 2 || bytes[0] != 0x81 {
+            return Err(format!("not a text frame: {:?}", &bytes[..bytes.len().min(8)]));
+        }
+        let (len, head) = match bytes[1] {
+            126 => (u16::from_be_bytes([bytes[2], bytes[3]]) as usize, 4),
+            127 => (u64::from_be_bytes(bytes[2..10].try_into().map_err(|_| "short")?) as usize, 10),
+            n => (n as usize, 2),
+        };
+        frames.push(bytes[head..head + len].to_vec());
+        bytes = &bytes[head + len..];
+    }
+    Ok(frames)
+}

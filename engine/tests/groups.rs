@@ -1,0 +1,181 @@
+//! Consumer groups against a real node: members on both shards share a
+//! topic by key, one dies holding messages and they go to the others;
+//! deadlines, refusals and the dead-letter topic; and a Python
+//! `websockets` worker pool that grows from 4 to 8 members and shrinks to 2
+//! under load without losing a command.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::Duration;
+
+use common::*;
+use tungstenite::Message;
+
+/// What a member thread saw: (member, seq, key, delivery), in its order.
+type Seen = (usize, u64, String, u64);
+
+/// A member that acknowledges everything it gets, reporting each delivery;
+/// with `die_after`, it stops after that many deliveries without
+/// acknowledging the last ones it holds and drops its connection.
+fn member(
+    mut ws: Ws,
+    who: usize,
+    topic: String,
+    die_after: Option<usize>,
+    tx: mpsc::Sender<Seen>,
+    stop: Arc<AtomicBool>,
+) {
+    let mut got = 0;
+    ws.get_ref().set_read_timeout(Some(Duration::from_millis(100))).unwrap();
+    while !stop.load(Ordering::Relaxed) {
+        let m = match ws.read() {
+            Ok(Message::Text(t)) => serde_json::from_str::<serde_json::Value>(&t).unwrap(),
+            Ok(_) => continue,
+            Err(tungstenite::Error::Io(e))
+                if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) =>
+            {
+                continue
+            }
+            Err(e) => panic!("member {who}: {e}"),
+        };
+        assert_eq!(m["group"], "workers", "{m}");
+        let seq = m["seq"].as_u64().unwrap();
+        got += 1;
+        if die_after.is_some_and(|n| got > n) {
+            return; // dies holding this one (and whatever else it was sent)
+        }
+        tx.send((who, seq, m["key"].as_str().unwrap().to_string(), m["delivery"].as_u64().unwrap())).unwrap();
+        let ack = serde_json::json!({"op":"ack","topic":topic,"group":"workers","seq":seq});
+        ws.send(Message::text(ack.to_string())).unwrap();
+    }
+}
+
+fn join(ws: &mut Ws, topic: &str, extra: serde_json::Value) {
+    let mut request = serde_json::json!({"op":"subscribe","id":1,"topic":topic,"group":"workers"});
+    if let (Some(r), serde_json::Value::Object(more)) = (request.as_object_mut(), extra) {
+        r.extend(more);
+    }
+    let r = native_call(ws, request);
+    assert_eq!(r["ok"], true, "{r}");
+    assert_eq!(r["group"], "workers");
+}
+
+#[test]
+fn a_group_shares_a_topic_by_key_and_a_dead_members_messages_go_to_the_others() {
+    let node = Node::start(&["--shards", "2"]);
+    let topic = topic_on_shard("jobs", 2, 0);
+    let (tx, rx) = mpsc::channel();
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut threads = Vec::new();
+    // Members on both shards (the owner's and the other): two live ones,
+    // and one that dies after 30 deliveries.
+    for (who, shard, die_after) in [(0, 0, None), (1, 1, None), (2, 1, Some(30))] {
+        let mut ws = ws_on_shard(&node.addr(), "/v1/ws", shard);
+        join(&mut ws, &topic, serde_json::json!({"prefetch": 4}));
+        let (tx, stop, topic) = (tx.clone(), stop.clone(), topic.clone());
+        threads.push(std::thread::spawn(move || member(ws, who, topic, die_after, tx, stop)));
+    }
+    // A plain subscriber still gets every message.
+    let mut plain = node.ws("/v1/ws");
+    assert_eq!(native_call(&mut plain, serde_json::json!({"op":"subscribe","id":1,"topic":topic}))["ok"], true);
+    let mut publisher = node.ws("/v1/ws");
+    let total = 300u64;
+    for i in 1..=total {
+        let request = serde_json::json!({"op":"publish","id":i,"topic":topic,"data":format!("job {i}"),"key":format!("k{}", i % 10)});
+        assert_eq!(native_call(&mut publisher, request)["ok"], true);
+    }
+    // Every message processed (acknowledged) at least once.
+    let mut processed: BTreeMap<u64, Vec<Seen>> = BTreeMap::new();
+    let mut order: Vec<Seen> = Vec::new();
+    while processed.len() < total as usize {
+        let seen = rx.recv_timeout(WAIT).unwrap_or_else(|_| panic!("only {} of {total} processed", processed.len()));
+        processed.entry(seen.1).or_default().push(seen.clone());
+        order.push(seen);
+    }
+    stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        t.join().unwrap();
+    }
+    let by_member: Vec<usize> = (0..3).map(|w| order.iter().filter(|s| s.0 == w).count()).collect();
+    assert!(by_member.iter().all(|&n| n > 0), "every member took a share: {by_member:?}");
+    // Each key in sequence order, one member at a time.
+    for k in 0..10 {
+        let seqs: Vec<u64> = order.iter().filter(|s| s.2 == format!("k{k}")).map(|s| s.1).collect();
+        assert!(seqs.windows(2).all(|w| w[0] < w[1]), "key k{k} out of order: {seqs:?}");
+    }
+    // Delivered twice only what the dead member held unacknowledged.
+    let again: Vec<&Seen> = order.iter().filter(|s| s.3 > 1).collect();
+    assert!(!again.is_empty() && again.len() <= 4 + 4, "redelivered: {again:?}");
+    assert!(again.iter().all(|s| s.0 != 2 && processed[&s.1].len() == 1), "{again:?}");
+    let plain_seqs: Vec<u64> = (0..total).map(|_| next_json(&mut plain)["seq"].as_u64().unwrap()).collect();
+    assert_eq!(plain_seqs, (1..=total).collect::<Vec<_>>());
+    eprintln!("{total} jobs: per member {by_member:?}, {} redelivered after a member died", again.len());
+}
+
+#[test]
+fn deadlines_and_refusals_redeliver_and_the_last_delivery_goes_to_the_dead_letter_topic() {
+    let node = Node::start(&["--shards", "2"]);
+    let topic = topic_on_shard("tasks", 2, 1);
+    let mut dead = node.ws("/v1/ws");
+    let r = native_call(&mut dead, serde_json::json!({"op":"subscribe","id":1,"topic":"tasks-dead"}));
+    assert_eq!(r["ok"], true);
+    let mut ws = ws_on_shard(&node.addr(), "/v1/ws", 0);
+    let settings = serde_json::json!({"prefetch":1,"ack_timeout_ms":200,"max_deliveries":2,"dead_letter":"tasks-dead"});
+    join(&mut ws, &topic, settings);
+    let mut publisher = node.ws("/v1/ws");
+    for (i, data) in ["never acked", "refused once"].iter().enumerate() {
+        let r = native_call(
+            &mut publisher,
+            serde_json::json!({"op":"publish","id":i,"topic":topic,"data":data,"key":"same"}),
+        );
+        assert_eq!(r["ok"], true);
+    }
+    // Prefetch 1: the second waits while the first is held.
+    let first = next_json(&mut ws);
+    assert_eq!((first["data"].as_str(), first["delivery"].as_u64()), (Some("never acked"), Some(1)), "{first}");
+    let again = next_json(&mut ws);
+    assert_eq!(
+        (again["seq"].clone(), again["delivery"].as_u64()),
+        (first["seq"].clone(), Some(2)),
+        "after its deadline"
+    );
+    // Its second deadline: to the dead-letter topic, and the next comes.
+    let letter = next_json(&mut dead);
+    assert_eq!((letter["data"].as_str(), letter["key"].as_str()), (Some("never acked"), Some("same")), "{letter}");
+    let second = next_json(&mut ws);
+    assert_eq!((second["data"].as_str(), second["delivery"].as_u64()), (Some("refused once"), Some(1)));
+    let nack =
+        serde_json::json!({"op":"nack","id":7,"topic":topic,"group":"workers","seq":second["seq"],"delay_ms":50});
+    assert_eq!(native_call(&mut ws, nack)["ok"], true);
+    let redelivered = next_json(&mut ws);
+    assert_eq!((redelivered["seq"].clone(), redelivered["delivery"].as_u64()), (second["seq"].clone(), Some(2)));
+    let ack = serde_json::json!({"op":"ack","id":8,"topic":topic,"group":"workers","seq":second["seq"]});
+    assert_eq!(native_call(&mut ws, ack)["ok"], true);
+    assert_eq!(node.metric("fluxnode_dead_letters_total"), 1);
+    // Errors: an ack outside the group, a bad group name, a second join.
+    let r = native_call(&mut ws, serde_json::json!({"op":"ack","id":9,"topic":topic,"group":"other","seq":1}));
+    assert_eq!(r["error"]["code"], "not_subscribed", "{r}");
+    let r = native_call(&mut ws, serde_json::json!({"op":"subscribe","id":10,"topic":topic,"group":"a b"}));
+    assert_eq!(r["error"]["code"], "bad_request", "{r}");
+    let r = native_call(&mut ws, serde_json::json!({"op":"subscribe","id":11,"topic":topic,"group":"workers"}));
+    assert_eq!(r["error"]["code"], "already_subscribed", "{r}");
+    let r = native_call(&mut ws, serde_json::json!({"op":"unsubscribe","id":12,"topic":topic,"group":"workers"}));
+    assert_eq!(r["ok"], true, "{r}");
+}
+
+#[test]
+fn a_python_worker_pool_scales_from_4_to_8_to_2_under_load_and_loses_no_command() {
+    let python = std::env::var("FLUXNODE_TEST_PYTHON").unwrap_or_else(|_| "python3".to_string());
+    let node = Node::start(&["--shards", "2"]);
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/worker_pool.py");
+    let output = Command::new(&python).arg(script).arg(node.addr()).arg("3000").output().expect("run python");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    eprintln!("{stdout}{}", String::from_utf8_lossy(&output.stderr));
+    assert!(output.status.success(), "the worker pool lost commands or failed");
+    let summary: BTreeSet<&str> = stdout.lines().filter(|l| l.starts_with("lost ")).collect();
+    assert_eq!(summary.into_iter().collect::<Vec<_>>(), ["lost 0"]);
+}
