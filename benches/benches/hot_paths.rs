@@ -20,6 +20,7 @@ fn message(seq: u64, len: usize, kind: PayloadKind) -> Message {
         kind,
         payload: Bytes::from(vec![b'x'; len]),
         key: None,
+        reply_to: None,
         published_at: Instant::now(),
     }
 }
@@ -94,6 +95,7 @@ fn history(c: &mut Criterion) {
                 kind: PayloadKind::Binary,
                 payload: payload.clone(),
                 key: None,
+                reply_to: None,
                 published_at: Instant::now(),
             });
         })

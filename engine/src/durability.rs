@@ -294,6 +294,7 @@ impl Shard {
                 kind: r.kind,
                 payload: r.payload,
                 key: r.key,
+                reply_to: None,
                 published_at: at,
             })
             .collect();

@@ -44,9 +44,10 @@ use crate::config::Config;
 use crate::durability::{DurableAnswer, DurableAsk};
 use crate::store::Store;
 
-/// How often a shard applies the time to the consumer groups it owns: the
-/// granularity of ack deadlines and delayed refusals.
-const GROUP_TICK_MS: u64 = 10;
+/// How often a shard applies the time to the consumer groups it owns and
+/// its connections' requests: the granularity of ack deadlines, delayed
+/// refusals and request timeouts.
+const TICK_MS: u64 = 10;
 
 /// What crosses between shards, always inside a batch (`Vec<Item>`).
 #[derive(Debug)]
@@ -519,7 +520,7 @@ impl Shard {
         let shard = self.clone();
         glommio::spawn_local_into(async move { shard.catcher().await }, control).map(|t| t.detach()).ok();
         let shard = self.clone();
-        glommio::spawn_local_into(async move { shard.group_ticker().await }, data_queue).map(|t| t.detach()).ok();
+        glommio::spawn_local_into(async move { shard.ticker().await }, data_queue).map(|t| t.detach()).ok();
     }
 
     /// Hands one peer's batches to the broker.
@@ -779,15 +780,51 @@ impl Shard {
     }
 
     /// Applies the time to the consumer groups this shard owns (ack
-    /// deadlines, delayed refusals, idle groups).
-    pub(crate) async fn group_ticker(self: Rc<Self>) {
+    /// deadlines, delayed refusals, idle groups) and to the requests of
+    /// its connections (timeouts).
+    pub(crate) async fn ticker(self: Rc<Self>) {
         loop {
-            glommio::timer::sleep(Duration::from_millis(GROUP_TICK_MS)).await;
-            if self.broker.borrow().has_groups() {
+            glommio::timer::sleep(Duration::from_millis(TICK_MS)).await;
+            let (groups, requests) = {
+                let broker = self.broker.borrow();
+                (broker.has_groups(), broker.has_requests())
+            };
+            if groups {
                 self.broker.borrow_mut().tick_groups(Now::read());
+            }
+            if requests {
+                self.broker.borrow_mut().tick_requests(Now::read());
+            }
+            if groups || requests {
                 self.apply();
             }
         }
+    }
+
+    /// Sends a request (see [`Broker::request`]): its native reply comes
+    /// with the responder's answer, or an error.
+    pub async fn request(self: &Rc<Self>, request: proto::broker::RequestSpec) {
+        if request.topic.owner_shard(self.shards) == self.id {
+            self.wait_for_room().await;
+        } else {
+            self.take_turn(&request.topic, request.payload.len()).await;
+        }
+        self.broker.borrow_mut().request(request, Now::read());
+        self.apply();
+    }
+
+    /// A responder's reply to the request `to` names; false when `to`
+    /// names no shard of this node.
+    pub fn reply(
+        &self,
+        to: proto::message::ReplyTo,
+        answer: proto::broker::Answer,
+        out: Rc<Outbound>,
+        reply_id: Option<u64>,
+    ) -> bool {
+        let sent = self.broker.borrow_mut().reply(to, answer, out, reply_id, Now::read());
+        self.apply();
+        sent
     }
 
     /// Removes a subscription; the last one on this shard tells the owner.

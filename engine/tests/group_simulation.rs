@@ -4,7 +4,9 @@
 //! random shards that join, acknowledge (one by one or cumulatively),
 //! refuse (now or after a delay), stall past their ack deadline, change
 //! their prefetch, leave, and die. Publishers publish keyed messages on
-//! random shards. After every step:
+//! random shards; requesters on random shards send requests (with random
+//! timeouts) that members answer with a result or an error as they
+//! acknowledge them. After every step:
 //!
 //! - each delivery of a message has its own number (1, 2, 3...), a
 //!   member's deliveries arrive in tag order, and a message is processed
@@ -13,6 +15,10 @@
 //!   than the member's prefetch;
 //! - a member receives a key's first deliveries in sequence order;
 //! - no member receives a message of a group it is not in;
+//! - each request is answered exactly once, on its own requester, with its
+//!   own result or a documented error; a responder is told its reply was
+//!   taken at most once per request, and only when the requester got a
+//!   responder's answer (checked at the end);
 //! - the owner's books agree (`Group::check`): every unacknowledged
 //!   message is with its segment's holder, so a key is never with two
 //!   members at once, and the counts match.
@@ -33,8 +39,12 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use proto::broker::{Action, Broker, BrokerLimits, Item, JoinRequest, PublishOptions, PublishReply, Published, Settle};
+use proto::broker::{
+    Action, Answer, Broker, BrokerLimits, Item, JoinRequest, PublishOptions, PublishReply, Published, RequestSpec,
+    Settle,
+};
 use proto::group::GroupSettings;
+use proto::message::ReplyTo;
 use proto::message::{Now, PayloadKind};
 use proto::metrics::Metrics;
 use proto::outbound::{Outbound, SlowConsumerPolicy};
@@ -50,6 +60,8 @@ const MEMBERS_MAX: usize = 5;
 /// Ack deadline and deliveries before the dead-letter topic.
 const ACK_TIMEOUT_MS: u64 = 50;
 const MAX_DELIVERIES: u32 = 4;
+/// Native ids of members' replies start here (below: their joins).
+const REPLY_IDS: u64 = 1_000;
 
 #[test]
 fn seeds() {
@@ -75,9 +87,11 @@ fn run_or_panic(seed: u64, steps: u64) {
     let s = &sim.stats;
     assert!(s.processed > 0, "seed {seed}: nothing processed");
     eprintln!(
-        "seed {seed}: {steps} steps, {} published, {} processed ({} twice), {} redeliveries, {} dead letters, \
-         {} joins, {} leaves, {} deaths, {} refusals",
+        "seed {seed}: {steps} steps, {} published, {} requests ({} answered by a responder), {} processed ({} twice), \
+         {} redeliveries, {} dead letters, {} joins, {} leaves, {} deaths, {} refusals",
         sim.published.len(),
+        sim.requests.len(),
+        sim.answers.values().filter(|a| a.starts_with("res ") || *a == "responder_error").count(),
         s.processed,
         s.twice,
         s.redeliveries,
@@ -94,6 +108,8 @@ fn run_or_panic(seed: u64, steps: u64) {
 struct Held {
     seq: u64,
     tag: u64,
+    /// A request's return address and number.
+    request: Option<(ReplyTo, u64)>,
 }
 
 struct Member {
@@ -147,6 +163,20 @@ struct Sim {
     numbered: std::collections::HashSet<(u64, u32)>,
     /// Ids dead-lettered (seen on their way to the dead-letter topic).
     dead: BTreeSet<u64>,
+    /// Requester connections, one per shard.
+    requesters: Vec<Rc<Outbound>>,
+    /// Requests sent: number -> requester shard.
+    requests: BTreeMap<u64, usize>,
+    /// Each request's answer as its requester read it.
+    answers: BTreeMap<u64, String>,
+    /// Seqs that carried a request.
+    request_seqs: BTreeSet<u64>,
+    /// Replies sent by members, by their native id: the request number.
+    replies: HashMap<u64, u64>,
+    /// Replies the requester's shard took (answered ok), per request.
+    replies_ok: BTreeMap<u64, u32>,
+    /// The next reply's native id.
+    next_reply: u64,
     /// Seqs sequenced while the group did not exist (before its first
     /// member, or after it was removed idle): not the group's.
     exempt: BTreeSet<u64>,
@@ -189,6 +219,13 @@ impl Sim {
             numbered: Default::default(),
             dead: BTreeSet::new(),
             exempt: BTreeSet::new(),
+            requesters: (0..SHARDS).map(|_| Rc::new(Outbound::new(1 << 20, SlowConsumerPolicy::Disconnect))).collect(),
+            requests: BTreeMap::new(),
+            answers: BTreeMap::new(),
+            request_seqs: BTreeSet::new(),
+            replies: HashMap::new(),
+            replies_ok: BTreeMap::new(),
+            next_reply: REPLY_IDS,
             stats: Stats::default(),
         }
     }
@@ -207,21 +244,87 @@ impl Sim {
             77 => self.leave(true)?,
             78..=79 => self.toggle_stall(),
             80..=81 => self.change_prefetch()?,
+            82..=85 => self.request()?,
+            86..=87 => self.read_answers()?,
             _ => {
-                self.now_ms += 1 + self.rng.below(5) as u64;
-                let shard = self.topic.owner_shard(SHARDS);
-                let now = self.now();
-                self.brokers[shard].tick_groups(now);
-                self.actions(shard)?;
+                let ms = 1 + self.rng.below(5) as u64;
+                self.tick(ms)?
             }
         }
         self.check()
     }
 
+    /// Time passes: every shard ticks its groups and requests.
+    fn tick(&mut self, ms: u64) -> Result<(), String> {
+        self.now_ms += ms;
+        for shard in 0..SHARDS {
+            let now = self.now();
+            self.brokers[shard].tick_groups(now);
+            self.brokers[shard].tick_requests(now);
+            self.actions(shard)?;
+        }
+        Ok(())
+    }
+
+    /// A requester on a random shard asks the topic's responders.
+    fn request(&mut self) -> Result<(), String> {
+        let shard = self.rng.below(SHARDS);
+        let n = self.requests.len() as u64 + 1;
+        self.requests.insert(n, shard);
+        let spec = RequestSpec {
+            topic: self.topic.clone(),
+            kind: PayloadKind::Text,
+            payload: Bytes::from(format!("req {n}")),
+            key: Some(Bytes::from(format!("k{}", self.rng.below(KEYS as usize)))),
+            timeout_ms: 50 + self.rng.below(1_000) as u64,
+            out: self.requesters[shard].clone(),
+            id: n,
+        };
+        let now = self.now();
+        let before = self.owner_state();
+        self.brokers[shard].request(spec, now);
+        self.note_groupless(before);
+        self.actions(shard)
+    }
+
+    /// Requesters read their answers: each request is answered once, with
+    /// its own result or an error.
+    fn read_answers(&mut self) -> Result<(), String> {
+        for shard in 0..SHARDS {
+            let mut bytes = Vec::new();
+            self.requesters[shard].take_batch(&mut bytes, usize::MAX, &mut Vec::new());
+            for frame in text_frames(&bytes)? {
+                let v: serde_json::Value = serde_json::from_slice(&frame).map_err(|e| e.to_string())?;
+                let n = v["id"].as_u64().ok_or_else(|| format!("an answer without id: {v}"))?;
+                if self.requests.get(&n) != Some(&shard) {
+                    return Err(format!("request {n}'s answer on shard {shard}'s requester: {v}"));
+                }
+                let answer = if v["ok"] == true {
+                    let data = v["data"].as_str().unwrap_or_default().to_string();
+                    if data != format!("res {n}") {
+                        return Err(format!("request {n} answered with another's result: {v}"));
+                    }
+                    data
+                } else {
+                    let code = v["error"]["code"].as_str().unwrap_or_default().to_string();
+                    let known = ["timeout", "no_responders", "responder_error", "group_full"];
+                    if !known.contains(&code.as_str()) {
+                        return Err(format!("request {n}: {v}"));
+                    }
+                    code
+                };
+                if let Some(first) = self.answers.insert(n, answer) {
+                    return Err(format!("request {n} answered twice (first {first}): {v}"));
+                }
+            }
+        }
+        Ok(())
+    }
+
     fn publish(&mut self) -> Result<(), String> {
         let shard = self.rng.below(SHARDS);
         let key = self.rng.below(KEYS as usize) as u64;
-        let options = PublishOptions { key: Some(Bytes::from(format!("k{key}"))), ack: None };
+        let options = PublishOptions { key: Some(Bytes::from(format!("k{key}"))), ack: None, reply_to: None };
         let now = self.now();
         self.next_id += 1;
         let id = self.next_id;
@@ -256,10 +359,13 @@ impl Sim {
         // A dead letter on its way to the dead-letter topic's owner.
         if let Item::Publish { topic, payload, .. } = &item {
             if *topic == self.dead_letter {
-                let id =
-                    std::str::from_utf8(payload).ok().and_then(|p| p.strip_prefix("id ")).and_then(|s| s.parse().ok());
-                let id = id.ok_or_else(|| format!("a dead letter without its id: {payload:?}"))?;
-                self.dead.insert(id);
+                // A request's dead letter is not a published message's.
+                let text = std::str::from_utf8(payload).unwrap_or_default();
+                if !text.starts_with("req ") {
+                    let id = text.strip_prefix("id ").and_then(|s| s.parse().ok());
+                    let id = id.ok_or_else(|| format!("a dead letter without its id: {payload:?}"))?;
+                    self.dead.insert(id);
+                }
             }
         }
         let now = self.now();
@@ -399,6 +505,20 @@ impl Sim {
         self.processed(held)?;
         let now = self.now();
         self.brokers[shard].settle(sub, settle, now);
+        if let Some((to, n)) = held.request {
+            let answer = if self.rng.below(8) == 0 {
+                Answer::Error { code: "refused".into(), message: format!("req {n}") }
+            } else {
+                Answer::Result { kind: PayloadKind::Text, payload: Bytes::from(format!("res {n}")) }
+            };
+            let id = self.next_reply;
+            self.next_reply += 1;
+            self.replies.insert(id, n);
+            let out = self.members[i].out.clone();
+            if !self.brokers[shard].reply(to, answer, out, Some(id), now) {
+                return Err(format!("reply to {to} refused"));
+            }
+        }
         self.actions(shard)
     }
 
@@ -423,6 +543,15 @@ impl Sim {
         for frame in text_frames(&bytes)? {
             let v: serde_json::Value = serde_json::from_slice(&frame).map_err(|e| e.to_string())?;
             match v["type"].as_str() {
+                Some("reply") if v["id"].as_u64() >= Some(REPLY_IDS) => {
+                    let id = v["id"].as_u64().unwrap_or(0);
+                    let n = self.replies.remove(&id).ok_or_else(|| format!("an answer to no reply: {v}"))?;
+                    if v["ok"] == true {
+                        *self.replies_ok.entry(n).or_default() += 1;
+                    } else if v["error"]["code"] != "requester_gone" {
+                        return Err(format!("reply to request {n}: {v}"));
+                    }
+                }
                 Some("reply") if v["ok"] == true => self.members[i].joined = true,
                 Some("reply") => return Err(format!("join refused: {v}")),
                 Some("message") => {
@@ -458,7 +587,16 @@ impl Sim {
                     } else {
                         self.stats.redeliveries += 1;
                     }
-                    self.members[i].held.push(Held { seq, tag });
+                    let request = match v["reply_to"].as_str() {
+                        Some(to) => {
+                            let to: ReplyTo = to.parse().map_err(|_| format!("bad reply_to {v}"))?;
+                            let n = v["data"].as_str().and_then(|d| d.strip_prefix("req ")?.parse().ok());
+                            self.request_seqs.insert(seq);
+                            Some((to, n.ok_or_else(|| format!("a request without its number: {v}"))?))
+                        }
+                        None => None,
+                    };
+                    self.members[i].held.push(Held { seq, tag, request });
                 }
                 _ => return Err(format!("unexpected frame {v}")),
             }
@@ -518,15 +656,13 @@ impl Sim {
                     self.read(i)?;
                 }
             }
+            self.read_answers()?;
             if !moved {
-                if self.publishing.is_empty() && self.lost().is_empty() {
-                    return self.keys_match();
+                if self.publishing.is_empty() && self.lost().is_empty() && self.answers.len() == self.requests.len() {
+                    self.keys_match()?;
+                    return self.replies_match();
                 }
-                self.now_ms += ACK_TIMEOUT_MS;
-                let shard = self.topic.owner_shard(SHARDS);
-                let now = self.now();
-                self.brokers[shard].tick_groups(now);
-                self.actions(shard)?;
+                self.tick(ACK_TIMEOUT_MS)?;
             }
         }
         let lost = self.lost();
@@ -549,9 +685,22 @@ impl Sim {
         self.published.iter().filter(|p| gone(*p)).map(|(s, _)| *s).collect()
     }
 
+    /// A responder was told its reply was taken at most once per request,
+    /// and only for a request whose requester got a responder's answer.
+    fn replies_match(&self) -> Result<(), String> {
+        for (n, ok) in &self.replies_ok {
+            let answer = self.answers.get(n).map(String::as_str);
+            let from_responder = answer.is_some_and(|a| a.starts_with("res ") || a == "responder_error");
+            if *ok > 1 || !from_responder {
+                return Err(format!("request {n}: {ok} replies taken, its requester got {answer:?}"));
+            }
+        }
+        Ok(())
+    }
+
     /// Every delivery carried the key its message was published with.
     fn keys_match(&self) -> Result<(), String> {
-        for (seq, key) in &self.delivered_key {
+        for (seq, key) in self.delivered_key.iter().filter(|(s, _)| !self.request_seqs.contains(s)) {
             if self.published.get(seq).map(|p| p.0) != Some(*key) {
                 return Err(format!("seq {seq} delivered with key k{key}, published {:?}", self.published.get(seq)));
             }

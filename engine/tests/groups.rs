@@ -179,3 +179,72 @@ fn a_python_worker_pool_scales_from_4_to_8_to_2_under_load_and_loses_no_command(
     let summary: BTreeSet<&str> = stdout.lines().filter(|l| l.starts_with("lost ")).collect();
     assert_eq!(summary.into_iter().collect::<Vec<_>>(), ["lost 0"]);
 }
+
+#[test]
+fn requests_reach_one_responder_and_only_the_requester_hears_the_reply() {
+    let node = Node::start(&["--shards", "2"]);
+    let topic = topic_on_shard("billing", 2, 1);
+    let mut requester = ws_on_shard(&node.addr(), "/v1/ws", 0);
+    // Nobody answers yet.
+    let r = native_call(&mut requester, serde_json::json!({"op":"request","id":1,"topic":topic,"data":"charge 10"}));
+    assert_eq!(r["error"]["code"], "no_responders", "{r}");
+    let mut responder = ws_on_shard(&node.addr(), "/v1/ws", 1);
+    join(&mut responder, &topic, serde_json::json!({}));
+    let mut plain = node.ws("/v1/ws");
+    assert_eq!(native_call(&mut plain, serde_json::json!({"op":"subscribe","id":1,"topic":topic}))["ok"], true);
+
+    // A result, across shards; the reply also acknowledges the request.
+    let ask =
+        serde_json::json!({"op":"request","id":2,"topic":topic,"data":"charge 10","key":"acct-7","timeout_ms":10000});
+    requester.send(Message::text(ask.to_string())).unwrap();
+    let m = next_json(&mut responder);
+    assert_eq!((m["data"].as_str(), m["key"].as_str()), (Some("charge 10"), Some("acct-7")), "{m}");
+    let to = m["reply_to"].as_str().expect("reply_to").to_string();
+    let reply = serde_json::json!({"op":"reply","id":3,"to":to,"data":"charged","topic":topic,"group":"workers","seq":m["seq"]});
+    assert_eq!(native_call(&mut responder, reply)["ok"], true);
+    let r = next_json(&mut requester);
+    assert_eq!(
+        (r["id"].as_u64(), r["ok"].as_bool(), r["data"].as_str()),
+        (Some(2), Some(true), Some("charged")),
+        "{r}"
+    );
+    // The plain subscriber saw the request, never the reply.
+    assert_eq!(next_json(&mut plain)["data"], "charge 10");
+
+    // A responder's error.
+    let ask = serde_json::json!({"op":"request","id":4,"topic":topic,"data":"charge -1"});
+    requester.send(Message::text(ask.to_string())).unwrap();
+    let m = next_json(&mut responder);
+    let error = serde_json::json!({"code":"invalid_amount","message":"amount must be positive"});
+    let reply = serde_json::json!({"op":"reply","id":5,"to":m["reply_to"],"error":error,"topic":topic,"group":"workers","seq":m["seq"]});
+    assert_eq!(native_call(&mut responder, reply)["ok"], true);
+    let r = next_json(&mut requester);
+    assert_eq!(r["error"]["code"], "responder_error", "{r}");
+    assert!(r["error"]["message"].as_str().unwrap().contains("invalid_amount"), "{r}");
+
+    // A timeout; the late reply is told nobody waits.
+    let ask = serde_json::json!({"op":"request","id":6,"topic":topic,"data":"slow","timeout_ms":100});
+    requester.send(Message::text(ask.to_string())).unwrap();
+    let m = next_json(&mut responder);
+    let r = next_json(&mut requester);
+    assert_eq!((r["id"].as_u64(), r["error"]["code"].as_str()), (Some(6), Some("timeout")), "{r}");
+    let reply = serde_json::json!({"op":"reply","id":7,"to":m["reply_to"],"data":"too late","topic":topic,"group":"workers","seq":m["seq"]});
+    assert_eq!(native_call(&mut responder, reply)["error"]["code"], "requester_gone");
+
+    // The requester leaves before the reply.
+    let mut leaving = ws_on_shard(&node.addr(), "/v1/ws", 1);
+    let ask = serde_json::json!({"op":"request","id":8,"topic":topic,"data":"then gone","timeout_ms":10000});
+    leaving.send(Message::text(ask.to_string())).unwrap();
+    let m = next_json(&mut responder);
+    let open = node.metric("fluxnode_connections");
+    leaving.close(None).unwrap();
+    drop(leaving);
+    wait_until("the node saw the requester leave", || node.metric("fluxnode_connections") < open);
+    let reply = serde_json::json!({"op":"reply","id":9,"to":m["reply_to"],"data":"x"});
+    assert_eq!(native_call(&mut responder, reply)["error"]["code"], "requester_gone");
+    // Bad replies.
+    let r = native_call(&mut responder, serde_json::json!({"op":"reply","id":10,"to":"nowhere","data":"x"}));
+    assert_eq!(r["error"]["code"], "bad_request", "{r}");
+    let r = native_call(&mut responder, serde_json::json!({"op":"reply","id":11,"to":"9.1","data":"x"}));
+    assert_eq!(r["error"]["code"], "bad_request", "{r}");
+}

@@ -364,7 +364,7 @@ impl Sim {
         let payload = Bytes::from(payload);
         self.payloads.push(payload.clone());
         let now = self.now();
-        let options = PublishOptions { key: None, ack };
+        let options = PublishOptions { key: None, ack, reply_to: None };
         let published =
             self.brokers[shard].publish(name, PayloadKind::Binary, payload, options, PublishReply::Caller, now);
         match published {
@@ -741,6 +741,7 @@ impl Sim {
                         kind: PayloadKind::Binary,
                         payload,
                         key: None,
+                        reply_to: None,
                         published_at: at,
                     });
                 }

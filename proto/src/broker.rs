@@ -33,8 +33,11 @@ use crate::topic::{TopicName, TopicQuery};
 use crate::ws;
 
 mod groups;
+mod requests;
 pub use crate::group::Settle;
+pub use crate::request::Answer;
 pub use groups::{GroupJoinError, GroupName, JoinRequest};
+pub use requests::RequestSpec;
 
 /// What one shard's broker tells another's.
 #[derive(Debug)]
@@ -71,6 +74,11 @@ pub enum Item {
     /// Member `sub` of the sending shard acknowledges, refuses, or changes
     /// its prefetch (to the owner).
     GroupSettle { topic: TopicName, group: GroupName, sub: u64, settle: Settle },
+    /// A responder's answer to request `req` of the receiving shard;
+    /// `back` names the responder's reply, for `ReplyDone`.
+    Reply { req: u64, answer: Answer, back: u64 },
+    /// Whether the request a reply answered was still waiting.
+    ReplyDone { back: u64, delivered: bool },
     /// A message for member `sub` of the receiving shard, its
     /// `delivery`th delivery, tagged `tag` in the group.
     GroupDeliver { topic: TopicName, group: GroupName, sub: u64, message: Message, delivery: u32, tag: u64 },
@@ -84,6 +92,7 @@ impl Item {
             + match self {
                 Item::Publish { payload, .. } => payload.len(),
                 Item::Deliver { message, .. } | Item::GroupDeliver { message, .. } => message.payload.len(),
+                Item::Reply { answer: Answer::Result { payload, .. }, .. } => payload.len(),
                 Item::SubscribeDone { result: Ok(g), .. } => g.replay.iter().map(|m| m.payload.len()).sum(),
                 _ => 0,
             }
@@ -202,6 +211,9 @@ pub enum PublishReply {
     /// The caller awaits it: [`Published::Later`], then
     /// [`Action::Published`].
     Caller,
+    /// A request's publish: nothing on success (the reply answers it), the
+    /// request fails on error.
+    Request { req: u64 },
 }
 
 impl PublishReply {
@@ -217,7 +229,7 @@ impl PublishReply {
             (PublishReply::Native { out, id }, Err(e)) => {
                 out.offer_control(native::reply_error(Some(*id), e.code(), &e.to_string()));
             }
-            (PublishReply::Caller, _) => return false,
+            (PublishReply::Caller | PublishReply::Request { .. }, _) => return false,
         }
         true
     }
@@ -373,6 +385,11 @@ pub struct Broker {
     groups: HashMap<(TopicName, GroupName), groups::OwnedGroup, ahash::RandomState>,
     /// Consumer-group members on this shard, by id.
     members: HashMap<u64, groups::LocalMember, ahash::RandomState>,
+    /// Requests of this shard's connections waiting for their reply.
+    requests: HashMap<u64, requests::WaitingRequest, ahash::RandomState>,
+    /// Replies of this shard's responders awaiting the requester shard's
+    /// word, with the native request to answer.
+    replying: HashMap<u64, (Rc<Outbound>, u64), ahash::RandomState>,
     /// This shard's counters.
     metrics: Rc<Metrics>,
 }
@@ -400,6 +417,8 @@ impl Broker {
             reading: HashMap::default(),
             groups: HashMap::default(),
             members: HashMap::default(),
+            requests: HashMap::default(),
+            replying: HashMap::default(),
             metrics,
         }
     }
@@ -455,11 +474,11 @@ impl Broker {
                     }
                 }
                 Ok((seq, None)) => {
-                    reply.complete(Ok(seq));
+                    self.finish(reply, None, Ok(seq));
                     Published::Now(Ok(seq))
                 }
                 Err(e) => {
-                    reply.complete(Err(e));
+                    self.finish(reply, None, Err(e));
                     Published::Now(Err(e))
                 }
             };
@@ -646,14 +665,27 @@ impl Broker {
         }
     }
 
+    /// Completes a publish's `reply` with `result`: a `Caller` hears of it
+    /// as [`Action::Published`] for `req` (when it awaits one), a request
+    /// fails on an error.
+    fn finish(&mut self, reply: PublishReply, req: Option<u64>, result: Result<u64, OwnerError>) {
+        match (&reply, result) {
+            (PublishReply::Request { req }, Err(e)) => self.request_refused(*req, e),
+            (PublishReply::Request { .. }, Ok(_)) => {}
+            _ => {
+                if !reply.complete(result) {
+                    if let Some(req) = req {
+                        self.actions.push(Action::Published { req, result });
+                    }
+                }
+            }
+        }
+    }
+
     /// Delivers a held publish's answer.
     fn answer(&mut self, held: Held, result: Result<u64, OwnerError>, now: Now) {
         match held {
-            Held::Here { reply, req } => {
-                if !reply.complete(result) {
-                    self.actions.push(Action::Published { req, result });
-                }
-            }
+            Held::Here { reply, req } => self.finish(reply, Some(req), result),
             Held::There { from, req } => self.send(from, Item::PublishDone { req, result }, now),
         }
     }
@@ -759,14 +791,13 @@ impl Broker {
             | Item::GroupLeave { .. }
             | Item::GroupSettle { .. }
             | Item::GroupDeliver { .. }) => self.handle_group(from, item, now),
+            item @ (Item::Reply { .. } | Item::ReplyDone { .. }) => self.handle_reply(from, item, now),
             Item::SubscribeDone { topic, req, result } => self.granted(&topic, req, result, now),
             Item::PublishDone { req, result } => {
                 if let Some(Waiting::Publish { reply, owner, cost }) = self.waiting.remove(&req) {
                     self.in_flight[owner] -= cost;
                     self.actions.push(Action::Room);
-                    if !reply.complete(result) {
-                        self.actions.push(Action::Published { req, result });
-                    }
+                    self.finish(reply, Some(req), result);
                 }
             }
         }
@@ -840,9 +871,12 @@ impl Broker {
         if !self.groups_have_room(topic, payload.len()) {
             return Err(OwnerError::GroupFull);
         }
-        let PublishOptions { key, ack } = options;
+        if options.reply_to.is_some() && !self.has_responders(topic) {
+            return Err(OwnerError::NoResponders);
+        }
+        let PublishOptions { key, ack, reply_to } = options;
         let Sequenced { message, epoch, subscriber_shards, held } =
-            self.owner.publish(topic, kind, payload, key, now)?;
+            self.owner.publish(topic, kind, payload, key, reply_to, now)?;
         metrics::add(&self.metrics.messages_published, 1);
         metrics::add(&self.metrics.bytes_published, len);
         let seq = message.seq;

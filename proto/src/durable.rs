@@ -100,6 +100,9 @@ pub struct PublishOptions {
     /// When to answer, on a durable topic; its default when `None`.
     /// Ephemeral topics answer once sequenced, whatever it says.
     pub ack: Option<AckLevel>,
+    /// A request's return address (request/reply): the topic must have a
+    /// consumer group with a member to answer it.
+    pub reply_to: Option<crate::message::ReplyTo>,
 }
 
 /// Why an acknowledgement level was refused.

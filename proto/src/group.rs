@@ -505,6 +505,7 @@ mod tests {
             kind: PayloadKind::Text,
             payload: Bytes::from(format!("m{seq}")),
             key: Some(Bytes::copy_from_slice(key.as_bytes())),
+            reply_to: None,
             published_at: Instant::now(),
         }
     }

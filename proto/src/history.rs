@@ -122,6 +122,7 @@ mod tests {
             kind: PayloadKind::Binary,
             payload: Bytes::from(vec![0u8; len]),
             key: None,
+            reply_to: None,
             published_at: Instant::now(),
         }
     }

@@ -24,6 +24,7 @@
 //!   jobs, rolling, retention, recovery, read plans by sequence, time and key.
 //! - [`group`]: one consumer group of a topic (segments, prefetch, acks,
 //!   redelivery, dead letters), kept by the topic's owner.
+//! - [`request`]: request/reply's answer type and limits.
 //! - [`broker`]: a shard's data-plane decisions (sequence, subscribe,
 //!   resume, fan out, answer) as a state machine: inputs and the time in,
 //!   actions out.
@@ -46,6 +47,7 @@ pub mod native;
 pub mod outbound;
 pub mod owner;
 pub mod proxy_protocol;
+pub mod request;
 pub mod sync;
 pub mod topic;
 pub mod ws;

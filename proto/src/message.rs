@@ -30,8 +30,34 @@ pub struct Message {
     /// The routing key / aggregate id it was published with, if any
     /// (consumer groups partition by it; durable topics index it).
     pub key: Option<Bytes>,
+    /// A request's return address: where its reply goes.
+    pub reply_to: Option<ReplyTo>,
     /// Monotonic time of sequencing, for publish-to-write latency.
     pub published_at: Instant,
+}
+
+/// Where a request's reply goes: the requester's shard and its request
+/// there (the cluster will add the node). On the wire, `"<shard>.<req>"`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ReplyTo {
+    /// The requester's shard.
+    pub shard: usize,
+    /// The request's id on that shard.
+    pub req: u64,
+}
+
+impl std::fmt::Display for ReplyTo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}.{}", self.shard, self.req)
+    }
+}
+
+impl std::str::FromStr for ReplyTo {
+    type Err = ();
+    fn from_str(s: &str) -> Result<ReplyTo, ()> {
+        let (shard, req) = s.split_once('.').ok_or(())?;
+        Ok(ReplyTo { shard: shard.parse().map_err(|_| ())?, req: req.parse().map_err(|_| ())? })
+    }
 }
 
 /// Milliseconds since the Unix epoch, 0 if the clock is before it.

@@ -12,7 +12,8 @@ use crate::group::{
     GroupSettings, Settle, ACK_TIMEOUT_MS_DEFAULT, ACK_TIMEOUT_MS_MAX, ACK_TIMEOUT_MS_MIN, GROUP_NAME_BYTES_MAX,
     MAX_DELIVERIES_DEFAULT, NACK_DELAY_MS_MAX, PREFETCH_MAX,
 };
-use crate::message::{Epoch, Message, PayloadKind};
+use crate::message::{Epoch, Message, PayloadKind, ReplyTo};
+use crate::request::{Answer, REQUEST_TIMEOUT_MS_DEFAULT, REQUEST_TIMEOUT_MS_MAX};
 use crate::topic::TopicName;
 use crate::ws;
 
@@ -42,6 +43,12 @@ pub enum Request {
     /// A member's ack, refusal or prefetch change (`ack`, `nack`,
     /// `prefetch`); answered only when it has an `id`.
     Settle { id: Option<u64>, topic: String, group: String, settle: Settle },
+    /// A request to a topic's responders; answered with their reply.
+    Ask { id: u64, topic: String, payload: Bytes, key: Option<Bytes>, timeout_ms: u64 },
+    /// A responder's reply to the request `to` names, with an optional ack
+    /// of the request's delivery (`topic`, `group`, `seq`); answered only
+    /// when it has an `id`.
+    Reply { id: Option<u64>, to: ReplyTo, answer: Answer, ack: Option<(String, String, u64)> },
 }
 
 /// Default prefetch of a group member: unacknowledged messages it holds.
@@ -88,6 +95,18 @@ struct WireRequest<'a> {
     seq: Option<u64>,
     through_tag: Option<u64>,
     delay_ms: Option<u64>,
+    timeout_ms: Option<u64>,
+    #[serde(borrow)]
+    to: Option<Cow<'a, str>>,
+    error: Option<WireError>,
+}
+
+/// A responder's error, as its `reply` carries it.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WireError {
+    code: String,
+    message: String,
 }
 
 #[derive(Deserialize)]
@@ -196,10 +215,40 @@ pub fn parse_text(text: &[u8]) -> Result<Request, BadRequest> {
                 topic: topic()?,
                 kind: PayloadKind::Text,
                 payload: Bytes::copy_from_slice(data.as_bytes()),
-                options: PublishOptions { key, ack },
+                options: PublishOptions { key, ack, reply_to: None },
             })
         }
         "ping" => Ok(Request::Ping { id }),
+        "request" => {
+            let data = wire.data.as_deref().ok_or_else(|| bad("missing \"data\""))?;
+            let timeout_ms = wire.timeout_ms.unwrap_or(REQUEST_TIMEOUT_MS_DEFAULT);
+            if timeout_ms == 0 || timeout_ms > REQUEST_TIMEOUT_MS_MAX {
+                return Err(bad(&format!("\"timeout_ms\" is 1 to {REQUEST_TIMEOUT_MS_MAX}")));
+            }
+            let key = wire.key.as_deref().map(|k| Bytes::copy_from_slice(k.as_bytes()));
+            if key.as_ref().is_some_and(|k| k.len() > crate::limits::KEY_BYTES_MAX) {
+                return Err(bad(&format!("\"key\" is longer than {} bytes", crate::limits::KEY_BYTES_MAX)));
+            }
+            let payload = Bytes::copy_from_slice(data.as_bytes());
+            Ok(Request::Ask { id, topic: topic()?, payload, key, timeout_ms })
+        }
+        "reply" => {
+            let to = wire.to.as_deref().and_then(|t| t.parse::<ReplyTo>().ok());
+            let to = to.ok_or_else(|| bad("\"to\" must be the \"reply_to\" of the request"))?;
+            let answer = match (wire.data.as_deref(), wire.error) {
+                (Some(data), None) => {
+                    Answer::Result { kind: PayloadKind::Text, payload: Bytes::copy_from_slice(data.as_bytes()) }
+                }
+                (None, Some(e)) => Answer::Error { code: e.code, message: e.message },
+                _ => return Err(bad("a reply has \"data\" or \"error\"")),
+            };
+            let ack = match (wire.topic.as_deref(), wire.seq) {
+                (Some(t), Some(seq)) => Some((t.to_string(), group()?, seq)),
+                (None, None) => None,
+                _ => return Err(bad("to acknowledge the request, name \"topic\", \"group\" and \"seq\"")),
+            };
+            Ok(Request::Reply { id: wire.id, to, answer, ack })
+        }
         other => Err(BadRequest { id: Some(id), code: "unknown_op", message: format!("unknown op {other:?}") }),
     }
 }
@@ -318,17 +367,26 @@ pub fn encode_group_message(topic: &TopicName, group: &str, message: &Message, d
     if let Some(key) = &message.key {
         body["key"] = serde_json::Value::String(String::from_utf8_lossy(key).into_owned());
     }
-    match message.kind {
-        PayloadKind::Text => {
-            body["data"] = serde_json::Value::String(String::from_utf8_lossy(&message.payload).into_owned())
-        }
-        PayloadKind::Binary => {
-            use base64::Engine;
-            let encoded = base64::engine::general_purpose::STANDARD.encode(&message.payload);
-            body["data_base64"] = serde_json::Value::String(encoded);
-        }
+    if let Some(to) = message.reply_to {
+        body["reply_to"] = serde_json::Value::String(to.to_string());
+    }
+    if let (Some(b), serde_json::Value::Object(fields)) =
+        (body.as_object_mut(), payload_fields(message.kind, &message.payload))
+    {
+        b.extend(fields);
     }
     ws::encode_data(PayloadKind::Text, body.to_string().as_bytes())
+}
+
+/// A payload as JSON fields: `data` for text, `data_base64` for binary.
+pub fn payload_fields(kind: PayloadKind, payload: &[u8]) -> serde_json::Value {
+    match kind {
+        PayloadKind::Text => serde_json::json!({ "data": String::from_utf8_lossy(payload) }),
+        PayloadKind::Binary => {
+            use base64::Engine;
+            serde_json::json!({ "data_base64": base64::engine::general_purpose::STANDARD.encode(payload) })
+        }
+    }
 }
 
 #[cfg(test)]
@@ -373,7 +431,11 @@ mod tests {
                 topic: "a".into(),
                 kind: PayloadKind::Text,
                 payload: Bytes::from_static(b"x"),
-                options: PublishOptions { key: Some(Bytes::from_static(b"order-7")), ack: Some(AckLevel::None) },
+                options: PublishOptions {
+                    key: Some(Bytes::from_static(b"order-7")),
+                    ack: Some(AckLevel::None),
+                    reply_to: None
+                },
             })
         );
         assert_eq!(
@@ -424,6 +486,7 @@ mod tests {
             kind: PayloadKind::Binary,
             payload: Bytes::from_static(b"xy"),
             key: None,
+            reply_to: None,
             published_at: Instant::now(),
         };
         let framed = encode_message(&TopicName::new("t").unwrap(), &msg);

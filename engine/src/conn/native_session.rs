@@ -120,6 +120,29 @@ pub(super) async fn native_message(
                 (Some(id), false) => native::reply_error(Some(id), "not_subscribed", "not in this group"),
             }
         }
+        Request::Ask { id, topic, payload, key, timeout_ms } => match topic_of(id, &topic) {
+            Err(reply) => reply,
+            Ok(topic) => {
+                let kind = PayloadKind::Text;
+                let out = out.clone();
+                shard.request(RequestSpec { topic, kind, payload, key, timeout_ms, out, id }).await;
+                return true; // answered with the responder's reply, or an error
+            }
+        },
+        Request::Reply { id, to, answer, ack } => {
+            if let Some((topic, group, seq)) = ack {
+                let member = TopicName::new(&topic).ok().and_then(|t| groups.get(&(t, group)).copied());
+                if let Some(sub) = member {
+                    shard.settle(sub, proto::broker::Settle::Ack { seq });
+                }
+            }
+            if !shard.reply(to, answer, out.clone(), id) {
+                if let Some(id) = id {
+                    out.offer_control(native::reply_error(Some(id), "bad_request", "\"to\" names no requester"));
+                }
+            }
+            return true; // answered once the requester's shard says
+        }
         Request::Unsubscribe { id, topic } => match topic_of(id, &topic) {
             Err(reply) => reply,
             Ok(topic) => match subs.remove(&topic) {

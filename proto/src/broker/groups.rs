@@ -142,6 +142,11 @@ impl Broker {
         self.groups.get(&(topic.clone(), Arc::from(group))).map_or(Ok(()), |g| g.group.check())
     }
 
+    /// Whether some group of `topic` has a member (a request needs one).
+    pub(super) fn has_responders(&self, topic: &TopicName) -> bool {
+        self.groups.iter().any(|((t, _), g)| t == topic && g.group.member_count() > 0)
+    }
+
     /// Whether every group of `topic` has room for a message of `len`.
     pub(super) fn groups_have_room(&self, topic: &TopicName, len: usize) -> bool {
         self.groups.iter().filter(|((t, _), _)| t == topic).all(|(_, g)| g.group.has_room(len))
@@ -258,7 +263,7 @@ impl Broker {
                 GroupEvent::DeadLetter { message, .. } => {
                     metrics::add(&self.metrics.dead_letters, 1);
                     let Some(to) = self.groups.get(key).map(|g| g.dead_letter.clone()) else { continue };
-                    let options = PublishOptions { key: message.key.clone(), ack: None };
+                    let options = PublishOptions { key: message.key.clone(), ack: None, reply_to: None };
                     let (kind, payload) = (message.kind, message.payload);
                     // Sequenced like any publish (req 0: nobody awaits the answer).
                     let owner = to.owner_shard(self.shards);
