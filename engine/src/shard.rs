@@ -284,6 +284,9 @@ pub struct Shard {
     pub(crate) catch_ups: RefCell<Vec<CatchUpWork>>,
     /// Wakes the catch-up task.
     pub(crate) catch_up_wake: Event,
+    /// Wakes the ticker when a group or a request appears (it sleeps
+    /// without a timer while there is none).
+    ticker_wake: Event,
     /// Sealed segments on their way to the object store.
     pub(crate) uploads: RefCell<crate::archive::Uploads>,
     /// Archived segments fetched back for tiered reads.
@@ -393,6 +396,7 @@ impl Shard {
             archive_wake: Event::default(),
             catch_ups: RefCell::default(),
             catch_up_wake: Event::default(),
+            ticker_wake: Event::default(),
         })
     }
 
@@ -529,7 +533,15 @@ impl Shard {
             let now = Now::read();
             for item in batch {
                 match item {
-                    Item::Data(item) => self.broker.borrow_mut().handle(peer, item, now),
+                    Item::Data(item) => {
+                        // A group created here by a peer's member: this
+                        // shard's ticker keeps its deadlines.
+                        let joins = matches!(item, proto::broker::Item::GroupJoin { .. });
+                        self.broker.borrow_mut().handle(peer, item, now);
+                        if joins {
+                            self.ticker_wake.notify();
+                        }
+                    }
                     Item::StatsRequest { req, topics } => {
                         self.stats_requests.borrow_mut().push(StatsWanted { from: peer, req, topics });
                         self.stats_wake.notify();
@@ -758,6 +770,9 @@ impl Shard {
     pub fn join_group(&self, request: proto::broker::JoinRequest) -> u64 {
         let sub = self.broker.borrow_mut().join_group(request, Now::read());
         self.apply();
+        // The group may be this shard's (a peer's ticker wakes when the
+        // join reaches it).
+        self.ticker_wake.notify();
         sub
     }
 
@@ -784,11 +799,16 @@ impl Shard {
     /// its connections (timeouts).
     pub(crate) async fn ticker(self: Rc<Self>) {
         loop {
-            glommio::timer::sleep(Duration::from_millis(TICK_MS)).await;
             let (groups, requests) = {
                 let broker = self.broker.borrow();
                 (broker.has_groups(), broker.has_requests())
             };
+            if !groups && !requests {
+                // No timer while idle: a join or a request wakes it.
+                self.ticker_wake.wait().await;
+                continue;
+            }
+            glommio::timer::sleep(Duration::from_millis(TICK_MS)).await;
             if groups {
                 self.broker.borrow_mut().tick_groups(Now::read());
             }
@@ -811,6 +831,7 @@ impl Shard {
         }
         self.broker.borrow_mut().request(request, Now::read());
         self.apply();
+        self.ticker_wake.notify();
     }
 
     /// A responder's reply to the request `to` names; false when `to`

@@ -82,6 +82,20 @@ enum Command {
         #[command(flatten)]
         common: Common,
     },
+    /// One topic, one publisher, M members of one consumer group sharing its
+    /// messages (RayFlux: a native group subscription with prefetch and
+    /// cumulative acks; NATS: a core queue group, which has no acks). Each
+    /// message must reach exactly one member.
+    Group {
+        /// Members.
+        #[arg(long, default_value_t = 8)]
+        members: usize,
+        /// RayFlux: unacknowledged messages a member holds.
+        #[arg(long, default_value_t = 1000)]
+        prefetch: u32,
+        #[command(flatten)]
+        common: Common,
+    },
     /// Many publishers, one topic, one subscriber.
     Fanin {
         /// Publishers.
@@ -230,6 +244,79 @@ struct Conn {
 impl Conn {
     fn open(target: &Target, topic: &str, subscribe: bool) -> Result<Conn> {
         Conn::open_from(target, topic, subscribe, None)
+    }
+
+    /// A member of consumer group `bench` of `topic`: RayFlux's native
+    /// group subscription, or a NATS queue subscription.
+    fn open_member(target: &Target, topic: &str, prefetch: u32) -> Result<Conn> {
+        let stream = TcpStream::connect(&target.addr).with_context(|| format!("connect {}", target.addr))?;
+        stream.set_nodelay(true)?;
+        let url = match target.kind {
+            Kind::Rayflux => format!("ws://{}/v1/ws", target.addr),
+            Kind::Nats => format!("ws://{}/", target.addr),
+        };
+        let (ws, _) = tungstenite::client(url, stream).map_err(|e| anyhow::anyhow!("handshake: {e}"))?;
+        let mut conn = Conn { ws, kind: target.kind, subject: topic.to_string(), nats: nats::Parser::default() };
+        match conn.kind {
+            Kind::Rayflux => {
+                let join = serde_json::json!({"op":"subscribe","id":1,"topic":topic,"group":"bench","prefetch":prefetch});
+                conn.ws.send(Message::text(join.to_string()))?;
+                let reply: serde_json::Value = match conn.ws.read()? {
+                    Message::Text(t) => serde_json::from_str(&t)?,
+                    other => bail!("expected the join's reply, got {other:?}"),
+                };
+                if reply["ok"] != true {
+                    bail!("join refused: {reply}");
+                }
+            }
+            Kind::Nats => {
+                conn.nats_command(b"CONNECT {\"verbose\":false,\"pedantic\":false,\"protocol\":1,\"echo\":false}\r\n")?;
+                conn.nats_command(format!("SUB {topic} bench 1\r\n").as_bytes())?;
+                conn.nats_command(b"PING\r\n")?;
+                conn.ws.flush()?;
+                loop {
+                    match conn.next_op()? {
+                        nats::Op::Pong => break,
+                        nats::Op::Err(e) => bail!("NATS refused: {e}"),
+                        _ => {}
+                    }
+                }
+            }
+        }
+        Ok(conn)
+    }
+
+    /// A member's next delivery: the payload and, on RayFlux, its tag.
+    fn recv_member(&mut self) -> Result<(Vec<u8>, Option<u64>)> {
+        if self.kind == Kind::Nats {
+            return Ok((self.recv()?, None));
+        }
+        loop {
+            let Message::Text(t) = self.ws.read()? else { continue };
+            let m: serde_json::Value = serde_json::from_str(&t)?;
+            if m["type"] == "message" {
+                let data = m["data"].as_str().context("a text payload")?.as_bytes().to_vec();
+                return Ok((data, m["tag"].as_u64()));
+            }
+        }
+    }
+
+    /// RayFlux: acknowledges every delivery through `tag` (queued; sent
+    /// with the next flush).
+    fn ack_through(&mut self, tag: u64) -> Result<()> {
+        let ack = serde_json::json!({"op":"ack","topic":self.subject,"group":"bench","through_tag":tag});
+        self.ws.write(Message::text(ack.to_string()))?;
+        Ok(())
+    }
+
+    /// Queues one text message (the group scenario: RayFlux then delivers
+    /// `data` as text, no base64).
+    fn send_text(&mut self, payload: &[u8]) -> Result<()> {
+        match self.kind {
+            Kind::Rayflux => self.ws.write(Message::text(String::from_utf8_lossy(payload).into_owned()))?,
+            Kind::Nats => return self.send(payload),
+        }
+        Ok(())
     }
 
     /// Like `open`, from a chosen local address.
@@ -388,6 +475,7 @@ fn main() -> Result<()> {
     let cli = Cli::parse();
     let shape = |name: &str, topics, subscribers, publishers, common: &Common, original_api| scenario::Shape {
         stalled: 0,
+        group: None,
         name: name.to_string(),
         topics,
         subscribers,
@@ -404,6 +492,10 @@ fn main() -> Result<()> {
         }
         Command::Slow { subscribers, stalled, common } => {
             let shape = scenario::Shape { stalled, ..shape("slow", 1, subscribers, 1, &common, false) };
+            run_all(shape, &common)
+        }
+        Command::Group { members, prefetch, common } => {
+            let shape = scenario::Shape { group: Some(prefetch), ..shape("group", 1, members, 1, &common, false) };
             run_all(shape, &common)
         }
         Command::Fanin { publishers, common } => run_all(shape("fanin", 1, 1, publishers, &common, false), &common),

@@ -50,6 +50,9 @@ pub struct Shape {
     /// Extra subscribers per topic that connect and subscribe, then never
     /// read (the slow-consumer scenario); not counted in deliveries.
     pub stalled: usize,
+    /// The subscribers are members of one consumer group with this
+    /// prefetch (the group scenario): each message reaches one of them.
+    pub group: Option<u32>,
 }
 
 impl Shape {
@@ -115,6 +118,9 @@ pub fn run(target: &Target, shape: &Shape, turn: usize) -> Result<Run> {
             }
         }
     }
+    if let Some(prefetch) = shape.group {
+        return run_group(target, shape, &topic(0), prefetch, turn);
+    }
     let go = GateOpener::new();
     let mut subscribers = Vec::new();
     for t in 0..shape.topics {
@@ -170,6 +176,101 @@ pub fn run(target: &Target, shape: &Shape, turn: usize) -> Result<Run> {
     }
     run.client_cpu_seconds = process_cpu_seconds(std::process::id())? - cpu_client_start;
     drop(stalled);
+    Ok(run)
+}
+
+/// How often a group member acknowledges (cumulatively, by tag).
+const GROUP_ACK_EVERY: u64 = 64;
+
+/// The group scenario: one publisher, `shape.subscribers` members of one
+/// group; every message must reach exactly one member.
+fn run_group(target: &Target, shape: &Shape, topic: &str, prefetch: u32, turn: usize) -> Result<Run> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let expected = shape.total();
+    let received = std::sync::Arc::new(AtomicU64::new(0));
+    let go = GateOpener::new();
+    let mut members = Vec::new();
+    for _ in 0..shape.subscribers {
+        let mut conn = Conn::open_member(target, topic, prefetch)?;
+        conn.ws.get_ref().set_read_timeout(Some(Duration::from_millis(200)))?;
+        let (go, received, seconds) = (go.handle(), received.clone(), shape.seconds);
+        members.push(std::thread::Builder::new().stack_size(SUBSCRIBER_STACK_BYTES).spawn(move || {
+            go.wait();
+            let quiet_after = Instant::now() + Duration::from_secs(seconds + QUIET_SECONDS);
+            let mut seen = Vec::new();
+            let mut latency = Histogram::<u64>::new(3).expect("valid histogram");
+            let mut last_tag = None;
+            let mut unacked = 0;
+            while received.load(Ordering::Relaxed) < expected && Instant::now() < quiet_after {
+                let (payload, tag) = match conn.recv_member() {
+                    Ok(got) => got,
+                    Err(e) if is_read_timeout(&e) => {
+                        if let Some(tag) = last_tag.take() {
+                            let _ = conn.ack_through(tag).and_then(|_| conn.flush());
+                            unacked = 0;
+                        }
+                        continue;
+                    }
+                    Err(_) => break,
+                };
+                let now = unix_micros();
+                if let Some((publisher, seq, due)) = decode(&payload) {
+                    seen.push((publisher, seq));
+                    let _ = latency.record(now.saturating_sub(due).max(1));
+                    received.fetch_add(1, Ordering::Relaxed);
+                }
+                if tag.is_some() {
+                    last_tag = tag;
+                    unacked += 1;
+                    if unacked >= GROUP_ACK_EVERY {
+                        if let Some(tag) = last_tag.take() {
+                            let _ = conn.ack_through(tag).and_then(|_| conn.flush());
+                        }
+                        unacked = 0;
+                    }
+                }
+            }
+            // Acknowledge what was processed before leaving: a member that
+            // leaves holding deliveries gets them redelivered to the others.
+            if let Some(tag) = last_tag {
+                let _ = conn.ack_through(tag).and_then(|_| conn.flush());
+            }
+            (seen, latency)
+        })?);
+    }
+    let mut publisher = Conn::open(target, topic, false)?;
+    let cpu_server_start = target.pid.map(process_cpu_seconds).transpose()?;
+    let cpu_client_start = process_cpu_seconds(std::process::id())?;
+    go.open();
+    let start = Instant::now();
+    let start_unix_us = unix_micros();
+    for k in 0..expected {
+        let due_us = k * 1_000_000 / shape.rate;
+        let elapsed_us = start.elapsed().as_micros() as u64;
+        if elapsed_us < due_us {
+            publisher.flush()?;
+            std::thread::sleep(Duration::from_micros(due_us - elapsed_us));
+        }
+        publisher.send_text(&encode(0, k, start_unix_us + due_us, shape.payload))?;
+    }
+    publisher.flush()?;
+    let publish_seconds = start.elapsed().as_secs_f64();
+    let mut run = Run::new(&target.name, &shape.name, turn, expected, publish_seconds)?;
+    let mut all = std::collections::HashSet::new();
+    let mut total = 0u64;
+    for m in members {
+        let (seen, latency) = m.join().map_err(|_| anyhow::anyhow!("member thread panicked"))?;
+        total += seen.len() as u64;
+        all.extend(seen);
+        run.latency_us.add(&latency)?;
+    }
+    run.delivered = all.len() as u64;
+    run.duplicated_or_reordered = total - all.len() as u64;
+    run.lost = expected.saturating_sub(all.len() as u64);
+    if let (Some(pid), Some(before)) = (target.pid, cpu_server_start) {
+        run.server_cpu_seconds = Some(process_cpu_seconds(pid)? - before);
+    }
+    run.client_cpu_seconds = process_cpu_seconds(std::process::id())? - cpu_client_start;
     Ok(run)
 }
 

@@ -162,6 +162,9 @@ pub struct Group {
     members: BTreeMap<MemberId, MemberState>,
     /// Each segment's holder: who its messages go to.
     holder: Vec<Option<MemberId>>,
+    /// Each segment's member under the current membership (recomputed on
+    /// joins and leaves).
+    targets: Vec<Option<MemberId>>,
     /// Each segment's waiting messages, in sequence order.
     queues: Vec<VecDeque<Waiting>>,
     /// Each segment's unacknowledged deliveries (all its holder's).
@@ -202,6 +205,7 @@ impl Group {
             settings,
             members: BTreeMap::new(),
             holder: vec![None; SEGMENTS],
+            targets: vec![None; SEGMENTS],
             queues: (0..SEGMENTS).map(|_| VecDeque::new()).collect(),
             seg_unacked: vec![0; SEGMENTS],
             unacked: BTreeMap::new(),
@@ -236,6 +240,7 @@ impl Group {
             return Err(GroupError::TooManyMembers);
         }
         self.members.insert(member, MemberState { prefetch: prefetch.min(PREFETCH_MAX), unacked: 0 });
+        self.retarget();
         self.idle_since_ms = None;
         self.pump(now_ms, out);
         Ok(())
@@ -247,6 +252,7 @@ impl Group {
         if self.members.remove(&member).is_none() {
             return;
         }
+        self.retarget();
         let theirs: Vec<u64> = self.unacked.iter().filter(|(_, u)| u.member == member).map(|(s, _)| *s).collect();
         for seq in theirs {
             if let Some(u) = self.take_unacked(seq) {
@@ -300,8 +306,10 @@ impl Group {
         if self.unacked.get(&seq).is_none_or(|u| u.member != member) {
             return false;
         }
-        self.take_unacked(seq);
-        self.pump(now_ms, out);
+        if let Some(u) = self.take_unacked(seq) {
+            // Room for this member, and maybe its segment may move now.
+            self.pump_member(u.member, u.segment, now_ms, out);
+        }
         true
     }
 
@@ -408,13 +416,14 @@ impl Group {
         Ok(())
     }
 
-    /// The member segment `segment` goes to with the current members.
-    fn target(&self, segment: usize) -> Option<MemberId> {
-        let n = self.members.len();
-        if n == 0 {
-            return None;
+    /// Splits the segments evenly among the members, in contiguous ranges
+    /// by member id.
+    fn retarget(&mut self) {
+        let members: Vec<MemberId> = self.members.keys().copied().collect();
+        let n = members.len();
+        for (segment, target) in self.targets.iter_mut().enumerate() {
+            *target = (n > 0).then(|| members[segment * n / SEGMENTS]);
         }
-        self.members.keys().nth(segment * n / SEGMENTS).copied()
     }
 
     /// Moves segments to their targets where their holders hold nothing
@@ -425,8 +434,22 @@ impl Group {
         }
     }
 
+    /// After `member` settled a message of `segment`: that segment, then
+    /// every segment `member` holds (it has room again).
+    fn pump_member(&mut self, member: MemberId, segment: usize, now_ms: u64, out: &mut Vec<GroupEvent>) {
+        self.pump_segment(segment, now_ms, out);
+        for s in 0..SEGMENTS {
+            if self.holder[s] == Some(member) && s != segment {
+                self.pump_segment(s, now_ms, out);
+            }
+        }
+    }
+
     fn pump_segment(&mut self, segment: usize, now_ms: u64, out: &mut Vec<GroupEvent>) {
-        let target = self.target(segment);
+        let target = self.targets[segment];
+        if self.queues[segment].is_empty() && self.holder[segment] == target {
+            return;
+        }
         if self.holder[segment] != target && self.seg_unacked[segment] == 0 {
             self.holder[segment] = target;
         }
