@@ -259,7 +259,8 @@ impl Conn {
         let mut conn = Conn { ws, kind: target.kind, subject: topic.to_string(), nats: nats::Parser::default() };
         match conn.kind {
             Kind::Rayflux => {
-                let join = serde_json::json!({"op":"subscribe","id":1,"topic":topic,"group":"bench","prefetch":prefetch});
+                let join =
+                    serde_json::json!({"op":"subscribe","id":1,"topic":topic,"group":"bench","prefetch":prefetch});
                 conn.ws.send(Message::text(join.to_string()))?;
                 let reply: serde_json::Value = match conn.ws.read()? {
                     Message::Text(t) => serde_json::from_str(&t)?,

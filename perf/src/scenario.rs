@@ -567,6 +567,7 @@ mod tests {
             payload: 64,
             original_api: false,
             stalled: 0,
+            group: None,
         };
         let sum: u64 = (0..12).map(|g| shape.sent_by(g)).sum();
         assert_eq!(sum, 1001);

@@ -364,10 +364,8 @@ pub fn encode_group_message(topic: &TopicName, group: &str, message: &Message, d
     out.extend_from_slice(topic.as_str().as_bytes()); // charset needs no escaping
     out.extend_from_slice(b"\",\"group\":\"");
     out.extend_from_slice(group.as_bytes()); // charset checked on join
-    let numbers = format!(
-        "\",\"seq\":{},\"ts\":{},\"delivery\":{delivery},\"tag\":{tag}",
-        message.seq, message.timestamp_ms
-    );
+    let numbers =
+        format!("\",\"seq\":{},\"ts\":{},\"delivery\":{delivery},\"tag\":{tag}", message.seq, message.timestamp_ms);
     out.extend_from_slice(numbers.as_bytes());
     // Writing into a Vec cannot fail.
     if let Some(key) = &message.key {
@@ -481,7 +479,13 @@ mod tests {
         let want = serde_json::json!({"type":"message","topic":"t","group":"g","seq":3,"ts":9,"delivery":2,"tag":40,
             "key":"k\"1","reply_to":"1.7","data":"q\"\\"});
         assert_eq!(v, want);
-        let bin = Message { kind: PayloadKind::Binary, payload: Bytes::from_static(b"\x00\xff"), key: None, reply_to: None, ..msg };
+        let bin = Message {
+            kind: PayloadKind::Binary,
+            payload: Bytes::from_static(b"\x00\xff"),
+            key: None,
+            reply_to: None,
+            ..msg
+        };
         let v: serde_json::Value = serde_json::from_slice(&encode_group_message(&t, "g", &bin, 1, 1)[2..]).unwrap();
         assert_eq!(v["data_base64"], "AP8=");
         assert!(v.get("key").is_none() && v.get("data").is_none());
