@@ -536,7 +536,10 @@ impl Shard {
                     Item::Data(item) => {
                         // A group created here by a peer's member: this
                         // shard's ticker keeps its deadlines.
-                        let joins = matches!(item, proto::broker::Item::GroupJoin { .. });
+                        let joins = matches!(
+                            item,
+                            proto::broker::Item::GroupJoin { .. } | proto::broker::Item::ScheduleAsk { .. }
+                        );
                         self.broker.borrow_mut().handle(peer, item, now);
                         if joins {
                             self.ticker_wake.notify();
@@ -795,15 +798,16 @@ impl Shard {
     }
 
     /// Applies the time to the consumer groups this shard owns (ack
-    /// deadlines, delayed refusals, idle groups) and to the requests of
-    /// its connections (timeouts).
+    /// deadlines, delayed refusals, idle groups), to the requests of its
+    /// connections (timeouts) and to its topics' schedules (due ones are
+    /// published).
     pub(crate) async fn ticker(self: Rc<Self>) {
         loop {
-            let (groups, requests) = {
+            let (groups, requests, schedules) = {
                 let broker = self.broker.borrow();
-                (broker.has_groups(), broker.has_requests())
+                (broker.has_groups(), broker.has_requests(), broker.has_schedules())
             };
-            if !groups && !requests {
+            if !groups && !requests && !schedules {
                 // No timer while idle: a join or a request wakes it.
                 self.ticker_wake.wait().await;
                 continue;
@@ -815,7 +819,10 @@ impl Shard {
             if requests {
                 self.broker.borrow_mut().tick_requests(Now::read());
             }
-            if groups || requests {
+            if schedules {
+                self.broker.borrow_mut().tick_schedules(Now::read());
+            }
+            if groups || requests || schedules {
                 self.apply();
             }
         }
@@ -832,6 +839,31 @@ impl Shard {
         self.broker.borrow_mut().request(request, Now::read());
         self.apply();
         self.ticker_wake.notify();
+    }
+
+    /// Adds, cancels or lists schedules of `topic` (see
+    /// [`Broker::ask_schedules`]); the native reply `id` comes with the
+    /// owner's answer.
+    pub async fn ask_schedules(
+        self: &Rc<Self>,
+        topic: TopicName,
+        ask: proto::broker::ScheduleAsk,
+        out: Rc<Outbound>,
+        id: u64,
+    ) {
+        if topic.owner_shard(self.shards) == self.id {
+            self.wait_for_room().await;
+            self.ticker_wake.notify();
+        } else if let proto::broker::ScheduleAsk::Add { scheduled, .. } = &ask {
+            self.take_turn(&topic, scheduled.payload.len()).await;
+        }
+        self.broker.borrow_mut().ask_schedules(topic, ask, out, id, Now::read());
+        self.apply();
+    }
+
+    /// A fresh schedule id, unique on this node.
+    pub fn schedule_id(&self) -> String {
+        self.broker.borrow_mut().schedule_id()
     }
 
     /// A responder's reply to the request `to` names; false when `to`

@@ -15,6 +15,10 @@
 //!   than the member's prefetch;
 //! - a member receives a key's first deliveries in sequence order;
 //! - no member receives a message of a group it is not in;
+//! - a scheduled message is published only when due, and never when a
+//!   later schedule with its id replaced it, `if_absent` kept an earlier
+//!   one, or it was cancelled first (the simulation follows the owner's
+//!   table in the order the owner applies the requests);
 //! - each request is answered exactly once, on its own requester, with its
 //!   own result or a documented error; a responder is told its reply was
 //!   taken at most once per request, and only when the requester got a
@@ -41,7 +45,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use proto::broker::{
     Action, Answer, Broker, BrokerLimits, Item, JoinRequest, PublishOptions, PublishReply, Published, RequestSpec,
-    Settle,
+    ScheduleAsk, Settle,
 };
 use proto::group::GroupSettings;
 use proto::message::ReplyTo;
@@ -49,6 +53,7 @@ use proto::message::{Now, PayloadKind};
 use proto::metrics::Metrics;
 use proto::outbound::{Outbound, SlowConsumerPolicy};
 use proto::owner::{Owner, OwnerLimits};
+use proto::schedule::Scheduled;
 use proto::topic::TopicName;
 use sim_support::{run_seeds, Rng};
 
@@ -87,9 +92,13 @@ fn run_or_panic(seed: u64, steps: u64) {
     let s = &sim.stats;
     assert!(s.processed > 0, "seed {seed}: nothing processed");
     eprintln!(
-        "seed {seed}: {steps} steps, {} published, {} requests ({} answered by a responder), {} processed ({} twice), \
+        "seed {seed}: {steps} steps, {} published, {} scheduled ({} published when due, {} replaced or cancelled), \
+         {} requests ({} answered by a responder), {} processed ({} twice), \
          {} redeliveries, {} dead letters, {} joins, {} leaves, {} deaths, {} refusals",
         sim.published.len(),
+        sim.schedule_due.len(),
+        sim.fired.len(),
+        sim.doomed.len(),
         sim.requests.len(),
         sim.answers.values().filter(|a| a.starts_with("res ") || *a == "responder_error").count(),
         s.processed,
@@ -177,6 +186,17 @@ struct Sim {
     replies_ok: BTreeMap<u64, u32>,
     /// The next reply's native id.
     next_reply: u64,
+    /// Where schedule answers go, one queue per shard.
+    schedulers: Vec<Rc<Outbound>>,
+    /// Schedules as the owner has them: id -> (number, due).
+    pending_schedules: HashMap<String, (u64, u64)>,
+    /// Each schedule's due time, by number.
+    schedule_due: HashMap<u64, u64>,
+    /// Schedules replaced, cancelled or refused before they were due:
+    /// never to be delivered.
+    doomed: BTreeSet<u64>,
+    /// Schedules taken when due (published).
+    fired: BTreeSet<u64>,
     /// Seqs sequenced while the group did not exist (before its first
     /// member, or after it was removed idle): not the group's.
     exempt: BTreeSet<u64>,
@@ -226,6 +246,11 @@ impl Sim {
             replies: HashMap::new(),
             replies_ok: BTreeMap::new(),
             next_reply: REPLY_IDS,
+            schedulers: (0..SHARDS).map(|_| Rc::new(Outbound::new(1 << 20, SlowConsumerPolicy::Disconnect))).collect(),
+            pending_schedules: HashMap::new(),
+            schedule_due: HashMap::new(),
+            doomed: BTreeSet::new(),
+            fired: BTreeSet::new(),
             stats: Stats::default(),
         }
     }
@@ -246,6 +271,8 @@ impl Sim {
             80..=81 => self.change_prefetch()?,
             82..=85 => self.request()?,
             86..=87 => self.read_answers()?,
+            88..=89 => self.schedule()?,
+            90 => self.cancel_schedule()?,
             _ => {
                 let ms = 1 + self.rng.below(5) as u64;
                 self.tick(ms)?
@@ -261,9 +288,90 @@ impl Sim {
             let now = self.now();
             self.brokers[shard].tick_groups(now);
             self.brokers[shard].tick_requests(now);
+            let before = self.owner_state();
+            self.brokers[shard].tick_schedules(now);
+            self.note_groupless(before);
+            if shard == self.topic.owner_shard(SHARDS) {
+                // The owner took what was due.
+                let due: Vec<String> = self
+                    .pending_schedules
+                    .iter()
+                    .filter(|(_, (_, d))| *d <= now.unix_ms)
+                    .map(|(i, _)| i.clone())
+                    .collect();
+                for id in due {
+                    if let Some((n, _)) = self.pending_schedules.remove(&id) {
+                        self.fired.insert(n);
+                    }
+                }
+            }
             self.actions(shard)?;
         }
         Ok(())
+    }
+
+    /// A publish for later, on a random shard, with an id from a small
+    /// pool (so that schedules replace each other) and now and then
+    /// `if_absent`.
+    fn schedule(&mut self) -> Result<(), String> {
+        let shard = self.rng.below(SHARDS);
+        let n = self.schedule_due.len() as u64 + 1;
+        let due_ms = self.now().unix_ms + self.rng.below(300) as u64;
+        self.schedule_due.insert(n, due_ms);
+        let id = format!("sid{}", self.rng.below(6));
+        let if_absent = self.rng.below(4) == 0;
+        let key = Some(Bytes::from(format!("k{}", self.rng.below(KEYS as usize))));
+        let scheduled =
+            Scheduled { id, due_ms, kind: PayloadKind::Text, payload: Bytes::from(format!("sched {n}")), key };
+        self.ask_schedules(shard, ScheduleAsk::Add { scheduled, if_absent })
+    }
+
+    fn cancel_schedule(&mut self) -> Result<(), String> {
+        let shard = self.rng.below(SHARDS);
+        let id = format!("sid{}", self.rng.below(6));
+        self.ask_schedules(shard, ScheduleAsk::Cancel { id })
+    }
+
+    fn ask_schedules(&mut self, shard: usize, ask: ScheduleAsk) -> Result<(), String> {
+        let out = self.schedulers[shard].clone();
+        let now = self.now();
+        let owner = self.topic.owner_shard(SHARDS);
+        if shard == owner {
+            // Handled inside the call: the model follows at once.
+            self.model_schedule(&ask);
+        }
+        let topic = self.topic.clone();
+        self.brokers[shard].ask_schedules(topic, ask, out, 1, now);
+        self.actions(shard)?;
+        // Answers are not checked here (the integration test does); the
+        // queues are emptied.
+        self.schedulers[shard].take_batch(&mut Vec::new(), usize::MAX, &mut Vec::new());
+        Ok(())
+    }
+
+    /// The owner applies a schedule request: the model does the same.
+    fn model_schedule(&mut self, ask: &ScheduleAsk) {
+        match ask {
+            ScheduleAsk::Add { scheduled, if_absent } => {
+                let n: u64 = std::str::from_utf8(&scheduled.payload)
+                    .ok()
+                    .and_then(|p| p.strip_prefix("sched ")?.parse().ok())
+                    .unwrap_or(0);
+                if *if_absent && self.pending_schedules.contains_key(&scheduled.id) {
+                    self.doomed.insert(n);
+                } else if let Some((old, _)) =
+                    self.pending_schedules.insert(scheduled.id.clone(), (n, scheduled.due_ms))
+                {
+                    self.doomed.insert(old);
+                }
+            }
+            ScheduleAsk::Cancel { id } => {
+                if let Some((old, _)) = self.pending_schedules.remove(id) {
+                    self.doomed.insert(old);
+                }
+            }
+            ScheduleAsk::List => {}
+        }
     }
 
     /// A requester on a random shard asks the topic's responders.
@@ -361,11 +469,17 @@ impl Sim {
             if *topic == self.dead_letter {
                 // A request's dead letter is not a published message's.
                 let text = std::str::from_utf8(payload).unwrap_or_default();
-                if !text.starts_with("req ") {
+                if !text.starts_with("req ") && !text.starts_with("sched ") {
                     let id = text.strip_prefix("id ").and_then(|s| s.parse().ok());
                     let id = id.ok_or_else(|| format!("a dead letter without its id: {payload:?}"))?;
                     self.dead.insert(id);
                 }
+            }
+        }
+        if let Item::ScheduleAsk { ask, .. } = &item {
+            if to == self.topic.owner_shard(SHARDS) {
+                let ask = ask.clone();
+                self.model_schedule(&ask);
             }
         }
         let now = self.now();
@@ -586,6 +700,16 @@ impl Sim {
                         }
                     } else {
                         self.stats.redeliveries += 1;
+                    }
+                    if let Some(n) = v["data"].as_str().and_then(|d| d.strip_prefix("sched ")?.parse::<u64>().ok()) {
+                        self.request_seqs.insert(seq);
+                        if self.doomed.contains(&n) {
+                            return Err(format!("schedule {n} was replaced or cancelled, yet delivered: {v}"));
+                        }
+                        let due = self.schedule_due.get(&n).copied().unwrap_or(u64::MAX);
+                        if v["ts"].as_u64().is_none_or(|ts| ts < due) {
+                            return Err(format!("schedule {n} due at {due} published early: {v}"));
+                        }
                     }
                     let request = match v["reply_to"].as_str() {
                         Some(to) => {

@@ -248,3 +248,60 @@ fn requests_reach_one_responder_and_only_the_requester_hears_the_reply() {
     let r = native_call(&mut responder, serde_json::json!({"op":"reply","id":11,"to":"9.1","data":"x"}));
     assert_eq!(r["error"]["code"], "bad_request", "{r}");
 }
+
+#[test]
+fn scheduled_messages_come_when_due_replaced_by_id_cancelled_and_listed() {
+    let node = Node::start(&["--shards", "2"]);
+    let topic = topic_on_shard("reminders", 2, 1);
+    let mut plain = node.ws("/v1/ws");
+    assert_eq!(native_call(&mut plain, serde_json::json!({"op":"subscribe","id":1,"topic":topic}))["ok"], true);
+    let mut member = ws_on_shard(&node.addr(), "/v1/ws", 0);
+    join(&mut member, &topic, serde_json::json!({}));
+    let mut ws = ws_on_shard(&node.addr(), "/v1/ws", 0);
+    let schedule = |id: u64, data: &str, extra: serde_json::Value| {
+        let mut r = serde_json::json!({"op":"publish","id":id,"topic":topic,"data":data});
+        if let (Some(r), serde_json::Value::Object(more)) = (r.as_object_mut(), extra) {
+            r.extend(more);
+        }
+        r
+    };
+    let r = native_call(&mut ws, schedule(1, "first", serde_json::json!({"delay_ms":200,"schedule_id":"remind-1"})));
+    assert_eq!((r["ok"].as_bool(), r["replaced"].as_bool()), (Some(true), Some(false)), "{r}");
+    // Same id: replaced (a debounce); with if_absent: kept as it is.
+    let r = native_call(&mut ws, schedule(2, "second", serde_json::json!({"delay_ms":300,"schedule_id":"remind-1"})));
+    assert_eq!(r["replaced"], true, "{r}");
+    let due = r["deliver_at"].as_u64().unwrap();
+    let r = native_call(
+        &mut ws,
+        schedule(3, "third", serde_json::json!({"delay_ms":10,"schedule_id":"remind-1","if_absent":true})),
+    );
+    assert_eq!((r["present"].as_bool(), r["deliver_at"].as_u64()), (Some(true), Some(due)), "{r}");
+    // Another, cancelled; one with an id the node makes.
+    let r = native_call(&mut ws, schedule(4, "never", serde_json::json!({"delay_ms":100,"schedule_id":"b"})));
+    assert_eq!(r["ok"], true);
+    let r = native_call(&mut ws, schedule(5, "made id", serde_json::json!({"delay_ms":150})));
+    assert!(r["schedule_id"].as_str().unwrap().starts_with('s'), "{r}");
+    let list = native_call(&mut ws, serde_json::json!({"op":"schedules","id":6,"topic":topic}));
+    assert_eq!(list["pending"], 3, "{list}");
+    let ids: Vec<&str> =
+        list["schedules"].as_array().unwrap().iter().map(|s| s["schedule_id"].as_str().unwrap()).collect();
+    assert_eq!(ids[0], "b", "earliest first: {list}");
+    let r = native_call(&mut ws, serde_json::json!({"op":"cancel","id":7,"topic":topic,"schedule_id":"b"}));
+    assert_eq!(r["ok"], true, "{r}");
+    let r = native_call(&mut ws, serde_json::json!({"op":"cancel","id":8,"topic":topic,"schedule_id":"b"}));
+    assert_eq!(r["error"]["code"], "not_found", "{r}");
+    let r = native_call(&mut ws, schedule(9, "x", serde_json::json!({"delay_ms":10,"ack":"local"})));
+    assert_eq!(r["error"]["code"], "bad_request", "{r}");
+    // Due: to plain subscribers and to one group member, not before time.
+    let made = next_json(&mut plain);
+    assert_eq!(made["data"], "made id");
+    let m = next_json(&mut plain);
+    assert_eq!(m["data"], "second", "the replacement, once: {m}");
+    let late = m["ts"].as_u64().unwrap() as i64 - due as i64;
+    assert!(late >= 0, "delivered {late} ms early");
+    let got: Vec<String> = (0..2).map(|_| next_json(&mut member)["data"].as_str().unwrap().to_string()).collect();
+    assert_eq!(got, ["made id", "second"]);
+    let list = native_call(&mut ws, serde_json::json!({"op":"schedules","id":10,"topic":topic}));
+    assert_eq!(list["pending"], 0, "{list}");
+    eprintln!("scheduled message delivered {late} ms after its time");
+}

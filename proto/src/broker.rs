@@ -34,10 +34,12 @@ use crate::ws;
 
 mod groups;
 mod requests;
+mod schedules;
 pub use crate::group::Settle;
 pub use crate::request::Answer;
 pub use groups::{GroupJoinError, GroupName, JoinRequest};
 pub use requests::RequestSpec;
+pub use schedules::ScheduleAsk;
 
 /// What one shard's broker tells another's.
 #[derive(Debug)]
@@ -79,6 +81,10 @@ pub enum Item {
     Reply { req: u64, answer: Answer, back: u64 },
     /// Whether the request a reply answered was still waiting.
     ReplyDone { back: u64, delivered: bool },
+    /// Add, cancel or list `topic`'s schedules (to the owner).
+    ScheduleAsk { topic: TopicName, ask: ScheduleAsk, req: u64 },
+    /// The owner's answer: the reply's fields, or an error code and message.
+    ScheduleAnswer { req: u64, answer: Result<serde_json::Value, (String, String)> },
     /// A message for member `sub` of the receiving shard, its
     /// `delivery`th delivery, tagged `tag` in the group.
     GroupDeliver { topic: TopicName, group: GroupName, sub: u64, message: Message, delivery: u32, tag: u64 },
@@ -93,6 +99,7 @@ impl Item {
                 Item::Publish { payload, .. } => payload.len(),
                 Item::Deliver { message, .. } | Item::GroupDeliver { message, .. } => message.payload.len(),
                 Item::Reply { answer: Answer::Result { payload, .. }, .. } => payload.len(),
+                Item::ScheduleAsk { ask: ScheduleAsk::Add { scheduled, .. }, .. } => scheduled.payload.len(),
                 Item::SubscribeDone { result: Ok(g), .. } => g.replay.iter().map(|m| m.payload.len()).sum(),
                 _ => 0,
             }
@@ -390,6 +397,11 @@ pub struct Broker {
     /// Replies of this shard's responders awaiting the requester shard's
     /// word, with the native request to answer.
     replying: HashMap<u64, (Rc<Outbound>, u64), ahash::RandomState>,
+    /// Pending schedules of the topics this shard owns.
+    schedules: HashMap<TopicName, crate::schedule::Schedules, ahash::RandomState>,
+    /// Schedule requests of this shard's connections awaiting the owner's
+    /// answer: the queue and the native id to answer.
+    asking: HashMap<u64, (Rc<Outbound>, u64), ahash::RandomState>,
     /// This shard's counters.
     metrics: Rc<Metrics>,
 }
@@ -419,6 +431,8 @@ impl Broker {
             members: HashMap::default(),
             requests: HashMap::default(),
             replying: HashMap::default(),
+            schedules: HashMap::default(),
+            asking: HashMap::default(),
             metrics,
         }
     }
@@ -792,6 +806,7 @@ impl Broker {
             | Item::GroupSettle { .. }
             | Item::GroupDeliver { .. }) => self.handle_group(from, item, now),
             item @ (Item::Reply { .. } | Item::ReplyDone { .. }) => self.handle_reply(from, item, now),
+            item @ (Item::ScheduleAsk { .. } | Item::ScheduleAnswer { .. }) => self.handle_schedules(from, item, now),
             Item::SubscribeDone { topic, req, result } => self.granted(&topic, req, result, now),
             Item::PublishDone { req, result } => {
                 if let Some(Waiting::Publish { reply, owner, cost }) = self.waiting.remove(&req) {

@@ -25,6 +25,7 @@
 //! - [`group`]: one consumer group of a topic (segments, prefetch, acks,
 //!   redelivery, dead letters), kept by the topic's owner.
 //! - [`request`]: request/reply's answer type and limits.
+//! - [`schedule`]: one topic's pending scheduled messages.
 //! - [`broker`]: a shard's data-plane decisions (sequence, subscribe,
 //!   resume, fan out, answer) as a state machine: inputs and the time in,
 //!   actions out.
@@ -48,6 +49,7 @@ pub mod outbound;
 pub mod owner;
 pub mod proxy_protocol;
 pub mod request;
+pub mod schedule;
 pub mod sync;
 pub mod topic;
 pub mod ws;

@@ -14,6 +14,7 @@ use crate::group::{
 };
 use crate::message::{Epoch, Message, PayloadKind, ReplyTo};
 use crate::request::{Answer, REQUEST_TIMEOUT_MS_DEFAULT, REQUEST_TIMEOUT_MS_MAX};
+use crate::schedule::{SCHEDULE_AHEAD_MS_MAX, SCHEDULE_ID_BYTES_MAX};
 use crate::topic::TopicName;
 use crate::ws;
 
@@ -45,6 +46,22 @@ pub enum Request {
     Settle { id: Option<u64>, topic: String, group: String, settle: Settle },
     /// A request to a topic's responders; answered with their reply.
     Ask { id: u64, topic: String, payload: Bytes, key: Option<Bytes>, timeout_ms: u64 },
+    /// A publish for later (`deliver_at` or `delay_ms`, or a
+    /// `schedule_id`): kept by the topic's owner until due.
+    Schedule {
+        id: u64,
+        topic: String,
+        payload: Bytes,
+        key: Option<Bytes>,
+        deliver_at: Option<u64>,
+        delay_ms: Option<u64>,
+        schedule_id: Option<String>,
+        if_absent: bool,
+    },
+    /// Cancel a pending schedule (`cancel`).
+    CancelSchedule { id: u64, topic: String, schedule_id: String },
+    /// List a topic's pending schedules (`schedules`).
+    ListSchedules { id: u64, topic: String },
     /// A responder's reply to the request `to` names, with an optional ack
     /// of the request's delivery (`topic`, `group`, `seq`); answered only
     /// when it has an `id`.
@@ -96,6 +113,10 @@ struct WireRequest<'a> {
     through_tag: Option<u64>,
     delay_ms: Option<u64>,
     timeout_ms: Option<u64>,
+    deliver_at: Option<u64>,
+    #[serde(borrow)]
+    schedule_id: Option<Cow<'a, str>>,
+    if_absent: Option<bool>,
     #[serde(borrow)]
     to: Option<Cow<'a, str>>,
     error: Option<WireError>,
@@ -124,6 +145,13 @@ pub fn parse_text(text: &[u8]) -> Result<Request, BadRequest> {
     let id = wire.id.unwrap_or(0);
     let bad = |message: &str| BadRequest { id: Some(id), code: "bad_request", message: message.to_string() };
     let topic = || wire.topic.as_deref().map(str::to_string).ok_or_else(|| bad("missing \"topic\""));
+    let key = || {
+        let key = wire.key.as_deref().map(|k| Bytes::copy_from_slice(k.as_bytes()));
+        if key.as_ref().is_some_and(|k| k.len() > crate::limits::KEY_BYTES_MAX) {
+            return Err(bad(&format!("\"key\" is longer than {} bytes", crate::limits::KEY_BYTES_MAX)));
+        }
+        Ok(key)
+    };
     let group = || {
         let g = wire.group.as_deref().ok_or_else(|| bad("missing \"group\""))?;
         let charset = g.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'));
@@ -199,6 +227,38 @@ pub fn parse_text(text: &[u8]) -> Result<Request, BadRequest> {
             Ok(Request::Subscribe { id, topic: topic()?, from_seq: wire.from_seq, epoch, since_ms: wire.since_ms })
         }
         "unsubscribe" => Ok(Request::Unsubscribe { id, topic: topic()? }),
+        "publish" if wire.deliver_at.is_some() || wire.delay_ms.is_some() || wire.schedule_id.is_some() => {
+            let data = wire.data.as_deref().ok_or_else(|| bad("missing \"data\""))?;
+            if wire.ack.is_some() {
+                return Err(bad("a scheduled publish is answered when it is kept: no \"ack\""));
+            }
+            if wire.deliver_at.is_some() && wire.delay_ms.is_some() {
+                return Err(bad("\"deliver_at\" and \"delay_ms\" do not combine"));
+            }
+            if wire.delay_ms.is_some_and(|d| d > SCHEDULE_AHEAD_MS_MAX) {
+                return Err(bad(&format!("\"delay_ms\" is at most {SCHEDULE_AHEAD_MS_MAX}")));
+            }
+            let schedule_id = wire.schedule_id.as_deref().map(str::to_string);
+            if schedule_id.as_ref().is_some_and(|s| s.is_empty() || s.len() > SCHEDULE_ID_BYTES_MAX) {
+                return Err(bad(&format!("\"schedule_id\" is 1 to {SCHEDULE_ID_BYTES_MAX} bytes")));
+            }
+            let key = key()?;
+            Ok(Request::Schedule {
+                id,
+                topic: topic()?,
+                payload: Bytes::copy_from_slice(data.as_bytes()),
+                key,
+                deliver_at: wire.deliver_at,
+                delay_ms: wire.delay_ms,
+                schedule_id,
+                if_absent: wire.if_absent.unwrap_or(false),
+            })
+        }
+        "cancel" => {
+            let schedule_id = wire.schedule_id.as_deref().ok_or_else(|| bad("missing \"schedule_id\""))?;
+            Ok(Request::CancelSchedule { id, topic: topic()?, schedule_id: schedule_id.to_string() })
+        }
+        "schedules" => Ok(Request::ListSchedules { id, topic: topic()? }),
         "publish" => {
             let data = wire.data.as_deref().ok_or_else(|| bad("missing \"data\""))?;
             let ack = match wire.ack.as_deref().map(AckLevel::parse) {
@@ -206,10 +266,7 @@ pub fn parse_text(text: &[u8]) -> Result<Request, BadRequest> {
                 Some(Ok(ack)) => Some(ack),
                 Some(Err(e)) => return Err(bad(&e.to_string())),
             };
-            let key = wire.key.as_deref().map(|k| Bytes::copy_from_slice(k.as_bytes()));
-            if key.as_ref().is_some_and(|k| k.len() > crate::limits::KEY_BYTES_MAX) {
-                return Err(bad(&format!("\"key\" is longer than {} bytes", crate::limits::KEY_BYTES_MAX)));
-            }
+            let key = key()?;
             Ok(Request::Publish {
                 id,
                 topic: topic()?,
@@ -225,10 +282,7 @@ pub fn parse_text(text: &[u8]) -> Result<Request, BadRequest> {
             if timeout_ms == 0 || timeout_ms > REQUEST_TIMEOUT_MS_MAX {
                 return Err(bad(&format!("\"timeout_ms\" is 1 to {REQUEST_TIMEOUT_MS_MAX}")));
             }
-            let key = wire.key.as_deref().map(|k| Bytes::copy_from_slice(k.as_bytes()));
-            if key.as_ref().is_some_and(|k| k.len() > crate::limits::KEY_BYTES_MAX) {
-                return Err(bad(&format!("\"key\" is longer than {} bytes", crate::limits::KEY_BYTES_MAX)));
-            }
+            let key = key()?;
             let payload = Bytes::copy_from_slice(data.as_bytes());
             Ok(Request::Ask { id, topic: topic()?, payload, key, timeout_ms })
         }
@@ -460,6 +514,36 @@ mod tests {
             parse_text(br#"{"op":"unsubscribe","id":4,"topic":"a"}"#),
             Ok(Request::Unsubscribe { id: 4, topic: "a".into() })
         );
+    }
+
+    #[test]
+    fn parses_the_messaging_ops_and_refuses_bad_ones() {
+        let join = parse_text(br#"{"op":"subscribe","id":1,"topic":"t","group":"g","prefetch":5}"#).unwrap();
+        assert!(matches!(join, Request::Join { prefetch: 5, ref group, .. } if group == "g"));
+        let ack = parse_text(br#"{"op":"ack","topic":"t","group":"g","through_tag":9}"#).unwrap();
+        assert!(matches!(ack, Request::Settle { id: None, settle: Settle::AckThrough { tag: 9 }, .. }));
+        let nack = parse_text(br#"{"op":"nack","id":2,"topic":"t","group":"g","seq":3,"delay_ms":10}"#).unwrap();
+        assert!(matches!(nack, Request::Settle { settle: Settle::Nack { seq: 3, delay_ms: 10 }, .. }));
+        let ask = parse_text(br#"{"op":"request","id":3,"topic":"t","data":"q"}"#).unwrap();
+        assert!(matches!(ask, Request::Ask { timeout_ms: REQUEST_TIMEOUT_MS_DEFAULT, .. }));
+        let reply = parse_text(br#"{"op":"reply","to":"1.7","error":{"code":"c","message":"m"}}"#).unwrap();
+        assert!(matches!(reply, Request::Reply { to: ReplyTo { shard: 1, req: 7 }, answer: Answer::Error { .. }, .. }));
+        let later = parse_text(br#"{"op":"publish","id":4,"topic":"t","data":"x","delay_ms":5,"schedule_id":"a"}"#);
+        assert!(matches!(later, Ok(Request::Schedule { delay_ms: Some(5), if_absent: false, .. })));
+        for bad in [
+            &br#"{"op":"subscribe","id":1,"topic":"t","group":"a b"}"#[..],
+            br#"{"op":"subscribe","id":1,"topic":"t","group":"g","from_seq":1}"#,
+            br#"{"op":"subscribe","id":1,"topic":"t","group":"g","prefetch":10001}"#,
+            br#"{"op":"ack","topic":"t","group":"g"}"#,
+            br#"{"op":"request","id":1,"topic":"t","data":"q","timeout_ms":0}"#,
+            br#"{"op":"reply","to":"nowhere","data":"x"}"#,
+            br#"{"op":"reply","to":"1.2"}"#,
+            br#"{"op":"publish","id":1,"topic":"t","data":"x","delay_ms":1,"deliver_at":2}"#,
+            br#"{"op":"publish","id":1,"topic":"t","data":"x","delay_ms":1,"ack":"local"}"#,
+        ] {
+            let e = parse_text(bad).unwrap_err();
+            assert_eq!(e.code, "bad_request", "{}", String::from_utf8_lossy(bad));
+        }
     }
 
     #[test]

@@ -129,6 +129,38 @@ pub(super) async fn native_message(
                 return true; // answered with the responder's reply, or an error
             }
         },
+        Request::Schedule { id, topic, payload, key, deliver_at, delay_ms, schedule_id, if_absent } => {
+            match topic_of(id, &topic) {
+                Err(reply) => reply,
+                Ok(topic) => {
+                    let now_ms = proto::message::unix_time_ms();
+                    let due_ms = deliver_at.unwrap_or_else(|| now_ms.saturating_add(delay_ms.unwrap_or(0)));
+                    if due_ms > now_ms.saturating_add(proto::schedule::SCHEDULE_AHEAD_MS_MAX) {
+                        native::reply_error(Some(id), "bad_request", "\"deliver_at\" is more than a year ahead")
+                    } else {
+                        let id_given = schedule_id.unwrap_or_else(|| shard.schedule_id());
+                        let kind = PayloadKind::Text;
+                        let scheduled = proto::schedule::Scheduled { id: id_given, due_ms, kind, payload, key };
+                        shard.ask_schedules(topic, ScheduleAsk::Add { scheduled, if_absent }, out.clone(), id).await;
+                        return true; // answered by the owner
+                    }
+                }
+            }
+        }
+        Request::CancelSchedule { id, topic, schedule_id } => match topic_of(id, &topic) {
+            Err(reply) => reply,
+            Ok(topic) => {
+                shard.ask_schedules(topic, ScheduleAsk::Cancel { id: schedule_id }, out.clone(), id).await;
+                return true;
+            }
+        },
+        Request::ListSchedules { id, topic } => match topic_of(id, &topic) {
+            Err(reply) => reply,
+            Ok(topic) => {
+                shard.ask_schedules(topic, ScheduleAsk::List, out.clone(), id).await;
+                return true;
+            }
+        },
         Request::Reply { id, to, answer, ack } => {
             if let Some((topic, group, seq)) = ack {
                 let member = TopicName::new(&topic).ok().and_then(|t| groups.get(&(t, group)).copied());
