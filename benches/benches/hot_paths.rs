@@ -21,6 +21,7 @@ fn message(seq: u64, len: usize, kind: PayloadKind) -> Message {
         payload: Bytes::from(vec![b'x'; len]),
         key: None,
         reply_to: None,
+        meta: None,
         published_at: Instant::now(),
     }
 }
@@ -96,6 +97,7 @@ fn history(c: &mut Criterion) {
                 payload: payload.clone(),
                 key: None,
                 reply_to: None,
+                meta: None,
                 published_at: Instant::now(),
             });
         })

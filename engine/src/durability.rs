@@ -295,6 +295,7 @@ impl Shard {
                 payload: r.payload,
                 key: r.key,
                 reply_to: None,
+                meta: proto::message::Meta::from_record_headers(r.headers),
                 published_at: at,
             })
             .collect();

@@ -321,8 +321,14 @@ impl Sim {
         let id = format!("sid{}", self.rng.below(6));
         let if_absent = self.rng.below(4) == 0;
         let key = Some(Bytes::from(format!("k{}", self.rng.below(KEYS as usize))));
-        let scheduled =
-            Scheduled { id, due_ms, kind: PayloadKind::Text, payload: Bytes::from(format!("sched {n}")), key };
+        let scheduled = Scheduled {
+            id,
+            due_ms,
+            kind: PayloadKind::Text,
+            payload: Bytes::from(format!("sched {n}")),
+            key,
+            meta: None,
+        };
         self.ask_schedules(shard, ScheduleAsk::Add { scheduled, if_absent })
     }
 
@@ -380,6 +386,7 @@ impl Sim {
         let n = self.requests.len() as u64 + 1;
         self.requests.insert(n, shard);
         let spec = RequestSpec {
+            meta: None,
             topic: self.topic.clone(),
             kind: PayloadKind::Text,
             payload: Bytes::from(format!("req {n}")),
@@ -432,7 +439,8 @@ impl Sim {
     fn publish(&mut self) -> Result<(), String> {
         let shard = self.rng.below(SHARDS);
         let key = self.rng.below(KEYS as usize) as u64;
-        let options = PublishOptions { key: Some(Bytes::from(format!("k{key}"))), ack: None, reply_to: None };
+        let options =
+            PublishOptions { key: Some(Bytes::from(format!("k{key}"))), ack: None, reply_to: None, meta: None };
         let now = self.now();
         self.next_id += 1;
         let id = self.next_id;

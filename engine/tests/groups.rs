@@ -305,3 +305,42 @@ fn scheduled_messages_come_when_due_replaced_by_id_cancelled_and_listed() {
     assert_eq!(list["pending"], 0, "{list}");
     eprintln!("scheduled message delivered {late} ms after its time");
 }
+
+#[test]
+fn kinds_ids_and_headers_travel_with_the_message_and_stay_in_the_log() {
+    let dir = fresh_dir("meta");
+    let node = Node::start(&["--shards", "2", "--durable", "orders", "--data-dir", dir.to_str().unwrap()]);
+    let mut plain = node.ws("/v1/ws");
+    assert_eq!(native_call(&mut plain, serde_json::json!({"op":"subscribe","id":1,"topic":"orders"}))["ok"], true);
+    let mut member = node.ws("/v1/ws");
+    join(&mut member, "orders", serde_json::json!({}));
+    let mut ws = node.ws("/v1/ws");
+    let publish = serde_json::json!({"op":"publish","id":1,"topic":"orders","data":"place","key":"order-7",
+        "kind":"command","message_id":"m-1","headers":{"tenant":"acme","trace":"t-9"}});
+    assert_eq!(native_call(&mut ws, publish)["ok"], true);
+    for m in [next_json(&mut plain), next_json(&mut member)] {
+        assert_eq!((m["kind"].as_str(), m["message_id"].as_str()), (Some("command"), Some("m-1")), "{m}");
+        assert_eq!(m["headers"], serde_json::json!({"tenant":"acme","trace":"t-9"}), "{m}");
+    }
+    let page = node.get_json("/v1/topics/orders/messages?from_seq=0");
+    let m = &page["messages"][0];
+    assert_eq!(
+        (m["kind"].as_str(), m["message_id"].as_str(), m["headers"]["tenant"].as_str()),
+        (Some("command"), Some("m-1"), Some("acme")),
+        "{page}"
+    );
+    for bad in [
+        serde_json::json!({"op":"publish","id":2,"topic":"orders","data":"x","kind":"gossip"}),
+        serde_json::json!({"op":"publish","id":3,"topic":"orders","data":"x","headers":{"rayflux-kind":"event"}}),
+        serde_json::json!({"op":"publish","id":4,"topic":"orders","data":"x","headers":{"n":1}}),
+    ] {
+        assert_eq!(native_call(&mut ws, bad)["error"]["code"], "bad_request");
+    }
+    // Kept across a restart: the log holds them.
+    drop((plain, member, ws));
+    drop(node);
+    let node = Node::start(&["--shards", "2", "--durable", "orders", "--data-dir", dir.to_str().unwrap()]);
+    let page = node.get_json("/v1/topics/orders/messages?from_seq=0");
+    assert_eq!(page["messages"][0]["headers"]["trace"], "t-9", "{page}");
+    let _ = std::fs::remove_dir_all(&dir);
+}

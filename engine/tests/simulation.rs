@@ -364,7 +364,7 @@ impl Sim {
         let payload = Bytes::from(payload);
         self.payloads.push(payload.clone());
         let now = self.now();
-        let options = PublishOptions { key: None, ack, reply_to: None };
+        let options = PublishOptions { key: None, ack, reply_to: None, meta: None };
         let published =
             self.brokers[shard].publish(name, PayloadKind::Binary, payload, options, PublishReply::Caller, now);
         match published {
@@ -742,6 +742,7 @@ impl Sim {
                         payload,
                         key: None,
                         reply_to: None,
+                        meta: None,
                         published_at: at,
                     });
                 }

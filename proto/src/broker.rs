@@ -889,9 +889,9 @@ impl Broker {
         if options.reply_to.is_some() && !self.has_responders(topic) {
             return Err(OwnerError::NoResponders);
         }
-        let PublishOptions { key, ack, reply_to } = options;
         let Sequenced { message, epoch, subscriber_shards, held } =
-            self.owner.publish(topic, kind, payload, key, reply_to, now)?;
+            self.owner.publish(topic, kind, payload, &options, now)?;
+        let ack = options.ack;
         metrics::add(&self.metrics.messages_published, 1);
         metrics::add(&self.metrics.bytes_published, len);
         let seq = message.seq;

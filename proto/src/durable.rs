@@ -103,6 +103,8 @@ pub struct PublishOptions {
     /// A request's return address (request/reply): the topic must have a
     /// consumer group with a member to answer it.
     pub reply_to: Option<crate::message::ReplyTo>,
+    /// Kind, id and headers.
+    pub meta: Option<std::sync::Arc<crate::message::Meta>>,
 }
 
 /// Why an acknowledgement level was refused.

@@ -529,6 +529,7 @@ mod tests {
             payload: Bytes::from(format!("m{seq}")),
             key: Some(Bytes::copy_from_slice(key.as_bytes())),
             reply_to: None,
+            meta: None,
             published_at: Instant::now(),
         }
     }

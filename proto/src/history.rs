@@ -123,6 +123,7 @@ mod tests {
             payload: Bytes::from(vec![0u8; len]),
             key: None,
             reply_to: None,
+            meta: None,
             published_at: Instant::now(),
         }
     }

@@ -32,8 +32,119 @@ pub struct Message {
     pub key: Option<Bytes>,
     /// A request's return address: where its reply goes.
     pub reply_to: Option<ReplyTo>,
+    /// Its kind, id and headers, when the publisher gave any (shared: a
+    /// message crosses shards and is cloned per subscribing shard).
+    pub meta: Option<std::sync::Arc<Meta>>,
     /// Monotonic time of sequencing, for publish-to-write latency.
     pub published_at: Instant,
+}
+
+/// What a message is, in Flux Capacitor's terms: stuff to do, to ask, to
+/// announce, and the answers and measurements that follow.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum MessageKind {
+    /// Stuff you want to do.
+    Command,
+    /// Stuff you want to ask.
+    Query,
+    /// Stuff you want to announce.
+    Event,
+    /// A command's or query's result.
+    Result,
+    /// A command's or query's failure.
+    Error,
+    /// An application metric.
+    Metric,
+    /// A scheduled message.
+    Schedule,
+}
+
+impl MessageKind {
+    /// All kinds, for parsing and documentation.
+    pub const ALL: [MessageKind; 7] = [
+        MessageKind::Command,
+        MessageKind::Query,
+        MessageKind::Event,
+        MessageKind::Result,
+        MessageKind::Error,
+        MessageKind::Metric,
+        MessageKind::Schedule,
+    ];
+
+    /// Its name on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MessageKind::Command => "command",
+            MessageKind::Query => "query",
+            MessageKind::Event => "event",
+            MessageKind::Result => "result",
+            MessageKind::Error => "error",
+            MessageKind::Metric => "metric",
+            MessageKind::Schedule => "schedule",
+        }
+    }
+
+    /// The kind named `name`.
+    pub fn parse(name: &str) -> Option<MessageKind> {
+        MessageKind::ALL.into_iter().find(|k| k.as_str() == name)
+    }
+}
+
+/// Headers one message may carry.
+pub const HEADERS_MAX: usize = 32;
+/// Bytes of a header name.
+pub const HEADER_NAME_BYTES_MAX: usize = 64;
+/// Bytes of a header value.
+pub const HEADER_VALUE_BYTES_MAX: usize = 1024;
+/// Bytes of a message id.
+pub const MESSAGE_ID_BYTES_MAX: usize = 128;
+/// Header names reserved for what the log keeps of `Meta` (a durable
+/// topic's record stores kind and id as headers with these names).
+pub const KIND_HEADER: &str = "rayflux-kind";
+/// See [`KIND_HEADER`].
+pub const ID_HEADER: &str = "rayflux-message-id";
+
+/// A message's metadata: carried end to end, shown in native envelopes.
+#[derive(Clone, Debug, PartialEq, Eq, Default)]
+pub struct Meta {
+    /// What it is.
+    pub kind: Option<MessageKind>,
+    /// The publisher's id for it.
+    pub id: Option<String>,
+    /// String headers, in the order given.
+    pub headers: Vec<(String, String)>,
+}
+
+impl Meta {
+    /// The headers a durable record keeps: kind and id as reserved headers
+    /// first, then the message's own.
+    pub fn to_record_headers(&self) -> Vec<(String, String)> {
+        let mut out = Vec::with_capacity(self.headers.len() + 2);
+        if let Some(kind) = self.kind {
+            out.push((KIND_HEADER.to_string(), kind.as_str().to_string()));
+        }
+        if let Some(id) = &self.id {
+            out.push((ID_HEADER.to_string(), id.clone()));
+        }
+        out.extend(self.headers.iter().cloned());
+        out
+    }
+
+    /// Metadata back from a record's headers; none when it had none.
+    pub fn from_record_headers(headers: Vec<(String, String)>) -> Option<std::sync::Arc<Meta>> {
+        if headers.is_empty() {
+            return None;
+        }
+        let mut meta = Meta::default();
+        for (name, value) in headers {
+            match name.as_str() {
+                KIND_HEADER => meta.kind = MessageKind::parse(&value),
+                ID_HEADER => meta.id = Some(value),
+                _ => meta.headers.push((name, value)),
+            }
+        }
+        Some(std::sync::Arc::new(meta))
+    }
 }
 
 /// Where a request's reply goes: the requester's shard and its request

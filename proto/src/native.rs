@@ -12,7 +12,12 @@ use crate::group::{
     GroupSettings, Settle, ACK_TIMEOUT_MS_DEFAULT, ACK_TIMEOUT_MS_MAX, ACK_TIMEOUT_MS_MIN, GROUP_NAME_BYTES_MAX,
     MAX_DELIVERIES_DEFAULT, NACK_DELAY_MS_MAX, PREFETCH_MAX,
 };
-use crate::message::{Epoch, Message, PayloadKind, ReplyTo};
+use std::sync::Arc;
+
+use crate::message::{
+    Epoch, Message, MessageKind, Meta, PayloadKind, ReplyTo, HEADERS_MAX, HEADER_NAME_BYTES_MAX,
+    HEADER_VALUE_BYTES_MAX, ID_HEADER, KIND_HEADER, MESSAGE_ID_BYTES_MAX,
+};
 use crate::request::{Answer, REQUEST_TIMEOUT_MS_DEFAULT, REQUEST_TIMEOUT_MS_MAX};
 use crate::schedule::{SCHEDULE_AHEAD_MS_MAX, SCHEDULE_ID_BYTES_MAX};
 use crate::topic::TopicName;
@@ -45,7 +50,7 @@ pub enum Request {
     /// `prefetch`); answered only when it has an `id`.
     Settle { id: Option<u64>, topic: String, group: String, settle: Settle },
     /// A request to a topic's responders; answered with their reply.
-    Ask { id: u64, topic: String, payload: Bytes, key: Option<Bytes>, timeout_ms: u64 },
+    Ask { id: u64, topic: String, payload: Bytes, key: Option<Bytes>, meta: Option<Arc<Meta>>, timeout_ms: u64 },
     /// A publish for later (`deliver_at` or `delay_ms`, or a
     /// `schedule_id`): kept by the topic's owner until due.
     Schedule {
@@ -53,6 +58,7 @@ pub enum Request {
         topic: String,
         payload: Bytes,
         key: Option<Bytes>,
+        meta: Option<Arc<Meta>>,
         deliver_at: Option<u64>,
         delay_ms: Option<u64>,
         schedule_id: Option<String>,
@@ -113,6 +119,10 @@ struct WireRequest<'a> {
     through_tag: Option<u64>,
     delay_ms: Option<u64>,
     timeout_ms: Option<u64>,
+    #[serde(borrow)]
+    kind: Option<Cow<'a, str>>,
+    message_id: Option<String>,
+    headers: Option<std::collections::BTreeMap<String, String>>,
     deliver_at: Option<u64>,
     #[serde(borrow)]
     schedule_id: Option<Cow<'a, str>>,
@@ -151,6 +161,33 @@ pub fn parse_text(text: &[u8]) -> Result<Request, BadRequest> {
             return Err(bad(&format!("\"key\" is longer than {} bytes", crate::limits::KEY_BYTES_MAX)));
         }
         Ok(key)
+    };
+    let meta = || -> Result<Option<Arc<Meta>>, BadRequest> {
+        let kind = match wire.kind.as_deref() {
+            None => None,
+            Some(k) => Some(MessageKind::parse(k).ok_or_else(|| {
+                let names: Vec<&str> = MessageKind::ALL.iter().map(|k| k.as_str()).collect();
+                bad(&format!("\"kind\" is one of {}", names.join(", ")))
+            })?),
+        };
+        if wire.message_id.as_ref().is_some_and(|i| i.is_empty() || i.len() > MESSAGE_ID_BYTES_MAX) {
+            return Err(bad(&format!("\"message_id\" is 1 to {MESSAGE_ID_BYTES_MAX} bytes")));
+        }
+        let headers: Vec<(String, String)> = wire.headers.clone().unwrap_or_default().into_iter().collect();
+        let reserved = |n: &str| n.eq_ignore_ascii_case(KIND_HEADER) || n.eq_ignore_ascii_case(ID_HEADER);
+        let fits = |(n, v): &(String, String)| {
+            !n.is_empty() && n.len() <= HEADER_NAME_BYTES_MAX && v.len() <= HEADER_VALUE_BYTES_MAX
+        };
+        if headers.len() > HEADERS_MAX || !headers.iter().all(fits) || headers.iter().any(|(n, _)| reserved(n)) {
+            return Err(bad(&format!(
+                "\"headers\": at most {HEADERS_MAX}, names 1 to {HEADER_NAME_BYTES_MAX} bytes (not {KIND_HEADER} or \
+                 {ID_HEADER}), values up to {HEADER_VALUE_BYTES_MAX}"
+            )));
+        }
+        if kind.is_none() && wire.message_id.is_none() && headers.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(Arc::new(Meta { kind, id: wire.message_id.clone(), headers })))
     };
     let group = || {
         let g = wire.group.as_deref().ok_or_else(|| bad("missing \"group\""))?;
@@ -248,6 +285,7 @@ pub fn parse_text(text: &[u8]) -> Result<Request, BadRequest> {
                 topic: topic()?,
                 payload: Bytes::copy_from_slice(data.as_bytes()),
                 key,
+                meta: meta()?,
                 deliver_at: wire.deliver_at,
                 delay_ms: wire.delay_ms,
                 schedule_id,
@@ -272,7 +310,7 @@ pub fn parse_text(text: &[u8]) -> Result<Request, BadRequest> {
                 topic: topic()?,
                 kind: PayloadKind::Text,
                 payload: Bytes::copy_from_slice(data.as_bytes()),
-                options: PublishOptions { key, ack, reply_to: None },
+                options: PublishOptions { key, ack, reply_to: None, meta: meta()? },
             })
         }
         "ping" => Ok(Request::Ping { id }),
@@ -284,7 +322,7 @@ pub fn parse_text(text: &[u8]) -> Result<Request, BadRequest> {
             }
             let key = key()?;
             let payload = Bytes::copy_from_slice(data.as_bytes());
-            Ok(Request::Ask { id, topic: topic()?, payload, key, timeout_ms })
+            Ok(Request::Ask { id, topic: topic()?, payload, key, meta: meta()?, timeout_ms })
         }
         "reply" => {
             let to = wire.to.as_deref().and_then(|t| t.parse::<ReplyTo>().ok());
@@ -388,6 +426,9 @@ pub fn encode_message(topic: &TopicName, message: &Message) -> Bytes {
             }
             out.extend_from_slice(b"\"data\":");
             serde_json::to_writer(&mut out, data).expect("write to memory");
+            if let Some(meta) = &message.meta {
+                write_meta(&mut out, meta);
+            }
             out.push(b'}');
             ws::encode_data(PayloadKind::Text, &out)
         }
@@ -429,6 +470,9 @@ pub fn encode_group_message(topic: &TopicName, group: &str, message: &Message, d
     if let Some(to) = message.reply_to {
         out.extend_from_slice(format!(",\"reply_to\":\"{to}\"").as_bytes());
     }
+    if let Some(meta) = &message.meta {
+        write_meta(&mut out, meta);
+    }
     match message.kind {
         PayloadKind::Text => {
             out.extend_from_slice(b",\"data\":");
@@ -443,6 +487,30 @@ pub fn encode_group_message(topic: &TopicName, group: &str, message: &Message, d
     }
     out.push(b'}');
     ws::encode_data(PayloadKind::Text, &out)
+}
+
+/// Writes a message's metadata as JSON members (`kind`, `message_id`,
+/// `headers`), each after a comma; nothing when it has none.
+fn write_meta(out: &mut Vec<u8>, meta: &Meta) {
+    let mut fields = serde_json::Map::new();
+    if let Some(kind) = meta.kind {
+        fields.insert("kind".into(), kind.as_str().into());
+    }
+    if let Some(id) = &meta.id {
+        fields.insert("message_id".into(), id.clone().into());
+    }
+    if !meta.headers.is_empty() {
+        let headers: serde_json::Map<String, serde_json::Value> =
+            meta.headers.iter().map(|(n, v)| (n.clone(), v.clone().into())).collect();
+        fields.insert("headers".into(), headers.into());
+    }
+    if fields.is_empty() {
+        return;
+    }
+    // `{...}` without its braces: members to splice into an envelope.
+    let object = serde_json::Value::Object(fields).to_string();
+    out.push(b',');
+    out.extend_from_slice(&object.as_bytes()[1..object.len() - 1]);
 }
 
 /// A payload as JSON fields: `data` for text, `data_base64` for binary.
@@ -501,7 +569,8 @@ mod tests {
                 options: PublishOptions {
                     key: Some(Bytes::from_static(b"order-7")),
                     ack: Some(AckLevel::None),
-                    reply_to: None
+                    reply_to: None,
+                    meta: None
                 },
             })
         );
@@ -555,6 +624,7 @@ mod tests {
             payload: Bytes::from_static(b"q\"\\"),
             key: Some(Bytes::from_static(b"k\"1")),
             reply_to: Some(ReplyTo { shard: 1, req: 7 }),
+            meta: None,
             published_at: Instant::now(),
         };
         let t = TopicName::new("t").unwrap();
@@ -563,6 +633,24 @@ mod tests {
         let want = serde_json::json!({"type":"message","topic":"t","group":"g","seq":3,"ts":9,"delivery":2,"tag":40,
             "key":"k\"1","reply_to":"1.7","data":"q\"\\"});
         assert_eq!(v, want);
+        let with_meta = Message {
+            meta: Some(Arc::new(Meta {
+                kind: Some(MessageKind::Command),
+                id: Some("m-1".into()),
+                headers: vec![("tenant".into(), "acme".into())],
+            })),
+            ..msg.clone()
+        };
+        // A server frame's body: after 2 header bytes, or 4 past 125 bytes.
+        let body = |f: &Bytes| f.slice(if f[1] & 0x7f == 126 { 4 } else { 2 }..);
+        let v: serde_json::Value =
+            serde_json::from_slice(&body(&encode_group_message(&t, "g", &with_meta, 1, 1))).unwrap();
+        assert_eq!((v["kind"].as_str(), v["message_id"].as_str()), (Some("command"), Some("m-1")), "{v}");
+        assert_eq!(v["headers"], serde_json::json!({"tenant":"acme"}));
+        let v: serde_json::Value = serde_json::from_slice(&body(&encode_message(&t, &with_meta))).unwrap();
+        assert_eq!((v["kind"].as_str(), v["headers"]["tenant"].as_str()), (Some("command"), Some("acme")), "{v}");
+        let empty = Message { meta: Some(Arc::new(Meta::default())), ..msg.clone() };
+        assert!(serde_json::from_slice::<serde_json::Value>(&body(&encode_message(&t, &empty))).is_ok());
         let bin = Message {
             kind: PayloadKind::Binary,
             payload: Bytes::from_static(b"\x00\xff"),
@@ -613,6 +701,7 @@ mod tests {
             payload: Bytes::from_static(b"xy"),
             key: None,
             reply_to: None,
+            meta: None,
             published_at: Instant::now(),
         };
         let framed = encode_message(&TopicName::new("t").unwrap(), &msg);

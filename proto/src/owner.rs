@@ -11,7 +11,7 @@ use std::time::Instant;
 use bytes::Bytes;
 
 use crate::durable::{
-    AckLevel, DurableSpec, Recovered, TopicLog, WriteJob, UNWRITTEN_BYTES_MAX, UNWRITTEN_MESSAGES_MAX,
+    AckLevel, DurableSpec, PublishOptions, Recovered, TopicLog, WriteJob, UNWRITTEN_BYTES_MAX, UNWRITTEN_MESSAGES_MAX,
 };
 use crate::history::History;
 pub use crate::history::SeqRange;
@@ -371,14 +371,14 @@ impl Owner {
     /// Sequences a message: assigns the next sequence and a timestamp, keeps
     /// it in history, and returns it with the mask of subscribing shards.
     /// A durable topic's message is appended to its log instead and held
-    /// until [`Owner::written`] (`key` is kept in the log and its index).
+    /// until [`Owner::written`] (the key is kept in the log and its index,
+    /// the metadata as record headers).
     pub fn publish(
         &mut self,
         topic: &TopicName,
         kind: PayloadKind,
         payload: Bytes,
-        key: Option<Bytes>,
-        reply_to: Option<crate::message::ReplyTo>,
+        options: &PublishOptions,
         now: Now,
     ) -> Result<Sequenced, OwnerError> {
         let t = self.topic_mut(topic, now.at)?;
@@ -392,7 +392,16 @@ impl Owner {
         }
         t.last_active = now.at;
         let seq = t.last_seq + 1;
-        let message = Message { seq, timestamp_ms: now.unix_ms, kind, payload, key, reply_to, published_at: now.at };
+        let message = Message {
+            seq,
+            timestamp_ms: now.unix_ms,
+            kind,
+            payload,
+            key: options.key.clone(),
+            reply_to: options.reply_to,
+            meta: options.meta.clone(),
+            published_at: now.at,
+        };
         let mut first_append = false;
         let held = if let Some(d) = &mut t.durable {
             let record = Record {
@@ -400,7 +409,7 @@ impl Owner {
                 timestamp_ms: now.unix_ms,
                 kind,
                 key: message.key.clone(),
-                headers: Vec::new(),
+                headers: message.meta.as_ref().map(|m| m.to_record_headers()).unwrap_or_default(),
                 payload: message.payload.clone(),
             };
             // Only a record over the log's ceiling fails, and publishes are
@@ -466,6 +475,7 @@ impl Owner {
                             payload: record.payload,
                             key: record.key,
                             reply_to: None,
+                            meta: crate::message::Meta::from_record_headers(record.headers),
                             published_at: now,
                         });
                     }
@@ -851,8 +861,10 @@ mod tests {
         let now = Instant::now();
         o.declare_durable(&t, DurableSpec::default(), None, crate::durable::LogLimits::default(), now).unwrap();
         o.subscribe(&t, 1, A, None, now).unwrap();
-        let s1 = o.publish(&t, PayloadKind::Text, Bytes::from_static(b"a"), None, None, at(now)).unwrap();
-        let s2 = o.publish(&t, PayloadKind::Text, Bytes::from_static(b"b"), None, None, at(now)).unwrap();
+        let s1 =
+            o.publish(&t, PayloadKind::Text, Bytes::from_static(b"a"), &PublishOptions::default(), at(now)).unwrap();
+        let s2 =
+            o.publish(&t, PayloadKind::Text, Bytes::from_static(b"b"), &PublishOptions::default(), at(now)).unwrap();
         assert!(s1.held.is_some() && s2.held.is_some() && s1.subscriber_shards == 0);
         // Not visible before the write: a subscriber's grant stops before it.
         assert_eq!(o.subscribe(&t, 2, B, None, now).unwrap().last_seq, 0);
@@ -860,14 +872,15 @@ mod tests {
         let commits = o.take_commits();
         assert_eq!((commits.len(), commits[0].through_seq), (1, 2));
         assert!(!o.has_commits());
-        let s3 = o.publish(&t, PayloadKind::Text, Bytes::from_static(b"c"), None, None, at(now)).unwrap();
+        let s3 =
+            o.publish(&t, PayloadKind::Text, Bytes::from_static(b"c"), &PublishOptions::default(), at(now)).unwrap();
         let released = o.written(&commits[0]).unwrap();
         assert_eq!(released.messages.iter().map(|m| m.seq).collect::<Vec<_>>(), [1, 2]);
         assert_eq!(released.subscriber_shards, 0b110);
         assert_eq!(o.stat(&t).unwrap().last_seq, 2, "3 still waits for its write");
         let next = o.take_commits();
         assert_eq!(o.write_failed(&next[0]), [s3.message.seq]);
-        let refused = o.publish(&t, PayloadKind::Text, Bytes::from_static(b"d"), None, None, at(now));
+        let refused = o.publish(&t, PayloadKind::Text, Bytes::from_static(b"d"), &PublishOptions::default(), at(now));
         assert_eq!(refused.err(), Some(OwnerError::StorageFailed));
         assert_eq!(o.stat(&t).unwrap().last_seq, 2);
     }
@@ -877,11 +890,15 @@ mod tests {
         let mut o = Owner::new(limits(2), 7);
         let t = name("a");
         let now = Instant::now();
-        let s1 = o.publish(&t, PayloadKind::Text, Bytes::from_static(b"x"), None, None, at(now)).expect("publish");
+        let s1 = o
+            .publish(&t, PayloadKind::Text, Bytes::from_static(b"x"), &PublishOptions::default(), at(now))
+            .expect("publish");
         assert_eq!((s1.message.seq, s1.subscriber_shards), (1, 0));
         let g = o.subscribe(&t, 3, A, None, now).expect("subscribe");
         assert_eq!((g.last_seq, g.first_seq, g.replay.len(), g.resumed), (1, 1, 0, Resumed::Live));
-        let s2 = o.publish(&t, PayloadKind::Text, Bytes::from_static(b"y"), None, None, at(now)).expect("publish");
+        let s2 = o
+            .publish(&t, PayloadKind::Text, Bytes::from_static(b"y"), &PublishOptions::default(), at(now))
+            .expect("publish");
         assert_eq!((s2.message.seq, s2.subscriber_shards, s2.epoch), (2, 0b1000, g.epoch));
         let g = o.subscribe(&t, 0, A, from(0, Some(g.epoch)), now).expect("subscribe");
         assert_eq!(g.replay.iter().map(|m| m.seq).collect::<Vec<_>>(), vec![1, 2]);
@@ -896,13 +913,13 @@ mod tests {
         let t = name("a");
         let mut before = Owner::new(limits(4), 1);
         for _ in 0..5 {
-            before.publish(&t, PayloadKind::Text, Bytes::new(), None, None, at(now)).expect("publish");
+            before.publish(&t, PayloadKind::Text, Bytes::new(), &PublishOptions::default(), at(now)).expect("publish");
         }
         let old_epoch = before.stat(&t).expect("topic").epoch;
         // A restart: a new process, a new seed, the same topic from seq 1.
         let mut after = Owner::new(limits(4), 2);
         for _ in 0..3 {
-            after.publish(&t, PayloadKind::Text, Bytes::new(), None, None, at(now)).expect("publish");
+            after.publish(&t, PayloadKind::Text, Bytes::new(), &PublishOptions::default(), at(now)).expect("publish");
         }
         let g = after.subscribe(&t, 0, A, from(2, Some(old_epoch)), now).expect("subscribe");
         assert_ne!(g.epoch, old_epoch);
@@ -920,16 +937,18 @@ mod tests {
         let mut o = Owner::new(limits(2), 3);
         let t0 = Instant::now();
         let later = |ms| t0 + std::time::Duration::from_millis(ms);
-        o.publish(&name("old"), PayloadKind::Text, Bytes::new(), None, None, at(t0)).expect("publish");
-        o.publish(&name("busy"), PayloadKind::Text, Bytes::new(), None, None, at(later(1))).expect("publish");
+        o.publish(&name("old"), PayloadKind::Text, Bytes::new(), &PublishOptions::default(), at(t0)).expect("publish");
+        o.publish(&name("busy"), PayloadKind::Text, Bytes::new(), &PublishOptions::default(), at(later(1)))
+            .expect("publish");
         let old_epoch = o.stat(&name("old")).expect("topic").epoch;
-        o.publish(&name("new"), PayloadKind::Text, Bytes::new(), None, None, at(later(2))).expect("room made");
+        o.publish(&name("new"), PayloadKind::Text, Bytes::new(), &PublishOptions::default(), at(later(2)))
+            .expect("room made");
         assert!(o.stat(&name("old")).is_none(), "the least recently active idle topic went");
         assert_eq!(o.evicted_total(), 1);
         // Subscribed topics are never evicted.
         o.subscribe(&name("busy"), 0, A, None, later(3)).expect("subscribe");
         o.subscribe(&name("new"), 1, A, None, later(4)).expect("subscribe");
-        let err = o.publish(&name("more"), PayloadKind::Text, Bytes::new(), None, None, at(later(5)));
+        let err = o.publish(&name("more"), PayloadKind::Text, Bytes::new(), &PublishOptions::default(), at(later(5)));
         assert_eq!(err.unwrap_err(), OwnerError::TooManyTopics);
         // Recreated later, "old" is a new sequence space, and says so.
         o.unsubscribe(&name("busy"), 0, later(6));
@@ -942,7 +961,7 @@ mod tests {
         let mut o = Owner::new(limits(10), 3);
         let now = Instant::now();
         for n in ["b2", "a1", "b1", "c", "b10"] {
-            o.publish(&name(n), PayloadKind::Text, Bytes::new(), None, None, at(now)).expect("publish");
+            o.publish(&name(n), PayloadKind::Text, Bytes::new(), &PublishOptions::default(), at(now)).expect("publish");
         }
         let page = |prefix: &str, after: Option<&str>, limit| {
             let query = TopicQuery { prefix: prefix.into(), after: after.map(Into::into), limit };

@@ -40,6 +40,8 @@ pub struct Scheduled {
     pub payload: Bytes,
     /// Its routing key.
     pub key: Option<Bytes>,
+    /// Its kind, id and headers.
+    pub meta: Option<std::sync::Arc<crate::message::Meta>>,
 }
 
 /// What [`Schedules::add`] did.
@@ -145,7 +147,8 @@ mod tests {
     use super::*;
 
     fn s(id: &str, due_ms: u64) -> Scheduled {
-        Scheduled { id: id.into(), due_ms, kind: PayloadKind::Text, payload: Bytes::from(id.to_string()), key: None }
+        let payload = Bytes::from(id.to_string());
+        Scheduled { id: id.into(), due_ms, kind: PayloadKind::Text, payload, key: None, meta: None }
     }
 
     #[test]

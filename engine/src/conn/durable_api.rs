@@ -156,7 +156,17 @@ fn render(topic: &TopicName, answer: DurableAnswer, keep_alive: bool) -> Vec<u8>
                         (PayloadKind::Text, Ok(text)) => (Some(text.to_string()), None),
                         _ => (None, Some(base64::engine::general_purpose::STANDARD.encode(&r.payload))),
                     };
-                    LogMessage { seq: r.seq, ts: r.timestamp_ms, key, data, data_base64 }
+                    let meta = proto::message::Meta::from_record_headers(r.headers).unwrap_or_default();
+                    LogMessage {
+                        seq: r.seq,
+                        ts: r.timestamp_ms,
+                        key,
+                        data,
+                        data_base64,
+                        kind: meta.kind.map(|k| k.as_str().to_string()),
+                        message_id: meta.id.clone(),
+                        headers: meta.headers.iter().cloned().collect(),
+                    }
                 })
                 .collect();
             let page = LogPage {

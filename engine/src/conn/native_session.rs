@@ -120,16 +120,16 @@ pub(super) async fn native_message(
                 (Some(id), false) => native::reply_error(Some(id), "not_subscribed", "not in this group"),
             }
         }
-        Request::Ask { id, topic, payload, key, timeout_ms } => match topic_of(id, &topic) {
+        Request::Ask { id, topic, payload, key, meta, timeout_ms } => match topic_of(id, &topic) {
             Err(reply) => reply,
             Ok(topic) => {
                 let kind = PayloadKind::Text;
                 let out = out.clone();
-                shard.request(RequestSpec { topic, kind, payload, key, timeout_ms, out, id }).await;
+                shard.request(RequestSpec { topic, kind, payload, key, meta, timeout_ms, out, id }).await;
                 return true; // answered with the responder's reply, or an error
             }
         },
-        Request::Schedule { id, topic, payload, key, deliver_at, delay_ms, schedule_id, if_absent } => {
+        Request::Schedule { id, topic, payload, key, meta, deliver_at, delay_ms, schedule_id, if_absent } => {
             match topic_of(id, &topic) {
                 Err(reply) => reply,
                 Ok(topic) => {
@@ -140,7 +140,7 @@ pub(super) async fn native_message(
                     } else {
                         let id_given = schedule_id.unwrap_or_else(|| shard.schedule_id());
                         let kind = PayloadKind::Text;
-                        let scheduled = proto::schedule::Scheduled { id: id_given, due_ms, kind, payload, key };
+                        let scheduled = proto::schedule::Scheduled { id: id_given, due_ms, kind, payload, key, meta };
                         shard.ask_schedules(topic, ScheduleAsk::Add { scheduled, if_absent }, out.clone(), id).await;
                         return true; // answered by the owner
                     }

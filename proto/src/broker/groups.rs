@@ -263,7 +263,12 @@ impl Broker {
                 GroupEvent::DeadLetter { message, .. } => {
                     metrics::add(&self.metrics.dead_letters, 1);
                     let Some(to) = self.groups.get(key).map(|g| g.dead_letter.clone()) else { continue };
-                    let options = PublishOptions { key: message.key.clone(), ack: None, reply_to: None };
+                    let options = PublishOptions {
+                        key: message.key.clone(),
+                        ack: None,
+                        reply_to: None,
+                        meta: message.meta.clone(),
+                    };
                     let (kind, payload) = (message.kind, message.payload);
                     // Sequenced like any publish (req 0: nobody awaits the answer).
                     let owner = to.owner_shard(self.shards);

@@ -31,7 +31,7 @@ impl Broker {
     /// answer, or an error (`no_responders`, `timeout`, `responder_error`,
     /// or the publish's own refusal).
     pub fn request(&mut self, request: RequestSpec, now: Now) {
-        let RequestSpec { topic, kind, payload, key, timeout_ms, out, id } = request;
+        let RequestSpec { topic, kind, payload, key, meta, timeout_ms, out, id } = request;
         if self.requests.len() >= REQUESTS_WAITING_MAX {
             let why = format!("{REQUESTS_WAITING_MAX} requests wait on this shard");
             out.offer_control(native::reply_error(Some(id), "too_many_requests", &why));
@@ -41,7 +41,7 @@ impl Broker {
         let deadline_ms = now.unix_ms.saturating_add(timeout_ms.min(REQUEST_TIMEOUT_MS_MAX));
         self.requests.insert(req, WaitingRequest { out, id, deadline_ms });
         let reply_to = Some(ReplyTo { shard: self.id, req });
-        let options = PublishOptions { key, ack: None, reply_to };
+        let options = PublishOptions { key, ack: None, reply_to, meta };
         self.publish(topic, kind, payload, options, PublishReply::Request { req }, now);
     }
 
@@ -130,6 +130,8 @@ pub struct RequestSpec {
     pub payload: Bytes,
     /// Its routing key (which member gets it).
     pub key: Option<Bytes>,
+    /// Its kind (a command, a query), id and headers.
+    pub meta: Option<std::sync::Arc<crate::message::Meta>>,
     /// How long to wait for the reply.
     pub timeout_ms: u64,
     /// The requester's send queue.

@@ -50,7 +50,7 @@ impl Broker {
         for topic in topics {
             let due = self.schedules.get_mut(&topic).map(|s| s.take_due(now.unix_ms)).unwrap_or_default();
             for s in due {
-                let options = PublishOptions { key: s.key.clone(), ack: None, reply_to: None };
+                let options = PublishOptions { key: s.key.clone(), ack: None, reply_to: None, meta: s.meta.clone() };
                 if self.sequence(&topic, s.kind, s.payload.clone(), options, now).is_err() {
                     if let Some(table) = self.schedules.get_mut(&topic) {
                         table.put_back(s);
