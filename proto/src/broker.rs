@@ -390,6 +390,8 @@ pub struct Broker {
     reading: HashMap<u64, Reading, ahash::RandomState>,
     /// Consumer groups of the topics this shard owns.
     groups: HashMap<(TopicName, GroupName), groups::OwnedGroup, ahash::RandomState>,
+    /// Each topic's groups, so a publish looks at its topic's only.
+    group_names: HashMap<TopicName, Vec<GroupName>, ahash::RandomState>,
     /// Consumer-group members on this shard, by id.
     members: HashMap<u64, groups::LocalMember, ahash::RandomState>,
     /// Requests of this shard's connections waiting for their reply.
@@ -428,6 +430,7 @@ impl Broker {
             commit_asked: false,
             reading: HashMap::default(),
             groups: HashMap::default(),
+            group_names: HashMap::default(),
             members: HashMap::default(),
             requests: HashMap::default(),
             replying: HashMap::default(),

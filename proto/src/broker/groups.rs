@@ -112,6 +112,12 @@ impl Broker {
             let Some(g) = self.groups.get_mut(&key) else { continue };
             if g.group.is_idle(now.unix_ms) {
                 self.groups.remove(&key);
+                if let Some(names) = self.group_names.get_mut(&key.0) {
+                    names.retain(|n| *n != key.1);
+                    if names.is_empty() {
+                        self.group_names.remove(&key.0);
+                    }
+                }
                 continue;
             }
             g.group.tick(now.unix_ms, &mut events);
@@ -142,22 +148,27 @@ impl Broker {
         self.groups.get(&(topic.clone(), Arc::from(group))).map_or(Ok(()), |g| g.group.check())
     }
 
+    /// The groups of `topic` this shard owns.
+    fn groups_of<'a>(&'a self, topic: &TopicName) -> impl Iterator<Item = &'a OwnedGroup> + 'a {
+        let names = self.group_names.get(topic).map(Vec::as_slice).unwrap_or(&[]);
+        let topic = topic.clone();
+        names.iter().filter_map(move |n| self.groups.get(&(topic.clone(), n.clone())))
+    }
+
     /// Whether some group of `topic` has a member (a request needs one).
     pub(super) fn has_responders(&self, topic: &TopicName) -> bool {
-        self.groups.iter().any(|((t, _), g)| t == topic && g.group.member_count() > 0)
+        self.groups_of(topic).any(|g| g.group.member_count() > 0)
     }
 
     /// Whether every group of `topic` has room for a message of `len`.
     pub(super) fn groups_have_room(&self, topic: &TopicName, len: usize) -> bool {
-        self.groups.iter().filter(|((t, _), _)| t == topic).all(|(_, g)| g.group.has_room(len))
+        self.groups_of(topic).all(|g| g.group.has_room(len))
     }
 
     /// A message of `topic` became visible: every group of it gets it.
     pub(super) fn offer_to_groups(&mut self, topic: &TopicName, message: &Message, now: Now) {
-        if self.groups.is_empty() {
-            return;
-        }
-        let keys: Vec<(TopicName, GroupName)> = self.groups.keys().filter(|(t, _)| t == topic).cloned().collect();
+        let Some(names) = self.group_names.get(topic) else { return };
+        let keys: Vec<(TopicName, GroupName)> = names.iter().map(|n| (topic.clone(), n.clone())).collect();
         let mut events = Vec::new();
         for key in keys {
             if let Some(g) = self.groups.get_mut(&key) {
@@ -173,16 +184,17 @@ impl Broker {
         match item {
             Item::GroupJoin { topic, group, sub, prefetch, settings, dead_letter } => {
                 let key = (topic.clone(), group.clone());
-                let of_topic = self.groups.keys().filter(|(t, _)| *t == topic).count();
+                let of_topic = self.group_names.get(&topic).map_or(0, Vec::len);
                 let result = match self.groups.get_mut(&key) {
                     None if of_topic >= GROUPS_PER_TOPIC_MAX => Err(GroupJoinError::TooManyGroups),
                     existing => {
                         let g = match existing {
                             Some(g) => g,
-                            None => self
-                                .groups
-                                .entry(key.clone())
-                                .or_insert(OwnedGroup { group: Group::new(settings, now.unix_ms), dead_letter }),
+                            None => {
+                                self.group_names.entry(topic.clone()).or_default().push(group.clone());
+                                let new = OwnedGroup { group: Group::new(settings, now.unix_ms), dead_letter };
+                                self.groups.entry(key.clone()).or_insert(new)
+                            }
                         };
                         let member = MemberId { shard: from, sub };
                         g.group.join(member, prefetch, now.unix_ms, &mut events).map_err(GroupJoinError::Group)
