@@ -256,7 +256,10 @@ impl Group {
         let theirs: Vec<u64> = self.unacked.iter().filter(|(_, u)| u.member == member).map(|(s, _)| *s).collect();
         for seq in theirs {
             if let Some(u) = self.take_unacked(seq) {
-                self.requeue(u.segment, u.waiting);
+                // Counted as a failed delivery: a message that takes its
+                // members down with it is dead-lettered after
+                // `max_deliveries`, not handed around forever.
+                self.retry(u, now_ms, now_ms, out);
             }
         }
         for h in self.holder.iter_mut().filter(|h| **h == Some(member)) {
@@ -636,6 +639,20 @@ mod tests {
             [GroupEvent::DeadLetter { message, deliveries: 3 }] => assert_eq!(message.seq, 1),
             other => panic!("expected a dead letter, got {other:?}"),
         }
+        assert_eq!(g.counts(), (0, 0));
+    }
+
+    #[test]
+    fn a_message_that_takes_its_members_down_is_dead_lettered() {
+        let mut g = Group::new(GroupSettings { ack_timeout_ms: 1_000, max_deliveries: 2 }, 0);
+        let mut out = Vec::new();
+        g.join(m(1), 1, 0, &mut out).unwrap();
+        g.offer(msg(1, "poison"), 0, &mut out);
+        g.leave(m(1), 1, &mut out);
+        g.join(m(2), 1, 2, &mut out).unwrap();
+        assert_eq!(delivered(&mut out), [(1, 1, 1), (2, 1, 2)]);
+        g.leave(m(2), 3, &mut out);
+        assert!(matches!(out.as_slice(), [GroupEvent::DeadLetter { deliveries: 2, .. }]), "{out:?}");
         assert_eq!(g.counts(), (0, 0));
     }
 

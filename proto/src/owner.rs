@@ -312,6 +312,9 @@ struct OwnedTopic {
     pinned_by: Option<IpAddr>,
     /// Set for a durable topic.
     durable: Option<Box<Durable>>,
+    /// Consumer groups of the topic: while any exists the topic is not
+    /// evicted (the groups' state is keyed by its sequence numbers).
+    groups: usize,
 }
 
 impl OwnedTopic {
@@ -749,11 +752,26 @@ impl Owner {
                     last_window_rate: 0,
                     pinned_by: None,
                     durable: None,
+                    groups: 0,
                 },
             );
         }
         // Inserted just above when missing.
         Ok(self.topics.get_mut(topic).expect("present"))
+    }
+
+    /// A consumer group of `topic` was created: the topic (made if needed)
+    /// is kept until the group goes.
+    pub fn hold_for_group(&mut self, topic: &TopicName, now: Instant) -> Result<(), OwnerError> {
+        self.topic_mut(topic, now)?.groups += 1;
+        Ok(())
+    }
+
+    /// A consumer group of `topic` was removed.
+    pub fn release_for_group(&mut self, topic: &TopicName) {
+        if let Some(t) = self.topics.get_mut(topic) {
+            t.groups = t.groups.saturating_sub(1);
+        }
     }
 
     /// Frees the least recently active topic that no shard subscribes to,
@@ -764,7 +782,7 @@ impl Owner {
         let oldest = self
             .topics
             .iter()
-            .filter(|(_, t)| t.subscriber_shards == 0 && t.durable.is_none())
+            .filter(|(_, t)| t.subscriber_shards == 0 && t.durable.is_none() && t.groups == 0)
             .min_by_key(|(_, t)| t.last_active)
             .map(|(name, _)| name.clone());
         let Some(name) = oldest else { return false };

@@ -112,6 +112,7 @@ impl Broker {
             let Some(g) = self.groups.get_mut(&key) else { continue };
             if g.group.is_idle(now.unix_ms) {
                 self.groups.remove(&key);
+                self.owner.release_for_group(&key.0);
                 if let Some(names) = self.group_names.get_mut(&key.0) {
                     names.retain(|n| *n != key.1);
                     if names.is_empty() {
@@ -189,15 +190,25 @@ impl Broker {
                     None if of_topic >= GROUPS_PER_TOPIC_MAX => Err(GroupJoinError::TooManyGroups),
                     existing => {
                         let g = match existing {
-                            Some(g) => g,
-                            None => {
-                                self.group_names.entry(topic.clone()).or_default().push(group.clone());
-                                let new = OwnedGroup { group: Group::new(settings, now.unix_ms), dead_letter };
-                                self.groups.entry(key.clone()).or_insert(new)
-                            }
+                            Some(g) => Some(g),
+                            // A group keeps its topic from eviction: its state
+                            // is keyed by the topic's sequence numbers.
+                            None => match self.owner.hold_for_group(&topic, now.at) {
+                                Err(_) => None,
+                                Ok(()) => {
+                                    self.group_names.entry(topic.clone()).or_default().push(group.clone());
+                                    let new = OwnedGroup { group: Group::new(settings, now.unix_ms), dead_letter };
+                                    Some(self.groups.entry(key.clone()).or_insert(new))
+                                }
+                            },
                         };
-                        let member = MemberId { shard: from, sub };
-                        g.group.join(member, prefetch, now.unix_ms, &mut events).map_err(GroupJoinError::Group)
+                        match g {
+                            Some(g) => {
+                                let member = MemberId { shard: from, sub };
+                                g.group.join(member, prefetch, now.unix_ms, &mut events).map_err(GroupJoinError::Group)
+                            }
+                            None => Err(GroupJoinError::TooManyTopics),
+                        }
                     }
                 };
                 // The answer goes before any delivery to the member.
@@ -297,6 +308,9 @@ pub enum GroupJoinError {
     /// The topic has its groups.
     #[error("the topic has its {GROUPS_PER_TOPIC_MAX} groups")]
     TooManyGroups,
+    /// The node's topic table is full (a group holds its topic).
+    #[error("too many topics on this node")]
+    TooManyTopics,
     /// The group refused.
     #[error(transparent)]
     Group(GroupError),
@@ -307,6 +321,7 @@ impl GroupJoinError {
     pub fn code(self) -> &'static str {
         match self {
             GroupJoinError::TooManyGroups => "too_many_groups",
+            GroupJoinError::TooManyTopics => "too_many_topics",
             GroupJoinError::Group(e) => e.code(),
         }
     }

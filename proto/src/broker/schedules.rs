@@ -75,7 +75,11 @@ impl Broker {
                 let answer = match ask {
                     ScheduleAsk::Add { scheduled, if_absent } => {
                         let (id, due_ms) = (scheduled.id.clone(), scheduled.due_ms);
-                        match self.schedules.entry(topic).or_default().add(scheduled, if_absent) {
+                        let added = self.schedules.entry(topic.clone()).or_default().add(scheduled, if_absent);
+                        if self.schedules.get(&topic).is_some_and(Schedules::is_empty) {
+                            self.schedules.remove(&topic);
+                        }
+                        match added {
                             Ok(Added::Kept { replaced }) => {
                                 Ok(serde_json::json!({"schedule_id": id, "deliver_at": due_ms, "replaced": replaced}))
                             }
@@ -85,10 +89,16 @@ impl Broker {
                             Err(e) => Err(("too_many_schedules", e.to_string())),
                         }
                     }
-                    ScheduleAsk::Cancel { id } => match self.schedules.get_mut(&topic).and_then(|s| s.cancel(&id)) {
-                        Some(s) => Ok(serde_json::json!({"schedule_id": id, "deliver_at": s.due_ms})),
-                        None => Err(("not_found", format!("no pending schedule {id:?} on this topic"))),
-                    },
+                    ScheduleAsk::Cancel { id } => {
+                        let cancelled = self.schedules.get_mut(&topic).and_then(|s| s.cancel(&id));
+                        if self.schedules.get(&topic).is_some_and(Schedules::is_empty) {
+                            self.schedules.remove(&topic);
+                        }
+                        match cancelled {
+                            Some(s) => Ok(serde_json::json!({"schedule_id": id, "deliver_at": s.due_ms})),
+                            None => Err(("not_found", format!("no pending schedule {id:?} on this topic"))),
+                        }
+                    }
                     ScheduleAsk::List => {
                         let list = self.schedules.get(&topic).map(|s| s.list(SCHEDULE_LIST_MAX)).unwrap_or_default();
                         let pending = self.schedules.get(&topic).map_or(0, Schedules::len);
