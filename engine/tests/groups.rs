@@ -245,8 +245,21 @@ fn requests_reach_one_responder_and_only_the_requester_hears_the_reply() {
     // Bad replies.
     let r = native_call(&mut responder, serde_json::json!({"op":"reply","id":10,"to":"nowhere","data":"x"}));
     assert_eq!(r["error"]["code"], "bad_request", "{r}");
-    let r = native_call(&mut responder, serde_json::json!({"op":"reply","id":11,"to":"9.1","data":"x"}));
+    let r = native_call(&mut responder, serde_json::json!({"op":"reply","id":11,"to":"9.1.0","data":"x"}));
     assert_eq!(r["error"]["code"], "bad_request", "{r}");
+    // A guessed return address (the right shard and id, not the nonce)
+    // answers nothing, and the real reply still goes through.
+    let ask = serde_json::json!({"op":"request","id":12,"topic":topic,"data":"mine","timeout_ms":10000});
+    requester.send(Message::text(ask.to_string())).unwrap();
+    let m = next_json(&mut responder);
+    let to = m["reply_to"].as_str().unwrap().to_string();
+    let (shard_req, _) = to.rsplit_once('.').unwrap();
+    let forged = serde_json::json!({"op":"reply","id":13,"to":format!("{shard_req}.0000000000000001"),"data":"forged"});
+    assert_eq!(native_call(&mut responder, forged)["error"]["code"], "requester_gone");
+    let reply = serde_json::json!({"op":"reply","id":14,"to":to,"data":"real"});
+    assert_eq!(native_call(&mut responder, reply)["ok"], true);
+    let r = next_json(&mut requester);
+    assert_eq!((r["id"].as_u64(), r["data"].as_str()), (Some(12), Some("real")), "{r}");
 }
 
 #[test]

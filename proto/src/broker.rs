@@ -76,9 +76,9 @@ pub enum Item {
     /// Member `sub` of the sending shard acknowledges, refuses, or changes
     /// its prefetch (to the owner).
     GroupSettle { topic: TopicName, group: GroupName, sub: u64, settle: Settle },
-    /// A responder's answer to request `req` of the receiving shard;
-    /// `back` names the responder's reply, for `ReplyDone`.
-    Reply { req: u64, answer: Answer, back: u64 },
+    /// A responder's answer to the request `to` names (on the receiving
+    /// shard); `back` names the responder's reply, for `ReplyDone`.
+    Reply { to: crate::message::ReplyTo, answer: Answer, back: u64 },
     /// Whether the request a reply answered was still waiting.
     ReplyDone { back: u64, delivered: bool },
     /// Add, cancel or list `topic`'s schedules (to the owner).

@@ -147,27 +147,40 @@ impl Meta {
     }
 }
 
-/// Where a request's reply goes: the requester's shard and its request
-/// there (the cluster will add the node). On the wire, `"<shard>.<req>"`.
+/// Where a request's reply goes: the requester's shard, its request id
+/// there, and a number only the requester's shard knows (so a connection
+/// cannot answer a request it was not given by guessing the id; derived
+/// from a per-process seed, not a cryptographic secret). The cluster will
+/// add the node. On the wire, `"<shard>.<req>.<nonce hex>"`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ReplyTo {
     /// The requester's shard.
     pub shard: usize,
     /// The request's id on that shard.
     pub req: u64,
+    /// Checked by the requester's shard.
+    pub nonce: u64,
 }
 
 impl std::fmt::Display for ReplyTo {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}.{}", self.shard, self.req)
+        write!(f, "{}.{}.{:016x}", self.shard, self.req, self.nonce)
     }
 }
 
 impl std::str::FromStr for ReplyTo {
     type Err = ();
     fn from_str(s: &str) -> Result<ReplyTo, ()> {
-        let (shard, req) = s.split_once('.').ok_or(())?;
-        Ok(ReplyTo { shard: shard.parse().map_err(|_| ())?, req: req.parse().map_err(|_| ())? })
+        let mut parts = s.split('.');
+        let (Some(shard), Some(req), Some(nonce), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(());
+        };
+        Ok(ReplyTo {
+            shard: shard.parse().map_err(|_| ())?,
+            req: req.parse().map_err(|_| ())?,
+            nonce: u64::from_str_radix(nonce, 16).map_err(|_| ())?,
+        })
     }
 }
 

@@ -595,8 +595,9 @@ mod tests {
         assert!(matches!(nack, Request::Settle { settle: Settle::Nack { seq: 3, delay_ms: 10 }, .. }));
         let ask = parse_text(br#"{"op":"request","id":3,"topic":"t","data":"q"}"#).unwrap();
         assert!(matches!(ask, Request::Ask { timeout_ms: REQUEST_TIMEOUT_MS_DEFAULT, .. }));
-        let reply = parse_text(br#"{"op":"reply","to":"1.7","error":{"code":"c","message":"m"}}"#).unwrap();
-        assert!(matches!(reply, Request::Reply { to: ReplyTo { shard: 1, req: 7 }, answer: Answer::Error { .. }, .. }));
+        let reply = parse_text(br#"{"op":"reply","to":"1.7.00000000000000ff","error":{"code":"c","message":"m"}}"#);
+        let want = ReplyTo { shard: 1, req: 7, nonce: 255 };
+        assert!(matches!(reply, Ok(Request::Reply { to, answer: Answer::Error { .. }, .. }) if to == want));
         let later = parse_text(br#"{"op":"publish","id":4,"topic":"t","data":"x","delay_ms":5,"schedule_id":"a"}"#);
         assert!(matches!(later, Ok(Request::Schedule { delay_ms: Some(5), if_absent: false, .. })));
         for bad in [
@@ -606,7 +607,8 @@ mod tests {
             br#"{"op":"ack","topic":"t","group":"g"}"#,
             br#"{"op":"request","id":1,"topic":"t","data":"q","timeout_ms":0}"#,
             br#"{"op":"reply","to":"nowhere","data":"x"}"#,
-            br#"{"op":"reply","to":"1.2"}"#,
+            br#"{"op":"reply","to":"1.2.3"}"#,
+            br#"{"op":"reply","to":"1.2","data":"x"}"#,
             br#"{"op":"publish","id":1,"topic":"t","data":"x","delay_ms":1,"deliver_at":2}"#,
             br#"{"op":"publish","id":1,"topic":"t","data":"x","delay_ms":1,"ack":"local"}"#,
         ] {
@@ -623,15 +625,17 @@ mod tests {
             kind: PayloadKind::Text,
             payload: Bytes::from_static(b"q\"\\"),
             key: Some(Bytes::from_static(b"k\"1")),
-            reply_to: Some(ReplyTo { shard: 1, req: 7 }),
+            reply_to: Some(ReplyTo { shard: 1, req: 7, nonce: 0xab }),
             meta: None,
             published_at: Instant::now(),
         };
         let t = TopicName::new("t").unwrap();
+        // A server frame's body: after 2 header bytes, or 4 past 125 bytes.
+        let body = |f: &Bytes| f.slice(if f[1] & 0x7f == 126 { 4 } else { 2 }..);
         let framed = encode_group_message(&t, "g", &msg, 2, 40);
-        let v: serde_json::Value = serde_json::from_slice(&framed[2..]).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&body(&framed)).unwrap();
         let want = serde_json::json!({"type":"message","topic":"t","group":"g","seq":3,"ts":9,"delivery":2,"tag":40,
-            "key":"k\"1","reply_to":"1.7","data":"q\"\\"});
+            "key":"k\"1","reply_to":"1.7.00000000000000ab","data":"q\"\\"});
         assert_eq!(v, want);
         let with_meta = Message {
             meta: Some(Arc::new(Meta {

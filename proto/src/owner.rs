@@ -760,6 +760,11 @@ impl Owner {
         Ok(self.topics.get_mut(topic).expect("present"))
     }
 
+    /// The seed this owner's epochs come from (differs between processes).
+    pub fn seed(&self) -> u64 {
+        self.epoch_seed
+    }
+
     /// A consumer group of `topic` was created: the topic (made if needed)
     /// is kept until the group goes.
     pub fn hold_for_group(&mut self, topic: &TopicName, now: Instant) -> Result<(), OwnerError> {

@@ -20,6 +20,8 @@ use crate::request::{Answer, REQUESTS_WAITING_MAX, REQUEST_TIMEOUT_MS_MAX};
 #[derive(Debug)]
 pub(super) struct WaitingRequest {
     out: Rc<Outbound>,
+    /// What its `ReplyTo` carries; a reply naming another is refused.
+    nonce: u64,
     /// The native request id to answer.
     id: u64,
     deadline_ms: u64,
@@ -39,8 +41,9 @@ impl Broker {
         }
         let req = self.next_id();
         let deadline_ms = now.unix_ms.saturating_add(timeout_ms.min(REQUEST_TIMEOUT_MS_MAX));
-        self.requests.insert(req, WaitingRequest { out, id, deadline_ms });
-        let reply_to = Some(ReplyTo { shard: self.id, req });
+        let nonce = crate::hash::avalanche(self.owner.seed() ^ crate::hash::avalanche(req));
+        self.requests.insert(req, WaitingRequest { out, nonce, id, deadline_ms });
+        let reply_to = Some(ReplyTo { shard: self.id, req, nonce });
         let options = PublishOptions { key, ack: None, reply_to, meta };
         self.publish(topic, kind, payload, options, PublishReply::Request { req }, now);
     }
@@ -63,7 +66,7 @@ impl Broker {
         if let Some(id) = reply_id {
             self.replying.insert(back, (out, id));
         }
-        self.send(to.shard, Item::Reply { req: to.req, answer, back }, now);
+        self.send(to.shard, Item::Reply { to, answer, back }, now);
         true
     }
 
@@ -87,8 +90,12 @@ impl Broker {
     /// A reply item, or the answer to one.
     pub(super) fn handle_reply(&mut self, from: usize, item: Item, now: Now) {
         match item {
-            Item::Reply { req, answer, back } => {
-                let waiting = self.requests.remove(&req).filter(|w| !w.out.is_closing());
+            Item::Reply { to, answer, back } => {
+                // A reply naming a request with the wrong nonce is not its
+                // (guessed); the request stays waiting.
+                let ours = self.requests.get(&to.req).is_some_and(|w| w.nonce == to.nonce);
+                let waiting = if ours { self.requests.remove(&to.req) } else { None };
+                let waiting = waiting.filter(|w| !w.out.is_closing());
                 let delivered = waiting.is_some();
                 if let Some(w) = waiting {
                     let frame = match answer {
