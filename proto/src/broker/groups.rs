@@ -87,6 +87,10 @@ impl Broker {
     /// Removes a member of this shard (it left, or its connection closed).
     pub fn leave_group(&mut self, sub: u64, now: Now) {
         let Some(m) = self.members.remove(&sub) else { return };
+        if let Some(id) = m.reply_id {
+            // Its join is still unanswered: every request gets one reply.
+            m.out.offer_control(native::reply_error(Some(id), "not_subscribed", "left before the join was answered"));
+        }
         metrics::sub(&self.metrics.subscriptions_current, 1);
         let owner = m.topic.owner_shard(self.shards);
         self.send(owner, Item::GroupLeave { topic: m.topic, group: m.group, sub }, now);
