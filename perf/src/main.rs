@@ -270,19 +270,7 @@ impl Conn {
                     bail!("join refused: {reply}");
                 }
             }
-            Kind::Nats => {
-                conn.nats_command(b"CONNECT {\"verbose\":false,\"pedantic\":false,\"protocol\":1,\"echo\":false}\r\n")?;
-                conn.nats_command(format!("SUB {topic} bench 1\r\n").as_bytes())?;
-                conn.nats_command(b"PING\r\n")?;
-                conn.ws.flush()?;
-                loop {
-                    match conn.next_op()? {
-                        nats::Op::Pong => break,
-                        nats::Op::Err(e) => bail!("NATS refused: {e}"),
-                        _ => {}
-                    }
-                }
-            }
+            Kind::Nats => conn.nats_start(Some(format!("SUB {topic} bench 1\r\n")))?,
         }
         Ok(conn)
     }
@@ -342,23 +330,27 @@ impl Conn {
         let (ws, _) = tungstenite::client(url, stream).map_err(|e| anyhow::anyhow!("handshake: {e}"))?;
         let mut conn = Conn { ws, kind: target.kind, subject: topic.to_string(), nats: nats::Parser::default() };
         if conn.kind == Kind::Nats {
-            conn.nats_command(b"CONNECT {\"verbose\":false,\"pedantic\":false,\"protocol\":1,\"echo\":false}\r\n")?;
-            if subscribe {
-                conn.nats_command(format!("SUB {topic} 1\r\n").as_bytes())?;
-            }
-            // The PONG proves CONNECT (and SUB) were processed: the
-            // subscription is live from here on.
-            conn.nats_command(b"PING\r\n")?;
-            conn.ws.flush()?;
-            loop {
-                match conn.next_op()? {
-                    nats::Op::Pong => break,
-                    nats::Op::Err(e) => bail!("NATS refused: {e}"),
-                    _ => {}
-                }
-            }
+            conn.nats_start(subscribe.then(|| format!("SUB {topic} 1\r\n")))?;
         }
         Ok(conn)
+    }
+
+    /// NATS: CONNECT, then `sub` if any, and waits for the PONG that proves
+    /// both were processed (the subscription is live from here on).
+    fn nats_start(&mut self, sub: Option<String>) -> Result<()> {
+        self.nats_command(b"CONNECT {\"verbose\":false,\"pedantic\":false,\"protocol\":1,\"echo\":false}\r\n")?;
+        if let Some(sub) = sub {
+            self.nats_command(sub.as_bytes())?;
+        }
+        self.nats_command(b"PING\r\n")?;
+        self.ws.flush()?;
+        loop {
+            match self.next_op()? {
+                nats::Op::Pong => return Ok(()),
+                nats::Op::Err(e) => bail!("NATS refused: {e}"),
+                _ => {}
+            }
+        }
     }
 
     fn nats_command(&mut self, bytes: &[u8]) -> Result<()> {

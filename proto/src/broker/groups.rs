@@ -155,7 +155,10 @@ impl Broker {
 
     /// The groups of `topic` this shard owns.
     fn groups_of<'a>(&'a self, topic: &TopicName) -> impl Iterator<Item = &'a OwnedGroup> + 'a {
-        let names = self.group_names.get(topic).map(Vec::as_slice).unwrap_or(&[]);
+        // No group on the shard (the common case): no hashing on the
+        // publish path.
+        let names = if self.group_names.is_empty() { None } else { self.group_names.get(topic) };
+        let names = names.map(Vec::as_slice).unwrap_or(&[]);
         let topic = topic.clone();
         names.iter().filter_map(move |n| self.groups.get(&(topic.clone(), n.clone())))
     }
@@ -172,6 +175,9 @@ impl Broker {
 
     /// A message of `topic` became visible: every group of it gets it.
     pub(super) fn offer_to_groups(&mut self, topic: &TopicName, message: &Message, now: Now) {
+        if self.group_names.is_empty() {
+            return;
+        }
         let Some(names) = self.group_names.get(topic) else { return };
         let keys: Vec<(TopicName, GroupName)> = names.iter().map(|n| (topic.clone(), n.clone())).collect();
         let mut events = Vec::new();
