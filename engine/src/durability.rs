@@ -286,19 +286,7 @@ impl Shard {
     /// Hands a catch-up batch read from the log to the broker.
     fn caught_up_batch(&self, read: &LogRead, records: Vec<Record>) {
         let at = Instant::now();
-        let messages = records
-            .into_iter()
-            .map(|r| Message {
-                seq: r.seq,
-                timestamp_ms: r.timestamp_ms,
-                kind: r.kind,
-                payload: r.payload,
-                key: r.key,
-                reply_to: None,
-                meta: proto::message::Meta::from_record_headers(r.headers),
-                published_at: at,
-            })
-            .collect();
+        let messages = records.into_iter().map(|r| Message::from_record(r, at)).collect();
         self.broker.borrow_mut().log_read(&read.topic, read.id, messages, Now::read());
         self.apply();
     }
@@ -435,6 +423,24 @@ impl Shard {
                 continue;
             }
             tracing::info!(shard = id, topic = f.topic.as_str(), messages, next_seq = next, "durable topic recovered");
+            // Pending schedules back from the journal, which is rewritten
+            // with only them (a torn tail gone).
+            let pending = proto::schedule::replay(self.store.read_schedules(&f.topic)?);
+            if !pending.is_empty() {
+                let count = pending.len();
+                let dropped = broker.restore_schedules(&f.topic, pending);
+                tracing::info!(topic = f.topic.as_str(), count, dropped, "schedules restored");
+            }
+            self.store.rewrite_schedules(&f.topic, &broker.schedule_records(&f.topic))?;
+            for saved in self.store.read_groups(&f.topic)? {
+                let name = saved.group.clone();
+                match broker.restore_group(&f.topic, saved, Now::read()) {
+                    Ok(()) => tracing::info!(topic = f.topic.as_str(), group = name, "consumer group restored"),
+                    Err(e) => {
+                        tracing::error!(topic = f.topic.as_str(), group = name, "consumer group not restored: {e}")
+                    }
+                }
+            }
             if spec != f.spec {
                 self.store.write_meta(&f.topic, f.epoch, spec, f.seq_floor)?;
             }
@@ -456,6 +462,51 @@ impl Shard {
         Ok(())
     }
 
+    /// Saves the durable consumer groups whose positions moved (at most
+    /// every `GROUP_SAVE_INTERVAL_MS`, or all of them when `force`). A
+    /// failed save is logged; the group goes on and the next save retries.
+    pub(crate) fn save_groups(&self, force: bool) {
+        let saves = self.broker.borrow_mut().take_group_saves(Now::read(), force);
+        for save in saves {
+            if let Err(e) = self.store.write_group(&save.topic, &save.saved) {
+                tracing::error!(
+                    topic = save.topic.as_str(),
+                    group = save.saved.group,
+                    "group positions not saved: {e}"
+                );
+                self.broker.borrow_mut().group_save_failed(&save.topic, &save.saved.group);
+            }
+        }
+    }
+
+    /// Appends durable topics' schedule changes to their journals, then
+    /// lets the broker answer the adds and cancels that waited for them.
+    /// No await between the two: nothing else changes the schedules
+    /// meanwhile.
+    pub(crate) fn write_schedule_journals(&self) {
+        let writes = self.broker.borrow_mut().take_schedule_journal();
+        for write in writes {
+            let written = self.store.append_schedules(&write.topic, &write.records);
+            let ok = match written {
+                Ok(len) => {
+                    let live = self.broker.borrow().schedule_records(&write.topic);
+                    let live_bytes: u64 = live.iter().map(|r| r.payload.len() as u64 + 64).sum();
+                    if crate::store::Store::schedule_journal_bloated(len, live_bytes) {
+                        if let Err(e) = self.store.rewrite_schedules(&write.topic, &live) {
+                            tracing::warn!(topic = write.topic.as_str(), "schedule journal not rewritten: {e}");
+                        }
+                    }
+                    true
+                }
+                Err(e) => {
+                    tracing::error!(topic = write.topic.as_str(), "schedule journal not written: {e}");
+                    false
+                }
+            };
+            self.broker.borrow_mut().schedules_written(&write.topic, ok, Now::read());
+        }
+    }
+
     /// At a graceful stop: waits (up to the drain timeout) until every
     /// sequenced durable message is written, then marks each durable topic
     /// clean, so the next start continues its sequence without a skip.
@@ -469,6 +520,8 @@ impl Shard {
             tracing::warn!(shard = self.id, "durable writes still running at the drain deadline: not marked clean");
             return;
         }
+        self.save_groups(true);
+        self.write_schedule_journals();
         let names = self.broker.borrow().owner().durable_names();
         for topic in names {
             if self.broker.borrow().owner().durable_failed(&topic) {

@@ -815,12 +815,14 @@ impl Shard {
             glommio::timer::sleep(Duration::from_millis(TICK_MS)).await;
             if groups {
                 self.broker.borrow_mut().tick_groups(Now::read());
+                self.save_groups(false);
             }
             if requests {
                 self.broker.borrow_mut().tick_requests(Now::read());
             }
             if schedules {
                 self.broker.borrow_mut().tick_schedules(Now::read());
+                self.write_schedule_journals();
             }
             if groups || requests || schedules {
                 self.apply();

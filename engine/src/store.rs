@@ -9,6 +9,9 @@
 //! <hash>-<name>/meta.json        the topic's name, epoch and declaration
 //! <hash>-<name>/<seq:020>.log    segments, named by their first sequence
 //! <hash>-<name>/clean            present only after a clean stop
+//! <hash>-<name>/archived.json    segments only in the object store
+//! <hash>-<name>/groups/<hash>.json  a consumer group's positions
+//! <hash>-<name>/schedules.journal  pending schedules' journal (log records)
 //! ```
 //!
 //! The directory name is the topic's stable hash (16 hex digits) and its
@@ -24,6 +27,7 @@ use std::rc::Rc;
 use bytes::Bytes;
 use glommio::io::{BufferedFile, DmaFile, OpenOptions};
 use proto::durable::{ArchivedSegment, FsyncPolicy, LogLimits, ReadPlan, Recovered, TopicLog, WriteJob, ARCHIVED_FILE};
+use proto::group::SavedGroup;
 use proto::log::{self, Record};
 use proto::message::Epoch;
 use proto::topic::TopicName;
@@ -31,6 +35,14 @@ use proto::topic::TopicName;
 pub use proto::durable::DurableSpec;
 
 pub use proto::durable::TopicMeta as Meta;
+
+/// The directory of a topic's saved consumer groups.
+const GROUPS_DIR: &str = "groups";
+/// A topic's schedule journal.
+const SCHEDULES_FILE: &str = "schedules.journal";
+/// A schedule journal is rewritten with only what is pending once it holds
+/// this much more than that (and twice as much).
+const SCHEDULE_JOURNAL_SLACK_BYTES: u64 = 1 << 20;
 
 /// Why a store operation failed.
 #[derive(Debug, thiserror::Error)]
@@ -193,6 +205,93 @@ impl Store {
     /// leaves a segment both listed and on disk, and recovery keeps the disk.
     pub fn write_archived(&self, topic: &TopicName, list: &[ArchivedSegment]) -> Result<(), StoreError> {
         write_atomic(&self.dir(topic), ARCHIVED_FILE, &serde_json::to_vec(list).unwrap_or_default())
+    }
+
+    /// Saves a durable consumer group's positions (`groups/<hash>.json`,
+    /// atomically: a crash leaves the previous save or this one).
+    pub fn write_group(&self, topic: &TopicName, saved: &SavedGroup) -> Result<(), StoreError> {
+        let dir = self.dir(topic).join(GROUPS_DIR);
+        if !dir.exists() {
+            std::fs::create_dir_all(&dir).map_err(io("creating", &dir))?;
+            sync_dir(&self.dir(topic))?;
+        }
+        let name = format!("{:016x}.json", proto::hash::fnv1a(saved.group.as_bytes()));
+        write_atomic(&dir, &name, &serde_json::to_vec(saved).unwrap_or_default())
+    }
+
+    /// The consumer groups saved for `topic` (at start; blocking reads). A
+    /// file that cannot be parsed is an error: positions are never
+    /// silently reset.
+    pub fn read_groups(&self, topic: &TopicName) -> Result<Vec<SavedGroup>, StoreError> {
+        let dir = self.dir(topic).join(GROUPS_DIR);
+        let entries = match std::fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(io("listing", &dir)(e)),
+        };
+        let mut groups = Vec::new();
+        for entry in entries.flatten() {
+            let path = entry.path();
+            if path.extension().is_none_or(|e| e != "json") {
+                continue; // a temporary file a crash left
+            }
+            let body = std::fs::read(&path).map_err(io("reading", &path))?;
+            let saved = serde_json::from_slice(&body)
+                .map_err(|e| StoreError::Meta { path: path.clone(), why: e.to_string() })?;
+            groups.push(saved);
+        }
+        Ok(groups)
+    }
+
+    /// Appends schedule records to `topic`'s journal and fsyncs it (the
+    /// adds and cancels they carry are answered after). Returns the
+    /// journal's length.
+    pub fn append_schedules(&self, topic: &TopicName, records: &[Record]) -> Result<u64, StoreError> {
+        let mut bytes = Vec::new();
+        for r in records {
+            log::encode(r, &mut bytes)
+                .map_err(|e| StoreError::Meta { path: self.dir(topic), why: format!("a schedule record: {e:?}") })?;
+        }
+        let path = self.dir(topic).join(SCHEDULES_FILE);
+        let mut file =
+            std::fs::OpenOptions::new().create(true).append(true).open(&path).map_err(io("opening", &path))?;
+        std::io::Write::write_all(&mut file, &bytes).map_err(io("writing", &path))?;
+        file.sync_data().map_err(io("syncing", &path))?;
+        let len = file.metadata().map_err(io("reading", &path))?.len();
+        Ok(len)
+    }
+
+    /// Whether a journal of `len` bytes should be rewritten with only the
+    /// `live` bytes pending.
+    pub fn schedule_journal_bloated(len: u64, live: u64) -> bool {
+        len > 2 * live + SCHEDULE_JOURNAL_SLACK_BYTES
+    }
+
+    /// Rewrites `topic`'s schedule journal with `records` only
+    /// (atomically).
+    pub fn rewrite_schedules(&self, topic: &TopicName, records: &[Record]) -> Result<(), StoreError> {
+        let mut bytes = Vec::new();
+        for r in records {
+            log::encode(r, &mut bytes)
+                .map_err(|e| StoreError::Meta { path: self.dir(topic), why: format!("a schedule record: {e:?}") })?;
+        }
+        write_atomic(&self.dir(topic), SCHEDULES_FILE, &bytes)
+    }
+
+    /// The records of `topic`'s schedule journal, up to a torn tail (a
+    /// crash during an append: those records were never answered).
+    pub fn read_schedules(&self, topic: &TopicName) -> Result<Vec<Record>, StoreError> {
+        let path = self.dir(topic).join(SCHEDULES_FILE);
+        let body = match std::fs::read(&path) {
+            Ok(body) => Bytes::from(body),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(io("reading", &path)(e)),
+        };
+        let scan = log::scan(&body);
+        if let Some(torn) = scan.torn {
+            tracing::warn!(topic = topic.as_str(), "schedule journal cut at {} ({torn:?})", scan.whole_bytes);
+        }
+        Ok(scan.records.into_iter().map(|(_, r)| r).collect())
     }
 
     /// Deletes `topic`'s directory and everything in it.

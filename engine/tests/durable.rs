@@ -165,14 +165,6 @@ fn a_torn_tail_is_cut_and_numbers_are_not_reused() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// SIGTERM, and waits for the node to exit.
-fn nix_term(node: &Node) -> bool {
-    let pid = node.child.id();
-    let sent = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status();
-    assert!(sent.is_ok_and(|s| s.success()), "kill -TERM {pid}");
-    wait_for(|| std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| s.contains(") Z ")))
-}
-
 #[test]
 fn declared_over_the_api_read_by_sequence_time_and_key_and_resumed_across_a_restart() {
     let dir = fresh_dir("api");

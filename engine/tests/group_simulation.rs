@@ -32,6 +32,18 @@
 //! have been processed or dead-lettered (published to the group's
 //! dead-letter topic, which the simulation watches on the mesh): none lost.
 //!
+//! Odd seeds make the topic durable: its owner's group commits are written
+//! to segments kept in memory (a commit taken may be lost by a crash
+//! before it is written), the group reads the log through `ReadLog`
+//! answers (now and then one that brings nothing, as a failed read), its
+//! positions are saved when the broker hands them over, and now and then
+//! the node restarts as after `kill -9`: every broker is made anew, the
+//! topic recovered from the segments and the group restored from its last
+//! save; members, requests, schedules and items in flight are gone. Then
+//! also: every acknowledged publish is in the log, and after a restart a
+//! message is delivered again only at or after its segment's saved
+//! position (what was acknowledged before the save never comes back).
+//!
 //! `cargo test --test group_simulation` runs `SIM_SEEDS` seeds (default
 //! 50) of `SIM_STEPS` steps (default 20,000); a failure names its seed:
 //! rerun with `SIM_SEED=n`.
@@ -43,16 +55,18 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use proto::broker::LogRead;
 use proto::broker::{
     Action, Answer, Broker, BrokerLimits, Item, JoinRequest, PublishOptions, PublishReply, Published, RequestSpec,
     ScheduleAsk, Settle,
 };
-use proto::group::GroupSettings;
+use proto::durable::{DurableSpec, LogLimits, TopicLog};
+use proto::group::{segment_of, GroupSettings, SavedGroup};
 use proto::message::ReplyTo;
-use proto::message::{Now, PayloadKind};
+use proto::message::{Message, Now, PayloadKind};
 use proto::metrics::Metrics;
 use proto::outbound::{Outbound, SlowConsumerPolicy};
-use proto::owner::{Owner, OwnerLimits};
+use proto::owner::{Owner, OwnerLimits, TopicCommit};
 use proto::schedule::Scheduled;
 use proto::topic::TopicName;
 use sim_support::{run_seeds, Rng};
@@ -67,6 +81,10 @@ const ACK_TIMEOUT_MS: u64 = 50;
 const MAX_DELIVERIES: u32 = 4;
 /// Native ids of members' replies start here (below: their joins).
 const REPLY_IDS: u64 = 1_000;
+/// A durable run restarts the node about once in this many steps.
+const RESTART_ONE_IN: usize = 2_500;
+/// Small segments, so that the log rolls.
+const LOG_LIMITS: LogLimits = LogLimits { segment_bytes_max: 2048, segment_age_ms: 500 };
 
 #[test]
 fn seeds() {
@@ -94,7 +112,8 @@ fn run_or_panic(seed: u64, steps: u64) {
     eprintln!(
         "seed {seed}: {steps} steps, {} published, {} scheduled ({} published when due, {} replaced or cancelled), \
          {} requests ({} answered by a responder), {} processed ({} twice), \
-         {} redeliveries, {} dead letters, {} joins, {} leaves, {} deaths, {} refusals",
+         {} redeliveries, {} dead letters, {} joins, {} leaves, {} deaths, {} refusals; durable: {} \
+         ({} restarts, {} delivered again after one, {} log reads, {} failed)",
         sim.published.len(),
         sim.schedule_due.len(),
         sim.fired.len(),
@@ -108,7 +127,12 @@ fn run_or_panic(seed: u64, steps: u64) {
         s.joins,
         s.leaves,
         s.deaths,
-        s.nacks
+        s.nacks,
+        sim.durable,
+        s.restarts,
+        s.again_after_restart,
+        s.log_reads,
+        s.failed_reads
     );
 }
 
@@ -143,6 +167,10 @@ struct Stats {
     leaves: u64,
     deaths: u64,
     nacks: u64,
+    restarts: u64,
+    again_after_restart: u64,
+    log_reads: u64,
+    failed_reads: u64,
 }
 
 struct Sim {
@@ -201,21 +229,35 @@ struct Sim {
     /// member, or after it was removed idle): not the group's.
     exempt: BTreeSet<u64>,
     stats: Stats,
+    /// The topic is durable (odd seeds).
+    durable: bool,
+    /// Its segment files: first sequence -> bytes (cut to their length).
+    segments: BTreeMap<u64, Vec<u8>>,
+    /// How far each segment was decoded into `log`.
+    decoded: BTreeMap<u64, usize>,
+    /// Every record written, by sequence.
+    log: BTreeMap<u64, Message>,
+    /// The owner's committer: commits taken, not yet written.
+    writing: Vec<TopicCommit>,
+    /// Reads of the log asked and not yet answered.
+    log_reads: Vec<(usize, LogRead)>,
+    /// The group's last save handed over.
+    saved: Option<SavedGroup>,
+    /// The topic's schedule journal as written.
+    journal: Vec<proto::log::Record>,
+    /// The saved positions at the last restart: nothing below them is
+    /// delivered again.
+    floors: Vec<u64>,
+    /// Seqs delivered again after a restart (processing them again is
+    /// documented).
+    again: BTreeSet<u64>,
 }
 
 impl Sim {
     fn new(seed: u64) -> Sim {
         let mut rng = Rng(seed);
-        let limits =
-            OwnerLimits { topics_max: 16, history_messages_max: 8, history_bytes_max: 1 << 20, client_pins_max: 16 };
-        let brokers = (0..SHARDS)
-            .map(|id| {
-                let owner = Owner::new(limits, rng.next());
-                let limits = BrokerLimits { publish_bytes_in_flight_max: 1 << 20 };
-                Broker::new(id, SHARDS, owner, limits, Rc::new(Metrics::default()))
-            })
-            .collect();
-        Sim {
+        let brokers = new_brokers(&mut rng);
+        let mut sim = Sim {
             rng,
             brokers,
             mesh: (0..SHARDS).map(|_| (0..SHARDS).map(|_| VecDeque::new()).collect()).collect(),
@@ -252,7 +294,30 @@ impl Sim {
             doomed: BTreeSet::new(),
             fired: BTreeSet::new(),
             stats: Stats::default(),
+            durable: seed % 2 == 1,
+            segments: BTreeMap::new(),
+            decoded: BTreeMap::new(),
+            log: BTreeMap::new(),
+            writing: Vec::new(),
+            log_reads: Vec::new(),
+            saved: None,
+            journal: Vec::new(),
+            floors: Vec::new(),
+            again: BTreeSet::new(),
+        };
+        if sim.durable {
+            let (owner, now) = (sim.topic.owner_shard(SHARDS), sim.now());
+            let topic = sim.topic.clone();
+            let declared = sim.brokers[owner].owner_mut().declare_durable(
+                &topic,
+                DurableSpec::default(),
+                None,
+                LOG_LIMITS,
+                now.at,
+            );
+            declared.expect("room for the topic");
         }
+        sim
     }
 
     fn now(&self) -> Now {
@@ -260,6 +325,15 @@ impl Sim {
     }
 
     fn step(&mut self) -> Result<(), String> {
+        if self.durable {
+            match self.rng.below(RESTART_ONE_IN) {
+                0 => return self.restart(),
+                r if r < RESTART_ONE_IN / 10 => return self.commit().and_then(|_| self.check()),
+                r if r < RESTART_ONE_IN / 5 => return self.read_log(true).and_then(|_| self.check()),
+                r if r < RESTART_ONE_IN / 5 + RESTART_ONE_IN / 50 => return self.save(),
+                _ => {}
+            }
+        }
         match self.rng.below(100) {
             0..=19 => self.publish()?,
             20..=49 => self.carry()?,
@@ -522,6 +596,7 @@ impl Sim {
                     let seq = result.map_err(|e| format!("publish refused: {e}"))?;
                     self.published.insert(seq, published);
                 }
+                Action::ReadLog(read) => self.log_reads.push((shard, read)),
                 _ => {}
             }
         }
@@ -540,7 +615,11 @@ impl Sim {
             group: "workers".into(),
             out: out.clone(),
             prefetch,
-            settings: GroupSettings { ack_timeout_ms: ACK_TIMEOUT_MS, max_deliveries: MAX_DELIVERIES },
+            settings: GroupSettings {
+                ack_timeout_ms: ACK_TIMEOUT_MS,
+                max_deliveries: MAX_DELIVERIES,
+                ..GroupSettings::default()
+            },
             dead_letter: self.dead_letter.clone(),
             reply_id: 1,
         };
@@ -649,7 +728,7 @@ impl Sim {
         *n += 1;
         if *n > 1 {
             self.stats.twice += 1;
-            if self.deliveries.get(&held.seq).is_none_or(|d| *d < 2) {
+            if self.deliveries.get(&held.seq).is_none_or(|d| *d < 2) && !self.again.contains(&held.seq) {
                 return Err(format!("seq {} processed twice but delivered once", held.seq));
             }
         }
@@ -697,6 +776,19 @@ impl Sim {
                     // shards read in any order).
                     if !self.numbered.insert((seq, delivery)) {
                         return Err(format!("seq {seq}: delivery {delivery} twice"));
+                    }
+                    if delivery == 1 && self.deliveries.contains_key(&seq) {
+                        // Delivered before a restart, and again after it:
+                        // only at or after its segment's saved position.
+                        let logged =
+                            self.log.get(&seq).ok_or_else(|| format!("seq {seq} delivered, not in the log"))?;
+                        let probe = Message { key: Some(Bytes::from(format!("k{key}"))), ..logged.clone() };
+                        let floor = self.floors.get(segment_of(&probe)).copied().unwrap_or(0);
+                        if seq < floor {
+                            return Err(format!("seq {seq} delivered again below its saved position {floor}"));
+                        }
+                        self.again.insert(seq);
+                        self.stats.again_after_restart += 1;
                     }
                     let last = self.deliveries.entry(seq).or_default();
                     *last = (*last).max(delivery);
@@ -772,6 +864,18 @@ impl Sim {
         }
         for _ in 0..200_000 {
             let mut moved = false;
+            if self.durable {
+                // The committer writes what it took and takes the rest;
+                // every read is answered.
+                while self.brokers[self.topic.owner_shard(SHARDS)].owner().has_commits() || !self.writing.is_empty() {
+                    self.commit()?;
+                    moved = true;
+                }
+                while !self.log_reads.is_empty() {
+                    self.read_log(false)?;
+                    moved = true;
+                }
+            }
             for from in 0..SHARDS {
                 for to in 0..SHARDS {
                     while let Some(item) = self.mesh[from][to].pop_front() {
@@ -809,6 +913,192 @@ impl Sim {
         ))
     }
 
+    /// The owner's committer: writes the commits it took (to the segments,
+    /// decoding the new records into the log) and reports them, or takes
+    /// the next ones.
+    fn commit(&mut self) -> Result<(), String> {
+        let owner = self.topic.owner_shard(SHARDS);
+        if self.writing.is_empty() {
+            self.writing = self.brokers[owner].take_commits();
+            return Ok(());
+        }
+        for commit in std::mem::take(&mut self.writing) {
+            for job in &commit.jobs {
+                let file = self.segments.entry(job.segment).or_default();
+                let end = job.offset as usize + job.bytes.len();
+                if file.len() < end {
+                    file.resize(end, 0);
+                }
+                file[job.offset as usize..end].copy_from_slice(&job.bytes);
+                file.truncate(job.end as usize);
+                let bytes = Bytes::from(file.clone());
+                let at = self.decoded.entry(job.segment).or_default();
+                while *at < bytes.len() {
+                    let (record, next) =
+                        proto::log::read_one(&bytes, *at).map_err(|e| format!("segment {}: {e:?}", job.segment))?;
+                    *at = next;
+                    let message = Message::from_record(record, self.start);
+                    self.log.insert(message.seq, message);
+                }
+            }
+            let now = self.now();
+            self.brokers[owner].committed(&commit, now);
+            self.actions(owner)?;
+        }
+        Ok(())
+    }
+
+    /// The shell answers a read of the log: what it holds of the range,
+    /// within the read's bytes (at least one record); with `chaos`, now and
+    /// then nothing (a failed read, retried after a while).
+    fn read_log(&mut self, chaos: bool) -> Result<(), String> {
+        if self.log_reads.is_empty() {
+            return Ok(());
+        }
+        let (shard, read) = self.log_reads.swap_remove(self.rng.below(self.log_reads.len()));
+        self.stats.log_reads += 1;
+        let mut messages = Vec::new();
+        if chaos && self.rng.below(10) == 0 {
+            self.stats.failed_reads += 1;
+        } else {
+            let mut bytes = 0;
+            for m in self.log.range(read.from_seq..=read.to_seq).map(|(_, m)| m) {
+                if !messages.is_empty() && bytes + m.payload.len() > read.max_bytes {
+                    break;
+                }
+                bytes += m.payload.len();
+                messages.push(m.clone());
+            }
+        }
+        let now = self.now();
+        self.brokers[shard].log_read(&read.topic, read.id, messages, now);
+        self.actions(shard)
+    }
+
+    /// The owner hands over the group's positions to save (as its shard's
+    /// ticker does, throttled; or all, as at a stop), and its schedule
+    /// journal's records.
+    fn save(&mut self) -> Result<(), String> {
+        let owner = self.topic.owner_shard(SHARDS);
+        let force = self.rng.below(4) == 0;
+        let now = self.now();
+        // The schedule journal too (as the ticker writes it).
+        for write in self.brokers[owner].take_schedule_journal() {
+            self.journal.extend(write.records);
+            self.brokers[owner].schedules_written(&write.topic, true, now);
+        }
+        self.actions(owner)?;
+        for save in self.brokers[owner].take_group_saves(now, force) {
+            if let Some(before) = &self.saved {
+                if before.positions.iter().zip(&save.saved.positions).any(|(b, a)| a < b) {
+                    return Err(format!("a saved position went back: {:?} -> {:?}", before.positions, save.saved));
+                }
+            }
+            self.saved = Some(save.saved);
+        }
+        Ok(())
+    }
+
+    /// `kill -9` and a start: every broker anew, the topic recovered from
+    /// its segments, the group from its last save. Members, requests,
+    /// schedules, items in flight and commits not yet written are gone.
+    fn restart(&mut self) -> Result<(), String> {
+        self.stats.restarts += 1;
+        if self.rng.below(3) == 0 {
+            self.save()?; // now and then a save just before
+        }
+        // Answers that reached the requesters are theirs.
+        self.read_answers()?;
+        let owner = self.topic.owner_shard(SHARDS);
+        let epoch = self.brokers[owner].owner().stat(&self.topic).ok_or("no topic")?.epoch;
+        // Dead letters in flight left the group: counted as dead-lettered
+        // (their loss in the crash is a documented limit).
+        for queue in self.mesh.iter().flatten() {
+            for item in queue {
+                if let Item::Publish { topic, payload, .. } = item {
+                    let text = std::str::from_utf8(payload).unwrap_or_default();
+                    if *topic == self.dead_letter {
+                        if let Some(id) = text.strip_prefix("id ").and_then(|s| s.parse().ok()) {
+                            self.dead.insert(id);
+                        }
+                    }
+                }
+            }
+        }
+        // Every acknowledged publish is in the log; those written but not
+        // yet answered count as published (they are the group's).
+        for seq in self.published.keys() {
+            if !self.log.contains_key(seq) {
+                return Err(format!("seq {seq} acknowledged, not in the log at the crash"));
+            }
+        }
+        for (seq, m) in &self.log {
+            let text = std::str::from_utf8(&m.payload).unwrap_or_default();
+            let key = m.key.as_ref().and_then(|k| std::str::from_utf8(k).ok()?.strip_prefix('k')?.parse().ok());
+            if let (Some(id), Some(key)) = (text.strip_prefix("id ").and_then(|s| s.parse().ok()), key) {
+                self.published.entry(*seq).or_insert((key, id));
+            }
+        }
+        self.publishing.clear();
+        // A group never saved is forgotten (documented): its messages are
+        // no longer its.
+        if self.saved.is_none() {
+            let gone: Vec<u64> = self.published.keys().copied().collect();
+            self.exempt.extend(gone);
+        }
+        for n in self.requests.keys() {
+            self.answers.entry(*n).or_insert_with(|| "lost in a restart".into());
+        }
+        self.replies.clear();
+        // The schedules the journal keeps come back (an un-journaled
+        // cancel or replacement was never answered: undone); the others
+        // pending are gone.
+        let survivors = proto::schedule::replay(self.journal.clone());
+        for (_, (n, _)) in self.pending_schedules.drain() {
+            self.doomed.insert(n);
+        }
+        for s in &survivors {
+            let text = std::str::from_utf8(&s.payload).unwrap_or_default();
+            let n: u64 =
+                text.strip_prefix("sched ").and_then(|n| n.parse().ok()).ok_or("a schedule without its number")?;
+            self.doomed.remove(&n);
+            self.pending_schedules.insert(s.id.clone(), (n, s.due_ms));
+        }
+        self.members.clear();
+        self.first_by_key.clear();
+        self.numbered.clear();
+        self.mesh = (0..SHARDS).map(|_| (0..SHARDS).map(|_| VecDeque::new()).collect()).collect();
+        self.writing.clear();
+        self.log_reads.clear();
+        self.requesters =
+            (0..SHARDS).map(|_| Rc::new(Outbound::new(1 << 20, SlowConsumerPolicy::Disconnect))).collect();
+        self.schedulers =
+            (0..SHARDS).map(|_| Rc::new(Outbound::new(1 << 20, SlowConsumerPolicy::Disconnect))).collect();
+        self.brokers = new_brokers(&mut self.rng);
+        let segments: Vec<(u64, Bytes)> = self.segments.iter().map(|(b, f)| (*b, Bytes::from(f.clone()))).collect();
+        let recovered = TopicLog::recover(segments, false, 0, LOG_LIMITS, 8);
+        if !recovered.cut.is_empty() || !recovered.dropped.is_empty() {
+            return Err(format!("recovery cut {:?}, dropped {:?}", recovered.cut, recovered.dropped));
+        }
+        let now = self.now();
+        let topic = self.topic.clone();
+        self.brokers[owner]
+            .owner_mut()
+            .declare_durable(&topic, DurableSpec::default(), Some((epoch, recovered)), LOG_LIMITS, now.at)
+            .map_err(|e| format!("recovery: {e}"))?;
+        self.brokers[owner].restore_schedules(&topic, survivors);
+        if let Some(saved) = self.saved.clone() {
+            for (f, p) in self.floors.iter_mut().zip(&saved.positions) {
+                *f = (*f).max(*p);
+            }
+            if self.floors.is_empty() {
+                self.floors = saved.positions.clone();
+            }
+            self.brokers[owner].restore_group(&topic, saved, now)?;
+        }
+        Ok(())
+    }
+
     /// Published seqs neither processed nor dead-lettered.
     fn lost(&self) -> Vec<u64> {
         let gone = |(seq, (_, id)): (&u64, &(u64, u64))| {
@@ -839,6 +1129,19 @@ impl Sim {
         }
         Ok(())
     }
+}
+
+/// One broker per shard, each with a fresh owner.
+fn new_brokers(rng: &mut Rng) -> Vec<Broker> {
+    let limits =
+        OwnerLimits { topics_max: 16, history_messages_max: 8, history_bytes_max: 1 << 20, client_pins_max: 16 };
+    (0..SHARDS)
+        .map(|id| {
+            let owner = Owner::new(limits, rng.next());
+            let limits = BrokerLimits { publish_bytes_in_flight_max: 1 << 20 };
+            Broker::new(id, SHARDS, owner, limits, Rc::new(Metrics::default()))
+        })
+        .collect()
 }
 
 /// The payloads of a run of unmasked server text frames.

@@ -357,3 +357,213 @@ fn kinds_ids_and_headers_travel_with_the_message_and_stay_in_the_log() {
     assert_eq!(page["messages"][0]["headers"]["trace"], "t-9", "{page}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A delivery a worker processed: (seq, key, delivery).
+type Done = (u64, String, u64);
+
+/// Processes `n` group deliveries on `ws`: acknowledges each (with an id)
+/// and returns once every ack was answered. Deliveries arriving after the
+/// `n`th are left unacknowledged (the worker stopped there). Returns them
+/// in arrival order.
+fn process(ws: &mut Ws, topic: &str, group: &str, n: usize) -> Vec<Done> {
+    process_until(ws, topic, group, |got| got.len() >= n)
+}
+
+/// As [`process`], until `enough` says so of what was processed.
+fn process_until(ws: &mut Ws, topic: &str, group: &str, enough: impl Fn(&[Done]) -> bool) -> Vec<Done> {
+    let mut got = Vec::new();
+    let mut answered = 0;
+    let mut stopped = false;
+    while !stopped || answered < got.len() {
+        let m = next_json(ws);
+        if m["type"] == "reply" {
+            assert_eq!(m["ok"], true, "{m}");
+            answered += 1;
+            continue;
+        }
+        if stopped {
+            continue;
+        }
+        assert_eq!(m["group"], group, "{m}");
+        let seq = m["seq"].as_u64().unwrap();
+        got.push((seq, m["key"].as_str().unwrap().to_string(), m["delivery"].as_u64().unwrap()));
+        let ack = serde_json::json!({"op":"ack","id":seq,"topic":topic,"group":group,"seq":seq});
+        ws.send(Message::text(ack.to_string())).unwrap();
+        stopped = enough(&got);
+    }
+    got
+}
+
+fn join_named(ws: &mut Ws, topic: &str, group: &str, extra: serde_json::Value) -> serde_json::Value {
+    let mut request = serde_json::json!({"op":"subscribe","id":1,"topic":topic,"group":group});
+    if let (Some(r), serde_json::Value::Object(more)) = (request.as_object_mut(), extra) {
+        r.extend(more);
+    }
+    native_call(ws, request)
+}
+
+/// Publishes orders `from..=to` keyed `k0`..`k6` at ack `local`; their
+/// sequences.
+fn publish_keyed(node: &Node, topic: &str, from: u64, to: u64) -> Vec<u64> {
+    let mut publisher = node.ws("/v1/ws");
+    let mut seqs = Vec::new();
+    for i in from..=to {
+        let request = serde_json::json!({"op":"publish","id":i,"topic":topic,"data":format!("order {i}"),
+            "key":format!("k{}", i % 7),"ack":"local"});
+        let r = native_call(&mut publisher, request);
+        assert_eq!(r["ok"], true, "{r}");
+        seqs.push(r["seq"].as_u64().unwrap());
+    }
+    seqs
+}
+
+#[test]
+fn a_durable_group_keeps_its_position_across_a_clean_stop_and_a_kill_9_and_replays_from_the_beginning() {
+    let dir = fresh_dir("durable-group");
+    let dir_arg = dir.to_str().unwrap().to_string();
+    let topic = topic_on_shard("orders", 2, 0);
+    let flags = ["--shards", "2", "--durable", &topic, "--data-dir", &dir_arg];
+    let node = Node::start(&flags);
+    assert_eq!(publish_keyed(&node, &topic, 1, 200), (1..=200).collect::<Vec<_>>());
+    // Created after the messages: "beginning" replays them from the log.
+    // The member is on the owner shard, so its acks are applied in order
+    // before the reply to the last one.
+    let mut w = ws_on_shard(&node.addr(), "/v1/ws", 0);
+    assert_eq!(
+        join_named(&mut w, &topic, "billing", serde_json::json!({"prefetch": 50, "start": "beginning"}))["ok"],
+        true
+    );
+    let first = process(&mut w, &topic, "billing", 120);
+    for k in 0..7 {
+        let seqs: Vec<u64> = first.iter().filter(|d| d.1 == format!("k{k}")).map(|d| d.0).collect();
+        assert!(seqs.windows(2).all(|w| w[0] < w[1]), "key k{k} out of order: {seqs:?}");
+    }
+    // "beginning" needs a log; "now" on an ephemeral topic is the default.
+    let refused = join_named(&mut node.ws("/v1/ws"), "not-durable", "g", serde_json::json!({"start": "beginning"}));
+    assert_eq!(refused["error"]["code"], "not_durable", "{refused}");
+    // A clean stop saves the positions: nothing acknowledged comes again.
+    assert!(nix_term(&node), "the node stops on SIGTERM");
+    drop(w);
+    let node = Node::start(&flags);
+    let mut w = ws_on_shard(&node.addr(), "/v1/ws", 0);
+    assert_eq!(join_named(&mut w, &topic, "billing", serde_json::json!({"prefetch": 50}))["ok"], true);
+    let done: std::collections::BTreeSet<u64> = first.iter().map(|d| d.0).collect();
+    let second = process(&mut w, &topic, "billing", 40);
+    let again: Vec<u64> = second.iter().map(|d| d.0).filter(|s| done.contains(s)).collect();
+    assert!(again.is_empty(), "acknowledged before a clean stop, delivered again: {again:?}");
+    // More orders, then kill -9: at least once, nothing lost.
+    assert_eq!(publish_keyed(&node, &topic, 201, 250), (201..=250).collect::<Vec<_>>());
+    drop(w);
+    drop(node); // kill -9
+    let node = Node::start(&flags);
+    let mut w = ws_on_shard(&node.addr(), "/v1/ws", 0);
+    assert_eq!(join_named(&mut w, &topic, "billing", serde_json::json!({"prefetch": 50}))["ok"], true);
+    let mut processed: std::collections::BTreeSet<u64> = done.iter().copied().collect();
+    processed.extend(second.iter().map(|d| d.0));
+    let before = processed.clone();
+    let after = process_until(&mut w, &topic, "billing", |got| {
+        got.iter().map(|d| d.0).chain(before.iter().copied()).collect::<std::collections::BTreeSet<_>>().len() == 250
+    });
+    processed.extend(after.iter().map(|d| d.0));
+    let duplicates = after.iter().filter(|d| done.contains(&d.0) || second.iter().any(|s| s.0 == d.0)).count();
+    assert_eq!(processed, (1..=250).collect(), "every order processed");
+    // Another group from the beginning sees all 250, and one from now
+    // only what comes after it joined.
+    let mut audit = node.ws("/v1/ws");
+    assert_eq!(
+        join_named(&mut audit, &topic, "audit", serde_json::json!({"prefetch": 100, "start": "beginning"}))["ok"],
+        true
+    );
+    let mut fresh = node.ws("/v1/ws");
+    assert_eq!(join_named(&mut fresh, &topic, "fresh", serde_json::json!({"prefetch": 100}))["ok"], true);
+    // (Numbered after the crash's skip.)
+    let late = publish_keyed(&node, &topic, 251, 260);
+    assert!(late[0] > 250, "{late:?}");
+    let all: Vec<u64> = process(&mut audit, &topic, "audit", 260).iter().map(|d| d.0).collect();
+    let want: std::collections::BTreeSet<u64> = (1..=250).chain(late.iter().copied()).collect();
+    assert_eq!(all.iter().copied().collect::<std::collections::BTreeSet<_>>(), want);
+    assert_eq!(all.len(), 260, "each once");
+    let new: Vec<u64> = process(&mut fresh, &topic, "fresh", 10).iter().map(|d| d.0).collect();
+    assert_eq!(new, late);
+    eprintln!(
+        "durable group: {} processed before a clean stop (0 again after it), {} more, kill -9, then {} deliveries \
+         for the other {} ({duplicates} duplicates of messages acknowledged before the crash); audit replayed 260",
+        first.len(),
+        second.len(),
+        after.len(),
+        250 - first.len() - second.len()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_durable_topics_schedules_survive_a_kill_9_and_a_clean_stop() {
+    let dir = fresh_dir("durable-schedules");
+    let dir_arg = dir.to_str().unwrap().to_string();
+    // Owned by shard 1; asked from shard 0 (across the mesh).
+    let topic = topic_on_shard("reminders-d", 2, 1);
+    let flags = ["--shards", "2", "--durable", &topic, "--data-dir", &dir_arg];
+    let node = Node::start(&flags);
+    let mut ws = ws_on_shard(&node.addr(), "/v1/ws", 0);
+    let mut n = 0;
+    let mut schedule = |ws: &mut Ws, data: &str, extra: serde_json::Value| {
+        n += 1;
+        let mut r = serde_json::json!({"op":"publish","id":n,"topic":topic,"data":data});
+        if let (Some(r), serde_json::Value::Object(more)) = (r.as_object_mut(), extra) {
+            r.extend(more);
+        }
+        let reply = native_call(ws, r);
+        assert_eq!(reply["ok"], true, "{reply}");
+        reply
+    };
+    let mut plain = node.ws("/v1/ws");
+    assert_eq!(native_call(&mut plain, serde_json::json!({"op":"subscribe","id":1,"topic":topic}))["ok"], true);
+    let soon = schedule(&mut ws, "fired before the crash", serde_json::json!({"delay_ms": 50, "schedule_id": "e"}));
+    let a = schedule(
+        &mut ws,
+        "a",
+        serde_json::json!({"delay_ms": 3_000, "schedule_id": "a", "kind": "command", "headers": {"tenant": "acme"}}),
+    );
+    schedule(&mut ws, "b", serde_json::json!({"delay_ms": 3_600_000, "schedule_id": "b"}));
+    schedule(&mut ws, "c", serde_json::json!({"delay_ms": 3_600_000, "schedule_id": "c"}));
+    schedule(&mut ws, "d first", serde_json::json!({"delay_ms": 3_600_000, "schedule_id": "d"}));
+    let d = schedule(&mut ws, "d second", serde_json::json!({"delay_ms": 2_000, "schedule_id": "d"}));
+    assert_eq!(d["replaced"], true, "{d}");
+    let r = native_call(&mut ws, serde_json::json!({"op":"cancel","id":100,"topic":topic,"schedule_id":"c"}));
+    assert_eq!(r["ok"], true, "{r}");
+    let fired = next_json(&mut plain);
+    assert_eq!(fired["data"], "fired before the crash", "{fired}");
+    assert!(fired["ts"].as_u64() >= soon["deliver_at"].as_u64());
+    // Every answer above came after its journal record was written.
+    drop(ws);
+    drop(plain);
+    drop(node); // kill -9
+    let node = Node::start(&flags);
+    let mut ws = ws_on_shard(&node.addr(), "/v1/ws", 0);
+    let list = native_call(&mut ws, serde_json::json!({"op":"schedules","id":1,"topic":topic}));
+    let ids: Vec<&str> =
+        list["schedules"].as_array().unwrap().iter().map(|s| s["schedule_id"].as_str().unwrap()).collect();
+    assert_eq!(ids, ["d", "a", "b"], "cancelled, fired and replaced ones gone: {list}");
+    // "a" and the replacement of "d" are published when due, with their metadata.
+    let mut log = BTreeMap::new();
+    wait_until("a and d published after the restart", || {
+        log = read_log(&node, &topic);
+        log.values().filter(|v| *v == "a" || *v == "d second").count() == 2
+    });
+    let page = node.get_json(&format!("/v1/topics/{topic}/messages?from_seq=0"));
+    let a_logged = page["messages"].as_array().unwrap().iter().find(|m| m["data"] == "a").cloned().unwrap();
+    assert_eq!((a_logged["kind"].as_str(), a_logged["headers"]["tenant"].as_str()), (Some("command"), Some("acme")));
+    assert!(a_logged["ts"].as_u64() >= a["deliver_at"].as_u64(), "never early: {a_logged}");
+    assert_eq!(log.values().filter(|v| v.starts_with("fired")).count(), 1, "fired once: {log:?}");
+    // A clean stop keeps what is still pending.
+    assert!(nix_term(&node));
+    drop(ws);
+    let node = Node::start(&flags);
+    let mut ws = ws_on_shard(&node.addr(), "/v1/ws", 0);
+    let list = native_call(&mut ws, serde_json::json!({"op":"schedules","id":1,"topic":topic}));
+    assert_eq!(list["pending"], 1, "{list}");
+    assert_eq!(list["schedules"][0]["schedule_id"], "b", "{list}");
+    let late = a_logged["ts"].as_u64().unwrap() - a["deliver_at"].as_u64().unwrap();
+    eprintln!("durable schedules: 6 kept, 1 fired, 1 cancelled, 1 replaced before kill -9; after it d, a, b pending; a published {late} ms after its time (the restart's)");
+    let _ = std::fs::remove_dir_all(&dir);
+}

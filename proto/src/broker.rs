@@ -37,9 +37,9 @@ mod requests;
 mod schedules;
 pub use crate::group::Settle;
 pub use crate::request::Answer;
-pub use groups::{GroupJoinError, GroupName, JoinRequest};
+pub use groups::{GroupJoinError, GroupName, GroupSave, JoinRequest};
 pub use requests::RequestSpec;
-pub use schedules::ScheduleAsk;
+pub use schedules::{JournalWrite, ScheduleAsk};
 
 /// What one shard's broker tells another's.
 #[derive(Debug)]
@@ -129,8 +129,9 @@ pub enum Action {
     /// them with [`Broker::take_commits`], write them, and report each
     /// with [`Broker::committed`] or [`Broker::commit_failed`].
     Commit,
-    /// Read a durable topic's log for a subscriber catching up, in the
-    /// low-priority queue, and hand the messages to [`Broker::log_read`].
+    /// Read a durable topic's log for a subscriber catching up or a
+    /// durable consumer group, in the low-priority queue, and hand the
+    /// messages to [`Broker::log_read`].
     ReadLog(LogRead),
     /// A subscriber catching up got a batch: once its queue `out` has room
     /// again, call [`Broker::catch_up`] with `req` and that room.
@@ -392,6 +393,10 @@ pub struct Broker {
     groups: HashMap<(TopicName, GroupName), groups::OwnedGroup, ahash::RandomState>,
     /// Each topic's groups, so a publish looks at its topic's only.
     group_names: HashMap<TopicName, Vec<GroupName>, ahash::RandomState>,
+    /// Reads of the log in flight for durable groups, by read id.
+    group_reads: HashMap<u64, (TopicName, GroupName), ahash::RandomState>,
+    /// When durable groups' positions were last handed over to save.
+    groups_saved_ms: u64,
     /// Consumer-group members on this shard, by id.
     members: HashMap<u64, groups::LocalMember, ahash::RandomState>,
     /// Requests of this shard's connections waiting for their reply.
@@ -401,6 +406,8 @@ pub struct Broker {
     replying: HashMap<u64, (Rc<Outbound>, u64), ahash::RandomState>,
     /// Pending schedules of the topics this shard owns.
     schedules: HashMap<TopicName, crate::schedule::Schedules, ahash::RandomState>,
+    /// Durable topics' schedule changes waiting to be journaled.
+    schedule_journal: HashMap<TopicName, schedules::Journal, ahash::RandomState>,
     /// Schedule requests of this shard's connections awaiting the owner's
     /// answer: the queue and the native id to answer.
     asking: HashMap<u64, (Rc<Outbound>, u64), ahash::RandomState>,
@@ -431,10 +438,13 @@ impl Broker {
             reading: HashMap::default(),
             groups: HashMap::default(),
             group_names: HashMap::default(),
+            group_reads: HashMap::default(),
+            groups_saved_ms: 0,
             members: HashMap::default(),
             requests: HashMap::default(),
             replying: HashMap::default(),
             schedules: HashMap::default(),
+            schedule_journal: HashMap::default(),
             asking: HashMap::default(),
             metrics,
         }
@@ -516,6 +526,10 @@ impl Broker {
     /// ([`Action::CatchUp`]). A range that could not be read is reported
     /// as a gap.
     pub fn log_read(&mut self, topic: &TopicName, id: u64, messages: Vec<Message>, now: Now) {
+        if self.group_reads.contains_key(&id) {
+            self.group_log_read(id, messages, now);
+            return;
+        }
         let Some(Reading { from, req, client, range, grant, .. }) = self.reading.remove(&id) else { return };
         let mut messages = messages;
         // Numbers missing at the start of the batch (skipped by a crash, or

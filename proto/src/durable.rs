@@ -732,6 +732,12 @@ impl TopicLog {
         self.segments.back().map_or(1, |s| s.last_seq + 1)
     }
 
+    /// The last record's sequence, on disk or archived (0 when none).
+    pub fn last_record_seq(&self) -> u64 {
+        let on_disk = self.segments.iter().rev().find(|s| s.messages > 0).map_or(0, |s| s.last_seq);
+        on_disk.max(self.archived.back().map_or(0, |a| a.last_seq))
+    }
+
     /// Bytes of records retained.
     pub fn bytes(&self) -> u64 {
         self.segments.iter().map(|s| s.len).sum()

@@ -86,12 +86,48 @@ pub struct GroupSettings {
     pub ack_timeout_ms: u64,
     /// Deliveries of a message before it is dead-lettered (at least 1).
     pub max_deliveries: u32,
+    /// Where a group of a durable topic starts reading its log.
+    pub start: GroupStart,
 }
 
 impl Default for GroupSettings {
     fn default() -> Self {
-        GroupSettings { ack_timeout_ms: ACK_TIMEOUT_MS_DEFAULT, max_deliveries: MAX_DELIVERIES_DEFAULT }
+        GroupSettings {
+            ack_timeout_ms: ACK_TIMEOUT_MS_DEFAULT,
+            max_deliveries: MAX_DELIVERIES_DEFAULT,
+            start: GroupStart::Now,
+        }
     }
+}
+
+/// Where a new group of a durable topic starts (Kafka's
+/// `auto.offset.reset`, JetStream's deliver policy `new` or `all`). A group
+/// of an ephemeral topic always starts from now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum GroupStart {
+    /// With the next message published.
+    #[default]
+    Now,
+    /// With the first message the log still holds.
+    Beginning,
+}
+
+/// A durable group's state as saved next to its topic's log, so that it
+/// survives a restart: its settings and its position in each segment.
+/// Every message of segment `s` numbered below `positions[s]` was
+/// acknowledged (or dead-lettered); positions only move forward.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SavedGroup {
+    /// The group's name.
+    pub group: String,
+    /// Its settings (see [`GroupSettings`]).
+    pub ack_timeout_ms: u64,
+    /// See [`GroupSettings`].
+    pub max_deliveries: u32,
+    /// Where its dead letters go.
+    pub dead_letter: String,
+    /// Per segment, the first sequence not known to be done.
+    pub positions: Vec<u64>,
 }
 
 /// Why a group call was refused.
@@ -183,6 +219,9 @@ pub struct Group {
     idle_since_ms: Option<u64>,
     /// Deliveries made (the next one's `order`).
     delivered: u64,
+    /// Per segment, sequences below which messages are done (a durable
+    /// group restored after a restart): offered again, they are skipped.
+    floors: Vec<u64>,
 }
 
 /// A message's segment: its key's hash, else its sequence's.
@@ -200,6 +239,7 @@ impl Group {
         let settings = GroupSettings {
             ack_timeout_ms: settings.ack_timeout_ms.clamp(ACK_TIMEOUT_MS_MIN, ACK_TIMEOUT_MS_MAX),
             max_deliveries: settings.max_deliveries.max(1),
+            start: settings.start,
         };
         Group {
             settings,
@@ -216,6 +256,7 @@ impl Group {
             backlog_bytes: 0,
             idle_since_ms: Some(now_ms),
             delivered: 0,
+            floors: vec![0; SEGMENTS],
         }
     }
 
@@ -271,6 +312,43 @@ impl Group {
         self.pump(now_ms, out);
     }
 
+    /// Restores a durable group's positions (see [`SavedGroup`]): messages
+    /// below them are done.
+    pub fn set_floors(&mut self, positions: &[u64]) {
+        for (floor, p) in self.floors.iter_mut().zip(positions) {
+            *floor = (*floor).max(*p);
+        }
+    }
+
+    /// The group's position in each segment (see [`SavedGroup`]), given
+    /// that every message before `next` was offered: the first message of
+    /// the segment still waiting, delayed or unacknowledged, else `next`.
+    /// Never below what [`Group::set_floors`] restored.
+    pub fn positions(&self, next: u64) -> Vec<u64> {
+        let mut positions = vec![next; SEGMENTS];
+        for (segment, queue) in self.queues.iter().enumerate() {
+            if let Some(w) = queue.front() {
+                positions[segment] = positions[segment].min(w.message.seq);
+            }
+        }
+        for (seq, u) in &self.unacked {
+            positions[u.segment] = positions[u.segment].min(*seq);
+        }
+        for (seq, w) in &self.delayed_messages {
+            let segment = segment_of(&w.message);
+            positions[segment] = positions[segment].min(*seq);
+        }
+        for (p, floor) in positions.iter_mut().zip(&self.floors) {
+            *p = (*p).max(*floor);
+        }
+        positions
+    }
+
+    /// Messages waiting for delivery (queued or delayed).
+    pub fn waiting(&self) -> usize {
+        self.backlog_messages
+    }
+
     /// Whether `member` is in the group.
     pub fn is_member(&self, member: MemberId) -> bool {
         self.members.contains_key(&member)
@@ -294,9 +372,13 @@ impl Group {
         self.backlog_messages < BACKLOG_MESSAGES_MAX && self.backlog_bytes + len <= BACKLOG_BYTES_MAX
     }
 
-    /// A message became visible on the topic.
+    /// A message became visible on the topic (or was read from its log).
+    /// One below its segment's floor (done before a restart) is skipped.
     pub fn offer(&mut self, message: Message, now_ms: u64, out: &mut Vec<GroupEvent>) {
         let segment = segment_of(&message);
+        if message.seq < self.floors[segment] {
+            return;
+        }
         self.backlog_messages += 1;
         self.backlog_bytes += message.payload.len();
         self.queues[segment].push_back(Waiting { message, deliveries: 0 });
@@ -615,7 +697,7 @@ mod tests {
 
     #[test]
     fn deadlines_and_refusals_redeliver_then_dead_letter() {
-        let settings = GroupSettings { ack_timeout_ms: 100, max_deliveries: 3 };
+        let settings = GroupSettings { ack_timeout_ms: 100, max_deliveries: 3, ..GroupSettings::default() };
         let mut g = Group::new(settings, 0);
         let mut out = Vec::new();
         g.join(m(1), 1, 0, &mut out).unwrap();
@@ -644,7 +726,8 @@ mod tests {
 
     #[test]
     fn a_message_that_takes_its_members_down_is_dead_lettered() {
-        let mut g = Group::new(GroupSettings { ack_timeout_ms: 1_000, max_deliveries: 2 }, 0);
+        let mut g =
+            Group::new(GroupSettings { ack_timeout_ms: 1_000, max_deliveries: 2, ..GroupSettings::default() }, 0);
         let mut out = Vec::new();
         g.join(m(1), 1, 0, &mut out).unwrap();
         g.offer(msg(1, "poison"), 0, &mut out);
@@ -676,5 +759,44 @@ mod tests {
         assert!(!g.is_idle(IDLE_GROUP_MS - 1) && g.is_idle(IDLE_GROUP_MS));
         assert_eq!(g.join(m(1), 1, 0, &mut out), Ok(()));
         assert_eq!(g.join(m(1), 1, 0, &mut out), Err(GroupError::AlreadyMember));
+    }
+
+    #[test]
+    fn positions_follow_the_first_unfinished_message_of_each_segment_and_floors_skip_what_was_done() {
+        let mut g = Group::new(GroupSettings::default(), 0);
+        let mut out = Vec::new();
+        g.join(m(1), 2, 0, &mut out).unwrap();
+        for seq in 1..=6 {
+            g.offer(msg(seq, "a"), 0, &mut out);
+        }
+        let a = segment_of(&msg(1, "a"));
+        // Delivered 1 and 2 (prefetch 2), 3..6 waiting: the segment is at 1,
+        // every other at the read cursor.
+        assert_eq!(delivered(&mut out), vec![(1, 1, 1), (1, 2, 1)]);
+        let p = g.positions(7);
+        assert_eq!(p[a], 1);
+        assert!(p.iter().enumerate().all(|(s, &v)| s == a || v == 7));
+        // Acknowledging 2 first leaves 1 unfinished; then 1 moves it to 3.
+        assert!(g.ack(m(1), 2, 0, &mut out));
+        assert_eq!(g.positions(7)[a], 1);
+        assert!(g.ack(m(1), 1, 0, &mut out));
+        assert_eq!(g.positions(7)[a], 3);
+        // A refusal with a delay holds the position.
+        delivered(&mut out);
+        assert!(g.nack(m(1), 3, 1_000, 0, &mut out));
+        assert_eq!(g.positions(7)[a], 3);
+        // Restored from those positions, a group skips what they cover.
+        let saved = g.positions(7);
+        let mut r = Group::new(GroupSettings::default(), 0);
+        r.set_floors(&saved);
+        r.join(m(1), 10, 0, &mut out).unwrap();
+        out.clear();
+        for seq in 1..=6 {
+            r.offer(msg(seq, "a"), 0, &mut out);
+        }
+        let again: Vec<u64> = delivered(&mut out).iter().map(|d| d.1).collect();
+        assert_eq!(again, vec![3, 4, 5, 6]);
+        // Never backwards, whatever `next` says.
+        assert_eq!(r.positions(1)[a], 3);
     }
 }

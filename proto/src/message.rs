@@ -103,6 +103,22 @@ pub const MESSAGE_ID_BYTES_MAX: usize = 128;
 pub const KIND_HEADER: &str = "rayflux-kind";
 /// See [`KIND_HEADER`].
 pub const ID_HEADER: &str = "rayflux-message-id";
+/// See [`KIND_HEADER`]: a request's return address, so that a consumer
+/// group reading the log can still answer it (after a restart the address
+/// names a request that is gone, and the reply is told `requester_gone`).
+pub const REPLY_TO_HEADER: &str = "rayflux-reply-to";
+
+/// A schedule journal's record of a pending schedule: its id (first header).
+pub const SCHEDULE_ID_HEADER: &str = "rayflux-schedule-id";
+/// A schedule journal's record that a schedule is no longer pending.
+pub const SCHEDULE_DONE_HEADER: &str = "rayflux-schedule-done";
+
+/// Whether `name` is a header name the log reserves.
+pub fn reserved_header(name: &str) -> bool {
+    [KIND_HEADER, ID_HEADER, REPLY_TO_HEADER, SCHEDULE_ID_HEADER, SCHEDULE_DONE_HEADER]
+        .iter()
+        .any(|r| name.eq_ignore_ascii_case(r))
+}
 
 /// A message's metadata: carried end to end, shown in native envelopes.
 #[derive(Clone, Debug, PartialEq, Eq, Default)]
@@ -130,20 +146,52 @@ impl Meta {
         out
     }
 
-    /// Metadata back from a record's headers; none when it had none.
-    pub fn from_record_headers(headers: Vec<(String, String)>) -> Option<std::sync::Arc<Meta>> {
-        if headers.is_empty() {
-            return None;
-        }
+    /// Metadata back from a record's headers (none when it had none), and
+    /// the request's return address it kept.
+    pub fn from_record_headers(headers: Vec<(String, String)>) -> (Option<std::sync::Arc<Meta>>, Option<ReplyTo>) {
         let mut meta = Meta::default();
+        let mut reply_to = None;
+        let mut any = false;
         for (name, value) in headers {
             match name.as_str() {
                 KIND_HEADER => meta.kind = MessageKind::parse(&value),
                 ID_HEADER => meta.id = Some(value),
+                REPLY_TO_HEADER => {
+                    reply_to = value.parse().ok();
+                    continue;
+                }
                 _ => meta.headers.push((name, value)),
             }
+            any = true;
         }
-        Some(std::sync::Arc::new(meta))
+        (any.then(|| std::sync::Arc::new(meta)), reply_to)
+    }
+}
+
+impl Message {
+    /// The headers its durable record keeps: its metadata's (see
+    /// [`Meta::to_record_headers`]) and its return address if a request.
+    pub fn record_headers(&self) -> Vec<(String, String)> {
+        let mut out = self.meta.as_ref().map(|m| m.to_record_headers()).unwrap_or_default();
+        if let Some(to) = self.reply_to {
+            out.push((REPLY_TO_HEADER.to_string(), to.to_string()));
+        }
+        out
+    }
+
+    /// A message back from its durable record, read at `at`.
+    pub fn from_record(record: crate::log::Record, at: std::time::Instant) -> Message {
+        let (meta, reply_to) = Meta::from_record_headers(record.headers);
+        Message {
+            seq: record.seq,
+            timestamp_ms: record.timestamp_ms,
+            kind: record.kind,
+            payload: record.payload,
+            key: record.key,
+            reply_to,
+            meta,
+            published_at: at,
+        }
     }
 }
 

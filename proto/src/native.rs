@@ -9,14 +9,14 @@ use serde::Deserialize;
 
 use crate::durable::{AckLevel, PublishOptions};
 use crate::group::{
-    GroupSettings, Settle, ACK_TIMEOUT_MS_DEFAULT, ACK_TIMEOUT_MS_MAX, ACK_TIMEOUT_MS_MIN, GROUP_NAME_BYTES_MAX,
-    MAX_DELIVERIES_DEFAULT, NACK_DELAY_MS_MAX, PREFETCH_MAX,
+    GroupSettings, GroupStart, Settle, ACK_TIMEOUT_MS_DEFAULT, ACK_TIMEOUT_MS_MAX, ACK_TIMEOUT_MS_MIN,
+    GROUP_NAME_BYTES_MAX, MAX_DELIVERIES_DEFAULT, NACK_DELAY_MS_MAX, PREFETCH_MAX,
 };
 use std::sync::Arc;
 
 use crate::message::{
     Epoch, Message, MessageKind, Meta, PayloadKind, ReplyTo, HEADERS_MAX, HEADER_NAME_BYTES_MAX,
-    HEADER_VALUE_BYTES_MAX, ID_HEADER, KIND_HEADER, MESSAGE_ID_BYTES_MAX,
+    HEADER_VALUE_BYTES_MAX, ID_HEADER, KIND_HEADER, MESSAGE_ID_BYTES_MAX, REPLY_TO_HEADER,
 };
 use crate::request::{Answer, REQUEST_TIMEOUT_MS_DEFAULT, REQUEST_TIMEOUT_MS_MAX};
 use crate::schedule::{SCHEDULE_AHEAD_MS_MAX, SCHEDULE_ID_BYTES_MAX};
@@ -115,6 +115,8 @@ struct WireRequest<'a> {
     max_deliveries: Option<u32>,
     #[serde(borrow)]
     dead_letter: Option<Cow<'a, str>>,
+    #[serde(borrow)]
+    start: Option<Cow<'a, str>>,
     seq: Option<u64>,
     through_tag: Option<u64>,
     delay_ms: Option<u64>,
@@ -174,14 +176,16 @@ pub fn parse_text(text: &[u8]) -> Result<Request, BadRequest> {
             return Err(bad(&format!("\"message_id\" is 1 to {MESSAGE_ID_BYTES_MAX} bytes")));
         }
         let headers: Vec<(String, String)> = wire.headers.clone().unwrap_or_default().into_iter().collect();
-        let reserved = |n: &str| n.eq_ignore_ascii_case(KIND_HEADER) || n.eq_ignore_ascii_case(ID_HEADER);
         let fits = |(n, v): &(String, String)| {
             !n.is_empty() && n.len() <= HEADER_NAME_BYTES_MAX && v.len() <= HEADER_VALUE_BYTES_MAX
         };
-        if headers.len() > HEADERS_MAX || !headers.iter().all(fits) || headers.iter().any(|(n, _)| reserved(n)) {
+        if headers.len() > HEADERS_MAX
+            || !headers.iter().all(fits)
+            || headers.iter().any(|(n, _)| crate::message::reserved_header(n))
+        {
             return Err(bad(&format!(
-                "\"headers\": at most {HEADERS_MAX}, names 1 to {HEADER_NAME_BYTES_MAX} bytes (not {KIND_HEADER} or \
-                 {ID_HEADER}), values up to {HEADER_VALUE_BYTES_MAX}"
+                "\"headers\": at most {HEADERS_MAX}, names 1 to {HEADER_NAME_BYTES_MAX} bytes (not {KIND_HEADER}, \
+                 {ID_HEADER} or {REPLY_TO_HEADER}), values up to {HEADER_VALUE_BYTES_MAX}"
             )));
         }
         if kind.is_none() && wire.message_id.is_none() && headers.is_empty() {
@@ -214,12 +218,17 @@ pub fn parse_text(text: &[u8]) -> Result<Request, BadRequest> {
             if max_deliveries == 0 {
                 return Err(bad("\"max_deliveries\" is at least 1"));
             }
+            let start = match wire.start.as_deref() {
+                None | Some("now") => GroupStart::Now,
+                Some("beginning") => GroupStart::Beginning,
+                Some(_) => return Err(bad("\"start\" is \"now\" or \"beginning\"")),
+            };
             Ok(Request::Join {
                 id,
                 topic: topic()?,
                 group: group()?,
                 prefetch,
-                settings: GroupSettings { ack_timeout_ms: timeout, max_deliveries },
+                settings: GroupSettings { ack_timeout_ms: timeout, max_deliveries, start },
                 dead_letter: wire.dead_letter.as_deref().map(str::to_string),
             })
         }

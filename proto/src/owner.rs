@@ -412,7 +412,7 @@ impl Owner {
                 timestamp_ms: now.unix_ms,
                 kind,
                 key: message.key.clone(),
-                headers: message.meta.as_ref().map(|m| m.to_record_headers()).unwrap_or_default(),
+                headers: message.record_headers(),
                 payload: message.payload.clone(),
             };
             // Only a record over the log's ceiling fails, and publishes are
@@ -471,16 +471,7 @@ impl Owner {
                             t.history = History::new(messages_max, bytes_max);
                         }
                         previous = Some(record.seq);
-                        t.history.push(Message {
-                            seq: record.seq,
-                            timestamp_ms: record.timestamp_ms,
-                            kind: record.kind,
-                            payload: record.payload,
-                            key: record.key,
-                            reply_to: None,
-                            meta: crate::message::Meta::from_record_headers(record.headers),
-                            published_at: now,
-                        });
+                        t.history.push(Message::from_record(record, now));
                     }
                 }
                 t.durable = Some(Durable::new(spec, r.log, t.last_seq));
@@ -509,6 +500,12 @@ impl Owner {
     /// A durable topic's declaration and log, if it is one.
     pub fn durable(&self, topic: &TopicName) -> Option<(DurableSpec, &TopicLog)> {
         self.topics.get(topic).and_then(|t| t.durable.as_ref()).map(|d| (d.spec, &d.log))
+    }
+
+    /// The last sequence of a durable topic that is written (what a
+    /// consumer group may read from its log); `None` if not durable.
+    pub fn written_seq(&self, topic: &TopicName) -> Option<u64> {
+        self.topics.get(topic).and_then(|t| t.durable.as_ref()).map(|d| d.visible)
     }
 
     /// A durable topic's log, to expire segments.

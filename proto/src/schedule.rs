@@ -8,12 +8,19 @@
 //! with the id of a pending one replaces it (a debounce, a rescheduled
 //! reminder), unless it asks `if_absent`: then the pending one stays. A
 //! schedule can be cancelled by id and the pending ones listed.
+//!
+//! A durable topic's schedules are also kept in a journal next to its log:
+//! records in the log's own format (checksummed, so a torn tail is found),
+//! one per schedule kept ([`Scheduled::to_record`]) and one per schedule
+//! that stopped pending ([`done_record`]: fired, cancelled). [`replay`]
+//! turns a journal back into the pending schedules.
 
 use std::collections::{BTreeSet, HashMap};
 
 use bytes::Bytes;
 
-use crate::message::PayloadKind;
+use crate::log::Record;
+use crate::message::{Meta, PayloadKind, SCHEDULE_DONE_HEADER, SCHEDULE_ID_HEADER};
 
 /// Pending schedules of one topic: past this a schedule is refused
 /// (`too_many_schedules`).
@@ -42,6 +49,62 @@ pub struct Scheduled {
     pub key: Option<Bytes>,
     /// Its kind, id and headers.
     pub meta: Option<std::sync::Arc<crate::message::Meta>>,
+}
+
+impl Scheduled {
+    /// Its journal record: sequence 0, its due time as the timestamp, its
+    /// id as the first header, then its metadata's headers.
+    pub fn to_record(&self) -> Record {
+        let mut headers = vec![(SCHEDULE_ID_HEADER.to_string(), self.id.clone())];
+        headers.extend(self.meta.as_ref().map(|m| m.to_record_headers()).unwrap_or_default());
+        Record {
+            seq: 0,
+            timestamp_ms: self.due_ms,
+            kind: self.kind,
+            key: self.key.clone(),
+            headers,
+            payload: self.payload.clone(),
+        }
+    }
+}
+
+/// The journal record saying schedule `id` is no longer pending.
+pub fn done_record(id: &str) -> Record {
+    Record {
+        seq: 0,
+        timestamp_ms: 0,
+        kind: PayloadKind::Binary,
+        key: None,
+        headers: vec![(SCHEDULE_DONE_HEADER.to_string(), id.to_string())],
+        payload: Bytes::new(),
+    }
+}
+
+/// The schedules a journal's records (in order) leave pending; records
+/// that are neither kind are skipped.
+pub fn replay(records: impl IntoIterator<Item = Record>) -> Vec<Scheduled> {
+    let mut live: HashMap<String, Scheduled> = HashMap::new();
+    for mut r in records {
+        let Some((name, id)) = r.headers.first().cloned() else { continue };
+        if name == SCHEDULE_DONE_HEADER {
+            live.remove(&id);
+        } else if name == SCHEDULE_ID_HEADER {
+            r.headers.remove(0);
+            let (meta, _) = Meta::from_record_headers(r.headers);
+            let s = Scheduled {
+                id: id.clone(),
+                due_ms: r.timestamp_ms,
+                kind: r.kind,
+                payload: r.payload,
+                key: r.key,
+                meta,
+            };
+            live.insert(id, s);
+        }
+    }
+    let mut list: Vec<Scheduled> = live.into_values().collect();
+    list.sort_by(|a, b| (a.due_ms, &a.id).cmp(&(b.due_ms, &b.id)));
+    list
 }
 
 /// What [`Schedules::add`] did.
@@ -131,6 +194,12 @@ impl Schedules {
             .collect()
     }
 
+    /// Every pending schedule's journal record (to rewrite a journal with
+    /// only what is pending).
+    pub fn records(&self) -> Vec<Record> {
+        self.by_due.iter().filter_map(|(_, id)| Some(self.by_id.get(id)?.to_record())).collect()
+    }
+
     /// Pending schedules.
     pub fn len(&self) -> usize {
         self.by_id.len()
@@ -167,6 +236,29 @@ mod tests {
         let due: Vec<String> = t.take_due(10).into_iter().map(|d| d.id).collect();
         assert_eq!(due, ["a", "b"]);
         assert!(t.is_empty() && t.bytes == 0);
+    }
+
+    #[test]
+    fn a_journal_replays_to_what_is_pending() {
+        let meta = Meta { kind: None, id: Some("m1".into()), headers: vec![("h".into(), "v".into())] };
+        let with_meta = Scheduled { meta: Some(std::sync::Arc::new(meta)), key: Some("k".into()), ..s("a", 30) };
+        let journal = vec![
+            with_meta.to_record(),
+            s("b", 10).to_record(),
+            s("c", 20).to_record(),
+            done_record("b"),
+            s("c", 25).to_record(), // replaced
+            done_record("nope"),
+        ];
+        // Through the log's codec, as on disk.
+        let mut bytes = Vec::new();
+        for r in &journal {
+            crate::log::encode(r, &mut bytes).unwrap();
+        }
+        let scan = crate::log::scan(&Bytes::from(bytes));
+        assert!(scan.torn.is_none());
+        let pending = replay(scan.records.into_iter().map(|(_, r)| r));
+        assert_eq!(pending, vec![s("c", 25), with_meta]);
     }
 
     #[test]

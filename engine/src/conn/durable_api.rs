@@ -156,7 +156,7 @@ fn render(topic: &TopicName, answer: DurableAnswer, keep_alive: bool) -> Vec<u8>
                         (PayloadKind::Text, Ok(text)) => (Some(text.to_string()), None),
                         _ => (None, Some(base64::engine::general_purpose::STANDARD.encode(&r.payload))),
                     };
-                    let meta = proto::message::Meta::from_record_headers(r.headers).unwrap_or_default();
+                    let meta = proto::message::Meta::from_record_headers(r.headers).0.unwrap_or_default();
                     LogMessage {
                         seq: r.seq,
                         ts: r.timestamp_ms,

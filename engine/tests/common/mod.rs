@@ -256,6 +256,14 @@ pub fn wait_for(mut check: impl FnMut() -> bool) -> bool {
     true
 }
 
+/// SIGTERM (a graceful stop), and waits for the node to exit.
+pub fn nix_term(node: &Node) -> bool {
+    let pid = node.child.id();
+    let sent = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+    assert!(sent.is_ok_and(|s| s.success()), "kill -TERM {pid}");
+    wait_for(|| std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| s.contains(") Z ")))
+}
+
 /// Next data message (skips pings/pongs).
 pub fn next_data(ws: &mut Ws) -> Message {
     loop {

@@ -13,7 +13,23 @@
 use std::sync::Arc;
 
 use super::*;
-use crate::group::{Group, GroupError, GroupEvent, GroupSettings, MemberId, Settle, GROUPS_PER_TOPIC_MAX};
+use crate::group::{
+    Group, GroupError, GroupEvent, GroupSettings, GroupStart, MemberId, SavedGroup, Settle, GROUPS_PER_TOPIC_MAX,
+    SEGMENTS,
+};
+
+/// A durable topic's group reads the log while fewer messages than this
+/// wait in it (its read-ahead): memory stays bounded however far behind
+/// it is, and publishes are never refused for it (the log holds them).
+pub const DURABLE_READ_AHEAD_MESSAGES: usize = 1_024;
+/// Bytes one read of the log brings a durable group, about.
+pub const DURABLE_READ_BYTES: usize = 1 << 20;
+/// After a read of the log that brought nothing (the store failed), the
+/// next one waits this long.
+pub const DURABLE_READ_RETRY_MS: u64 = 1_000;
+/// Durable groups' positions are handed to the shell to save at most this
+/// often (a crash redelivers what was acknowledged since the last save).
+pub const GROUP_SAVE_INTERVAL_MS: u64 = 100;
 
 /// A group's name (as a topic's, up to [`crate::group::GROUP_NAME_BYTES_MAX`] bytes).
 pub type GroupName = Arc<str>;
@@ -52,6 +68,34 @@ pub(super) struct LocalMember {
 pub(super) struct OwnedGroup {
     group: Group,
     dead_letter: TopicName,
+    /// A durable topic's group: how it reads the log.
+    feed: Option<LogFeed>,
+}
+
+/// How a durable topic's group takes its messages: from the topic's log,
+/// in reads of [`DURABLE_READ_BYTES`], and live (without a read) only
+/// while it is caught up. Its positions are saved by the shell
+/// ([`Broker::take_group_saves`]) and restored at start
+/// ([`Broker::restore_group`]).
+#[derive(Debug)]
+pub(super) struct LogFeed {
+    /// The next sequence to offer: every one before it was offered.
+    next: u64,
+    /// A read of the log is in flight.
+    reading: bool,
+    /// No read before this time (after one that brought nothing).
+    retry_at_ms: u64,
+    /// The positions last handed to the shell to save.
+    saved: Vec<u64>,
+}
+
+/// A durable group the shell must save (see [`SavedGroup`]).
+#[derive(Debug, Clone)]
+pub struct GroupSave {
+    /// The group's topic.
+    pub topic: TopicName,
+    /// What to save.
+    pub saved: SavedGroup,
 }
 
 impl GroupError {
@@ -114,7 +158,9 @@ impl Broker {
         let keys: Vec<(TopicName, GroupName)> = self.groups.keys().cloned().collect();
         for key in keys {
             let Some(g) = self.groups.get_mut(&key) else { continue };
-            if g.group.is_idle(now.unix_ms) {
+            // A durable group stays without members (its position is what
+            // a restarted worker pool resumes from).
+            if g.feed.is_none() && g.group.is_idle(now.unix_ms) {
                 self.groups.remove(&key);
                 self.owner.release_for_group(&key.0);
                 if let Some(names) = self.group_names.get_mut(&key.0) {
@@ -127,6 +173,7 @@ impl Broker {
             }
             g.group.tick(now.unix_ms, &mut events);
             self.group_events(&key, &mut events, now);
+            self.feed_group(&key, now);
         }
     }
 
@@ -170,7 +217,8 @@ impl Broker {
 
     /// Whether every group of `topic` has room for a message of `len`.
     pub(super) fn groups_have_room(&self, topic: &TopicName, len: usize) -> bool {
-        self.groups_of(topic).all(|g| g.group.has_room(len))
+        // A durable group reads the log: it never refuses.
+        self.groups_of(topic).all(|g| g.feed.is_some() || g.group.has_room(len))
     }
 
     /// A message of `topic` became visible: every group of it gets it.
@@ -183,10 +231,139 @@ impl Broker {
         let mut events = Vec::new();
         for key in keys {
             if let Some(g) = self.groups.get_mut(&key) {
-                g.group.offer(message.clone(), now.unix_ms, &mut events);
+                match &mut g.feed {
+                    None => g.group.offer(message.clone(), now.unix_ms, &mut events),
+                    // Caught up and with room: live, without a read. Else
+                    // the log has it for a later read.
+                    Some(feed) => {
+                        if !feed.reading && feed.next == message.seq && g.group.waiting() < DURABLE_READ_AHEAD_MESSAGES
+                        {
+                            feed.next += 1;
+                            g.group.offer(message.clone(), now.unix_ms, &mut events);
+                        }
+                    }
+                }
             }
             self.group_events(&key, &mut events, now);
+            self.feed_group(&key, now);
         }
+    }
+
+    /// Asks a read of the log for a durable group that is behind, has
+    /// members and room, and no read in flight.
+    fn feed_group(&mut self, key: &(TopicName, GroupName), now: Now) {
+        let Some(g) = self.groups.get_mut(key) else { return };
+        let Some(feed) = g.feed.as_mut() else { return };
+        let (Some(written), Some((_, log))) = (self.owner.written_seq(&key.0), self.owner.durable(&key.0)) else {
+            // The topic's log was deleted: the group goes on as an
+            // ephemeral topic's, from what is published next.
+            g.feed = None;
+            return;
+        };
+        // Up to a record that exists: after an unclean restart the written
+        // number includes those the crash skipped.
+        let to = written.min(log.last_record_seq());
+        let idle = g.group.member_count() == 0 || g.group.waiting() >= DURABLE_READ_AHEAD_MESSAGES / 2;
+        if feed.reading || feed.next > to || idle || now.unix_ms < feed.retry_at_ms {
+            return;
+        }
+        feed.reading = true;
+        let from_seq = feed.next;
+        let id = self.next_id();
+        self.group_reads.insert(id, key.clone());
+        let read = LogRead { id, topic: key.0.clone(), from_seq, to_seq: to, max_bytes: DURABLE_READ_BYTES };
+        self.actions.push(Action::ReadLog(read));
+    }
+
+    /// A read of the log asked by [`Broker::feed_group`] came back.
+    pub(super) fn group_log_read(&mut self, id: u64, messages: Vec<Message>, now: Now) {
+        let Some(key) = self.group_reads.remove(&id) else { return };
+        let mut events = Vec::new();
+        if let Some(g) = self.groups.get_mut(&key) {
+            if let Some(feed) = g.feed.as_mut() {
+                feed.reading = false;
+                match messages.last().map(|m| m.seq) {
+                    // The range ends at a record: nothing means the read
+                    // failed (logged by the shell). Again later.
+                    None => feed.retry_at_ms = now.unix_ms + DURABLE_READ_RETRY_MS,
+                    Some(last) => {
+                        for m in messages.into_iter().filter(|m| m.seq >= feed.next) {
+                            g.group.offer(m, now.unix_ms, &mut events);
+                        }
+                        feed.next = feed.next.max(last + 1);
+                    }
+                }
+            }
+        }
+        self.group_events(&key, &mut events, now);
+        self.feed_group(&key, now);
+    }
+
+    /// Durable groups whose positions moved since they were last handed
+    /// over, for the shell to save (at most every
+    /// `GROUP_SAVE_INTERVAL_MS`; `force` at a stop).
+    pub fn take_group_saves(&mut self, now: Now, force: bool) -> Vec<GroupSave> {
+        if !force && now.unix_ms < self.groups_saved_ms + GROUP_SAVE_INTERVAL_MS {
+            return Vec::new();
+        }
+        self.groups_saved_ms = now.unix_ms;
+        let mut saves = Vec::new();
+        for ((topic, name), g) in self.groups.iter_mut() {
+            let Some(feed) = g.feed.as_mut() else { continue };
+            let positions = g.group.positions(feed.next);
+            if positions == feed.saved {
+                continue;
+            }
+            feed.saved = positions.clone();
+            let settings = g.group.settings();
+            let saved = SavedGroup {
+                group: name.to_string(),
+                ack_timeout_ms: settings.ack_timeout_ms,
+                max_deliveries: settings.max_deliveries,
+                dead_letter: g.dead_letter.as_str().to_string(),
+                positions,
+            };
+            saves.push(GroupSave { topic: topic.clone(), saved });
+        }
+        saves
+    }
+
+    /// A save handed over by [`Broker::take_group_saves`] failed: the next
+    /// one hands the group over again even if its positions stay.
+    pub fn group_save_failed(&mut self, topic: &TopicName, group: &str) {
+        if let Some(feed) = self.groups.get_mut(&(topic.clone(), Arc::from(group))).and_then(|g| g.feed.as_mut()) {
+            feed.saved.clear();
+        }
+    }
+
+    /// Restores a durable group saved by a previous run, before the shard
+    /// serves: it goes on from its positions, without members until they
+    /// join. Refused when the topic is not durable here or the save is
+    /// malformed.
+    pub fn restore_group(&mut self, topic: &TopicName, saved: SavedGroup, now: Now) -> Result<(), String> {
+        let durable = self.owner.written_seq(topic).ok_or("the topic is not durable")?;
+        if saved.positions.len() != SEGMENTS {
+            return Err(format!("{} positions, not {SEGMENTS}", saved.positions.len()));
+        }
+        let dead_letter = TopicName::new(&saved.dead_letter).map_err(|e| e.to_string())?;
+        let name: GroupName = Arc::from(saved.group.as_str());
+        let key = (topic.clone(), name.clone());
+        if self.groups.contains_key(&key) {
+            return Err("restored twice".into());
+        }
+        self.owner.hold_for_group(topic, now.at).map_err(|e| e.to_string())?;
+        let settings = GroupSettings {
+            ack_timeout_ms: saved.ack_timeout_ms,
+            max_deliveries: saved.max_deliveries,
+            start: GroupStart::Now,
+        };
+        let mut group = Group::new(settings, now.unix_ms);
+        group.set_floors(&saved.positions);
+        let next = saved.positions.iter().copied().min().unwrap_or(durable + 1);
+        let feed = LogFeed { next, reading: false, retry_at_ms: 0, saved: saved.positions };
+        self.group_names.entry(topic.clone()).or_default().push(name);
+        self.groups.insert(key, OwnedGroup { group, dead_letter, feed: Some(feed) });
+        Ok(())
     }
 
     /// Owner side: a group item from a member's shard.
@@ -196,8 +373,12 @@ impl Broker {
             Item::GroupJoin { topic, group, sub, prefetch, settings, dead_letter } => {
                 let key = (topic.clone(), group.clone());
                 let of_topic = self.group_names.get(&topic).map_or(0, Vec::len);
+                let durable = self.owner.written_seq(&topic);
                 let result = match self.groups.get_mut(&key) {
                     None if of_topic >= GROUPS_PER_TOPIC_MAX => Err(GroupJoinError::TooManyGroups),
+                    None if durable.is_none() && settings.start == GroupStart::Beginning => {
+                        Err(GroupJoinError::NotDurable)
+                    }
                     existing => {
                         let g = match existing {
                             Some(g) => Some(g),
@@ -207,7 +388,19 @@ impl Broker {
                                 Err(_) => None,
                                 Ok(()) => {
                                     self.group_names.entry(topic.clone()).or_default().push(group.clone());
-                                    let new = OwnedGroup { group: Group::new(settings, now.unix_ms), dead_letter };
+                                    // A durable topic's group reads its log, from
+                                    // its first record or from what comes next.
+                                    let feed = durable.map(|written| LogFeed {
+                                        next: match settings.start {
+                                            GroupStart::Now => written + 1,
+                                            GroupStart::Beginning => 1,
+                                        },
+                                        reading: false,
+                                        retry_at_ms: 0,
+                                        saved: Vec::new(),
+                                    });
+                                    let group = Group::new(settings, now.unix_ms);
+                                    let new = OwnedGroup { group, dead_letter, feed };
                                     Some(self.groups.entry(key.clone()).or_insert(new))
                                 }
                             },
@@ -224,6 +417,7 @@ impl Broker {
                 // The answer goes before any delivery to the member.
                 self.send(from, Item::GroupJoined { topic, group, sub, result }, now);
                 self.group_events(&key, &mut events, now);
+                self.feed_group(&key, now);
             }
             Item::GroupLeave { topic, group, sub } => {
                 let key = (topic, group);
@@ -231,6 +425,7 @@ impl Broker {
                     g.group.leave(MemberId { shard: from, sub }, now.unix_ms, &mut events);
                 }
                 self.group_events(&key, &mut events, now);
+                self.feed_group(&key, now);
             }
             Item::GroupSettle { topic, group, sub, settle } => {
                 let key = (topic, group);
@@ -251,6 +446,7 @@ impl Broker {
                     }
                 }
                 self.group_events(&key, &mut events, now);
+                self.feed_group(&key, now);
             }
             // Member side.
             Item::GroupJoined { topic, group, sub, result } => self.group_joined(&topic, &group, sub, result),
@@ -321,6 +517,10 @@ pub enum GroupJoinError {
     /// The node's topic table is full (a group holds its topic).
     #[error("too many topics on this node")]
     TooManyTopics,
+    /// `start: beginning` on a topic that is not durable (only a log
+    /// has a beginning to replay).
+    #[error("\"start\": \"beginning\" needs a durable topic")]
+    NotDurable,
     /// The group refused.
     #[error(transparent)]
     Group(GroupError),
@@ -332,6 +532,7 @@ impl GroupJoinError {
         match self {
             GroupJoinError::TooManyGroups => "too_many_groups",
             GroupJoinError::TooManyTopics => "too_many_topics",
+            GroupJoinError::NotDurable => "not_durable",
             GroupJoinError::Group(e) => e.code(),
         }
     }

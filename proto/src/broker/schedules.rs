@@ -4,11 +4,40 @@
 //! cancels and listings are answered to the asking connection (its shard
 //! keeps the native request id until the owner's answer comes back).
 //!
-//! Schedules live in memory: a node restart loses the pending ones (durable
-//! topics' schedules surviving a restart is not built yet).
+//! An ephemeral topic's schedules live in memory: a node restart loses
+//! them. A durable topic's are also journaled: every change (kept,
+//! cancelled, fired) becomes a journal record the shell appends next to the
+//! log ([`Broker::take_schedule_journal`]), and an add or a cancel is
+//! answered only once its record is written ([`Broker::schedules_written`]),
+//! as a publish at ack `local` is. At start the shell replays the journal
+//! ([`Broker::restore_schedules`]).
 
 use super::*;
-use crate::schedule::{Added, Scheduled, Schedules, SCHEDULE_LIST_MAX};
+use crate::log::Record;
+use crate::schedule::{done_record, Added, Scheduled, Schedules, SCHEDULE_LIST_MAX};
+
+/// A durable topic's schedule changes not yet written, and the answers
+/// waiting for them.
+#[derive(Debug, Default)]
+pub(super) struct Journal {
+    records: Vec<Record>,
+    /// (asking shard, its request, the answer).
+    answers: Vec<(usize, u64, ScheduleAnswer)>,
+}
+
+/// An answer to a schedule request: the reply's fields, or an error code
+/// and message.
+type ScheduleAnswer = Result<serde_json::Value, (String, String)>;
+
+/// A durable topic's schedule changes for the shell to append to its
+/// journal.
+#[derive(Debug)]
+pub struct JournalWrite {
+    /// The topic.
+    pub topic: TopicName,
+    /// The records, in order.
+    pub records: Vec<Record>,
+}
 
 /// What a connection asks of a topic's schedules.
 #[derive(Debug, Clone)]
@@ -49,12 +78,17 @@ impl Broker {
             .collect();
         for topic in topics {
             let due = self.schedules.get_mut(&topic).map(|s| s.take_due(now.unix_ms)).unwrap_or_default();
+            let durable = self.owner.durable(&topic).is_some();
             for s in due {
                 let options = PublishOptions { key: s.key.clone(), ack: None, reply_to: None, meta: s.meta.clone() };
                 if self.sequence(&topic, s.kind, s.payload.clone(), options, now).is_err() {
                     if let Some(table) = self.schedules.get_mut(&topic) {
                         table.put_back(s);
                     }
+                } else if durable {
+                    // Fired: not pending after a restart (a crash before
+                    // this record is written fires it again: at least once).
+                    self.schedule_journal.entry(topic.clone()).or_default().records.push(done_record(&s.id));
                 }
             }
             if self.schedules.get(&topic).is_some_and(Schedules::is_empty) {
@@ -63,19 +97,73 @@ impl Broker {
         }
     }
 
-    /// Whether this shard keeps pending schedules (its ticker runs).
+    /// Whether this shard keeps pending schedules or journal records to
+    /// write (its ticker runs).
     pub fn has_schedules(&self) -> bool {
-        !self.schedules.is_empty()
+        !self.schedules.is_empty() || !self.schedule_journal.is_empty()
+    }
+
+    /// Durable topics' schedule changes since the last call, for the shell
+    /// to append to their journals; then it reports each topic with
+    /// [`Broker::schedules_written`].
+    pub fn take_schedule_journal(&mut self) -> Vec<JournalWrite> {
+        let mut writes = Vec::new();
+        for (topic, journal) in self.schedule_journal.iter_mut() {
+            if !journal.records.is_empty() {
+                writes.push(JournalWrite { topic: topic.clone(), records: std::mem::take(&mut journal.records) });
+            }
+        }
+        writes
+    }
+
+    /// The shell wrote (or failed to write) the records it took for
+    /// `topic`: the adds and cancels waiting for them are answered (a
+    /// failure is answered `storage_failed`; the change stays in memory).
+    pub fn schedules_written(&mut self, topic: &TopicName, ok: bool, now: Now) {
+        let Some(journal) = self.schedule_journal.remove(topic) else { return };
+        for (from, req, answer) in journal.answers {
+            let answer = if ok {
+                answer
+            } else {
+                Err(("storage_failed".to_string(), "the schedule journal could not be written".to_string()))
+            };
+            self.send(from, Item::ScheduleAnswer { req, answer }, now);
+        }
+    }
+
+    /// Every pending schedule of `topic` as journal records (the shell
+    /// rewrites a journal that grew past what is pending).
+    pub fn schedule_records(&self, topic: &TopicName) -> Vec<Record> {
+        self.schedules.get(topic).map(Schedules::records).unwrap_or_default()
+    }
+
+    /// Restores a durable topic's pending schedules from its journal, at
+    /// start; those over the topic's bounds are dropped and counted.
+    pub fn restore_schedules(&mut self, topic: &TopicName, list: Vec<Scheduled>) -> usize {
+        let table = self.schedules.entry(topic.clone()).or_default();
+        let dropped = list.into_iter().filter(|s| table.add(s.clone(), false).is_err()).count();
+        if table.is_empty() {
+            self.schedules.remove(topic);
+        }
+        dropped
     }
 
     /// Owner side: a schedule request; asker side: its answer.
     pub(super) fn handle_schedules(&mut self, from: usize, item: Item, now: Now) {
         match item {
             Item::ScheduleAsk { topic, ask, req } => {
+                // A durable topic's change is journaled; its answer waits
+                // for the write.
+                let mut record = None;
+                let durable = self.owner.durable(&topic).is_some();
                 let answer = match ask {
                     ScheduleAsk::Add { scheduled, if_absent } => {
                         let (id, due_ms) = (scheduled.id.clone(), scheduled.due_ms);
+                        let kept = durable.then(|| scheduled.to_record());
                         let added = self.schedules.entry(topic.clone()).or_default().add(scheduled, if_absent);
+                        if matches!(added, Ok(Added::Kept { .. })) {
+                            record = kept;
+                        }
                         if self.schedules.get(&topic).is_some_and(Schedules::is_empty) {
                             self.schedules.remove(&topic);
                         }
@@ -94,6 +182,9 @@ impl Broker {
                         if self.schedules.get(&topic).is_some_and(Schedules::is_empty) {
                             self.schedules.remove(&topic);
                         }
+                        if cancelled.is_some() && durable {
+                            record = Some(done_record(&id));
+                        }
                         match cancelled {
                             Some(s) => Ok(serde_json::json!({"schedule_id": id, "deliver_at": s.due_ms})),
                             None => Err(("not_found", format!("no pending schedule {id:?} on this topic"))),
@@ -110,7 +201,14 @@ impl Broker {
                     }
                 };
                 let answer = answer.map_err(|(code, message)| (code.to_string(), message));
-                self.send(from, Item::ScheduleAnswer { req, answer }, now);
+                match record {
+                    Some(record) => {
+                        let journal = self.schedule_journal.entry(topic).or_default();
+                        journal.records.push(record);
+                        journal.answers.push((from, req, answer));
+                    }
+                    None => self.send(from, Item::ScheduleAnswer { req, answer }, now),
+                }
             }
             Item::ScheduleAnswer { req, answer } => {
                 let Some((out, id)) = self.asking.remove(&req) else { return };
