@@ -251,6 +251,8 @@ struct Sim {
     /// Seqs delivered again after a restart (processing them again is
     /// documented).
     again: BTreeSet<u64>,
+    /// Seqs delivered before the last restart.
+    before_restart: std::collections::HashSet<u64>,
 }
 
 impl Sim {
@@ -304,6 +306,7 @@ impl Sim {
             journal: Vec::new(),
             floors: Vec::new(),
             again: BTreeSet::new(),
+            before_restart: Default::default(),
         };
         if sim.durable {
             let (owner, now) = (sim.topic.owner_shard(SHARDS), sim.now());
@@ -429,8 +432,19 @@ impl Sim {
         Ok(())
     }
 
-    /// The owner applies a schedule request: the model does the same.
+    /// The owner applies a schedule request: the model does the same. A
+    /// schedule that fired already (before a restart that brought it back
+    /// from the journal) stays delivered: only its coming back is undone.
     fn model_schedule(&mut self, ask: &ScheduleAsk) {
+        let before = self.doomed.len();
+        self.model_schedule_change(ask);
+        if self.doomed.len() != before {
+            let fired = &self.fired;
+            self.doomed.retain(|n| !fired.contains(n));
+        }
+    }
+
+    fn model_schedule_change(&mut self, ask: &ScheduleAsk) {
         match ask {
             ScheduleAsk::Add { scheduled, if_absent } => {
                 let n: u64 = std::str::from_utf8(&scheduled.payload)
@@ -777,7 +791,7 @@ impl Sim {
                     if !self.numbered.insert((seq, delivery)) {
                         return Err(format!("seq {seq}: delivery {delivery} twice"));
                     }
-                    if delivery == 1 && self.deliveries.contains_key(&seq) {
+                    if delivery == 1 && self.before_restart.contains(&seq) {
                         // Delivered before a restart, and again after it:
                         // only at or after its segment's saved position.
                         let logged =
@@ -1055,7 +1069,9 @@ impl Sim {
         // pending are gone.
         let survivors = proto::schedule::replay(self.journal.clone());
         for (_, (n, _)) in self.pending_schedules.drain() {
-            self.doomed.insert(n);
+            if !self.fired.contains(&n) {
+                self.doomed.insert(n);
+            }
         }
         for s in &survivors {
             let text = std::str::from_utf8(&s.payload).unwrap_or_default();
@@ -1064,6 +1080,7 @@ impl Sim {
             self.doomed.remove(&n);
             self.pending_schedules.insert(s.id.clone(), (n, s.due_ms));
         }
+        self.before_restart.extend(self.deliveries.keys().copied());
         self.members.clear();
         self.first_by_key.clear();
         self.numbered.clear();

@@ -25,7 +25,10 @@
 //! - `scenario.rs`: the publish/subscribe shape and its runner.
 //! - `report.rs`: `.hgrm` percentile files and the SVG chart.
 //! - `nats.rs`: sans-IO parser of NATS server operations.
+//! - `jetstream.rs`: JetStream streams, consumers and pulling members (the
+//!   group scenario's peer with acks).
 
+mod jetstream;
 mod nats;
 mod report;
 mod scenario;
@@ -84,15 +87,20 @@ enum Command {
     },
     /// One topic, one publisher, M members of one consumer group sharing its
     /// messages (RayFlux: a native group subscription with prefetch and
-    /// cumulative acks; NATS: a core queue group, which has no acks). Each
+    /// cumulative acks; NATS: a core queue group, which has no acks, or with
+    /// `jetstream=` a JetStream pull consumer with explicit acks). Each
     /// message must reach exactly one member.
     Group {
         /// Members.
         #[arg(long, default_value_t = 8)]
         members: usize,
-        /// RayFlux: unacknowledged messages a member holds.
+        /// RayFlux and JetStream: unacknowledged messages a member holds.
         #[arg(long, default_value_t = 1000)]
         prefetch: u32,
+        /// RayFlux: acknowledge each delivery by its sequence instead of
+        /// every 64 cumulatively (JetStream members always ack each).
+        #[arg(long)]
+        ack_each: bool,
         #[command(flatten)]
         common: Common,
     },
@@ -128,9 +136,11 @@ enum Command {
 /// Options every publish/subscribe scenario takes.
 #[derive(clap::Args, Clone)]
 struct Common {
-    /// A target: `NAME=URL[,pid=PID][,durable=ACK]`, URL rayflux://HOST:PORT or
-    /// nats://HOST:PORT; durable=none|local|stored (RayFlux) declares each
-    /// topic of a run durable with that ack level first.
+    /// A target: `NAME=URL[,pid=PID][,durable=ACK][,jetstream=STORAGE]`, URL
+    /// rayflux://HOST:PORT or nats://HOST:PORT; durable=none|local|stored
+    /// (RayFlux) declares each topic of a run durable with that ack level
+    /// first; jetstream=memory|file (NATS, group scenario) uses a JetStream
+    /// stream and pull consumer instead of a core queue group.
     /// Give two or more to run them in turns (A, B, A, B) and print ratios
     /// against the first. With pid, the server's CPU is read from /proc.
     #[arg(long = "target", required = true)]
@@ -202,6 +212,9 @@ struct Target {
     /// RayFlux only: declare each topic of a run durable with this default
     /// ack level (`none`, `local`, `stored`) before it starts.
     durable: Option<String>,
+    /// NATS only: the group scenario goes through a JetStream stream with
+    /// this storage (`memory`, `file`) and a pull consumer.
+    jetstream: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -223,15 +236,22 @@ fn parse_target(spec: &str) -> Result<Target> {
     };
     let mut pid = None;
     let mut durable = None;
+    let mut jetstream = None;
     for p in parts {
         match p.split_once('=') {
             Some(("pid", v)) => pid = Some(v.parse().context("pid")?),
             Some(("durable", v)) if kind == Kind::Rayflux => durable = Some(v.to_string()),
+            Some(("jetstream", v)) if kind == Kind::Nats && matches!(v, "memory" | "file") => {
+                jetstream = Some(v.to_string())
+            }
             _ => bail!("unknown target option {p}"),
         }
     }
-    Ok(Target { name: name.to_string(), kind, addr: addr.to_string(), pid, durable })
+    Ok(Target { name: name.to_string(), kind, addr: addr.to_string(), pid, durable, jetstream })
 }
+
+/// A RayFlux group delivery's tag and sequence.
+type TagSeq = (u64, u64);
 
 /// A connection to a target, as publisher or subscriber.
 struct Conn {
@@ -239,6 +259,8 @@ struct Conn {
     kind: Kind,
     subject: String,
     nats: nats::Parser,
+    /// A JetStream member's pulling.
+    pull: Option<jetstream::Pull>,
 }
 
 impl Conn {
@@ -256,7 +278,8 @@ impl Conn {
             Kind::Nats => format!("ws://{}/", target.addr),
         };
         let (ws, _) = tungstenite::client(url, stream).map_err(|e| anyhow::anyhow!("handshake: {e}"))?;
-        let mut conn = Conn { ws, kind: target.kind, subject: topic.to_string(), nats: nats::Parser::default() };
+        let mut conn =
+            Conn { ws, kind: target.kind, subject: topic.to_string(), nats: nats::Parser::default(), pull: None };
         match conn.kind {
             Kind::Rayflux => {
                 let join =
@@ -275,8 +298,12 @@ impl Conn {
         Ok(conn)
     }
 
-    /// A member's next delivery: the payload and, on RayFlux, its tag.
-    fn recv_member(&mut self) -> Result<(Vec<u8>, Option<u64>)> {
+    /// A member's next delivery: the payload and, on RayFlux, its tag and
+    /// sequence. A JetStream member's is acknowledged already.
+    fn recv_member(&mut self) -> Result<(Vec<u8>, Option<TagSeq>)> {
+        if self.pull.is_some() {
+            return Ok((self.recv_pulled()?, None));
+        }
         if self.kind == Kind::Nats {
             return Ok((self.recv()?, None));
         }
@@ -285,7 +312,8 @@ impl Conn {
             let m: serde_json::Value = serde_json::from_str(&t)?;
             if m["type"] == "message" {
                 let data = m["data"].as_str().context("a text payload")?.as_bytes().to_vec();
-                return Ok((data, m["tag"].as_u64()));
+                let numbers = m["tag"].as_u64().zip(m["seq"].as_u64());
+                return Ok((data, numbers));
             }
         }
     }
@@ -294,6 +322,13 @@ impl Conn {
     /// with the next flush).
     fn ack_through(&mut self, tag: u64) -> Result<()> {
         let ack = serde_json::json!({"op":"ack","topic":self.subject,"group":"bench","through_tag":tag});
+        self.ws.write(Message::text(ack.to_string()))?;
+        Ok(())
+    }
+
+    /// RayFlux: acknowledges the delivery of `seq` (queued).
+    fn ack_seq(&mut self, seq: u64) -> Result<()> {
+        let ack = serde_json::json!({"op":"ack","topic":self.subject,"group":"bench","seq":seq});
         self.ws.write(Message::text(ack.to_string()))?;
         Ok(())
     }
@@ -328,7 +363,8 @@ impl Conn {
             Kind::Nats => format!("ws://{}/", target.addr),
         };
         let (ws, _) = tungstenite::client(url, stream).map_err(|e| anyhow::anyhow!("handshake: {e}"))?;
-        let mut conn = Conn { ws, kind: target.kind, subject: topic.to_string(), nats: nats::Parser::default() };
+        let mut conn =
+            Conn { ws, kind: target.kind, subject: topic.to_string(), nats: nats::Parser::default(), pull: None };
         if conn.kind == Kind::Nats {
             conn.nats_start(subscribe.then(|| format!("SUB {topic} 1\r\n")))?;
         }
@@ -338,7 +374,10 @@ impl Conn {
     /// NATS: CONNECT, then `sub` if any, and waits for the PONG that proves
     /// both were processed (the subscription is live from here on).
     fn nats_start(&mut self, sub: Option<String>) -> Result<()> {
-        self.nats_command(b"CONNECT {\"verbose\":false,\"pedantic\":false,\"protocol\":1,\"echo\":false}\r\n")?;
+        // Headers: JetStream's pull status messages come with them.
+        self.nats_command(
+            b"CONNECT {\"verbose\":false,\"pedantic\":false,\"protocol\":1,\"echo\":false,\"headers\":true}\r\n",
+        )?;
         if let Some(sub) = sub {
             self.nats_command(sub.as_bytes())?;
         }
@@ -390,7 +429,7 @@ impl Conn {
             },
             Kind::Nats => loop {
                 match self.next_op()? {
-                    nats::Op::Msg(payload) => return Ok(payload),
+                    nats::Op::Msg(payload) | nats::Op::MsgReply { payload, .. } => return Ok(payload),
                     nats::Op::Ping => {
                         self.nats_command(b"PONG\r\n")?;
                         self.ws.flush()?;
@@ -487,8 +526,9 @@ fn main() -> Result<()> {
             let shape = scenario::Shape { stalled, ..shape("slow", 1, subscribers, 1, &common, false) };
             run_all(shape, &common)
         }
-        Command::Group { members, prefetch, common } => {
-            let shape = scenario::Shape { group: Some(prefetch), ..shape("group", 1, members, 1, &common, false) };
+        Command::Group { members, prefetch, ack_each, common } => {
+            let group = Some(scenario::GroupShape { prefetch, ack_each });
+            let shape = scenario::Shape { group, ..shape("group", 1, members, 1, &common, false) };
             run_all(shape, &common)
         }
         Command::Fanin { publishers, common } => run_all(shape("fanin", 1, 1, publishers, &common, false), &common),

@@ -1,11 +1,22 @@
-//! A sans-IO parser for what a NATS server sends (INFO, MSG, PING, PONG,
-//! +OK, -ERR), fed with the bytes of WebSocket frames in any split.
+//! A sans-IO parser for what a NATS server sends (INFO, MSG, HMSG, PING,
+//! PONG, +OK, -ERR), fed with the bytes of WebSocket frames in any split.
 
 /// One server operation.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Op {
     /// A delivered message's payload.
     Msg(Vec<u8>),
+    /// A delivered message with a reply subject (JetStream: where its ack
+    /// goes; an API answer: the inbox it came to is not needed).
+    MsgReply {
+        /// The payload.
+        payload: Vec<u8>,
+        /// The reply subject.
+        reply: String,
+    },
+    /// A message with headers and no payload: a status (JetStream's 404 no
+    /// messages, 408 request expired, 409...), its first header line.
+    Status(String),
     /// The server pings; answer PONG.
     Ping,
     /// Answer to our PING.
@@ -35,16 +46,29 @@ impl Parser {
         let line = std::str::from_utf8(&self.buf[..line_end]).unwrap_or("").to_string();
         let mut words = line.split_whitespace();
         let op = match words.next().map(str::to_ascii_uppercase).as_deref() {
-            Some("MSG") => {
+            Some(verb @ ("MSG" | "HMSG")) => {
                 // MSG <subject> <sid> [reply-to] <#bytes>
-                let size: usize = line.split_whitespace().last()?.parse().ok()?;
+                // HMSG <subject> <sid> [reply-to] <#header bytes> <#total bytes>
+                let words: Vec<&str> = line.split_whitespace().collect();
+                let headed = verb == "HMSG";
+                let size: usize = words.last()?.parse().ok()?;
+                let header_len: usize = if headed { words.get(words.len() - 2)?.parse().ok()? } else { 0 };
+                let reply = (words.len() == if headed { 6 } else { 5 }).then(|| words[3].to_string());
                 let start = line_end + 2;
                 if self.buf.len() < start + size + 2 {
                     return None;
                 }
-                let payload = self.buf[start..start + size].to_vec();
+                let body = self.buf[start..start + size].to_vec();
                 self.buf.drain(..start + size + 2);
-                return Some(Op::Msg(payload));
+                if headed && size == header_len {
+                    let text = String::from_utf8_lossy(&body);
+                    return Some(Op::Status(text.lines().next().unwrap_or_default().to_string()));
+                }
+                let payload = body[header_len.min(body.len())..].to_vec();
+                return Some(match reply {
+                    Some(reply) => Op::MsgReply { payload, reply },
+                    None => Op::Msg(payload),
+                });
             }
             Some("PING") => Op::Ping,
             Some("PONG") => Op::Pong,
@@ -62,7 +86,8 @@ mod tests {
 
     #[test]
     fn parses_split_at_every_byte() {
-        let wire = b"INFO {\"server_id\":\"x\"}\r\nMSG t 1 4\r\na\r\nb\r\nPING\r\nMSG t 1 r 0\r\n\r\n-ERR 'x'\r\n";
+        let wire = b"INFO {\"server_id\":\"x\"}\r\nMSG t 1 4\r\na\r\nb\r\nPING\r\nMSG t 1 r 0\r\n\r\n-ERR 'x'\r\n\
+HMSG _i 2 32 32\r\nNATS/1.0 408 Request Timeout\r\n\r\n\r\nHMSG t 1 $JS.ACK.x 12 14\r\nNATS/1.0\r\n\r\nhi\r\n";
         for split in 0..wire.len() {
             let mut p = Parser::default();
             let mut ops = vec![];
@@ -74,7 +99,15 @@ mod tests {
             }
             assert_eq!(
                 ops,
-                vec![Op::Other, Op::Msg(b"a\r\nb".to_vec()), Op::Ping, Op::Msg(vec![]), Op::Err("-ERR 'x'".into())],
+                vec![
+                    Op::Other,
+                    Op::Msg(b"a\r\nb".to_vec()),
+                    Op::Ping,
+                    Op::MsgReply { payload: vec![], reply: "r".into() },
+                    Op::Err("-ERR 'x'".into()),
+                    Op::Status("NATS/1.0 408 Request Timeout".into()),
+                    Op::MsgReply { payload: b"hi".to_vec(), reply: "$JS.ACK.x".into() },
+                ],
                 "split {split}"
             );
         }

@@ -50,9 +50,19 @@ pub struct Shape {
     /// Extra subscribers per topic that connect and subscribe, then never
     /// read (the slow-consumer scenario); not counted in deliveries.
     pub stalled: usize,
-    /// The subscribers are members of one consumer group with this
-    /// prefetch (the group scenario): each message reaches one of them.
-    pub group: Option<u32>,
+    /// The subscribers are members of one consumer group (the group
+    /// scenario): each message reaches one of them.
+    pub group: Option<GroupShape>,
+}
+
+/// How the group scenario's members take their messages.
+#[derive(Clone, Copy, Debug)]
+pub struct GroupShape {
+    /// Unacknowledged messages a member holds (RayFlux, JetStream).
+    pub prefetch: u32,
+    /// RayFlux: acknowledge each delivery instead of every
+    /// [`GROUP_ACK_EVERY`] cumulatively.
+    pub ack_each: bool,
 }
 
 impl Shape {
@@ -118,8 +128,8 @@ pub fn run(target: &Target, shape: &Shape, turn: usize) -> Result<Run> {
             }
         }
     }
-    if let Some(prefetch) = shape.group {
-        return run_group(target, shape, &topic(0), prefetch, turn);
+    if let Some(group) = shape.group {
+        return run_group(target, shape, &topic(0), group, turn);
     }
     let go = GateOpener::new();
     let mut subscribers = Vec::new();
@@ -183,15 +193,32 @@ pub fn run(target: &Target, shape: &Shape, turn: usize) -> Result<Run> {
 const GROUP_ACK_EVERY: u64 = 64;
 
 /// The group scenario: one publisher, `shape.subscribers` members of one
-/// group; every message must reach exactly one member.
-fn run_group(target: &Target, shape: &Shape, topic: &str, prefetch: u32, turn: usize) -> Result<Run> {
+/// group; every message must reach exactly one member. A JetStream target
+/// gets its stream and consumer first and loses them after.
+fn run_group(target: &Target, shape: &Shape, topic: &str, group: GroupShape, turn: usize) -> Result<Run> {
+    let prefetch = group.prefetch;
+    if let Some(storage) = &target.jetstream {
+        let pending = u64::from(prefetch) * shape.subscribers as u64;
+        crate::jetstream::create(target, topic, storage, pending)?;
+        let run = run_members(target, shape, topic, group, turn);
+        crate::jetstream::delete(target, topic)?;
+        return run;
+    }
+    run_members(target, shape, topic, group, turn)
+}
+
+fn run_members(target: &Target, shape: &Shape, topic: &str, group: GroupShape, turn: usize) -> Result<Run> {
     use std::sync::atomic::{AtomicU64, Ordering};
+    let (prefetch, ack_each) = (group.prefetch, group.ack_each);
     let expected = shape.total();
     let received = std::sync::Arc::new(AtomicU64::new(0));
     let go = GateOpener::new();
     let mut members = Vec::new();
-    for _ in 0..shape.subscribers {
-        let mut conn = Conn::open_member(target, topic, prefetch)?;
+    for member in 0..shape.subscribers {
+        let mut conn = match target.jetstream {
+            Some(_) => Conn::open_puller(target, topic, member, prefetch)?,
+            None => Conn::open_member(target, topic, prefetch)?,
+        };
         conn.ws.get_ref().set_read_timeout(Some(Duration::from_millis(200)))?;
         let (go, received, seconds) = (go.handle(), received.clone(), shape.seconds);
         members.push(std::thread::Builder::new().stack_size(SUBSCRIBER_STACK_BYTES).spawn(move || {
@@ -202,13 +229,14 @@ fn run_group(target: &Target, shape: &Shape, topic: &str, prefetch: u32, turn: u
             let mut last_tag = None;
             let mut unacked = 0;
             while received.load(Ordering::Relaxed) < expected && Instant::now() < quiet_after {
-                let (payload, tag) = match conn.recv_member() {
+                let (payload, numbers) = match conn.recv_member() {
                     Ok(got) => got,
                     Err(e) if is_read_timeout(&e) => {
                         if let Some(tag) = last_tag.take() {
-                            let _ = conn.ack_through(tag).and_then(|_| conn.flush());
+                            let _ = conn.ack_through(tag);
                             unacked = 0;
                         }
+                        let _ = conn.flush_acks();
                         continue;
                     }
                     Err(_) => break,
@@ -219,13 +247,18 @@ fn run_group(target: &Target, shape: &Shape, topic: &str, prefetch: u32, turn: u
                     let _ = latency.record(now.saturating_sub(due).max(1));
                     received.fetch_add(1, Ordering::Relaxed);
                 }
-                if tag.is_some() {
-                    last_tag = tag;
+                if let Some((tag, seq)) = numbers {
                     unacked += 1;
+                    if ack_each {
+                        let _ = conn.ack_seq(seq);
+                    } else {
+                        last_tag = Some(tag);
+                    }
                     if unacked >= GROUP_ACK_EVERY {
                         if let Some(tag) = last_tag.take() {
-                            let _ = conn.ack_through(tag).and_then(|_| conn.flush());
+                            let _ = conn.ack_through(tag);
                         }
+                        let _ = conn.flush();
                         unacked = 0;
                     }
                 }
@@ -233,8 +266,9 @@ fn run_group(target: &Target, shape: &Shape, topic: &str, prefetch: u32, turn: u
             // Acknowledge what was processed before leaving: a member that
             // leaves holding deliveries gets them redelivered to the others.
             if let Some(tag) = last_tag {
-                let _ = conn.ack_through(tag).and_then(|_| conn.flush());
+                let _ = conn.ack_through(tag);
             }
+            let _ = conn.flush_acks();
             (seen, latency)
         })?);
     }

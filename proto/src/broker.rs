@@ -620,6 +620,9 @@ impl Broker {
             }
             self.offer_to_groups(&commit.topic, &message, now);
         }
+        if !self.group_names.is_empty() {
+            self.feed_groups_of(&commit.topic, now);
+        }
         self.answer_held(&commit.topic, commit.through_seq, Ok, now);
     }
 

@@ -245,6 +245,16 @@ impl Broker {
                 }
             }
             self.group_events(&key, &mut events, now);
+        }
+    }
+
+    /// After a commit's messages were offered: each durable group of
+    /// `topic` that fell behind reads the log (once per commit, not per
+    /// message: the commit made its whole batch visible at once).
+    pub(super) fn feed_groups_of(&mut self, topic: &TopicName, now: Now) {
+        let Some(names) = self.group_names.get(topic) else { return };
+        let keys: Vec<(TopicName, GroupName)> = names.iter().map(|n| (topic.clone(), n.clone())).collect();
+        for key in keys {
             self.feed_group(&key, now);
         }
     }
