@@ -489,9 +489,9 @@ impl Shard {
             let written = self.store.append_schedules(&write.topic, &write.records);
             let ok = match written {
                 Ok(len) => {
-                    let live = self.broker.borrow().schedule_records(&write.topic);
-                    let live_bytes: u64 = live.iter().map(|r| r.payload.len() as u64 + 64).sum();
+                    let live_bytes = self.broker.borrow().schedule_journal_bytes(&write.topic);
                     if crate::store::Store::schedule_journal_bloated(len, live_bytes) {
+                        let live = self.broker.borrow().schedule_records(&write.topic);
                         if let Err(e) = self.store.rewrite_schedules(&write.topic, &live) {
                             tracing::warn!(topic = write.topic.as_str(), "schedule journal not rewritten: {e}");
                         }

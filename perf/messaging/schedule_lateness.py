@@ -4,15 +4,18 @@
 SPREAD seconds (starting a few seconds out, so all are pending at once),
 and measure, at a plain subscriber, receive time minus `deliver_at`.
 
-    python3 perf/messaging/schedule_lateness.py HOST:PORT 100000 20
+    python3 perf/messaging/schedule_lateness.py HOST:PORT 100000 20 [LEAD_MS [durable]]
 
-Prints the pending count the node reports once all are scheduled, then the
+With `durable`, the topic is declared durable first (`PUT /v1/topics/T`,
+ack `local`): every schedule is journaled before its add is answered, and
+the due messages go through the log. Prints the pending count the node reports once all are scheduled, then the
 lateness p50/p90/p99/max in ms and how many arrived (all must).
 """
 import asyncio
 import json
 import sys
 import time
+import urllib.request
 
 import websockets
 
@@ -22,6 +25,11 @@ async def main(addr, n, spread_s):
     topic = f"lateness-{int(time.time())}"
     start_ms = int(time.time() * 1000) + int(sys.argv[4] if len(sys.argv) > 4 else 8000)  # all pending before the first is due
     lateness = []
+    if len(sys.argv) > 5 and sys.argv[5] == "durable":
+        put = urllib.request.Request(f"http://{addr}/v1/topics/{topic}", data=b'{"ack":"local"}', method="PUT")
+        assert urllib.request.urlopen(put).status == 200
+        print(f"{topic} declared durable")
+    scheduling = time.time()
     async with websockets.connect(url, max_size=None) as sub, websockets.connect(url, max_size=None) as pub:
         await sub.send(json.dumps({"op": "subscribe", "id": 1, "topic": topic}))
         assert json.loads(await sub.recv())["ok"]
@@ -42,7 +50,9 @@ async def main(addr, n, spread_s):
             if r.get("id") == 1_000_000_000:
                 break
         ahead = start_ms - int(time.time() * 1000)
-        print(f"{n} scheduled, {r['pending']} pending at the node, the first due in {ahead} ms")
+        took = time.time() - scheduling
+        print(f"{n} scheduled in {took:.1f} s ({n / took:.0f} adds/s answered), {r['pending']} pending at the node, "
+              f"the first due in {ahead} ms")
         if ahead < 0:
             print("warning: scheduling took longer than the lead; early ones are measured late")
         deadline = time.time() + spread_s + 30

@@ -27,10 +27,12 @@
 //! - `nats.rs`: sans-IO parser of NATS server operations.
 //! - `jetstream.rs`: JetStream streams, consumers and pulling members (the
 //!   group scenario's peer with acks).
+//! - `request.rs`: the request/reply scenario.
 
 mod jetstream;
 mod nats;
 mod report;
+mod request;
 mod scenario;
 
 use std::net::TcpStream;
@@ -101,6 +103,24 @@ enum Command {
         /// every 64 cumulatively (JetStream members always ack each).
         #[arg(long)]
         ack_each: bool,
+        #[command(flatten)]
+        common: Common,
+    },
+    /// Request/reply: R requesters send requests open-loop (at --rate
+    /// together) to one topic, M responders answer each; latency is the
+    /// round trip from the scheduled send. RayFlux: the native `request`
+    /// op and a responder group; NATS: requests with reply subjects and a
+    /// queue group of responders.
+    Request {
+        /// Requesters (one connection each).
+        #[arg(long, default_value_t = 4)]
+        requesters: usize,
+        /// Responders.
+        #[arg(long, default_value_t = 4)]
+        responders: usize,
+        /// RayFlux: requests a responder holds unanswered at most.
+        #[arg(long, default_value_t = 100)]
+        prefetch: u32,
         #[command(flatten)]
         common: Common,
     },
@@ -271,15 +291,7 @@ impl Conn {
     /// A member of consumer group `bench` of `topic`: RayFlux's native
     /// group subscription, or a NATS queue subscription.
     fn open_member(target: &Target, topic: &str, prefetch: u32) -> Result<Conn> {
-        let stream = TcpStream::connect(&target.addr).with_context(|| format!("connect {}", target.addr))?;
-        stream.set_nodelay(true)?;
-        let url = match target.kind {
-            Kind::Rayflux => format!("ws://{}/v1/ws", target.addr),
-            Kind::Nats => format!("ws://{}/", target.addr),
-        };
-        let (ws, _) = tungstenite::client(url, stream).map_err(|e| anyhow::anyhow!("handshake: {e}"))?;
-        let mut conn =
-            Conn { ws, kind: target.kind, subject: topic.to_string(), nats: nats::Parser::default(), pull: None };
+        let mut conn = Conn::open_native(target, topic)?;
         match conn.kind {
             Kind::Rayflux => {
                 let join =
@@ -296,6 +308,19 @@ impl Conn {
             Kind::Nats => conn.nats_start(Some(format!("SUB {topic} bench 1\r\n")))?,
         }
         Ok(conn)
+    }
+
+    /// A RayFlux native-protocol connection (`/v1/ws`) about `topic`, or a
+    /// NATS connection not yet started.
+    fn open_native(target: &Target, topic: &str) -> Result<Conn> {
+        let stream = TcpStream::connect(&target.addr).with_context(|| format!("connect {}", target.addr))?;
+        stream.set_nodelay(true)?;
+        let url = match target.kind {
+            Kind::Rayflux => format!("ws://{}/v1/ws", target.addr),
+            Kind::Nats => format!("ws://{}/", target.addr),
+        };
+        let (ws, _) = tungstenite::client(url, stream).map_err(|e| anyhow::anyhow!("handshake: {e}"))?;
+        Ok(Conn { ws, kind: target.kind, subject: topic.to_string(), nats: nats::Parser::default(), pull: None })
     }
 
     /// A member's next delivery: the payload and, on RayFlux, its tag and
@@ -508,6 +533,7 @@ fn main() -> Result<()> {
     let shape = |name: &str, topics, subscribers, publishers, common: &Common, original_api| scenario::Shape {
         stalled: 0,
         group: None,
+        request: None,
         name: name.to_string(),
         topics,
         subscribers,
@@ -529,6 +555,11 @@ fn main() -> Result<()> {
         Command::Group { members, prefetch, ack_each, common } => {
             let group = Some(scenario::GroupShape { prefetch, ack_each });
             let shape = scenario::Shape { group, ..shape("group", 1, members, 1, &common, false) };
+            run_all(shape, &common)
+        }
+        Command::Request { requesters, responders, prefetch, common } => {
+            let request = Some(request::RequestShape { responders, prefetch });
+            let shape = scenario::Shape { request, ..shape("request", 1, responders, requesters, &common, false) };
             run_all(shape, &common)
         }
         Command::Fanin { publishers, common } => run_all(shape("fanin", 1, 1, publishers, &common, false), &common),

@@ -24,7 +24,7 @@ use crate::{process_cpu_seconds, unix_micros, Conn, Kind, Run, Target};
 pub const PAYLOAD_BYTES_MIN: usize = 40;
 /// How long a subscriber waits for the next message, once publishing has
 /// begun, before it gives up.
-const QUIET_SECONDS: u64 = 5;
+pub(crate) const QUIET_SECONDS: u64 = 5;
 /// Subscriber thread stack: they hold a socket and a histogram, no deep calls.
 const SUBSCRIBER_STACK_BYTES: usize = 256 << 10;
 
@@ -53,6 +53,9 @@ pub struct Shape {
     /// The subscribers are members of one consumer group (the group
     /// scenario): each message reaches one of them.
     pub group: Option<GroupShape>,
+    /// The request scenario: the publishers are requesters, and these
+    /// responders answer.
+    pub request: Option<crate::request::RequestShape>,
 }
 
 /// How the group scenario's members take their messages.
@@ -130,6 +133,9 @@ pub fn run(target: &Target, shape: &Shape, turn: usize) -> Result<Run> {
     }
     if let Some(group) = shape.group {
         return run_group(target, shape, &topic(0), group, turn);
+    }
+    if let Some(request) = shape.request {
+        return crate::request::run(target, shape, &topic(0), request, turn);
     }
     let go = GateOpener::new();
     let mut subscribers = Vec::new();
@@ -415,7 +421,7 @@ fn subscriber(mut conn: Sub, publishers: &[u64], per_publisher: &[u64], schedule
 
 /// Whether `recv` failed only because nothing arrived within the read
 /// timeout (the connection is still usable).
-fn is_read_timeout(e: &anyhow::Error) -> bool {
+pub(crate) fn is_read_timeout(e: &anyhow::Error) -> bool {
     let timed_out =
         |io: &std::io::Error| matches!(io.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut);
     e.chain().any(|cause| match cause.downcast_ref::<tungstenite::Error>() {
@@ -602,6 +608,7 @@ mod tests {
             original_api: false,
             stalled: 0,
             group: None,
+            request: None,
         };
         let sum: u64 = (0..12).map(|g| shape.sent_by(g)).sum();
         assert_eq!(sum, 1001);

@@ -77,7 +77,8 @@ pub enum Item {
     /// its prefetch (to the owner).
     GroupSettle { topic: TopicName, group: GroupName, sub: u64, settle: Settle },
     /// A responder's answer to the request `to` names (on the receiving
-    /// shard); `back` names the responder's reply, for `ReplyDone`.
+    /// shard); `back` names the responder's reply, for `ReplyDone` (0: the
+    /// responder wants no word back).
     Reply { to: crate::message::ReplyTo, answer: Answer, back: u64 },
     /// Whether the request a reply answered was still waiting.
     ReplyDone { back: u64, delivered: bool },

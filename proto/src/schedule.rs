@@ -200,6 +200,11 @@ impl Schedules {
         self.by_due.iter().filter_map(|(_, id)| Some(self.by_id.get(id)?.to_record())).collect()
     }
 
+    /// Payload bytes pending.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+
     /// Pending schedules.
     pub fn len(&self) -> usize {
         self.by_id.len()

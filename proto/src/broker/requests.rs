@@ -62,10 +62,16 @@ impl Broker {
         if to.shard >= self.shards {
             return false;
         }
-        let back = self.next_id();
-        if let Some(id) = reply_id {
-            self.replying.insert(back, (out, id));
-        }
+        // 0: nobody waits for the requester shard's word (the reply had
+        // no id), so none is sent back.
+        let back = match reply_id {
+            Some(id) => {
+                let back = self.next_id();
+                self.replying.insert(back, (out, id));
+                back
+            }
+            None => 0,
+        };
         self.send(to.shard, Item::Reply { to, answer, back }, now);
         true
     }
@@ -109,7 +115,9 @@ impl Broker {
                     };
                     w.out.offer_control(frame);
                 }
-                self.send(from, Item::ReplyDone { back, delivered }, now);
+                if back != 0 {
+                    self.send(from, Item::ReplyDone { back, delivered }, now);
+                }
             }
             Item::ReplyDone { back, delivered } => {
                 let Some((out, id)) = self.replying.remove(&back) else { return };

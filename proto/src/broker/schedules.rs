@@ -137,6 +137,12 @@ impl Broker {
         self.schedules.get(topic).map(Schedules::records).unwrap_or_default()
     }
 
+    /// About how many bytes `topic`'s pending schedules take in a journal
+    /// (payloads plus a record's overhead each), without building them.
+    pub fn schedule_journal_bytes(&self, topic: &TopicName) -> u64 {
+        self.schedules.get(topic).map_or(0, |s| (s.bytes() + s.len() * 64) as u64)
+    }
+
     /// Restores a durable topic's pending schedules from its journal, at
     /// start; those over the topic's bounds are dropped and counted.
     pub fn restore_schedules(&mut self, topic: &TopicName, list: Vec<Scheduled>) -> usize {
