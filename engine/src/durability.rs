@@ -425,11 +425,11 @@ impl Shard {
             tracing::info!(shard = id, topic = f.topic.as_str(), messages, next_seq = next, "durable topic recovered");
             // Pending schedules back from the journal, which is rewritten
             // with only them (a torn tail gone).
-            let pending = proto::schedule::replay(self.store.read_schedules(&f.topic)?);
-            if !pending.is_empty() {
-                let count = pending.len();
-                let dropped = broker.restore_schedules(&f.topic, pending);
-                tracing::info!(topic = f.topic.as_str(), count, dropped, "schedules restored");
+            let replayed = proto::schedule::replay(self.store.read_schedules(&f.topic)?);
+            if replayed != proto::schedule::Replayed::default() {
+                let (count, refire) = (replayed.pending.len(), replayed.unwritten.len());
+                let dropped = broker.restore_schedules(&f.topic, replayed);
+                tracing::info!(topic = f.topic.as_str(), count, refire, dropped, "schedules restored");
             }
             self.store.rewrite_schedules(&f.topic, &broker.schedule_records(&f.topic))?;
             for saved in self.store.read_groups(&f.topic)? {
@@ -437,7 +437,8 @@ impl Shard {
                 match broker.restore_group(&f.topic, saved, Now::read()) {
                     Ok(()) => tracing::info!(topic = f.topic.as_str(), group = name, "consumer group restored"),
                     Err(e) => {
-                        tracing::error!(topic = f.topic.as_str(), group = name, "consumer group not restored: {e}")
+                        tracing::error!(topic = f.topic.as_str(), group = name, "consumer group not restored: {e}");
+                        self.store.put_group_aside(&f.topic, &name);
                     }
                 }
             }
@@ -466,6 +467,12 @@ impl Shard {
     /// every `GROUP_SAVE_INTERVAL_MS`, or all of them when `force`). A
     /// failed save is logged; the group goes on and the next save retries.
     pub(crate) fn save_groups(&self, force: bool) {
+        let deletes = self.broker.borrow_mut().take_group_deletes();
+        for (topic, group) in deletes {
+            if let Err(e) = self.store.delete_group(&topic, &group) {
+                tracing::error!(topic = topic.as_str(), group, "removed group's positions not deleted: {e}");
+            }
+        }
         let saves = self.broker.borrow_mut().take_group_saves(Now::read(), force);
         for save in saves {
             if let Err(e) = self.store.write_group(&save.topic, &save.saved) {
@@ -498,9 +505,19 @@ impl Shard {
                     }
                     true
                 }
+                // A failed append may have left half a record, after which
+                // the journal would not read: write it anew from the table
+                // (which holds these changes), or report the failure.
                 Err(e) => {
-                    tracing::error!(topic = write.topic.as_str(), "schedule journal not written: {e}");
-                    false
+                    tracing::error!(topic = write.topic.as_str(), "schedule journal append failed: {e}; rewriting it");
+                    let live = self.broker.borrow().schedule_records(&write.topic);
+                    match self.store.rewrite_schedules(&write.topic, &live) {
+                        Ok(()) => true,
+                        Err(e) => {
+                            tracing::error!(topic = write.topic.as_str(), "schedule journal not written: {e}");
+                            false
+                        }
+                    }
                 }
             };
             self.broker.borrow_mut().schedules_written(&write.topic, ok, Now::read());

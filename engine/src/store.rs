@@ -223,13 +223,30 @@ impl Store {
             std::fs::create_dir_all(&dir).map_err(io("creating", &dir))?;
             sync_dir(&self.dir(topic))?;
         }
-        let name = format!("{:016x}.json", proto::hash::fnv1a(saved.group.as_bytes()));
-        write_atomic(&dir, &name, &serde_json::to_vec(saved).unwrap_or_default())
+        write_atomic(&dir, &group_file(&saved.group), &serde_json::to_vec(saved).unwrap_or_default())
+    }
+
+    /// Deletes a durable group's saved positions (the group was removed).
+    pub fn delete_group(&self, topic: &TopicName, group: &str) -> Result<(), StoreError> {
+        let path = self.dir(topic).join(GROUPS_DIR).join(group_file(group));
+        match std::fs::remove_file(&path) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io("deleting", &path)(e)),
+        }
+    }
+
+    /// Moves a group's save that could not be used aside
+    /// (`<hash>.json.corrupt`), so that a new save does not overwrite it
+    /// and an operator can look at it.
+    pub fn put_group_aside(&self, topic: &TopicName, group: &str) {
+        let path = self.dir(topic).join(GROUPS_DIR).join(group_file(group));
+        put_aside(&path);
     }
 
     /// The consumer groups saved for `topic` (at start; blocking reads). A
-    /// file that cannot be parsed is an error: positions are never
-    /// silently reset.
+    /// file that cannot be parsed is moved aside (`.corrupt`) and logged as
+    /// an error.
     pub fn read_groups(&self, topic: &TopicName) -> Result<Vec<SavedGroup>, StoreError> {
         let dir = self.dir(topic).join(GROUPS_DIR);
         let entries = match std::fs::read_dir(&dir) {
@@ -244,9 +261,19 @@ impl Store {
                 continue; // a temporary file a crash left
             }
             let body = std::fs::read(&path).map_err(io("reading", &path))?;
-            let saved = serde_json::from_slice(&body)
-                .map_err(|e| StoreError::Meta { path: path.clone(), why: e.to_string() })?;
-            groups.push(saved);
+            match serde_json::from_slice(&body) {
+                Ok(saved) => groups.push(saved),
+                // Not the node's to guess: kept aside, loudly; the group
+                // starts again from its `start` when a member joins.
+                Err(e) => {
+                    tracing::error!(
+                        topic = topic.as_str(),
+                        "group save {} unreadable ({e}): moved aside",
+                        path.display()
+                    );
+                    put_aside(&path);
+                }
+            }
         }
         Ok(groups)
     }
@@ -304,7 +331,18 @@ impl Store {
         };
         let scan = log::scan(&body);
         if let Some(torn) = scan.torn {
-            tracing::warn!(topic = topic.as_str(), "schedule journal cut at {} ({torn:?})", scan.whole_bytes);
+            // A torn tail (a crash mid-append) held nothing anyone was told;
+            // the file is kept aside all the same, since the rewrite at
+            // start drops what follows it.
+            let aside = self.dir(topic).join(format!("{SCHEDULES_FILE}.corrupt"));
+            tracing::warn!(
+                topic = topic.as_str(),
+                "schedule journal cut at {} of {} bytes ({torn:?}); the file is kept as {}",
+                scan.whole_bytes,
+                body.len(),
+                aside.display()
+            );
+            std::fs::write(&aside, &body).map_err(io("writing", &aside))?;
         }
         Ok(scan.records.into_iter().map(|(_, r)| r).collect())
     }
@@ -532,6 +570,20 @@ impl Store {
         let marker = dir.join("clean");
         std::fs::File::create(&marker).map_err(io("creating", &marker))?;
         sync_dir(&dir)
+    }
+}
+
+/// A group's save file name: its name's stable hash.
+fn group_file(group: &str) -> String {
+    format!("{:016x}.json", proto::hash::fnv1a(group.as_bytes()))
+}
+
+/// Renames `path` to `<path>.corrupt` (best effort: logged).
+fn put_aside(path: &Path) {
+    let mut aside = path.as_os_str().to_owned();
+    aside.push(".corrupt");
+    if let Err(e) = std::fs::rename(path, &aside) {
+        tracing::error!("could not move {} aside: {e}", path.display());
     }
 }
 

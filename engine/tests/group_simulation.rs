@@ -40,9 +40,10 @@
 //! the node restarts as after `kill -9`: every broker is made anew, the
 //! topic recovered from the segments and the group restored from its last
 //! save; members, requests, schedules and items in flight are gone. Then
-//! also: every acknowledged publish is in the log, and after a restart a
-//! message is delivered again only at or after its segment's saved
-//! position (what was acknowledged before the save never comes back).
+//! also: every acknowledged publish is in the log, a schedule that fired
+//! is in the log or pending again, and after a restart a message is
+//! delivered again only at or after its segment's saved position (what was
+//! acknowledged before the save never comes back).
 //!
 //! `cargo test --test group_simulation` runs `SIM_SEEDS` seeds (default
 //! 50) of `SIM_STEPS` steps (default 20,000); a failure names its seed:
@@ -253,6 +254,8 @@ struct Sim {
     again: BTreeSet<u64>,
     /// Seqs delivered before the last restart.
     before_restart: std::collections::HashSet<u64>,
+    /// Schedules fired since the last restart.
+    fired_since_restart: BTreeSet<u64>,
 }
 
 impl Sim {
@@ -307,6 +310,7 @@ impl Sim {
             floors: Vec::new(),
             again: BTreeSet::new(),
             before_restart: Default::default(),
+            fired_since_restart: BTreeSet::new(),
         };
         if sim.durable {
             let (owner, now) = (sim.topic.owner_shard(SHARDS), sim.now());
@@ -379,6 +383,7 @@ impl Sim {
                 for id in due {
                     if let Some((n, _)) = self.pending_schedules.remove(&id) {
                         self.fired.insert(n);
+                        self.fired_since_restart.insert(n);
                     }
                 }
             }
@@ -1067,13 +1072,40 @@ impl Sim {
         // The schedules the journal keeps come back (an un-journaled
         // cancel or replacement was never answered: undone); the others
         // pending are gone.
-        let survivors = proto::schedule::replay(self.journal.clone());
+        let replayed = proto::schedule::replay(self.journal.clone());
+        // A schedule that fired is in the log, or comes back pending: never
+        // neither (its done record waits for its message's commit).
+        let logged: BTreeSet<u64> = self
+            .log
+            .values()
+            .filter_map(|m| std::str::from_utf8(&m.payload).ok()?.strip_prefix("sched ")?.parse().ok())
+            .collect();
+        let back: BTreeSet<u64> = replayed
+            .pending
+            .iter()
+            .chain(replayed.unwritten.iter().map(|(_, s)| s))
+            .filter_map(|s| std::str::from_utf8(&s.payload).ok()?.strip_prefix("sched ")?.parse().ok())
+            .collect();
+        // (An add not yet journaled was never answered: it may go.)
+        let journaled: BTreeSet<u64> = self
+            .journal
+            .iter()
+            .filter_map(|r| std::str::from_utf8(&r.payload).ok()?.strip_prefix("sched ")?.parse().ok())
+            .collect();
+        // (Only those fired since the last restart: one that came back
+        // may since have been replaced or cancelled, and rightly gone.)
+        let lost =
+            self.fired_since_restart.iter().find(|n| journaled.contains(n) && !logged.contains(n) && !back.contains(n));
+        if let Some(n) = lost {
+            return Err(format!("schedule {n} fired, yet neither in the log nor pending after the restart"));
+        }
+        self.fired_since_restart.clear();
         for (_, (n, _)) in self.pending_schedules.drain() {
             if !self.fired.contains(&n) {
                 self.doomed.insert(n);
             }
         }
-        for s in &survivors {
+        for s in &replayed.pending {
             let text = std::str::from_utf8(&s.payload).unwrap_or_default();
             let n: u64 =
                 text.strip_prefix("sched ").and_then(|n| n.parse().ok()).ok_or("a schedule without its number")?;
@@ -1103,7 +1135,16 @@ impl Sim {
             .owner_mut()
             .declare_durable(&topic, DurableSpec::default(), Some((epoch, recovered)), LOG_LIMITS, now.at)
             .map_err(|e| format!("recovery: {e}"))?;
-        self.brokers[owner].restore_schedules(&topic, survivors);
+        // Fired ones not known written fire again at the first tick.
+        for (_, s) in &replayed.unwritten {
+            let text = std::str::from_utf8(&s.payload).unwrap_or_default();
+            let n: u64 =
+                text.strip_prefix("sched ").and_then(|n| n.parse().ok()).ok_or("a schedule without its number")?;
+            self.doomed.remove(&n);
+            self.fired.insert(n);
+            self.fired_since_restart.insert(n);
+        }
+        self.brokers[owner].restore_schedules(&topic, replayed);
         if let Some(saved) = self.saved.clone() {
             for (f, p) in self.floors.iter_mut().zip(&saved.positions) {
                 *f = (*f).max(*p);

@@ -398,6 +398,8 @@ pub struct Broker {
     group_reads: HashMap<u64, (TopicName, GroupName), ahash::RandomState>,
     /// When durable groups' positions were last handed over to save.
     groups_saved_ms: u64,
+    /// Durable groups removed, whose saves the shell deletes.
+    group_deletes: Vec<(TopicName, String)>,
     /// Consumer-group members on this shard, by id.
     members: HashMap<u64, groups::LocalMember, ahash::RandomState>,
     /// Requests of this shard's connections waiting for their reply.
@@ -409,6 +411,13 @@ pub struct Broker {
     schedules: HashMap<TopicName, crate::schedule::Schedules, ahash::RandomState>,
     /// Durable topics' schedule changes waiting to be journaled.
     schedule_journal: HashMap<TopicName, schedules::Journal, ahash::RandomState>,
+    /// Durable topics' fired schedules whose messages are not yet written,
+    /// by their messages' sequences, in order.
+    schedule_fired: HashMap<TopicName, Vec<(u64, crate::schedule::Scheduled)>, ahash::RandomState>,
+    /// Durable topics' schedules fired before a restart whose messages
+    /// were not known written (with their old sequences): fired again at
+    /// the next tick.
+    schedule_refire: HashMap<TopicName, Vec<(u64, crate::schedule::Scheduled)>, ahash::RandomState>,
     /// Schedule requests of this shard's connections awaiting the owner's
     /// answer: the queue and the native id to answer.
     asking: HashMap<u64, (Rc<Outbound>, u64), ahash::RandomState>,
@@ -441,11 +450,14 @@ impl Broker {
             group_names: HashMap::default(),
             group_reads: HashMap::default(),
             groups_saved_ms: 0,
+            group_deletes: Vec::new(),
             members: HashMap::default(),
             requests: HashMap::default(),
             replying: HashMap::default(),
             schedules: HashMap::default(),
             schedule_journal: HashMap::default(),
+            schedule_fired: HashMap::default(),
+            schedule_refire: HashMap::default(),
             asking: HashMap::default(),
             metrics,
         }
@@ -624,6 +636,9 @@ impl Broker {
         if !self.group_names.is_empty() {
             self.feed_groups_of(&commit.topic, now);
         }
+        if !self.schedule_fired.is_empty() {
+            self.schedules_fired_written(&commit.topic, commit.through_seq);
+        }
         self.answer_held(&commit.topic, commit.through_seq, Ok, now);
     }
 
@@ -674,6 +689,12 @@ impl Broker {
     /// takes no more publishes.
     pub fn commit_failed(&mut self, commit: &TopicCommit, now: Now) {
         self.owner.write_failed(commit);
+        // Fired schedules whose messages are dropped: to fire again (the
+        // topic refuses until a restart, which fires them from the
+        // journal; meanwhile a rewrite of the journal keeps them).
+        if let Some(fired) = self.schedule_fired.remove(&commit.topic) {
+            self.schedule_refire.entry(commit.topic.clone()).or_default().extend(fired);
+        }
         // Everything held for the topic: later appends are never written.
         self.answer_held(&commit.topic, u64::MAX, |_| Err(OwnerError::StorageFailed), now);
         if let Some(queue) = self.stored_wait.remove(&commit.topic) {

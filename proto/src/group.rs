@@ -212,6 +212,8 @@ pub struct Group {
     /// Refused with a delay: (due, seq) and the messages.
     delayed: BTreeSet<(u64, u64)>,
     delayed_messages: HashMap<u64, Waiting>,
+    /// Payload bytes of the delayed ones.
+    delayed_bytes: usize,
     /// Waiting messages (queued and delayed) and their payload bytes.
     backlog_messages: usize,
     backlog_bytes: usize,
@@ -252,6 +254,7 @@ impl Group {
             deadlines: BTreeSet::new(),
             delayed: BTreeSet::new(),
             delayed_messages: HashMap::new(),
+            delayed_bytes: 0,
             backlog_messages: 0,
             backlog_bytes: 0,
             idle_since_ms: Some(now_ms),
@@ -344,9 +347,10 @@ impl Group {
         positions
     }
 
-    /// Messages waiting for delivery (queued or delayed).
-    pub fn waiting(&self) -> usize {
-        self.backlog_messages
+    /// Messages queued for delivery (not counting refusals waiting out a
+    /// delay), and their payload bytes.
+    pub fn queued(&self) -> (usize, usize) {
+        (self.backlog_messages - self.delayed_messages.len(), self.backlog_bytes - self.delayed_bytes)
     }
 
     /// Whether `member` is in the group.
@@ -440,6 +444,7 @@ impl Group {
         for key in due {
             self.delayed.remove(&key);
             if let Some(w) = self.delayed_messages.remove(&key.1) {
+                self.delayed_bytes -= w.message.payload.len();
                 self.backlog_messages -= 1;
                 self.backlog_bytes -= w.message.payload.len();
                 let segment = segment_of(&w.message);
@@ -454,6 +459,11 @@ impl Group {
         let d = self.deadlines.first().map(|(d, _)| *d);
         let l = self.delayed.first().map(|(d, _)| *d);
         d.into_iter().chain(l).min()
+    }
+
+    /// How long the group has been without members (0 while it has some).
+    pub fn idle_for(&self, now_ms: u64) -> u64 {
+        self.idle_since_ms.map_or(0, |since| now_ms.saturating_sub(since))
     }
 
     /// Whether the group has been without members for [`IDLE_GROUP_MS`].
@@ -585,6 +595,7 @@ impl Group {
         self.backlog_messages += 1;
         self.backlog_bytes += u.waiting.message.payload.len();
         self.delayed.insert((due_ms, seq));
+        self.delayed_bytes += u.waiting.message.payload.len();
         self.delayed_messages.insert(seq, u.waiting);
     }
 

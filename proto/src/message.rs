@@ -112,12 +112,26 @@ pub const REPLY_TO_HEADER: &str = "rayflux-reply-to";
 pub const SCHEDULE_ID_HEADER: &str = "rayflux-schedule-id";
 /// A schedule journal's record that a schedule is no longer pending.
 pub const SCHEDULE_DONE_HEADER: &str = "rayflux-schedule-done";
+/// A schedule journal's record that a schedule fired as the message
+/// numbered its record's `seq`, not yet written (it carries the schedule).
+pub const SCHEDULE_FIRING_HEADER: &str = "rayflux-schedule-firing";
+/// A schedule journal's record that the message numbered its `seq` is
+/// written.
+pub const SCHEDULE_FIRED_HEADER: &str = "rayflux-schedule-fired";
 
 /// Whether `name` is a header name the log reserves.
 pub fn reserved_header(name: &str) -> bool {
-    [KIND_HEADER, ID_HEADER, REPLY_TO_HEADER, SCHEDULE_ID_HEADER, SCHEDULE_DONE_HEADER]
-        .iter()
-        .any(|r| name.eq_ignore_ascii_case(r))
+    [
+        KIND_HEADER,
+        ID_HEADER,
+        REPLY_TO_HEADER,
+        SCHEDULE_ID_HEADER,
+        SCHEDULE_DONE_HEADER,
+        SCHEDULE_FIRING_HEADER,
+        SCHEDULE_FIRED_HEADER,
+    ]
+    .iter()
+    .any(|r| name.eq_ignore_ascii_case(r))
 }
 
 /// A message's metadata: carried end to end, shown in native envelopes.

@@ -10,17 +10,23 @@
 //! schedule can be cancelled by id and the pending ones listed.
 //!
 //! A durable topic's schedules are also kept in a journal next to its log:
-//! records in the log's own format (checksummed, so a torn tail is found),
-//! one per schedule kept ([`Scheduled::to_record`]) and one per schedule
-//! that stopped pending ([`done_record`]: fired, cancelled). [`replay`]
-//! turns a journal back into the pending schedules.
+//! records in the log's own format (checksummed, so a torn tail is found):
+//! one per schedule kept ([`Scheduled::to_record`]), one per schedule
+//! cancelled ([`done_record`]), and for one that fires, one when it fires
+//! (carrying it and its message's number, [`Scheduled::to_firing_record`])
+//! and one once that message is written ([`fired_record`]). [`replay`]
+//! turns a journal back into the pending schedules and the fired ones
+//! whose messages may not have been written (to fire again: at least
+//! once; their ids may be in use again by then).
 
 use std::collections::{BTreeSet, HashMap};
 
 use bytes::Bytes;
 
 use crate::log::Record;
-use crate::message::{Meta, PayloadKind, SCHEDULE_DONE_HEADER, SCHEDULE_ID_HEADER};
+use crate::message::{
+    Meta, PayloadKind, SCHEDULE_DONE_HEADER, SCHEDULE_FIRED_HEADER, SCHEDULE_FIRING_HEADER, SCHEDULE_ID_HEADER,
+};
 
 /// Pending schedules of one topic: past this a schedule is refused
 /// (`too_many_schedules`).
@@ -55,10 +61,21 @@ impl Scheduled {
     /// Its journal record: sequence 0, its due time as the timestamp, its
     /// id as the first header, then its metadata's headers.
     pub fn to_record(&self) -> Record {
-        let mut headers = vec![(SCHEDULE_ID_HEADER.to_string(), self.id.clone())];
+        self.record(SCHEDULE_ID_HEADER, 0)
+    }
+
+    /// Its journal record when it fires as message `seq` (not yet
+    /// written): as [`Scheduled::to_record`], under another header name,
+    /// numbered `seq`.
+    pub fn to_firing_record(&self, seq: u64) -> Record {
+        self.record(SCHEDULE_FIRING_HEADER, seq)
+    }
+
+    fn record(&self, first_header: &str, seq: u64) -> Record {
+        let mut headers = vec![(first_header.to_string(), self.id.clone())];
         headers.extend(self.meta.as_ref().map(|m| m.to_record_headers()).unwrap_or_default());
         Record {
-            seq: 0,
+            seq,
             timestamp_ms: self.due_ms,
             kind: self.kind,
             key: self.key.clone(),
@@ -66,6 +83,30 @@ impl Scheduled {
             payload: self.payload.clone(),
         }
     }
+}
+
+/// The journal record saying that the message numbered `seq`, a fired
+/// schedule's, is written.
+pub fn fired_record(seq: u64) -> Record {
+    Record {
+        seq,
+        timestamp_ms: 0,
+        kind: PayloadKind::Binary,
+        key: None,
+        headers: vec![(SCHEDULE_FIRED_HEADER.to_string(), String::new())],
+        payload: Bytes::new(),
+    }
+}
+
+/// What a journal holds: the pending schedules, and the fired ones whose
+/// messages were not known written.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Replayed {
+    /// Pending, by due time.
+    pub pending: Vec<Scheduled>,
+    /// Fired, message not known written: to fire again, with the number
+    /// its message had.
+    pub unwritten: Vec<(u64, Scheduled)>,
 }
 
 /// The journal record saying schedule `id` is no longer pending.
@@ -80,31 +121,38 @@ pub fn done_record(id: &str) -> Record {
     }
 }
 
-/// The schedules a journal's records (in order) leave pending; records
-/// that are neither kind are skipped.
-pub fn replay(records: impl IntoIterator<Item = Record>) -> Vec<Scheduled> {
+/// What a journal's records (in order) leave: pending schedules, and fired
+/// ones whose messages were not known written. Other records are skipped.
+pub fn replay(records: impl IntoIterator<Item = Record>) -> Replayed {
     let mut live: HashMap<String, Scheduled> = HashMap::new();
-    for mut r in records {
+    let mut firing: std::collections::BTreeMap<u64, Scheduled> = std::collections::BTreeMap::new();
+    let scheduled = |mut r: Record, id: String| {
+        r.headers.remove(0);
+        let (meta, _) = Meta::from_record_headers(r.headers);
+        Scheduled { id, due_ms: r.timestamp_ms, kind: r.kind, payload: r.payload, key: r.key, meta }
+    };
+    for r in records {
         let Some((name, id)) = r.headers.first().cloned() else { continue };
-        if name == SCHEDULE_DONE_HEADER {
-            live.remove(&id);
-        } else if name == SCHEDULE_ID_HEADER {
-            r.headers.remove(0);
-            let (meta, _) = Meta::from_record_headers(r.headers);
-            let s = Scheduled {
-                id: id.clone(),
-                due_ms: r.timestamp_ms,
-                kind: r.kind,
-                payload: r.payload,
-                key: r.key,
-                meta,
-            };
-            live.insert(id, s);
+        match name.as_str() {
+            SCHEDULE_DONE_HEADER => {
+                live.remove(&id);
+            }
+            SCHEDULE_ID_HEADER => {
+                live.insert(id.clone(), scheduled(r, id));
+            }
+            SCHEDULE_FIRING_HEADER => {
+                live.remove(&id);
+                firing.insert(r.seq, scheduled(r, id));
+            }
+            SCHEDULE_FIRED_HEADER => {
+                firing.remove(&r.seq);
+            }
+            _ => {}
         }
     }
-    let mut list: Vec<Scheduled> = live.into_values().collect();
-    list.sort_by(|a, b| (a.due_ms, &a.id).cmp(&(b.due_ms, &b.id)));
-    list
+    let mut pending: Vec<Scheduled> = live.into_values().collect();
+    pending.sort_by(|a, b| (a.due_ms, &a.id).cmp(&(b.due_ms, &b.id)));
+    Replayed { pending, unwritten: firing.into_iter().collect() }
 }
 
 /// What [`Schedules::add`] did.
@@ -132,6 +180,17 @@ pub struct Schedules {
     /// (due, id), earliest first.
     by_due: BTreeSet<(u64, String)>,
     bytes: usize,
+    /// About the bytes the pending schedules take as journal records.
+    record_bytes: usize,
+}
+
+/// About the bytes `s` takes as a journal record (its fields plus the
+/// record's framing and header names).
+fn record_size(s: &Scheduled) -> usize {
+    let headers = s.meta.as_ref().map_or(0, |m| {
+        m.headers.iter().map(|(n, v)| n.len() + v.len() + 8).sum::<usize>() + m.id.as_ref().map_or(0, |i| i.len() + 32)
+    });
+    64 + s.id.len() + s.key.as_ref().map_or(0, |k| k.len()) + s.payload.len() + headers
 }
 
 impl Schedules {
@@ -151,6 +210,7 @@ impl Schedules {
         }
         let replaced = self.cancel(&s.id).is_some();
         self.bytes += s.payload.len();
+        self.record_bytes += record_size(&s);
         self.by_due.insert((s.due_ms, s.id.clone()));
         self.by_id.insert(s.id.clone(), s);
         Ok(Added::Kept { replaced })
@@ -161,6 +221,7 @@ impl Schedules {
         let s = self.by_id.remove(id)?;
         self.by_due.remove(&(s.due_ms, s.id.clone()));
         self.bytes -= s.payload.len();
+        self.record_bytes -= record_size(&s);
         Some(s)
     }
 
@@ -175,6 +236,7 @@ impl Schedules {
     pub fn put_back(&mut self, s: Scheduled) {
         if !self.by_id.contains_key(&s.id) {
             self.bytes += s.payload.len();
+            self.record_bytes += record_size(&s);
             self.by_due.insert((s.due_ms, s.id.clone()));
             self.by_id.insert(s.id.clone(), s);
         }
@@ -200,9 +262,9 @@ impl Schedules {
         self.by_due.iter().filter_map(|(_, id)| Some(self.by_id.get(id)?.to_record())).collect()
     }
 
-    /// Payload bytes pending.
-    pub fn bytes(&self) -> usize {
-        self.bytes
+    /// About the bytes the pending schedules take as journal records.
+    pub fn record_bytes(&self) -> usize {
+        self.record_bytes
     }
 
     /// Pending schedules.
@@ -240,7 +302,7 @@ mod tests {
         assert!(t.take_due(4).is_empty());
         let due: Vec<String> = t.take_due(10).into_iter().map(|d| d.id).collect();
         assert_eq!(due, ["a", "b"]);
-        assert!(t.is_empty() && t.bytes == 0);
+        assert!(t.is_empty() && t.bytes == 0 && t.record_bytes == 0);
     }
 
     #[test]
@@ -254,6 +316,12 @@ mod tests {
             done_record("b"),
             s("c", 25).to_record(), // replaced
             done_record("nope"),
+            s("f", 5).to_record(),
+            s("f", 5).to_firing_record(40), // fired, written
+            fired_record(40),
+            s("g", 6).to_record(),
+            s("g", 6).to_firing_record(41), // fired, not known written
+            s("g", 50).to_record(),         // its id in use again
         ];
         // Through the log's codec, as on disk.
         let mut bytes = Vec::new();
@@ -262,8 +330,9 @@ mod tests {
         }
         let scan = crate::log::scan(&Bytes::from(bytes));
         assert!(scan.torn.is_none());
-        let pending = replay(scan.records.into_iter().map(|(_, r)| r));
-        assert_eq!(pending, vec![s("c", 25), with_meta]);
+        let replayed = replay(scan.records.into_iter().map(|(_, r)| r));
+        assert_eq!(replayed.pending, vec![s("c", 25), with_meta, s("g", 50)]);
+        assert_eq!(replayed.unwritten, vec![(41, s("g", 6))]);
     }
 
     #[test]

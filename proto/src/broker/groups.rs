@@ -19,9 +19,16 @@ use crate::group::{
 };
 
 /// A durable topic's group reads the log while fewer messages than this
-/// wait in it (its read-ahead): memory stays bounded however far behind
-/// it is, and publishes are never refused for it (the log holds them).
-pub const DURABLE_READ_AHEAD_MESSAGES: usize = 1_024;
+/// are queued in it (its read-ahead; refusals waiting out a delay do not
+/// count): memory stays bounded however far behind it is, and publishes
+/// are never refused for it (the log holds them). Large enough that a few
+/// slow keys do not hold the others back for long.
+pub const DURABLE_READ_AHEAD_MESSAGES: usize = 4_096;
+/// Payload bytes of a durable group's read-ahead (as above).
+pub const DURABLE_READ_AHEAD_BYTES: usize = 16 << 20;
+/// A durable group without members is removed after this long, with its
+/// saved positions (Kafka's default `offsets.retention.minutes`).
+pub const DURABLE_IDLE_GROUP_MS: u64 = 7 * 24 * 3_600_000;
 /// Bytes one read of the log brings a durable group, about.
 pub const DURABLE_READ_BYTES: usize = 1 << 20;
 /// After a read of the log that brought nothing (the store failed), the
@@ -152,15 +159,23 @@ impl Broker {
     }
 
     /// Applies the time to the groups this shard owns (deadlines, delayed
-    /// refusals) and removes those idle past `IDLE_GROUP_MS`.
+    /// refusals) and removes those idle past `IDLE_GROUP_MS` (a durable
+    /// topic's: `DURABLE_IDLE_GROUP_MS`).
     pub fn tick_groups(&mut self, now: Now) {
         let mut events = Vec::new();
         let keys: Vec<(TopicName, GroupName)> = self.groups.keys().cloned().collect();
         for key in keys {
             let Some(g) = self.groups.get_mut(&key) else { continue };
-            // A durable group stays without members (its position is what
-            // a restarted worker pool resumes from).
-            if g.feed.is_none() && g.group.is_idle(now.unix_ms) {
+            // A durable group stays without members for a week (its
+            // position is what a restarted worker pool resumes from).
+            let expired = match g.feed {
+                None => g.group.is_idle(now.unix_ms),
+                Some(_) => g.group.idle_for(now.unix_ms) >= DURABLE_IDLE_GROUP_MS,
+            };
+            if expired {
+                if g.feed.is_some() {
+                    self.group_deletes.push((key.0.clone(), key.1.to_string()));
+                }
                 self.groups.remove(&key);
                 self.owner.release_for_group(&key.0);
                 if let Some(names) = self.group_names.get_mut(&key.0) {
@@ -236,7 +251,11 @@ impl Broker {
                     // Caught up and with room: live, without a read. Else
                     // the log has it for a later read.
                     Some(feed) => {
-                        if !feed.reading && feed.next == message.seq && g.group.waiting() < DURABLE_READ_AHEAD_MESSAGES
+                        let (queued, bytes) = g.group.queued();
+                        if !feed.reading
+                            && feed.next == message.seq
+                            && queued < DURABLE_READ_AHEAD_MESSAGES
+                            && bytes < DURABLE_READ_AHEAD_BYTES
                         {
                             feed.next += 1;
                             g.group.offer(message.clone(), now.unix_ms, &mut events);
@@ -273,7 +292,10 @@ impl Broker {
         // Up to a record that exists: after an unclean restart the written
         // number includes those the crash skipped.
         let to = written.min(log.last_record_seq());
-        let idle = g.group.member_count() == 0 || g.group.waiting() >= DURABLE_READ_AHEAD_MESSAGES / 2;
+        let (queued, bytes) = g.group.queued();
+        let idle = g.group.member_count() == 0
+            || queued >= DURABLE_READ_AHEAD_MESSAGES / 2
+            || bytes >= DURABLE_READ_AHEAD_BYTES / 2;
         if feed.reading || feed.next > to || idle || now.unix_ms < feed.retry_at_ms {
             return;
         }
@@ -338,6 +360,12 @@ impl Broker {
         saves
     }
 
+    /// Durable groups removed (idle past `DURABLE_IDLE_GROUP_MS`) since
+    /// the last call: (topic, group) whose saved positions the shell deletes.
+    pub fn take_group_deletes(&mut self) -> Vec<(TopicName, String)> {
+        std::mem::take(&mut self.group_deletes)
+    }
+
     /// A save handed over by [`Broker::take_group_saves`] failed: the next
     /// one hands the group over again even if its positions stay.
     pub fn group_save_failed(&mut self, topic: &TopicName, group: &str) {
@@ -367,10 +395,14 @@ impl Broker {
             max_deliveries: saved.max_deliveries,
             start: GroupStart::Now,
         };
+        // Never past what the log holds: a log that lost its tail (an
+        // fsync interval, damage) must not make the group skip what is
+        // numbered next.
+        let positions: Vec<u64> = saved.positions.iter().map(|p| (*p).min(durable + 1)).collect();
         let mut group = Group::new(settings, now.unix_ms);
-        group.set_floors(&saved.positions);
-        let next = saved.positions.iter().copied().min().unwrap_or(durable + 1);
-        let feed = LogFeed { next, reading: false, retry_at_ms: 0, saved: saved.positions };
+        group.set_floors(&positions);
+        let next = positions.iter().copied().min().unwrap_or(durable + 1);
+        let feed = LogFeed { next, reading: false, retry_at_ms: 0, saved: positions };
         self.group_names.entry(topic.clone()).or_default().push(name);
         self.groups.insert(key, OwnedGroup { group, dead_letter, feed: Some(feed) });
         Ok(())

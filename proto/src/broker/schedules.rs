@@ -14,7 +14,7 @@
 
 use super::*;
 use crate::log::Record;
-use crate::schedule::{done_record, Added, Scheduled, Schedules, SCHEDULE_LIST_MAX};
+use crate::schedule::{done_record, fired_record, Added, Replayed, Scheduled, Schedules, SCHEDULE_LIST_MAX};
 
 /// A durable topic's schedule changes not yet written, and the answers
 /// waiting for them.
@@ -70,6 +70,23 @@ impl Broker {
     /// Sequences the schedules of this shard's topics that are due; one the
     /// topic refuses now (full, behind) is tried again at the next tick.
     pub fn tick_schedules(&mut self, now: Now) {
+        // Fired before a restart, their messages not known written: again
+        // first (at least once).
+        let refire: Vec<(TopicName, Vec<(u64, Scheduled)>)> = self.schedule_refire.drain().collect();
+        for (topic, list) in refire {
+            for (old_seq, s) in list {
+                let options = PublishOptions { key: s.key.clone(), ack: None, reply_to: None, meta: s.meta.clone() };
+                match self.sequence(&topic, s.kind, s.payload.clone(), options, now) {
+                    Ok((seq, _)) if self.owner.durable(&topic).is_some() => {
+                        // The old firing is settled by the new one.
+                        self.schedule_journal.entry(topic.clone()).or_default().records.push(fired_record(old_seq));
+                        self.journal_fired(&topic, &s, seq);
+                    }
+                    Ok(_) => {}
+                    Err(_) => self.schedule_refire.entry(topic.clone()).or_default().push((old_seq, s)),
+                }
+            }
+        }
         let topics: Vec<TopicName> = self
             .schedules
             .iter()
@@ -81,14 +98,14 @@ impl Broker {
             let durable = self.owner.durable(&topic).is_some();
             for s in due {
                 let options = PublishOptions { key: s.key.clone(), ack: None, reply_to: None, meta: s.meta.clone() };
-                if self.sequence(&topic, s.kind, s.payload.clone(), options, now).is_err() {
-                    if let Some(table) = self.schedules.get_mut(&topic) {
-                        table.put_back(s);
+                match self.sequence(&topic, s.kind, s.payload.clone(), options, now) {
+                    Err(_) => {
+                        if let Some(table) = self.schedules.get_mut(&topic) {
+                            table.put_back(s);
+                        }
                     }
-                } else if durable {
-                    // Fired: not pending after a restart (a crash before
-                    // this record is written fires it again: at least once).
-                    self.schedule_journal.entry(topic.clone()).or_default().records.push(done_record(&s.id));
+                    Ok((seq, _)) if durable => self.journal_fired(&topic, &s, seq),
+                    Ok(_) => {}
                 }
             }
             if self.schedules.get(&topic).is_some_and(Schedules::is_empty) {
@@ -98,9 +115,35 @@ impl Broker {
     }
 
     /// Whether this shard keeps pending schedules or journal records to
-    /// write (its ticker runs).
+    /// write, fired schedules whose messages are not yet written, or ones
+    /// to fire again (its ticker runs).
     pub fn has_schedules(&self) -> bool {
-        !self.schedules.is_empty() || !self.schedule_journal.is_empty()
+        !self.schedules.is_empty()
+            || !self.schedule_journal.is_empty()
+            || !self.schedule_fired.is_empty()
+            || !self.schedule_refire.is_empty()
+    }
+
+    /// A durable topic's schedule `s` fired as message `seq`: journaled at
+    /// once (it is no longer pending, and its id may be used again), and as
+    /// written once its message is (`schedules_fired_written`). A restart
+    /// in between fires it again (at least once).
+    fn journal_fired(&mut self, topic: &TopicName, s: &Scheduled, seq: u64) {
+        self.schedule_journal.entry(topic.clone()).or_default().records.push(s.to_firing_record(seq));
+        self.schedule_fired.entry(topic.clone()).or_default().push((seq, s.clone()));
+    }
+
+    /// A durable topic's commit through `through_seq` is written: the fired
+    /// schedules whose messages it carries are journaled as written.
+    pub(super) fn schedules_fired_written(&mut self, topic: &TopicName, through_seq: u64) {
+        let Some(fired) = self.schedule_fired.get_mut(topic) else { return };
+        let written = fired.partition_point(|(seq, _)| *seq <= through_seq);
+        let done: Vec<u64> = fired.drain(..written).map(|(seq, _)| seq).collect();
+        if fired.is_empty() {
+            self.schedule_fired.remove(topic);
+        }
+        let journal = self.schedule_journal.entry(topic.clone()).or_default();
+        journal.records.extend(done.into_iter().map(fired_record));
     }
 
     /// Durable topics' schedule changes since the last call, for the shell
@@ -131,25 +174,34 @@ impl Broker {
         }
     }
 
-    /// Every pending schedule of `topic` as journal records (the shell
-    /// rewrites a journal that grew past what is pending).
+    /// The journal records that keep `topic`'s schedules as they are, for
+    /// a rewrite of its journal: every pending schedule, and every fired
+    /// one whose message is not known written (or is to fire again).
     pub fn schedule_records(&self, topic: &TopicName) -> Vec<Record> {
-        self.schedules.get(topic).map(Schedules::records).unwrap_or_default()
+        let mut records = self.schedules.get(topic).map(Schedules::records).unwrap_or_default();
+        let unwritten = self.schedule_fired.get(topic).into_iter().chain(self.schedule_refire.get(topic));
+        records.extend(unwritten.flatten().map(|(seq, s)| s.to_firing_record(*seq)));
+        records
     }
 
-    /// About how many bytes `topic`'s pending schedules take in a journal
-    /// (payloads plus a record's overhead each), without building them.
+    /// About how many bytes `topic`'s pending schedules take in a journal,
+    /// without building their records.
     pub fn schedule_journal_bytes(&self, topic: &TopicName) -> u64 {
-        self.schedules.get(topic).map_or(0, |s| (s.bytes() + s.len() * 64) as u64)
+        self.schedules.get(topic).map_or(0, |s| s.record_bytes() as u64)
     }
 
-    /// Restores a durable topic's pending schedules from its journal, at
-    /// start; those over the topic's bounds are dropped and counted.
-    pub fn restore_schedules(&mut self, topic: &TopicName, list: Vec<Scheduled>) -> usize {
+    /// Restores a durable topic's schedules from its journal, at start:
+    /// the pending ones (those over the topic's bounds are dropped and
+    /// counted), and the fired ones whose messages were not known written,
+    /// fired again at the first tick.
+    pub fn restore_schedules(&mut self, topic: &TopicName, replayed: Replayed) -> usize {
         let table = self.schedules.entry(topic.clone()).or_default();
-        let dropped = list.into_iter().filter(|s| table.add(s.clone(), false).is_err()).count();
+        let dropped = replayed.pending.into_iter().filter(|s| table.add(s.clone(), false).is_err()).count();
         if table.is_empty() {
             self.schedules.remove(topic);
+        }
+        if !replayed.unwritten.is_empty() {
+            self.schedule_refire.entry(topic.clone()).or_default().extend(replayed.unwritten);
         }
         dropped
     }
