@@ -26,7 +26,7 @@ pub mod config;
 pub mod control;
 pub mod health;
 pub mod limits;
-pub mod maglev;
+pub use proto::maglev;
 pub mod membership;
 pub mod proxy;
 pub mod route;

@@ -11,6 +11,10 @@
 //! - [`admin`]: the JSON bodies of the node's and the balancer's HTTP APIs.
 //! - [`topic`]: topic names and their owner shard.
 //! - [`hash`]: the stable hashes the node and the balancer agree on.
+//! - [`maglev`]: the Maglev table the balancer routes by and a cluster
+//!   derives topic ownership from.
+//! - [`cluster`]: a cluster's agreed member set, its version, and which
+//!   node owns a topic.
 //! - [`ws`]: WebSocket frames: client decoder, server encoders, close codes.
 //! - [`http`]: request heads, routes, responses.
 //! - [`native`]: the native protocol's requests, replies and envelopes.
@@ -35,6 +39,7 @@
 
 pub mod admin;
 pub mod broker;
+pub mod cluster;
 pub mod durable;
 pub mod group;
 pub mod hash;
@@ -42,6 +47,7 @@ pub mod history;
 pub mod http;
 pub mod limits;
 pub mod log;
+pub mod maglev;
 pub mod message;
 pub mod metrics;
 pub mod native;

@@ -9,7 +9,7 @@
 //! so every balancer replica and version builds the same table from the same
 //! node set, in any order, without coordination.
 
-use proto::hash::spread;
+use crate::hash::spread;
 
 /// Default table size: a prime well above 100 x the largest expected node
 /// count, as the paper recommends for balance.
