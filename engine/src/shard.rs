@@ -863,6 +863,16 @@ impl Shard {
         self.apply();
     }
 
+    /// Deletes a consumer group without members (see
+    /// [`Broker::delete_group`]); the native reply `id` comes with the
+    /// owner's answer.
+    pub fn delete_group(&self, topic: TopicName, group: &str, out: Rc<Outbound>, id: u64) {
+        self.broker.borrow_mut().delete_group(topic, group.into(), out, id, Now::read());
+        self.apply();
+        // A durable group's save is deleted by the owner's ticker.
+        self.ticker_wake.notify();
+    }
+
     /// A fresh schedule id, unique on this node.
     pub fn schedule_id(&self) -> String {
         self.broker.borrow_mut().schedule_id()

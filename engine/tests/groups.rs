@@ -567,3 +567,42 @@ fn a_durable_topics_schedules_survive_a_kill_9_and_a_clean_stop() {
     eprintln!("durable schedules: 6 kept, 1 fired, 1 cancelled, 1 replaced before kill -9; after it d, a, b pending; a published {late} ms after its time (the restart's)");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn a_group_without_members_is_deleted_with_its_saved_position() {
+    let dir = fresh_dir("delete-group");
+    let dir_arg = dir.to_str().unwrap().to_string();
+    // Owned by shard 1; the deleting connection is on shard 0.
+    let topic = topic_on_shard("ledger", 2, 1);
+    let flags = ["--shards", "2", "--durable", &topic, "--data-dir", &dir_arg];
+    let node = Node::start(&flags);
+    publish_keyed(&node, &topic, 1, 20);
+    let mut w = node.ws("/v1/ws");
+    let joined = join_named(&mut w, &topic, "audit", serde_json::json!({"prefetch": 5, "start": "beginning"}));
+    assert_eq!(joined["ok"], true, "{joined}");
+    assert_eq!(process(&mut w, &topic, "audit", 20).len(), 20);
+    let saves = || -> Vec<std::path::PathBuf> {
+        let topics = std::fs::read_dir(dir.join("topics")).unwrap();
+        let groups = topics.flatten().map(|t| t.path().join("groups")).filter(|g| g.exists());
+        groups.flat_map(|g| std::fs::read_dir(g).unwrap().flatten().map(|e| e.path())).collect()
+    };
+    wait_until("the group's position saved", || saves().iter().any(|p| p.extension().is_some_and(|e| e == "json")));
+    let mut admin = ws_on_shard(&node.addr(), "/v1/ws", 0);
+    let delete = |ws: &mut Ws, id: u64| {
+        native_call(ws, serde_json::json!({"op":"delete_group","id":id,"topic":topic,"group":"audit"}))
+    };
+    let busy = delete(&mut admin, 1);
+    assert_eq!(busy["error"]["code"], "busy", "a member is in it: {busy}");
+    let left = native_call(&mut w, serde_json::json!({"op":"unsubscribe","id":50,"topic":topic,"group":"audit"}));
+    assert_eq!(left["ok"], true, "{left}");
+    let deleted = delete(&mut admin, 2);
+    assert_eq!(deleted["ok"], true, "{deleted}");
+    assert_eq!(delete(&mut admin, 3)["error"]["code"], "not_found");
+    wait_until("the saved position deleted", || saves().is_empty());
+    // Made again, it starts afresh: from the beginning it replays all 20.
+    let again = join_named(&mut w, &topic, "audit", serde_json::json!({"prefetch": 5, "start": "beginning"}));
+    assert_eq!(again["ok"], true, "{again}");
+    let replayed: Vec<u64> = process(&mut w, &topic, "audit", 20).iter().map(|d| d.0).collect();
+    assert_eq!(replayed.iter().copied().collect::<std::collections::BTreeSet<_>>(), (1..=20).collect());
+    let _ = std::fs::remove_dir_all(&dir);
+}

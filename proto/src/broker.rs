@@ -76,6 +76,9 @@ pub enum Item {
     /// Member `sub` of the sending shard acknowledges, refuses, or changes
     /// its prefetch (to the owner).
     GroupSettle { topic: TopicName, group: GroupName, sub: u64, settle: Settle },
+    /// Delete a group without members (to the owner); answered with
+    /// `ScheduleAnswer` (an owner's answer to a native request).
+    GroupDelete { topic: TopicName, group: GroupName, req: u64 },
     /// A responder's answer to the request `to` names (on the receiving
     /// shard); `back` names the responder's reply, for `ReplyDone` (0: the
     /// responder wants no word back).
@@ -418,8 +421,9 @@ pub struct Broker {
     /// were not known written (with their old sequences): fired again at
     /// the next tick.
     schedule_refire: HashMap<TopicName, Vec<(u64, crate::schedule::Scheduled)>, ahash::RandomState>,
-    /// Schedule requests of this shard's connections awaiting the owner's
-    /// answer: the queue and the native id to answer.
+    /// Schedule and group-deletion requests of this shard's connections
+    /// awaiting the owner's answer (`Item::ScheduleAnswer`): the queue and
+    /// the native id to answer.
     asking: HashMap<u64, (Rc<Outbound>, u64), ahash::RandomState>,
     /// This shard's counters.
     metrics: Rc<Metrics>,
@@ -846,6 +850,7 @@ impl Broker {
             | Item::GroupJoined { .. }
             | Item::GroupLeave { .. }
             | Item::GroupSettle { .. }
+            | Item::GroupDelete { .. }
             | Item::GroupDeliver { .. }) => self.handle_group(from, item, now),
             item @ (Item::Reply { .. } | Item::ReplyDone { .. }) => self.handle_reply(from, item, now),
             item @ (Item::ScheduleAsk { .. } | Item::ScheduleAnswer { .. }) => self.handle_schedules(from, item, now),

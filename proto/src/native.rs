@@ -68,6 +68,9 @@ pub enum Request {
     CancelSchedule { id: u64, topic: String, schedule_id: String },
     /// List a topic's pending schedules (`schedules`).
     ListSchedules { id: u64, topic: String },
+    /// Delete a consumer group that has no members, with its position
+    /// (`delete_group`).
+    DeleteGroup { id: u64, topic: String, group: String },
     /// A responder's reply to the request `to` names, with an optional ack
     /// of the request's delivery (`topic`, `group`, `seq`); answered only
     /// when it has an `id`.
@@ -306,6 +309,7 @@ pub fn parse_text(text: &[u8]) -> Result<Request, BadRequest> {
             Ok(Request::CancelSchedule { id, topic: topic()?, schedule_id: schedule_id.to_string() })
         }
         "schedules" => Ok(Request::ListSchedules { id, topic: topic()? }),
+        "delete_group" => Ok(Request::DeleteGroup { id, topic: topic()?, group: group()? }),
         "publish" => {
             let data = wire.data.as_deref().ok_or_else(|| bad("missing \"data\""))?;
             let ack = match wire.ack.as_deref().map(AckLevel::parse) {

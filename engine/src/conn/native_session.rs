@@ -154,6 +154,13 @@ pub(super) async fn native_message(
                 return true;
             }
         },
+        Request::DeleteGroup { id, topic, group } => match topic_of(id, &topic) {
+            Err(reply) => reply,
+            Ok(topic) => {
+                shard.delete_group(topic, &group, out.clone(), id);
+                return true; // answered by the owner
+            }
+        },
         Request::ListSchedules { id, topic } => match topic_of(id, &topic) {
             Err(reply) => reply,
             Ok(topic) => {

@@ -147,6 +147,32 @@ impl Broker {
         self.send(owner, Item::GroupLeave { topic: m.topic, group: m.group, sub }, now);
     }
 
+    /// Asks `topic`'s owner to delete `group` (it must have no members),
+    /// with its saved position; the native reply `id` on `out` comes with
+    /// the owner's answer: ok, `not_found`, or `busy` (it has members).
+    pub fn delete_group(&mut self, topic: TopicName, group: GroupName, out: Rc<Outbound>, id: u64, now: Now) {
+        let req = self.next_id();
+        self.asking.insert(req, (out, id));
+        let owner = topic.owner_shard(self.shards);
+        self.send(owner, Item::GroupDelete { topic, group, req }, now);
+    }
+
+    /// Removes an owned group and what it holds (its topic is no longer
+    /// held for it); a durable one's save is deleted by the shell.
+    fn remove_group(&mut self, key: &(TopicName, GroupName)) {
+        let Some(g) = self.groups.remove(key) else { return };
+        if g.feed.is_some() {
+            self.group_deletes.push((key.0.clone(), key.1.to_string()));
+        }
+        self.owner.release_for_group(&key.0);
+        if let Some(names) = self.group_names.get_mut(&key.0) {
+            names.retain(|n| *n != key.1);
+            if names.is_empty() {
+                self.group_names.remove(&key.0);
+            }
+        }
+    }
+
     /// A member's ack, refusal or prefetch change; false when `sub` is not
     /// a member here. The owner ignores one about a message the member no
     /// longer holds (redelivered elsewhere after its deadline).
@@ -173,17 +199,7 @@ impl Broker {
                 Some(_) => g.group.idle_for(now.unix_ms) >= DURABLE_IDLE_GROUP_MS,
             };
             if expired {
-                if g.feed.is_some() {
-                    self.group_deletes.push((key.0.clone(), key.1.to_string()));
-                }
-                self.groups.remove(&key);
-                self.owner.release_for_group(&key.0);
-                if let Some(names) = self.group_names.get_mut(&key.0) {
-                    names.retain(|n| *n != key.1);
-                    if names.is_empty() {
-                        self.group_names.remove(&key.0);
-                    }
-                }
+                self.remove_group(&key);
                 continue;
             }
             g.group.tick(now.unix_ms, &mut events);
@@ -192,9 +208,10 @@ impl Broker {
         }
     }
 
-    /// Whether this shard owns any group (the shell ticks them while so).
+    /// Whether this shard owns any group, or has a removed durable group's
+    /// save to delete (the shell ticks them while so).
     pub fn has_groups(&self) -> bool {
-        !self.groups.is_empty()
+        !self.groups.is_empty() || !self.group_deletes.is_empty()
     }
 
     /// Messages waiting and unacknowledged in a group this shard owns.
@@ -489,6 +506,20 @@ impl Broker {
                 }
                 self.group_events(&key, &mut events, now);
                 self.feed_group(&key, now);
+            }
+            Item::GroupDelete { topic, group, req } => {
+                let key = (topic, group);
+                let answer = match self.groups.get(&key) {
+                    None => Err(("not_found".to_string(), "no such group on this topic".to_string())),
+                    Some(g) if g.group.member_count() > 0 => {
+                        Err(("busy".to_string(), format!("the group has {} members", g.group.member_count())))
+                    }
+                    Some(_) => {
+                        self.remove_group(&key);
+                        Ok(serde_json::json!({"topic": key.0.as_str(), "group": &*key.1}))
+                    }
+                };
+                self.send(from, Item::ScheduleAnswer { req, answer }, now);
             }
             // Member side.
             Item::GroupJoined { topic, group, sub, result } => self.group_joined(&topic, &group, sub, result),
