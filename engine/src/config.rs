@@ -151,6 +151,15 @@ pub struct Args {
     /// empty data directory before serving.
     #[arg(long, value_name = "latest|ID")]
     pub restore: Option<String>,
+    /// A member of this node's cluster (`host:port`, this node's own
+    /// address included); repeat for each. Static membership: topic
+    /// ownership is computed and shown (`GET /v1/cluster`), not yet acted
+    /// on (no forwarding between nodes yet).
+    #[arg(long = "peer", value_name = "HOST:PORT")]
+    pub peers: Vec<String>,
+    /// This node's address among the peers. [default: the listen address]
+    #[arg(long)]
+    pub advertise: Option<String>,
 }
 
 /// The TOML file: the same knobs as [`Args`], all optional, unknown keys
@@ -187,6 +196,9 @@ struct FileConfig {
     s3_path_style: Option<bool>,
     upload_interval_ms: Option<u64>,
     snapshot_interval_ms: Option<u64>,
+    #[serde(default)]
+    peers: Vec<String>,
+    advertise: Option<String>,
 }
 
 /// The object store: `--object-store` or the file's, with the S3 settings,
@@ -279,6 +291,12 @@ pub struct Config {
     snapshot_interval: Duration,
     /// Snapshot to restore before serving.
     restore: Option<String>,
+    /// This node's address in its cluster.
+    advertise: String,
+    /// The cluster's static member set (this node alone when none given).
+    topology: proto::cluster::Topology,
+    /// Whether the member set came from `--peer` flags.
+    static_peers: bool,
 }
 
 /// Read access: the fields are private, so a `Config` exists only as
@@ -360,6 +378,21 @@ impl Config {
         self.proxy_protocol
     }
 
+    /// This node's address in its cluster.
+    pub fn advertise(&self) -> &str {
+        &self.advertise
+    }
+
+    /// The cluster's member set and topic owners.
+    pub fn topology(&self) -> &proto::cluster::Topology {
+        &self.topology
+    }
+
+    /// Whether the member set came from `--peer` (else: this node alone).
+    pub fn static_peers(&self) -> bool {
+        self.static_peers
+    }
+
     /// Which shard serves a topic socket.
     pub fn topic_sockets(&self) -> TopicSockets {
         self.topic_sockets
@@ -413,8 +446,9 @@ impl Config {
 
 impl Default for Config {
     fn default() -> Self {
+        let listen = SocketAddr::from(([0, 0, 0, 0], 8080));
         Config {
-            listen: SocketAddr::from(([0, 0, 0, 0], 8080)),
+            listen,
             shards: online_cores(),
             message_bytes_max: limits::MESSAGE_BYTES_MAX_DEFAULT,
             send_queue_bytes_max: limits::SEND_QUEUE_BYTES_MAX_DEFAULT,
@@ -439,6 +473,9 @@ impl Default for Config {
             upload_interval: Duration::from_millis(UPLOAD_INTERVAL_MS_DEFAULT),
             snapshot_interval: Duration::from_millis(SNAPSHOT_INTERVAL_MS_DEFAULT),
             restore: None,
+            advertise: listen.to_string(),
+            topology: proto::cluster::Topology::new(1, &[listen.to_string()]).expect("one member fits"),
+            static_peers: false,
         }
     }
 }
@@ -482,7 +519,24 @@ impl Config {
             upload_interval: ms(pick!(args, file, upload_interval_ms, UPLOAD_INTERVAL_MS_DEFAULT)),
             snapshot_interval: ms(pick!(args, file, snapshot_interval_ms, SNAPSHOT_INTERVAL_MS_DEFAULT)),
             restore: args.restore.clone(),
+            advertise: String::new(),
+            topology: d.topology.clone(),
+            static_peers: false,
         };
+        let mut config = config;
+        let listen = config.listen;
+        config.advertise = args.advertise.clone().or(file.advertise.clone()).unwrap_or_else(|| listen.to_string());
+        let peers = if args.peers.is_empty() { file.peers.clone() } else { args.peers.clone() };
+        config.static_peers = !peers.is_empty();
+        let members = if peers.is_empty() { vec![config.advertise.clone()] } else { peers };
+        if !members.contains(&config.advertise) {
+            return Err(ConfigError::Invalid(format!(
+                "this node's address {} is not among the peers {members:?} (see --advertise)",
+                config.advertise
+            )));
+        }
+        config.topology =
+            proto::cluster::Topology::new(1, &members).map_err(|e| ConfigError::Invalid(format!("peers: {e}")))?;
         config.validate(history_memory_max)?;
         Ok(config)
     }

@@ -308,3 +308,26 @@ pub struct SnapshotList {
     /// The ids.
     pub snapshots: Vec<String>,
 }
+
+/// `GET /v1/cluster`: the node's view of its cluster (static membership
+/// for now: `--peer` flags, version 1; a single node is its own cluster).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterBody {
+    /// Where membership comes from: `single` or `static`.
+    pub membership: String,
+    /// The member set's version.
+    pub version: u64,
+    /// This node's address in the set.
+    pub node: String,
+    /// The members, sorted.
+    pub members: Vec<String>,
+    /// With `?topic=`: the topic and the member that owns it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub topic: Option<String>,
+    /// See `topic`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub owner: Option<String>,
+    /// Whether this node serves the cluster's topics from other nodes
+    /// (forwarding): not yet.
+    pub forwarding: bool,
+}

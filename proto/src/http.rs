@@ -162,6 +162,8 @@ pub enum Route {
     Metrics,
     /// `GET /v1/latency`: the delivery latency distribution.
     Latency,
+    /// `GET /v1/cluster[?topic=T]`: the node's view of its cluster.
+    Cluster,
     /// `GET /v1/topics`
     ListTopics,
     /// `GET /v1/topics/{topic}`
@@ -207,6 +209,7 @@ pub fn route(method: &str, path: &str) -> Route {
         "/readyz" => pick(get, Route::Readyz),
         "/metrics" => pick(get, Route::Metrics),
         "/v1/latency" => pick(get, Route::Latency),
+        "/v1/cluster" => pick(get, Route::Cluster),
         "/publish" => pick(post, Route::LegacyPublish),
         "/subscribe" => pick(get, Route::LegacySubscribe),
         "/v1/ws" => pick(get, Route::NativeSocket),

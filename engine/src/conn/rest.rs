@@ -17,6 +17,7 @@ pub(super) async fn respond(
             let (status, state) = readiness(shard);
             http::json(status, &StatusBody { status: state.into() }, keep_alive)
         }
+        Route::Cluster => cluster(shard, &head.query, keep_alive),
         Route::Metrics | Route::Latency | Route::ListTopics | Route::TopicInfo(_) => {
             control(shard, route, &head.query, keep_alive).await
         }
@@ -93,6 +94,32 @@ pub async fn serve_admin_only(shard: Rc<Shard>, stream: TcpStream, admin: AdminC
     };
     let _ = io.write_all(&response).await;
     drop(admin);
+}
+
+/// `GET /v1/cluster[?topic=T]`: the node's view of its cluster, from its
+/// configuration (no I/O).
+fn cluster(shard: &Rc<Shard>, query: &str, keep_alive: bool) -> Vec<u8> {
+    let config = &shard.config;
+    let topology = config.topology();
+    let asked = http::query_pairs(query).into_iter().find(|(k, _)| k == "topic").map(|(_, v)| v);
+    let (topic, owner) = match asked.map(|t| TopicName::new(&t)) {
+        None => (None, None),
+        Some(Err(e)) => return http::json_error(400, "invalid_topic", &e.to_string(), keep_alive),
+        Some(Ok(t)) => {
+            let owner = topology.owner_of(&t).map(str::to_string);
+            (Some(t.as_str().to_string()), owner)
+        }
+    };
+    let body = proto::admin::ClusterBody {
+        membership: if config.static_peers() { "static" } else { "single" }.into(),
+        version: topology.version(),
+        node: config.advertise().to_string(),
+        members: topology.members().to_vec(),
+        topic,
+        owner,
+        forwarding: false,
+    };
+    http::json(200, &body, keep_alive)
 }
 
 /// Answers a control-plane request in the shard's low-share task queue.
