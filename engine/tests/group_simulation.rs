@@ -23,6 +23,8 @@
 //!   own result or a documented error; a responder is told its reply was
 //!   taken at most once per request, and only when the requester got a
 //!   responder's answer (checked at the end);
+//! - a group deleted (`delete_group`, asked when no member is known) takes
+//!   what it had not finished with it; nothing after the deletion is lost;
 //! - the owner's books agree (`Group::check`): every unacknowledged
 //!   message is with its segment's holder, so a key is never with two
 //!   members at once, and the counts match.
@@ -113,7 +115,8 @@ fn run_or_panic(seed: u64, steps: u64) {
     eprintln!(
         "seed {seed}: {steps} steps, {} published, {} scheduled ({} published when due, {} replaced or cancelled), \
          {} requests ({} answered by a responder), {} processed ({} twice), \
-         {} redeliveries, {} dead letters, {} joins, {} leaves, {} deaths, {} refusals; durable: {} \
+         {} redeliveries, {} dead letters, {} joins, {} leaves, {} deaths, {} refusals, \
+         {} deletions asked ({} done); durable: {} \
          ({} restarts, {} delivered again after one, {} log reads, {} failed)",
         sim.published.len(),
         sim.schedule_due.len(),
@@ -129,6 +132,8 @@ fn run_or_panic(seed: u64, steps: u64) {
         s.leaves,
         s.deaths,
         s.nacks,
+        s.deletes,
+        s.deleted,
         sim.durable,
         s.restarts,
         s.again_after_restart,
@@ -169,6 +174,8 @@ struct Stats {
     deaths: u64,
     nacks: u64,
     restarts: u64,
+    deletes: u64,
+    deleted: u64,
     again_after_restart: u64,
     log_reads: u64,
     failed_reads: u64,
@@ -256,6 +263,8 @@ struct Sim {
     before_restart: std::collections::HashSet<u64>,
     /// Schedules fired since the last restart.
     fired_since_restart: BTreeSet<u64>,
+    /// Seqs up to which a deleted group took what it had not finished.
+    deleted_through: u64,
 }
 
 impl Sim {
@@ -311,6 +320,7 @@ impl Sim {
             again: BTreeSet::new(),
             before_restart: Default::default(),
             fired_since_restart: BTreeSet::new(),
+            deleted_through: 0,
         };
         if sim.durable {
             let (owner, now) = (sim.topic.owner_shard(SHARDS), sim.now());
@@ -354,6 +364,7 @@ impl Sim {
             86..=87 => self.read_answers()?,
             88..=89 => self.schedule()?,
             90 => self.cancel_schedule()?,
+            91 => self.delete_group()?,
             _ => {
                 let ms = 1 + self.rng.below(5) as u64;
                 self.tick(ms)?
@@ -598,10 +609,33 @@ impl Sim {
 
     /// Seqs sequenced by the call just made while there was no group.
     fn note_groupless(&mut self, before: (bool, u64)) {
-        let (_, last) = self.owner_state();
+        let (exists, last) = self.owner_state();
         if !before.0 {
             self.exempt.extend(before.1 + 1..=last);
         }
+        if before.0 && !exists {
+            // Deleted (`delete_group`): what it had not finished goes with it.
+            self.deleted_through = self.deleted_through.max(before.1);
+            self.stats.deleted += 1;
+        }
+    }
+
+    /// Deletes the group when the simulation knows of no member (the owner
+    /// may still have one whose leave is in flight: then `busy`).
+    fn delete_group(&mut self) -> Result<(), String> {
+        if !self.members.is_empty() {
+            return Ok(());
+        }
+        let shard = self.rng.below(SHARDS);
+        let now = self.now();
+        let before = self.owner_state();
+        let out = self.schedulers[shard].clone();
+        self.brokers[shard].delete_group(self.topic.clone(), "workers".into(), out, 1, now);
+        self.note_groupless(before);
+        self.actions(shard)?;
+        self.schedulers[shard].take_batch(&mut Vec::new(), usize::MAX, &mut Vec::new());
+        self.stats.deletes += 1;
+        Ok(())
     }
 
     fn actions(&mut self, shard: usize) -> Result<(), String> {
@@ -1007,6 +1041,10 @@ impl Sim {
             self.brokers[owner].schedules_written(&write.topic, true, now);
         }
         self.actions(owner)?;
+        // A deleted group's save goes first (as the shell does).
+        if !self.brokers[owner].take_group_deletes().is_empty() {
+            self.saved = None;
+        }
         for save in self.brokers[owner].take_group_saves(now, force) {
             if let Some(before) = &self.saved {
                 if before.positions.iter().zip(&save.saved.positions).any(|(b, a)| a < b) {
@@ -1160,7 +1198,10 @@ impl Sim {
     /// Published seqs neither processed nor dead-lettered.
     fn lost(&self) -> Vec<u64> {
         let gone = |(seq, (_, id)): (&u64, &(u64, u64))| {
-            !self.processed.contains_key(seq) && !self.dead.contains(id) && !self.exempt.contains(seq)
+            !self.processed.contains_key(seq)
+                && !self.dead.contains(id)
+                && !self.exempt.contains(seq)
+                && *seq > self.deleted_through
         };
         self.published.iter().filter(|p| gone(*p)).map(|(s, _)| *s).collect()
     }
