@@ -159,6 +159,7 @@ impl Shard {
                 if !self.broker.borrow_mut().owner_mut().undeclare_durable(&topic) {
                     return DurableAnswer::failed(409, "busy", "messages are still being written; retry");
                 }
+                self.broker.borrow_mut().topic_undeclared(&topic);
                 self.fetched.borrow_mut().forget(&topic);
                 match self.store.delete(&topic).await {
                     Ok(()) => DurableAnswer::Done,
@@ -468,10 +469,17 @@ impl Shard {
     /// failed save is logged; the group goes on and the next save retries.
     pub(crate) fn save_groups(&self, force: bool) {
         let deletes = self.broker.borrow_mut().take_group_deletes();
-        for (topic, group) in deletes {
-            if let Err(e) = self.store.delete_group(&topic, &group) {
-                tracing::error!(topic = topic.as_str(), group, "removed group's positions not deleted: {e}");
+        for job in deletes {
+            let deleted = self.store.delete_group(&job.topic, &job.group);
+            if let Err(e) = &deleted {
+                tracing::error!(
+                    topic = job.topic.as_str(),
+                    group = job.group,
+                    "removed group's positions not deleted: {e}"
+                );
             }
+            // Answers a waiting `delete_group` (applied by the ticker).
+            self.broker.borrow_mut().group_save_deleted(job, deleted.is_ok(), Now::read());
         }
         let saves = self.broker.borrow_mut().take_group_saves(Now::read(), force);
         for save in saves {

@@ -1042,9 +1042,14 @@ impl Sim {
         }
         self.actions(owner)?;
         // A deleted group's save goes first (as the shell does).
-        if !self.brokers[owner].take_group_deletes().is_empty() {
+        let deletes = self.brokers[owner].take_group_deletes();
+        if !deletes.is_empty() {
             self.saved = None;
         }
+        for job in deletes {
+            self.brokers[owner].group_save_deleted(job, true, now);
+        }
+        self.actions(owner)?;
         for save in self.brokers[owner].take_group_saves(now, force) {
             if let Some(before) = &self.saved {
                 if before.positions.iter().zip(&save.saved.positions).any(|(b, a)| a < b) {

@@ -37,7 +37,7 @@ mod requests;
 mod schedules;
 pub use crate::group::Settle;
 pub use crate::request::Answer;
-pub use groups::{GroupJoinError, GroupName, GroupSave, JoinRequest};
+pub use groups::{GroupDeleteJob, GroupJoinError, GroupName, GroupSave, JoinRequest};
 pub use requests::RequestSpec;
 pub use schedules::{JournalWrite, ScheduleAsk};
 
@@ -402,7 +402,7 @@ pub struct Broker {
     /// When durable groups' positions were last handed over to save.
     groups_saved_ms: u64,
     /// Durable groups removed, whose saves the shell deletes.
-    group_deletes: Vec<(TopicName, String)>,
+    group_deletes: Vec<groups::GroupDeleteJob>,
     /// Consumer-group members on this shard, by id.
     members: HashMap<u64, groups::LocalMember, ahash::RandomState>,
     /// Requests of this shard's connections waiting for their reply.

@@ -96,6 +96,18 @@ pub(super) struct LogFeed {
     saved: Vec<u64>,
 }
 
+/// A removed durable group whose save the shell must delete, then report
+/// with [`Broker::group_save_deleted`].
+#[derive(Debug, Clone)]
+pub struct GroupDeleteJob {
+    /// The group's topic.
+    pub topic: TopicName,
+    /// The group.
+    pub group: String,
+    /// The `delete_group` waiting for it: the asking shard and request.
+    answer: Option<(usize, u64)>,
+}
+
 /// A durable group the shell must save (see [`SavedGroup`]).
 #[derive(Debug, Clone)]
 pub struct GroupSave {
@@ -158,11 +170,14 @@ impl Broker {
     }
 
     /// Removes an owned group and what it holds (its topic is no longer
-    /// held for it); a durable one's save is deleted by the shell.
-    fn remove_group(&mut self, key: &(TopicName, GroupName)) {
-        let Some(g) = self.groups.remove(key) else { return };
-        if g.feed.is_some() {
-            self.group_deletes.push((key.0.clone(), key.1.to_string()));
+    /// held for it); a durable one's save is deleted by the shell, and
+    /// `answer` (the asking shard and its request) is answered after that.
+    /// Whether it had a save to delete.
+    fn remove_group(&mut self, key: &(TopicName, GroupName), answer: Option<(usize, u64)>) -> bool {
+        let Some(g) = self.groups.remove(key) else { return false };
+        let durable = g.feed.is_some();
+        if durable {
+            self.group_deletes.push(GroupDeleteJob { topic: key.0.clone(), group: key.1.to_string(), answer });
         }
         self.owner.release_for_group(&key.0);
         if let Some(names) = self.group_names.get_mut(&key.0) {
@@ -171,6 +186,19 @@ impl Broker {
                 self.group_names.remove(&key.0);
             }
         }
+        durable
+    }
+
+    /// The shell deleted (`ok`) or failed to delete a removed durable
+    /// group's save: a `delete_group` waiting for it is answered.
+    pub fn group_save_deleted(&mut self, job: GroupDeleteJob, ok: bool, now: Now) {
+        let Some((from, req)) = job.answer else { return };
+        let answer = if ok {
+            Ok(serde_json::json!({"topic": job.topic.as_str(), "group": job.group}))
+        } else {
+            Err(("storage_failed".to_string(), "the group's saved position could not be deleted".to_string()))
+        };
+        self.send(from, Item::ScheduleAnswer { req, answer }, now);
     }
 
     /// A member's ack, refusal or prefetch change; false when `sub` is not
@@ -199,7 +227,7 @@ impl Broker {
                 Some(_) => g.group.idle_for(now.unix_ms) >= DURABLE_IDLE_GROUP_MS,
             };
             if expired {
-                self.remove_group(&key);
+                self.remove_group(&key, None);
                 continue;
             }
             g.group.tick(now.unix_ms, &mut events);
@@ -377,9 +405,21 @@ impl Broker {
         saves
     }
 
+    /// `topic`'s log was deleted (it is ephemeral again): its groups stop
+    /// reading the log at once and take what is published from now on (a
+    /// later tick would leave the messages of the meantime to no one).
+    pub fn topic_undeclared(&mut self, topic: &TopicName) {
+        let Some(names) = self.group_names.get(topic) else { return };
+        for name in names.clone() {
+            if let Some(g) = self.groups.get_mut(&(topic.clone(), name)) {
+                g.feed = None;
+            }
+        }
+    }
+
     /// Durable groups removed (idle past `DURABLE_IDLE_GROUP_MS`) since
     /// the last call: (topic, group) whose saved positions the shell deletes.
-    pub fn take_group_deletes(&mut self) -> Vec<(TopicName, String)> {
+    pub fn take_group_deletes(&mut self) -> Vec<GroupDeleteJob> {
         std::mem::take(&mut self.group_deletes)
     }
 
@@ -509,15 +549,14 @@ impl Broker {
             }
             Item::GroupDelete { topic, group, req } => {
                 let key = (topic, group);
-                let answer = match self.groups.get(&key) {
+                let members = self.groups.get(&key).map(|g| g.group.member_count());
+                let answer = match members {
                     None => Err(("not_found".to_string(), "no such group on this topic".to_string())),
-                    Some(g) if g.group.member_count() > 0 => {
-                        Err(("busy".to_string(), format!("the group has {} members", g.group.member_count())))
-                    }
-                    Some(_) => {
-                        self.remove_group(&key);
-                        Ok(serde_json::json!({"topic": key.0.as_str(), "group": &*key.1}))
-                    }
+                    Some(n) if n > 0 => Err(("busy".to_string(), format!("the group has {n} members"))),
+                    // A durable group's answer waits for its save's
+                    // deletion (`group_save_deleted`).
+                    Some(_) if self.remove_group(&key, Some((from, req))) => return,
+                    Some(_) => Ok(serde_json::json!({"topic": key.0.as_str(), "group": &*key.1})),
                 };
                 self.send(from, Item::ScheduleAnswer { req, answer }, now);
             }
