@@ -402,6 +402,16 @@ fn join_named(ws: &mut Ws, topic: &str, group: &str, extra: serde_json::Value) -
     native_call(ws, request)
 }
 
+/// A fresh data directory, a durable topic named from `prefix` owned by
+/// shard `shard` of 2, and the node flags that declare it there.
+fn durable_node(dir: &str, prefix: &str, shard: u64) -> (std::path::PathBuf, String, Vec<String>) {
+    let dir = fresh_dir(dir);
+    let topic = topic_on_shard(prefix, 2, shard);
+    let data_dir = dir.to_str().unwrap().to_string();
+    let flags = ["--shards", "2", "--durable", &topic, "--data-dir", &data_dir].map(str::to_string).to_vec();
+    (dir, topic, flags)
+}
+
 /// Publishes orders `from..=to` keyed `k0`..`k6` at ack `local`; their
 /// sequences.
 fn publish_keyed(node: &Node, topic: &str, from: u64, to: u64) -> Vec<u64> {
@@ -419,10 +429,8 @@ fn publish_keyed(node: &Node, topic: &str, from: u64, to: u64) -> Vec<u64> {
 
 #[test]
 fn a_durable_group_keeps_its_position_across_a_clean_stop_and_a_kill_9_and_replays_from_the_beginning() {
-    let dir = fresh_dir("durable-group");
-    let dir_arg = dir.to_str().unwrap().to_string();
-    let topic = topic_on_shard("orders", 2, 0);
-    let flags = ["--shards", "2", "--durable", &topic, "--data-dir", &dir_arg];
+    let (dir, topic, flags) = durable_node("durable-group", "orders", 0);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     let node = Node::start(&flags);
     assert_eq!(publish_keyed(&node, &topic, 1, 200), (1..=200).collect::<Vec<_>>());
     // Created after the messages: "beginning" replays them from the log.
@@ -498,11 +506,9 @@ fn a_durable_group_keeps_its_position_across_a_clean_stop_and_a_kill_9_and_repla
 
 #[test]
 fn a_durable_topics_schedules_survive_a_kill_9_and_a_clean_stop() {
-    let dir = fresh_dir("durable-schedules");
-    let dir_arg = dir.to_str().unwrap().to_string();
     // Owned by shard 1; asked from shard 0 (across the mesh).
-    let topic = topic_on_shard("reminders-d", 2, 1);
-    let flags = ["--shards", "2", "--durable", &topic, "--data-dir", &dir_arg];
+    let (dir, topic, flags) = durable_node("durable-schedules", "reminders-d", 1);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     let node = Node::start(&flags);
     let mut ws = ws_on_shard(&node.addr(), "/v1/ws", 0);
     let mut n = 0;
@@ -570,11 +576,9 @@ fn a_durable_topics_schedules_survive_a_kill_9_and_a_clean_stop() {
 
 #[test]
 fn a_group_without_members_is_deleted_with_its_saved_position() {
-    let dir = fresh_dir("delete-group");
-    let dir_arg = dir.to_str().unwrap().to_string();
     // Owned by shard 1; the deleting connection is on shard 0.
-    let topic = topic_on_shard("ledger", 2, 1);
-    let flags = ["--shards", "2", "--durable", &topic, "--data-dir", &dir_arg];
+    let (dir, topic, flags) = durable_node("delete-group", "ledger", 1);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     let node = Node::start(&flags);
     publish_keyed(&node, &topic, 1, 20);
     let mut w = node.ws("/v1/ws");

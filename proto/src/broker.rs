@@ -41,6 +41,10 @@ pub use groups::{GroupDeleteJob, GroupJoinError, GroupName, GroupSave, JoinReque
 pub use requests::RequestSpec;
 pub use schedules::{JournalWrite, ScheduleAsk};
 
+/// An owner's answer to a native request: the reply's fields, or an error
+/// code and message.
+pub type OwnerAnswer = Result<serde_json::Value, (String, String)>;
+
 /// What one shard's broker tells another's.
 #[derive(Debug)]
 pub enum Item {
@@ -77,7 +81,7 @@ pub enum Item {
     /// its prefetch (to the owner).
     GroupSettle { topic: TopicName, group: GroupName, sub: u64, settle: Settle },
     /// Delete a group without members (to the owner); answered with
-    /// `ScheduleAnswer` (an owner's answer to a native request).
+    /// `OwnerAnswer`.
     GroupDelete { topic: TopicName, group: GroupName, req: u64 },
     /// A responder's answer to the request `to` names (on the receiving
     /// shard); `back` names the responder's reply, for `ReplyDone` (0: the
@@ -87,8 +91,10 @@ pub enum Item {
     ReplyDone { back: u64, delivered: bool },
     /// Add, cancel or list `topic`'s schedules (to the owner).
     ScheduleAsk { topic: TopicName, ask: ScheduleAsk, req: u64 },
-    /// The owner's answer: the reply's fields, or an error code and message.
-    ScheduleAnswer { req: u64, answer: Result<serde_json::Value, (String, String)> },
+    /// The owner's answer to a native request a connection of the receiving
+    /// shard made (schedules, group deletion), by the request `req` it was
+    /// asked with.
+    OwnerAnswer { req: u64, answer: OwnerAnswer },
     /// A message for member `sub` of the receiving shard, its
     /// `delivery`th delivery, tagged `tag` in the group.
     GroupDeliver { topic: TopicName, group: GroupName, sub: u64, message: Message, delivery: u32, tag: u64 },
@@ -422,7 +428,7 @@ pub struct Broker {
     /// the next tick.
     schedule_refire: HashMap<TopicName, Vec<(u64, crate::schedule::Scheduled)>, ahash::RandomState>,
     /// Schedule and group-deletion requests of this shard's connections
-    /// awaiting the owner's answer (`Item::ScheduleAnswer`): the queue and
+    /// awaiting the owner's answer (`Item::OwnerAnswer`): the queue and
     /// the native id to answer.
     asking: HashMap<u64, (Rc<Outbound>, u64), ahash::RandomState>,
     /// This shard's counters.
@@ -816,6 +822,17 @@ impl Broker {
         }
     }
 
+    /// Asker side: the owner answered native request `req` (see
+    /// `asking`): the connection gets its reply.
+    fn owner_answered(&mut self, req: u64, answer: OwnerAnswer) {
+        let Some((out, id)) = self.asking.remove(&req) else { return };
+        let frame = match answer {
+            Ok(fields) => native::reply_ok(id, fields),
+            Err((code, message)) => native::reply_error(Some(id), &code, &message),
+        };
+        out.offer_control(frame);
+    }
+
     /// Handles an item from shard `from` (possibly this one).
     pub fn handle(&mut self, from: usize, item: Item, now: Now) {
         match item {
@@ -853,7 +870,8 @@ impl Broker {
             | Item::GroupDelete { .. }
             | Item::GroupDeliver { .. }) => self.handle_group(from, item, now),
             item @ (Item::Reply { .. } | Item::ReplyDone { .. }) => self.handle_reply(from, item, now),
-            item @ (Item::ScheduleAsk { .. } | Item::ScheduleAnswer { .. }) => self.handle_schedules(from, item, now),
+            Item::ScheduleAsk { topic, ask, req } => self.handle_schedule_ask(from, topic, ask, req, now),
+            Item::OwnerAnswer { req, answer } => self.owner_answered(req, answer),
             Item::SubscribeDone { topic, req, result } => self.granted(&topic, req, result, now),
             Item::PublishDone { req, result } => {
                 if let Some(Waiting::Publish { reply, owner, cost }) = self.waiting.remove(&req) {

@@ -198,7 +198,7 @@ impl Broker {
         } else {
             Err(("storage_failed".to_string(), "the group's saved position could not be deleted".to_string()))
         };
-        self.send(from, Item::ScheduleAnswer { req, answer }, now);
+        self.send(from, Item::OwnerAnswer { req, answer }, now);
     }
 
     /// A member's ack, refusal or prefetch change; false when `sub` is not
@@ -558,7 +558,7 @@ impl Broker {
                     Some(_) if self.remove_group(&key, Some((from, req))) => return,
                     Some(_) => Ok(serde_json::json!({"topic": key.0.as_str(), "group": &*key.1})),
                 };
-                self.send(from, Item::ScheduleAnswer { req, answer }, now);
+                self.send(from, Item::OwnerAnswer { req, answer }, now);
             }
             // Member side.
             Item::GroupJoined { topic, group, sub, result } => self.group_joined(&topic, &group, sub, result),

@@ -22,12 +22,8 @@ use crate::schedule::{done_record, fired_record, Added, Replayed, Scheduled, Sch
 pub(super) struct Journal {
     records: Vec<Record>,
     /// (asking shard, its request, the answer).
-    answers: Vec<(usize, u64, ScheduleAnswer)>,
+    answers: Vec<(usize, u64, OwnerAnswer)>,
 }
-
-/// An answer to a schedule request: the reply's fields, or an error code
-/// and message.
-type ScheduleAnswer = Result<serde_json::Value, (String, String)>;
 
 /// A durable topic's schedule changes for the shell to append to its
 /// journal.
@@ -75,15 +71,11 @@ impl Broker {
         let refire: Vec<(TopicName, Vec<(u64, Scheduled)>)> = self.schedule_refire.drain().collect();
         for (topic, list) in refire {
             for (old_seq, s) in list {
-                let options = PublishOptions { key: s.key.clone(), ack: None, reply_to: None, meta: s.meta.clone() };
-                match self.sequence(&topic, s.kind, s.payload.clone(), options, now) {
-                    Ok((seq, _)) if self.owner.durable(&topic).is_some() => {
-                        // The old firing is settled by the new one.
-                        self.schedule_journal.entry(topic.clone()).or_default().records.push(fired_record(old_seq));
-                        self.journal_fired(&topic, &s, seq);
-                    }
-                    Ok(_) => {}
-                    Err(_) => self.schedule_refire.entry(topic.clone()).or_default().push((old_seq, s)),
+                if !self.fire(&topic, &s, now) {
+                    self.schedule_refire.entry(topic.clone()).or_default().push((old_seq, s));
+                } else if self.owner.durable(&topic).is_some() {
+                    // The old firing is settled by the new one.
+                    self.schedule_journal.entry(topic.clone()).or_default().records.push(fired_record(old_seq));
                 }
             }
         }
@@ -95,17 +87,11 @@ impl Broker {
             .collect();
         for topic in topics {
             let due = self.schedules.get_mut(&topic).map(|s| s.take_due(now.unix_ms)).unwrap_or_default();
-            let durable = self.owner.durable(&topic).is_some();
             for s in due {
-                let options = PublishOptions { key: s.key.clone(), ack: None, reply_to: None, meta: s.meta.clone() };
-                match self.sequence(&topic, s.kind, s.payload.clone(), options, now) {
-                    Err(_) => {
-                        if let Some(table) = self.schedules.get_mut(&topic) {
-                            table.put_back(s);
-                        }
+                if !self.fire(&topic, &s, now) {
+                    if let Some(table) = self.schedules.get_mut(&topic) {
+                        table.put_back(s);
                     }
-                    Ok((seq, _)) if durable => self.journal_fired(&topic, &s, seq),
-                    Ok(_) => {}
                 }
             }
             if self.schedules.get(&topic).is_some_and(Schedules::is_empty) {
@@ -122,6 +108,21 @@ impl Broker {
             || !self.schedule_journal.is_empty()
             || !self.schedule_fired.is_empty()
             || !self.schedule_refire.is_empty()
+    }
+
+    /// Sequences schedule `s` as any publish (a durable topic's firing is
+    /// journaled); false when the topic refuses it now.
+    fn fire(&mut self, topic: &TopicName, s: &Scheduled, now: Now) -> bool {
+        let options = PublishOptions { key: s.key.clone(), ack: None, reply_to: None, meta: s.meta.clone() };
+        match self.sequence(topic, s.kind, s.payload.clone(), options, now) {
+            Err(_) => false,
+            Ok((seq, _)) => {
+                if self.owner.durable(topic).is_some() {
+                    self.journal_fired(topic, s, seq);
+                }
+                true
+            }
+        }
     }
 
     /// A durable topic's schedule `s` fired as message `seq`: journaled at
@@ -170,7 +171,7 @@ impl Broker {
             } else {
                 Err(("storage_failed".to_string(), "the schedule journal could not be written".to_string()))
             };
-            self.send(from, Item::ScheduleAnswer { req, answer }, now);
+            self.send(from, Item::OwnerAnswer { req, answer }, now);
         }
     }
 
@@ -206,77 +207,65 @@ impl Broker {
         dropped
     }
 
-    /// Owner side: a schedule request; asker side: its answer.
-    pub(super) fn handle_schedules(&mut self, from: usize, item: Item, now: Now) {
-        match item {
-            Item::ScheduleAsk { topic, ask, req } => {
-                // A durable topic's change is journaled; its answer waits
-                // for the write.
-                let mut record = None;
-                let durable = self.owner.durable(&topic).is_some();
-                let answer = match ask {
-                    ScheduleAsk::Add { scheduled, if_absent } => {
-                        let (id, due_ms) = (scheduled.id.clone(), scheduled.due_ms);
-                        let kept = durable.then(|| scheduled.to_record());
-                        let added = self.schedules.entry(topic.clone()).or_default().add(scheduled, if_absent);
-                        if matches!(added, Ok(Added::Kept { .. })) {
-                            record = kept;
-                        }
-                        if self.schedules.get(&topic).is_some_and(Schedules::is_empty) {
-                            self.schedules.remove(&topic);
-                        }
-                        match added {
-                            Ok(Added::Kept { replaced }) => {
-                                Ok(serde_json::json!({"schedule_id": id, "deliver_at": due_ms, "replaced": replaced}))
-                            }
-                            Ok(Added::Present { due_ms }) => {
-                                Ok(serde_json::json!({"schedule_id": id, "deliver_at": due_ms, "present": true}))
-                            }
-                            Err(e) => Err(("too_many_schedules", e.to_string())),
-                        }
+    /// Owner side: a schedule request from shard `from` (its answer is an
+    /// `Item::OwnerAnswer`).
+    pub(super) fn handle_schedule_ask(&mut self, from: usize, topic: TopicName, ask: ScheduleAsk, req: u64, now: Now) {
+        // A durable topic's change is journaled; its answer waits
+        // for the write.
+        let mut record = None;
+        let durable = self.owner.durable(&topic).is_some();
+        let answer = match ask {
+            ScheduleAsk::Add { scheduled, if_absent } => {
+                let (id, due_ms) = (scheduled.id.clone(), scheduled.due_ms);
+                let kept = durable.then(|| scheduled.to_record());
+                let added = self.schedules.entry(topic.clone()).or_default().add(scheduled, if_absent);
+                if matches!(added, Ok(Added::Kept { .. })) {
+                    record = kept;
+                }
+                if self.schedules.get(&topic).is_some_and(Schedules::is_empty) {
+                    self.schedules.remove(&topic);
+                }
+                match added {
+                    Ok(Added::Kept { replaced }) => {
+                        Ok(serde_json::json!({"schedule_id": id, "deliver_at": due_ms, "replaced": replaced}))
                     }
-                    ScheduleAsk::Cancel { id } => {
-                        let cancelled = self.schedules.get_mut(&topic).and_then(|s| s.cancel(&id));
-                        if self.schedules.get(&topic).is_some_and(Schedules::is_empty) {
-                            self.schedules.remove(&topic);
-                        }
-                        if cancelled.is_some() && durable {
-                            record = Some(done_record(&id));
-                        }
-                        match cancelled {
-                            Some(s) => Ok(serde_json::json!({"schedule_id": id, "deliver_at": s.due_ms})),
-                            None => Err(("not_found", format!("no pending schedule {id:?} on this topic"))),
-                        }
+                    Ok(Added::Present { due_ms }) => {
+                        Ok(serde_json::json!({"schedule_id": id, "deliver_at": due_ms, "present": true}))
                     }
-                    ScheduleAsk::List => {
-                        let list = self.schedules.get(&topic).map(|s| s.list(SCHEDULE_LIST_MAX)).unwrap_or_default();
-                        let pending = self.schedules.get(&topic).map_or(0, Schedules::len);
-                        let items: Vec<serde_json::Value> = list
-                            .into_iter()
-                            .map(|(id, due, bytes)| serde_json::json!({"schedule_id": id, "deliver_at": due, "bytes": bytes}))
-                            .collect();
-                        Ok(serde_json::json!({"topic": topic.as_str(), "pending": pending, "schedules": items}))
-                    }
-                };
-                let answer = answer.map_err(|(code, message)| (code.to_string(), message));
-                match record {
-                    Some(record) => {
-                        let journal = self.schedule_journal.entry(topic).or_default();
-                        journal.records.push(record);
-                        journal.answers.push((from, req, answer));
-                    }
-                    None => self.send(from, Item::ScheduleAnswer { req, answer }, now),
+                    Err(e) => Err(("too_many_schedules", e.to_string())),
                 }
             }
-            Item::ScheduleAnswer { req, answer } => {
-                let Some((out, id)) = self.asking.remove(&req) else { return };
-                let frame = match answer {
-                    Ok(fields) => native::reply_ok(id, fields),
-                    Err((code, message)) => native::reply_error(Some(id), &code, &message),
-                };
-                out.offer_control(frame);
+            ScheduleAsk::Cancel { id } => {
+                let cancelled = self.schedules.get_mut(&topic).and_then(|s| s.cancel(&id));
+                if self.schedules.get(&topic).is_some_and(Schedules::is_empty) {
+                    self.schedules.remove(&topic);
+                }
+                if cancelled.is_some() && durable {
+                    record = Some(done_record(&id));
+                }
+                match cancelled {
+                    Some(s) => Ok(serde_json::json!({"schedule_id": id, "deliver_at": s.due_ms})),
+                    None => Err(("not_found", format!("no pending schedule {id:?} on this topic"))),
+                }
             }
-            _ => {}
+            ScheduleAsk::List => {
+                let list = self.schedules.get(&topic).map(|s| s.list(SCHEDULE_LIST_MAX)).unwrap_or_default();
+                let pending = self.schedules.get(&topic).map_or(0, Schedules::len);
+                let items: Vec<serde_json::Value> = list
+                    .into_iter()
+                    .map(|(id, due, bytes)| serde_json::json!({"schedule_id": id, "deliver_at": due, "bytes": bytes}))
+                    .collect();
+                Ok(serde_json::json!({"topic": topic.as_str(), "pending": pending, "schedules": items}))
+            }
+        };
+        let answer = answer.map_err(|(code, message)| (code.to_string(), message));
+        match record {
+            Some(record) => {
+                let journal = self.schedule_journal.entry(topic).or_default();
+                journal.records.push(record);
+                journal.answers.push((from, req, answer));
+            }
+            None => self.send(from, Item::OwnerAnswer { req, answer }, now),
         }
     }
 }
