@@ -398,3 +398,100 @@ fn a_full_node_keeps_its_topics() {
     wait_until("room again", || balancer.publish("busy", "after").0 == 200);
     expect_text(&mut subscriber, "after");
 }
+
+/// A TCP connection to `addr` from source address `from` (127.0.0.0/8 is
+/// all loopback): the balancer routes the original API by client address.
+fn connect_from(addr: &str, from: std::net::Ipv4Addr) -> TcpStream {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.bind(&std::net::SocketAddr::from((from, 0)).into()).unwrap();
+    let target: std::net::SocketAddr = addr.parse().unwrap();
+    socket.connect(&target.into()).unwrap();
+    let stream: TcpStream = socket.into();
+    stream.set_read_timeout(Some(WAIT)).unwrap();
+    stream
+}
+
+/// The original benchmark's shape (10 topics x 16 subscribers x 4
+/// publishers, `POST /publish` and `/subscribe`) through the balancer in
+/// front of three clustered nodes: clients land on nodes by their address,
+/// so a topic's publishers and subscribers are spread over the nodes, and
+/// every message still arrives, in each publisher's order.
+#[test]
+fn the_original_benchmark_shape_through_the_balancer_delivers_every_message_in_order() {
+    const TOPICS: usize = 10;
+    const SUBSCRIBERS: usize = 16;
+    const PUBLISHERS: usize = 4;
+    const MESSAGES: usize = 25;
+    let (nodes, _) = common::start_cluster(3, &["--shards", "1"]);
+    let balancer = Balancer::start(&nodes.iter().collect::<Vec<_>>(), &["--shards", "1"]);
+    let front = balancer.process.addr();
+    let mut subs = Vec::new();
+    for t in 0..TOPICS {
+        for s in 0..SUBSCRIBERS {
+            let stream = connect_from(&front, std::net::Ipv4Addr::new(127, 0, 1, 10 + s as u8));
+            let (mut ws, _) = tungstenite::client(format!("ws://{front}/subscribe"), stream).unwrap();
+            ws.send(Message::text(format!(r#"{{"subscriber_id":"s{s}","topic":"bench.{t}"}}"#))).unwrap();
+            subs.push((t, ws));
+        }
+    }
+    let mut spread = [0u64; 3];
+    let registered = common::wait_for(|| {
+        spread = [0; 3];
+        for t in 0..TOPICS {
+            for (i, n) in nodes.iter().enumerate() {
+                spread[i] += n.subscribers(&format!("bench.{t}"));
+            }
+        }
+        spread.iter().sum::<u64>() == (TOPICS * SUBSCRIBERS) as u64
+    });
+    assert!(registered, "subscribers per node {spread:?}, not {}", TOPICS * SUBSCRIBERS);
+    assert!(spread.iter().filter(|&&n| n > 0).count() >= 2, "subscribers all on one node: {spread:?}");
+    let publishers: Vec<_> = (0..TOPICS * PUBLISHERS)
+        .map(|p| {
+            let front = front.clone();
+            std::thread::spawn(move || {
+                let (t, from) = (p % TOPICS, std::net::Ipv4Addr::new(127, 0, 2, 10 + (p / TOPICS) as u8));
+                let mut stream = connect_from(&front, from);
+                for i in 0..MESSAGES {
+                    let body = serde_json::json!({ "topic": format!("bench.{t}"), "message": format!("p{p}-{i}") });
+                    let body = body.to_string();
+                    let request = format!(
+                        "POST /publish HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    stream.write_all(request.as_bytes()).unwrap();
+                    let (status, answer) = common::read_response(&mut stream);
+                    assert_eq!(status, 200, "{answer}");
+                }
+            })
+        })
+        .collect();
+    for p in publishers {
+        p.join().unwrap();
+    }
+    let mut delivered = 0;
+    for (t, ws) in &mut subs {
+        let mut next = std::collections::HashMap::new();
+        for _ in 0..PUBLISHERS * MESSAGES {
+            let text = match next_data(ws) {
+                Message::Binary(b) => String::from_utf8(b.to_vec()).unwrap(),
+                other => panic!("unexpected {other:?}"),
+            };
+            let (p, i) = text.trim_start_matches('p').split_once('-').unwrap();
+            let (p, i): (usize, usize) = (p.parse().unwrap(), i.parse().unwrap());
+            assert_eq!(p % TOPICS, *t, "a message of another topic: {text}");
+            let want = next.entry(p).or_insert(0);
+            assert_eq!(i, *want, "publisher {p}'s messages out of order or missing on topic {t}");
+            *want += 1;
+            delivered += 1;
+        }
+    }
+    let forwarded: u64 = nodes.iter().map(|n| n.metric("fluxnode_messages_forwarded_total")).sum();
+    let followed: u64 = nodes.iter().map(|n| n.metric("fluxnode_messages_followed_total")).sum();
+    assert_eq!(delivered, TOPICS * SUBSCRIBERS * PUBLISHERS * MESSAGES);
+    eprintln!(
+        "original API through the balancer, 3 nodes: {delivered} of {} deliveries in order; subscribers per node \
+         {spread:?}; publishes forwarded {forwarded}, messages followed {followed}",
+        TOPICS * SUBSCRIBERS * PUBLISHERS * MESSAGES
+    );
+}

@@ -315,6 +315,8 @@ pub struct Shard {
     handoffs: RefCell<Vec<Adoption>>,
     /// Where sockets cross to and from peers' descriptor tables.
     links: Links,
+    /// This shard's links to the other nodes of its cluster.
+    node_links: crate::node_link::NodeLinks,
     /// Wakes the adopter task.
     handoff_wake: Event,
     /// Peers' stats requests, for the stats task (control queue).
@@ -357,6 +359,11 @@ impl Shard {
         let limits = BrokerLimits { publish_bytes_in_flight_max: REMOTE_PUBLISH_BYTES_IN_FLIGHT_MAX };
         let metrics = Rc::new(Metrics::default());
         let owner = Owner::new(owner_limits, epoch_seed(id));
+        let mut broker = Broker::new(id, shards, owner, limits, metrics.clone());
+        broker.set_cluster(config.advertise().to_string(), config.topology().clone());
+        if id == 0 {
+            metrics.topology_version.set(config.topology().version());
+        }
         let store = Store::new(config.data_dir(), config.fsync());
         let log_limits = LogLimits { segment_bytes_max: config.segment_bytes_max(), ..LogLimits::default() };
         Rc::new(Shard {
@@ -364,7 +371,7 @@ impl Shard {
             shards,
             config,
             node,
-            broker: RefCell::new(Broker::new(id, shards, owner, limits, metrics.clone())),
+            broker: RefCell::new(broker),
             metrics,
             actions: RefCell::default(),
             senders,
@@ -385,6 +392,7 @@ impl Shard {
             stats_requests: RefCell::default(),
             stats_wake: Event::default(),
             links,
+            node_links: crate::node_link::NodeLinks::default(),
             store,
             log_limits,
             commit_wake: Event::default(),
@@ -435,6 +443,7 @@ impl Shard {
                     self.catch_ups.borrow_mut().push(CatchUpWork::Next { topic, req, out });
                     self.catch_up_wake.notify();
                 }
+                Action::Link { node, frame } => self.node_links.send(node, &frame),
             }
         }
     }
@@ -498,6 +507,7 @@ impl Shard {
         receivers: Vec<(usize, ConnectedReceiver<Batch>)>,
         data_queue: glommio::TaskQueueHandle,
     ) {
+        self.node_links.start(self);
         for (peer, receiver) in receivers {
             let shard = self.clone();
             glommio::spawn_local_into(async move { shard.ingress(peer, receiver).await }, data_queue)

@@ -462,6 +462,7 @@ impl Sim {
                 Action::Commit => self.commit_asked[shard] = true,
                 Action::ReadLog(read) => self.log_reads.push((shard, read)),
                 Action::CatchUp { topic, req, out } => self.catch_ups.push((shard, topic, req, out)),
+                Action::Link { .. } => return Err("a node without a cluster used a link".into()),
                 Action::Published { req, result } => {
                     let id = self.publishing.remove(&(shard, req)).ok_or("an answer to no publish")?;
                     if self.sent[id as usize].seq.is_none() {

@@ -327,7 +327,8 @@ pub struct ClusterBody {
     /// See `topic`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub owner: Option<String>,
-    /// Whether this node serves the cluster's topics from other nodes
-    /// (forwarding): not yet.
+    /// Whether this node serves the topics other members own (it forwards
+    /// their publishes and follows them for its subscribers): true in a
+    /// cluster of more than one member.
     pub forwarding: bool,
 }

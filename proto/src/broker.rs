@@ -33,6 +33,7 @@ use crate::topic::{TopicName, TopicQuery};
 use crate::ws;
 
 mod groups;
+mod mirrors;
 mod requests;
 mod schedules;
 pub use crate::group::Settle;
@@ -63,6 +64,9 @@ pub enum Item {
     /// A sequenced message for the receiving shard's subscribers, with the
     /// sequence space its number belongs to.
     Deliver { topic: TopicName, epoch: Epoch, message: Message },
+    /// Owner (a copy of another node's topic) to subscribing shard: the
+    /// topic's sequence space changed to `epoch`, now at `last_seq`.
+    Restarted { topic: TopicName, epoch: Epoch, last_seq: u64 },
     /// Member `sub` of the sending shard joins a consumer group (to the
     /// owner); `settings` and `dead_letter` apply if it creates the group.
     GroupJoin {
@@ -146,6 +150,10 @@ pub enum Action {
     /// A subscriber catching up got a batch: once its queue `out` has room
     /// again, call [`Broker::catch_up`] with `req` and that room.
     CatchUp { topic: TopicName, req: u64, out: Rc<Outbound> },
+    /// Send `frame` to cluster member `node` over this shard's link to it
+    /// (made if missing). If the link fails, call [`Broker::link_down`]
+    /// once its queue is dropped.
+    Link { node: String, frame: crate::link::LinkFrame },
 }
 
 /// A read of a durable topic's log for a catch-up.
@@ -201,6 +209,8 @@ pub enum Format {
     Legacy = 1,
     /// Native protocol envelope.
     Native = 2,
+    /// A node link's message frame (another node follows the topic).
+    Link = 3,
 }
 
 /// What a subscriber learns when its subscription is granted.
@@ -232,6 +242,8 @@ pub enum PublishReply {
     /// A request's publish: nothing on success (the reply answers it), the
     /// request fails on error.
     Request { req: u64 },
+    /// A publish another node forwarded: answer on its link with its `id`.
+    Link { out: Rc<Outbound>, id: u64 },
 }
 
 impl PublishReply {
@@ -246,6 +258,10 @@ impl PublishReply {
             }
             (PublishReply::Native { out, id }, Err(e)) => {
                 out.offer_control(native::reply_error(Some(*id), e.code(), &e.to_string()));
+            }
+            (PublishReply::Link { out, id }, result) => {
+                let done = crate::link::LinkFrame::PublishDone { id: *id, result };
+                out.offer_control(ws::encode_data(PayloadKind::Binary, &crate::link::encode(&done)));
             }
             (PublishReply::Caller | PublishReply::Request { .. }, _) => return false,
         }
@@ -431,6 +447,13 @@ pub struct Broker {
     /// awaiting the owner's answer (`Item::OwnerAnswer`): the queue and
     /// the native id to answer.
     asking: HashMap<u64, (Rc<Outbound>, u64), ahash::RandomState>,
+    /// This node's cluster, when it has other members.
+    cluster: Option<mirrors::ClusterView>,
+    /// Topics another node owns that this shard follows, by name.
+    mirrors: HashMap<TopicName, mirrors::Mirror, ahash::RandomState>,
+    /// Publishes forwarded to their owner node, awaiting its answer, by
+    /// link id: the node and whom to answer.
+    forwarded: HashMap<u64, (String, Held), ahash::RandomState>,
     /// This shard's counters.
     metrics: Rc<Metrics>,
 }
@@ -469,6 +492,9 @@ impl Broker {
             schedule_fired: HashMap::default(),
             schedule_refire: HashMap::default(),
             asking: HashMap::default(),
+            cluster: None,
+            mirrors: HashMap::default(),
+            forwarded: HashMap::default(),
             metrics,
         }
     }
@@ -511,6 +537,11 @@ impl Broker {
     ) -> Published {
         let owner = topic.owner_shard(self.shards);
         if owner == self.id {
+            if self.remote_node(&topic).is_some() {
+                let req = self.next_id();
+                self.forward(topic, kind, payload, options, Held::Here { reply, req }, now);
+                return Published::Later { req };
+            }
             let result = self.sequence(&topic, kind, payload, options, now);
             return match result {
                 Ok((seq, Some(level))) => {
@@ -782,15 +813,23 @@ impl Broker {
         let pending =
             live_epoch.is_none().then_some(Pending { req: sub_id, reply_id, client, reported: false, since_ms });
         if let (Some(epoch), Some(id)) = (live_epoch, reply_id) {
-            out.offer_control(native::reply_ok(
-                id,
-                serde_json::json!({ "topic": topic.as_str(), "epoch": epoch.to_string(), "last_seq": last_seq }),
-            ));
+            out.offer_control(if format == Format::Link {
+                followed_frame(&topic, epoch, last_seq)
+            } else {
+                native::reply_ok(
+                    id,
+                    serde_json::json!({ "topic": topic.as_str(), "epoch": epoch.to_string(), "last_seq": last_seq }),
+                )
+            });
         }
         // What a catch-up's first batch may bring: the queue's free room.
         let room = out.room();
         local.subs.push(Subscriber { id: sub_id, out, format, last_seq, pending });
-        metrics::add(&self.metrics.subscriptions_current, 1);
+        // Another node following the topic is not a subscriber here: its
+        // subscribers count on their own node.
+        if format != Format::Link {
+            metrics::add(&self.metrics.subscriptions_current, 1);
+        }
         if let Some(epoch) = live_epoch {
             return Subscription::Live(Granted { sub_id, epoch, last_seq, resumed: Resumed::Live });
         }
@@ -813,7 +852,9 @@ impl Broker {
             if let Some(pending) = sub.pending {
                 self.waiting.remove(&pending.req);
             }
-            metrics::sub(&self.metrics.subscriptions_current, 1);
+            if sub.format != Format::Link {
+                metrics::sub(&self.metrics.subscriptions_current, 1);
+            }
         }
         if local.subs.is_empty() {
             self.free_local(slot);
@@ -837,10 +878,31 @@ impl Broker {
     pub fn handle(&mut self, from: usize, item: Item, now: Now) {
         match item {
             Item::Publish { topic, kind, payload, options, req } => {
+                if self.remote_node(&topic).is_some() {
+                    self.forward(topic, kind, payload, options, Held::There { from, req }, now);
+                    return;
+                }
                 match self.sequence(&topic, kind, payload, options, now) {
                     Ok((seq, Some(level))) => self.hold(topic, seq, level, Held::There { from, req }),
                     result => self.send(from, Item::PublishDone { req, result: result.map(|(seq, _)| seq) }, now),
                 }
+            }
+            Item::Subscribe { ref topic, .. } if !self.mirror_live(topic) && self.remote_node(topic).is_some() => {
+                if let Some(node) = self.remote_node(topic) {
+                    self.mirror_subscribe(node, from, item);
+                }
+            }
+            Item::GroupJoin { ref topic, ref group, sub, .. } if self.remote_node(topic).is_some() => {
+                let (topic, group) = (topic.clone(), group.clone());
+                let result = Err(GroupJoinError::OwnedElsewhere);
+                self.send(from, Item::GroupJoined { topic, group, sub, result }, now);
+            }
+            Item::ScheduleAsk { ref topic, req, .. } | Item::GroupDelete { ref topic, req, .. }
+                if self.remote_node(topic).is_some() =>
+            {
+                let e = OwnerError::OwnedElsewhere;
+                let answer = Err((e.code().to_string(), e.to_string()));
+                self.send(from, Item::OwnerAnswer { req, answer }, now);
             }
             Item::Subscribe { topic, client, from: resume, req, room } => {
                 match self.owner.subscribe(&topic, from, client, resume, now.at) {
@@ -861,8 +923,10 @@ impl Broker {
                 // register the shard again.
                 self.reading.retain(|_, r| r.from != from || r.topic != topic);
                 self.owner.unsubscribe(&topic, from, now.at);
+                self.mirror_unsubscribed(from, &topic);
             }
             Item::Deliver { topic, epoch, message } => self.deliver(&topic, epoch, message),
+            Item::Restarted { topic, epoch, last_seq } => self.restarted(&topic, epoch, last_seq),
             item @ (Item::GroupJoin { .. }
             | Item::GroupJoined { .. }
             | Item::GroupLeave { .. }
@@ -893,7 +957,7 @@ impl Broker {
         let mut bytes = 0;
         for message in local.fill.drain(..) {
             bytes += message.payload.len();
-            let mut frames: [Option<Rc<Frame>>; 3] = [None, None, None];
+            let mut frames: [Option<Rc<Frame>>; 4] = [None, None, None, None];
             for sub in local.subs.iter_mut().filter(|s| s.pending.is_none() && message.seq > s.last_seq) {
                 let frame = frames[sub.format as usize].get_or_insert_with(|| {
                     Frame::data(encode(sub.format, &local.name, &message), message.published_at)
@@ -927,7 +991,8 @@ impl Broker {
     pub fn local_subscribers(&self, query: &TopicQuery) -> Vec<(String, u64)> {
         let matching = self.slots.iter().flatten().filter(|t| query.matches(t.name.as_str())).collect();
         let page = query.first_page(matching, |t| t.name.as_str());
-        page.iter().map(|t| (t.name.as_str().to_string(), t.subs.len() as u64)).collect()
+        let subscribers = |t: &LocalTopic| t.subs.iter().filter(|s| s.format != Format::Link).count() as u64;
+        page.iter().map(|t| (t.name.as_str().to_string(), subscribers(t))).collect()
     }
 
     /// Bytes of publishes in flight to each owner shard.
@@ -1010,6 +1075,38 @@ impl Broker {
         }
     }
 
+    /// The topic's sequence space changed under its live subscribers (see
+    /// [`Item::Restarted`]): each is told (a native `lost` notice; a raw
+    /// socket closes with 4011 as a resume into another epoch would; the
+    /// original API, which has no numbers, just goes on) and gets what
+    /// follows in the new space.
+    fn restarted(&mut self, topic: &TopicName, epoch: Epoch, last_seq: u64) {
+        let Some(&slot) = self.topics.get(topic) else { return };
+        let Some(local) = self.slots[slot].as_mut() else { return };
+        if local.epoch == Some(epoch) {
+            return;
+        }
+        local.epoch = Some(epoch);
+        local.last_seq = last_seq;
+        self.fanout_pending_bytes -= local.fill.iter().map(|m| m.payload.len()).sum::<usize>();
+        local.fill.clear();
+        for sub in local.subs.iter_mut().filter(|s| s.pending.is_none()) {
+            sub.last_seq = last_seq;
+            match sub.format {
+                Format::Native => {
+                    sub.out.offer_control(native::lost_notice(topic, epoch, last_seq));
+                }
+                Format::Raw => {
+                    let reason = format!(
+                        "history lost (epoch_changed): epoch is now {epoch}, last seq {last_seq}; resume from there"
+                    );
+                    sub.out.close(CLOSE_HISTORY_LOST, &reason);
+                }
+                Format::Legacy | Format::Link => {}
+            }
+        }
+    }
+
     /// Applies the owner's answer to the pending subscriber `req`: queue the
     /// native reply, then the replay, then go live; or remove it.
     fn granted(&mut self, topic: &TopicName, req: u64, result: Result<Grant, OwnerError>, now: Now) {
@@ -1040,7 +1137,11 @@ impl Broker {
         let sub = &mut local.subs[at];
         let Some(pending) = sub.pending else { return };
         if let Some(id) = pending.reply_id {
-            sub.out.offer_control(native::reply_ok(id, grant_reply(topic, &grant)));
+            sub.out.offer_control(if sub.format == Format::Link {
+                followed_frame(topic, grant.epoch, grant.last_seq)
+            } else {
+                native::reply_ok(id, grant_reply(topic, &grant))
+            });
         }
         // A later batch of a catch-up tells what it cannot get where it
         // falls: before this batch's messages or after them.
@@ -1148,6 +1249,11 @@ fn take_through<T>(queues: &mut BySeq<T>, topic: &TopicName, through_seq: u64) -
 /// the native protocol; a raw socket closes as its resume would have (its
 /// client resumes after the gap). False when the connection closes.
 fn tell_gap(out: &Outbound, format: Format, topic: &TopicName, gap: SeqRange) -> bool {
+    if format == Format::Link {
+        let frame = crate::link::LinkFrame::Gap { topic: topic.clone(), from_seq: gap.from_seq, to_seq: gap.to_seq };
+        out.offer_control(ws::encode_data(PayloadKind::Binary, &crate::link::encode(&frame)));
+        return true;
+    }
     if format == Format::Native {
         out.offer_control(native::gap_notice(topic, gap.from_seq, gap.to_seq));
         return true;
@@ -1208,11 +1314,22 @@ fn grant_reply(topic: &TopicName, grant: &Grant) -> serde_json::Value {
     extra
 }
 
+/// Close code of a raw socket whose topic's sequence space changed (as
+/// for a resume into another epoch).
+const CLOSE_HISTORY_LOST: u16 = 4011;
+
+/// A node link's answer to a follow that went live.
+fn followed_frame(topic: &TopicName, epoch: Epoch, last_seq: u64) -> Bytes {
+    let frame = crate::link::LinkFrame::Followed { topic: topic.clone(), result: Ok((epoch, last_seq)) };
+    ws::encode_data(PayloadKind::Binary, &crate::link::encode(&frame))
+}
+
 /// Frames a message for a subscriber format.
 fn encode(format: Format, topic: &TopicName, message: &Message) -> Bytes {
     match format {
         Format::Raw => ws::encode_data(message.kind, &message.payload),
         Format::Legacy => ws::encode_data(PayloadKind::Binary, &message.payload),
         Format::Native => native::encode_message(topic, message),
+        Format::Link => ws::encode_data(PayloadKind::Binary, &crate::link::encode_message(topic, message)),
     }
 }

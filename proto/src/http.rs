@@ -193,6 +193,8 @@ pub enum Route {
     LegacySubscribe,
     /// `GET /v1/ws` (native protocol, upgrade)
     NativeSocket,
+    /// `GET /v1/link` (another node of the cluster, upgrade)
+    NodeLink,
     /// A known path with the wrong method (405).
     MethodNotAllowed,
     /// Anything else (404).
@@ -213,6 +215,7 @@ pub fn route(method: &str, path: &str) -> Route {
         "/publish" => pick(post, Route::LegacyPublish),
         "/subscribe" => pick(get, Route::LegacySubscribe),
         "/v1/ws" => pick(get, Route::NativeSocket),
+        "/v1/link" => pick(get, Route::NodeLink),
         "/v1/topics" | "/v1/topics/" => pick(get, Route::ListTopics),
         "/v1/snapshots" | "/v1/snapshots/" if post => Route::SnapshotCreate,
         "/v1/snapshots" | "/v1/snapshots/" => pick(get, Route::SnapshotList),
@@ -289,6 +292,7 @@ fn reason(status: u16) -> &'static str {
         409 => "Conflict",
         410 => "Gone",
         413 => "Payload Too Large",
+        421 => "Misdirected Request",
         426 => "Upgrade Required",
         429 => "Too Many Requests",
         431 => "Request Header Fields Too Large",

@@ -46,6 +46,7 @@ pub mod hash;
 pub mod history;
 pub mod http;
 pub mod limits;
+pub mod link;
 pub mod log;
 pub mod maglev;
 pub mod message;

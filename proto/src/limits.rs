@@ -32,6 +32,18 @@ pub const KEY_BYTES_MAX: usize = 1024;
 /// 4 MiB holds a full default history replay (see the assert below) plus
 /// a burst; a subscriber that falls further behind is a slow consumer.
 pub const SEND_QUEUE_BYTES_MAX_DEFAULT: usize = 4 << 20;
+
+/// Send queue of a node link's owner side: everything one node follows of
+/// this one's topics shares it, so it is larger than a client's. Past it
+/// the link is closed (the slow-consumer `disconnect` policy) and the
+/// follower reconnects and resumes from the owner's history.
+pub const LINK_SEND_QUEUE_BYTES_MAX: usize = 32 << 20;
+
+/// Bytes a node may queue on one shard's link to another node before it
+/// gives the link up (its forwarded publishes fail with
+/// `owner_unreachable`, its follows resume on a new link): a dead or stuck
+/// peer holds at most this much of a shard's memory.
+pub const LINK_QUEUE_BYTES_MAX: usize = 32 << 20;
 /// Replies and notices may exceed the send-queue cap by this much before the
 /// connection is closed: they are never dropped, so they need a bound too.
 pub const CONTROL_SLACK_BYTES: usize = 64 << 10;

@@ -53,6 +53,19 @@ pub struct Metrics {
     pub fetched_bytes: Cell<u64>,
     /// Consumer-group messages sent to a dead-letter topic.
     pub dead_letters: Cell<u64>,
+    /// Publishes forwarded to the node that owns their topic.
+    pub messages_forwarded: Cell<u64>,
+    /// Messages received from the node that owns their topic, for this
+    /// node's subscribers.
+    pub messages_followed: Cell<u64>,
+    /// Node links (to other nodes' topics) connected since start.
+    pub links_connected: Cell<u64>,
+    /// Node links lost (closed, refused, or over their queue bound).
+    pub links_lost: Cell<u64>,
+    /// Bytes queued on this shard's node links, not yet written.
+    pub link_queue_bytes: Cell<u64>,
+    /// The cluster topology's version this node acts on.
+    pub topology_version: Cell<u64>,
     /// Publish-to-write latency, microseconds.
     pub latency_us: RefCell<Histogram<u64>>,
 }
@@ -96,6 +109,12 @@ pub const COUNTERS: &[(&str, &str, &str)] = &[
     ("fluxnode_segments_fetched_total", "Archived segments fetched back from the object store.", "counter"),
     ("fluxnode_fetched_bytes_total", "Bytes of archived segments fetched back.", "counter"),
     ("fluxnode_dead_letters_total", "Consumer-group messages sent to a dead-letter topic.", "counter"),
+    ("fluxnode_messages_forwarded_total", "Publishes forwarded to the node that owns their topic.", "counter"),
+    ("fluxnode_messages_followed_total", "Messages received from the node that owns their topic.", "counter"),
+    ("fluxnode_links_connected_total", "Links to other nodes connected.", "counter"),
+    ("fluxnode_links_lost_total", "Links to other nodes lost.", "counter"),
+    ("fluxnode_link_queue_bytes", "Bytes queued on links to other nodes, not yet written.", "gauge"),
+    ("fluxnode_topology_version", "The cluster topology version this node acts on.", "gauge"),
 ];
 
 impl Default for Metrics {
@@ -119,6 +138,12 @@ impl Default for Metrics {
             segments_fetched: Cell::new(0),
             fetched_bytes: Cell::new(0),
             dead_letters: Cell::new(0),
+            messages_forwarded: Cell::new(0),
+            messages_followed: Cell::new(0),
+            links_connected: Cell::new(0),
+            links_lost: Cell::new(0),
+            link_queue_bytes: Cell::new(0),
+            topology_version: Cell::new(0),
             // 3 significant digits over 1 us..60 s: fixed parameters, cannot fail.
             latency_us: RefCell::new(Histogram::new_with_max(LATENCY_US_MAX, 3).expect("valid histogram bounds")),
         }
@@ -205,6 +230,12 @@ impl Metrics {
             &self.segments_fetched,
             &self.fetched_bytes,
             &self.dead_letters,
+            &self.messages_forwarded,
+            &self.messages_followed,
+            &self.links_connected,
+            &self.links_lost,
+            &self.link_queue_bytes,
+            &self.topology_version,
         ]
         .iter()
         .map(|c| c.get())

@@ -419,6 +419,18 @@ pub fn gap_notice(topic: &TopicName, from_seq: u64, to_seq: u64) -> Bytes {
     ws::encode_data(PayloadKind::Text, body.to_string().as_bytes())
 }
 
+/// A notice that a topic's sequence space changed under a live
+/// subscription (the node that owns it restarted, or ownership moved
+/// without a hand-off): nothing before `last_seq` of `epoch` is coming;
+/// messages continue after it, numbered in the new space.
+pub fn lost_notice(topic: &TopicName, epoch: Epoch, last_seq: u64) -> Bytes {
+    let body = serde_json::json!({
+        "type": "lost", "topic": topic.as_str(), "reason": "epoch_changed",
+        "epoch": epoch.to_string(), "last_seq": last_seq
+    });
+    ws::encode_data(PayloadKind::Text, body.to_string().as_bytes())
+}
+
 /// Frames a delivered message: a JSON text frame for text payloads, the
 /// binary envelope `0x01 | topic_len: u8 | topic | seq: u64 BE | ts_ms: u64
 /// BE | payload` for binary payloads (no base64).

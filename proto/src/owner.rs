@@ -50,6 +50,16 @@ pub enum OwnerError {
     /// A request to a topic no consumer-group member listens to (503).
     #[error("no responders: the topic has no consumer group with a member")]
     NoResponders,
+    /// The topic's owner is another node of the cluster and the link to
+    /// it is down (retry; 503).
+    #[error("the node that owns this topic cannot be reached")]
+    OwnerUnreachable,
+    /// The topic's owner is another node of the cluster, and this request
+    /// (a consumer group, a request, a schedule, a durable declaration) is
+    /// served on the owner only (421: ask `GET /v1/cluster?topic=` which
+    /// node, and connect there).
+    #[error("this topic is owned by another node of the cluster, which serves this request")]
+    OwnedElsewhere,
 }
 
 impl OwnerError {
@@ -62,6 +72,8 @@ impl OwnerError {
             OwnerError::StorageFailed => "storage_failed",
             OwnerError::GroupFull => "group_full",
             OwnerError::NoResponders => "no_responders",
+            OwnerError::OwnerUnreachable => "owner_unreachable",
+            OwnerError::OwnedElsewhere => "owned_elsewhere",
         }
     }
 
@@ -73,8 +85,10 @@ impl OwnerError {
             | OwnerError::StorageBehind
             | OwnerError::StorageFailed
             | OwnerError::GroupFull
-            | OwnerError::NoResponders => 503,
+            | OwnerError::NoResponders
+            | OwnerError::OwnerUnreachable => 503,
             OwnerError::ClientShare { .. } => 429,
+            OwnerError::OwnedElsewhere => 421,
         }
     }
 }
@@ -755,6 +769,82 @@ impl Owner {
         }
         // Inserted just above when missing.
         Ok(self.topics.get_mut(topic).expect("present"))
+    }
+
+    /// Where this node's copy of another node's topic stands (its epoch and
+    /// last number), if it has one: a follow resumes after it.
+    pub fn mirror_position(&self, topic: &TopicName) -> Option<(Epoch, u64)> {
+        self.topics.get(topic).filter(|t| t.last_seq > 0).map(|t| (t.epoch, t.last_seq))
+    }
+
+    /// Starts (or restarts) this node's copy of another node's topic: the
+    /// owner's follow went live in sequence space `epoch` at `owner_last`,
+    /// after the follow asked to resume after `asked` (whose replay comes
+    /// next as messages). A copy in the same epoch is kept; otherwise its
+    /// history is cleared and its position is where the replay starts
+    /// (`owner_last` when there is no replay; 0 when the owner's sequence
+    /// space changed: the caller follows again from its start). Returns the shards whose
+    /// subscribers were live in another epoch (they are to be told).
+    pub fn mirror_start(
+        &mut self,
+        topic: &TopicName,
+        epoch: Epoch,
+        owner_last: u64,
+        asked: Option<ResumeFrom>,
+        now: Instant,
+    ) -> Result<u64, OwnerError> {
+        let limits = self.limits;
+        let t = self.topic_mut(topic, now)?;
+        if t.epoch == epoch && t.last_seq <= owner_last {
+            return Ok(0);
+        }
+        let restarted = t.subscriber_shards;
+        let position = match asked {
+            Some(ResumeFrom { since_ms: Some(_), .. }) => 0,
+            Some(ResumeFrom { epoch: Some(e), .. }) if e != epoch => 0,
+            Some(ResumeFrom { after_seq, .. }) => after_seq.min(owner_last),
+            None => owner_last,
+        };
+        t.epoch = epoch;
+        t.last_seq = position;
+        t.history = History::new(limits.history_messages_max, limits.history_bytes_max);
+        Ok(restarted)
+    }
+
+    /// A message of a topic this node copies from its owner: kept in
+    /// history as if sequenced here (its number is the owner's). `None`
+    /// when it was had already. A number past the next one (the owner
+    /// announced a gap, or a follow restarted later) clears the history
+    /// first: a resume from before it is then told the gap.
+    pub fn mirror_accept(&mut self, topic: &TopicName, message: Message) -> Option<(Epoch, u64, Message)> {
+        let limits = self.limits;
+        let t = self.topics.get_mut(topic)?;
+        if message.seq <= t.last_seq {
+            return None;
+        }
+        if message.seq != t.last_seq + 1 {
+            t.history = History::new(limits.history_messages_max, limits.history_bytes_max);
+        }
+        t.last_seq = message.seq;
+        t.last_active = message.published_at;
+        t.history.push(message.clone());
+        Some((t.epoch, t.subscriber_shards, message))
+    }
+
+    /// The owner of a topic this node copies announced that
+    /// `..=to_seq` cannot be had: the copy moves past it.
+    pub fn mirror_gap(&mut self, topic: &TopicName, to_seq: u64) {
+        let limits = self.limits;
+        let Some(t) = self.topics.get_mut(topic) else { return };
+        if to_seq > t.last_seq {
+            t.last_seq = to_seq;
+            t.history = History::new(limits.history_messages_max, limits.history_bytes_max);
+        }
+    }
+
+    /// The shards subscribing to `topic` (bit i: shard i).
+    pub fn subscriber_shards(&self, topic: &TopicName) -> u64 {
+        self.topics.get(topic).map_or(0, |t| t.subscriber_shards)
     }
 
     /// The seed this owner's epochs come from (differs between processes).

@@ -108,6 +108,9 @@ impl WsError {
 pub struct Decoder {
     /// Largest reassembled message accepted.
     message_bytes_max: usize,
+    /// Whether frames must be masked (a server decoding a client's) or
+    /// must not be (a node link decoding its owner's frames).
+    masked: bool,
     /// A fragmented message being reassembled.
     partial: Option<(PayloadKind, BytesMut)>,
 }
@@ -115,7 +118,13 @@ pub struct Decoder {
 impl Decoder {
     /// A decoder that accepts messages up to `message_bytes_max` bytes.
     pub fn new(message_bytes_max: usize) -> Decoder {
-        Decoder { message_bytes_max, partial: None }
+        Decoder { message_bytes_max, masked: true, partial: None }
+    }
+
+    /// A decoder of a server's frames (unmasked), for a node's link to
+    /// another node.
+    pub fn of_server_frames(message_bytes_max: usize) -> Decoder {
+        Decoder { message_bytes_max, masked: false, partial: None }
     }
 
     /// Decodes the next event from the front of `buf`, consuming what it
@@ -151,8 +160,11 @@ impl Decoder {
         if header.rsv1 || header.rsv2 || header.rsv3 {
             return Err(WsError::Protocol("RSV bits set without a negotiated extension"));
         }
-        if header.mask.is_none() {
+        if header.mask.is_none() && self.masked {
             return Err(WsError::Protocol("client frames must be masked"));
+        }
+        if header.mask.is_some() && !self.masked {
+            return Err(WsError::Protocol("server frames must not be masked"));
         }
         match header.opcode {
             OpCode::Control(Control::Reserved(_)) | OpCode::Data(Data::Reserved(_)) => {
@@ -260,6 +272,26 @@ pub fn encode_data(kind: PayloadKind, payload: &[u8]) -> Bytes {
 /// Encodes a data frame whose payload is `parts` concatenated.
 pub fn encode_data_parts(kind: PayloadKind, parts: &[&[u8]]) -> Bytes {
     encode(data_opcode(kind), parts)
+}
+
+/// Encodes a client's binary frame (a node link's), appending it to `out`.
+/// The mask key is zero, so the payload goes unchanged: masking protects
+/// browsers' intermediaries from forged requests, and a node is no browser
+/// (RFC 6455 section 10.3).
+pub fn encode_client_binary(payload: &[u8], out: &mut Vec<u8>) {
+    encode_client(OpCode::Data(Data::Binary), payload, out);
+}
+
+/// Encodes a client's pong (a node link's), appending it to `out`.
+pub fn encode_client_pong(payload: &[u8], out: &mut Vec<u8>) {
+    encode_client(OpCode::Control(Control::Pong), payload, out);
+}
+
+fn encode_client(opcode: OpCode, payload: &[u8], out: &mut Vec<u8>) {
+    let header = FrameHeader { opcode, mask: Some([0; 4]), ..FrameHeader::default() };
+    // Writing into a Vec cannot fail.
+    header.format(payload.len() as u64, out).expect("write to memory");
+    out.extend_from_slice(payload);
 }
 
 /// Encodes a close frame. The reason is cut to fit the 123 bytes allowed.
@@ -391,6 +423,32 @@ mod tests {
             }
             assert_eq!(got, want, "split at {split}");
         }
+    }
+
+    /// A node link writes client frames with a zero mask and reads the
+    /// owner's unmasked server frames; each decoder refuses the other kind.
+    #[test]
+    fn link_frames_round_trip_both_ways() {
+        let mut wire = Vec::new();
+        encode_client_binary(b"forwarded", &mut wire);
+        encode_client_pong(b"fluxnode", &mut wire);
+        let mut buf = BytesMut::from(&wire[..]);
+        let mut server = Decoder::new(1024);
+        assert_eq!(
+            server.decode(&mut buf).unwrap(),
+            Some(WsEvent::Message { kind: PayloadKind::Binary, payload: Bytes::from_static(b"forwarded") })
+        );
+        assert_eq!(server.decode(&mut buf).unwrap(), Some(WsEvent::Pong));
+        let mut client = Decoder::of_server_frames(1024);
+        let mut buf = BytesMut::from(&encode_data(PayloadKind::Binary, b"followed")[..]);
+        assert_eq!(
+            client.decode(&mut buf).unwrap(),
+            Some(WsEvent::Message { kind: PayloadKind::Binary, payload: Bytes::from_static(b"followed") })
+        );
+        let mut buf = BytesMut::from(&wire[..]);
+        assert!(client.decode(&mut buf).is_err(), "a masked frame from an owner is refused");
+        let mut buf = BytesMut::from(&encode_data(PayloadKind::Binary, b"x")[..]);
+        assert!(Decoder::new(1024).decode(&mut buf).is_err(), "an unmasked frame from a client is refused");
     }
 
     #[test]

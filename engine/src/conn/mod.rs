@@ -14,6 +14,7 @@
 
 pub(crate) mod durable_api;
 mod legacy_session;
+mod link_session;
 mod native_session;
 mod raw_session;
 mod rest;
@@ -55,6 +56,7 @@ use crate::config::{SlowConsumerPolicy, TopicSockets};
 use crate::shard::{AdminConnection, Adoption, Handoff, NodeConnection, Shard};
 
 use legacy_session::legacy_message;
+use link_session::link_message;
 
 /// Largest body of a durable topic's declaration (`PUT /v1/topics/{topic}`):
 /// a few JSON fields.
@@ -231,7 +233,8 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream, slot: ConnectionSlot) {
         first = false;
         let keep_alive = head.keep_alive && !shard.shutting_down();
         let route = http::route(&head.method, &head.path);
-        let upgrade = matches!(route, Route::LegacySubscribe | Route::TopicSocket(_) | Route::NativeSocket);
+        let upgrade =
+            matches!(route, Route::LegacySubscribe | Route::TopicSocket(_) | Route::NativeSocket | Route::NodeLink);
         if upgrade {
             // A socket the link refuses (its buffer is full) is served here.
             if let Some((owner, seq)) = handoff_target(&shard, &head, &route).and_then(|owner| pass(&shard, &io, owner))

@@ -44,6 +44,12 @@ pub(super) async fn respond(
                 Ok(t) => t,
                 Err(e) => return http::json_error(400, "invalid_topic", &e.to_string(), keep_alive),
             };
+            // A durable log lives on its topic's owner node: declared,
+            // deleted and read there.
+            if let Some(owner) = shard.config.topology().owner_of(&topic).filter(|o| *o != shard.config.advertise()) {
+                let why = format!("topic {} is owned by node {owner}: its log is served there", topic.as_str());
+                return http::json_error(421, "owned_elsewhere", &why, keep_alive);
+            }
             crate::conn::durable_api::respond(shard, route_kind(&head.method), topic, &head.query, &body, keep_alive)
                 .await
         }
@@ -117,7 +123,7 @@ fn cluster(shard: &Rc<Shard>, query: &str, keep_alive: bool) -> Vec<u8> {
         members: topology.members().to_vec(),
         topic,
         owner,
-        forwarding: false,
+        forwarding: config.static_peers(),
     };
     http::json(200, &body, keep_alive)
 }

@@ -14,6 +14,8 @@ pub(super) enum Path {
     /// `/v1/ws`: subscriptions by topic, consumer-group memberships by
     /// topic and group.
     Native { subs: HashMap<TopicName, u64>, groups: HashMap<(TopicName, String), u64> },
+    /// `/v1/link`: another node's follows, by topic.
+    Link { follows: HashMap<TopicName, u64> },
 }
 
 /// State shared by a session's reader and writer.
@@ -77,7 +79,12 @@ pub(super) async fn websocket(
             return;
         }
     };
-    let out = Rc::new(Outbound::new(shard.config.send_queue_bytes_max(), policy));
+    let queue_bytes_max = if route == Route::NodeLink {
+        proto::limits::LINK_SEND_QUEUE_BYTES_MAX
+    } else {
+        shard.config.send_queue_bytes_max()
+    };
+    let out = Rc::new(Outbound::new(queue_bytes_max, policy));
     let session = Rc::new(Session {
         shard: shard.clone(),
         io,
@@ -134,6 +141,7 @@ pub(super) async fn prepare(
     match route {
         Route::LegacySubscribe => Ok((Path::Legacy { sub: None }, vec![], None)),
         Route::NativeSocket => Ok((Path::Native { subs: HashMap::new(), groups: HashMap::new() }, vec![], None)),
+        Route::NodeLink => Ok((Path::Link { follows: HashMap::new() }, vec![], None)),
         Route::TopicSocket(name) => {
             let topic = TopicName::new(&name).map_err(|e| bad("invalid_topic", &e.to_string()))?;
             let (publish, subscribe) = match http::query_param(&head.query, "role").unwrap_or("pubsub") {
@@ -226,6 +234,11 @@ pub(super) fn cleanup(session: &Session, path: &Path) {
     match path {
         Path::Raw { topic, sub: Some(id), .. } => shard.unsubscribe(topic, *id),
         Path::Legacy { sub: Some((topic, id)) } => shard.unsubscribe(topic, *id),
+        Path::Link { follows } => {
+            for (topic, id) in follows {
+                shard.unsubscribe(topic, *id);
+            }
+        }
         Path::Native { subs, groups } => {
             for (topic, id) in subs {
                 shard.unsubscribe(topic, *id);
@@ -305,6 +318,7 @@ pub(super) async fn on_event(session: &Session, path: &mut Path, event: WsEvent)
                 Path::Raw { topic, publish, .. } => raw_message(session, topic, *publish, kind, payload).await,
                 Path::Legacy { sub } => legacy_message(session, sub, payload).await,
                 Path::Native { subs, groups } => native_message(session, subs, groups, kind, payload).await,
+                Path::Link { follows } => link_message(session, follows, kind, payload).await,
             }
         }
     }

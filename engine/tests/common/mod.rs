@@ -362,3 +362,45 @@ pub fn read_log(node: &Node, topic: &str) -> std::collections::BTreeMap<u64, Str
         }
     }
 }
+
+/// A port free at the time of asking (a node is started on it right after).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// `n` nodes on 127.0.0.1 that are each other's static peers, each
+/// started with `extra` too. The nodes' addresses are in their order.
+pub fn start_cluster(n: usize, extra: &[&str]) -> (Vec<Node>, Vec<String>) {
+    let ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+    let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let nodes = ports
+        .iter()
+        .zip(&addrs)
+        .map(|(port, me)| {
+            let mut flags = vec!["--advertise", me.as_str()];
+            for a in &addrs {
+                flags.extend(["--peer", a.as_str()]);
+            }
+            flags.extend(extra);
+            Node::start_on(*port, &flags)
+        })
+        .collect();
+    (nodes, addrs)
+}
+
+/// Which node owns `topic`, as the nodes' `GET /v1/cluster` says.
+pub fn owner_index(nodes: &[Node], addrs: &[String], topic: &str) -> usize {
+    let owner = nodes[0].get_json(&format!("/v1/cluster?topic={topic}"))["owner"].as_str().unwrap().to_string();
+    addrs.iter().position(|a| *a == owner).unwrap()
+}
+
+/// A topic named `prefix.N` owned by node `want` of the cluster.
+pub fn topic_owned_by(nodes: &[Node], addrs: &[String], prefix: &str, want: usize) -> String {
+    let table = proto::maglev::Table::build(addrs, proto::maglev::TABLE_SIZE_DEFAULT).unwrap();
+    let topic = (0..)
+        .map(|i| format!("{prefix}.{i}"))
+        .find(|t| table.lookup(t.as_bytes()) == Some(addrs[want].as_str()))
+        .unwrap();
+    assert_eq!(owner_index(nodes, addrs, &topic), want, "the nodes and the table disagree on {topic}");
+    topic
+}

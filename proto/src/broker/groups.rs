@@ -636,6 +636,10 @@ pub enum GroupJoinError {
     /// The group refused.
     #[error(transparent)]
     Group(GroupError),
+    /// Another node of the cluster owns the topic; its groups are served
+    /// there (for now).
+    #[error("this topic is owned by another node of the cluster: join its groups there")]
+    OwnedElsewhere,
 }
 
 impl GroupJoinError {
@@ -645,6 +649,7 @@ impl GroupJoinError {
             GroupJoinError::TooManyGroups => "too_many_groups",
             GroupJoinError::TooManyTopics => "too_many_topics",
             GroupJoinError::NotDurable => "not_durable",
+            GroupJoinError::OwnedElsewhere => "owned_elsewhere",
             GroupJoinError::Group(e) => e.code(),
         }
     }

@@ -1,0 +1,449 @@
+//! The node link's frames, sans-IO: what one FluxNode says to another about
+//! topics the other owns. A node that does not own a topic forwards its
+//! publishes to the owner and follows the topic there once for all of its
+//! own subscribers; the owner answers the publishes and sends the topic's
+//! messages (numbered by the owner) once per following node.
+//!
+//! The link is a WebSocket connection to the owner's `GET /v1/link`; each
+//! link frame is one binary WebSocket message (so frames are
+//! length-prefixed by the WebSocket header, and the writers batch every
+//! frame queued into one `send`). A frame is a type byte and fixed-order
+//! fields, big-endian; a message travels as its durable log record
+//! ([`crate::log`]: checksummed, with kind, key and headers), so the link
+//! and the log share one message layout. See docs/PROTOCOL.md.
+
+use bytes::Bytes;
+
+use crate::durable::{AckLevel, PublishOptions};
+use crate::log::{self, Record};
+use crate::message::{Epoch, Message, PayloadKind};
+use crate::owner::{OwnerError, ResumeFrom};
+use crate::topic::TopicName;
+
+/// Frame types.
+const PUBLISH: u8 = 1;
+const PUBLISH_DONE: u8 = 2;
+const FOLLOW: u8 = 3;
+const UNFOLLOW: u8 = 4;
+const FOLLOWED: u8 = 5;
+const MESSAGE: u8 = 6;
+const GAP: u8 = 7;
+
+/// One link frame.
+#[derive(Debug, Clone)]
+pub enum LinkFrame {
+    /// Follower to owner: sequence this message (`id` is the follower's,
+    /// echoed in the answer).
+    Publish {
+        id: u64,
+        topic: TopicName,
+        ack: Option<AckLevel>,
+        kind: PayloadKind,
+        payload: Bytes,
+        options: LinkOptions,
+    },
+    /// Owner to follower: the answer to publish `id`.
+    PublishDone { id: u64, result: Result<u64, OwnerError> },
+    /// Follower to owner: send me `topic`'s messages, after `from` if
+    /// given (a resume, as a subscriber's).
+    Follow { topic: TopicName, from: Option<ResumeFrom> },
+    /// Follower to owner: no more of `topic`.
+    Unfollow { topic: TopicName },
+    /// Owner to follower: the follow is live (the topic's sequence space
+    /// and last number at that moment; the replay after `from` follows
+    /// as messages), or refused.
+    Followed { topic: TopicName, result: Result<(Epoch, u64), OwnerError> },
+    /// Owner to follower: one of `topic`'s messages, numbered.
+    Message { topic: TopicName, message: Message },
+    /// Owner to follower: `from_seq..=to_seq` of `topic` cannot be had
+    /// (evicted from history, or lost).
+    Gap { topic: TopicName, from_seq: u64, to_seq: u64 },
+}
+
+/// The part of a publish's options a link carries: key and metadata.
+/// A request's return address never crosses a link (requests are served
+/// on the topic's owner only, for now).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct LinkOptions {
+    /// Routing key.
+    pub key: Option<Bytes>,
+    /// Kind, id and headers.
+    pub meta: Option<std::sync::Arc<crate::message::Meta>>,
+}
+
+impl LinkOptions {
+    /// What a publish's options keep on a link.
+    pub fn of(options: &PublishOptions) -> LinkOptions {
+        LinkOptions { key: options.key.clone(), meta: options.meta.clone() }
+    }
+
+    /// Publish options on the owner's side.
+    pub fn into_options(self, ack: Option<AckLevel>) -> PublishOptions {
+        PublishOptions { key: self.key, ack, reply_to: None, meta: self.meta }
+    }
+}
+
+/// Why a link frame could not be read: the peer speaks something else, or
+/// a frame is damaged. The link is closed (WebSocket close 1007).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("malformed link frame: {0}")]
+pub struct LinkError(pub &'static str);
+
+/// Encodes a frame (the payload of one binary WebSocket message).
+pub fn encode(frame: &LinkFrame) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64);
+    match frame {
+        LinkFrame::Publish { id, topic, ack, kind, payload, options } => {
+            out.push(PUBLISH);
+            out.extend_from_slice(&id.to_be_bytes());
+            put_topic(&mut out, topic);
+            out.push(match ack {
+                None => 0,
+                Some(AckLevel::None) => 1,
+                Some(AckLevel::Local) => 2,
+                Some(AckLevel::Stored) => 3,
+            });
+            let headers = options.meta.as_ref().map(|m| m.to_record_headers()).unwrap_or_default();
+            let record = Record {
+                seq: 0,
+                timestamp_ms: 0,
+                kind: *kind,
+                key: options.key.clone(),
+                headers,
+                payload: payload.clone(),
+            };
+            put_record(&mut out, &record);
+        }
+        LinkFrame::PublishDone { id, result } => {
+            out.push(PUBLISH_DONE);
+            out.extend_from_slice(&id.to_be_bytes());
+            match result {
+                Ok(seq) => {
+                    out.push(0);
+                    out.extend_from_slice(&seq.to_be_bytes());
+                }
+                Err(e) => put_error(&mut out, *e),
+            }
+        }
+        LinkFrame::Follow { topic, from } => {
+            out.push(FOLLOW);
+            put_topic(&mut out, topic);
+            match from {
+                None => out.push(0),
+                Some(f) => {
+                    out.push(1);
+                    out.extend_from_slice(&f.after_seq.to_be_bytes());
+                    out.extend_from_slice(&f.epoch.map_or(0, |e| e.0).to_be_bytes());
+                    out.push(u8::from(f.epoch.is_some()) | (u8::from(f.since_ms.is_some()) << 1));
+                    out.extend_from_slice(&f.since_ms.unwrap_or(0).to_be_bytes());
+                }
+            }
+        }
+        LinkFrame::Unfollow { topic } => {
+            out.push(UNFOLLOW);
+            put_topic(&mut out, topic);
+        }
+        LinkFrame::Followed { topic, result } => {
+            out.push(FOLLOWED);
+            put_topic(&mut out, topic);
+            match result {
+                Ok((epoch, last_seq)) => {
+                    out.push(0);
+                    out.extend_from_slice(&epoch.0.to_be_bytes());
+                    out.extend_from_slice(&last_seq.to_be_bytes());
+                }
+                Err(e) => put_error(&mut out, *e),
+            }
+        }
+        LinkFrame::Message { topic, message } => return encode_message(topic, message),
+        LinkFrame::Gap { topic, from_seq, to_seq } => {
+            out.push(GAP);
+            put_topic(&mut out, topic);
+            out.extend_from_slice(&from_seq.to_be_bytes());
+            out.extend_from_slice(&to_seq.to_be_bytes());
+        }
+    }
+    out
+}
+
+/// Encodes a topic's message (what the owner's fan-out frames once per
+/// message for every following node).
+pub fn encode_message(topic: &TopicName, message: &Message) -> Vec<u8> {
+    let mut out = Vec::with_capacity(48 + topic.as_str().len() + message.payload.len());
+    out.push(MESSAGE);
+    put_topic(&mut out, topic);
+    let record = Record {
+        seq: message.seq,
+        timestamp_ms: message.timestamp_ms,
+        kind: message.kind,
+        key: message.key.clone(),
+        headers: message.record_headers(),
+        payload: message.payload.clone(),
+    };
+    put_record(&mut out, &record);
+    out
+}
+
+/// Decodes a frame; `at` is when it arrived (a message's publish time on
+/// this node, for latency).
+pub fn decode(frame: &Bytes, at: std::time::Instant) -> Result<LinkFrame, LinkError> {
+    let mut r = Reader { bytes: frame, at: 0 };
+    let decoded = match r.u8()? {
+        PUBLISH => {
+            let id = r.u64()?;
+            let topic = r.topic()?;
+            let ack = match r.u8()? {
+                0 => None,
+                1 => Some(AckLevel::None),
+                2 => Some(AckLevel::Local),
+                3 => Some(AckLevel::Stored),
+                _ => return Err(LinkError("unknown ack level")),
+            };
+            let record = r.record()?;
+            let message = Message::from_record(record, at);
+            let options = LinkOptions { key: message.key, meta: message.meta };
+            LinkFrame::Publish { id, topic, ack, kind: message.kind, payload: message.payload, options }
+        }
+        PUBLISH_DONE => {
+            let id = r.u64()?;
+            let result = match r.u8()? {
+                0 => Ok(r.u64()?),
+                code => Err(r.error(code)?),
+            };
+            LinkFrame::PublishDone { id, result }
+        }
+        FOLLOW => {
+            let topic = r.topic()?;
+            let from = match r.u8()? {
+                0 => None,
+                1 => {
+                    let after_seq = r.u64()?;
+                    let epoch = r.u64()?;
+                    let flags = r.u8()?;
+                    let since_ms = r.u64()?;
+                    Some(ResumeFrom {
+                        after_seq,
+                        epoch: (flags & 1 != 0).then_some(Epoch(epoch)),
+                        since_ms: (flags & 2 != 0).then_some(since_ms),
+                    })
+                }
+                _ => return Err(LinkError("bad resume flag")),
+            };
+            LinkFrame::Follow { topic, from }
+        }
+        UNFOLLOW => LinkFrame::Unfollow { topic: r.topic()? },
+        FOLLOWED => {
+            let topic = r.topic()?;
+            let result = match r.u8()? {
+                0 => Ok((Epoch(r.u64()?), r.u64()?)),
+                code => Err(r.error(code)?),
+            };
+            LinkFrame::Followed { topic, result }
+        }
+        MESSAGE => {
+            let topic = r.topic()?;
+            let record = r.record()?;
+            LinkFrame::Message { topic, message: Message::from_record(record, at) }
+        }
+        GAP => LinkFrame::Gap { topic: r.topic()?, from_seq: r.u64()?, to_seq: r.u64()? },
+        _ => return Err(LinkError("unknown frame type")),
+    };
+    if r.at != frame.len() {
+        return Err(LinkError("bytes after the frame"));
+    }
+    Ok(decoded)
+}
+
+fn put_topic(out: &mut Vec<u8>, topic: &TopicName) {
+    let name = topic.as_str().as_bytes();
+    // Topic names are far shorter than 64 KiB (`topic::TOPIC_BYTES_MAX`).
+    out.extend_from_slice(&(name.len() as u16).to_be_bytes());
+    out.extend_from_slice(name);
+}
+
+fn put_record(out: &mut Vec<u8>, record: &Record) {
+    // A publish or delivery is bounded far below the record ceiling
+    // (`MESSAGE_BYTES_MAX_CEILING`), keys and headers by the protocols'
+    // limits: encoding cannot fail for anything a node accepted.
+    if log::encode(record, out).is_err() {
+        debug_assert!(false, "a message the node accepted fits a record");
+    }
+}
+
+fn put_error(out: &mut Vec<u8>, e: OwnerError) {
+    let (code, arg) = match e {
+        OwnerError::TooManyTopics => (1, 0),
+        OwnerError::ClientShare { max } => (2, max as u64),
+        OwnerError::StorageBehind => (3, 0),
+        OwnerError::StorageFailed => (4, 0),
+        OwnerError::GroupFull => (5, 0),
+        OwnerError::NoResponders => (6, 0),
+        OwnerError::OwnerUnreachable => (7, 0),
+        OwnerError::OwnedElsewhere => (8, 0),
+    };
+    out.push(code);
+    out.extend_from_slice(&arg.to_be_bytes());
+}
+
+struct Reader<'a> {
+    bytes: &'a Bytes,
+    at: usize,
+}
+
+impl Reader<'_> {
+    fn take(&mut self, n: usize) -> Result<&[u8], LinkError> {
+        let end = self.at.checked_add(n).filter(|&end| end <= self.bytes.len()).ok_or(LinkError("frame cut short"))?;
+        let out = &self.bytes[self.at..end];
+        self.at = end;
+        Ok(out)
+    }
+
+    fn u8(&mut self) -> Result<u8, LinkError> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn u64(&mut self) -> Result<u64, LinkError> {
+        let b = self.take(8)?;
+        Ok(u64::from_be_bytes(b.try_into().map_err(|_| LinkError("frame cut short"))?))
+    }
+
+    fn topic(&mut self) -> Result<TopicName, LinkError> {
+        let b = self.take(2)?;
+        let len = u16::from_be_bytes([b[0], b[1]]) as usize;
+        let name = std::str::from_utf8(self.take(len)?).map_err(|_| LinkError("topic not UTF-8"))?;
+        TopicName::new(name).map_err(|_| LinkError("invalid topic"))
+    }
+
+    fn record(&mut self) -> Result<Record, LinkError> {
+        let rest = self.bytes.slice(self.at..);
+        let (record, used) = log::read_one(&rest, 0).map_err(|_| LinkError("damaged message record"))?;
+        self.at += used;
+        Ok(record)
+    }
+
+    fn error(&mut self, code: u8) -> Result<OwnerError, LinkError> {
+        let arg = self.u64()?;
+        Ok(match code {
+            1 => OwnerError::TooManyTopics,
+            2 => OwnerError::ClientShare { max: arg as usize },
+            3 => OwnerError::StorageBehind,
+            4 => OwnerError::StorageFailed,
+            5 => OwnerError::GroupFull,
+            6 => OwnerError::NoResponders,
+            7 => OwnerError::OwnerUnreachable,
+            8 => OwnerError::OwnedElsewhere,
+            _ => return Err(LinkError("unknown error code")),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::{MessageKind, Meta};
+    use std::sync::Arc;
+    use std::time::Instant;
+
+    fn topic(name: &str) -> TopicName {
+        TopicName::new(name).unwrap()
+    }
+
+    fn frames() -> Vec<LinkFrame> {
+        let meta = Arc::new(Meta {
+            kind: Some(MessageKind::Event),
+            id: Some("m-1".into()),
+            headers: vec![("trace".into(), "abc".into())],
+        });
+        let at = Instant::now();
+        let message = Message {
+            seq: 42,
+            timestamp_ms: 1_700_000_000_000,
+            kind: PayloadKind::Binary,
+            payload: Bytes::from_static(b"\x00\x01payload"),
+            key: Some(Bytes::from_static(b"order-7")),
+            reply_to: None,
+            meta: Some(meta.clone()),
+            published_at: at,
+        };
+        vec![
+            LinkFrame::Publish {
+                id: 7,
+                topic: topic("orders"),
+                ack: Some(AckLevel::Local),
+                kind: PayloadKind::Text,
+                payload: Bytes::from_static(b"hello"),
+                options: LinkOptions { key: Some(Bytes::from_static(b"k")), meta: Some(meta) },
+            },
+            LinkFrame::Publish {
+                id: 8,
+                topic: topic("t"),
+                ack: None,
+                kind: PayloadKind::Binary,
+                payload: Bytes::new(),
+                options: LinkOptions::default(),
+            },
+            LinkFrame::PublishDone { id: 7, result: Ok(99) },
+            LinkFrame::PublishDone { id: 8, result: Err(OwnerError::ClientShare { max: 12 }) },
+            LinkFrame::PublishDone { id: 9, result: Err(OwnerError::OwnerUnreachable) },
+            LinkFrame::Follow { topic: topic("orders"), from: None },
+            LinkFrame::Follow {
+                topic: topic("orders"),
+                from: Some(ResumeFrom { after_seq: 5, epoch: Some(Epoch(77)), since_ms: None }),
+            },
+            LinkFrame::Follow {
+                topic: topic("orders"),
+                from: Some(ResumeFrom { after_seq: 0, epoch: None, since_ms: Some(123) }),
+            },
+            LinkFrame::Unfollow { topic: topic("orders") },
+            LinkFrame::Followed { topic: topic("orders"), result: Ok((Epoch(77), 41)) },
+            LinkFrame::Followed { topic: topic("orders"), result: Err(OwnerError::TooManyTopics) },
+            LinkFrame::Message { topic: topic("orders"), message },
+            LinkFrame::Gap { topic: topic("orders"), from_seq: 3, to_seq: 9 },
+        ]
+    }
+
+    /// Messages compare without their arrival time.
+    fn same(a: &LinkFrame, b: &LinkFrame) -> bool {
+        match (a, b) {
+            (LinkFrame::Message { topic: t1, message: m1 }, LinkFrame::Message { topic: t2, message: m2 }) => {
+                t1 == t2
+                    && (m1.seq, m1.timestamp_ms, m1.kind, &m1.payload, &m1.key, &m1.meta)
+                        == (m2.seq, m2.timestamp_ms, m2.kind, &m2.payload, &m2.key, &m2.meta)
+            }
+            _ => format!("{a:?}") == format!("{b:?}"),
+        }
+    }
+
+    #[test]
+    fn every_frame_decodes_to_itself() {
+        for frame in frames() {
+            let bytes = Bytes::from(encode(&frame));
+            let back = decode(&bytes, Instant::now()).unwrap();
+            assert!(same(&frame, &back), "{frame:?} came back as {back:?}");
+        }
+    }
+
+    /// Every cut and every flipped byte of every frame is refused or
+    /// decodes to some frame: never a panic (the link's parser meets a
+    /// peer's bytes).
+    #[test]
+    fn damaged_frames_are_refused_without_a_panic() {
+        let mut refused = 0;
+        for frame in frames() {
+            let bytes = encode(&frame);
+            for cut in 0..bytes.len() {
+                assert!(decode(&Bytes::copy_from_slice(&bytes[..cut]), Instant::now()).is_err());
+                refused += 1;
+            }
+            for at in 0..bytes.len() {
+                let mut damaged = bytes.clone();
+                damaged[at] ^= 0x5a;
+                let _ = decode(&Bytes::from(damaged), Instant::now());
+            }
+            let mut longer = bytes.clone();
+            longer.push(0);
+            assert!(decode(&Bytes::from(longer), Instant::now()).is_err());
+        }
+        assert!(refused > 100);
+    }
+}
