@@ -495,3 +495,75 @@ fn the_original_benchmark_shape_through_the_balancer_delivers_every_message_in_o
         TOPICS * SUBSCRIBERS * PUBLISHERS * MESSAGES
     );
 }
+
+/// `deploy/local/cluster up` starts three clustered nodes and a balancer,
+/// waits until they are ready and prints their URLs; the cluster serves
+/// the original API through the balancer; `status` sees them ready; `down`
+/// stops exactly the processes it started.
+#[test]
+fn the_local_cluster_script_starts_a_working_cluster_and_stops_exactly_what_it_started() {
+    let bindable = |p: u16| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok();
+    let base = (0..50)
+        .map(|_| common::free_port())
+        .find(|&p| p < 60_000 && [1, 2, 3, 100].iter().all(|d| bindable(p + d)) && bindable(p))
+        .expect("a free range of ports");
+    let state = common::fresh_dir("local-cluster");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/local/cluster");
+    let run = |args: &[&str]| {
+        let out = Command::new(script)
+            .args(args)
+            .env("RAYFLUX_CLUSTER_DIR", &state)
+            .env("RAYFLUX_CLUSTER_PORT", base.to_string())
+            .env("FLUXNODE_BIN", common::fluxnode_bin())
+            .env("FLUXBALANCER_BIN", env!("CARGO_BIN_EXE_fluxbalancer"))
+            .env("FLUXNODE_LOG", "warn")
+            .env("FLUXBALANCER_LOG", "warn")
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+        (out.status.success(), text)
+    };
+    let (ok, up) = run(&["up", "3"]);
+    assert!(ok, "{up}");
+    assert!(up.contains(&format!("ws://127.0.0.1:{base}")) && up.contains("3 nodes"), "{up}");
+    let pids: Vec<u32> = std::fs::read_dir(&state)
+        .unwrap()
+        .filter_map(|e| e.ok())
+        .filter(|e| e.path().extension().is_some_and(|x| x == "pid"))
+        .map(|e| std::fs::read_to_string(e.path()).unwrap().trim().parse().unwrap())
+        .collect();
+    assert_eq!(pids.len(), 4, "3 nodes and a balancer: {pids:?}");
+    // The original API through the balancer, subscriber and publisher on
+    // different client addresses.
+    let front = format!("127.0.0.1:{base}");
+    let stream = connect_from(&front, std::net::Ipv4Addr::new(127, 0, 3, 1));
+    let (mut ws, _) = tungstenite::client(format!("ws://{front}/subscribe"), stream).unwrap();
+    ws.send(Message::text(r#"{"subscriber_id":"s","topic":"local.demo"}"#)).unwrap();
+    let nodes: Vec<String> = (1..=3).map(|i| format!("127.0.0.1:{}", base + i)).collect();
+    wait_until("the subscriber registered", || {
+        nodes.iter().any(|n| {
+            let (status, body) = http_request(n, "GET", "/v1/topics/local.demo", "", b"");
+            status == 200 && body.contains("\"subscribers\":1")
+        })
+    });
+    let mut publisher = connect_from(&front, std::net::Ipv4Addr::new(127, 0, 3, 2));
+    let body = r#"{"topic":"local.demo","message":"through the local cluster"}"#;
+    let request = format!("POST /publish HTTP/1.1\r\nhost: x\r\ncontent-length: {}\r\n\r\n{body}", body.len());
+    publisher.write_all(request.as_bytes()).unwrap();
+    assert_eq!(common::read_response(&mut publisher).0, 200);
+    assert_eq!(next_data(&mut ws), Message::Binary(b"through the local cluster".to_vec()));
+    let (ok, status) = run(&["status"]);
+    assert!(ok && status.matches(" ready").count() == 3 && status.contains("\"forwarding\":true"), "{status}");
+    let (ok, again) = run(&["up"]);
+    assert!(!ok && again.contains("already up"), "{again}");
+    drop(ws);
+    let (ok, down) = run(&["down"]);
+    assert!(ok && down.contains("stopped 4 processes"), "{down}");
+    for pid in pids {
+        let gone = std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |s| s.contains(") Z "));
+        assert!(gone, "process {pid} still runs after down");
+    }
+    let (_, status) = run(&["status"]);
+    assert!(status.contains("no cluster up"), "{status}");
+    eprintln!("{up}");
+}
