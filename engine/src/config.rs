@@ -152,14 +152,23 @@ pub struct Args {
     #[arg(long, value_name = "latest|ID")]
     pub restore: Option<String>,
     /// A member of this node's cluster (`host:port`, this node's own
-    /// address included); repeat for each. Static membership: topic
-    /// ownership is computed and shown (`GET /v1/cluster`), not yet acted
-    /// on (no forwarding between nodes yet).
+    /// address included); repeat for each. Static membership: every node
+    /// must be given the same set. Not with `--etcd`.
     #[arg(long = "peer", value_name = "HOST:PORT")]
     pub peers: Vec<String>,
-    /// This node's address among the peers. [default: the listen address]
+    /// This node's address among the members, as other nodes reach it.
+    /// [default: the listen address]
     #[arg(long)]
     pub advertise: Option<String>,
+    /// Cluster membership from etcd (its client address, `host:port`,
+    /// plain HTTP): the node registers under a lease and follows the
+    /// member set. Not with `--peer`.
+    #[arg(long, value_name = "HOST:PORT")]
+    pub etcd: Option<String>,
+    /// The cluster's name in etcd (its keys: `/rayflux/NAME/members/`).
+    /// [default: rayflux]
+    #[arg(long)]
+    pub cluster_name: Option<String>,
 }
 
 /// The TOML file: the same knobs as [`Args`], all optional, unknown keys
@@ -199,6 +208,8 @@ struct FileConfig {
     #[serde(default)]
     peers: Vec<String>,
     advertise: Option<String>,
+    etcd: Option<String>,
+    cluster_name: Option<String>,
 }
 
 /// The object store: `--object-store` or the file's, with the S3 settings,
@@ -297,6 +308,9 @@ pub struct Config {
     topology: proto::cluster::Topology,
     /// Whether the member set came from `--peer` flags.
     static_peers: bool,
+    /// etcd's client address and the cluster's name, when membership
+    /// comes from etcd.
+    etcd: Option<(String, String)>,
 }
 
 /// Read access: the fields are private, so a `Config` exists only as
@@ -388,9 +402,16 @@ impl Config {
         &self.topology
     }
 
-    /// Whether the member set came from `--peer` (else: this node alone).
+    /// Whether the member set came from `--peer` (else: this node alone,
+    /// or etcd).
     pub fn static_peers(&self) -> bool {
         self.static_peers
+    }
+
+    /// etcd's client address and the cluster's name, when membership comes
+    /// from etcd.
+    pub fn etcd(&self) -> Option<(&str, &str)> {
+        self.etcd.as_ref().map(|(e, c)| (e.as_str(), c.as_str()))
     }
 
     /// Which shard serves a topic socket.
@@ -476,6 +497,7 @@ impl Default for Config {
             advertise: listen.to_string(),
             topology: proto::cluster::Topology::new(1, &[listen.to_string()]).expect("one member fits"),
             static_peers: false,
+            etcd: None,
         }
     }
 }
@@ -522,12 +544,22 @@ impl Config {
             advertise: String::new(),
             topology: d.topology.clone(),
             static_peers: false,
+            etcd: None,
         };
         let mut config = config;
         let listen = config.listen;
         config.advertise = args.advertise.clone().or(file.advertise.clone()).unwrap_or_else(|| listen.to_string());
         let peers = if args.peers.is_empty() { file.peers.clone() } else { args.peers.clone() };
         config.static_peers = !peers.is_empty();
+        let etcd = args.etcd.clone().or(file.etcd.clone());
+        if etcd.is_some() && config.static_peers {
+            return Err(ConfigError::Invalid("--etcd and --peer do not combine: one source of membership".into()));
+        }
+        let cluster_name = args.cluster_name.clone().or(file.cluster_name.clone()).unwrap_or_else(|| "rayflux".into());
+        if cluster_name.is_empty() || !cluster_name.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) {
+            return Err(ConfigError::Invalid(format!("cluster name {cluster_name:?}: letters, digits, - _ . only")));
+        }
+        config.etcd = etcd.map(|e| (e, cluster_name));
         let members = if peers.is_empty() { vec![config.advertise.clone()] } else { peers };
         if !members.contains(&config.advertise) {
             return Err(ConfigError::Invalid(format!(

@@ -28,6 +28,7 @@ pub mod archive;
 pub mod config;
 pub mod conn;
 pub mod durability;
+pub mod membership;
 pub mod node_link;
 pub mod server;
 pub mod shard;

@@ -275,6 +275,18 @@ impl Shard {
         self.apply();
     }
 
+    /// `node` claims `topic` (see `Broker::claim`); answered on `out`.
+    pub(crate) fn claim(
+        &self,
+        topic: proto::topic::TopicName,
+        version: u64,
+        node: String,
+        out: std::rc::Rc<proto::outbound::Outbound>,
+    ) {
+        self.broker.borrow_mut().claim(topic, version, node, out, Now::read());
+        self.apply();
+    }
+
     /// The link to `node` was given up (see the module's doc).
     pub(crate) fn link_down(&self, node: &str) {
         self.broker.borrow_mut().link_down(node, Now::read());

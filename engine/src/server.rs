@@ -20,6 +20,9 @@ use runtime::{ExecutorError, ServerError, ShardError};
 use crate::config::{Config, TopicSockets};
 use crate::shard::{AdminConnection, Batch, NodeConnection, NodeShared, Shard};
 
+/// How long a node waits for etcd at start before it gives up.
+const ETCD_START_WAIT: Duration = Duration::from_secs(10);
+
 /// A node being started: the address actually bound and the shared flags.
 #[derive(Debug)]
 pub struct Node {
@@ -69,6 +72,13 @@ impl Node {
             );
         }
         let _ = self.shared.archive.set(Arc::new(worker));
+        if let Some((endpoint, cluster)) = config.etcd() {
+            let me = config.advertise().to_string();
+            let shared = crate::membership::start(endpoint.to_string(), cluster, me, ETCD_START_WAIT)
+                .map_err(ServerError::Storage)?;
+            tracing::info!(version = shared.version(), members = ?shared.topology().members(), "joined the cluster");
+            let _ = self.shared.cluster.set(shared);
+        }
         let config = Arc::new(config);
         let shards = config.shards();
         let mesh = MeshBuilder::<Batch, _>::full(config.shards(), SHARD_CHANNEL_BATCHES);
@@ -175,7 +185,7 @@ async fn shard_main(
 
 async fn accept_loop(shard: &Rc<Shard>, listener: &TcpListener, data_queue: glommio::TaskQueueHandle) {
     let max = shard.config.connections_max();
-    while let Some(stream) = runtime::accept_next(listener, shard.id, || shard.shutting_down()).await {
+    while let Some(stream) = runtime::accept_next(listener, shard.id, || shard.may_stop_accepting()).await {
         let Some(place) = NodeConnection::take(&shard.node, max) else {
             metrics::add(&shard.metrics.connections_rejected, 1);
             match AdminConnection::take(&shard.node) {
@@ -212,6 +222,7 @@ fn reject(stream: glommio::net::TcpStream) {
 /// queue flushes, and wait for them up to the drain timeout.
 async fn drain(shard: &Rc<Shard>) {
     shard.node.ready.store(false, Ordering::Release);
+
     let sessions: Vec<_> = shard.sessions.borrow().values().cloned().collect();
     tracing::info!(shard = shard.id, sessions = sessions.len(), "draining");
     for out in &sessions {

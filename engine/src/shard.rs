@@ -182,6 +182,12 @@ pub struct NodeShared {
     pub admin_connections: AtomicUsize,
     /// The object-store worker, set once before the shards start.
     pub archive: std::sync::OnceLock<Arc<objstore::Worker>>,
+    /// The member set from etcd, when membership comes from there (set
+    /// once before the shards start).
+    pub cluster: std::sync::OnceLock<Arc<crate::membership::ClusterShared>>,
+    /// Shards whose topics were all claimed after the node left its
+    /// cluster (a graceful stop): the node stops accepting when all are.
+    pub handed_over: AtomicUsize,
 }
 
 /// An outbox toward one peer shard.
@@ -317,6 +323,11 @@ pub struct Shard {
     links: Links,
     /// This shard's links to the other nodes of its cluster.
     node_links: crate::node_link::NodeLinks,
+    /// When this shard began leaving its cluster (a graceful stop).
+    pub(crate) leaving_since: std::cell::OnceCell<Instant>,
+    /// This shard's topics were all claimed (counted in
+    /// `NodeShared::handed_over`).
+    pub(crate) handed_over: Cell<bool>,
     /// Wakes the adopter task.
     handoff_wake: Event,
     /// Peers' stats requests, for the stats task (control queue).
@@ -360,10 +371,14 @@ impl Shard {
         let metrics = Rc::new(Metrics::default());
         let owner = Owner::new(owner_limits, epoch_seed(id));
         let mut broker = Broker::new(id, shards, owner, limits, metrics.clone());
-        broker.set_cluster(config.advertise().to_string(), config.topology().clone());
+        let (topology, dynamic) = match node.cluster.get() {
+            Some(cluster) => ((*cluster.topology()).clone(), true),
+            None => (config.topology().clone(), false),
+        };
         if id == 0 {
-            metrics.topology_version.set(config.topology().version());
+            metrics.topology_version.set(topology.version());
         }
+        broker.set_cluster(config.advertise().to_string(), topology, dynamic);
         let store = Store::new(config.data_dir(), config.fsync());
         let log_limits = LogLimits { segment_bytes_max: config.segment_bytes_max(), ..LogLimits::default() };
         Rc::new(Shard {
@@ -393,6 +408,8 @@ impl Shard {
             stats_wake: Event::default(),
             links,
             node_links: crate::node_link::NodeLinks::default(),
+            leaving_since: std::cell::OnceCell::new(),
+            handed_over: Cell::new(false),
             store,
             log_limits,
             commit_wake: Event::default(),
@@ -508,6 +525,12 @@ impl Shard {
         data_queue: glommio::TaskQueueHandle,
     ) {
         self.node_links.start(self);
+        if let Some(cluster) = self.node.cluster.get().cloned() {
+            let shard = self.clone();
+            glommio::spawn_local_into(async move { shard.follow_cluster(cluster).await }, data_queue)
+                .map(|t| t.detach())
+                .ok();
+        }
         for (peer, receiver) in receivers {
             let shard = self.clone();
             glommio::spawn_local_into(async move { shard.ingress(peer, receiver).await }, data_queue)

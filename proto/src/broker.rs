@@ -33,6 +33,7 @@ use crate::topic::{TopicName, TopicQuery};
 use crate::ws;
 
 mod groups;
+mod handoff;
 mod mirrors;
 mod requests;
 mod schedules;
@@ -67,6 +68,11 @@ pub enum Item {
     /// Owner (a copy of another node's topic) to subscribing shard: the
     /// topic's sequence space changed to `epoch`, now at `last_seq`.
     Restarted { topic: TopicName, epoch: Epoch, last_seq: u64 },
+    /// A link session's shard to the topic's owner shard: node `node`
+    /// claims the topic at topology `version`.
+    Claim { topic: TopicName, version: u64, node: String, req: u64 },
+    /// The owner shard's answer to a claim, to write on the link.
+    HandOffAnswer { req: u64, topic: TopicName, state: crate::link::HandOffState },
     /// Member `sub` of the sending shard joins a consumer group (to the
     /// owner); `settings` and `dead_letter` apply if it creates the group.
     GroupJoin {
@@ -451,6 +457,20 @@ pub struct Broker {
     cluster: Option<mirrors::ClusterView>,
     /// Topics another node owns that this shard follows, by name.
     mirrors: HashMap<TopicName, mirrors::Mirror, ahash::RandomState>,
+    /// This node lost its membership lease: it sequences nothing.
+    fenced: bool,
+    /// Topics owned here under the current topology, waiting for their
+    /// previous owner's hand-off.
+    taking: HashMap<TopicName, handoff::Taking, ahash::RandomState>,
+    /// Topics given up at the last topology change, kept until their new
+    /// owner claims them, with that owner.
+    handing: HashMap<TopicName, String, ahash::RandomState>,
+    /// Topics given away ahead of this node's own view (a claim from a
+    /// newer topology), with their new owner.
+    given: HashMap<TopicName, String, ahash::RandomState>,
+    /// Claims by other nodes' links on this shard, awaiting the owner
+    /// shard's answer: the link to answer on.
+    claims: HashMap<u64, Rc<Outbound>, ahash::RandomState>,
     /// Publishes forwarded to their owner node, awaiting its answer, by
     /// link id: the node and whom to answer.
     forwarded: HashMap<u64, (String, Held), ahash::RandomState>,
@@ -494,6 +514,11 @@ impl Broker {
             asking: HashMap::default(),
             cluster: None,
             mirrors: HashMap::default(),
+            fenced: false,
+            taking: HashMap::default(),
+            handing: HashMap::default(),
+            given: HashMap::default(),
+            claims: HashMap::default(),
             forwarded: HashMap::default(),
             metrics,
         }
@@ -540,6 +565,11 @@ impl Broker {
             if self.remote_node(&topic).is_some() {
                 let req = self.next_id();
                 self.forward(topic, kind, payload, options, Held::Here { reply, req }, now);
+                return Published::Later { req };
+            }
+            if self.needs_hand_off(&topic) {
+                let req = self.next_id();
+                self.take_over_publish(topic, kind, payload, options, Held::Here { reply, req }, now);
                 return Published::Later { req };
             }
             let result = self.sequence(&topic, kind, payload, options, now);
@@ -878,15 +908,14 @@ impl Broker {
     pub fn handle(&mut self, from: usize, item: Item, now: Now) {
         match item {
             Item::Publish { topic, kind, payload, options, req } => {
-                if self.remote_node(&topic).is_some() {
-                    self.forward(topic, kind, payload, options, Held::There { from, req }, now);
-                    return;
-                }
-                match self.sequence(&topic, kind, payload, options, now) {
-                    Ok((seq, Some(level))) => self.hold(topic, seq, level, Held::There { from, req }),
-                    result => self.send(from, Item::PublishDone { req, result: result.map(|(seq, _)| seq) }, now),
-                }
+                self.publish_held(topic, kind, payload, options, Held::There { from, req }, now);
             }
+            Item::Subscribe { ref topic, .. } if self.needs_hand_off(topic) => {
+                let topic = topic.clone();
+                self.take_over_item(from, &topic, item, now);
+            }
+            Item::Claim { topic, version, node, req } => self.answer_claim(from, topic, version, node, req, now),
+            Item::HandOffAnswer { req, topic, state } => self.claim_answered(req, topic, state),
             Item::Subscribe { ref topic, .. } if !self.mirror_live(topic) && self.remote_node(topic).is_some() => {
                 if let Some(node) = self.remote_node(topic) {
                     self.mirror_subscribe(node, from, item);
@@ -1000,6 +1029,33 @@ impl Broker {
         &self.in_flight
     }
 
+    /// A publish on the topic's owner shard, answered through `held`:
+    /// forwarded when another node owns the topic, held while it is being
+    /// taken over, else sequenced.
+    fn publish_held(
+        &mut self,
+        topic: TopicName,
+        kind: PayloadKind,
+        payload: Bytes,
+        options: PublishOptions,
+        held: Held,
+        now: Now,
+    ) {
+        if self.remote_node(&topic).is_some() {
+            self.forward(topic, kind, payload, options, held, now);
+            return;
+        }
+        if self.needs_hand_off(&topic) {
+            self.take_over_publish(topic, kind, payload, options, held, now);
+            return;
+        }
+        match self.sequence(&topic, kind, payload, options, now) {
+            Ok((seq, Some(level))) => self.hold(topic, seq, level, held),
+            Ok((seq, None)) => self.answer(held, Ok(seq), now),
+            Err(e) => self.answer(held, Err(e), now),
+        }
+    }
+
     /// Sequences a message on this (owner) shard and routes it to every
     /// subscribing shard; a durable topic's is held for its commit. With
     /// the level the answer waits for, if it waits (held, at ack `local` or
@@ -1013,6 +1069,14 @@ impl Broker {
         now: Now,
     ) -> Result<(u64, Option<AckLevel>), OwnerError> {
         let len = payload.len() as u64;
+        if self.is_fenced() {
+            return Err(OwnerError::NotMember);
+        }
+        if self.remote_node(topic).is_some() || !self.owner.owns(topic) && self.owner.last_seq(topic).is_some() {
+            // Another node's topic, or this node's copy of one (given up
+            // at a topology change): never sequenced here.
+            return Err(OwnerError::OwnedElsewhere);
+        }
         if !self.groups_have_room(topic, payload.len()) {
             return Err(OwnerError::GroupFull);
         }

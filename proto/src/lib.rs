@@ -41,6 +41,7 @@ pub mod admin;
 pub mod broker;
 pub mod cluster;
 pub mod durable;
+pub mod etcd;
 pub mod group;
 pub mod hash;
 pub mod history;

@@ -28,6 +28,8 @@ const UNFOLLOW: u8 = 4;
 const FOLLOWED: u8 = 5;
 const MESSAGE: u8 = 6;
 const GAP: u8 = 7;
+const CLAIM: u8 = 8;
+const HAND_OFF: u8 = 9;
 
 /// One link frame.
 #[derive(Debug, Clone)]
@@ -58,6 +60,24 @@ pub enum LinkFrame {
     /// Owner to follower: `from_seq..=to_seq` of `topic` cannot be had
     /// (evicted from history, or lost).
     Gap { topic: TopicName, from_seq: u64, to_seq: u64 },
+    /// New owner to previous owner: topology `version` gives me `topic`;
+    /// stop sequencing it and hand me its state.
+    Claim { topic: TopicName, version: u64, node: String },
+    /// Previous owner to new owner: the answer to a claim.
+    HandOff { topic: TopicName, state: HandOffState },
+}
+
+/// What a previous owner hands over for a claimed topic.
+#[derive(Debug, Clone)]
+pub enum HandOffState {
+    /// It never had the topic (or gave it away before): start it afresh.
+    Nothing,
+    /// It still owns the topic under a topology at least as new as the
+    /// claim's: the claimer's view is behind; ask again later.
+    Refused,
+    /// The topic's sequence space, last number and retained history; the
+    /// previous owner sequences it no more.
+    State { epoch: Epoch, last_seq: u64, history: Vec<Message> },
 }
 
 /// The part of a publish's options a link carries: key and metadata.
@@ -156,6 +176,39 @@ pub fn encode(frame: &LinkFrame) -> Vec<u8> {
             }
         }
         LinkFrame::Message { topic, message } => return encode_message(topic, message),
+        LinkFrame::Claim { topic, version, node } => {
+            out.push(CLAIM);
+            put_topic(&mut out, topic);
+            out.extend_from_slice(&version.to_be_bytes());
+            // A node address is far shorter than 64 KiB.
+            out.extend_from_slice(&(node.len() as u16).to_be_bytes());
+            out.extend_from_slice(node.as_bytes());
+        }
+        LinkFrame::HandOff { topic, state } => {
+            out.push(HAND_OFF);
+            put_topic(&mut out, topic);
+            match state {
+                HandOffState::Nothing => out.push(0),
+                HandOffState::Refused => out.push(1),
+                HandOffState::State { epoch, last_seq, history } => {
+                    out.push(2);
+                    out.extend_from_slice(&epoch.0.to_be_bytes());
+                    out.extend_from_slice(&last_seq.to_be_bytes());
+                    out.extend_from_slice(&(history.len() as u32).to_be_bytes());
+                    for m in history {
+                        let record = Record {
+                            seq: m.seq,
+                            timestamp_ms: m.timestamp_ms,
+                            kind: m.kind,
+                            key: m.key.clone(),
+                            headers: m.record_headers(),
+                            payload: m.payload.clone(),
+                        };
+                        put_record(&mut out, &record);
+                    }
+                }
+            }
+        }
         LinkFrame::Gap { topic, from_seq, to_seq } => {
             out.push(GAP);
             put_topic(&mut out, topic);
@@ -246,6 +299,37 @@ pub fn decode(frame: &Bytes, at: std::time::Instant) -> Result<LinkFrame, LinkEr
             LinkFrame::Message { topic, message: Message::from_record(record, at) }
         }
         GAP => LinkFrame::Gap { topic: r.topic()?, from_seq: r.u64()?, to_seq: r.u64()? },
+        CLAIM => {
+            let (topic, version) = (r.topic()?, r.u64()?);
+            let b = r.take(2)?;
+            let len = u16::from_be_bytes([b[0], b[1]]) as usize;
+            let node = std::str::from_utf8(r.take(len)?).map_err(|_| LinkError("node not UTF-8"))?.to_string();
+            LinkFrame::Claim { topic, version, node }
+        }
+        HAND_OFF => {
+            let topic = r.topic()?;
+            let state = match r.u8()? {
+                0 => HandOffState::Nothing,
+                1 => HandOffState::Refused,
+                2 => {
+                    let (epoch, last_seq) = (Epoch(r.u64()?), r.u64()?);
+                    let b = r.take(4)?;
+                    let count = u32::from_be_bytes([b[0], b[1], b[2], b[3]]) as usize;
+                    // Each record takes at least its fixed bytes: a count
+                    // past what the frame can hold is a damaged frame.
+                    if count > frame.len() / 8 {
+                        return Err(LinkError("hand-off count past the frame"));
+                    }
+                    let mut history = Vec::with_capacity(count);
+                    for _ in 0..count {
+                        history.push(Message::from_record(r.record()?, at));
+                    }
+                    HandOffState::State { epoch, last_seq, history }
+                }
+                _ => return Err(LinkError("unknown hand-off state")),
+            };
+            LinkFrame::HandOff { topic, state }
+        }
         _ => return Err(LinkError("unknown frame type")),
     };
     if r.at != frame.len() {
@@ -280,6 +364,7 @@ fn put_error(out: &mut Vec<u8>, e: OwnerError) {
         OwnerError::NoResponders => (6, 0),
         OwnerError::OwnerUnreachable => (7, 0),
         OwnerError::OwnedElsewhere => (8, 0),
+        OwnerError::NotMember => (9, 0),
     };
     out.push(code);
     out.extend_from_slice(&arg.to_be_bytes());
@@ -332,6 +417,7 @@ impl Reader<'_> {
             6 => OwnerError::NoResponders,
             7 => OwnerError::OwnerUnreachable,
             8 => OwnerError::OwnedElsewhere,
+            9 => OwnerError::NotMember,
             _ => return Err(LinkError("unknown error code")),
         })
     }
@@ -397,18 +483,39 @@ mod tests {
             LinkFrame::Unfollow { topic: topic("orders") },
             LinkFrame::Followed { topic: topic("orders"), result: Ok((Epoch(77), 41)) },
             LinkFrame::Followed { topic: topic("orders"), result: Err(OwnerError::TooManyTopics) },
-            LinkFrame::Message { topic: topic("orders"), message },
+            LinkFrame::Message { topic: topic("orders"), message: message.clone() },
             LinkFrame::Gap { topic: topic("orders"), from_seq: 3, to_seq: 9 },
+            LinkFrame::Claim { topic: topic("orders"), version: 12, node: "10.0.0.3:8080".into() },
+            LinkFrame::HandOff { topic: topic("orders"), state: HandOffState::Nothing },
+            LinkFrame::HandOff { topic: topic("orders"), state: HandOffState::Refused },
+            LinkFrame::HandOff {
+                topic: topic("orders"),
+                state: HandOffState::State {
+                    epoch: Epoch(5),
+                    last_seq: 43,
+                    history: vec![message.clone(), message.clone()],
+                },
+            },
         ]
     }
 
     /// Messages compare without their arrival time.
+    fn same_message(m1: &Message, m2: &Message) -> bool {
+        (m1.seq, m1.timestamp_ms, m1.kind, &m1.payload, &m1.key, &m1.meta)
+            == (m2.seq, m2.timestamp_ms, m2.kind, &m2.payload, &m2.key, &m2.meta)
+    }
+
     fn same(a: &LinkFrame, b: &LinkFrame) -> bool {
         match (a, b) {
             (LinkFrame::Message { topic: t1, message: m1 }, LinkFrame::Message { topic: t2, message: m2 }) => {
-                t1 == t2
-                    && (m1.seq, m1.timestamp_ms, m1.kind, &m1.payload, &m1.key, &m1.meta)
-                        == (m2.seq, m2.timestamp_ms, m2.kind, &m2.payload, &m2.key, &m2.meta)
+                t1 == t2 && same_message(m1, m2)
+            }
+            (
+                LinkFrame::HandOff { topic: t1, state: HandOffState::State { epoch: e1, last_seq: l1, history: h1 } },
+                LinkFrame::HandOff { topic: t2, state: HandOffState::State { epoch: e2, last_seq: l2, history: h2 } },
+            ) => {
+                (t1, e1, l1, h1.len()) == (t2, e2, l2, h2.len())
+                    && h1.iter().zip(h2).all(|(m1, m2)| same_message(m1, m2))
             }
             _ => format!("{a:?}") == format!("{b:?}"),
         }

@@ -60,6 +60,11 @@ pub enum OwnerError {
     /// node, and connect there).
     #[error("this topic is owned by another node of the cluster, which serves this request")]
     OwnedElsewhere,
+    /// This node lost its cluster membership (its etcd lease lapsed) and
+    /// sequences nothing until it has it again (retry, or another node;
+    /// 503).
+    #[error("this node is not a member of its cluster just now (its lease lapsed)")]
+    NotMember,
 }
 
 impl OwnerError {
@@ -74,6 +79,7 @@ impl OwnerError {
             OwnerError::NoResponders => "no_responders",
             OwnerError::OwnerUnreachable => "owner_unreachable",
             OwnerError::OwnedElsewhere => "owned_elsewhere",
+            OwnerError::NotMember => "not_member",
         }
     }
 
@@ -86,11 +92,25 @@ impl OwnerError {
             | OwnerError::StorageFailed
             | OwnerError::GroupFull
             | OwnerError::NoResponders
-            | OwnerError::OwnerUnreachable => 503,
+            | OwnerError::OwnerUnreachable
+            | OwnerError::NotMember => 503,
             OwnerError::ClientShare { .. } => 429,
             OwnerError::OwnedElsewhere => 421,
         }
     }
+}
+
+/// What [`Owner::adopt`] did.
+#[derive(Debug)]
+pub struct Adopted {
+    /// The topic's sequence space.
+    pub epoch: Epoch,
+    /// Shards subscribing here.
+    pub subscriber_shards: u64,
+    /// Messages this shard's copy lacked, to deliver.
+    pub new: Vec<Message>,
+    /// Shards whose subscribers were in another sequence space.
+    pub restarted: u64,
 }
 
 /// The bounds of one owner's table.
@@ -329,6 +349,9 @@ struct OwnedTopic {
     /// Consumer groups of the topic: while any exists the topic is not
     /// evicted (the groups' state is keyed by its sequence numbers).
     groups: usize,
+    /// A copy of a topic another node owns (see `Owner::mirror_start`):
+    /// never sequenced here.
+    mirror: bool,
 }
 
 impl OwnedTopic {
@@ -764,6 +787,7 @@ impl Owner {
                     pinned_by: None,
                     durable: None,
                     groups: 0,
+                    mirror: false,
                 },
             );
         }
@@ -808,7 +832,113 @@ impl Owner {
         t.epoch = epoch;
         t.last_seq = position;
         t.history = History::new(limits.history_messages_max, limits.history_bytes_max);
+        t.mirror = true;
         Ok(restarted)
+    }
+
+    /// Whether this shard owns `topic` (has it, and not as a copy).
+    pub fn owns(&self, topic: &TopicName) -> bool {
+        self.topics.get(topic).is_some_and(|t| !t.mirror)
+    }
+
+    /// The topics this shard owns (not copies), for a topology change.
+    pub fn owned_names(&self) -> Vec<TopicName> {
+        self.topics.iter().filter(|(_, t)| !t.mirror).map(|(n, _)| n.clone()).collect()
+    }
+
+    /// Gives `topic` away to its new owner: it becomes a copy here (never
+    /// sequenced again), and its state goes in the hand-off: epoch, last
+    /// number, retained history. `None` when this shard does not own it.
+    pub fn give_away(&mut self, topic: &TopicName) -> Option<(Epoch, u64, Vec<Message>)> {
+        let t = self.topics.get_mut(topic).filter(|t| !t.mirror)?;
+        t.mirror = true;
+        Some(Owner::state_of(t))
+    }
+
+    /// The state of a topic given away and not yet claimed.
+    pub fn handed_state(&self, topic: &TopicName) -> Option<(Epoch, u64, Vec<Message>)> {
+        self.topics.get(topic).map(Owner::state_of)
+    }
+
+    fn state_of(t: &OwnedTopic) -> (Epoch, u64, Vec<Message>) {
+        (t.epoch, t.last_seq, t.history.after(0, t.last_seq).messages)
+    }
+
+    /// Takes `topic` over from its previous owner's hand-off: its epoch, last
+    /// number and history. A copy in the same epoch keeps what it had and
+    /// gets the rest (returned, to deliver to the subscribing shards); a
+    /// copy in another epoch, or none, starts from the hand-off (`restarted`
+    /// names the shards whose subscribers were in another epoch).
+    pub fn adopt(
+        &mut self,
+        topic: &TopicName,
+        epoch: Epoch,
+        last_seq: u64,
+        history: Vec<Message>,
+        now: Instant,
+    ) -> Result<Adopted, OwnerError> {
+        let limits = self.limits;
+        let t = self.topic_mut(topic, now)?;
+        let had = t.mirror && t.last_seq > 0;
+        let mut adopted = Adopted { epoch, subscriber_shards: t.subscriber_shards, new: Vec::new(), restarted: 0 };
+        if t.epoch == epoch && t.last_seq <= last_seq {
+            let had_through = t.last_seq;
+            for m in history.into_iter().filter(|m| m.seq > had_through) {
+                if m.seq != t.last_seq + 1 {
+                    t.history = History::new(limits.history_messages_max, limits.history_bytes_max);
+                }
+                t.last_seq = m.seq;
+                t.history.push(m.clone());
+                adopted.new.push(m);
+            }
+        } else {
+            if had || t.subscriber_shards != 0 {
+                adopted.restarted = t.subscriber_shards;
+            }
+            t.epoch = epoch;
+            t.history = History::new(limits.history_messages_max, limits.history_bytes_max);
+            for m in history {
+                if t.history.first_seq().is_some() && m.seq != t.last_seq + 1 {
+                    t.history = History::new(limits.history_messages_max, limits.history_bytes_max);
+                }
+                t.last_seq = m.seq;
+                t.history.push(m);
+            }
+        }
+        t.last_seq = t.last_seq.max(last_seq);
+        t.mirror = false;
+        t.last_active = now;
+        Ok(adopted)
+    }
+
+    /// Takes a topic over without a hand-off (its previous owner is gone):
+    /// a copy starts a new sequence space here. Returns the shards whose
+    /// subscribers were in the old one.
+    pub fn take_fresh(&mut self, topic: &TopicName, now: Instant) -> u64 {
+        let limits = self.limits;
+        self.topics_created += 1;
+        let epoch = Epoch(mix(self.epoch_seed ^ mix(self.topics_created)));
+        let Some(t) = self.topics.get_mut(topic) else { return 0 };
+        if !t.mirror {
+            return 0;
+        }
+        t.mirror = false;
+        t.epoch = epoch;
+        t.last_seq = 0;
+        t.history = History::new(limits.history_messages_max, limits.history_bytes_max);
+        t.last_active = now;
+        t.subscriber_shards
+    }
+
+    /// Makes `topic` (empty, owned here) if this shard holds nothing of it:
+    /// a topic taken over with nothing to hand off.
+    pub fn ensure(&mut self, topic: &TopicName, now: Instant) -> Result<(), OwnerError> {
+        self.topic_mut(topic, now).map(|_| ())
+    }
+
+    /// The epoch of `topic`, if held.
+    pub fn epoch_of(&self, topic: &TopicName) -> Option<Epoch> {
+        self.topics.get(topic).map(|t| t.epoch)
     }
 
     /// A message of a topic this node copies from its owner: kept in

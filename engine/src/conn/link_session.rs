@@ -5,7 +5,9 @@
 //! (framed once per message for every following node, `Format::Link`),
 //! so resumes, durable catch-up and the slow-consumer bound (disconnect at
 //! `LINK_SEND_QUEUE_BYTES_MAX`; the follower reconnects and resumes) are
-//! the subscribers'.
+//! the subscribers'. A follow is granted in a task of its own: the reader
+//! never waits for a grant, which may wait for a hand-off that a claim
+//! behind it on this same link would answer.
 
 use super::*;
 use proto::link::{self, LinkFrame};
@@ -15,12 +17,36 @@ use proto::link::{self, LinkFrame};
 /// many topics a whole node may follow).
 const LINK_CLIENT: std::net::IpAddr = std::net::IpAddr::V6(std::net::Ipv6Addr::UNSPECIFIED);
 
-pub(super) async fn link_message(
-    session: &Session,
-    follows: &mut HashMap<TopicName, u64>,
-    kind: PayloadKind,
-    payload: Bytes,
-) -> bool {
+/// A link's follows: by topic, the generation of the latest follow and
+/// its subscription once granted.
+#[derive(Debug, Default)]
+pub(crate) struct Follows {
+    by_topic: RefCell<HashMap<TopicName, (u64, Option<u64>)>>,
+    next: Cell<u64>,
+    /// The link closed: grants that come later are undone at once.
+    closed: Cell<bool>,
+}
+
+impl Follows {
+    /// Unsubscribes every follow (the link closed).
+    pub(crate) fn close(&self, shard: &Shard) {
+        self.closed.set(true);
+        for (topic, (_, sub)) in self.by_topic.borrow_mut().drain() {
+            if let Some(sub) = sub {
+                shard.unsubscribe(&topic, sub);
+            }
+        }
+    }
+
+    /// Ends `topic`'s follow, granted or not.
+    fn end(&self, shard: &Shard, topic: &TopicName) {
+        if let Some((_, Some(sub))) = self.by_topic.borrow_mut().remove(topic) {
+            shard.unsubscribe(topic, sub);
+        }
+    }
+}
+
+pub(super) async fn link_message(session: &Session, follows: &Rc<Follows>, kind: PayloadKind, payload: Bytes) -> bool {
     let frame = match kind {
         PayloadKind::Binary => link::decode(&payload, Instant::now()),
         PayloadKind::Text => Err(link::LinkError("text frame on a node link")),
@@ -40,9 +66,11 @@ pub(super) async fn link_message(
             shard.publish_pipelined(topic, kind, payload, options.into_options(ack), reply).await;
         }
         LinkFrame::Follow { topic, from } => {
-            if let Some(sub) = follows.remove(&topic) {
-                shard.unsubscribe(&topic, sub); // followed again: from where it asks now
-            }
+            // Followed again: from where it asks now.
+            follows.end(shard, &topic);
+            let generation = follows.next.get() + 1;
+            follows.next.set(generation);
+            follows.by_topic.borrow_mut().insert(topic.clone(), (generation, None));
             let request = SubscribeRequest {
                 topic: topic.clone(),
                 out: session.out.clone(),
@@ -51,25 +79,42 @@ pub(super) async fn link_message(
                 from,
                 reply_id: Some(0),
             };
-            match shard.subscribe(request).await {
-                Ok(granted) => {
-                    follows.insert(topic, granted.sub_id);
+            let (shard, follows, out) = (shard.clone(), follows.clone(), session.out.clone());
+            glommio::spawn_local(async move {
+                match shard.subscribe(request).await {
+                    Ok(granted) => {
+                        let mut by_topic = follows.by_topic.borrow_mut();
+                        match by_topic.get_mut(&topic) {
+                            Some((g, sub)) if *g == generation && !follows.closed.get() => *sub = Some(granted.sub_id),
+                            // Unfollowed, followed again or closed meanwhile.
+                            _ => {
+                                drop(by_topic);
+                                shard.unsubscribe(&topic, granted.sub_id);
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        let mut by_topic = follows.by_topic.borrow_mut();
+                        if by_topic.get(&topic).is_some_and(|(g, _)| *g == generation) {
+                            by_topic.remove(&topic);
+                        }
+                        drop(by_topic);
+                        let refused = LinkFrame::Followed { topic, result: Err(e) };
+                        out.offer_control(ws::encode_data(PayloadKind::Binary, &link::encode(&refused)));
+                    }
                 }
-                Err(e) => {
-                    let refused = LinkFrame::Followed { topic, result: Err(e) };
-                    session.out.offer_control(ws::encode_data(PayloadKind::Binary, &link::encode(&refused)));
-                }
-            }
+            })
+            .detach();
         }
-        LinkFrame::Unfollow { topic } => {
-            if let Some(sub) = follows.remove(&topic) {
-                shard.unsubscribe(&topic, sub);
-            }
+        LinkFrame::Claim { topic, version, node } => {
+            shard.claim(topic, version, node, session.out.clone());
         }
+        LinkFrame::Unfollow { topic } => follows.end(shard, &topic),
         LinkFrame::PublishDone { .. }
         | LinkFrame::Followed { .. }
         | LinkFrame::Message { .. }
-        | LinkFrame::Gap { .. } => {
+        | LinkFrame::Gap { .. }
+        | LinkFrame::HandOff { .. } => {
             metrics::add(&shard.metrics.protocol_errors, 1);
             session.out.close(close_code::POLICY_VIOLATION, "an owner's frame sent to the owner");
         }

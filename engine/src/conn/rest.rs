@@ -46,7 +46,8 @@ pub(super) async fn respond(
             };
             // A durable log lives on its topic's owner node: declared,
             // deleted and read there.
-            if let Some(owner) = shard.config.topology().owner_of(&topic).filter(|o| *o != shard.config.advertise()) {
+            let owner = shard.broker.borrow().topology().and_then(|t| t.owner_of(&topic).map(str::to_string));
+            if let Some(owner) = owner.filter(|o| o != shard.config.advertise()) {
                 let why = format!("topic {} is owned by node {owner}: its log is served there", topic.as_str());
                 return http::json_error(421, "owned_elsewhere", &why, keep_alive);
             }
@@ -106,7 +107,9 @@ pub async fn serve_admin_only(shard: Rc<Shard>, stream: TcpStream, admin: AdminC
 /// configuration (no I/O).
 fn cluster(shard: &Rc<Shard>, query: &str, keep_alive: bool) -> Vec<u8> {
     let config = &shard.config;
-    let topology = config.topology();
+    // The set this shard acts on (from etcd, it changes).
+    let topology = shard.broker.borrow().topology().cloned().unwrap_or_else(|| config.topology().clone());
+    let topology = &topology;
     let asked = http::query_pairs(query).into_iter().find(|(k, _)| k == "topic").map(|(_, v)| v);
     let (topic, owner) = match asked.map(|t| TopicName::new(&t)) {
         None => (None, None),
@@ -117,13 +120,20 @@ fn cluster(shard: &Rc<Shard>, query: &str, keep_alive: bool) -> Vec<u8> {
         }
     };
     let body = proto::admin::ClusterBody {
-        membership: if config.static_peers() { "static" } else { "single" }.into(),
+        membership: if config.etcd().is_some() {
+            "etcd"
+        } else if config.static_peers() {
+            "static"
+        } else {
+            "single"
+        }
+        .into(),
         version: topology.version(),
         node: config.advertise().to_string(),
         members: topology.members().to_vec(),
         topic,
         owner,
-        forwarding: config.static_peers(),
+        forwarding: config.static_peers() || config.etcd().is_some(),
     };
     http::json(200, &body, keep_alive)
 }

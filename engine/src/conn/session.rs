@@ -14,8 +14,8 @@ pub(super) enum Path {
     /// `/v1/ws`: subscriptions by topic, consumer-group memberships by
     /// topic and group.
     Native { subs: HashMap<TopicName, u64>, groups: HashMap<(TopicName, String), u64> },
-    /// `/v1/link`: another node's follows, by topic.
-    Link { follows: HashMap<TopicName, u64> },
+    /// `/v1/link`: another node's follows.
+    Link { follows: Rc<super::link_session::Follows> },
 }
 
 /// State shared by a session's reader and writer.
@@ -64,7 +64,9 @@ pub(super) async fn websocket(
             return;
         }
     };
-    if shard.shutting_down() {
+    // A stopping node still takes links: the nodes taking its topics over
+    // claim them while it drains.
+    if shard.shutting_down() && route != Route::NodeLink {
         let _ = io.write_all(&http::json_error(503, "shutting_down", "the node is shutting down", false)).await;
         return;
     }
@@ -141,7 +143,7 @@ pub(super) async fn prepare(
     match route {
         Route::LegacySubscribe => Ok((Path::Legacy { sub: None }, vec![], None)),
         Route::NativeSocket => Ok((Path::Native { subs: HashMap::new(), groups: HashMap::new() }, vec![], None)),
-        Route::NodeLink => Ok((Path::Link { follows: HashMap::new() }, vec![], None)),
+        Route::NodeLink => Ok((Path::Link { follows: Rc::default() }, vec![], None)),
         Route::TopicSocket(name) => {
             let topic = TopicName::new(&name).map_err(|e| bad("invalid_topic", &e.to_string()))?;
             let (publish, subscribe) = match http::query_param(&head.query, "role").unwrap_or("pubsub") {
@@ -234,11 +236,7 @@ pub(super) fn cleanup(session: &Session, path: &Path) {
     match path {
         Path::Raw { topic, sub: Some(id), .. } => shard.unsubscribe(topic, *id),
         Path::Legacy { sub: Some((topic, id)) } => shard.unsubscribe(topic, *id),
-        Path::Link { follows } => {
-            for (topic, id) in follows {
-                shard.unsubscribe(topic, *id);
-            }
-        }
+        Path::Link { follows } => follows.close(shard),
         Path::Native { subs, groups } => {
             for (topic, id) in subs {
                 shard.unsubscribe(topic, *id);

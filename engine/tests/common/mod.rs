@@ -46,7 +46,9 @@ impl Node {
 
     fn start_listening_env(listen: &str, extra: &[&str], env: &[(&str, &str)]) -> Node {
         let mut command = Command::new(fluxnode_bin());
-        command.args(["--listen", listen]).args(extra).env("FLUXNODE_LOG", "warn");
+        // FLUXNODE_TEST_LOG=info shows the nodes' logs when a test is read.
+        let log = std::env::var("FLUXNODE_TEST_LOG").unwrap_or_else(|_| "warn".into());
+        command.args(["--listen", listen]).args(extra).env("FLUXNODE_LOG", log);
         for (k, v) in env {
             command.env(k, v);
         }
@@ -403,4 +405,64 @@ pub fn topic_owned_by(nodes: &[Node], addrs: &[String], prefix: &str, want: usiz
         .unwrap();
     assert_eq!(owner_index(nodes, addrs, &topic), want, "the nodes and the table disagree on {topic}");
     topic
+}
+
+/// A real etcd (Debian's `etcd-server`, 3.4) on loopback with a fresh data
+/// directory, killed on drop.
+pub struct Etcd {
+    pub child: Child,
+    pub client_port: u16,
+    peer_port: u16,
+    pub dir: std::path::PathBuf,
+}
+
+impl Etcd {
+    /// Starts etcd and waits until it answers.
+    pub fn start(name: &str) -> Etcd {
+        let dir = fresh_dir(&format!("etcd-{name}"));
+        let (client_port, peer_port) = (free_port(), free_port());
+        Etcd::start_in(dir, client_port, peer_port)
+    }
+
+    fn start_in(dir: std::path::PathBuf, client_port: u16, peer_port: u16) -> Etcd {
+        let bin = std::env::var("ETCD_BIN").unwrap_or_else(|_| "etcd".into());
+        let client = format!("http://127.0.0.1:{client_port}");
+        let peer = format!("http://127.0.0.1:{peer_port}");
+        let child = Command::new(&bin)
+            .args(["--data-dir", dir.to_str().unwrap(), "--name", "test"])
+            .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
+            .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &format!("test={peer}")])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {bin} (Debian package etcd-server; .ci/run installs it): {e}"));
+        let etcd = Etcd { child, client_port, peer_port, dir };
+        wait_until("etcd answers", || {
+            TcpStream::connect(etcd.addr()).is_ok()
+                && http_request(&etcd.addr(), "POST", "/v3/kv/range", "application/json", br#"{"key":"AA=="}"#).0 == 200
+        });
+        etcd
+    }
+
+    /// Its client address, `127.0.0.1:PORT`.
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.client_port)
+    }
+
+    /// Kills it and starts it again on the same ports and data.
+    pub fn restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let restarted = Etcd::start_in(self.dir.clone(), self.client_port, self.peer_port);
+        let old = std::mem::replace(self, restarted);
+        std::mem::forget(old); // its process is gone; its dir is ours now
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

@@ -36,18 +36,21 @@ use crate::link::{LinkFrame, LinkOptions};
 #[derive(Debug)]
 pub(super) struct ClusterView {
     /// This node's address among the members.
-    me: String,
+    pub(super) me: String,
     /// The member set and topic owners.
-    topology: Topology,
+    pub(super) topology: Topology,
+    /// The member set before the last change, if any (whom to claim a
+    /// topic from).
+    pub(super) previous: Option<Topology>,
 }
 
 /// A topic of another node followed by this shard.
 #[derive(Debug)]
 pub(super) struct Mirror {
     /// The owner node.
-    node: String,
+    pub(super) node: String,
     /// Subscribes (with their asking shard) waiting for the follow.
-    queued: Vec<(usize, Item)>,
+    pub(super) queued: Vec<(usize, Item)>,
     /// The owner's last number when the follow went live; `None` until
     /// it answers. Subscribes wait until the mirror has reached it.
     until: Option<u64>,
@@ -55,15 +58,45 @@ pub(super) struct Mirror {
     asked: Option<ResumeFrom>,
 }
 
+impl Mirror {
+    /// A copy that follows `node` from `asked` (its follow just sent).
+    pub(super) fn following(node: String, asked: Option<ResumeFrom>) -> Mirror {
+        Mirror { node, queued: Vec::new(), until: None, asked }
+    }
+}
+
 impl Broker {
     /// Makes this broker a member `me` of a cluster of `topology`'s members:
-    /// topics another member owns are forwarded and followed.
-    pub fn set_cluster(&mut self, me: String, topology: Topology) {
-        self.cluster = (topology.members().len() > 1).then_some(mirrors::ClusterView { me, topology });
+    /// topics another member owns are forwarded and followed. With
+    /// `dynamic` (membership from etcd) the set may change later
+    /// ([`Broker::set_topology`]), and this node's first set is taken as a
+    /// change from the same set without it (a node joining claims its
+    /// topics from their owners so far).
+    pub fn set_cluster(&mut self, me: String, topology: Topology, dynamic: bool) {
+        if !dynamic && topology.members().len() <= 1 {
+            self.cluster = None;
+            return;
+        }
+        let previous = dynamic.then(|| {
+            let others: Vec<&String> = topology.members().iter().filter(|m| **m != me).collect();
+            Topology::new(topology.version(), &others).ok()
+        });
+        let previous = previous.flatten().filter(|p| !p.members().is_empty());
+        self.cluster = Some(mirrors::ClusterView { me, topology, previous });
+    }
+
+    /// The cluster's topology this broker acts on, if in a cluster.
+    pub fn topology(&self) -> Option<&Topology> {
+        self.cluster.as_ref().map(|v| &v.topology)
     }
 
     /// The node that owns `topic`, when it is not this one.
     pub(super) fn remote_node(&self, topic: &TopicName) -> Option<String> {
+        if !self.given.is_empty() {
+            if let Some(node) = self.given.get(topic) {
+                return Some(node.clone());
+            }
+        }
         let view = self.cluster.as_ref()?;
         let owner = view.topology.owner_of(topic)?;
         (owner != view.me).then(|| owner.to_string())
@@ -210,8 +243,12 @@ impl Broker {
                     self.mirror_release(&topic, now);
                 }
             }
+            LinkFrame::HandOff { topic, state } => self.handed_off(node, &topic, state, now),
             // Frames only an owner receives.
-            LinkFrame::Publish { .. } | LinkFrame::Follow { .. } | LinkFrame::Unfollow { .. } => {}
+            LinkFrame::Publish { .. }
+            | LinkFrame::Follow { .. }
+            | LinkFrame::Unfollow { .. }
+            | LinkFrame::Claim { .. } => {}
         }
     }
 
@@ -230,6 +267,7 @@ impl Broker {
         for topic in topics {
             self.follow_again(&topic);
         }
+        self.claims_link_down(node, now);
     }
 
     /// Publishes forwarded and not yet answered.
@@ -238,7 +276,7 @@ impl Broker {
     }
 
     /// Asks the owner again for `topic`, after what the copy has.
-    fn follow_again(&mut self, topic: &TopicName) {
+    pub(super) fn follow_again(&mut self, topic: &TopicName) {
         let position = self.owner.mirror_position(topic);
         let Some(m) = self.mirrors.get_mut(topic) else { return };
         m.until = None;
