@@ -236,6 +236,13 @@ enum TopologyCommand {
         /// The topic.
         topic: String,
     },
+    /// The cluster as `--node` sees it: membership, version, each member's
+    /// health and traffic between nodes, and with `--topic` its owner.
+    Cluster {
+        /// Also show which member owns this topic.
+        #[arg(long)]
+        topic: Option<String>,
+    },
 }
 
 fn main() -> ExitCode {
@@ -350,6 +357,35 @@ fn run(cli: Cli) -> Result<(), Failure> {
                     let v: serde_json::Value =
                         balancer.send("POST", &format!("/v1/nodes/{addr}/drain"), &serde_json::Value::Null)?;
                     render::value(out, &format!("draining {addr}"), &v);
+                }
+                TopologyCommand::Cluster { topic } => {
+                    let query = topic.map(|t| format!("?topic={}", client::encode(&t))).unwrap_or_default();
+                    let view: proto::admin::ClusterBody = node.get(&format!("/v1/cluster{query}"))?;
+                    let members: Vec<render::MemberRow> = view
+                        .members
+                        .iter()
+                        .map(|m| {
+                            let member = Client::new(m);
+                            let ready = member.get_text("/readyz").is_ok();
+                            let seen: Option<proto::admin::ClusterBody> = member.get("/v1/cluster").ok();
+                            let metrics = member.get_text("/metrics").map(|t| client::parse_metrics(&t)).ok();
+                            let metric = |name: &str| metrics.as_ref().and_then(|m| m.get(name).copied());
+                            render::MemberRow {
+                                addr: m.clone(),
+                                health: match (&seen, ready) {
+                                    (None, _) => "unreachable",
+                                    (Some(_), true) => "ready",
+                                    (Some(_), false) => "not ready",
+                                }
+                                .into(),
+                                version: seen.map(|s| s.version),
+                                forwarded: metric("fluxnode_messages_forwarded_total").map(|v| v as u64),
+                                followed: metric("fluxnode_messages_followed_total").map(|v| v as u64),
+                                links_lost: metric("fluxnode_links_lost_total").map(|v| v as u64),
+                            }
+                        })
+                        .collect();
+                    render::cluster(out, &view, &members);
                 }
                 TopologyCommand::Locate { topic } => {
                     let located: proto::admin::Located =

@@ -325,6 +325,40 @@ pub fn nodes(out: Output, list: &NodeList) {
     table(&["NODE", "HEALTH", "DRAIN", "ROUTABLE", "CONNECTIONS", "SOURCE"], &rows);
 }
 
+/// One member of a cluster as `topology cluster` shows it.
+#[derive(Debug, Serialize)]
+pub struct MemberRow {
+    /// Its address.
+    pub addr: String,
+    /// ready, not ready, unreachable.
+    pub health: String,
+    /// The topology version it acts on.
+    pub version: Option<u64>,
+    /// Publishes it forwarded to other nodes.
+    pub forwarded: Option<u64>,
+    /// Messages it received from other nodes for its subscribers.
+    pub followed: Option<u64>,
+    /// Links to other nodes it lost.
+    pub links_lost: Option<u64>,
+}
+
+/// `topology cluster`.
+pub fn cluster(out: Output, view: &proto::admin::ClusterBody, members: &[MemberRow]) {
+    if out == Output::Json {
+        return json(&serde_json::json!({ "cluster": view, "members": members }));
+    }
+    println!("membership {}, version {}, seen from {}", view.membership, view.version, view.node);
+    if let (Some(topic), Some(owner)) = (&view.topic, &view.owner) {
+        println!("topic {topic} is owned by {owner}");
+    }
+    let n = |v: Option<u64>| v.map_or("-".to_string(), |v| v.to_string());
+    let rows: Vec<Vec<String>> = members
+        .iter()
+        .map(|m| vec![m.addr.clone(), m.health.clone(), n(m.version), n(m.forwarded), n(m.followed), n(m.links_lost)])
+        .collect();
+    table(&["MEMBER", "HEALTH", "VERSION", "FORWARDED", "FOLLOWED", "LINKS LOST"], &rows);
+}
+
 /// `snapshot create`.
 pub fn snapshot_made(out: Output, made: &SnapshotMade) {
     match out {

@@ -129,3 +129,28 @@ fn an_operator_session() {
     drop(node);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `fluxctl topology cluster` against a cluster of three nodes, one of them
+/// killed: the members, their health, the version, a topic's owner and the
+/// traffic between nodes.
+#[test]
+fn topology_cluster_shows_members_health_version_and_owners() {
+    let (mut nodes, addrs) = common::start_cluster(3, &["--shards", "1"]);
+    let topic = common::topic_owned_by(&nodes, &addrs, "shown", 2);
+    // One forwarded publish: node 0 does not own the topic.
+    let (code, out, err) = fluxctl(&nodes[0], &["pub", &topic, "hello"]);
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, out, err) = fluxctl(&nodes[0], &["topology", "cluster", "--topic", &topic]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("membership static, version 1") && out.contains(&format!("owned by {}", addrs[2])), "{out}");
+    assert_eq!(out.matches(" ready ").count(), 3, "{out}");
+    drop(nodes.remove(1));
+    let (code, out, _) = fluxctl(&nodes[0], &["-o", "json", "topology", "cluster"]);
+    assert_eq!(code, 0);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let health: Vec<&str> = v["members"].as_array().unwrap().iter().map(|m| m["health"].as_str().unwrap()).collect();
+    assert_eq!(health.iter().filter(|h| **h == "unreachable").count(), 1, "{out}");
+    let forwarded =
+        v["members"].as_array().unwrap().iter().find(|m| m["addr"] == addrs[0].as_str()).unwrap()["forwarded"].clone();
+    assert_eq!(forwarded, 1, "{out}");
+}

@@ -55,6 +55,14 @@ fn publish_until_ok(ws: &mut Ws, id: &mut u64, topic: &str, data: &str) -> (u64,
     }
 }
 
+/// Each topic's owner as `node` sees it.
+fn owners(node: &Node, topics: &[String]) -> Vec<String> {
+    topics
+        .iter()
+        .map(|t| node.get_json(&format!("/v1/cluster?topic={t}"))["owner"].as_str().unwrap().to_string())
+        .collect()
+}
+
 /// What one subscriber saw of one topic.
 #[derive(Default, Debug)]
 struct Seen {
@@ -123,15 +131,7 @@ fn topics_move_when_nodes_join_and_leave_without_loss_or_repeats() {
         failures += publish_round(&mut publisher, &mut published);
     }
     drain(&mut sub, &mut seen, &published);
-    let owners_before: Vec<String> = topics
-        .iter()
-        .map(|t| {
-            nodes[0].as_ref().unwrap().get_json(&format!("/v1/cluster?topic={t}"))["owner"]
-                .as_str()
-                .unwrap()
-                .to_string()
-        })
-        .collect();
+    let owners_before = owners(nodes[0].as_ref().unwrap(), &topics);
 
     // A fourth node joins under traffic.
     nodes.push(Some(etcd_node(&etcd, "moves", ports[3])));
@@ -142,15 +142,7 @@ fn topics_move_when_nodes_join_and_leave_without_loss_or_repeats() {
     for _ in 0..5 {
         failures += publish_round(&mut publisher, &mut published);
     }
-    let owners_after: Vec<String> = topics
-        .iter()
-        .map(|t| {
-            nodes[0].as_ref().unwrap().get_json(&format!("/v1/cluster?topic={t}"))["owner"]
-                .as_str()
-                .unwrap()
-                .to_string()
-        })
-        .collect();
+    let owners_after = owners(nodes[0].as_ref().unwrap(), &topics);
     let moved_in = owners_before.iter().zip(&owners_after).filter(|(a, b)| a != b).count();
     assert!(owners_after.iter().all(|o| *o == addrs[3] || owners_before.contains(o)));
 

@@ -156,8 +156,11 @@ enum Command {
 /// Options every publish/subscribe scenario takes.
 #[derive(clap::Args, Clone)]
 struct Common {
-    /// A target: `NAME=URL[,pid=PID][,durable=ACK][,jetstream=STORAGE]`, URL
-    /// rayflux://HOST:PORT or nats://HOST:PORT; durable=none|local|stored
+    /// A target: `NAME=URL[,pid=PID][,durable=ACK][,jetstream=STORAGE][,publish=HOST:PORT]`, URL
+    /// rayflux://HOST:PORT or nats://HOST:PORT; pid=A+B sums several
+    /// servers' CPU (a cluster); publish=HOST:PORT (RayFlux) sends the
+    /// publishers to another node of a cluster than the subscribers
+    /// (cross-node delivery); durable=none|local|stored
     /// (RayFlux) declares each topic of a run durable with that ack level
     /// first; jetstream=memory|file (NATS, group scenario) uses a JetStream
     /// stream and pull consumer instead of a core queue group.
@@ -229,6 +232,11 @@ struct Target {
     kind: Kind,
     addr: String,
     pid: Option<u32>,
+    /// More servers whose CPU counts (`pid=A+B+C`: the nodes of a cluster).
+    extra_pids: Vec<u32>,
+    /// RayFlux only: where publishers connect, when not `addr` (another
+    /// node of the same cluster).
+    publish_addr: Option<String>,
     /// RayFlux only: declare each topic of a run durable with this default
     /// ack level (`none`, `local`, `stored`) before it starts.
     durable: Option<String>,
@@ -255,11 +263,18 @@ fn parse_target(spec: &str) -> Result<Target> {
         bail!("unknown target URL {url}: use rayflux://HOST:PORT or nats://HOST:PORT");
     };
     let mut pid = None;
+    let mut extra_pids = Vec::new();
+    let mut publish_addr = None;
     let mut durable = None;
     let mut jetstream = None;
     for p in parts {
         match p.split_once('=') {
-            Some(("pid", v)) => pid = Some(v.parse().context("pid")?),
+            Some(("pid", v)) => {
+                let mut pids = v.split('+').map(|p| p.parse::<u32>().context("pid"));
+                pid = pids.next().transpose()?;
+                extra_pids = pids.collect::<Result<_>>()?;
+            }
+            Some(("publish", v)) if kind == Kind::Rayflux => publish_addr = Some(v.to_string()),
             Some(("durable", v)) if kind == Kind::Rayflux => durable = Some(v.to_string()),
             Some(("jetstream", v)) if kind == Kind::Nats && matches!(v, "memory" | "file") => {
                 jetstream = Some(v.to_string())
@@ -267,7 +282,29 @@ fn parse_target(spec: &str) -> Result<Target> {
             _ => bail!("unknown target option {p}"),
         }
     }
-    Ok(Target { name: name.to_string(), kind, addr: addr.to_string(), pid, durable, jetstream })
+    Ok(Target {
+        name: name.to_string(),
+        kind,
+        addr: addr.to_string(),
+        pid,
+        extra_pids,
+        publish_addr,
+        durable,
+        jetstream,
+    })
+}
+
+impl Target {
+    /// CPU seconds of every server process named (`pid=`), summed; `None`
+    /// without `pid=`.
+    fn server_cpu_seconds(&self) -> Result<Option<f64>> {
+        let Some(first) = self.pid else { return Ok(None) };
+        let mut total = process_cpu_seconds(first)?;
+        for pid in &self.extra_pids {
+            total += process_cpu_seconds(*pid)?;
+        }
+        Ok(Some(total))
+    }
 }
 
 /// A RayFlux group delivery's tag and sequence.
@@ -370,10 +407,14 @@ impl Conn {
 
     /// Like `open`, from a chosen local address.
     fn open_from(target: &Target, topic: &str, subscribe: bool, source: Option<std::net::IpAddr>) -> Result<Conn> {
+        let addr = match (&target.publish_addr, subscribe) {
+            (Some(publish), false) => publish,
+            _ => &target.addr,
+        };
         let stream = match source {
-            None => TcpStream::connect(&target.addr).with_context(|| format!("connect {}", target.addr))?,
+            None => TcpStream::connect(addr).with_context(|| format!("connect {addr}"))?,
             Some(ip) => {
-                let remote: std::net::SocketAddr = target.addr.parse().context("--sources needs an ip:port target")?;
+                let remote: std::net::SocketAddr = addr.parse().context("--sources needs an ip:port target")?;
                 let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
                 socket.bind(&std::net::SocketAddr::new(ip, 0).into())?;
                 socket.connect(&remote.into()).with_context(|| format!("connect {remote} from {ip}"))?;
@@ -383,7 +424,7 @@ impl Conn {
         stream.set_nodelay(true)?;
         let url = match target.kind {
             Kind::Rayflux => {
-                format!("ws://{}/v1/topics/{topic}/ws?role={}", target.addr, if subscribe { "sub" } else { "pub" })
+                format!("ws://{addr}/v1/topics/{topic}/ws?role={}", if subscribe { "sub" } else { "pub" })
             }
             Kind::Nats => format!("ws://{}/", target.addr),
         };

@@ -65,7 +65,7 @@ pub fn run(target: &Target, shape: &Shape, topic: &str, request: RequestShape, t
         conn.ws.get_ref().set_nonblocking(true)?;
         requesters.push(conn);
     }
-    let cpu_server_start = target.pid.map(process_cpu_seconds).transpose()?;
+    let cpu_server_start = target.server_cpu_seconds()?;
     let cpu_client_start = process_cpu_seconds(std::process::id())?;
     let start = Instant::now();
     let start_unix_us = unix_micros();
@@ -88,8 +88,8 @@ pub fn run(target: &Target, shape: &Shape, topic: &str, request: RequestShape, t
         run.latency_us.add(&latency)?;
     }
     run.lost = expected - run.delivered;
-    if let (Some(pid), Some(before)) = (target.pid, cpu_server_start) {
-        run.server_cpu_seconds = Some(process_cpu_seconds(pid)? - before);
+    if let (Some(now), Some(before)) = (target.server_cpu_seconds()?, cpu_server_start) {
+        run.server_cpu_seconds = Some(now - before);
     }
     run.client_cpu_seconds = process_cpu_seconds(std::process::id())? - cpu_client_start;
     stop.store(true, Ordering::Relaxed);

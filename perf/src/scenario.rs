@@ -171,7 +171,7 @@ pub fn run(target: &Target, shape: &Shape, turn: usize) -> Result<Run> {
     for g in 0..shape.publishers_total() as usize {
         publishers.push(Publisher::open(target, &topic(g / shape.publishers), shape.original_api)?);
     }
-    let cpu_server_start = target.pid.map(process_cpu_seconds).transpose()?;
+    let cpu_server_start = target.server_cpu_seconds()?;
     let rss_start = target.pid.map(crate::process_rss_kib).transpose()?;
     let cpu_client_start = process_cpu_seconds(std::process::id())?;
     go.open();
@@ -187,8 +187,8 @@ pub fn run(target: &Target, shape: &Shape, turn: usize) -> Result<Run> {
         run.duplicated_or_reordered += stats.duplicated_or_reordered;
         run.latency_us.add(&stats.latency_us)?;
     }
-    if let (Some(pid), Some(before)) = (target.pid, cpu_server_start) {
-        run.server_cpu_seconds = Some(process_cpu_seconds(pid)? - before);
+    if let (Some(now), Some(before)) = (target.server_cpu_seconds()?, cpu_server_start) {
+        run.server_cpu_seconds = Some(now - before);
     }
     run.client_cpu_seconds = process_cpu_seconds(std::process::id())? - cpu_client_start;
     drop(stalled);
@@ -279,7 +279,7 @@ fn run_members(target: &Target, shape: &Shape, topic: &str, group: GroupShape, t
         })?);
     }
     let mut publisher = Conn::open(target, topic, false)?;
-    let cpu_server_start = target.pid.map(process_cpu_seconds).transpose()?;
+    let cpu_server_start = target.server_cpu_seconds()?;
     let cpu_client_start = process_cpu_seconds(std::process::id())?;
     go.open();
     let start = Instant::now();
@@ -307,8 +307,8 @@ fn run_members(target: &Target, shape: &Shape, topic: &str, group: GroupShape, t
     run.delivered = all.len() as u64;
     run.duplicated_or_reordered = total - all.len() as u64;
     run.lost = expected.saturating_sub(all.len() as u64);
-    if let (Some(pid), Some(before)) = (target.pid, cpu_server_start) {
-        run.server_cpu_seconds = Some(process_cpu_seconds(pid)? - before);
+    if let (Some(now), Some(before)) = (target.server_cpu_seconds()?, cpu_server_start) {
+        run.server_cpu_seconds = Some(now - before);
     }
     run.client_cpu_seconds = process_cpu_seconds(std::process::id())? - cpu_client_start;
     Ok(run)
