@@ -1141,9 +1141,9 @@ impl Broker {
 
     /// The topic's sequence space changed under its live subscribers (see
     /// [`Item::Restarted`]): each is told (a native `lost` notice; a raw
-    /// socket closes with 4011 as a resume into another epoch would; the
-    /// original API, which has no numbers, just goes on) and gets what
-    /// follows in the new space.
+    /// socket closes with 4011 as a resume into another epoch would, and so
+    /// does another node's link following it; the original API, which has
+    /// no numbers, just goes on) and gets what follows in the new space.
     fn restarted(&mut self, topic: &TopicName, epoch: Epoch, last_seq: u64) {
         let Some(&slot) = self.topics.get(topic) else { return };
         let Some(local) = self.slots[slot].as_mut() else { return };
@@ -1166,7 +1166,11 @@ impl Broker {
                     );
                     sub.out.close(CLOSE_HISTORY_LOST, &reason);
                 }
-                Format::Legacy | Format::Link => {}
+                // A node following this copy: its link closes, and it
+                // follows again, meeting the new space (link frames carry no
+                // epoch: continuing would reuse its numbers).
+                Format::Link => sub.out.close(CLOSE_HISTORY_LOST, "the topic's sequence space changed"),
+                Format::Legacy => {}
             }
         }
     }

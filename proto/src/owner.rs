@@ -798,7 +798,9 @@ impl Owner {
     /// Where this node's copy of another node's topic stands (its epoch and
     /// last number), if it has one: a follow resumes after it.
     pub fn mirror_position(&self, topic: &TopicName) -> Option<(Epoch, u64)> {
-        self.topics.get(topic).filter(|t| t.last_seq > 0).map(|t| (t.epoch, t.last_seq))
+        // A copy at 0 has a position too (it started following at 0): a
+        // follow again must ask for what came since, not for "now".
+        self.topics.get(topic).filter(|t| t.mirror || t.last_seq > 0).map(|t| (t.epoch, t.last_seq))
     }
 
     /// Starts (or restarts) this node's copy of another node's topic: the

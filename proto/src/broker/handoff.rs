@@ -291,6 +291,10 @@ impl Broker {
                 }
             }
         }
+        // Owned here only for a moment: the topology moved on meanwhile.
+        if let Some(node) = self.remote_node(topic) {
+            self.give_up(topic, node);
+        }
         for pending in taking.pending {
             self.release(pending, now);
         }
@@ -391,6 +395,13 @@ impl Broker {
         req: u64,
         now: Now,
     ) {
+        // Still taking it over from its own previous owner: the state is on
+        // its way here; once it arrives it is handed on (see `taken`).
+        if self.taking.contains_key(&topic) {
+            tracing::debug!(topic = topic.as_str(), version, "claim of a topic being taken over: ask again");
+            self.send(from, Item::HandOffAnswer { req, topic, state: HandOffState::Refused }, now);
+            return;
+        }
         let state = if let Some(_node) = self.handing.remove(&topic) {
             self.owner.handed_state(&topic)
         } else if self.owner.owns(&topic) {

@@ -1,0 +1,785 @@
+//! A seeded, deterministic simulation of a cluster's topology changes over
+//! the sans-IO brokers: nodes (one shard each) with node links modelled
+//! as FIFO queues of `proto::link` frames (encoded and decoded on the way,
+//! as on a socket), each node applying a new member set at its own later
+//! step (views lag), nodes joining, leaving gracefully (they stay until
+//! their topics are claimed) and dying (their links fail at once), with a
+//! subscriber on every node and publishes from every node.
+//!
+//! Invariants, checked at every delivery and acknowledgement:
+//! - a topic's (epoch, seq) always names the same message: numbers never
+//!   repeat or go back within a sequence space, however ownership moved;
+//! - a subscriber sees each topic's numbers contiguous within an epoch (no
+//!   gap, no repeat), and an epoch change only after a `lost` notice;
+//! - without deaths, nothing acknowledged is lost: at the end every
+//!   subscriber has every acknowledged message published after it
+//!   subscribed, and no topic changed epoch.
+//!
+//! `SIM_SEED`, `SIM_SEEDS`, `SIM_STEPS` as in the other simulations; the
+//! seed is printed on failure, with the trail of the failing topic's
+//! topology changes, claims, hand-offs and follows. `SIM_OVERLAPPING=1`
+//! lets a change come before every node applied the previous one.
+//!
+//! Both tests are ignored: they reproduce hand-off defects not fixed yet
+//! (see each test). Three defects they found are fixed: a copy at number 0
+//! followed again "from now" and skipped what came since; a node asked for
+//! a topic it was itself still taking over answered "nothing" (the claimer
+//! then started it afresh); a copy whose owner changed epoch kept serving
+//! the old numbers to nodes following it (link frames carry no epoch; the
+//! link is now closed so that they follow again).
+
+mod sim_support;
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::{IpAddr, Ipv4Addr};
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use proto::broker::{Action, Broker, BrokerLimits, Format, PublishReply, Published, SubscribeRequest, Subscription};
+use proto::cluster::Topology;
+use proto::durable::PublishOptions;
+use proto::link::{self, LinkFrame};
+use proto::message::{Now, PayloadKind};
+use proto::metrics::Metrics;
+use proto::outbound::{Outbound, SlowConsumerPolicy};
+use proto::owner::{Owner, OwnerLimits};
+use proto::topic::TopicName;
+use proto::ws::{Decoder, WsEvent};
+use sim_support::{run_seeds, Rng};
+
+const NODES_MAX: usize = 5;
+const TOPICS: usize = 6;
+/// Large enough that the simulation never meets a queue bound.
+const QUEUE_BYTES: usize = 64 << 20;
+
+type Check = Result<(), String>;
+
+/// One node: its broker, its subscriber, its links' owner-side sessions.
+struct Node {
+    addr: String,
+    broker: Broker,
+    /// Whether the process runs.
+    alive: bool,
+    /// The topology version it has applied.
+    applied: u64,
+    /// The subscriber's queue and what it saw: per topic, its epoch and
+    /// last seq, and the messages (epoch, seq, id).
+    sub: Rc<Outbound>,
+    sub_decoder: Decoder,
+    seen: HashMap<String, SubView>,
+    /// Owner side of each follower's link: the session's queue, its decoder
+    /// on the follower's side, and its follows (topic -> subscription id).
+    sessions: HashMap<String, Session>,
+    /// Frames this node queued toward each owner node.
+    outgoing: HashMap<String, VecDeque<Bytes>>,
+    /// Publishes awaiting their answer: broker req -> message id.
+    publishing: HashMap<u64, u64>,
+    /// Subscribes awaiting their grant: req -> topic.
+    granting: HashMap<u64, String>,
+    /// Links that failed, to report to the broker.
+    down: Vec<String>,
+}
+
+#[derive(Default, Clone)]
+struct SubView {
+    epoch: Option<String>,
+    last: u64,
+    /// Granted at (epoch, last_seq): later messages are owed.
+    from: Option<(String, u64)>,
+    got: Vec<(String, u64, u64)>,
+    lost: u32,
+}
+
+struct Session {
+    out: Rc<Outbound>,
+    decoder: Decoder,
+    follows: HashMap<TopicName, u64>,
+    /// Follow subscriptions awaiting their grant: req -> topic.
+    pending: HashMap<u64, TopicName>,
+}
+
+struct Sim {
+    rng: Rng,
+    nodes: Vec<Node>,
+    /// The agreed member set and its version, and every earlier set by
+    /// version: nodes apply them one by one, in order, as etcd's watch
+    /// delivers them.
+    members: Vec<String>,
+    version: u64,
+    history: BTreeMap<u64, Vec<String>>,
+    /// Nodes leaving gracefully: step at which they stop at the latest.
+    leaving: HashMap<String, u64>,
+    /// Every message: id -> (topic, acknowledged (epoch, seq)).
+    messages: Vec<(String, Option<(String, u64)>)>,
+    /// (topic, epoch, seq) -> message id: the numbering invariant.
+    numbers: HashMap<(String, String, u64), u64>,
+    deaths: u32,
+    /// What happened, for the report of a failure.
+    log: Vec<String>,
+    /// Whether a change may come before every node applied the last one.
+    overlapping: bool,
+    /// Whether an epoch change or a loss without a death fails the run.
+    strict: bool,
+    start: Instant,
+    step: u64,
+    stats: Stats,
+}
+
+#[derive(Default, Debug)]
+struct Stats {
+    published: u64,
+    acked: u64,
+    refused: u64,
+    delivered: u64,
+    joins: u32,
+    leaves: u32,
+    deaths: u32,
+    claims: u64,
+}
+
+fn topic(t: usize) -> String {
+    format!("sim.{t}")
+}
+
+fn new_broker(id: usize, seed: u64, addr: &str, topology: Topology) -> Broker {
+    let owner_limits =
+        OwnerLimits { topics_max: 64, history_messages_max: 4096, history_bytes_max: 1 << 22, client_pins_max: 64 };
+    let owner = Owner::new(owner_limits, seed.wrapping_mul(31).wrapping_add(id as u64 + 1));
+    let limits = BrokerLimits { publish_bytes_in_flight_max: 1 << 30 };
+    let mut broker = Broker::new(0, 1, owner, limits, Rc::new(Metrics::default()));
+    broker.set_cluster(addr.to_string(), topology, true);
+    broker
+}
+
+impl Sim {
+    fn new(seed: u64) -> Sim {
+        let mut sim = Sim {
+            rng: Rng(seed),
+            nodes: Vec::new(),
+            members: Vec::new(),
+            version: 1,
+            history: BTreeMap::new(),
+            leaving: HashMap::new(),
+            messages: Vec::new(),
+            numbers: HashMap::new(),
+            deaths: 0,
+            log: Vec::new(),
+            overlapping: std::env::var("SIM_OVERLAPPING").is_ok(),
+            strict: true,
+            start: Instant::now(),
+            step: 0,
+            stats: Stats::default(),
+        };
+        for _ in 0..3 {
+            sim.join().expect("a node joins");
+        }
+        sim
+    }
+
+    fn now(&self) -> Now {
+        // 1 ms per step: claims retry and wait on this clock.
+        let at = self.start + Duration::from_millis(self.step);
+        Now { at, unix_ms: 1_700_000_000_000 + self.step }
+    }
+
+    fn topology(&self) -> Topology {
+        Topology::new(self.version, &self.members).expect("members fit")
+    }
+
+    /// The member set changed: a new version.
+    fn changed(&mut self) {
+        self.version += 1;
+        self.history.insert(self.version, self.members.clone());
+    }
+
+    /// Node `i` applies the next member set it has not applied yet.
+    fn apply_next(&mut self, i: usize) -> Check {
+        let Some((&version, members)) = self.history.range(self.nodes[i].applied + 1..).next() else { return Ok(()) };
+        let topology = Topology::new(version, members).expect("members fit");
+        let owners: Vec<&str> =
+            (0..TOPICS).map(|t| topology.owner_of(&TopicName::new(&topic(t)).unwrap()).unwrap_or("-")).collect();
+        self.log.push(format!("{} {} applies v{version}: owners {owners:?}", self.step, self.nodes[i].addr));
+        let now = self.now();
+        self.nodes[i].applied = version;
+        self.nodes[i].broker.set_topology(topology, now);
+        self.actions(i)
+    }
+
+    fn node_index(&self, addr: &str) -> Option<usize> {
+        self.nodes.iter().position(|n| n.addr == addr && n.alive)
+    }
+
+    /// A new node joins (registers: the member set changes).
+    fn join(&mut self) -> Result<(), String> {
+        let id = self.nodes.len();
+        let addr = format!("n{id}:1");
+        self.members.push(addr.clone());
+        self.changed();
+        let broker = new_broker(id, self.rng.next(), &addr, self.topology());
+        let version = self.version;
+        self.nodes.push(Node {
+            addr,
+            broker,
+            alive: true,
+            applied: version,
+            sub: Rc::new(Outbound::new(QUEUE_BYTES, SlowConsumerPolicy::Disconnect)),
+            sub_decoder: Decoder::of_server_frames(QUEUE_BYTES),
+            seen: HashMap::new(),
+            sessions: HashMap::new(),
+            outgoing: HashMap::new(),
+            publishing: HashMap::new(),
+            granting: HashMap::new(),
+            down: Vec::new(),
+        });
+        self.stats.joins += 1;
+        // Its subscriber subscribes to every topic.
+        for t in 0..TOPICS {
+            let now = self.now();
+            let node = &mut self.nodes[id];
+            let request = SubscribeRequest {
+                topic: TopicName::new(&topic(t)).unwrap(),
+                out: node.sub.clone(),
+                client: IpAddr::V4(Ipv4Addr::new(10, 0, 0, id as u8)),
+                format: Format::Native,
+                from: None,
+                reply_id: Some(t as u64),
+            };
+            match node.broker.subscribe(request, now) {
+                Subscription::Live(_) => {}
+                Subscription::Pending { req, .. } => {
+                    node.granting.insert(req, topic(t));
+                }
+            }
+            self.actions(id)?;
+        }
+        Ok(())
+    }
+
+    /// Runs the simulation for `steps` steps.
+    fn run(&mut self, steps: u64, deaths_allowed: bool) -> Check {
+        for _ in 0..steps {
+            self.step += 1;
+            match self.rng.below(100) {
+                0..=39 => self.publish()?,
+                40..=69 => self.deliver_link()?,
+                70..=84 => self.read_subscriber()?,
+                85..=92 => self.apply_view()?,
+                93..=95 => self.tick()?,
+                96 => self.change(deaths_allowed)?,
+                _ => self.report_down()?,
+            }
+        }
+        self.quiesce()
+    }
+
+    /// Membership changes: a join, a graceful leave, or (if allowed) a death.
+    fn change(&mut self, deaths_allowed: bool) -> Check {
+        // OVERLAPPING: a change only once every live node applied the
+        // last one, unless overlapping changes are simulated.
+        if !self.overlapping && self.nodes.iter().any(|n| n.alive && n.applied != self.version) {
+            return Ok(());
+        }
+        let alive: Vec<usize> = (0..self.nodes.len()).filter(|&i| self.nodes[i].alive).collect();
+        let members = self.members.len();
+        match self.rng.below(3) {
+            0 if self.nodes.len() < NODES_MAX + 3 && members < NODES_MAX => self.join(),
+            1 if members > 2 => {
+                let i = alive[self.rng.below(alive.len())];
+                let addr = self.nodes[i].addr.clone();
+                if !self.members.contains(&addr) {
+                    return Ok(());
+                }
+                self.members.retain(|m| *m != addr);
+                self.changed();
+                self.leaving.insert(addr, self.step + 3000);
+                self.stats.leaves += 1;
+                Ok(())
+            }
+            2 if deaths_allowed && members > 2 => {
+                let i = alive[self.rng.below(alive.len())];
+                let addr = self.nodes[i].addr.clone();
+                if self.members.contains(&addr) {
+                    // Its lease expires: the set changes without it.
+                    self.members.retain(|m| *m != addr);
+                    self.changed();
+                }
+                self.kill(i);
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn kill(&mut self, i: usize) {
+        let addr = self.nodes[i].addr.clone();
+        self.log.push(format!("{} {addr} stops (applies sim.* no more)", self.step));
+        self.nodes[i].alive = false;
+        self.leaving.remove(&addr);
+        self.deaths += 1;
+        self.stats.deaths += 1;
+        for node in self.nodes.iter_mut().filter(|n| n.alive) {
+            node.outgoing.remove(&addr);
+            node.sessions.remove(&addr);
+            node.down.push(addr.clone());
+        }
+    }
+
+    /// A lagging node applies the current member set.
+    fn apply_view(&mut self) -> Check {
+        let i = self.rng.below(self.nodes.len());
+        if !self.nodes[i].alive {
+            return Ok(());
+        }
+        self.apply_next(i)
+    }
+
+    fn tick(&mut self) -> Check {
+        let i = self.rng.below(self.nodes.len());
+        if !self.nodes[i].alive {
+            return Ok(());
+        }
+        let now = self.now();
+        self.nodes[i].broker.cluster_tick(now);
+        self.actions(i)?;
+        // A leaving node stops once its topics were claimed, or at its
+        // deadline (then as a death: its links fail).
+        let addr = self.nodes[i].addr.clone();
+        if let Some(&until) = self.leaving.get(&addr) {
+            let done = self.nodes[i].applied == self.version && self.nodes[i].broker.handing_over() == 0;
+            if done || self.step >= until {
+                self.kill(i);
+                self.deaths -= u32::from(done); // a clean exit is not a death
+                self.stats.deaths -= u32::from(done);
+            }
+        }
+        Ok(())
+    }
+
+    fn report_down(&mut self) -> Check {
+        let i = self.rng.below(self.nodes.len());
+        if !self.nodes[i].alive || self.nodes[i].down.is_empty() {
+            return Ok(());
+        }
+        let now = self.now();
+        for node in std::mem::take(&mut self.nodes[i].down) {
+            self.nodes[i].broker.link_down(&node, now);
+        }
+        self.actions(i)
+    }
+
+    fn publish(&mut self) -> Check {
+        let i = self.rng.below(self.nodes.len());
+        if !self.nodes[i].alive {
+            return Ok(());
+        }
+        let t = self.rng.below(TOPICS);
+        let id = self.messages.len() as u64;
+        self.messages.push((topic(t), None));
+        self.stats.published += 1;
+        let now = self.now();
+        let payload = Bytes::from(format!("{id}"));
+        let name = TopicName::new(&topic(t)).unwrap();
+        let node = &mut self.nodes[i];
+        match node.broker.publish(
+            name,
+            PayloadKind::Text,
+            payload,
+            PublishOptions::default(),
+            PublishReply::Caller,
+            now,
+        ) {
+            Published::Now(result) => self.acked(id, result.map_err(|e| e.to_string()))?,
+            Published::Later { req } => {
+                node.publishing.insert(req, id);
+            }
+        }
+        self.actions(i)
+    }
+
+    /// A publish was answered: record its number (never reused).
+    fn acked(&mut self, id: u64, result: Result<u64, String>) -> Check {
+        let Ok(seq) = result else {
+            self.stats.refused += 1;
+            return Ok(());
+        };
+        let _ = seq; // its epoch comes with its delivery; numbers are checked there
+        self.stats.acked += 1;
+        self.messages[id as usize].1 = Some((String::new(), seq));
+        Ok(())
+    }
+
+    /// Carries out node `i`'s broker actions.
+    fn actions(&mut self, i: usize) -> Check {
+        let mut actions = Vec::new();
+        loop {
+            self.nodes[i].broker.take_actions(&mut actions);
+            if actions.is_empty() {
+                return Ok(());
+            }
+            for action in actions.drain(..) {
+                match action {
+                    Action::Link { node, frame } => {
+                        if !matches!(frame, LinkFrame::Publish { .. }) {
+                            let f = format!("{frame:?}");
+                            self.log.push(format!(
+                                "{} {} -> {node}: {}",
+                                self.step,
+                                self.nodes[i].addr,
+                                &f[..f.len().min(160)]
+                            ));
+                        }
+                        if matches!(frame, LinkFrame::Claim { .. }) {
+                            self.stats.claims += 1;
+                        }
+                        let bytes = Bytes::from(link::encode(&frame));
+                        match self.node_index(&node) {
+                            Some(_) => self.nodes[i].outgoing.entry(node).or_default().push_back(bytes),
+                            None => {
+                                // Refused: the link fails (reported later).
+                                if !self.nodes[i].down.contains(&node) {
+                                    self.nodes[i].down.push(node);
+                                }
+                            }
+                        }
+                    }
+                    Action::Published { req, result } => {
+                        if let Some(id) = self.nodes[i].publishing.remove(&req) {
+                            self.acked(id, result.map_err(|e| e.to_string()))?;
+                        }
+                    }
+                    Action::Subscribed { req, result } => {
+                        if let Some(t) = self.nodes[i].granting.remove(&req) {
+                            result.map_err(|e| format!("{}: subscribe {t}: {e}", self.nodes[i].addr))?;
+                        } else {
+                            // A follow on one of this node's sessions.
+                            for session in self.nodes[i].sessions.values_mut() {
+                                if let Some(topic) = session.pending.remove(&req) {
+                                    if let Ok(g) = &result {
+                                        session.follows.insert(topic, g.sub_id);
+                                    }
+                                }
+                            }
+                        }
+                    }
+                    Action::FanOut => while self.nodes[i].broker.fan_out_next() {},
+                    Action::Send { .. } => return Err("one shard sent to another".into()),
+                    Action::Flush(_) | Action::Room | Action::Commit | Action::ReadLog(_) | Action::CatchUp { .. } => {}
+                }
+            }
+        }
+    }
+
+    /// One link frame travels: from a follower to an owner (handled as the
+    /// owner's link session does), or the owner's session queue to the
+    /// follower's broker.
+    fn deliver_link(&mut self) -> Check {
+        let i = self.rng.below(self.nodes.len());
+        if !self.nodes[i].alive {
+            return Ok(());
+        }
+        if self.rng.below(2) == 0 {
+            // Follower i -> owner.
+            let targets: Vec<String> =
+                self.nodes[i].outgoing.iter().filter(|(_, q)| !q.is_empty()).map(|(n, _)| n.clone()).collect();
+            if targets.is_empty() {
+                return Ok(());
+            }
+            let to = targets[self.rng.below(targets.len())].clone();
+            let Some(bytes) = self.nodes[i].outgoing.get_mut(&to).and_then(|q| q.pop_front()) else { return Ok(()) };
+            let Some(o) = self.node_index(&to) else { return Ok(()) };
+            let from = self.nodes[i].addr.clone();
+            let frame = link::decode(&bytes, self.start).map_err(|e| e.to_string())?;
+            self.owner_side(o, &from, frame)
+        } else {
+            // A session the owner closed: the link fails (the owner drops
+            // its follows, the follower its queue, and hears of it).
+            let closed: Vec<String> =
+                self.nodes[i].sessions.iter().filter(|(_, s)| s.out.is_closing()).map(|(n, _)| n.clone()).collect();
+            for f_addr in closed {
+                let now = self.now();
+                let owner = self.nodes[i].addr.clone();
+                if let Some(session) = self.nodes[i].sessions.remove(&f_addr) {
+                    for (topic, sub) in session.follows {
+                        self.nodes[i].broker.unsubscribe(&topic, sub, now);
+                    }
+                }
+                self.actions(i)?;
+                if let Some(f) = self.node_index(&f_addr) {
+                    self.log.push(format!("{} link {f_addr} -> {owner} closed by the owner", self.step));
+                    self.nodes[f].outgoing.remove(&owner);
+                    self.nodes[f].down.push(owner);
+                }
+            }
+            // Owner i's session toward a follower -> that follower.
+            let followers: Vec<String> =
+                self.nodes[i].sessions.iter().filter(|(_, s)| !s.out.is_empty()).map(|(n, _)| n.clone()).collect();
+            if followers.is_empty() {
+                return Ok(());
+            }
+            let f_addr = followers[self.rng.below(followers.len())].clone();
+            let Some(f) = self.node_index(&f_addr) else { return Ok(()) };
+            let owner = self.nodes[i].addr.clone();
+            let mut bytes = Vec::new();
+            let session = self.nodes[i].sessions.get_mut(&f_addr).expect("listed");
+            session.out.take_batch(&mut bytes, 4096, &mut Vec::new());
+            let mut buf = BytesMut::from(&bytes[..]);
+            let mut frames = Vec::new();
+            while let Some(event) = session.decoder.decode(&mut buf).map_err(|e| e.to_string())? {
+                if let WsEvent::Message { payload, .. } = event {
+                    frames.push(link::decode(&payload, self.start).map_err(|e| e.to_string())?);
+                }
+            }
+            let now = self.now();
+            for frame in frames {
+                if !matches!(frame, LinkFrame::PublishDone { .. }) {
+                    let text = match &frame {
+                        LinkFrame::Message { topic, message } => format!("Message {} {}", topic.as_str(), message.seq),
+                        other => {
+                            let f = format!("{other:?}");
+                            f[..f.len().min(160)].to_string()
+                        }
+                    };
+                    self.log.push(format!("{} {owner} => {}: {text}", self.step, self.nodes[f].addr));
+                }
+                self.nodes[f].broker.link_frame(&owner, frame, now);
+            }
+            self.actions(f)
+        }
+    }
+
+    /// Owner `o` handles `frame` from follower `from` (its link session).
+    fn owner_side(&mut self, o: usize, from: &str, frame: LinkFrame) -> Check {
+        let now = self.now();
+        let node = &mut self.nodes[o];
+        let session = node.sessions.entry(from.to_string()).or_insert_with(|| Session {
+            out: Rc::new(Outbound::new(QUEUE_BYTES, SlowConsumerPolicy::Disconnect)),
+            decoder: Decoder::of_server_frames(QUEUE_BYTES),
+            follows: HashMap::new(),
+            pending: HashMap::new(),
+        });
+        let out = session.out.clone();
+        match frame {
+            LinkFrame::Publish { id, topic, ack, kind, payload, options } => {
+                let reply = PublishReply::Link { out, id };
+                node.broker.publish(topic, kind, payload, options.into_options(ack), reply, now);
+            }
+            LinkFrame::Follow { topic, from: resume } => {
+                if let Some(sub) = session.follows.remove(&topic) {
+                    node.broker.unsubscribe(&topic, sub, now);
+                }
+                let request = SubscribeRequest {
+                    topic: topic.clone(),
+                    out,
+                    client: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+                    format: Format::Link,
+                    from: resume,
+                    reply_id: Some(0),
+                };
+                let session = node.sessions.get_mut(from).expect("made above");
+                match node.broker.subscribe(request, now) {
+                    Subscription::Live(g) => {
+                        session.follows.insert(topic, g.sub_id);
+                    }
+                    Subscription::Pending { req, .. } => {
+                        session.pending.insert(req, topic);
+                    }
+                }
+            }
+            LinkFrame::Unfollow { topic } => {
+                let session = node.sessions.get_mut(from).expect("made above");
+                session.pending.retain(|_, t| *t != topic);
+                if let Some(sub) = session.follows.remove(&topic) {
+                    node.broker.unsubscribe(&topic, sub, now);
+                }
+            }
+            LinkFrame::Claim { topic, version, node: claimer } => node.broker.claim(topic, version, claimer, out, now),
+            other => return Err(format!("an owner's frame sent to an owner: {other:?}")),
+        }
+        self.actions(o)
+    }
+
+    /// Node `i`'s subscriber reads what is queued for it.
+    fn read_subscriber(&mut self) -> Check {
+        let i = self.rng.below(self.nodes.len());
+        if !self.nodes[i].alive {
+            return Ok(());
+        }
+        let mut bytes = Vec::new();
+        let node = &mut self.nodes[i];
+        if node.sub.is_empty() {
+            return Ok(());
+        }
+        node.sub.take_batch(&mut bytes, 1 << 16, &mut Vec::new());
+        let mut buf = BytesMut::from(&bytes[..]);
+        let mut events = Vec::new();
+        while let Some(event) = node.sub_decoder.decode(&mut buf).map_err(|e| e.to_string())? {
+            if let WsEvent::Message { payload, .. } = event {
+                events.push(serde_json::from_slice::<serde_json::Value>(&payload).map_err(|e| e.to_string())?);
+            }
+        }
+        let addr = node.addr.clone();
+        for v in events {
+            let t = v["topic"].as_str().unwrap_or("").to_string();
+            match v["type"].as_str() {
+                Some("reply") => {
+                    let (epoch, last) =
+                        (v["epoch"].as_str().unwrap_or("").to_string(), v["last_seq"].as_u64().unwrap_or(0));
+                    self.log.push(format!("{} {addr} subscriber granted {t} at {epoch} {last}", self.step));
+                    let view = self.nodes[i].seen.entry(t).or_default();
+                    view.epoch = Some(epoch.clone());
+                    view.last = last;
+                    view.from = Some((epoch, last));
+                }
+                Some("lost") => {
+                    let view = self.nodes[i].seen.entry(t).or_default();
+                    view.epoch = Some(v["epoch"].as_str().unwrap_or("").to_string());
+                    view.last = v["last_seq"].as_u64().unwrap_or(0);
+                    view.lost += 1;
+                    if self.deaths == 0 && self.strict {
+                        return Err(format!("{addr}: {v} without a death"));
+                    }
+                }
+                Some("message") => {
+                    self.stats.delivered += 1;
+                    let seq = v["seq"].as_u64().ok_or("seq")?;
+                    let id: u64 = v["data"].as_str().and_then(|d| d.parse().ok()).ok_or("data")?;
+                    let view = self.nodes[i].seen.entry(t.clone()).or_default();
+                    let epoch = view.epoch.clone().ok_or_else(|| format!("{addr}: {t} message before its grant"))?;
+                    if seq != view.last + 1 {
+                        return Err(format!(
+                            "{addr}: {t} epoch {epoch}: seq {seq} after {} (granted at {:?}, {} lost notices, had {:?})",
+                            view.last,
+                            view.from,
+                            view.lost,
+                            view.got.iter().rev().take(3).collect::<Vec<_>>()
+                        ));
+                    }
+                    view.last = seq;
+                    view.got.push((epoch.clone(), seq, id));
+                    match self.numbers.insert((t.clone(), epoch.clone(), seq), id) {
+                        Some(other) if other != id => {
+                            return Err(format!("{t} epoch {epoch} seq {seq} names messages {other} and {id}"))
+                        }
+                        _ => {}
+                    }
+                    let (msg_topic, acked) = &self.messages[id as usize];
+                    if *msg_topic != t {
+                        return Err(format!("message {id} of {msg_topic} delivered on {t}"));
+                    }
+                    if let Some((_, s)) = acked {
+                        if *s != seq && self.deaths == 0 {
+                            return Err(format!("message {id} acknowledged as seq {s}, delivered as {seq}"));
+                        }
+                    }
+                }
+                _ => return Err(format!("{addr}: unexpected {v}")),
+            }
+        }
+        Ok(())
+    }
+
+    /// Lets every view catch up and every queue drain, then checks that
+    /// nothing acknowledged was lost (runs without deaths).
+    fn quiesce(&mut self) -> Check {
+        for _ in 0..200_000 {
+            self.step += 1;
+            for i in 0..self.nodes.len() {
+                if !self.nodes[i].alive {
+                    continue;
+                }
+                self.apply_next(i)?;
+            }
+            match self.rng.below(5) {
+                0 | 1 => self.deliver_link()?,
+                2 => self.read_subscriber()?,
+                3 => self.tick()?,
+                _ => self.report_down()?,
+            }
+        }
+        let busy: Vec<&str> = self
+            .nodes
+            .iter()
+            .filter(|n| n.alive && (n.outgoing.values().any(|q| !q.is_empty()) || !n.sub.is_empty()))
+            .map(|n| n.addr.as_str())
+            .collect();
+        if !busy.is_empty() {
+            return Err(format!("queues not drained on {busy:?}"));
+        }
+        if self.deaths > 0 || !self.strict {
+            return Ok(());
+        }
+        // Every acknowledged message reached every live subscriber that was
+        // subscribed when it was numbered.
+        for node in self.nodes.iter().filter(|n| n.alive) {
+            for (t, view) in &node.seen {
+                let Some((epoch, from)) = &view.from else { continue };
+                let got: BTreeMap<u64, u64> =
+                    view.got.iter().filter(|(e, _, _)| e == epoch).map(|(_, s, id)| (*s, *id)).collect();
+                for (id, (mt, acked)) in self.messages.iter().enumerate() {
+                    let Some((_, seq)) = acked else { continue };
+                    if mt == t && seq > from && got.get(seq) != Some(&(id as u64)) {
+                        return Err(format!("{}: {t} acknowledged seq {seq} (message {id}) never arrived", node.addr));
+                    }
+                }
+                if view.lost > 0 {
+                    return Err(format!("{}: {t} changed epoch without a death", node.addr));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Runs `seeds` seeds; `strict`: no epoch may change without a death, and
+/// nothing acknowledged may be lost without one.
+fn simulate(seeds: u64, steps: u64, strict: bool) {
+    // SIM_LOG=debug shows the brokers' hand-off decisions.
+    if std::env::var("SIM_LOG").is_ok() {
+        runtime::init_tracing("SIM_LOG");
+    }
+    run_seeds(seeds, steps, |seed, steps| {
+        let deaths = !strict || seed % 2 == 1;
+        let mut sim = Sim::new(seed);
+        sim.strict = strict;
+        if let Err(e) = sim.run(steps, deaths) {
+            let about = e
+                .find("sim.")
+                .map(|at| e[at..].chars().take_while(|c| *c == '.' || c.is_ascii_alphanumeric()).collect::<String>())
+                .unwrap_or_default();
+            let trail: Vec<&String> =
+                sim.log.iter().filter(|l| about.is_empty() || l.contains(&about) || l.contains("applies")).collect();
+            let trail: Vec<&&String> = trail.iter().rev().take(60).rev().collect();
+            for line in trail {
+                eprintln!("{line}");
+            }
+            panic!("seed {seed} (deaths {deaths}) step {}: {e}\n{:?}", sim.step, sim.stats);
+        }
+        if seed < 4 {
+            eprintln!("seed {seed} (deaths {deaths}): {:?}", sim.stats);
+        }
+    });
+}
+
+/// Numbers are never reused within an epoch, each subscriber sees its
+/// topics' numbers contiguous within an epoch, and an epoch changes under
+/// a subscriber only with a `lost` notice. Known to fail (issue 15, not yet
+/// fixed): seed 1 reuses a number (`sim.0` seq 39 names two messages) after
+/// a node answered a claim from a newer topology while a death was being
+/// noticed; seed 0 passes. Run with `-- --ignored`.
+#[test]
+#[ignore]
+fn topology_changes_never_reuse_a_number_and_announce_every_epoch_change() {
+    simulate(40, 20_000, false);
+}
+
+/// Without deaths no epoch changes and nothing acknowledged is lost. Known
+/// to fail (issue 15, not yet fixed): when ownership passes along a chain
+/// of nodes before the first claim is answered (A owns, B takes over, then
+/// C), C can be told "nothing" and start the topic afresh (seed 0 within
+/// 2,000 steps). Run with `cargo test --test cluster_simulation -- --ignored`.
+#[test]
+#[ignore]
+fn without_deaths_no_epoch_changes_and_nothing_acknowledged_is_lost() {
+    simulate(40, 20_000, true);
+}
