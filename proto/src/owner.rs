@@ -883,7 +883,9 @@ impl Owner {
         let t = self.topic_mut(topic, now)?;
         let had = t.mirror && t.last_seq > 0;
         let mut adopted = Adopted { epoch, subscriber_shards: t.subscriber_shards, new: Vec::new(), restarted: 0 };
-        if t.epoch == epoch && t.last_seq <= last_seq {
+        // Same sequence space: never go back (a copy may be ahead of a
+        // hand-off from a node that was not the last owner).
+        if t.epoch == epoch {
             let had_through = t.last_seq;
             for m in history.into_iter().filter(|m| m.seq > had_through) {
                 if m.seq != t.last_seq + 1 {

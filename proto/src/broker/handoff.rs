@@ -120,9 +120,11 @@ impl Broker {
         self.fenced = fenced;
     }
 
-    /// Topics given up at the last change and not yet claimed.
+    /// Topics given up and not yet claimed, and topics being taken over
+    /// (whose state, once here, is to be handed on): a leaving node waits
+    /// for both.
     pub fn handing_over(&self) -> usize {
-        self.handing.len()
+        self.handing.len() + self.taking.len()
     }
 
     /// Whether this node is fenced.
