@@ -31,10 +31,19 @@ const ETCD_RETRY: Duration = Duration::from_millis(300);
 /// Largest answer accepted from etcd (a member list of thousands of nodes).
 const ETCD_BODY_BYTES_MAX: usize = 16 << 20;
 
+/// Member sets kept for shards that have not applied them yet: each shard
+/// applies every change in order (a hand-off claims from the owner under
+/// the set before, so a skipped set could name the wrong one). A shard
+/// more than this many changes behind applies the latest.
+const TOPOLOGY_HISTORY_MAX: usize = 64;
+
 /// The member set as the shards see it.
 #[derive(Debug)]
 pub struct ClusterShared {
     topology: Mutex<Arc<Topology>>,
+    /// The last `TOPOLOGY_HISTORY_MAX` sets, oldest first, and the version
+    /// of the last set dropped from it (0: none).
+    history: Mutex<(std::collections::VecDeque<Arc<Topology>>, u64)>,
     /// The version of `topology`, read without the lock.
     version: AtomicU64,
     /// This node's lease lapsed: it must not act as an owner.
@@ -49,6 +58,19 @@ impl ClusterShared {
     /// The current member set and its version.
     pub fn topology(&self) -> Arc<Topology> {
         self.topology.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
+    /// The sets after version `seen`, oldest first (only the latest when
+    /// more changes than the history holds came since).
+    pub fn since(&self, seen: u64) -> Vec<Arc<Topology>> {
+        let history = self.history.lock().unwrap_or_else(|e| e.into_inner());
+        let (sets, dropped) = (&history.0, history.1);
+        let after: Vec<Arc<Topology>> = sets.iter().filter(|t| t.version() > seen).cloned().collect();
+        if seen < dropped {
+            // Changes this shard never saw were dropped: jump to the latest.
+            return after.last().cloned().into_iter().collect();
+        }
+        after
     }
 
     /// The current version.
@@ -74,7 +96,17 @@ impl ClusterShared {
 
     fn publish(&self, topology: Topology) {
         let version = topology.version();
-        *self.topology.lock().unwrap_or_else(|e| e.into_inner()) = Arc::new(topology);
+        let topology = Arc::new(topology);
+        {
+            let mut history = self.history.lock().unwrap_or_else(|e| e.into_inner());
+            history.0.push_back(topology.clone());
+            if history.0.len() > TOPOLOGY_HISTORY_MAX {
+                if let Some(old) = history.0.pop_front() {
+                    history.1 = old.version();
+                }
+            }
+        }
+        *self.topology.lock().unwrap_or_else(|e| e.into_inner()) = topology;
         self.version.store(version, Ordering::Release);
     }
 }
@@ -94,8 +126,10 @@ pub fn start(endpoint: String, cluster: &str, me: String, wait: Duration) -> Res
         }
     };
     let topology = members.topology().map_err(|e| e.to_string())?;
+    let topology = Arc::new(topology);
     let shared = Arc::new(ClusterShared {
-        topology: Mutex::new(Arc::new(topology)),
+        history: Mutex::new((std::collections::VecDeque::from([topology.clone()]), 0)),
+        topology: Mutex::new(topology),
         version: AtomicU64::new(members.version()),
         fenced: AtomicBool::new(false),
         stop: AtomicBool::new(false),
@@ -421,12 +455,15 @@ impl crate::shard::Shard {
             {
                 let mut broker = self.broker.borrow_mut();
                 if version != seen {
-                    seen = version;
-                    let topology = (*cluster.topology()).clone();
-                    tracing::info!(shard = self.id, version, members = ?topology.members(), "topology changed");
-                    broker.set_topology(topology, now);
+                    // Every change in order, as etcd's watch gave them.
+                    for topology in cluster.since(seen) {
+                        let topology = (*topology).clone();
+                        seen = topology.version();
+                        tracing::info!(shard = self.id, version = seen, members = ?topology.members(), "topology changed");
+                        broker.set_topology(topology, now);
+                    }
                     if self.id == 0 {
-                        self.metrics.topology_version.set(version);
+                        self.metrics.topology_version.set(seen);
                     }
                 }
                 if is_fenced != fenced {
