@@ -748,9 +748,17 @@ fn simulate(seeds: u64, steps: u64, strict: bool) {
                 .find("sim.")
                 .map(|at| e[at..].chars().take_while(|c| *c == '.' || c.is_ascii_alphanumeric()).collect::<String>())
                 .unwrap_or_default();
-            let trail: Vec<&String> =
-                sim.log.iter().filter(|l| about.is_empty() || l.contains(&about) || l.contains("applies")).collect();
-            let trail: Vec<&&String> = trail.iter().rev().take(60).rev().collect();
+            let focus = std::env::var("SIM_FOCUS").unwrap_or_default();
+            let trail: Vec<&String> = sim
+                .log
+                .iter()
+                .filter(|l| {
+                    (about.is_empty() || l.contains(&about) || l.contains("applies") || l.contains("stops"))
+                        && l.contains(&focus)
+                })
+                .collect();
+            let keep = std::env::var("SIM_TRAIL").ok().and_then(|v| v.parse().ok()).unwrap_or(60);
+            let trail: Vec<&&String> = trail.iter().rev().take(keep).rev().collect();
             for line in trail {
                 eprintln!("{line}");
             }
