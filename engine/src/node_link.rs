@@ -240,7 +240,13 @@ async fn read_loop(shard: &Weak<Shard>, link: &NodeLink, stream: Rc<RefCell<TcpS
                 }
                 Ok(Some(WsEvent::Message { .. })) => return "text frame on a link".into(),
                 Ok(Some(WsEvent::Ping(payload))) => {
-                    ws::encode_client_pong(&payload, &mut link.queue.borrow_mut());
+                    let mut queue = link.queue.borrow_mut();
+                    let before = queue.len();
+                    ws::encode_client_pong(&payload, &mut queue);
+                    // Counted as queued, as the writer subtracts what it takes.
+                    if let Some(s) = shard.upgrade() {
+                        metrics::add(&s.metrics.link_queue_bytes, (queue.len() - before) as u64);
+                    }
                     link.wake.notify();
                 }
                 Ok(Some(WsEvent::Pong)) => {}

@@ -562,14 +562,10 @@ impl Broker {
     ) -> Published {
         let owner = topic.owner_shard(self.shards);
         if owner == self.id {
-            if self.remote_node(&topic).is_some() {
+            // Another node's topic, or one being taken over: answered later.
+            if self.cluster.is_some() && (self.remote_node(&topic).is_some() || self.needs_hand_off(&topic)) {
                 let req = self.next_id();
-                self.forward(topic, kind, payload, options, Held::Here { reply, req }, now);
-                return Published::Later { req };
-            }
-            if self.needs_hand_off(&topic) {
-                let req = self.next_id();
-                self.take_over_publish(topic, kind, payload, options, Held::Here { reply, req }, now);
+                self.publish_held(topic, kind, payload, options, Held::Here { reply, req }, now);
                 return Published::Later { req };
             }
             let result = self.sequence(&topic, kind, payload, options, now);
@@ -1046,7 +1042,8 @@ impl Broker {
             return;
         }
         if self.needs_hand_off(&topic) {
-            self.take_over_publish(topic, kind, payload, options, held, now);
+            let pending = handoff::Pending::Publish { topic: topic.clone(), kind, payload, options, held };
+            self.take_over(&topic, pending, now);
             return;
         }
         match self.sequence(&topic, kind, payload, options, now) {
@@ -1069,13 +1066,16 @@ impl Broker {
         now: Now,
     ) -> Result<(u64, Option<AckLevel>), OwnerError> {
         let len = payload.len() as u64;
-        if self.is_fenced() {
-            return Err(OwnerError::NotMember);
-        }
-        if self.remote_node(topic).is_some() || !self.owner.owns(topic) && self.owner.last_seq(topic).is_some() {
-            // Another node's topic, or this node's copy of one (given up
-            // at a topology change): never sequenced here.
-            return Err(OwnerError::OwnedElsewhere);
+        // In a cluster only (a single node pays nothing here): a fenced node
+        // sequences nothing, and another node's topic, or this node's copy
+        // of one (given up at a topology change), is never sequenced here.
+        if self.cluster.is_some() {
+            if self.is_fenced() {
+                return Err(OwnerError::NotMember);
+            }
+            if self.remote_node(topic).is_some() || self.owner.is_copy(topic) {
+                return Err(OwnerError::OwnedElsewhere);
+            }
         }
         if !self.groups_have_room(topic, payload.len()) {
             return Err(OwnerError::GroupFull);

@@ -127,6 +127,13 @@ pub struct OwnerLimits {
     pub client_pins_max: usize,
 }
 
+impl OwnerLimits {
+    /// An empty history within these bounds.
+    fn empty_history(&self) -> History {
+        History::new(self.history_messages_max, self.history_bytes_max)
+    }
+}
+
 /// Where a subscriber wants to start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ResumeFrom {
@@ -779,7 +786,7 @@ impl Owner {
                     epoch,
                     last_active: now,
                     last_seq: 0,
-                    history: History::new(self.limits.history_messages_max, self.limits.history_bytes_max),
+                    history: self.limits.empty_history(),
                     subscriber_shards: 0,
                     window_start: now,
                     window_count: 0,
@@ -833,7 +840,7 @@ impl Owner {
         };
         t.epoch = epoch;
         t.last_seq = position;
-        t.history = History::new(limits.history_messages_max, limits.history_bytes_max);
+        t.history = limits.empty_history();
         t.mirror = true;
         Ok(restarted)
     }
@@ -841,6 +848,11 @@ impl Owner {
     /// Whether this shard owns `topic` (has it, and not as a copy).
     pub fn owns(&self, topic: &TopicName) -> bool {
         self.topics.get(topic).is_some_and(|t| !t.mirror)
+    }
+
+    /// Whether this shard holds `topic` as a copy of another node's.
+    pub fn is_copy(&self, topic: &TopicName) -> bool {
+        self.topics.get(topic).is_some_and(|t| t.mirror)
     }
 
     /// The topics this shard owns (not copies), for a topology change.
@@ -889,7 +901,7 @@ impl Owner {
             let had_through = t.last_seq;
             for m in history.into_iter().filter(|m| m.seq > had_through) {
                 if m.seq != t.last_seq + 1 {
-                    t.history = History::new(limits.history_messages_max, limits.history_bytes_max);
+                    t.history = limits.empty_history();
                 }
                 t.last_seq = m.seq;
                 t.history.push(m.clone());
@@ -900,10 +912,10 @@ impl Owner {
                 adopted.restarted = t.subscriber_shards;
             }
             t.epoch = epoch;
-            t.history = History::new(limits.history_messages_max, limits.history_bytes_max);
+            t.history = limits.empty_history();
             for m in history {
                 if t.history.first_seq().is_some() && m.seq != t.last_seq + 1 {
-                    t.history = History::new(limits.history_messages_max, limits.history_bytes_max);
+                    t.history = limits.empty_history();
                 }
                 t.last_seq = m.seq;
                 t.history.push(m);
@@ -929,7 +941,7 @@ impl Owner {
         t.mirror = false;
         t.epoch = epoch;
         t.last_seq = 0;
-        t.history = History::new(limits.history_messages_max, limits.history_bytes_max);
+        t.history = limits.empty_history();
         t.last_active = now;
         t.subscriber_shards
     }
@@ -957,7 +969,7 @@ impl Owner {
             return None;
         }
         if message.seq != t.last_seq + 1 {
-            t.history = History::new(limits.history_messages_max, limits.history_bytes_max);
+            t.history = limits.empty_history();
         }
         t.last_seq = message.seq;
         t.last_active = message.published_at;
@@ -972,7 +984,7 @@ impl Owner {
         let Some(t) = self.topics.get_mut(topic) else { return };
         if to_seq > t.last_seq {
             t.last_seq = to_seq;
-            t.history = History::new(limits.history_messages_max, limits.history_bytes_max);
+            t.history = limits.empty_history();
         }
     }
 

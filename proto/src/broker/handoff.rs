@@ -57,7 +57,7 @@ pub(super) struct Taking {
 
 /// A request waiting for a topic's hand-off.
 #[derive(Debug)]
-enum Pending {
+pub(super) enum Pending {
     /// A publish and whom to answer.
     Publish { topic: TopicName, kind: PayloadKind, payload: Bytes, options: PublishOptions, held: Held },
     /// A subscribe from a shard (`Item::Subscribe`).
@@ -154,28 +154,17 @@ impl Broker {
     /// this node owns it under the current topology, holds no owned state
     /// for it, and the previous topology gave it to another node.
     pub(super) fn needs_hand_off(&self, topic: &TopicName) -> bool {
-        if self.taking.contains_key(topic) {
+        // Outside a cluster (the publish path of a single node) nothing to
+        // look up.
+        let Some(view) = self.cluster.as_ref() else { return false };
+        if !self.taking.is_empty() && self.taking.contains_key(topic) {
             return true;
         }
-        let Some(view) = self.cluster.as_ref() else { return false };
         let Some(previous) = view.previous.as_ref() else { return false };
-        !self.owner.owns(topic)
+        // Cheapest first: most topics kept their owner.
+        previous.owner_of(topic).is_some_and(|p| p != view.me)
             && view.topology.owns(&view.me, topic)
-            && previous.owner_of(topic).is_some_and(|p| p != view.me)
-    }
-
-    /// Holds `pending` until `topic`'s hand-off (claiming it if not yet).
-    pub(super) fn take_over_publish(
-        &mut self,
-        topic: TopicName,
-        kind: PayloadKind,
-        payload: Bytes,
-        options: PublishOptions,
-        held: Held,
-        now: Now,
-    ) {
-        let topic_of = topic.clone();
-        self.take_over(&topic_of, Pending::Publish { topic, kind, payload, options, held }, now);
+            && !self.owner.owns(topic)
     }
 
     /// Holds a subscribe until `topic`'s hand-off.
@@ -183,7 +172,8 @@ impl Broker {
         self.take_over(topic, Pending::Item { from, item }, now);
     }
 
-    fn take_over(&mut self, topic: &TopicName, pending: Pending, now: Now) {
+    /// Holds `pending` until `topic`'s hand-off (claiming it if not yet).
+    pub(super) fn take_over(&mut self, topic: &TopicName, pending: Pending, now: Now) {
         if !self.taking.contains_key(topic) {
             let from = self
                 .cluster

@@ -270,11 +270,6 @@ impl Broker {
         self.claims_link_down(node, now);
     }
 
-    /// Publishes forwarded and not yet answered.
-    pub fn forwarded_in_flight(&self) -> usize {
-        self.forwarded.len()
-    }
-
     /// Asks the owner again for `topic`, after what the copy has.
     pub(super) fn follow_again(&mut self, topic: &TopicName) {
         let position = self.owner.mirror_position(topic);
