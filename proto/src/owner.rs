@@ -857,7 +857,9 @@ impl Owner {
 
     /// The topics this shard owns (not copies), for a topology change.
     pub fn owned_names(&self) -> Vec<TopicName> {
-        self.topics.iter().filter(|(_, t)| !t.mirror).map(|(n, _)| n.clone()).collect()
+        // In name order: what a topology change does is the same on every
+        // run (the hash map's order is per process).
+        self.names.iter().filter(|n| self.owns(n)).cloned().collect()
     }
 
     /// Gives `topic` away to its new owner: it becomes a copy here (never

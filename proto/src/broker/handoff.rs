@@ -85,7 +85,11 @@ impl Broker {
             self.give_up(&topic, node);
         }
         // Copies whose owner changed: follow the new one (or take over).
-        let mirrors: Vec<(TopicName, String)> = self.mirrors.iter().map(|(t, m)| (t.clone(), m.node.clone())).collect();
+        // Sorted wherever a hash map is walked here: the actions come out in
+        // the same order on every run (the simulation's seeds replay).
+        let mut mirrors: Vec<(TopicName, String)> =
+            self.mirrors.iter().map(|(t, m)| (t.clone(), m.node.clone())).collect();
+        mirrors.sort();
         for (topic, node) in mirrors {
             match self.remote_node(&topic) {
                 Some(owner) if owner == node => {}
@@ -316,12 +320,13 @@ impl Broker {
     /// deadline, what waits fails, unless the previous owner is gone (no
     /// longer a member and its link down), when the topic starts afresh.
     pub fn cluster_tick(&mut self, now: Now) {
-        let due: Vec<TopicName> = self
+        let mut due: Vec<TopicName> = self
             .taking
             .iter()
             .filter(|(_, t)| now.unix_ms >= t.retry_ms || now.unix_ms >= t.deadline_ms)
             .map(|(topic, _)| topic.clone())
             .collect();
+        due.sort();
         for topic in due {
             let Some(t) = self.taking.get_mut(&topic) else { continue };
             let from = t.from.clone();
@@ -352,7 +357,9 @@ impl Broker {
         if member {
             return; // asked again at the next retry
         }
-        let gone: Vec<TopicName> = self.taking.iter().filter(|(_, t)| t.from == node).map(|(t, _)| t.clone()).collect();
+        let mut gone: Vec<TopicName> =
+            self.taking.iter().filter(|(_, t)| t.from == node).map(|(t, _)| t.clone()).collect();
+        gone.sort();
         for topic in gone {
             tracing::warn!(topic = topic.as_str(), from = node, "previous owner gone: the topic starts afresh");
             self.taken(&topic, None, now);

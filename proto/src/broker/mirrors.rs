@@ -256,14 +256,18 @@ impl Broker {
     /// `owner_unreachable`, and every copy of its topics follows again
     /// after what it has (the shell reconnects and sends it).
     pub fn link_down(&mut self, node: &str, now: Now) {
-        let failed: Vec<u64> = self.forwarded.iter().filter(|(_, (n, _))| n == node).map(|(id, _)| *id).collect();
+        // In id order (publish order), and below in name order: the same
+        // on every run.
+        let mut failed: Vec<u64> = self.forwarded.iter().filter(|(_, (n, _))| n == node).map(|(id, _)| *id).collect();
+        failed.sort_unstable();
         for id in failed {
             if let Some((_, held)) = self.forwarded.remove(&id) {
                 self.answer(held, Err(OwnerError::OwnerUnreachable), now);
             }
         }
-        let topics: Vec<TopicName> =
+        let mut topics: Vec<TopicName> =
             self.mirrors.iter().filter(|(_, m)| m.node == node).map(|(t, _)| t.clone()).collect();
+        topics.sort();
         for topic in topics {
             self.follow_again(&topic);
         }
