@@ -287,9 +287,10 @@ impl Shard {
         topic: proto::topic::TopicName,
         version: u64,
         node: String,
+        at: u64,
         out: std::rc::Rc<proto::outbound::Outbound>,
     ) {
-        self.broker.borrow_mut().claim(topic, version, node, out, Now::read());
+        self.broker.borrow_mut().claim(topic, version, node, at, out, Now::read());
         self.apply();
     }
 

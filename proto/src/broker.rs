@@ -68,9 +68,13 @@ pub enum Item {
     /// Owner (a copy of another node's topic) to subscribing shard: the
     /// topic's sequence space changed to `epoch`, now at `last_seq`.
     Restarted { topic: TopicName, epoch: Epoch, last_seq: u64 },
+    /// Owner (a copy of another node's topic) to subscribing shard: the
+    /// topic's owner cannot send `gap` of `epoch` (it no longer holds it);
+    /// live subscribers are told and go on after it.
+    Gap { topic: TopicName, epoch: Epoch, gap: SeqRange },
     /// A link session's shard to the topic's owner shard: node `node`
     /// claims the topic at topology `version`.
-    Claim { topic: TopicName, version: u64, node: String, req: u64 },
+    Claim { topic: TopicName, version: u64, node: String, at: u64, req: u64 },
     /// The owner shard's answer to a claim, to write on the link.
     HandOffAnswer { req: u64, topic: TopicName, state: crate::link::HandOffState },
     /// Member `sub` of the sending shard joins a consumer group (to the
@@ -454,7 +458,7 @@ pub struct Broker {
     /// the native id to answer.
     asking: HashMap<u64, (Rc<Outbound>, u64), ahash::RandomState>,
     /// This node's cluster, when it has other members.
-    cluster: Option<mirrors::ClusterView>,
+    cluster: Option<crate::cluster::Views>,
     /// Topics another node owns that this shard follows, by name.
     mirrors: HashMap<TopicName, mirrors::Mirror, ahash::RandomState>,
     /// This node lost its membership lease: it sequences nothing.
@@ -464,10 +468,17 @@ pub struct Broker {
     taking: HashMap<TopicName, handoff::Taking, ahash::RandomState>,
     /// Topics given up at the last topology change, kept until their new
     /// owner claims them, with that owner.
-    handing: HashMap<TopicName, String, ahash::RandomState>,
+    handing: HashMap<TopicName, handoff::Handing, ahash::RandomState>,
     /// Topics given away ahead of this node's own view (a claim from a
     /// newer topology), with their new owner.
     given: HashMap<TopicName, String, ahash::RandomState>,
+    /// Topics whose state left this node, with this node's view version
+    /// then and the node it went to: a claim about a run before it is
+    /// stale. Forgotten with the views ([`crate::cluster::VIEW_HISTORY_MAX`]).
+    gave: HashMap<TopicName, (u64, String), ahash::RandomState>,
+    /// Follows sent and not answered yet, by owner node and topic (on the
+    /// link to that node now).
+    follows_out: HashMap<(String, TopicName), u32, ahash::RandomState>,
     /// Claims by other nodes' links on this shard, awaiting the owner
     /// shard's answer: the link to answer on.
     claims: HashMap<u64, Rc<Outbound>, ahash::RandomState>,
@@ -518,6 +529,8 @@ impl Broker {
             taking: HashMap::default(),
             handing: HashMap::default(),
             given: HashMap::default(),
+            gave: HashMap::default(),
+            follows_out: HashMap::default(),
             claims: HashMap::default(),
             forwarded: HashMap::default(),
             metrics,
@@ -910,7 +923,9 @@ impl Broker {
                 let topic = topic.clone();
                 self.take_over_item(from, &topic, item, now);
             }
-            Item::Claim { topic, version, node, req } => self.answer_claim(from, topic, version, node, req, now),
+            Item::Claim { topic, version, node, at, req } => {
+                self.answer_claim(from, topic, version, node, at, req, now)
+            }
             Item::HandOffAnswer { req, topic, state } => self.claim_answered(req, topic, state),
             Item::Subscribe { ref topic, .. } if !self.mirror_live(topic) && self.remote_node(topic).is_some() => {
                 if let Some(node) = self.remote_node(topic) {
@@ -952,6 +967,7 @@ impl Broker {
             }
             Item::Deliver { topic, epoch, message } => self.deliver(&topic, epoch, message),
             Item::Restarted { topic, epoch, last_seq } => self.restarted(&topic, epoch, last_seq),
+            Item::Gap { topic, epoch, gap } => self.gap(&topic, epoch, gap),
             item @ (Item::GroupJoin { .. }
             | Item::GroupJoined { .. }
             | Item::GroupLeave { .. }
@@ -1166,12 +1182,39 @@ impl Broker {
                     );
                     sub.out.close(CLOSE_HISTORY_LOST, &reason);
                 }
-                // A node following this copy: its link closes, and it
-                // follows again, meeting the new space (link frames carry no
-                // epoch: continuing would reuse its numbers).
-                Format::Link => sub.out.close(CLOSE_HISTORY_LOST, "the topic's sequence space changed"),
+                // A node following this copy follows again, meeting the new
+                // space (message frames carry no epoch: it drops what comes
+                // until its new follow is answered).
+                Format::Link => {
+                    let frame = crate::link::LinkFrame::Restart { topic: topic.clone() };
+                    sub.out.offer_control(ws::encode_data(PayloadKind::Binary, &crate::link::encode(&frame)));
+                }
                 Format::Legacy => {}
             }
+        }
+    }
+
+    /// A copy's owner could not send `gap` (see [`Item::Gap`]): what this
+    /// shard queued before it goes out first, then each live subscriber
+    /// still behind it is told (a native `gap` notice; a raw socket closes
+    /// as a resume across it would; a following node gets a gap frame).
+    fn gap(&mut self, topic: &TopicName, epoch: Epoch, gap: SeqRange) {
+        let behind = self
+            .topics
+            .get(topic)
+            .and_then(|&s| self.slots[s].as_ref())
+            .is_some_and(|local| local.epoch == Some(epoch) && local.last_seq < gap.to_seq);
+        if !behind {
+            return;
+        }
+        while self.fan_out_next() {}
+        let Some(&slot) = self.topics.get(topic) else { return };
+        let Some(local) = self.slots[slot].as_mut() else { return };
+        local.last_seq = gap.to_seq;
+        for sub in local.subs.iter_mut().filter(|s| s.pending.is_none() && s.last_seq < gap.to_seq) {
+            let told = SeqRange { from_seq: gap.from_seq.max(sub.last_seq + 1), to_seq: gap.to_seq };
+            sub.last_seq = gap.to_seq;
+            tell_gap(&sub.out, sub.format, topic, told);
         }
     }
 
@@ -1213,7 +1256,10 @@ impl Broker {
         }
         // A later batch of a catch-up tells what it cannot get where it
         // falls: before this batch's messages or after them.
-        let gap = if pending.reported { resumed_gap(&grant) } else { None };
+        // The first batch's gap is in the grant's reply, except on a node
+        // link, whose answer (`Followed`) has no room for it: told there as
+        // a gap frame, before the replay's messages, as later batches' are.
+        let gap = if pending.reported || sub.format == Format::Link { resumed_gap(&grant) } else { None };
         let first = grant.replay.first().map(|m| m.seq);
         let (gap_before, gap_after) = match gap {
             Some(g) if first.is_none_or(|f| g.to_seq < f) => (Some(g), None),

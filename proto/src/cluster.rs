@@ -90,6 +90,119 @@ impl Topology {
     }
 }
 
+/// Earlier member sets a node remembers, besides its current one: how far
+/// back a topic's hand-off can be traced (a topic untouched across more
+/// changes than this is taken over as new). Each set holds a Maglev table
+/// (256 KiB at the default size): 4 MiB per shard.
+pub const VIEW_HISTORY_MAX: usize = 16;
+
+/// A node's run of ownership of a topic: consecutive member sets (views)
+/// under which it owned the topic.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Run {
+    /// The version of the run's first view.
+    pub start: u64,
+    /// Who owned the topic in the view just before the run, and that
+    /// view's version: whom to claim the topic from. `None` when the run
+    /// reaches back past the remembered views.
+    pub before: Option<(String, u64)>,
+}
+
+/// The member sets one node has applied, newest last: its current view
+/// and up to [`VIEW_HISTORY_MAX`] earlier ones. Every node applies every
+/// set in order (etcd's revisions), so two nodes' views agree wherever
+/// both remember them; a topic's owners over time form one chain that any
+/// node can trace back.
+#[derive(Debug)]
+pub struct Views {
+    me: String,
+    /// Oldest first; the last is the current view.
+    views: std::collections::VecDeque<Topology>,
+}
+
+impl Views {
+    /// Node `me`'s views, starting at `current`. A node that joins a
+    /// changing cluster starts from the set without itself, one version
+    /// earlier (what the others held before it joined): it claims its
+    /// topics from their owners so far.
+    pub fn new(me: String, current: Topology, joined: bool) -> Views {
+        let mut views = std::collections::VecDeque::new();
+        if joined {
+            let others: Vec<&String> = current.members().iter().filter(|m| **m != me).collect();
+            if let Ok(before) = Topology::new(current.version().saturating_sub(1), &others) {
+                if !before.members().is_empty() {
+                    views.push_back(before);
+                }
+            }
+        }
+        views.push_back(current);
+        Views { me, views }
+    }
+
+    /// This node's address.
+    pub fn me(&self) -> &str {
+        &self.me
+    }
+
+    /// The current view.
+    pub fn current(&self) -> &Topology {
+        self.views.back().expect("a current view is always held")
+    }
+
+    /// The oldest remembered view's version.
+    pub fn oldest_version(&self) -> u64 {
+        self.views.front().map_or(0, Topology::version)
+    }
+
+    /// A new current view; the oldest is forgotten past the bound.
+    pub fn push(&mut self, next: Topology) {
+        self.views.push_back(next);
+        while self.views.len() > VIEW_HISTORY_MAX + 1 {
+            self.views.pop_front();
+        }
+    }
+
+    /// Whether this node owns `topic` in the current view.
+    pub fn mine(&self, topic: &TopicName) -> bool {
+        self.current().owns(&self.me, topic)
+    }
+
+    /// This node's run of `topic` that includes the view in force at
+    /// version `at` (the newest view no newer than `at`); `None` when this
+    /// node did not own the topic then, or no view that old is remembered.
+    pub fn run_at(&self, topic: &TopicName, at: u64) -> Option<Run> {
+        self.run_by(&self.me, topic, at)
+    }
+
+    /// The view in force at version `at` (the newest no newer), if
+    /// remembered.
+    pub fn at(&self, at: u64) -> Option<&Topology> {
+        self.views.iter().rev().find(|v| v.version() <= at)
+    }
+
+    /// `node`'s run of `topic` that includes the view in force at version
+    /// `at`, as this node remembers the views (see [`Views::run_at`]).
+    pub fn run_by(&self, node: &str, topic: &TopicName, at: u64) -> Option<Run> {
+        let mut older = self.views.iter().rev().skip_while(|v| v.version() > at).peekable();
+        older.peek().filter(|v| v.owns(node, topic))?;
+        let mut start = at;
+        for view in older {
+            match view.owner_of(topic) {
+                Some(owner) if owner == node => start = view.version(),
+                Some(owner) => return Some(Run { start, before: Some((owner.to_string(), view.version())) }),
+                None => return Some(Run { start, before: None }),
+            }
+        }
+        Some(Run { start, before: None })
+    }
+
+    /// This node's latest run of `topic` (the current one if it owns it).
+    pub fn latest_run(&self, topic: &TopicName) -> Option<Run> {
+        let at = self.views.iter().rev().find(|v| v.owns(&self.me, topic))?.version();
+        self.run_at(topic, at)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -181,6 +294,58 @@ mod tests {
             }
             members = next_members;
             current = next;
+        }
+    }
+
+    /// The owner of `topic` in a 1-member set is that member: views of
+    /// single members make a topic's chain of owners explicit.
+    fn alone(version: u64, member: &str) -> Topology {
+        Topology::new(version, &[member]).expect("one member")
+    }
+
+    #[test]
+    fn a_run_names_the_owner_before_it() {
+        let t = TopicName::new("orders").expect("valid");
+        let mut views = Views::new("b".into(), alone(3, "a"), false);
+        views.push(alone(5, "b"));
+        views.push(alone(6, "b"));
+        views.push(alone(9, "c"));
+        views.push(alone(12, "b"));
+        // The current run (12) came after c's.
+        assert_eq!(views.run_at(&t, 12), Some(Run { start: 12, before: Some(("c".into(), 9)) }));
+        assert_eq!(views.latest_run(&t), views.run_at(&t, 12));
+        // The run in force at 7 (views 5 and 6) came after a's.
+        assert_eq!(views.run_at(&t, 7), Some(Run { start: 5, before: Some(("a".into(), 3)) }));
+        // Not b's at 9 or at 3; nothing remembered before 3.
+        assert_eq!(views.run_at(&t, 10), None);
+        assert_eq!(views.run_at(&t, 3), None);
+        assert_eq!(views.run_at(&t, 2), None);
+        assert!(views.mine(&t));
+    }
+
+    #[test]
+    fn a_run_older_than_the_remembered_views_has_no_owner_before_it() {
+        let t = TopicName::new("orders").expect("valid");
+        let mut views = Views::new("b".into(), alone(1, "b"), false);
+        for v in 2..40 {
+            views.push(alone(v, "b"));
+        }
+        assert_eq!(views.oldest_version(), 40 - VIEW_HISTORY_MAX as u64 - 1);
+        assert_eq!(views.run_at(&t, 39), Some(Run { start: views.oldest_version(), before: None }));
+    }
+
+    #[test]
+    fn a_joining_node_starts_from_the_set_without_itself() {
+        let t = TopicName::new("orders").expect("valid");
+        let views = Views::new("b".into(), alone(7, "b"), true);
+        // The set without b is empty: nothing before.
+        assert_eq!(views.run_at(&t, 7), Some(Run { start: 7, before: None }));
+        let both = Topology::new(7, &["a", "b"]).expect("two");
+        let views = Views::new("b".into(), both.clone(), true);
+        if both.owns("b", &t) {
+            assert_eq!(views.run_at(&t, 7), Some(Run { start: 7, before: Some(("a".into(), 6)) }));
+        } else {
+            assert_eq!(views.run_at(&t, 7), None);
         }
     }
 }

@@ -30,6 +30,7 @@ const MESSAGE: u8 = 6;
 const GAP: u8 = 7;
 const CLAIM: u8 = 8;
 const HAND_OFF: u8 = 9;
+const RESTART: u8 = 10;
 
 /// One link frame.
 #[derive(Debug, Clone)]
@@ -60,11 +61,16 @@ pub enum LinkFrame {
     /// Owner to follower: `from_seq..=to_seq` of `topic` cannot be had
     /// (evicted from history, or lost).
     Gap { topic: TopicName, from_seq: u64, to_seq: u64 },
-    /// New owner to previous owner: topology `version` gives me `topic`;
-    /// stop sequencing it and hand me its state.
-    Claim { topic: TopicName, version: u64, node: String },
+    /// New owner (or a relay) to the node that owned `topic` in the view
+    /// of version `at`, just before the claimer's run of ownership: hand
+    /// me its state (the claimer's view is `version`).
+    Claim { topic: TopicName, version: u64, node: String, at: u64 },
     /// Previous owner to new owner: the answer to a claim.
     HandOff { topic: TopicName, state: HandOffState },
+    /// Owner (a copy) to follower: `topic`'s sequence space changed under
+    /// the follow; what comes after this on the link is in another space:
+    /// follow again. Only that topic's follow restarts; the link stays.
+    Restart { topic: TopicName },
 }
 
 /// What a previous owner hands over for a claimed topic.
@@ -176,10 +182,11 @@ pub fn encode(frame: &LinkFrame) -> Vec<u8> {
             }
         }
         LinkFrame::Message { topic, message } => return encode_message(topic, message),
-        LinkFrame::Claim { topic, version, node } => {
+        LinkFrame::Claim { topic, version, node, at } => {
             out.push(CLAIM);
             put_topic(&mut out, topic);
             out.extend_from_slice(&version.to_be_bytes());
+            out.extend_from_slice(&at.to_be_bytes());
             // A node address is far shorter than 64 KiB.
             out.extend_from_slice(&(node.len() as u16).to_be_bytes());
             out.extend_from_slice(node.as_bytes());
@@ -214,6 +221,10 @@ pub fn encode(frame: &LinkFrame) -> Vec<u8> {
             put_topic(&mut out, topic);
             out.extend_from_slice(&from_seq.to_be_bytes());
             out.extend_from_slice(&to_seq.to_be_bytes());
+        }
+        LinkFrame::Restart { topic } => {
+            out.push(RESTART);
+            put_topic(&mut out, topic);
         }
     }
     out
@@ -299,12 +310,13 @@ pub fn decode(frame: &Bytes, at: std::time::Instant) -> Result<LinkFrame, LinkEr
             LinkFrame::Message { topic, message: Message::from_record(record, at) }
         }
         GAP => LinkFrame::Gap { topic: r.topic()?, from_seq: r.u64()?, to_seq: r.u64()? },
+        RESTART => LinkFrame::Restart { topic: r.topic()? },
         CLAIM => {
-            let (topic, version) = (r.topic()?, r.u64()?);
+            let (topic, version, at) = (r.topic()?, r.u64()?, r.u64()?);
             let b = r.take(2)?;
             let len = u16::from_be_bytes([b[0], b[1]]) as usize;
             let node = std::str::from_utf8(r.take(len)?).map_err(|_| LinkError("node not UTF-8"))?.to_string();
-            LinkFrame::Claim { topic, version, node }
+            LinkFrame::Claim { topic, version, node, at }
         }
         HAND_OFF => {
             let topic = r.topic()?;
@@ -485,7 +497,8 @@ mod tests {
             LinkFrame::Followed { topic: topic("orders"), result: Err(OwnerError::TooManyTopics) },
             LinkFrame::Message { topic: topic("orders"), message: message.clone() },
             LinkFrame::Gap { topic: topic("orders"), from_seq: 3, to_seq: 9 },
-            LinkFrame::Claim { topic: topic("orders"), version: 12, node: "10.0.0.3:8080".into() },
+            LinkFrame::Restart { topic: topic("orders") },
+            LinkFrame::Claim { topic: topic("orders"), version: 12, node: "10.0.0.3:8080".into(), at: 9 },
             LinkFrame::HandOff { topic: topic("orders"), state: HandOffState::Nothing },
             LinkFrame::HandOff { topic: topic("orders"), state: HandOffState::Refused },
             LinkFrame::HandOff {

@@ -100,6 +100,19 @@ impl OwnerError {
     }
 }
 
+/// A message a copy took in ([`Owner::mirror_accept`]).
+#[derive(Debug)]
+pub struct MirrorAccepted {
+    /// The copy's sequence space.
+    pub epoch: Epoch,
+    /// The shards subscribing to it.
+    pub subscriber_shards: u64,
+    /// What it skipped to get to this message (never sent to it).
+    pub skipped: Option<SeqRange>,
+    /// The message.
+    pub message: Message,
+}
+
 /// What [`Owner::adopt`] did.
 #[derive(Debug)]
 pub struct Adopted {
@@ -828,7 +841,11 @@ impl Owner {
     ) -> Result<u64, OwnerError> {
         let limits = self.limits;
         let t = self.topic_mut(topic, now)?;
-        if t.epoch == epoch && t.last_seq <= owner_last {
+        // Same sequence space: a copy never goes back, even when the node
+        // it follows is behind it (a copy itself, or a new owner that has
+        // not taken the topic over yet): what it has stays, and what the
+        // follow sends again is dropped as had.
+        if t.epoch == epoch {
             return Ok(0);
         }
         let restarted = t.subscriber_shards;
@@ -900,15 +917,30 @@ impl Owner {
         // Same sequence space: never go back (a copy may be ahead of a
         // hand-off from a node that was not the last owner).
         if t.epoch == epoch {
+            // What the copy holds and what the hand-off carries, merged: the
+            // hand-off fills in what the copy missed before it started
+            // following (its history may begin later), and brings what came
+            // after the copy's last (delivered here as new).
             let had_through = t.last_seq;
-            for m in history.into_iter().filter(|m| m.seq > had_through) {
-                if m.seq != t.last_seq + 1 {
-                    t.history = limits.empty_history();
+            let mut by_seq: std::collections::BTreeMap<u64, Message> =
+                t.history.after(0, had_through).messages.into_iter().map(|m| (m.seq, m)).collect();
+            for m in history {
+                if m.seq > had_through {
+                    adopted.new.push(m.clone());
                 }
-                t.last_seq = m.seq;
-                t.history.push(m.clone());
-                adopted.new.push(m);
+                by_seq.entry(m.seq).or_insert(m);
             }
+            // The longest run of consecutive numbers ending at the last one.
+            let last = by_seq.keys().next_back().copied().unwrap_or(0).max(had_through);
+            let mut first = last + 1;
+            while first > 1 && by_seq.contains_key(&(first - 1)) {
+                first -= 1;
+            }
+            t.history = limits.empty_history();
+            for (_, m) in by_seq.range(first..) {
+                t.history.push(m.clone());
+            }
+            t.last_seq = last;
         } else {
             if had || t.subscriber_shards != 0 {
                 adopted.restarted = t.subscriber_shards;
@@ -961,33 +993,39 @@ impl Owner {
 
     /// A message of a topic this node copies from its owner: kept in
     /// history as if sequenced here (its number is the owner's). `None`
-    /// when it was had already. A number past the next one (the owner
-    /// announced a gap, or a follow restarted later) clears the history
-    /// first: a resume from before it is then told the gap.
-    pub fn mirror_accept(&mut self, topic: &TopicName, message: Message) -> Option<(Epoch, u64, Message)> {
+    /// when it was had already. A number past the next one clears the
+    /// history first (a resume from before it is then told the gap), and
+    /// the range skipped comes back, for live subscribers to be told.
+    pub fn mirror_accept(&mut self, topic: &TopicName, message: Message) -> Option<MirrorAccepted> {
         let limits = self.limits;
         let t = self.topics.get_mut(topic)?;
         if message.seq <= t.last_seq {
             return None;
         }
+        let mut skipped = None;
         if message.seq != t.last_seq + 1 {
             t.history = limits.empty_history();
+            skipped = Some(SeqRange { from_seq: t.last_seq + 1, to_seq: message.seq - 1 });
         }
         t.last_seq = message.seq;
         t.last_active = message.published_at;
         t.history.push(message.clone());
-        Some((t.epoch, t.subscriber_shards, message))
+        Some(MirrorAccepted { epoch: t.epoch, subscriber_shards: t.subscriber_shards, skipped, message })
     }
 
     /// The owner of a topic this node copies announced that
-    /// `..=to_seq` cannot be had: the copy moves past it.
-    pub fn mirror_gap(&mut self, topic: &TopicName, to_seq: u64) {
+    /// `..=to_seq` cannot be had: the copy moves past it. The range it
+    /// skipped, its epoch and the subscribing shards, if it moved.
+    pub fn mirror_gap(&mut self, topic: &TopicName, to_seq: u64) -> Option<(Epoch, SeqRange, u64)> {
         let limits = self.limits;
-        let Some(t) = self.topics.get_mut(topic) else { return };
-        if to_seq > t.last_seq {
-            t.last_seq = to_seq;
-            t.history = limits.empty_history();
+        let t = self.topics.get_mut(topic)?;
+        if to_seq <= t.last_seq {
+            return None;
         }
+        let skipped = SeqRange { from_seq: t.last_seq + 1, to_seq };
+        t.last_seq = to_seq;
+        t.history = limits.empty_history();
+        Some((t.epoch, skipped, t.subscriber_shards))
     }
 
     /// The shards subscribing to `topic` (bit i: shard i).

@@ -106,14 +106,15 @@ pub(super) async fn link_message(session: &Session, follows: &Rc<Follows>, kind:
             })
             .detach();
         }
-        LinkFrame::Claim { topic, version, node } => {
-            shard.claim(topic, version, node, session.out.clone());
+        LinkFrame::Claim { topic, version, node, at } => {
+            shard.claim(topic, version, node, at, session.out.clone());
         }
         LinkFrame::Unfollow { topic } => follows.end(shard, &topic),
         LinkFrame::PublishDone { .. }
         | LinkFrame::Followed { .. }
         | LinkFrame::Message { .. }
         | LinkFrame::Gap { .. }
+        | LinkFrame::Restart { .. }
         | LinkFrame::HandOff { .. } => {
             metrics::add(&shard.metrics.protocol_errors, 1);
             session.out.close(close_code::POLICY_VIOLATION, "an owner's frame sent to the owner");

@@ -1,30 +1,44 @@
 //! A topic changing owner, the broker's side: when the member set changes
 //! ([`Broker::set_topology`]), the topics whose owner changes move.
 //!
+//! A topic's right to be sequenced (its epoch, last number and history:
+//! the *state*) is held by exactly one node at a time, or travels in one
+//! hand-off frame; numbers never go back or repeat because only its
+//! holder sequences, and a holder only gives it forward along the chain of
+//! the topic's owners over time ([`crate::cluster::Views`]: every node
+//! applies every member set in order, so all agree on that chain where
+//! they remember it).
+//!
 //! - The previous owner stops sequencing each of its topics that now
-//!   belongs to another node at once (it keeps its state, as a copy) and
-//!   forwards publishes to the new owner from then on; a topic it has
-//!   subscribers for is followed on the new owner like any copy.
+//!   belongs to another node at once (it keeps the state, as a copy: it is
+//!   *handing* it) and forwards publishes to the new owner from then on; a
+//!   topic it has subscribers for is followed on the new owner like any
+//!   copy.
 //! - The new owner takes a topic over on its first publish or subscribe
-//!   (or a follow from another node): it claims the topic from its
-//!   previous owner ([`LinkFrame::Claim`], with the topology version) and
-//!   holds what asks for the topic until the answer
-//!   ([`LinkFrame::HandOff`]): the topic's epoch, last number and history
-//!   (it continues them: numbers never go back or repeat, subscribers see
-//!   no gap), or "nothing" (a new topic), or "refused" (the previous owner
-//!   still owns it under a topology at least as new: the claimer's view is
-//!   behind; it asks again).
-//! - A claim from a node whose view is *newer* than the previous owner's
-//!   is honoured at once (the previous owner gives the topic away before
-//!   its own view changes): a version is the etcd revision of the member
-//!   set, and a newer version was agreed by etcd, so the old owner never
-//!   sequences the topic again and two owners never sequence it under one
-//!   version.
-//! - When the previous owner cannot be reached and is no longer a member
-//!   (it died: its lease expired), the new owner starts the topic afresh in
-//!   a new sequence space; its followers are told (`lost`). While it is a
-//!   member and silent, publishes wait up to [`HANDOFF_WAIT_MS`] and then
-//!   fail with `owner_unreachable`; the claim is asked again.
+//!   (or a follow from another node): it claims the topic
+//!   ([`LinkFrame::Claim`]) from the node that owned it in the view just
+//!   before its own run of ownership, naming that view's version (`at`),
+//!   and holds what asks for the topic until the answer
+//!   ([`LinkFrame::HandOff`]): the state (it continues it: subscribers see
+//!   no gap), "nothing" (a new topic), or "refused" (ask again).
+//! - A node claimed for a topic it never held during its run at `at` (it
+//!   owned the topic then, but nobody asked for it) asks the owner before
+//!   that run in turn (a *relay*), answering "refused" until the state
+//!   reaches it; then it gives it on. The chain is walked strictly back in
+//!   versions, so claims cannot wait on each other in a circle.
+//! - A holder gives the state to a claim whose `at` is in or after the run
+//!   it holds the state for (the claimer comes later in the chain);
+//!   a claim about an earlier run is stale ("refused": the claimer's view
+//!   is behind and will move on). A node whose view is behind the claim's
+//!   `at` refuses until it catches up.
+//! - A state that arrives is never dropped: a node whose view moved on
+//!   meanwhile adopts it and hands it on.
+//! - When the node claimed from cannot be reached and is no longer a
+//!   member (it died: its lease expired), the claimer starts the topic
+//!   afresh in a new sequence space; its followers are told (`lost`).
+//!   While it is a member and silent, publishes wait up to
+//!   [`HANDOFF_WAIT_MS`] and then fail with `owner_unreachable`; the claim
+//!   is asked again.
 //!
 //! Not handed off yet: consumer groups, schedules and durable logs of a
 //! moving topic (they stay with the previous owner).
@@ -34,25 +48,61 @@ use crate::cluster::Topology;
 use crate::link::{HandOffState, LinkFrame};
 
 /// How long publishes and subscribes of a topic being taken over wait for
-/// the previous owner's hand-off before they fail (`owner_unreachable`).
+/// the previous owner's hand-off before they fail (`owner_unreachable`);
+/// also how long a relay keeps asking for a topic no longer owned here.
 pub const HANDOFF_WAIT_MS: u64 = 5_000;
 /// How often an unanswered or refused claim is asked again.
 pub const CLAIM_RETRY_MS: u64 = 250;
+/// How long a relay goes on without the claim it serves being asked
+/// again (a claimer retries every [`CLAIM_RETRY_MS`]).
+pub const RELAY_IDLE_MS: u64 = 4 * CLAIM_RETRY_MS;
 /// Publishes and subscribes a topic being taken over holds at most (past
 /// it they fail at once): a claim that takes long cannot grow memory.
 pub const TAKING_QUEUE_MAX: usize = 10_000;
 
-/// A topic this shard owns under the current topology and is taking over.
+/// A topic this shard claims: owned here under the current view and being
+/// taken over, or (a relay) asked for by the next owner in the chain.
 #[derive(Debug)]
 pub(super) struct Taking {
-    /// Its previous owner.
+    /// The node claimed from.
     from: String,
+    /// The version of the view in which `from` owned the topic.
+    at: u64,
     /// What waits for the hand-off, in arrival order.
     pending: Vec<Pending>,
-    /// When pending publishes and subscribes fail.
+    /// Asked for by the next node in the chain, not owned here.
+    relay: bool,
+    /// Claims sent to `from` not answered yet.
+    outstanding: u32,
+    /// Not wanted any more: asked no more, ends at its answer (a state
+    /// may still come, and is given on; a leaving node waits for it).
+    ending: bool,
+    /// When pending publishes and subscribes fail; when a relay ends.
     deadline_ms: u64,
     /// When the claim is asked again.
     retry_ms: u64,
+}
+
+/// A topic given up and not yet claimed: what it stood at when given up,
+/// and the run of ownership it was held for. The copy kept here may follow
+/// another node meanwhile; the hand-off never carries less than this
+/// (numbers never go back).
+#[derive(Debug)]
+pub(super) struct Handing {
+    epoch: Epoch,
+    last_seq: u64,
+    /// The first version of the run this node held the state for.
+    run_start: u64,
+}
+
+/// Where a topic's state is to be asked for, past a gone node.
+enum Source {
+    /// This node, owner at this version.
+    Node(String, u64),
+    /// It left this node (toward the gone one): gone with it.
+    LeftHere,
+    /// Before what this node remembers.
+    Unknown,
 }
 
 /// A request waiting for a topic's hand-off.
@@ -70,19 +120,34 @@ impl Broker {
     /// owner; copies follow their topic's new owner; topics now owned here
     /// are claimed when first asked for.
     pub fn set_topology(&mut self, topology: Topology, now: Now) {
-        let Some(view) = self.cluster.as_mut() else {
+        let Some(views) = self.cluster.as_mut() else {
             return;
         };
-        if topology.version() <= view.topology.version() && topology.members() == view.topology.members() {
+        let current = views.current();
+        if topology.version() <= current.version() && topology.members() == current.members() {
             return;
         }
-        let previous = std::mem::replace(&mut view.topology, topology);
-        view.previous = Some(previous);
+        views.push(topology);
+        let oldest = views.oldest_version();
+        // What left this node before the oldest remembered view no longer
+        // decides a claim.
+        self.gave.retain(|_, (version, _)| *version >= oldest);
         self.given.clear();
         // Topics owned here that now belong elsewhere.
         for topic in self.owner.owned_names() {
-            let Some(node) = self.remote_node(&topic) else { continue };
-            self.give_up(&topic, node);
+            if self.remote_node(&topic).is_some() {
+                self.give_up(&topic);
+            }
+        }
+        // Topics given up before and not claimed, owned here again: taken
+        // back (this node still holds their state).
+        let mut back: Vec<TopicName> = self.handing.keys().filter(|t| self.remote_node(t).is_none()).cloned().collect();
+        back.sort();
+        for topic in back {
+            let Some(given) = self.handing.remove(&topic) else { continue };
+            let (epoch, last_seq, history) = self.handed_state(&topic, &given);
+            self.handing.insert(topic.clone(), given);
+            self.taken(&topic, Some((epoch, last_seq, history)), now);
         }
         // Copies whose owner changed: follow the new one (or take over).
         // Sorted wherever a hash map is walked here: the actions come out in
@@ -102,17 +167,51 @@ impl Broker {
                 }
                 None => {
                     // Now owned here: the copy's subscribers stay; the topic
-                    // is claimed from the node it was copied from.
+                    // is claimed from the owner before this node's run.
                     self.actions
                         .push(Action::Link { node: node.clone(), frame: LinkFrame::Unfollow { topic: topic.clone() } });
-                    if let Some(m) = self.mirrors.remove(&topic) {
-                        for (from, item) in m.queued {
-                            self.take_over(&topic, Pending::Item { from, item }, now);
+                    let queued = self.mirrors.remove(&topic).map(|m| m.queued).unwrap_or_default();
+                    if !self.taking.contains_key(&topic) && !self.owner.owns(&topic) {
+                        match self.claim_target(&topic) {
+                            Some((from, at)) => self.start_claim(&topic, from, at, false, now),
+                            None => self.taken(&topic, None, now),
                         }
                     }
-                    if !self.taking.contains_key(&topic) {
-                        self.start_claim(&topic, node, now);
+                    // Held for the hand-off if there is one, else granted.
+                    for (from, item) in queued {
+                        self.handle(from, item, now);
                     }
+                }
+            }
+        }
+        // Claims under way: one for a topic owned here asks the owner before
+        // this node's current run (the chain may have grown; a relay for it
+        // becomes this node's own claim); one for a topic owned elsewhere
+        // now ends, and what waited for it goes to the new owner (a relay
+        // goes on while its claimer asks).
+        let mut taking: Vec<TopicName> = self.taking.keys().cloned().collect();
+        taking.sort();
+        for topic in taking {
+            if self.remote_node(&topic).is_none() {
+                let target = self.claim_target(&topic);
+                let Some(t) = self.taking.get_mut(&topic) else { continue };
+                if t.relay || t.ending {
+                    t.relay = false;
+                    t.ending = false;
+                    t.deadline_ms = now.unix_ms + HANDOFF_WAIT_MS;
+                }
+                if let Some((from, at)) = target.filter(|(from, at)| *from != t.from || *at != t.at) {
+                    t.from = from.clone();
+                    t.at = at;
+                    t.outstanding = 0;
+                    t.retry_ms = now.unix_ms + CLAIM_RETRY_MS;
+                    self.send_claim(&topic, from, at);
+                }
+            } else if self.taking.get(&topic).is_some_and(|t| !t.relay) {
+                let pending = self.taking.get_mut(&topic).map(|t| std::mem::take(&mut t.pending)).unwrap_or_default();
+                self.end_taking(&topic, now);
+                for p in pending {
+                    self.release(p, now);
                 }
             }
         }
@@ -124,7 +223,7 @@ impl Broker {
         self.fenced = fenced;
     }
 
-    /// Topics given up and not yet claimed, and topics being taken over
+    /// Topics given up and not yet claimed, and topics being claimed
     /// (whose state, once here, is to be handed on): a leaving node waits
     /// for both.
     pub fn handing_over(&self) -> usize {
@@ -136,13 +235,16 @@ impl Broker {
         self.fenced
     }
 
-    /// Stops owning `topic` (its new owner is `node`): kept as a copy,
-    /// handed off when `node` claims it; followed there if subscribed here.
-    fn give_up(&mut self, topic: &TopicName, node: String) {
-        if self.owner.give_away(topic).is_none() {
+    /// Stops owning `topic` (it belongs to another node now): kept as a
+    /// copy, its state handed off when claimed; followed on its owner if
+    /// subscribed here.
+    fn give_up(&mut self, topic: &TopicName) {
+        let Some((epoch, last_seq, _)) = self.owner.give_away(topic) else {
             return;
-        }
-        self.handing.insert(topic.clone(), node.clone());
+        };
+        let run_start = self.cluster.as_ref().and_then(|v| v.latest_run(topic)).map_or(0, |r| r.start);
+        self.handing.insert(topic.clone(), Handing { epoch, last_seq, run_start });
+        let Some(node) = self.remote_node(topic) else { return };
         if self.owner.subscriber_shards(topic) != 0 && !self.mirrors.contains_key(topic) {
             let asked = self.owner.mirror_position(topic).map(|(epoch, last)| ResumeFrom {
                 after_seq: last,
@@ -150,25 +252,32 @@ impl Broker {
                 since_ms: None,
             });
             self.mirrors.insert(topic.clone(), mirrors::Mirror::following(node.clone(), asked));
-            self.actions.push(Action::Link { node, frame: LinkFrame::Follow { topic: topic.clone(), from: asked } });
+            self.send_follow(node, topic.clone(), asked);
         }
     }
 
+    /// Whom to claim `topic` from for this node's current run of it, and
+    /// the version of the view in which that node owned it; `None` when
+    /// the run reaches back past the remembered views (a new topic).
+    fn claim_target(&self, topic: &TopicName) -> Option<(String, u64)> {
+        let views = self.cluster.as_ref()?;
+        views.run_at(topic, views.current().version())?.before
+    }
+
     /// Whether a publish or subscribe of `topic` must wait for a hand-off:
-    /// this node owns it under the current topology, holds no owned state
-    /// for it, and the previous topology gave it to another node.
+    /// this node owns it under the current view, holds no state for it,
+    /// and another node owned it before this node's run.
     pub(super) fn needs_hand_off(&self, topic: &TopicName) -> bool {
         // Outside a cluster (the publish path of a single node) nothing to
-        // look up.
-        let Some(view) = self.cluster.as_ref() else { return false };
-        if !self.taking.is_empty() && self.taking.contains_key(topic) {
-            return true;
+        // look up; cheapest first: most topics are held where they are owned.
+        let Some(views) = self.cluster.as_ref() else { return false };
+        if self.owner.owns(topic) && self.taking.is_empty() {
+            return false;
         }
-        let Some(previous) = view.previous.as_ref() else { return false };
-        // Cheapest first: most topics kept their owner.
-        previous.owner_of(topic).is_some_and(|p| p != view.me)
-            && view.topology.owns(&view.me, topic)
-            && !self.owner.owns(topic)
+        if !views.mine(topic) || (!self.given.is_empty() && self.given.contains_key(topic)) {
+            return false;
+        }
+        self.taking.contains_key(topic) || (!self.owner.owns(topic) && self.claim_target(topic).is_some())
     }
 
     /// Holds a subscribe until `topic`'s hand-off.
@@ -179,17 +288,11 @@ impl Broker {
     /// Holds `pending` until `topic`'s hand-off (claiming it if not yet).
     pub(super) fn take_over(&mut self, topic: &TopicName, pending: Pending, now: Now) {
         if !self.taking.contains_key(topic) {
-            let from = self
-                .cluster
-                .as_ref()
-                .and_then(|v| v.previous.as_ref())
-                .and_then(|p| p.owner_of(topic))
-                .map(str::to_string);
-            let Some(from) = from else {
+            let Some((from, at)) = self.claim_target(topic) else {
                 self.release(pending, now);
                 return;
             };
-            self.start_claim(topic, from, now);
+            self.start_claim(topic, from, at, false, now);
         }
         let full = self.taking.get(topic).is_some_and(|t| t.pending.len() >= TAKING_QUEUE_MAX);
         if full {
@@ -201,57 +304,85 @@ impl Broker {
         }
     }
 
-    fn start_claim(&mut self, topic: &TopicName, from: String, now: Now) {
+    fn start_claim(&mut self, topic: &TopicName, from: String, at: u64, relay: bool, now: Now) {
         let ms = now.unix_ms;
         let taking = Taking {
             from: from.clone(),
+            at,
             pending: Vec::new(),
-            deadline_ms: ms + HANDOFF_WAIT_MS,
+            relay,
+            outstanding: 0,
+            ending: false,
+            deadline_ms: ms + if relay { RELAY_IDLE_MS } else { HANDOFF_WAIT_MS },
             retry_ms: ms + CLAIM_RETRY_MS,
         };
         self.taking.insert(topic.clone(), taking);
-        self.send_claim(topic, from);
+        self.send_claim(topic, from, at);
     }
 
-    fn send_claim(&mut self, topic: &TopicName, from: String) {
-        let Some(view) = self.cluster.as_ref() else { return };
-        tracing::debug!(topic = topic.as_str(), from = %from, version = view.topology.version(), "claiming");
-        let frame = LinkFrame::Claim { topic: topic.clone(), version: view.topology.version(), node: view.me.clone() };
+    fn send_claim(&mut self, topic: &TopicName, from: String, at: u64) {
+        let Some(views) = self.cluster.as_ref() else { return };
+        if let Some(t) = self.taking.get_mut(topic) {
+            t.outstanding += 1;
+        }
+        let version = views.current().version();
+        tracing::debug!(topic = topic.as_str(), from = %from, version, at, "claiming");
+        let frame = LinkFrame::Claim { topic: topic.clone(), version, node: views.me().to_string(), at };
         self.actions.push(Action::Link { node: from, frame });
     }
 
-    /// The previous owner answered a claim of `topic`.
-    pub(super) fn handed_off(&mut self, node: &str, topic: &TopicName, state: HandOffState, now: Now) {
-        if self.taking.get(topic).is_none_or(|t| t.from != node) {
-            return;
+    /// A claim not wanted any more (its topic moved away, or a relay nobody
+    /// asks for): ends now if no claim is unanswered, else at its answer.
+    fn end_taking(&mut self, topic: &TopicName, now: Now) {
+        let Some(t) = self.taking.get_mut(topic) else { return };
+        if t.outstanding == 0 {
+            self.taking.remove(topic);
+        } else {
+            t.ending = true;
+            t.deadline_ms = now.unix_ms + HANDOFF_WAIT_MS;
         }
-        let what = match &state {
-            HandOffState::Nothing => "nothing".to_string(),
-            HandOffState::Refused => "refused".to_string(),
-            HandOffState::State { last_seq, .. } => format!("state through {last_seq}"),
-        };
-        tracing::info!(topic = topic.as_str(), from = node, "hand-off: {what}");
+    }
+
+    /// A node answered a claim of `topic`.
+    pub(super) fn handed_off(&mut self, node: &str, topic: &TopicName, state: HandOffState, now: Now) {
+        let mut asked = false;
+        if let Some(t) = self.taking.get_mut(topic).filter(|t| t.from == node) {
+            t.outstanding = t.outstanding.saturating_sub(1);
+            asked = !t.ending;
+            if t.ending && t.outstanding == 0 && !matches!(state, HandOffState::State { .. }) {
+                self.taking.remove(topic);
+            }
+        }
+        tracing::info!(topic = topic.as_str(), from = node, asked, "hand-off: {state:?}");
         match state {
-            HandOffState::Refused => {
+            HandOffState::Refused if asked => {
                 if let Some(t) = self.taking.get_mut(topic) {
                     t.retry_ms = now.unix_ms + CLAIM_RETRY_MS;
                 }
             }
-            HandOffState::Nothing => self.taken(topic, None, now),
+            HandOffState::Nothing if asked => self.taken(topic, None, now),
+            HandOffState::Refused | HandOffState::Nothing => {}
+            // A state is never dropped, asked for now or not: it is the
+            // topic's only one.
             HandOffState::State { epoch, last_seq, history } => {
                 self.taken(topic, Some((epoch, last_seq, history)), now)
             }
         }
     }
 
-    /// `topic` is owned here now: continue the handed-off state, or start
-    /// afresh (a copy held here moves to a new sequence space); then what
-    /// waited goes through.
+    /// `topic`'s state arrived (or there is none: it starts afresh here, a
+    /// copy held here moving to a new sequence space): held here, then
+    /// given on if another node owns the topic now; what waited goes
+    /// through.
     fn taken(&mut self, topic: &TopicName, state: Option<(Epoch, u64, Vec<Message>)>, now: Now) {
-        let Some(taking) = self.taking.remove(topic) else { return };
+        let pending = self.taking.remove(topic).map(|t| t.pending).unwrap_or_default();
+        if self.owner.owns(topic) && state.is_some() {
+            tracing::warn!(topic = topic.as_str(), "a second state of a topic arrived: kept in its own epoch");
+        }
         match state {
             Some((epoch, last_seq, history)) => match self.owner.adopt(topic, epoch, last_seq, history, now.at) {
                 Ok(adopted) => {
+                    self.handing.remove(topic);
                     let position = self.owner.last_seq(topic).unwrap_or(last_seq);
                     for shard in (0..self.shards).filter(|s| adopted.restarted & (1 << s) != 0) {
                         self.send(shard, Item::Restarted { topic: topic.clone(), epoch, last_seq: position }, now);
@@ -264,7 +395,7 @@ impl Broker {
                     }
                 }
                 Err(e) => {
-                    for pending in taking.pending {
+                    for pending in pending {
                         self.fail(pending, e, now);
                     }
                     return;
@@ -274,7 +405,7 @@ impl Broker {
                 // Held from now on as owned (an empty topic if nothing was
                 // here), so that it is not claimed again.
                 if let Err(e) = self.owner.ensure(topic, now.at) {
-                    for pending in taking.pending {
+                    for pending in pending {
                         self.fail(pending, e, now);
                     }
                     return;
@@ -287,11 +418,11 @@ impl Broker {
                 }
             }
         }
-        // Owned here only for a moment: the topology moved on meanwhile.
-        if let Some(node) = self.remote_node(topic) {
-            self.give_up(topic, node);
+        // Owned elsewhere now (a relay, or the view moved on meanwhile).
+        if self.remote_node(topic).is_some() {
+            self.give_up(topic);
         }
-        for pending in taking.pending {
+        for pending in pending {
             self.release(pending, now);
         }
     }
@@ -316,9 +447,19 @@ impl Broker {
         }
     }
 
+    /// The state a hand-off carries for `topic`, given up as `given`: the
+    /// copy's, unless the copy moved to another sequence space or went
+    /// back meanwhile (then where it stood when given up, without history).
+    fn handed_state(&self, topic: &TopicName, given: &Handing) -> (Epoch, u64, Vec<Message>) {
+        match self.owner.handed_state(topic) {
+            Some(state) if state.0 == given.epoch && state.1 >= given.last_seq => state,
+            _ => (given.epoch, given.last_seq, Vec::new()),
+        }
+    }
+
     /// Claims and deadlines: a claim not answered is asked again; past the
-    /// deadline, what waits fails, unless the previous owner is gone (no
-    /// longer a member and its link down), when the topic starts afresh.
+    /// deadline, what waits fails (a relay ends), unless the node claimed
+    /// from is gone (no longer a member), when the topic starts afresh.
     pub fn cluster_tick(&mut self, now: Now) {
         let mut due: Vec<TopicName> = self
             .taking
@@ -328,32 +469,45 @@ impl Broker {
             .collect();
         due.sort();
         for topic in due {
-            let Some(t) = self.taking.get_mut(&topic) else { continue };
-            let from = t.from.clone();
-            let member = self.cluster.as_ref().is_some_and(|v| v.topology.members().contains(&from));
+            let Some(t) = self.taking.get(&topic) else { continue };
+            let (from, at) = (t.from.clone(), t.at);
+            let member = self.cluster.as_ref().is_some_and(|v| v.current().members().contains(&from));
+            if t.ending {
+                // Asked no more; its answer is lost past the deadline.
+                if now.unix_ms >= t.deadline_ms {
+                    self.taking.remove(&topic);
+                }
+                continue;
+            }
             if now.unix_ms >= t.deadline_ms {
                 if !member {
-                    tracing::warn!(topic = topic.as_str(), from = %from, "no hand-off from a gone owner: the topic starts afresh");
-                    self.taken(&topic, None, now);
+                    self.claim_past(&topic, now);
                     continue;
                 }
-                let pending = std::mem::take(&mut t.pending);
-                t.deadline_ms = now.unix_ms + HANDOFF_WAIT_MS;
+                if t.relay {
+                    // A relay nobody asked again for.
+                    self.end_taking(&topic, now);
+                    continue;
+                }
+                let pending = self.taking.get_mut(&topic).map(|t| std::mem::take(&mut t.pending)).unwrap_or_default();
                 for p in pending {
                     self.fail(p, OwnerError::OwnerUnreachable, now);
+                }
+                if let Some(t) = self.taking.get_mut(&topic) {
+                    t.deadline_ms = now.unix_ms + HANDOFF_WAIT_MS;
                 }
             }
             if let Some(t) = self.taking.get_mut(&topic) {
                 t.retry_ms = now.unix_ms + CLAIM_RETRY_MS;
             }
-            self.send_claim(&topic, from);
+            self.send_claim(&topic, from, at);
         }
     }
 
     /// The link to `node` failed: topics claimed from it that it can no
     /// longer answer for (it is not a member) start afresh.
     pub(super) fn claims_link_down(&mut self, node: &str, now: Now) {
-        let member = self.cluster.as_ref().is_some_and(|v| v.topology.members().iter().any(|m| m == node));
+        let member = self.cluster.as_ref().is_some_and(|v| v.current().members().iter().any(|m| m == node));
         if member {
             return; // asked again at the next retry
         }
@@ -361,18 +515,88 @@ impl Broker {
             self.taking.iter().filter(|(_, t)| t.from == node).map(|(t, _)| t.clone()).collect();
         gone.sort();
         for topic in gone {
-            tracing::warn!(topic = topic.as_str(), from = node, "previous owner gone: the topic starts afresh");
-            self.taken(&topic, None, now);
+            if self.taking.get(&topic).is_some_and(|t| t.ending) {
+                self.taking.remove(&topic);
+                continue;
+            }
+            self.claim_past(&topic, now);
         }
     }
 
-    /// A link session of this node got `node`'s claim of `topic` at
-    /// topology `version`: the topic's owner shard answers on `out`.
-    pub fn claim(&mut self, topic: TopicName, version: u64, node: String, out: Rc<Outbound>, now: Now) {
+    /// The node `topic` is claimed from is gone (no longer a member, its
+    /// link down): the claim goes to the owner before that node's run, who
+    /// holds the state if the gone node never took it, or knows it left
+    /// with the gone node; with nobody before it, the topic starts afresh
+    /// in a new sequence space (announced: `lost`).
+    fn claim_past(&mut self, topic: &TopicName, now: Now) {
+        let Some(t) = self.taking.get(topic) else { return };
+        let Some(views) = self.cluster.as_ref() else { return };
+        let (gone, gone_at) = (t.from.clone(), t.at);
+        let next = match self.source_before(&gone, topic, gone_at) {
+            Source::Node(from, at) => Some((from, at)),
+            Source::LeftHere => None,
+            // This node remembers too little (it joined since): a member
+            // of the view at `gone_at` still here walks on for it.
+            Source::Unknown => views
+                .at(gone_at)
+                .and_then(|v| {
+                    v.members()
+                        .iter()
+                        .find(|m| **m != gone && *m != views.me() && views.current().members().contains(m))
+                })
+                .map(|m| (m.clone(), gone_at)),
+        };
+        match next {
+            Some((from, at)) => {
+                tracing::info!(topic = topic.as_str(), gone = %gone, asking = %from, at, "claim goes past a gone node");
+                if let Some(t) = self.taking.get_mut(topic) {
+                    t.from = from.clone();
+                    t.at = at;
+                    t.outstanding = 0;
+                    t.retry_ms = now.unix_ms + CLAIM_RETRY_MS;
+                    t.deadline_ms = now.unix_ms + HANDOFF_WAIT_MS;
+                }
+                self.send_claim(topic, from, at);
+            }
+            None => {
+                tracing::warn!(topic = topic.as_str(), from = %gone, "no hand-off from a gone owner: the topic starts afresh");
+                self.taken(topic, None, now);
+            }
+        }
+    }
+
+    /// Who to ask for `topic` in place of `gone`, which owned it at
+    /// version `at`: the owner before `gone`'s run (past runs of this node
+    /// during which the state never came here).
+    fn source_before(&self, gone: &str, topic: &TopicName, at: u64) -> Source {
+        let Some(views) = self.cluster.as_ref() else { return Source::Unknown };
+        let (mut node, mut at) = (gone.to_string(), at);
+        loop {
+            let Some(run) = views.run_by(&node, topic, at) else { return Source::Unknown };
+            let Some((before, before_at)) = run.before else { return Source::Unknown };
+            if before != views.me() {
+                return Source::Node(before, before_at);
+            }
+            // This node owned it before: if the state left it then (toward
+            // the gone node), it is gone with that node.
+            let left = views
+                .run_at(topic, before_at)
+                .is_some_and(|r| self.gave.get(topic).is_some_and(|(v, _)| *v >= r.start));
+            if left {
+                return Source::LeftHere;
+            }
+            (node, at) = (before, before_at);
+        }
+    }
+
+    /// A link session of this node got `node`'s claim of `topic` (as owned
+    /// here in the view of version `at`; the claimer's view is `version`):
+    /// the topic's owner shard answers on `out`.
+    pub fn claim(&mut self, topic: TopicName, version: u64, node: String, at: u64, out: Rc<Outbound>, now: Now) {
         let req = self.next_id();
         self.claims.insert(req, out);
         let owner = topic.owner_shard(self.shards);
-        self.send(owner, Item::Claim { topic, version, node, req }, now);
+        self.send(owner, Item::Claim { topic, version, node, at, req }, now);
     }
 
     /// The owner shard's answer to a claim: written to the claiming link.
@@ -383,49 +607,121 @@ impl Broker {
         }
     }
 
-    /// `node` claims `topic` at topology `version` (its link session on
-    /// this node asked, request `req` of shard `from`).
+    /// `node` claims `topic`, which this node owned in the view of version
+    /// `at` (the claimer's view is `version`); request `req` of shard
+    /// `from` (a link session) gets the answer.
+    #[allow(clippy::too_many_arguments)]
     pub(super) fn answer_claim(
         &mut self,
         from: usize,
         topic: TopicName,
         version: u64,
         node: String,
+        at: u64,
         req: u64,
         now: Now,
     ) {
-        // Still taking it over from its own previous owner: the state is on
-        // its way here; once it arrives it is handed on (see `taken`).
-        if self.taking.contains_key(&topic) {
-            tracing::debug!(topic = topic.as_str(), version, "claim of a topic being taken over: ask again");
-            self.send(from, Item::HandOffAnswer { req, topic, state: HandOffState::Refused }, now);
-            return;
-        }
-        let state = if let Some(_node) = self.handing.remove(&topic) {
-            self.owner.handed_state(&topic)
-        } else if self.owner.owns(&topic) {
-            let mine_now = self.cluster.as_ref().is_some_and(|v| v.topology.owns(&v.me, &topic));
-            let newer = self.cluster.as_ref().is_some_and(|v| version > v.topology.version());
-            if mine_now && !newer {
-                tracing::debug!(topic = topic.as_str(), version, "claim refused");
-                self.send(from, Item::HandOffAnswer { req, topic, state: HandOffState::Refused }, now);
-                return;
-            }
-            // The claimer's topology is newer than this node's: give the
-            // topic away now, forward to the claimer until this node's view
-            // catches up.
-            self.given.insert(topic.clone(), node.clone());
-            self.give_up(&topic, node);
-            self.handing.remove(&topic);
-            self.owner.handed_state(&topic)
-        } else {
-            None
-        };
-        let state = match state {
-            Some((epoch, last_seq, history)) => HandOffState::State { epoch, last_seq, history },
-            None => HandOffState::Nothing,
-        };
-        tracing::debug!(topic = topic.as_str(), version, "claim answered");
+        let state = self.claim_decision(&topic, version, &node, at, now);
+        tracing::debug!(topic = topic.as_str(), version, at, claimer = %node, "claim answered: {state:?}");
         self.send(from, Item::HandOffAnswer { req, topic, state }, now);
+    }
+
+    /// What a claim of `topic` by `node` (its view `version`, this node
+    /// the owner at `at`) gets; see the module's rules.
+    fn claim_decision(&mut self, topic: &TopicName, version: u64, node: &str, at: u64, now: Now) -> HandOffState {
+        let Some(views) = self.cluster.as_ref() else { return HandOffState::Nothing };
+        let mine = views.current().version();
+        // Being taken over or relayed here: the state is on its way (a
+        // relay goes on while asked for).
+        if let Some(t) = self.taking.get_mut(topic) {
+            if t.relay {
+                t.deadline_ms = now.unix_ms + RELAY_IDLE_MS;
+            }
+            return HandOffState::Refused;
+        }
+        // Held here, given up: given to a claimer later in the chain than
+        // the run it was held for.
+        if let Some(given) = self.handing.get(topic) {
+            if at < given.run_start {
+                return HandOffState::Refused;
+            }
+            let Some(given) = self.handing.remove(topic) else { return HandOffState::Refused };
+            self.gave.insert(topic.clone(), (mine, node.to_string()));
+            let (epoch, last_seq, history) = self.handed_state(topic, &given);
+            return HandOffState::State { epoch, last_seq, history };
+        }
+        // Held and sequenced here: given only to a claimer whose view is
+        // past this node's current run (its `at` falls in this run); this
+        // node forwards to it until its own view catches up.
+        if self.owner.owns(topic) {
+            let run_start = views.run_at(topic, mine).map_or(u64::MAX, |r| r.start);
+            if at < run_start || version <= mine {
+                return HandOffState::Refused;
+            }
+            self.given.insert(topic.clone(), node.to_string());
+            self.give_up(topic);
+            let Some(given) = self.handing.remove(topic) else { return HandOffState::Refused };
+            self.gave.insert(topic.clone(), (mine, node.to_string()));
+            let (epoch, last_seq, history) = self.handed_state(topic, &given);
+            return HandOffState::State { epoch, last_seq, history };
+        }
+        // Not held here. This node's view is behind the claim: wait for it.
+        if at > mine {
+            return HandOffState::Refused;
+        }
+        // Owned here now, and not given away during this run: take it over
+        // for this node's own run (a claim about an earlier run is then
+        // stale).
+        let gave = self.gave.get(topic).map(|(v, _)| *v);
+        let current_run = views.run_at(topic, mine).map(|r| r.start);
+        if current_run.is_some_and(|start| gave.is_none_or(|g| g < start)) {
+            match self.claim_target(topic) {
+                Some((from, at)) => self.start_claim(topic, from, at, false, now),
+                None => self.taken(topic, None, now),
+            }
+            return HandOffState::Refused;
+        }
+        let Some(run) = views.run_at(topic, at) else {
+            // Not owned here at `at`: asked for a node that is gone (by a
+            // node that remembers too little to walk past it), or asked
+            // amiss; relayed from whoever holds it by this node's views.
+            // Too long ago to remember: nothing known of it (the claimer
+            // starts it afresh).
+            let Some(owner) = views.at(at).and_then(|v| v.owner_of(topic)).map(str::to_string) else {
+                return HandOffState::Nothing;
+            };
+            let source = if owner == node || owner == views.me() || views.current().members().contains(&owner) {
+                Source::Unknown
+            } else {
+                self.source_before(&owner, topic, at)
+            };
+            return match source {
+                Source::Node(from, at) => {
+                    self.start_claim(topic, from, at, true, now);
+                    HandOffState::Refused
+                }
+                Source::LeftHere | Source::Unknown => HandOffState::Nothing,
+            };
+        };
+        // The state left this node during or after that run: the claim is
+        // stale (the claimer's view will move on).
+        if let Some((v, to)) = self.gave.get(topic).filter(|(v, _)| *v >= run.start) {
+            // Given to a node that is gone since (it died with it, or its
+            // lease ran out before it gave it on): nothing to hand on, the
+            // claimer starts afresh (announced). Else the claimer's view is
+            // behind.
+            let gone = *to != node && !views.current().members().contains(to);
+            tracing::debug!(topic = topic.as_str(), gave = v, to = %to, gone, "claim after the state left");
+            return if gone { HandOffState::Nothing } else { HandOffState::Refused };
+        }
+        match run.before {
+            // Never held in that run: ask the owner before it, and give the
+            // state on once here.
+            Some((from, at)) => {
+                self.start_claim(topic, from, at, true, now);
+                HandOffState::Refused
+            }
+            None => HandOffState::Nothing,
+        }
     }
 }

@@ -29,20 +29,8 @@
 //! with `owned_elsewhere`.
 
 use super::*;
-use crate::cluster::Topology;
+use crate::cluster::{Topology, Views};
 use crate::link::{LinkFrame, LinkOptions};
-
-/// This node's place in its cluster.
-#[derive(Debug)]
-pub(super) struct ClusterView {
-    /// This node's address among the members.
-    pub(super) me: String,
-    /// The member set and topic owners.
-    pub(super) topology: Topology,
-    /// The member set before the last change, if any (whom to claim a
-    /// topic from).
-    pub(super) previous: Option<Topology>,
-}
 
 /// A topic of another node followed by this shard.
 #[derive(Debug)]
@@ -77,17 +65,12 @@ impl Broker {
             self.cluster = None;
             return;
         }
-        let previous = dynamic.then(|| {
-            let others: Vec<&String> = topology.members().iter().filter(|m| **m != me).collect();
-            Topology::new(topology.version(), &others).ok()
-        });
-        let previous = previous.flatten().filter(|p| !p.members().is_empty());
-        self.cluster = Some(mirrors::ClusterView { me, topology, previous });
+        self.cluster = Some(Views::new(me, topology, dynamic));
     }
 
     /// The cluster's topology this broker acts on, if in a cluster.
     pub fn topology(&self) -> Option<&Topology> {
-        self.cluster.as_ref().map(|v| &v.topology)
+        self.cluster.as_ref().map(Views::current)
     }
 
     /// The node that owns `topic`, when it is not this one.
@@ -98,8 +81,8 @@ impl Broker {
             }
         }
         let view = self.cluster.as_ref()?;
-        let owner = view.topology.owner_of(topic)?;
-        (owner != view.me).then(|| owner.to_string())
+        let owner = view.current().owner_of(topic)?;
+        (owner != view.me()).then(|| owner.to_string())
     }
 
     /// Whether `topic`'s copy is live (its follow answered and its replay
@@ -138,21 +121,23 @@ impl Broker {
     /// A subscribe from shard `from` for a topic of `node` whose copy is
     /// not live: queued, and the follow asked for if it was not.
     pub(super) fn mirror_subscribe(&mut self, node: String, from: usize, item: Item) {
-        let Item::Subscribe { topic, from: resume, .. } = &item else { return };
+        let Item::Subscribe { topic, .. } = &item else { return };
         let topic = topic.clone();
         if let Some(m) = self.mirrors.get_mut(&topic) {
             m.queued.push((from, item));
             return;
         }
-        // Resume after what this node's copy has, else where the first
-        // subscriber asked.
+        // Resume after what this node's copy has, else from the start of
+        // the owner's retained history: the copy serves later resumes here
+        // as the owner would (a copy that started live would answer a
+        // resume from before it with a gap the owner does not have).
         let asked = match self.owner.mirror_position(&topic) {
             Some((epoch, last)) => Some(ResumeFrom { after_seq: last, epoch: Some(epoch), since_ms: None }),
-            None => *resume,
+            None => Some(ResumeFrom { after_seq: 0, epoch: None, since_ms: None }),
         };
         self.mirrors
             .insert(topic.clone(), Mirror { node: node.clone(), queued: vec![(from, item)], until: None, asked });
-        self.actions.push(Action::Link { node, frame: LinkFrame::Follow { topic, from: asked } });
+        self.send_follow(node, topic, asked);
     }
 
     /// Shard `from` left `topic`: its queued subscribes go, and the follow
@@ -177,6 +162,19 @@ impl Broker {
                 }
             }
             LinkFrame::Followed { topic, result } => {
+                // Every follow gets one answer, in order, even one unfollowed
+                // since: only the last one's (and the messages after it)
+                // counts.
+                let key = (node.to_string(), topic.clone());
+                let unanswered = self.follows_out.get_mut(&key).map(|n| {
+                    *n = n.saturating_sub(1);
+                    *n
+                });
+                if unanswered.unwrap_or(0) == 0 {
+                    self.follows_out.remove(&key);
+                } else {
+                    return;
+                }
                 let Some(m) = self.mirrors.get(&topic).filter(|m| m.node == node && m.until.is_none()) else {
                     return;
                 };
@@ -193,8 +191,8 @@ impl Broker {
                         if let Some(m) = self.mirrors.get_mut(&topic) {
                             if changed && last > 0 {
                                 m.asked = Some(ResumeFrom { after_seq: 0, epoch: Some(epoch), since_ms: None });
-                                let frame = LinkFrame::Follow { topic: topic.clone(), from: m.asked };
-                                self.actions.push(Action::Link { node: m.node.clone(), frame });
+                                let (node, asked) = (m.node.clone(), m.asked);
+                                self.send_follow(node, topic.clone(), asked);
                             } else {
                                 m.until = Some(last);
                             }
@@ -229,8 +227,15 @@ impl Broker {
                 if !self.mirrors.get(&topic).is_some_and(|m| m.node == node && m.until.is_some()) {
                     return;
                 }
-                if let Some((epoch, shards, message)) = self.owner.mirror_accept(&topic, message) {
+                if let Some(accepted) = self.owner.mirror_accept(&topic, message) {
+                    let crate::owner::MirrorAccepted { epoch, subscriber_shards: shards, skipped, message } = accepted;
                     metrics::add(&self.metrics.messages_followed, 1);
+                    // A jump the owner did not announce is told all the same.
+                    if let Some(gap) = skipped {
+                        for shard in (0..self.shards).filter(|s| shards & (1 << s) != 0) {
+                            self.send(shard, Item::Gap { topic: topic.clone(), epoch, gap }, now);
+                        }
+                    }
                     for shard in (0..self.shards).filter(|s| shards & (1 << s) != 0) {
                         self.send(shard, Item::Deliver { topic: topic.clone(), epoch, message: message.clone() }, now);
                     }
@@ -238,12 +243,21 @@ impl Broker {
                 self.mirror_release(&topic, now);
             }
             LinkFrame::Gap { topic, to_seq, .. } => {
-                if self.mirrors.get(&topic).is_some_and(|m| m.node == node) {
-                    self.owner.mirror_gap(&topic, to_seq);
+                if self.mirrors.get(&topic).is_some_and(|m| m.node == node && m.until.is_some()) {
+                    if let Some((epoch, gap, shards)) = self.owner.mirror_gap(&topic, to_seq) {
+                        for shard in (0..self.shards).filter(|s| shards & (1 << s) != 0) {
+                            self.send(shard, Item::Gap { topic: topic.clone(), epoch, gap }, now);
+                        }
+                    }
                     self.mirror_release(&topic, now);
                 }
             }
             LinkFrame::HandOff { topic, state } => self.handed_off(node, &topic, state, now),
+            LinkFrame::Restart { topic } => {
+                if self.mirrors.get(&topic).is_some_and(|m| m.node == node) {
+                    self.follow_again(&topic);
+                }
+            }
             // Frames only an owner receives.
             LinkFrame::Publish { .. }
             | LinkFrame::Follow { .. }
@@ -268,6 +282,8 @@ impl Broker {
         let mut topics: Vec<TopicName> =
             self.mirrors.iter().filter(|(_, m)| m.node == node).map(|(t, _)| t.clone()).collect();
         topics.sort();
+        // A new link: no answer comes for what the old one carried.
+        self.follows_out.retain(|(n, _), _| n != node);
         for topic in topics {
             self.follow_again(&topic);
         }
@@ -282,8 +298,14 @@ impl Broker {
         if let Some((epoch, last)) = position {
             m.asked = Some(ResumeFrom { after_seq: last, epoch: Some(epoch), since_ms: None });
         }
-        let frame = LinkFrame::Follow { topic: topic.clone(), from: m.asked };
-        self.actions.push(Action::Link { node: m.node.clone(), frame });
+        let (node, asked) = (m.node.clone(), m.asked);
+        self.send_follow(node, topic.clone(), asked);
+    }
+
+    /// Sends a follow of `topic` to `node`, counted until answered.
+    pub(super) fn send_follow(&mut self, node: String, topic: TopicName, from: Option<ResumeFrom>) {
+        *self.follows_out.entry((node.clone(), topic.clone())).or_insert(0) += 1;
+        self.actions.push(Action::Link { node, frame: LinkFrame::Follow { topic, from } });
     }
 
     /// Grants the subscribes queued on `topic` once its copy is live.
