@@ -99,7 +99,8 @@ pub(super) struct Handing {
 enum Source {
     /// This node, owner at this version.
     Node(String, u64),
-    /// It left this node (toward the gone one): gone with it.
+    /// It left this node (toward the gone one), or never existed before
+    /// this node's first set: gone with it, or new.
     LeftHere,
     /// Before what this node remembers.
     Unknown,
@@ -573,7 +574,11 @@ impl Broker {
         let (mut node, mut at) = (gone.to_string(), at);
         loop {
             let Some(run) = views.run_by(&node, topic, at) else { return Source::Unknown };
-            let Some((before, before_at)) = run.before else { return Source::Unknown };
+            let Some((before, before_at)) = run.before else {
+                // A run of this node's reaching back to its first set, in
+                // which it never held the state: nothing came before it.
+                return if node == views.me() { Source::LeftHere } else { Source::Unknown };
+            };
             if before != views.me() {
                 return Source::Node(before, before_at);
             }
@@ -696,6 +701,9 @@ impl Broker {
                 self.source_before(&owner, topic, at)
             };
             return match source {
+                // Never back to the claimer: it asked because it could not
+                // walk on itself.
+                Source::Node(from, _) if from == node => HandOffState::Nothing,
                 Source::Node(from, at) => {
                     self.start_claim(topic, from, at, true, now);
                     HandOffState::Refused
