@@ -812,6 +812,15 @@ impl Shard {
         sub
     }
 
+    /// Joins a consumer group for a member on another node (see
+    /// [`Broker::join_group_link`]).
+    pub fn join_group_link(&self, request: proto::broker::JoinRequest, member: u64) -> u64 {
+        let sub = self.broker.borrow_mut().join_group_link(request, member, Now::read());
+        self.apply();
+        self.ticker_wake.notify();
+        sub
+    }
+
     /// Whether `sub` is a consumer-group member on this shard.
     pub fn is_member(&self, sub: u64) -> bool {
         self.broker.borrow().is_member(sub)

@@ -172,8 +172,6 @@ fn what_only_the_owner_serves_is_refused_elsewhere_with_owned_elsewhere() {
     let (nodes, addrs) = start_cluster(2, &["--shards", "1"]);
     let topic = topic_owned_by(&nodes, &addrs, "jobs", 1);
     let mut ws = nodes[0].ws("/v1/ws");
-    let join = native_call(&mut ws, serde_json::json!({ "id": 1, "op": "subscribe", "topic": topic, "group": "g" }));
-    assert_eq!(join["error"]["code"], "owned_elsewhere", "{join}");
     let ask = native_call(&mut ws, serde_json::json!({ "id": 2, "op": "request", "topic": topic, "data": "q" }));
     assert_eq!(ask["error"]["code"], "owned_elsewhere", "{ask}");
     let schedule = native_call(
@@ -186,9 +184,88 @@ fn what_only_the_owner_serves_is_refused_elsewhere_with_owned_elsewhere() {
     assert!(body.contains("owned_elsewhere") && body.contains(&addrs[1]), "{body}");
     // On the owner they work.
     let mut on_owner = nodes[1].ws("/v1/ws");
-    let join =
-        native_call(&mut on_owner, serde_json::json!({ "id": 1, "op": "subscribe", "topic": topic, "group": "g" }));
-    assert_eq!(join["ok"], true, "{join}");
+    let ask = native_call(&mut on_owner, serde_json::json!({ "id": 2, "op": "request", "topic": topic, "data": "q" }));
+    assert_eq!(ask["error"]["code"], "no_responders", "{ask}");
+}
+
+/// A consumer group whose members connect to different nodes: one on the
+/// topic's owner, two on another node (two shards, so the join crosses
+/// shards there too), one on a third. Every message is delivered to one
+/// member, acknowledged, and none twice; a member that leaves without
+/// acknowledging gives its messages to the others; the members on other
+/// nodes are told when the owner goes away.
+#[test]
+fn a_group_spans_nodes_and_each_message_goes_to_one_member() {
+    let (mut nodes, addrs) = start_cluster(3, &["--shards", "2"]);
+    let topic = topic_owned_by(&nodes, &addrs, "work", 2);
+    let join = |ws: &mut Ws| {
+        let reply = native_call(
+            ws,
+            serde_json::json!({ "id": 1, "op": "subscribe", "topic": topic, "group": "workers", "prefetch": 4 }),
+        );
+        assert_eq!(reply["ok"], true, "{reply}");
+    };
+    let mut members: Vec<(usize, Ws)> = [2, 0, 0, 1].iter().map(|&n| (n, nodes[n].ws("/v1/ws"))).collect();
+    for (_, ws) in members.iter_mut() {
+        join(ws);
+    }
+    const N: usize = 200;
+    let mut publisher = nodes[1].ws("/v1/ws");
+    native_publish(&mut publisher, &topic, 1, N);
+    // Each member takes what comes to it and acknowledges; members are
+    // read in turn (prefetch 4 bounds what each holds).
+    let mut got: Vec<Vec<u64>> = vec![Vec::new(); members.len()];
+    let mut total = 0;
+    while total < N {
+        for (i, (_, ws)) in members.iter_mut().enumerate() {
+            let Some(v) = try_next_json(ws, std::time::Duration::from_millis(20)) else { continue };
+            assert_eq!(v["type"], "message", "{v}");
+            assert_eq!(v["group"], "workers", "{v}");
+            let seq = v["seq"].as_u64().unwrap();
+            got[i].push(seq);
+            total += 1;
+            let ack = serde_json::json!({ "op": "ack", "topic": topic, "group": "workers", "seq": seq });
+            ws.send(Message::text(ack.to_string())).unwrap();
+        }
+    }
+    let mut all: Vec<u64> = got.iter().flatten().copied().collect();
+    all.sort_unstable();
+    assert_eq!(all, (1..=N as u64).collect::<Vec<_>>(), "every message once");
+    let per: Vec<usize> = got.iter().map(Vec::len).collect();
+    assert!(per.iter().all(|&n| n > 0), "every member got some: {per:?}");
+    eprintln!("{N} messages to a group with members on nodes {:?}: {per:?}", [2, 0, 0, 1]);
+    // A member on node 0 takes messages without acknowledging them and
+    // leaves (its connection closes): they go to the others.
+    native_publish(&mut publisher, &topic, N + 1, 20);
+    let mut held = Vec::new();
+    let mut acked = std::collections::BTreeSet::new();
+    let mut quitter = Some(members.remove(1));
+    while acked.len() < 20 {
+        if let Some((_, ws)) = quitter.as_mut() {
+            if let Some(v) = try_next_json(ws, std::time::Duration::from_millis(20)) {
+                held.push(v["seq"].as_u64().unwrap());
+                quitter = None; // closes: what it holds goes to the others
+            }
+        }
+        for (_, ws) in members.iter_mut() {
+            let Some(v) = try_next_json(ws, std::time::Duration::from_millis(20)) else { continue };
+            let seq = v["seq"].as_u64().unwrap();
+            acked.insert(seq);
+            let ack = serde_json::json!({ "op": "ack", "topic": topic, "group": "workers", "seq": seq });
+            ws.send(Message::text(ack.to_string())).unwrap();
+        }
+    }
+    assert_eq!(acked, (N as u64 + 1..=N as u64 + 20).collect(), "held {held:?} went to the others");
+    // The owner goes away: the members elsewhere are told.
+    drop(nodes.remove(2));
+    for (i, (node, ws)) in members.iter_mut().enumerate().filter(|(_, (node, _))| *node != 2) {
+        let v = next_json(ws);
+        assert_eq!(
+            (v["type"].as_str(), v["reason"].as_str()),
+            (Some("group_lost"), Some("owner_unreachable")),
+            "member {i} on node {node}: {v}"
+        );
+    }
 }
 
 #[test]
@@ -234,4 +311,27 @@ fn a_dead_owner_fails_forwarded_publishes_and_its_followers_go_on_when_it_return
     }
     assert_eq!(next_data(&mut legacy), Message::Binary(b"back".to_vec()));
     eprintln!("owner killed: publishes refused owner_unreachable; back: follower told {lost}, then got {message}");
+}
+
+/// The next native JSON frame if one comes within `wait` (to read several
+/// connections in turn); pings and pongs are skipped.
+fn try_next_json(ws: &mut Ws, wait: std::time::Duration) -> Option<serde_json::Value> {
+    ws.get_mut().set_read_timeout(Some(wait)).unwrap();
+    let read = loop {
+        match ws.read() {
+            Ok(Message::Ping(_) | Message::Pong(_)) => continue,
+            other => break other,
+        }
+    };
+    ws.get_mut().set_read_timeout(Some(std::time::Duration::from_secs(30))).unwrap();
+    match read {
+        Ok(Message::Text(t)) => Some(serde_json::from_str(&t).unwrap()),
+        Ok(other) => panic!("expected a text frame, got {other:?}"),
+        Err(tungstenite::Error::Io(e))
+            if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) =>
+        {
+            None
+        }
+        Err(e) => panic!("read: {e}"),
+    }
 }

@@ -35,6 +35,7 @@ use crate::ws;
 mod groups;
 mod handoff;
 mod mirrors;
+mod remote_groups;
 mod requests;
 mod schedules;
 pub use crate::group::Settle;
@@ -87,6 +88,9 @@ pub enum Item {
         settings: crate::group::GroupSettings,
         dead_letter: TopicName,
     },
+    /// The member's group is on another node whose link failed (to the
+    /// member's shard): the member is told and removed.
+    GroupLost { topic: TopicName, group: GroupName, sub: u64 },
     /// The owner's answer to `GroupJoin`.
     GroupJoined { topic: TopicName, group: GroupName, sub: u64, result: Result<(), GroupJoinError> },
     /// Member `sub` of the sending shard left (to the owner).
@@ -479,6 +483,10 @@ pub struct Broker {
     /// Follows sent and not answered yet, by owner node and topic (on the
     /// link to that node now).
     follows_out: HashMap<(String, TopicName), u32, ahash::RandomState>,
+    /// Members of this node whose group is on another node, by their id on
+    /// the link, and that id by (member's shard, its id there).
+    remote_members: HashMap<u64, remote_groups::RemoteMember, ahash::RandomState>,
+    remote_member_ids: HashMap<(usize, u64), u64, ahash::RandomState>,
     /// Claims by other nodes' links on this shard, awaiting the owner
     /// shard's answer: the link to answer on.
     claims: HashMap<u64, Rc<Outbound>, ahash::RandomState>,
@@ -531,6 +539,8 @@ impl Broker {
             given: HashMap::default(),
             gave: HashMap::default(),
             follows_out: HashMap::default(),
+            remote_members: HashMap::default(),
+            remote_member_ids: HashMap::default(),
             claims: HashMap::default(),
             forwarded: HashMap::default(),
             metrics,
@@ -932,10 +942,18 @@ impl Broker {
                     self.mirror_subscribe(node, from, item);
                 }
             }
-            Item::GroupJoin { ref topic, ref group, sub, .. } if self.remote_node(topic).is_some() => {
-                let (topic, group) = (topic.clone(), group.clone());
-                let result = Err(GroupJoinError::OwnedElsewhere);
-                self.send(from, Item::GroupJoined { topic, group, sub, result }, now);
+            Item::GroupJoin { topic, group, sub, prefetch, settings, dead_letter }
+                if self.remote_node(&topic).is_some() =>
+            {
+                if let Some(node) = self.remote_node(&topic) {
+                    self.forward_group_join(node, from, topic, group, sub, prefetch, settings, dead_letter);
+                }
+            }
+            Item::GroupLeave { sub, .. } if self.is_remote_member(from, sub) => {
+                self.forward_group_op(from, sub, crate::link::GroupLink::Leave);
+            }
+            Item::GroupSettle { sub, settle, .. } if self.is_remote_member(from, sub) => {
+                self.forward_group_op(from, sub, crate::link::GroupLink::Settle(settle));
             }
             Item::ScheduleAsk { ref topic, req, .. } | Item::GroupDelete { ref topic, req, .. }
                 if self.remote_node(topic).is_some() =>
@@ -973,6 +991,7 @@ impl Broker {
             | Item::GroupLeave { .. }
             | Item::GroupSettle { .. }
             | Item::GroupDelete { .. }
+            | Item::GroupLost { .. }
             | Item::GroupDeliver { .. }) => self.handle_group(from, item, now),
             item @ (Item::Reply { .. } | Item::ReplyDone { .. }) => self.handle_reply(from, item, now),
             Item::ScheduleAsk { topic, ask, req } => self.handle_schedule_ask(from, topic, ask, req, now),

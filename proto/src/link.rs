@@ -31,6 +31,7 @@ const GAP: u8 = 7;
 const CLAIM: u8 = 8;
 const HAND_OFF: u8 = 9;
 const RESTART: u8 = 10;
+const GROUP: u8 = 11;
 
 /// One link frame.
 #[derive(Debug, Clone)]
@@ -71,6 +72,32 @@ pub enum LinkFrame {
     /// the follow; what comes after this on the link is in another space:
     /// follow again. Only that topic's follow restarts; the link stays.
     Restart { topic: TopicName },
+    /// A consumer group member on the follower's node (`member`: its id on
+    /// this link), both ways: see [`GroupLink`].
+    Group { member: u64, op: GroupLink },
+}
+
+/// A consumer group's traffic for a member whose connection is on another
+/// node than the topic's owner: the follower's node joins, leaves and
+/// settles for it; the owner answers the join and sends its deliveries.
+#[derive(Debug, Clone)]
+pub enum GroupLink {
+    /// Follower to owner: join `group` of `topic`.
+    Join {
+        topic: TopicName,
+        group: String,
+        prefetch: u32,
+        settings: crate::group::GroupSettings,
+        dead_letter: TopicName,
+    },
+    /// Follower to owner: the member left.
+    Leave,
+    /// Follower to owner: an ack, a refusal or a prefetch change.
+    Settle(crate::group::Settle),
+    /// Owner to follower: the join's answer (an error code on refusal).
+    Joined(Result<(), String>),
+    /// Owner to follower: a delivery to the member.
+    Deliver { message: Message, delivery: u32, tag: u64 },
 }
 
 /// What a previous owner hands over for a claimed topic.
@@ -226,8 +253,86 @@ pub fn encode(frame: &LinkFrame) -> Vec<u8> {
             out.push(RESTART);
             put_topic(&mut out, topic);
         }
+        LinkFrame::Group { member, op } => {
+            out.push(GROUP);
+            out.extend_from_slice(&member.to_be_bytes());
+            put_group_op(&mut out, op);
+        }
     }
     out
+}
+
+fn put_group_op(out: &mut Vec<u8>, op: &GroupLink) {
+    use crate::group::{GroupStart, Settle};
+    match op {
+        GroupLink::Join { topic, group, prefetch, settings, dead_letter } => {
+            out.push(1);
+            put_topic(out, topic);
+            put_short_string(out, group);
+            out.extend_from_slice(&prefetch.to_be_bytes());
+            out.extend_from_slice(&settings.ack_timeout_ms.to_be_bytes());
+            out.extend_from_slice(&settings.max_deliveries.to_be_bytes());
+            out.push(match settings.start {
+                GroupStart::Now => 0,
+                GroupStart::Beginning => 1,
+            });
+            put_topic(out, dead_letter);
+        }
+        GroupLink::Leave => out.push(2),
+        GroupLink::Settle(settle) => {
+            out.push(3);
+            match *settle {
+                Settle::Ack { seq } => {
+                    out.push(0);
+                    out.extend_from_slice(&seq.to_be_bytes());
+                }
+                Settle::AckThrough { tag } => {
+                    out.push(1);
+                    out.extend_from_slice(&tag.to_be_bytes());
+                }
+                Settle::Nack { seq, delay_ms } => {
+                    out.push(2);
+                    out.extend_from_slice(&seq.to_be_bytes());
+                    out.extend_from_slice(&delay_ms.to_be_bytes());
+                }
+                Settle::Prefetch { prefetch } => {
+                    out.push(3);
+                    out.extend_from_slice(&prefetch.to_be_bytes());
+                }
+            }
+        }
+        GroupLink::Joined(result) => {
+            out.push(4);
+            match result {
+                Ok(()) => out.push(0),
+                Err(code) => {
+                    out.push(1);
+                    put_short_string(out, code);
+                }
+            }
+        }
+        GroupLink::Deliver { message, delivery, tag } => {
+            out.push(5);
+            out.extend_from_slice(&delivery.to_be_bytes());
+            out.extend_from_slice(&tag.to_be_bytes());
+            let record = Record {
+                seq: message.seq,
+                timestamp_ms: message.timestamp_ms,
+                kind: message.kind,
+                key: message.key.clone(),
+                headers: message.record_headers(),
+                payload: message.payload.clone(),
+            };
+            put_record(out, &record);
+        }
+    }
+}
+
+/// A string of at most 255 bytes (a group name, an error code).
+fn put_short_string(out: &mut Vec<u8>, s: &str) {
+    let bytes = &s.as_bytes()[..s.len().min(255)];
+    out.push(bytes.len() as u8);
+    out.extend_from_slice(bytes);
 }
 
 /// Encodes a topic's message (what the owner's fan-out frames once per
@@ -311,6 +416,10 @@ pub fn decode(frame: &Bytes, at: std::time::Instant) -> Result<LinkFrame, LinkEr
         }
         GAP => LinkFrame::Gap { topic: r.topic()?, from_seq: r.u64()?, to_seq: r.u64()? },
         RESTART => LinkFrame::Restart { topic: r.topic()? },
+        GROUP => {
+            let member = r.u64()?;
+            LinkFrame::Group { member, op: r.group_op(at)? }
+        }
         CLAIM => {
             let (topic, version, at) = (r.topic()?, r.u64()?, r.u64()?);
             let b = r.take(2)?;
@@ -402,6 +511,57 @@ impl Reader<'_> {
     fn u64(&mut self) -> Result<u64, LinkError> {
         let b = self.take(8)?;
         Ok(u64::from_be_bytes(b.try_into().map_err(|_| LinkError("frame cut short"))?))
+    }
+
+    fn u32(&mut self) -> Result<u32, LinkError> {
+        let b = self.take(4)?;
+        Ok(u32::from_be_bytes(b.try_into().map_err(|_| LinkError("frame cut short"))?))
+    }
+
+    fn short_string(&mut self) -> Result<String, LinkError> {
+        let len = self.u8()? as usize;
+        let s = std::str::from_utf8(self.take(len)?).map_err(|_| LinkError("string not UTF-8"))?;
+        Ok(s.to_string())
+    }
+
+    fn group_op(&mut self, at: std::time::Instant) -> Result<GroupLink, LinkError> {
+        use crate::group::{GroupSettings, GroupStart, Settle, GROUP_NAME_BYTES_MAX};
+        Ok(match self.u8()? {
+            1 => {
+                let topic = self.topic()?;
+                let group = self.short_string()?;
+                if group.is_empty() || group.len() > GROUP_NAME_BYTES_MAX {
+                    return Err(LinkError("invalid group name"));
+                }
+                let prefetch = self.u32()?;
+                let (ack_timeout_ms, max_deliveries) = (self.u64()?, self.u32()?);
+                let start = match self.u8()? {
+                    0 => GroupStart::Now,
+                    1 => GroupStart::Beginning,
+                    _ => return Err(LinkError("unknown group start")),
+                };
+                let settings = GroupSettings { ack_timeout_ms, max_deliveries, start };
+                GroupLink::Join { topic, group, prefetch, settings, dead_letter: self.topic()? }
+            }
+            2 => GroupLink::Leave,
+            3 => GroupLink::Settle(match self.u8()? {
+                0 => Settle::Ack { seq: self.u64()? },
+                1 => Settle::AckThrough { tag: self.u64()? },
+                2 => Settle::Nack { seq: self.u64()?, delay_ms: self.u64()? },
+                3 => Settle::Prefetch { prefetch: self.u32()? },
+                _ => return Err(LinkError("unknown settle")),
+            }),
+            4 => GroupLink::Joined(match self.u8()? {
+                0 => Ok(()),
+                1 => Err(self.short_string()?),
+                _ => return Err(LinkError("unknown join answer")),
+            }),
+            5 => {
+                let (delivery, tag) = (self.u32()?, self.u64()?);
+                GroupLink::Deliver { message: Message::from_record(self.record()?, at), delivery, tag }
+            }
+            _ => return Err(LinkError("unknown group op")),
+        })
     }
 
     fn topic(&mut self) -> Result<TopicName, LinkError> {
@@ -498,6 +658,26 @@ mod tests {
             LinkFrame::Message { topic: topic("orders"), message: message.clone() },
             LinkFrame::Gap { topic: topic("orders"), from_seq: 3, to_seq: 9 },
             LinkFrame::Restart { topic: topic("orders") },
+            LinkFrame::Group {
+                member: 7,
+                op: GroupLink::Join {
+                    topic: topic("orders"),
+                    group: "billing".into(),
+                    prefetch: 10,
+                    settings: crate::group::GroupSettings {
+                        ack_timeout_ms: 30_000,
+                        max_deliveries: 5,
+                        start: crate::group::GroupStart::Beginning,
+                    },
+                    dead_letter: topic("orders.dead"),
+                },
+            },
+            LinkFrame::Group { member: 7, op: GroupLink::Leave },
+            LinkFrame::Group { member: 7, op: GroupLink::Settle(crate::group::Settle::Nack { seq: 4, delay_ms: 9 }) },
+            LinkFrame::Group { member: 7, op: GroupLink::Settle(crate::group::Settle::Prefetch { prefetch: 3 }) },
+            LinkFrame::Group { member: 7, op: GroupLink::Joined(Ok(())) },
+            LinkFrame::Group { member: 7, op: GroupLink::Joined(Err("too_many_groups".into())) },
+            LinkFrame::Group { member: 7, op: GroupLink::Deliver { message: message.clone(), delivery: 2, tag: 11 } },
             LinkFrame::Claim { topic: topic("orders"), version: 12, node: "10.0.0.3:8080".into(), at: 9 },
             LinkFrame::HandOff { topic: topic("orders"), state: HandOffState::Nothing },
             LinkFrame::HandOff { topic: topic("orders"), state: HandOffState::Refused },
@@ -530,6 +710,10 @@ mod tests {
                 (t1, e1, l1, h1.len()) == (t2, e2, l2, h2.len())
                     && h1.iter().zip(h2).all(|(m1, m2)| same_message(m1, m2))
             }
+            (
+                LinkFrame::Group { member: i1, op: GroupLink::Deliver { message: m1, delivery: d1, tag: g1 } },
+                LinkFrame::Group { member: i2, op: GroupLink::Deliver { message: m2, delivery: d2, tag: g2 } },
+            ) => (i1, d1, g1) == (i2, d2, g2) && same_message(m1, m2),
             _ => format!("{a:?}") == format!("{b:?}"),
         }
     }

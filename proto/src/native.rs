@@ -419,6 +419,16 @@ pub fn gap_notice(topic: &TopicName, from_seq: u64, to_seq: u64) -> Bytes {
     ws::encode_data(PayloadKind::Text, body.to_string().as_bytes())
 }
 
+/// A notice that a consumer group membership ended because the topic's
+/// owner node cannot be reached (the member's connection is on another
+/// node): join again.
+pub fn group_lost_notice(topic: &TopicName, group: &str) -> Bytes {
+    let body = serde_json::json!({
+        "type": "group_lost", "topic": topic.as_str(), "group": group, "reason": "owner_unreachable"
+    });
+    ws::encode_data(PayloadKind::Text, body.to_string().as_bytes())
+}
+
 /// A notice that a topic's sequence space changed under a live
 /// subscription (the node that owns it restarted, or ownership moved
 /// without a hand-off): nothing before `last_seq` of `epoch` is coming;

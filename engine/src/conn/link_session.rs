@@ -25,12 +25,19 @@ pub(crate) struct Follows {
     next: Cell<u64>,
     /// The link closed: grants that come later are undone at once.
     closed: Cell<bool>,
+    /// Consumer group members on the peer node, joined here for it: the
+    /// peer's id for each -> the member's id on this shard.
+    members: RefCell<HashMap<u64, u64>>,
 }
 
 impl Follows {
     /// Unsubscribes every follow (the link closed).
     pub(crate) fn close(&self, shard: &Shard) {
         self.closed.set(true);
+        // Its group members leave: what they held goes to the others.
+        for (_, sub) in self.members.borrow_mut().drain() {
+            shard.leave_group(sub);
+        }
         for (topic, (_, sub)) in self.by_topic.borrow_mut().drain() {
             if let Some(sub) = sub {
                 shard.unsubscribe(&topic, sub);
@@ -110,6 +117,7 @@ pub(super) async fn link_message(session: &Session, follows: &Rc<Follows>, kind:
             shard.claim(topic, version, node, at, session.out.clone());
         }
         LinkFrame::Unfollow { topic } => follows.end(shard, &topic),
+        LinkFrame::Group { member, op } => group_op(session, follows, member, op),
         LinkFrame::PublishDone { .. }
         | LinkFrame::Followed { .. }
         | LinkFrame::Message { .. }
@@ -121,4 +129,45 @@ pub(super) async fn link_message(session: &Session, follows: &Rc<Follows>, kind:
         }
     }
     true
+}
+
+/// A group frame from the peer node, for its member `member`: joined,
+/// left or settled here as a member of this connection (its answer and
+/// deliveries go back as group frames, `Broker::join_group_link`).
+fn group_op(session: &Session, follows: &Follows, member: u64, op: link::GroupLink) {
+    let shard = &session.shard;
+    match op {
+        link::GroupLink::Join { topic, group, prefetch, settings, dead_letter } => {
+            if follows.members.borrow().contains_key(&member) {
+                return; // a peer names each member once
+            }
+            let request = proto::broker::JoinRequest {
+                topic,
+                group: group.into(),
+                out: session.out.clone(),
+                prefetch,
+                settings,
+                dead_letter,
+                reply_id: member,
+            };
+            let sub = shard.join_group_link(request, member);
+            tracing::debug!(member, sub, "link group member joins");
+            follows.members.borrow_mut().insert(member, sub);
+        }
+        link::GroupLink::Leave => {
+            tracing::debug!(member, "link group member leaves");
+            if let Some(sub) = follows.members.borrow_mut().remove(&member) {
+                shard.leave_group(sub);
+            }
+        }
+        link::GroupLink::Settle(settle) => {
+            if let Some(&sub) = follows.members.borrow().get(&member) {
+                shard.settle(sub, settle);
+            }
+        }
+        // Frames only a member's node receives.
+        link::GroupLink::Joined(_) | link::GroupLink::Deliver { .. } => {
+            metrics::add(&shard.metrics.protocol_errors, 1);
+        }
+    }
 }

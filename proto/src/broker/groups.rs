@@ -68,6 +68,9 @@ pub(super) struct LocalMember {
     out: Rc<Outbound>,
     /// The native request its join answers, until answered.
     reply_id: Option<u64>,
+    /// A member on another node, joined by its node's link session here:
+    /// its id on that link (answers and deliveries go as link frames).
+    link: Option<u64>,
 }
 
 /// A group on the owner shard, with where its dead letters go.
@@ -132,14 +135,26 @@ impl Broker {
     /// refusal) is queued to its connection when the owner answers.
     /// Returns the member's id for the calls below.
     pub fn join_group(&mut self, request: JoinRequest, now: Now) -> u64 {
+        self.join(request, None, now)
+    }
+
+    fn join(&mut self, request: JoinRequest, link: Option<u64>, now: Now) -> u64 {
         let JoinRequest { topic, group, out, prefetch, settings, dead_letter, reply_id } = request;
         let sub = self.next_id();
-        let member = LocalMember { topic: topic.clone(), group: group.clone(), out, reply_id: Some(reply_id) };
+        let member = LocalMember { topic: topic.clone(), group: group.clone(), out, reply_id: Some(reply_id), link };
         self.members.insert(sub, member);
         metrics::add(&self.metrics.subscriptions_current, 1);
         let owner = topic.owner_shard(self.shards);
         self.send(owner, Item::GroupJoin { topic, group, sub, prefetch, settings, dead_letter }, now);
         sub
+    }
+
+    /// Joins for a member on another node (its node's link session here,
+    /// `request.out` being the link, `member` its id there): as
+    /// [`Broker::join_group`], its answer and deliveries written as link
+    /// frames.
+    pub fn join_group_link(&mut self, request: JoinRequest, member: u64, now: Now) -> u64 {
+        self.join(request, Some(member), now)
     }
 
     /// Whether `sub` is a member on this shard.
@@ -567,8 +582,27 @@ impl Broker {
                 if m.topic != topic || m.group != group {
                     return;
                 }
-                let frame = native::encode_group_message(&topic, &group, &message, delivery, tag);
+                let frame = match m.link {
+                    Some(member) => {
+                        let op = crate::link::GroupLink::Deliver { message, delivery, tag };
+                        link_frame(&crate::link::LinkFrame::Group { member, op })
+                    }
+                    None => native::encode_group_message(&topic, &group, &message, delivery, tag),
+                };
                 m.out.offer_control(frame);
+            }
+            Item::GroupLost { topic, group, sub } => {
+                let Some(m) = self.members.remove(&sub) else { return };
+                metrics::sub(&self.metrics.subscriptions_current, 1);
+                match m.reply_id {
+                    Some(id) => {
+                        let e = GroupJoinError::OwnerUnreachable;
+                        m.out.offer_control(native::reply_error(Some(id), e.code(), &e.to_string()));
+                    }
+                    None => {
+                        m.out.offer_control(native::group_lost_notice(&topic, &group));
+                    }
+                }
             }
             _ => {}
         }
@@ -578,6 +612,15 @@ impl Broker {
     fn group_joined(&mut self, topic: &TopicName, group: &str, sub: u64, result: Result<(), GroupJoinError>) {
         let Some(m) = self.members.get_mut(&sub) else { return };
         let Some(id) = m.reply_id.take() else { return };
+        if let Some(member) = m.link {
+            let op = crate::link::GroupLink::Joined(result.map_err(|e| e.code().to_string()));
+            m.out.offer_control(link_frame(&crate::link::LinkFrame::Group { member, op }));
+            if result.is_err() {
+                self.members.remove(&sub);
+                metrics::sub(&self.metrics.subscriptions_current, 1);
+            }
+            return;
+        }
         match result {
             Ok(()) => {
                 let extra = serde_json::json!({ "topic": topic.as_str(), "group": group });
@@ -640,6 +683,14 @@ pub enum GroupJoinError {
     /// there (for now).
     #[error("this topic is owned by another node of the cluster: join its groups there")]
     OwnedElsewhere,
+    /// The topic's owner node cannot be reached (its link failed).
+    #[error("the node that owns this topic cannot be reached: join again")]
+    OwnerUnreachable,
+}
+
+/// A link frame as a binary WebSocket message.
+fn link_frame(frame: &crate::link::LinkFrame) -> Bytes {
+    ws::encode_data(PayloadKind::Binary, &crate::link::encode(frame))
 }
 
 impl GroupJoinError {
@@ -650,7 +701,23 @@ impl GroupJoinError {
             GroupJoinError::TooManyTopics => "too_many_topics",
             GroupJoinError::NotDurable => "not_durable",
             GroupJoinError::OwnedElsewhere => "owned_elsewhere",
+            GroupJoinError::OwnerUnreachable => "owner_unreachable",
             GroupJoinError::Group(e) => e.code(),
         }
+    }
+
+    /// The refusal a code names (the owner node's answer over the link).
+    pub fn from_code(code: &str) -> GroupJoinError {
+        [
+            GroupJoinError::TooManyGroups,
+            GroupJoinError::TooManyTopics,
+            GroupJoinError::NotDurable,
+            GroupJoinError::OwnedElsewhere,
+            GroupJoinError::Group(GroupError::TooManyMembers),
+            GroupJoinError::Group(GroupError::AlreadyMember),
+        ]
+        .into_iter()
+        .find(|e| e.code() == code)
+        .unwrap_or(GroupJoinError::OwnerUnreachable)
     }
 }

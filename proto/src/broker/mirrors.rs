@@ -253,6 +253,7 @@ impl Broker {
                 }
             }
             LinkFrame::HandOff { topic, state } => self.handed_off(node, &topic, state, now),
+            LinkFrame::Group { member, op } => self.remote_group_frame(node, member, op, now),
             LinkFrame::Restart { topic } => {
                 if self.mirrors.get(&topic).is_some_and(|m| m.node == node) {
                     self.follow_again(&topic);
@@ -288,6 +289,7 @@ impl Broker {
             self.follow_again(&topic);
         }
         self.claims_link_down(node, now);
+        self.remote_groups_link_down(node, now);
     }
 
     /// Asks the owner again for `topic`, after what the copy has.

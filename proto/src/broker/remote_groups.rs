@@ -1,0 +1,109 @@
+//! Consumer group members whose connection is on another node than the
+//! topic's owner, the broker's side.
+//!
+//! - On the member's node, the topic's owner shard (which holds the
+//!   node's copy of the topic) forwards the member's join, leave and
+//!   settles over the node link ([`LinkFrame::Group`]), naming the member
+//!   by an id of its own, and routes the owner's answer and deliveries
+//!   back to the member's shard, which serves them as a local owner's.
+//! - On the owner's node, the link session joins for the remote member
+//!   like a connection of its own ([`Broker::join_group_link`]): the group
+//!   counts it as any member (prefetch, acks, deadlines, redelivery), and
+//!   its answer and deliveries are written to the link as group frames.
+//! - When the link fails, the member's node tells each remote member's
+//!   connection (`group_lost` notice: join again) and the owner's session
+//!   leaves for them (what they held is delivered to the others).
+
+use super::*;
+use crate::link::{GroupLink, LinkFrame};
+
+/// A member of this node whose group is on another node.
+#[derive(Debug)]
+pub(super) struct RemoteMember {
+    /// The topic's owner node.
+    node: String,
+    /// The member's shard and id there.
+    shard: usize,
+    sub: u64,
+    topic: TopicName,
+    group: GroupName,
+}
+
+impl Broker {
+    /// A member of shard `from` joins a group of a topic `node` owns: sent
+    /// over the link.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn forward_group_join(
+        &mut self,
+        node: String,
+        from: usize,
+        topic: TopicName,
+        group: GroupName,
+        sub: u64,
+        prefetch: u32,
+        settings: crate::group::GroupSettings,
+        dead_letter: TopicName,
+    ) {
+        let member = self.next_id();
+        let remote = RemoteMember { node: node.clone(), shard: from, sub, topic: topic.clone(), group: group.clone() };
+        self.remote_members.insert(member, remote);
+        self.remote_member_ids.insert((from, sub), member);
+        let op = GroupLink::Join { topic, group: group.to_string(), prefetch, settings, dead_letter };
+        self.actions.push(Action::Link { node, frame: LinkFrame::Group { member, op } });
+    }
+
+    /// Whether member `sub` of shard `from` is a remote group's member.
+    pub(super) fn is_remote_member(&self, from: usize, sub: u64) -> bool {
+        !self.remote_member_ids.is_empty() && self.remote_member_ids.contains_key(&(from, sub))
+    }
+
+    /// A remote member left or settled: sent over the link.
+    pub(super) fn forward_group_op(&mut self, from: usize, sub: u64, op: GroupLink) {
+        let Some(&member) = self.remote_member_ids.get(&(from, sub)) else { return };
+        if matches!(op, GroupLink::Leave) {
+            self.remote_member_ids.remove(&(from, sub));
+        }
+        let node = if matches!(op, GroupLink::Leave) {
+            self.remote_members.remove(&member).map(|m| m.node)
+        } else {
+            self.remote_members.get(&member).map(|m| m.node.clone())
+        };
+        if let Some(node) = node {
+            self.actions.push(Action::Link { node, frame: LinkFrame::Group { member, op } });
+        }
+    }
+
+    /// The owner's group frame for a member of this node.
+    pub(super) fn remote_group_frame(&mut self, node: &str, member: u64, op: GroupLink, now: Now) {
+        let Some(m) = self.remote_members.get(&member).filter(|m| m.node == node) else { return };
+        let (shard, sub, topic, group) = (m.shard, m.sub, m.topic.clone(), m.group.clone());
+        match op {
+            GroupLink::Joined(result) => {
+                let result = result.map_err(|code| GroupJoinError::from_code(&code));
+                if result.is_err() {
+                    self.remote_members.remove(&member);
+                    self.remote_member_ids.remove(&(shard, sub));
+                }
+                self.send(shard, Item::GroupJoined { topic, group, sub, result }, now);
+            }
+            GroupLink::Deliver { message, delivery, tag } => {
+                self.send(shard, Item::GroupDeliver { topic, group, sub, message, delivery, tag }, now);
+            }
+            // Frames only an owner receives.
+            GroupLink::Join { .. } | GroupLink::Leave | GroupLink::Settle(_) => {}
+        }
+    }
+
+    /// The link to `node` failed: its groups' members here are told
+    /// (`group_lost`; they join again).
+    pub(super) fn remote_groups_link_down(&mut self, node: &str, now: Now) {
+        let mut lost: Vec<u64> =
+            self.remote_members.iter().filter(|(_, m)| m.node == node).map(|(id, _)| *id).collect();
+        lost.sort_unstable();
+        for member in lost {
+            let Some(m) = self.remote_members.remove(&member) else { continue };
+            self.remote_member_ids.remove(&(m.shard, m.sub));
+            self.send(m.shard, Item::GroupLost { topic: m.topic, group: m.group, sub: m.sub }, now);
+        }
+    }
+}
