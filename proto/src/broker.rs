@@ -474,8 +474,8 @@ pub struct Broker {
     /// owner claims them, with that owner.
     handing: HashMap<TopicName, handoff::Handing, ahash::RandomState>,
     /// Topics given away ahead of this node's own view (a claim from a
-    /// newer topology), with their new owner.
-    given: HashMap<TopicName, String, ahash::RandomState>,
+    /// newer topology), with their new owner and its view's version.
+    given: HashMap<TopicName, (String, u64), ahash::RandomState>,
     /// Topics whose state left this node, with this node's view version
     /// then and the node it went to: a claim about a run before it is
     /// stale. Forgotten with the views ([`crate::cluster::VIEW_HISTORY_MAX`]).

@@ -196,6 +196,24 @@ impl Views {
         Some(Run { start, before: None })
     }
 
+    /// The version of the first remembered view after this node's latest
+    /// run of `topic` ended (the current version if it owns it now, or
+    /// never did).
+    pub fn latest_run_end(&self, topic: &TopicName) -> u64 {
+        let mut end = self.current().version();
+        let mut newer: Option<u64> = None;
+        for view in self.views.iter().rev() {
+            if view.owns(&self.me, topic) {
+                if let Some(v) = newer {
+                    end = v;
+                }
+                break;
+            }
+            newer = Some(view.version());
+        }
+        end
+    }
+
     /// This node's latest run of `topic` (the current one if it owns it).
     pub fn latest_run(&self, topic: &TopicName) -> Option<Run> {
         let at = self.views.iter().rev().find(|v| v.owns(&self.me, topic))?.version();

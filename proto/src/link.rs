@@ -230,15 +230,7 @@ pub fn encode(frame: &LinkFrame) -> Vec<u8> {
                     out.extend_from_slice(&last_seq.to_be_bytes());
                     out.extend_from_slice(&(history.len() as u32).to_be_bytes());
                     for m in history {
-                        let record = Record {
-                            seq: m.seq,
-                            timestamp_ms: m.timestamp_ms,
-                            kind: m.kind,
-                            key: m.key.clone(),
-                            headers: m.record_headers(),
-                            payload: m.payload.clone(),
-                        };
-                        put_record(&mut out, &record);
+                        put_message(&mut out, m);
                     }
                 }
             }
@@ -315,15 +307,7 @@ fn put_group_op(out: &mut Vec<u8>, op: &GroupLink) {
             out.push(5);
             out.extend_from_slice(&delivery.to_be_bytes());
             out.extend_from_slice(&tag.to_be_bytes());
-            let record = Record {
-                seq: message.seq,
-                timestamp_ms: message.timestamp_ms,
-                kind: message.kind,
-                key: message.key.clone(),
-                headers: message.record_headers(),
-                payload: message.payload.clone(),
-            };
-            put_record(out, &record);
+            put_message(out, message);
         }
     }
 }
@@ -341,15 +325,7 @@ pub fn encode_message(topic: &TopicName, message: &Message) -> Vec<u8> {
     let mut out = Vec::with_capacity(48 + topic.as_str().len() + message.payload.len());
     out.push(MESSAGE);
     put_topic(&mut out, topic);
-    let record = Record {
-        seq: message.seq,
-        timestamp_ms: message.timestamp_ms,
-        kind: message.kind,
-        key: message.key.clone(),
-        headers: message.record_headers(),
-        payload: message.payload.clone(),
-    };
-    put_record(&mut out, &record);
+    put_message(&mut out, message);
     out
 }
 
@@ -464,6 +440,19 @@ fn put_topic(out: &mut Vec<u8>, topic: &TopicName) {
     // Topic names are far shorter than 64 KiB (`topic::TOPIC_BYTES_MAX`).
     out.extend_from_slice(&(name.len() as u16).to_be_bytes());
     out.extend_from_slice(name);
+}
+
+/// A message as its durable log record.
+fn put_message(out: &mut Vec<u8>, message: &Message) {
+    let record = Record {
+        seq: message.seq,
+        timestamp_ms: message.timestamp_ms,
+        kind: message.kind,
+        key: message.key.clone(),
+        headers: message.record_headers(),
+        payload: message.payload.clone(),
+    };
+    put_record(out, &record);
 }
 
 fn put_record(out: &mut Vec<u8>, record: &Record) {

@@ -124,6 +124,9 @@ pub struct Adopted {
     pub new: Vec<Message>,
     /// Shards whose subscribers were in another sequence space.
     pub restarted: u64,
+    /// Numbers in the same space the hand-off passed without their
+    /// messages (a hand-off without history): live subscribers are told.
+    pub skipped: Option<SeqRange>,
 }
 
 /// The bounds of one owner's table.
@@ -913,7 +916,8 @@ impl Owner {
         let limits = self.limits;
         let t = self.topic_mut(topic, now)?;
         let had = t.mirror && t.last_seq > 0;
-        let mut adopted = Adopted { epoch, subscriber_shards: t.subscriber_shards, new: Vec::new(), restarted: 0 };
+        let mut adopted =
+            Adopted { epoch, subscriber_shards: t.subscriber_shards, new: Vec::new(), restarted: 0, skipped: None };
         // Same sequence space: never go back (a copy may be ahead of a
         // hand-off from a node that was not the last owner).
         if t.epoch == epoch {
@@ -932,7 +936,7 @@ impl Owner {
             }
             // The longest run of consecutive numbers ending at the last one.
             let last = by_seq.keys().next_back().copied().unwrap_or(0).max(had_through);
-            let mut first = last + 1;
+            let mut first = last.saturating_add(1);
             while first > 1 && by_seq.contains_key(&(first - 1)) {
                 first -= 1;
             }
@@ -955,7 +959,17 @@ impl Owner {
                 t.history.push(m);
             }
         }
-        t.last_seq = t.last_seq.max(last_seq);
+        if last_seq > t.last_seq {
+            // The hand-off's last number is past its history: what is
+            // retained here ends before it, so the history starts over
+            // (a resume across it is told the gap), and in the same space
+            // live subscribers are told too.
+            if t.epoch == epoch && adopted.restarted == 0 {
+                adopted.skipped = Some(SeqRange { from_seq: t.last_seq + 1, to_seq: last_seq });
+            }
+            t.history = limits.empty_history();
+            t.last_seq = last_seq;
+        }
         t.mirror = false;
         t.last_active = now;
         Ok(adopted)

@@ -93,6 +93,10 @@ pub(super) struct Handing {
     last_seq: u64,
     /// The first version of the run this node held the state for.
     run_start: u64,
+    /// The first version after this node's last run: a claimer whose view
+    /// is at least this new comes later in the chain than every run of
+    /// this node it remembers.
+    run_end: u64,
 }
 
 /// Where a topic's state is to be asked for, past a gone node.
@@ -133,7 +137,11 @@ impl Broker {
         // What left this node before the oldest remembered view no longer
         // decides a claim.
         self.gave.retain(|_, (version, _)| *version >= oldest);
-        self.given.clear();
+        // Topics given to a node whose view was newer stay its until this
+        // node's view is as new (else this node would own them again, with
+        // nothing, under a set it has not seen change).
+        let current = views.current().version();
+        self.given.retain(|_, (_, version)| *version > current);
         // Topics owned here that now belong elsewhere.
         for topic in self.owner.owned_names() {
             if self.remote_node(&topic).is_some() {
@@ -211,6 +219,8 @@ impl Broker {
             } else if self.taking.get(&topic).is_some_and(|t| !t.relay) {
                 let pending = self.taking.get_mut(&topic).map(|t| std::mem::take(&mut t.pending)).unwrap_or_default();
                 self.end_taking(&topic, now);
+                // Its live subscribers here follow the new owner.
+                self.follow_if_subscribed(&topic);
                 for p in pending {
                     self.release(p, now);
                 }
@@ -244,14 +254,22 @@ impl Broker {
             return;
         };
         let run_start = self.cluster.as_ref().and_then(|v| v.latest_run(topic)).map_or(0, |r| r.start);
-        self.handing.insert(topic.clone(), Handing { epoch, last_seq, run_start });
+        let run_end = self.cluster.as_ref().map_or(0, |v| v.latest_run_end(topic));
+        self.handing.insert(topic.clone(), Handing { epoch, last_seq, run_start, run_end });
+        self.follow_if_subscribed(topic);
+    }
+
+    /// Follows `topic` on its owner if this node subscribes to it and does
+    /// not follow it yet (it was owned or being taken over here).
+    fn follow_if_subscribed(&mut self, topic: &TopicName) {
         let Some(node) = self.remote_node(topic) else { return };
         if self.owner.subscriber_shards(topic) != 0 && !self.mirrors.contains_key(topic) {
-            let asked = self.owner.mirror_position(topic).map(|(epoch, last)| ResumeFrom {
-                after_seq: last,
-                epoch: Some(epoch),
-                since_ms: None,
-            });
+            // After what the copy has, else from the owner's first retained.
+            let asked = self
+                .owner
+                .mirror_position(topic)
+                .map(|(epoch, last)| ResumeFrom { after_seq: last, epoch: Some(epoch), since_ms: None })
+                .or(Some(ResumeFrom { after_seq: 0, epoch: None, since_ms: None }));
             self.mirrors.insert(topic.clone(), mirrors::Mirror::following(node.clone(), asked));
             self.send_follow(node, topic.clone(), asked);
         }
@@ -394,8 +412,21 @@ impl Broker {
                             self.send(shard, item, now);
                         }
                     }
+                    // Numbers the hand-off passed without their messages.
+                    if let Some(gap) = adopted.skipped {
+                        for shard in (0..self.shards).filter(|s| adopted.subscriber_shards & (1 << s) != 0) {
+                            self.send(shard, Item::Gap { topic: topic.clone(), epoch, gap }, now);
+                        }
+                    }
                 }
                 Err(e) => {
+                    // No room for it here (the topic table is full): the
+                    // state is kept to be handed on, never dropped.
+                    tracing::warn!(topic = topic.as_str(), "a topic's state arrived with no room for it: {e}");
+                    let views = self.cluster.as_ref();
+                    let run_start = views.and_then(|v| v.latest_run(topic)).map_or(0, |r| r.start);
+                    let run_end = views.map_or(0, |v| v.latest_run_end(topic));
+                    self.handing.insert(topic.clone(), Handing { epoch, last_seq, run_start, run_end });
                     for pending in pending {
                         self.fail(pending, e, now);
                     }
@@ -642,12 +673,32 @@ impl Broker {
             if t.relay {
                 t.deadline_ms = now.unix_ms + RELAY_IDLE_MS;
             }
+            // The node this claim waits on asks this node about an earlier
+            // run of its own: the two would wait on each other (a node that
+            // appears twice in the topic's chain of owners). If this node
+            // never held the state in that run, it is further back: the
+            // claim goes to the owner before that run.
+            let (from, t_at) = (t.from.clone(), t.at);
+            if from == node && at < t_at {
+                let held_since = self.gave.get(topic).map(|(v, _)| *v);
+                let run = views.run_at(topic, at).filter(|r| held_since.is_none_or(|v| v < r.start));
+                if let Some((before, before_at)) = run.and_then(|r| r.before) {
+                    tracing::debug!(topic = topic.as_str(), from = %before, at = before_at, "claim goes further back");
+                    if let Some(t) = self.taking.get_mut(topic) {
+                        t.from = before.clone();
+                        t.at = before_at;
+                        t.outstanding = 0;
+                        t.retry_ms = now.unix_ms + CLAIM_RETRY_MS;
+                    }
+                    self.send_claim(topic, before, before_at);
+                }
+            }
             return HandOffState::Refused;
         }
         // Held here, given up: given to a claimer later in the chain than
         // the run it was held for.
         if let Some(given) = self.handing.get(topic) {
-            if at < given.run_start {
+            if at < given.run_start && version < given.run_end {
                 return HandOffState::Refused;
             }
             let Some(given) = self.handing.remove(topic) else { return HandOffState::Refused };
@@ -663,7 +714,7 @@ impl Broker {
             if at < run_start || version <= mine {
                 return HandOffState::Refused;
             }
-            self.given.insert(topic.clone(), node.to_string());
+            self.given.insert(topic.clone(), (node.to_string(), version));
             self.give_up(topic);
             let Some(given) = self.handing.remove(topic) else { return HandOffState::Refused };
             self.gave.insert(topic.clone(), (mine, node.to_string()));

@@ -76,7 +76,7 @@ impl Broker {
     /// The node that owns `topic`, when it is not this one.
     pub(super) fn remote_node(&self, topic: &TopicName) -> Option<String> {
         if !self.given.is_empty() {
-            if let Some(node) = self.given.get(topic) {
+            if let Some((node, _)) = self.given.get(topic) {
                 return Some(node.clone());
             }
         }
