@@ -335,3 +335,42 @@ fn try_next_json(ws: &mut Ws, wait: std::time::Duration) -> Option<serde_json::V
         Err(e) => panic!("read: {e}"),
     }
 }
+
+/// A request made on the topic's owner is answered by a responder whose
+/// connection is on another node (a group member joined through it): the
+/// answer, and a responder's error, travel back over the node link.
+#[test]
+fn a_responder_on_another_node_answers_requests_made_on_the_owner() {
+    let (nodes, addrs) = start_cluster(2, &["--shards", "2"]);
+    let topic = topic_owned_by(&nodes, &addrs, "billing", 1);
+    let mut responder = nodes[0].ws("/v1/ws");
+    let join = native_call(
+        &mut responder,
+        serde_json::json!({ "id": 1, "op": "subscribe", "topic": topic, "group": "workers" }),
+    );
+    assert_eq!(join["ok"], true, "{join}");
+    let mut requester = nodes[1].ws("/v1/ws");
+    for (i, answer) in [(2, "charged"), (4, "")].into_iter() {
+        let ask = serde_json::json!({ "op": "request", "id": i, "topic": topic, "data": format!("charge {i}"), "timeout_ms": 10000 });
+        requester.send(Message::text(ask.to_string())).unwrap();
+        let m = next_json(&mut responder);
+        assert_eq!(m["data"], format!("charge {i}"), "{m}");
+        let to = m["reply_to"].as_str().expect("reply_to").to_string();
+        let mut reply = serde_json::json!({ "op": "reply", "id": i + 1, "to": to, "topic": topic, "group": "workers", "seq": m["seq"] });
+        if answer.is_empty() {
+            reply["error"] = serde_json::json!({ "code": "declined", "message": "card expired" });
+        } else {
+            reply["data"] = serde_json::json!(answer);
+        }
+        let done = native_call(&mut responder, reply);
+        assert_eq!(done["ok"], true, "{done}");
+        let r = next_json(&mut requester);
+        assert_eq!(r["id"].as_u64(), Some(i), "{r}");
+        if answer.is_empty() {
+            assert_eq!(r["error"]["code"], "responder_error", "{r}");
+            assert!(r["error"]["message"].as_str().unwrap().contains("card expired"), "{r}");
+        } else {
+            assert_eq!((r["ok"].as_bool(), r["data"].as_str()), (Some(true), Some(answer)), "{r}");
+        }
+    }
+}

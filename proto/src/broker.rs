@@ -487,6 +487,8 @@ pub struct Broker {
     /// the link, and that id by (member's shard, its id there).
     remote_members: HashMap<u64, remote_groups::RemoteMember, ahash::RandomState>,
     remote_member_ids: HashMap<(usize, u64), u64, ahash::RandomState>,
+    /// Requests delivered to members here for requesters on other nodes.
+    remote_replies: HashMap<u64, remote_groups::RemoteReply, ahash::RandomState>,
     /// Claims by other nodes' links on this shard, awaiting the owner
     /// shard's answer: the link to answer on.
     claims: HashMap<u64, Rc<Outbound>, ahash::RandomState>,
@@ -541,6 +543,7 @@ impl Broker {
             follows_out: HashMap::default(),
             remote_members: HashMap::default(),
             remote_member_ids: HashMap::default(),
+            remote_replies: HashMap::default(),
             claims: HashMap::default(),
             forwarded: HashMap::default(),
             metrics,

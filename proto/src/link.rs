@@ -32,6 +32,7 @@ const CLAIM: u8 = 8;
 const HAND_OFF: u8 = 9;
 const RESTART: u8 = 10;
 const GROUP: u8 = 11;
+const REPLY: u8 = 12;
 
 /// One link frame.
 #[derive(Debug, Clone)]
@@ -75,6 +76,10 @@ pub enum LinkFrame {
     /// A consumer group member on the follower's node (`member`: its id on
     /// this link), both ways: see [`GroupLink`].
     Group { member: u64, op: GroupLink },
+    /// Follower to owner: a responder's answer to a request the owner's
+    /// group delivered to a member on the follower's node; `to` names the
+    /// requester on the owner.
+    Reply { to: crate::message::ReplyTo, answer: crate::request::Answer },
 }
 
 /// A consumer group's traffic for a member whose connection is on another
@@ -250,6 +255,28 @@ pub fn encode(frame: &LinkFrame) -> Vec<u8> {
             out.extend_from_slice(&member.to_be_bytes());
             put_group_op(&mut out, op);
         }
+        LinkFrame::Reply { to, answer } => {
+            out.push(REPLY);
+            out.extend_from_slice(&(to.shard as u64).to_be_bytes());
+            out.extend_from_slice(&to.req.to_be_bytes());
+            out.extend_from_slice(&to.nonce.to_be_bytes());
+            match answer {
+                crate::request::Answer::Result { kind, payload } => {
+                    out.push(match kind {
+                        PayloadKind::Text => 0,
+                        PayloadKind::Binary => 1,
+                    });
+                    out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+                    out.extend_from_slice(payload);
+                }
+                crate::request::Answer::Error { code, message } => {
+                    out.push(2);
+                    put_short_string(&mut out, code);
+                    out.extend_from_slice(&(message.len() as u32).to_be_bytes());
+                    out.extend_from_slice(message.as_bytes());
+                }
+            }
+        }
     }
     out
 }
@@ -395,6 +422,26 @@ pub fn decode(frame: &Bytes, at: std::time::Instant) -> Result<LinkFrame, LinkEr
         GROUP => {
             let member = r.u64()?;
             LinkFrame::Group { member, op: r.group_op(at)? }
+        }
+        REPLY => {
+            let shard = usize::try_from(r.u64()?).map_err(|_| LinkError("shard out of range"))?;
+            let to = crate::message::ReplyTo { shard, req: r.u64()?, nonce: r.u64()? };
+            let answer = match r.u8()? {
+                k @ (0 | 1) => {
+                    let kind = if k == 0 { PayloadKind::Text } else { PayloadKind::Binary };
+                    let len = r.u32()? as usize;
+                    crate::request::Answer::Result { kind, payload: frame.slice(r.at..r.at + r.take(len)?.len()) }
+                }
+                2 => {
+                    let code = r.short_string()?;
+                    let len = r.u32()? as usize;
+                    let message =
+                        std::str::from_utf8(r.take(len)?).map_err(|_| LinkError("message not UTF-8"))?.to_string();
+                    crate::request::Answer::Error { code, message }
+                }
+                _ => return Err(LinkError("unknown answer")),
+            };
+            LinkFrame::Reply { to, answer }
         }
         CLAIM => {
             let (topic, version, at) = (r.topic()?, r.u64()?, r.u64()?);
@@ -665,6 +712,14 @@ mod tests {
             LinkFrame::Group { member: 7, op: GroupLink::Settle(crate::group::Settle::Nack { seq: 4, delay_ms: 9 }) },
             LinkFrame::Group { member: 7, op: GroupLink::Settle(crate::group::Settle::Prefetch { prefetch: 3 }) },
             LinkFrame::Group { member: 7, op: GroupLink::Joined(Ok(())) },
+            LinkFrame::Reply {
+                to: crate::message::ReplyTo { shard: 1, req: 9, nonce: 77 },
+                answer: crate::request::Answer::Result { kind: PayloadKind::Text, payload: Bytes::from_static(b"42") },
+            },
+            LinkFrame::Reply {
+                to: crate::message::ReplyTo { shard: 0, req: 3, nonce: 5 },
+                answer: crate::request::Answer::Error { code: "nope".into(), message: "out of stock".into() },
+            },
             LinkFrame::Group { member: 7, op: GroupLink::Joined(Err("too_many_groups".into())) },
             LinkFrame::Group { member: 7, op: GroupLink::Deliver { message: message.clone(), delivery: 2, tag: 11 } },
             LinkFrame::Claim { topic: topic("orders"), version: 12, node: "10.0.0.3:8080".into(), at: 9 },

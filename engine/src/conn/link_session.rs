@@ -118,6 +118,10 @@ pub(super) async fn link_message(session: &Session, follows: &Rc<Follows>, kind:
         }
         LinkFrame::Unfollow { topic } => follows.end(shard, &topic),
         LinkFrame::Group { member, op } => group_op(session, follows, member, op),
+        // A responder on the peer node answers a request made here.
+        LinkFrame::Reply { to, answer } => {
+            shard.reply(to, answer, session.out.clone(), None);
+        }
         LinkFrame::PublishDone { .. }
         | LinkFrame::Followed { .. }
         | LinkFrame::Message { .. }

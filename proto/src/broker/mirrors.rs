@@ -263,6 +263,7 @@ impl Broker {
             LinkFrame::Publish { .. }
             | LinkFrame::Follow { .. }
             | LinkFrame::Unfollow { .. }
+            | LinkFrame::Reply { .. }
             | LinkFrame::Claim { .. } => {}
         }
     }

@@ -13,9 +13,29 @@
 //! - When the link fails, the member's node tells each remote member's
 //!   connection (`group_lost` notice: join again) and the owner's session
 //!   leaves for them (what they held is delivered to the others).
+//! - A request delivered to such a member names its requester on the
+//!   owner: the member's node puts its own name for it in the delivery
+//!   (a shard and id here, kept at most [`REMOTE_REPLY_MS`]) and sends
+//!   the responder's answer on to the owner ([`LinkFrame::Reply`]).
 
 use super::*;
 use crate::link::{GroupLink, LinkFrame};
+
+/// How long a request delivered to a member here waits for its answer to
+/// be sent on (the longest a requester waits).
+pub const REMOTE_REPLY_MS: u64 = crate::request::REQUEST_TIMEOUT_MS_MAX;
+/// Requests delivered here whose answer is still to be sent on, at most
+/// (past it the oldest are forgotten: their requesters time out).
+pub const REMOTE_REPLIES_MAX: usize = crate::request::REQUESTS_WAITING_MAX;
+
+/// A request delivered to a member here, its requester on another node.
+#[derive(Debug)]
+pub(super) struct RemoteReply {
+    node: String,
+    to: crate::message::ReplyTo,
+    nonce: u64,
+    expires_ms: u64,
+}
 
 /// A member of this node whose group is on another node.
 #[derive(Debug)]
@@ -86,7 +106,19 @@ impl Broker {
                 }
                 self.send(shard, Item::GroupJoined { topic, group, sub, result }, now);
             }
-            GroupLink::Deliver { message, delivery, tag } => {
+            GroupLink::Deliver { mut message, delivery, tag } => {
+                // A request: its answer comes back here, to be sent on.
+                if let Some(to) = message.reply_to {
+                    let req = self.next_id();
+                    let nonce = req.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ self.owner.seed();
+                    if self.remote_replies.len() >= REMOTE_REPLIES_MAX {
+                        let oldest = self.remote_replies.keys().min().copied();
+                        oldest.map(|k| self.remote_replies.remove(&k));
+                    }
+                    let expires_ms = now.unix_ms + REMOTE_REPLY_MS;
+                    self.remote_replies.insert(req, RemoteReply { node: node.to_string(), to, nonce, expires_ms });
+                    message.reply_to = Some(crate::message::ReplyTo { shard: self.id, req, nonce });
+                }
                 self.send(shard, Item::GroupDeliver { topic, group, sub, message, delivery, tag }, now);
             }
             // Frames only an owner receives.
@@ -104,6 +136,23 @@ impl Broker {
             let Some(m) = self.remote_members.remove(&member) else { continue };
             self.remote_member_ids.remove(&(m.shard, m.sub));
             self.send(m.shard, Item::GroupLost { topic: m.topic, group: m.group, sub: m.sub }, now);
+        }
+    }
+
+    /// A responder's answer naming `to`: if it is a request delivered here
+    /// for another node's requester, sent on there (true).
+    pub(super) fn reply_on(&mut self, to: &crate::message::ReplyTo, answer: &crate::request::Answer) -> bool {
+        let theirs = self.remote_replies.get(&to.req).is_some_and(|r| r.nonce == to.nonce);
+        let Some(r) = theirs.then(|| self.remote_replies.remove(&to.req)).flatten() else { return false };
+        let frame = LinkFrame::Reply { to: r.to, answer: answer.clone() };
+        self.actions.push(Action::Link { node: r.node, frame });
+        true
+    }
+
+    /// Forgets requests delivered here whose requesters stopped waiting.
+    pub(super) fn expire_remote_replies(&mut self, now: Now) {
+        if !self.remote_replies.is_empty() {
+            self.remote_replies.retain(|_, r| r.expires_ms > now.unix_ms);
         }
     }
 }

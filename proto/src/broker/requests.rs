@@ -78,6 +78,7 @@ impl Broker {
 
     /// Answers requests past their deadline with `timeout`.
     pub fn tick_requests(&mut self, now: Now) {
+        self.expire_remote_replies(now);
         let expired: Vec<u64> =
             self.requests.iter().filter(|(_, w)| w.deadline_ms <= now.unix_ms).map(|(r, _)| *r).collect();
         for req in expired {
@@ -90,13 +91,21 @@ impl Broker {
 
     /// Requests waiting on this shard.
     pub fn has_requests(&self) -> bool {
-        !self.requests.is_empty()
+        !self.requests.is_empty() || !self.remote_replies.is_empty()
     }
 
     /// A reply item, or the answer to one.
     pub(super) fn handle_reply(&mut self, from: usize, item: Item, now: Now) {
         match item {
             Item::Reply { to, answer, back } => {
+                // A request delivered here for another node's requester:
+                // its answer goes on there.
+                if self.reply_on(&to, &answer) {
+                    if back != 0 {
+                        self.send(from, Item::ReplyDone { back, delivered: true }, now);
+                    }
+                    return;
+                }
                 // A reply naming a request with the wrong nonce is not its
                 // (guessed); the request stays waiting.
                 let ours = self.requests.get(&to.req).is_some_and(|w| w.nonce == to.nonce);
