@@ -812,6 +812,15 @@ impl Shard {
         sub
     }
 
+    /// A request forwarded by another node: its answer is to come back on
+    /// the link `out` (see [`Broker::relay_reply_to`]).
+    pub fn relay_reply_to(&self, options: &mut proto::durable::PublishOptions, out: Rc<Outbound>) {
+        if options.reply_to.is_some() {
+            self.broker.borrow_mut().relay_reply_to(options, out, Now::read());
+            self.ticker_wake.notify();
+        }
+    }
+
     /// Joins a consumer group for a member on another node (see
     /// [`Broker::join_group_link`]).
     pub fn join_group_link(&self, request: proto::broker::JoinRequest, member: u64) -> u64 {

@@ -172,8 +172,9 @@ fn what_only_the_owner_serves_is_refused_elsewhere_with_owned_elsewhere() {
     let (nodes, addrs) = start_cluster(2, &["--shards", "1"]);
     let topic = topic_owned_by(&nodes, &addrs, "jobs", 1);
     let mut ws = nodes[0].ws("/v1/ws");
+    // A request goes to the owner, which has no responder for it.
     let ask = native_call(&mut ws, serde_json::json!({ "id": 2, "op": "request", "topic": topic, "data": "q" }));
-    assert_eq!(ask["error"]["code"], "owned_elsewhere", "{ask}");
+    assert_eq!(ask["error"]["code"], "no_responders", "{ask}");
     let schedule = native_call(
         &mut ws,
         serde_json::json!({ "id": 3, "op": "publish", "topic": topic, "data": "x", "delay_ms": 10 }),
@@ -336,12 +337,14 @@ fn try_next_json(ws: &mut Ws, wait: std::time::Duration) -> Option<serde_json::V
     }
 }
 
-/// A request made on the topic's owner is answered by a responder whose
-/// connection is on another node (a group member joined through it): the
-/// answer, and a responder's error, travel back over the node link.
+/// Requests made on the topic's owner and on another node are answered by a
+/// responder whose connection is on another node than the owner (a group
+/// member joined through it): the request, the answer and a responder's
+/// error travel over the node links (requester's node to owner, owner to
+/// responder's node, and back).
 #[test]
-fn a_responder_on_another_node_answers_requests_made_on_the_owner() {
-    let (nodes, addrs) = start_cluster(2, &["--shards", "2"]);
+fn a_responder_on_another_node_answers_requests_made_on_any_node() {
+    let (nodes, addrs) = start_cluster(3, &["--shards", "2"]);
     let topic = topic_owned_by(&nodes, &addrs, "billing", 1);
     let mut responder = nodes[0].ws("/v1/ws");
     let join = native_call(
@@ -349,8 +352,16 @@ fn a_responder_on_another_node_answers_requests_made_on_the_owner() {
         serde_json::json!({ "id": 1, "op": "subscribe", "topic": topic, "group": "workers" }),
     );
     assert_eq!(join["ok"], true, "{join}");
-    let mut requester = nodes[1].ws("/v1/ws");
-    for (i, answer) in [(2, "charged"), (4, "")].into_iter() {
+    let mut on_owner = nodes[1].ws("/v1/ws");
+    let mut on_third = nodes[2].ws("/v1/ws");
+    let mut on_responders = nodes[0].ws("/v1/ws");
+    let cases = [(2, "charged"), (4, ""), (6, "charged"), (8, ""), (10, "charged")];
+    for (n, (i, answer)) in cases.into_iter().enumerate() {
+        let requester = match n % 3 {
+            0 => &mut on_owner,
+            1 => &mut on_third,
+            _ => &mut on_responders,
+        };
         let ask = serde_json::json!({ "op": "request", "id": i, "topic": topic, "data": format!("charge {i}"), "timeout_ms": 10000 });
         requester.send(Message::text(ask.to_string())).unwrap();
         let m = next_json(&mut responder);
@@ -364,7 +375,7 @@ fn a_responder_on_another_node_answers_requests_made_on_the_owner() {
         }
         let done = native_call(&mut responder, reply);
         assert_eq!(done["ok"], true, "{done}");
-        let r = next_json(&mut requester);
+        let r = next_json(requester);
         assert_eq!(r["id"].as_u64(), Some(i), "{r}");
         if answer.is_empty() {
             assert_eq!(r["error"]["code"], "responder_error", "{r}");

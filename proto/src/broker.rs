@@ -489,6 +489,8 @@ pub struct Broker {
     remote_member_ids: HashMap<(usize, u64), u64, ahash::RandomState>,
     /// Requests delivered to members here for requesters on other nodes.
     remote_replies: HashMap<u64, remote_groups::RemoteReply, ahash::RandomState>,
+    /// Requests forwarded here by their requesters' nodes.
+    reply_backs: HashMap<u64, remote_groups::ReplyBack, ahash::RandomState>,
     /// Claims by other nodes' links on this shard, awaiting the owner
     /// shard's answer: the link to answer on.
     claims: HashMap<u64, Rc<Outbound>, ahash::RandomState>,
@@ -544,6 +546,7 @@ impl Broker {
             remote_members: HashMap::default(),
             remote_member_ids: HashMap::default(),
             remote_replies: HashMap::default(),
+            reply_backs: HashMap::default(),
             claims: HashMap::default(),
             forwarded: HashMap::default(),
             metrics,

@@ -127,17 +127,20 @@ pub struct LinkOptions {
     pub key: Option<Bytes>,
     /// Kind, id and headers.
     pub meta: Option<std::sync::Arc<crate::message::Meta>>,
+    /// A request's requester on the forwarding node (its answer comes
+    /// back as a reply frame).
+    pub reply_to: Option<crate::message::ReplyTo>,
 }
 
 impl LinkOptions {
     /// What a publish's options keep on a link.
     pub fn of(options: &PublishOptions) -> LinkOptions {
-        LinkOptions { key: options.key.clone(), meta: options.meta.clone() }
+        LinkOptions { key: options.key.clone(), meta: options.meta.clone(), reply_to: options.reply_to }
     }
 
     /// Publish options on the owner's side.
     pub fn into_options(self, ack: Option<AckLevel>) -> PublishOptions {
-        PublishOptions { key: self.key, ack, reply_to: None, meta: self.meta }
+        PublishOptions { key: self.key, ack, reply_to: self.reply_to, meta: self.meta }
     }
 }
 
@@ -161,7 +164,10 @@ pub fn encode(frame: &LinkFrame) -> Vec<u8> {
                 Some(AckLevel::Local) => 2,
                 Some(AckLevel::Stored) => 3,
             });
-            let headers = options.meta.as_ref().map(|m| m.to_record_headers()).unwrap_or_default();
+            let mut headers = options.meta.as_ref().map(|m| m.to_record_headers()).unwrap_or_default();
+            if let Some(to) = options.reply_to {
+                headers.push((crate::message::REPLY_TO_HEADER.to_string(), to.to_string()));
+            }
             let record = Record {
                 seq: 0,
                 timestamp_ms: 0,
@@ -373,7 +379,7 @@ pub fn decode(frame: &Bytes, at: std::time::Instant) -> Result<LinkFrame, LinkEr
             };
             let record = r.record()?;
             let message = Message::from_record(record, at);
-            let options = LinkOptions { key: message.key, meta: message.meta };
+            let options = LinkOptions { key: message.key, meta: message.meta, reply_to: message.reply_to };
             LinkFrame::Publish { id, topic, ack, kind: message.kind, payload: message.payload, options }
         }
         PUBLISH_DONE => {
@@ -666,7 +672,11 @@ mod tests {
                 ack: Some(AckLevel::Local),
                 kind: PayloadKind::Text,
                 payload: Bytes::from_static(b"hello"),
-                options: LinkOptions { key: Some(Bytes::from_static(b"k")), meta: Some(meta) },
+                options: LinkOptions {
+                    key: Some(Bytes::from_static(b"k")),
+                    meta: Some(meta),
+                    reply_to: Some(crate::message::ReplyTo { shard: 1, req: 2, nonce: 3 }),
+                },
             },
             LinkFrame::Publish {
                 id: 8,

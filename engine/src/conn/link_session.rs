@@ -70,7 +70,10 @@ pub(super) async fn link_message(session: &Session, follows: &Rc<Follows>, kind:
     match frame {
         LinkFrame::Publish { id, topic, ack, kind, payload, options } => {
             let reply = PublishReply::Link { out: session.out.clone(), id };
-            shard.publish_pipelined(topic, kind, payload, options.into_options(ack), reply).await;
+            let mut options = options.into_options(ack);
+            // A request: its answer comes back to this link.
+            shard.relay_reply_to(&mut options, session.out.clone());
+            shard.publish_pipelined(topic, kind, payload, options, reply).await;
         }
         LinkFrame::Follow { topic, from } => {
             // Followed again: from where it asks now.

@@ -104,7 +104,7 @@ impl Broker {
         now: Now,
     ) {
         let node = match self.remote_node(&topic) {
-            Some(node) if options.reply_to.is_none() => node,
+            Some(node) => node,
             _ => {
                 self.answer(held, Err(OwnerError::OwnedElsewhere), now);
                 return;
@@ -263,8 +263,13 @@ impl Broker {
             LinkFrame::Publish { .. }
             | LinkFrame::Follow { .. }
             | LinkFrame::Unfollow { .. }
-            | LinkFrame::Reply { .. }
             | LinkFrame::Claim { .. } => {}
+            // The answer to a request this node forwarded: to its requester.
+            LinkFrame::Reply { to, answer } => {
+                if to.shard < self.shards {
+                    self.send(to.shard, Item::Reply { to, answer, back: 0 }, now);
+                }
+            }
         }
     }
 

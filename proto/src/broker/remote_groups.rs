@@ -37,6 +37,16 @@ pub(super) struct RemoteReply {
     expires_ms: u64,
 }
 
+/// A request forwarded here by its requester's node: the link to answer
+/// on and the requester there.
+#[derive(Debug)]
+pub(super) struct ReplyBack {
+    out: Rc<Outbound>,
+    to: crate::message::ReplyTo,
+    nonce: u64,
+    expires_ms: u64,
+}
+
 /// A member of this node whose group is on another node.
 #[derive(Debug)]
 pub(super) struct RemoteMember {
@@ -154,5 +164,34 @@ impl Broker {
         if !self.remote_replies.is_empty() {
             self.remote_replies.retain(|_, r| r.expires_ms > now.unix_ms);
         }
+        if !self.reply_backs.is_empty() {
+            self.reply_backs.retain(|_, r| r.expires_ms > now.unix_ms);
+        }
+    }
+
+    /// A request forwarded by its requester's node over the link `out`
+    /// (its `reply_to` names the requester there): named by this shard
+    /// instead, so that its answer comes here and goes back on the link.
+    pub fn relay_reply_to(&mut self, options: &mut PublishOptions, out: Rc<Outbound>, now: Now) {
+        let Some(to) = options.reply_to else { return };
+        let req = self.next_id();
+        let nonce = req.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ self.owner.seed();
+        if self.reply_backs.len() >= REMOTE_REPLIES_MAX {
+            let oldest = self.reply_backs.keys().min().copied();
+            oldest.map(|k| self.reply_backs.remove(&k));
+        }
+        let expires_ms = now.unix_ms + REMOTE_REPLY_MS;
+        self.reply_backs.insert(req, ReplyBack { out, to, nonce, expires_ms });
+        options.reply_to = Some(crate::message::ReplyTo { shard: self.id, req, nonce });
+    }
+
+    /// A responder's answer naming `to`: if it is a request forwarded here
+    /// by its requester's node, written back on that link (true).
+    pub(super) fn reply_back(&mut self, to: &crate::message::ReplyTo, answer: &crate::request::Answer) -> bool {
+        let theirs = self.reply_backs.get(&to.req).is_some_and(|r| r.nonce == to.nonce);
+        let Some(r) = theirs.then(|| self.reply_backs.remove(&to.req)).flatten() else { return false };
+        let frame = LinkFrame::Reply { to: r.to, answer: answer.clone() };
+        r.out.offer_control(ws::encode_data(PayloadKind::Binary, &crate::link::encode(&frame)));
+        true
     }
 }

@@ -91,16 +91,17 @@ impl Broker {
 
     /// Requests waiting on this shard.
     pub fn has_requests(&self) -> bool {
-        !self.requests.is_empty() || !self.remote_replies.is_empty()
+        !self.requests.is_empty() || !self.remote_replies.is_empty() || !self.reply_backs.is_empty()
     }
 
     /// A reply item, or the answer to one.
     pub(super) fn handle_reply(&mut self, from: usize, item: Item, now: Now) {
         match item {
             Item::Reply { to, answer, back } => {
-                // A request delivered here for another node's requester:
-                // its answer goes on there.
-                if self.reply_on(&to, &answer) {
+                // A request delivered here for another node's requester, or
+                // forwarded here by its requester's node: its answer goes
+                // on there.
+                if self.reply_on(&to, &answer) || self.reply_back(&to, &answer) {
                     if back != 0 {
                         self.send(from, Item::ReplyDone { back, delivered: true }, now);
                     }
