@@ -487,10 +487,9 @@ pub struct Broker {
     /// the link, and that id by (member's shard, its id there).
     remote_members: HashMap<u64, remote_groups::RemoteMember, ahash::RandomState>,
     remote_member_ids: HashMap<(usize, u64), u64, ahash::RandomState>,
-    /// Requests delivered to members here for requesters on other nodes.
-    remote_replies: HashMap<u64, remote_groups::RemoteReply, ahash::RandomState>,
-    /// Requests forwarded here by their requesters' nodes.
-    reply_backs: HashMap<u64, remote_groups::ReplyBack, ahash::RandomState>,
+    /// Requests named by this shard for requesters on other nodes (a
+    /// responder here, or a request forwarded here).
+    relayed: HashMap<u64, remote_groups::Relayed, ahash::RandomState>,
     /// Claims by other nodes' links on this shard, awaiting the owner
     /// shard's answer: the link to answer on.
     claims: HashMap<u64, Rc<Outbound>, ahash::RandomState>,
@@ -545,8 +544,7 @@ impl Broker {
             follows_out: HashMap::default(),
             remote_members: HashMap::default(),
             remote_member_ids: HashMap::default(),
-            remote_replies: HashMap::default(),
-            reply_backs: HashMap::default(),
+            relayed: HashMap::default(),
             claims: HashMap::default(),
             forwarded: HashMap::default(),
             metrics,
@@ -1078,8 +1076,8 @@ impl Broker {
         held: Held,
         now: Now,
     ) {
-        if self.remote_node(&topic).is_some() {
-            self.forward(topic, kind, payload, options, held, now);
+        if let Some(node) = self.remote_node(&topic) {
+            self.forward(node, topic, kind, payload, options, held);
             return;
         }
         if self.needs_hand_off(&topic) {

@@ -210,11 +210,7 @@ impl Broker {
                     t.deadline_ms = now.unix_ms + HANDOFF_WAIT_MS;
                 }
                 if let Some((from, at)) = target.filter(|(from, at)| *from != t.from || *at != t.at) {
-                    t.from = from.clone();
-                    t.at = at;
-                    t.outstanding = 0;
-                    t.retry_ms = now.unix_ms + CLAIM_RETRY_MS;
-                    self.send_claim(&topic, from, at);
+                    self.claim_from(&topic, from, at, now);
                 }
             } else if self.taking.get(&topic).is_some_and(|t| !t.relay) {
                 let pending = self.taking.get_mut(&topic).map(|t| std::mem::take(&mut t.pending)).unwrap_or_default();
@@ -336,6 +332,17 @@ impl Broker {
             retry_ms: ms + CLAIM_RETRY_MS,
         };
         self.taking.insert(topic.clone(), taking);
+        self.send_claim(topic, from, at);
+    }
+
+    /// A claim under way asks another node now (`from`, owner at `at`):
+    /// answers still due from the one before count for nothing.
+    fn claim_from(&mut self, topic: &TopicName, from: String, at: u64, now: Now) {
+        let Some(t) = self.taking.get_mut(topic) else { return };
+        t.from = from.clone();
+        t.at = at;
+        t.outstanding = 0;
+        t.retry_ms = now.unix_ms + CLAIM_RETRY_MS;
         self.send_claim(topic, from, at);
     }
 
@@ -582,13 +589,9 @@ impl Broker {
             Some((from, at)) => {
                 tracing::info!(topic = topic.as_str(), gone = %gone, asking = %from, at, "claim goes past a gone node");
                 if let Some(t) = self.taking.get_mut(topic) {
-                    t.from = from.clone();
-                    t.at = at;
-                    t.outstanding = 0;
-                    t.retry_ms = now.unix_ms + CLAIM_RETRY_MS;
                     t.deadline_ms = now.unix_ms + HANDOFF_WAIT_MS;
                 }
-                self.send_claim(topic, from, at);
+                self.claim_from(topic, from, at, now);
             }
             None => {
                 tracing::warn!(topic = topic.as_str(), from = %gone, "no hand-off from a gone owner: the topic starts afresh");
@@ -662,6 +665,15 @@ impl Broker {
         self.send(from, Item::HandOffAnswer { req, topic, state }, now);
     }
 
+    /// The state held here (given up) leaves for `node` (this node's view
+    /// is `mine`).
+    fn hand_over(&mut self, topic: &TopicName, node: &str, mine: u64) -> HandOffState {
+        let Some(given) = self.handing.remove(topic) else { return HandOffState::Refused };
+        self.gave.insert(topic.clone(), (mine, node.to_string()));
+        let (epoch, last_seq, history) = self.handed_state(topic, &given);
+        HandOffState::State { epoch, last_seq, history }
+    }
+
     /// What a claim of `topic` by `node` (its view `version`, this node
     /// the owner at `at`) gets; see the module's rules.
     fn claim_decision(&mut self, topic: &TopicName, version: u64, node: &str, at: u64, now: Now) -> HandOffState {
@@ -684,13 +696,7 @@ impl Broker {
                 let run = views.run_at(topic, at).filter(|r| held_since.is_none_or(|v| v < r.start));
                 if let Some((before, before_at)) = run.and_then(|r| r.before) {
                     tracing::debug!(topic = topic.as_str(), from = %before, at = before_at, "claim goes further back");
-                    if let Some(t) = self.taking.get_mut(topic) {
-                        t.from = before.clone();
-                        t.at = before_at;
-                        t.outstanding = 0;
-                        t.retry_ms = now.unix_ms + CLAIM_RETRY_MS;
-                    }
-                    self.send_claim(topic, before, before_at);
+                    self.claim_from(topic, before, before_at, now);
                 }
             }
             return HandOffState::Refused;
@@ -701,10 +707,7 @@ impl Broker {
             if at < given.run_start && version < given.run_end {
                 return HandOffState::Refused;
             }
-            let Some(given) = self.handing.remove(topic) else { return HandOffState::Refused };
-            self.gave.insert(topic.clone(), (mine, node.to_string()));
-            let (epoch, last_seq, history) = self.handed_state(topic, &given);
-            return HandOffState::State { epoch, last_seq, history };
+            return self.hand_over(topic, node, mine);
         }
         // Held and sequenced here: given only to a claimer whose view is
         // past this node's current run (its `at` falls in this run); this
@@ -716,10 +719,7 @@ impl Broker {
             }
             self.given.insert(topic.clone(), (node.to_string(), version));
             self.give_up(topic);
-            let Some(given) = self.handing.remove(topic) else { return HandOffState::Refused };
-            self.gave.insert(topic.clone(), (mine, node.to_string()));
-            let (epoch, last_seq, history) = self.handed_state(topic, &given);
-            return HandOffState::State { epoch, last_seq, history };
+            return self.hand_over(topic, node, mine);
         }
         // Not held here. This node's view is behind the claim: wait for it.
         if at > mine {

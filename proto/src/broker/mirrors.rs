@@ -92,24 +92,17 @@ impl Broker {
         m.until.is_some_and(|until| self.owner.last_seq(topic).is_some_and(|last| last >= until))
     }
 
-    /// Sends a publish to its topic's owner node (the caller checked it is
-    /// another one); `held` gets its answer.
+    /// Sends a publish to its topic's owner node `node` (another one);
+    /// `held` gets its answer.
     pub(super) fn forward(
         &mut self,
+        node: String,
         topic: TopicName,
         kind: PayloadKind,
         payload: Bytes,
         options: PublishOptions,
         held: Held,
-        now: Now,
     ) {
-        let node = match self.remote_node(&topic) {
-            Some(node) => node,
-            _ => {
-                self.answer(held, Err(OwnerError::OwnedElsewhere), now);
-                return;
-            }
-        };
         let id = self.next_id();
         self.forwarded.insert(id, (node.clone(), held));
         metrics::add(&self.metrics.messages_forwarded, 1);

@@ -16,10 +16,14 @@
 //! - A request delivered to such a member names its requester on the
 //!   owner: the member's node puts its own name for it in the delivery
 //!   (a shard and id here, kept at most [`REMOTE_REPLY_MS`]) and sends
-//!   the responder's answer on to the owner ([`LinkFrame::Reply`]).
+//!   the responder's answer on to the owner ([`LinkFrame::Reply`]). A
+//!   request forwarded to the owner by its requester's node is named by
+//!   the owner's link session the same way, and answered back on that
+//!   link.
 
 use super::*;
 use crate::link::{GroupLink, LinkFrame};
+use crate::message::ReplyTo;
 
 /// How long a request delivered to a member here waits for its answer to
 /// be sent on (the longest a requester waits).
@@ -28,23 +32,25 @@ pub const REMOTE_REPLY_MS: u64 = crate::request::REQUEST_TIMEOUT_MS_MAX;
 /// (past it the oldest are forgotten: their requesters time out).
 pub const REMOTE_REPLIES_MAX: usize = crate::request::REQUESTS_WAITING_MAX;
 
-/// A request delivered to a member here, its requester on another node.
+/// A request whose requester is on another node, named by this shard in
+/// the delivery (see [`Broker::relay_request`]): where its answer goes.
 #[derive(Debug)]
-pub(super) struct RemoteReply {
-    node: String,
-    to: crate::message::ReplyTo,
+pub(super) struct Relayed {
+    route: ReplyRoute,
+    /// The requester on its node.
+    to: ReplyTo,
     nonce: u64,
     expires_ms: u64,
 }
 
-/// A request forwarded here by its requester's node: the link to answer
-/// on and the requester there.
+/// How an answer reaches the requester's node.
 #[derive(Debug)]
-pub(super) struct ReplyBack {
-    out: Rc<Outbound>,
-    to: crate::message::ReplyTo,
-    nonce: u64,
-    expires_ms: u64,
+pub(super) enum ReplyRoute {
+    /// Over this node's link to that node (the requester is on the owner;
+    /// the responder is a member here).
+    Node(String),
+    /// Back on the link that node opened here (it forwarded the request).
+    Link(Rc<Outbound>),
 }
 
 /// A member of this node whose group is on another node.
@@ -119,15 +125,7 @@ impl Broker {
             GroupLink::Deliver { mut message, delivery, tag } => {
                 // A request: its answer comes back here, to be sent on.
                 if let Some(to) = message.reply_to {
-                    let req = self.next_id();
-                    let nonce = req.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ self.owner.seed();
-                    if self.remote_replies.len() >= REMOTE_REPLIES_MAX {
-                        let oldest = self.remote_replies.keys().min().copied();
-                        oldest.map(|k| self.remote_replies.remove(&k));
-                    }
-                    let expires_ms = now.unix_ms + REMOTE_REPLY_MS;
-                    self.remote_replies.insert(req, RemoteReply { node: node.to_string(), to, nonce, expires_ms });
-                    message.reply_to = Some(crate::message::ReplyTo { shard: self.id, req, nonce });
+                    message.reply_to = Some(self.relay_request(to, ReplyRoute::Node(node.to_string()), now));
                 }
                 self.send(shard, Item::GroupDeliver { topic, group, sub, message, delivery, tag }, now);
             }
@@ -149,49 +147,49 @@ impl Broker {
         }
     }
 
-    /// A responder's answer naming `to`: if it is a request delivered here
-    /// for another node's requester, sent on there (true).
-    pub(super) fn reply_on(&mut self, to: &crate::message::ReplyTo, answer: &crate::request::Answer) -> bool {
-        let theirs = self.remote_replies.get(&to.req).is_some_and(|r| r.nonce == to.nonce);
-        let Some(r) = theirs.then(|| self.remote_replies.remove(&to.req)).flatten() else { return false };
-        let frame = LinkFrame::Reply { to: r.to, answer: answer.clone() };
-        self.actions.push(Action::Link { node: r.node, frame });
-        true
-    }
-
-    /// Forgets requests delivered here whose requesters stopped waiting.
-    pub(super) fn expire_remote_replies(&mut self, now: Now) {
-        if !self.remote_replies.is_empty() {
-            self.remote_replies.retain(|_, r| r.expires_ms > now.unix_ms);
-        }
-        if !self.reply_backs.is_empty() {
-            self.reply_backs.retain(|_, r| r.expires_ms > now.unix_ms);
-        }
-    }
-
     /// A request forwarded by its requester's node over the link `out`
     /// (its `reply_to` names the requester there): named by this shard
     /// instead, so that its answer comes here and goes back on the link.
     pub fn relay_reply_to(&mut self, options: &mut PublishOptions, out: Rc<Outbound>, now: Now) {
-        let Some(to) = options.reply_to else { return };
-        let req = self.next_id();
-        let nonce = req.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ self.owner.seed();
-        if self.reply_backs.len() >= REMOTE_REPLIES_MAX {
-            let oldest = self.reply_backs.keys().min().copied();
-            oldest.map(|k| self.reply_backs.remove(&k));
+        if let Some(to) = options.reply_to {
+            options.reply_to = Some(self.relay_request(to, ReplyRoute::Link(out), now));
         }
-        let expires_ms = now.unix_ms + REMOTE_REPLY_MS;
-        self.reply_backs.insert(req, ReplyBack { out, to, nonce, expires_ms });
-        options.reply_to = Some(crate::message::ReplyTo { shard: self.id, req, nonce });
     }
 
-    /// A responder's answer naming `to`: if it is a request forwarded here
-    /// by its requester's node, written back on that link (true).
-    pub(super) fn reply_back(&mut self, to: &crate::message::ReplyTo, answer: &crate::request::Answer) -> bool {
-        let theirs = self.reply_backs.get(&to.req).is_some_and(|r| r.nonce == to.nonce);
-        let Some(r) = theirs.then(|| self.reply_backs.remove(&to.req)).flatten() else { return false };
+    /// Names this shard for a request whose requester `to` is on another
+    /// node (kept at most [`REMOTE_REPLY_MS`]; past [`REMOTE_REPLIES_MAX`]
+    /// the oldest is forgotten and its requester times out).
+    fn relay_request(&mut self, to: ReplyTo, route: ReplyRoute, now: Now) -> ReplyTo {
+        let req = self.next_id();
+        let nonce = crate::hash::avalanche(self.owner.seed() ^ crate::hash::avalanche(req));
+        if self.relayed.len() >= REMOTE_REPLIES_MAX {
+            let oldest = self.relayed.keys().min().copied();
+            oldest.map(|k| self.relayed.remove(&k));
+        }
+        let expires_ms = now.unix_ms + REMOTE_REPLY_MS;
+        self.relayed.insert(req, Relayed { route, to, nonce, expires_ms });
+        ReplyTo { shard: self.id, req, nonce }
+    }
+
+    /// A responder's answer naming `to`: if it is a request relayed here,
+    /// sent on to its requester's node (true).
+    pub(super) fn reply_relayed(&mut self, to: &ReplyTo, answer: &crate::request::Answer) -> bool {
+        let ours = self.relayed.get(&to.req).is_some_and(|r| r.nonce == to.nonce);
+        let Some(r) = ours.then(|| self.relayed.remove(&to.req)).flatten() else { return false };
         let frame = LinkFrame::Reply { to: r.to, answer: answer.clone() };
-        r.out.offer_control(ws::encode_data(PayloadKind::Binary, &crate::link::encode(&frame)));
+        match r.route {
+            ReplyRoute::Node(node) => self.actions.push(Action::Link { node, frame }),
+            ReplyRoute::Link(out) => {
+                out.offer_control(ws::encode_data(PayloadKind::Binary, &crate::link::encode(&frame)));
+            }
+        }
         true
+    }
+
+    /// Forgets relayed requests whose requesters stopped waiting.
+    pub(super) fn expire_relayed(&mut self, now: Now) {
+        if !self.relayed.is_empty() {
+            self.relayed.retain(|_, r| r.expires_ms > now.unix_ms);
+        }
     }
 }

@@ -78,7 +78,7 @@ impl Broker {
 
     /// Answers requests past their deadline with `timeout`.
     pub fn tick_requests(&mut self, now: Now) {
-        self.expire_remote_replies(now);
+        self.expire_relayed(now);
         let expired: Vec<u64> =
             self.requests.iter().filter(|(_, w)| w.deadline_ms <= now.unix_ms).map(|(r, _)| *r).collect();
         for req in expired {
@@ -91,7 +91,7 @@ impl Broker {
 
     /// Requests waiting on this shard.
     pub fn has_requests(&self) -> bool {
-        !self.requests.is_empty() || !self.remote_replies.is_empty() || !self.reply_backs.is_empty()
+        !self.requests.is_empty() || !self.relayed.is_empty()
     }
 
     /// A reply item, or the answer to one.
@@ -101,7 +101,7 @@ impl Broker {
                 // A request delivered here for another node's requester, or
                 // forwarded here by its requester's node: its answer goes
                 // on there.
-                if self.reply_on(&to, &answer) || self.reply_back(&to, &answer) {
+                if self.reply_relayed(&to, &answer) {
                     if back != 0 {
                         self.send(from, Item::ReplyDone { back, delivered: true }, now);
                     }
