@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use objstore::{Done, Job, Outcomes, Worker};
 pub use proto::admin::{Manifest, ManifestSegment, ManifestTopic};
-use proto::durable::SegmentInfo;
+use proto::durable::{ArchivedSegment, SegmentInfo};
 use proto::message::Now;
 use proto::metrics;
 use proto::topic::TopicName;
@@ -321,6 +321,35 @@ impl Shard {
         self.run_job(|tag, outcomes| Job::PutBytes { key: "snapshots/latest".into(), body: latest, tag, outcomes })
             .await?;
         Ok(manifest)
+    }
+
+    /// `topic`'s segments in the object store, oldest first, each after
+    /// the one before (a key from an older incarnation that overlaps is
+    /// left out). Their records' times are not known without reading them:
+    /// they count as spanning all time (kept by retention by age; a read
+    /// by time scans from the oldest).
+    pub async fn stored_log(&self, topic: &TopicName) -> Result<Vec<ArchivedSegment>, String> {
+        let under = format!("topics/{}/", self.store.dir_name(topic));
+        let listed = self.run_job(|tag, outcomes| Job::ListSized { under: under.clone(), tag, outcomes }).await?;
+        let text = String::from_utf8_lossy(listed.as_deref().unwrap_or_default()).into_owned();
+        let mut segments: Vec<ArchivedSegment> = text
+            .lines()
+            .filter_map(|line| {
+                let (key, size) = line.rsplit_once(' ')?;
+                let (first, last) = key.strip_prefix(&under)?.strip_suffix(".log")?.split_once('-')?;
+                let (base_seq, last_seq) = (first.parse().ok()?, last.parse().ok()?);
+                let len = size.parse().ok()?;
+                Some(ArchivedSegment { base_seq, last_seq, len, first_ms: 0, last_ms: u64::MAX })
+            })
+            .collect();
+        segments.sort_by_key(|s| (s.base_seq, s.last_seq));
+        let mut kept: Vec<ArchivedSegment> = Vec::with_capacity(segments.len());
+        for s in segments {
+            if kept.last().is_none_or(|k| s.base_seq > k.last_seq) {
+                kept.push(s);
+            }
+        }
+        Ok(kept)
     }
 
     /// Snapshot ids in the store, oldest first.

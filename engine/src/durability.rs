@@ -22,6 +22,7 @@ use proto::log::RECORD_BODY_BYTES_MAX;
 use proto::message::Message;
 use proto::message::{Epoch, Now};
 use proto::outbound::Outbound;
+use proto::owner::DurableMove;
 use proto::sync::Slot;
 use proto::topic::TopicName;
 use runtime::limits::SHUTDOWN_POLL_MS;
@@ -119,9 +120,15 @@ impl Shard {
     pub(crate) async fn durable_server(self: Rc<Self>) {
         loop {
             let wanted = std::mem::take(&mut *self.durable_requests.borrow_mut());
-            if wanted.is_empty() {
+            let listings = std::mem::take(&mut *self.store_listings.borrow_mut());
+            if wanted.is_empty() && listings.is_empty() {
                 self.durable_wake.wait().await;
                 continue;
+            }
+            for topic in listings {
+                let listed = self.stored_log(&topic).await;
+                self.broker.borrow_mut().stored_listed(&topic, listed, Now::read());
+                self.apply();
             }
             for (from, req, ask) in wanted {
                 let answer = self.serve_durable(ask).await;
@@ -403,9 +410,46 @@ impl Shard {
         }
     }
 
+    /// Makes `topic`'s files follow its log to or from another node of the
+    /// cluster (see `proto::owner::DurableMove`). Runs in `apply`, before
+    /// any commit can write the topic's segments. A failure is logged: the
+    /// log goes on in memory and its next commit fails (`storage_failed`).
+    pub(crate) fn durable_moved(&self, moved: DurableMove) {
+        let (topic, outcome) = match moved {
+            DurableMove::Left { topic } => {
+                let done = self.store.forget(&topic);
+                tracing::info!(topic = topic.as_str(), "durable log handed to the next owner; local files removed");
+                (topic, done)
+            }
+            DurableMove::Taken { topic, epoch, spec, floor, segments } => {
+                let count = segments.len();
+                let done = self
+                    .store
+                    .forget(&topic)
+                    .and_then(|()| self.store.write_meta(&topic, epoch, spec, floor))
+                    .and_then(|()| self.store.write_archived(&topic, &segments));
+                tracing::info!(topic = topic.as_str(), segments = count, floor, "durable log taken over");
+                (topic, done)
+            }
+        };
+        self.fetched.borrow_mut().forget(&topic);
+        if let Err(e) = outcome {
+            tracing::error!(topic = topic.as_str(), "durable log's files not moved: {e}");
+        }
+    }
+
+    /// Asks the durable task to list `topic`'s segments in the object store
+    /// for the broker (a durable topic taken over without its state).
+    pub(crate) fn list_stored(&self, topic: TopicName) {
+        self.store_listings.borrow_mut().push(topic);
+        self.durable_wake.notify();
+    }
+
     /// Recovers the durable topics on disk that this shard owns, and
     /// declares the configured ones found nowhere. Runs before the shard
-    /// serves.
+    /// serves. In a cluster, configured topics are declared where they are
+    /// sequenced instead, at their first publish there (see
+    /// `Owner::set_durable_config`).
     pub fn recover_durable(&self) -> Result<(), StoreError> {
         let (id, shards) = (self.id, self.shards);
         let found =
@@ -447,6 +491,11 @@ impl Shard {
                 self.store.write_meta(&f.topic, f.epoch, spec, f.seq_floor)?;
             }
             seen.insert(f.topic);
+        }
+        if self.broker.borrow().topology().is_some() {
+            let mine = configured.iter().filter(|(t, _)| t.owner_shard(shards) == id).cloned();
+            self.broker.borrow_mut().owner_mut().set_durable_config(self.log_limits, mine);
+            return Ok(());
         }
         for (topic, spec) in configured.iter().filter(|(t, _)| t.owner_shard(shards) == id && !seen.contains(t)) {
             let mut broker = self.broker.borrow_mut();

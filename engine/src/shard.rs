@@ -284,6 +284,9 @@ pub struct Shard {
     pub(crate) committing: Cell<bool>,
     /// Peers' durable-topic requests, for the durable task (control queue).
     pub(crate) durable_requests: RefCell<Vec<(usize, u64, DurableAsk)>>,
+    /// Durable topics whose segments the broker asked the object store
+    /// for (`Action::ListStored`), for the durable task.
+    pub(crate) store_listings: RefCell<Vec<TopicName>>,
     /// Wakes the durable task.
     pub(crate) durable_wake: Event,
     /// Catch-up work for the catch-up task (control queue).
@@ -415,6 +418,7 @@ impl Shard {
             commit_wake: Event::default(),
             committing: Cell::new(false),
             durable_requests: RefCell::default(),
+            store_listings: RefCell::default(),
             durable_wake: Event::default(),
             uploads: RefCell::default(),
             fetched: RefCell::default(),
@@ -461,6 +465,8 @@ impl Shard {
                     self.catch_up_wake.notify();
                 }
                 Action::Link { node, frame } => self.node_links.send(node, &frame),
+                Action::DurableMoved(moved) => self.durable_moved(moved),
+                Action::ListStored { topic } => self.list_stored(topic),
             }
         }
     }

@@ -363,6 +363,21 @@ impl Store {
         sync_dir(&self.root)
     }
 
+    /// Removes `topic`'s files at once (its log moved to another node, or
+    /// a stale incarnation of it is replaced by one taken over): open
+    /// segments are dropped, not flushed (a moved log's segments are all
+    /// sealed and in the object store). Blocking, and short: a directory
+    /// of sealed files.
+    pub fn forget(&self, topic: &TopicName) -> Result<(), StoreError> {
+        self.open.borrow_mut().retain(|(t, _), _| t != topic);
+        let dir = self.dir(topic);
+        match std::fs::remove_dir_all(&dir) {
+            Ok(()) => sync_dir(&self.root),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(io("deleting", &dir)(e)),
+        }
+    }
+
     /// Writes one topic's share of a group commit; fsyncs it under the
     /// `always` policy. Sealed segments are cut to their length and closed.
     pub async fn write(&self, topic: &TopicName, jobs: &[WriteJob]) -> Result<(), StoreError> {

@@ -463,6 +463,9 @@ impl Sim {
                 Action::ReadLog(read) => self.log_reads.push((shard, read)),
                 Action::CatchUp { topic, req, out } => self.catch_ups.push((shard, topic, req, out)),
                 Action::Link { .. } => return Err("a node without a cluster used a link".into()),
+                Action::DurableMoved(_) | Action::ListStored { .. } => {
+                    return Err("a node without a cluster moved a durable log".into())
+                }
                 Action::Published { req, result } => {
                     let id = self.publishing.remove(&(shard, req)).ok_or("an answer to no publish")?;
                     if self.sent[id as usize].seq.is_none() {

@@ -236,6 +236,11 @@ impl ObjectStore {
 
     /// Keys under `prefix` (relative to the store's own prefix), sorted.
     pub async fn list_once(&self, under: &str) -> Result<Vec<String>, Error> {
+        Ok(self.list_sized(under).await?.into_iter().map(|(key, _)| key).collect())
+    }
+
+    /// The keys under `under` with their sizes in bytes, sorted.
+    pub async fn list_sized(&self, under: &str) -> Result<Vec<(String, u64)>, Error> {
         let fail = |why: String| Error { what: "listing", key: under.to_string(), why };
         let mut keys = Vec::new();
         match self {
@@ -253,7 +258,8 @@ impl ObjectStore {
                             stack.push(path);
                         } else if let Ok(rel) = path.strip_prefix(dir) {
                             if path.extension().is_none_or(|e| e != "part") {
-                                keys.push(rel.to_string_lossy().into_owned());
+                                let size = entry.metadata().await.map_err(|e| fail(e.to_string()))?.len();
+                                keys.push((rel.to_string_lossy().into_owned(), size));
                             }
                         }
                     }
@@ -267,7 +273,8 @@ impl ObjectStore {
                     for object in page.contents() {
                         if let Some(key) = object.key() {
                             let rel = if prefix.is_empty() { key } else { &key[prefix.len() + 1..] };
-                            keys.push(rel.to_string());
+                            let size = object.size().and_then(|n| u64::try_from(n).ok()).unwrap_or(0);
+                            keys.push((rel.to_string(), size));
                         }
                     }
                 }
@@ -360,6 +367,9 @@ pub enum Job {
     Get { key: String, tag: u64, outcomes: Outcomes },
     /// List the keys under `under`.
     List { under: String, tag: u64, outcomes: Outcomes },
+    /// List the keys under `under` with their sizes: a line `key size`
+    /// each.
+    ListSized { under: String, tag: u64, outcomes: Outcomes },
 }
 
 /// A thread with a small tokio runtime that runs jobs one at a time, in
@@ -403,6 +413,11 @@ impl Worker {
                         Job::List { under, tag, outcomes } => {
                             let keys = worker_store.list_once(&under).await;
                             (tag, outcomes, keys.map(|k| Some(Bytes::from(k.join("\n")))))
+                        }
+                        Job::ListSized { under, tag, outcomes } => {
+                            let keys = worker_store.list_sized(&under).await;
+                            let lines = keys.map(|k| k.iter().map(|(k, n)| format!("{k} {n}")).collect::<Vec<_>>());
+                            (tag, outcomes, lines.map(|l| Some(Bytes::from(l.join("\n")))))
                         }
                     };
                     let mut list = outcomes.lock().unwrap_or_else(|p| p.into_inner());
@@ -485,6 +500,8 @@ mod tests {
             std::thread::park_timeout(Duration::from_millis(5));
         }
         let got = worker.block_on(|s| Box::pin(async move { (s.get("t/1.log").await, s.list_once("").await) }));
+        let sized = worker.block_on(|s| Box::pin(async move { s.list_sized("t/").await }));
+        assert_eq!(sized.unwrap(), [("t/1.log".to_string(), 13)]);
         assert_eq!(got.0.unwrap().as_deref(), Some(&b"segment bytes"[..]));
         let keys = got.1.unwrap();
         assert!(keys.contains(&"t/1.log".to_string()) && keys.contains(&"m/1.json".to_string()), "{keys:?}");

@@ -168,6 +168,12 @@ pub enum Action {
     /// (made if missing). If the link fails, call [`Broker::link_down`]
     /// once its queue is dropped.
     Link { node: String, frame: crate::link::LinkFrame },
+    /// A durable topic's log was taken over from another node or handed to
+    /// it: make its files say so before the next commit writes any.
+    DurableMoved(crate::owner::DurableMove),
+    /// List `topic`'s segments in the object store (a durable topic taken
+    /// over without its state) and hand them to [`Broker::stored_listed`].
+    ListStored { topic: TopicName },
 }
 
 /// A read of a durable topic's log for a catch-up.
@@ -555,6 +561,7 @@ impl Broker {
     pub fn take_actions(&mut self, into: &mut Vec<Action>) {
         into.clear();
         std::mem::swap(into, &mut self.actions);
+        into.extend(self.owner.take_durable_moves().into_iter().map(Action::DurableMoved));
     }
 
     /// A fresh shard-unique id.

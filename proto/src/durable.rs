@@ -309,6 +309,24 @@ impl ArchivedSegment {
     }
 }
 
+/// A durable topic's log as its hand-off to the next owner node carries
+/// it: its declaration and its segments, every one of them in the object
+/// store (the giving node uploads them first), so the next owner reads
+/// them from there (tiered reads) and appends after them. Nodes of a
+/// cluster share one object store.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DurableHandOff {
+    /// Its declaration.
+    pub spec: DurableSpec,
+    /// Its segments, oldest first, all in the object store.
+    pub segments: Vec<ArchivedSegment>,
+}
+
+/// Segments a hand-off carries at most (40 bytes each: 2.6 MB). A log with
+/// more hands off its newest; older ones stay in the object store but are
+/// no longer listed (a read from before them is told the gap).
+pub const HANDOFF_SEGMENTS_MAX: usize = 65_536;
+
 /// A byte range of one segment to read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ReadRange {
@@ -727,9 +745,28 @@ impl TopicLog {
         self.segments.iter().find(|s| s.messages > 0).map_or(self.next_seq(), |s| s.base_seq)
     }
 
-    /// The sequence after the last appended.
+    /// The sequence after the last appended (after the last archived
+    /// when nothing is on disk: a log taken over from another node).
     pub fn next_seq(&self) -> u64 {
-        self.segments.back().map_or(1, |s| s.last_seq + 1)
+        match self.segments.back() {
+            Some(s) => s.last_seq + 1,
+            None => self.archived.back().map_or(1, |a| a.last_seq + 1),
+        }
+    }
+
+    /// Whether every record is in the object store: nothing sealed or
+    /// open is waiting for its upload (what a hand-off to another node
+    /// needs). An empty active segment counts as stored.
+    pub fn all_stored(&self) -> bool {
+        self.segments.iter().all(|s| s.messages == 0 || (s.uploaded && s.sealed))
+    }
+
+    /// A log that holds nothing on disk, only `segments` in the object
+    /// store (taken over from another node): appends go after them.
+    pub fn in_store(limits: LogLimits, segments: impl IntoIterator<Item = ArchivedSegment>) -> TopicLog {
+        let mut log = TopicLog::new(limits);
+        log.set_archived(segments);
+        log
     }
 
     /// The last record's sequence, on disk or archived (0 when none).

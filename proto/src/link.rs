@@ -14,7 +14,7 @@
 
 use bytes::Bytes;
 
-use crate::durable::{AckLevel, PublishOptions};
+use crate::durable::{AckLevel, ArchivedSegment, DurableHandOff, PublishOptions, HANDOFF_SEGMENTS_MAX};
 use crate::log::{self, Record};
 use crate::message::{Epoch, Message, PayloadKind};
 use crate::owner::{OwnerError, ResumeFrom};
@@ -114,8 +114,9 @@ pub enum HandOffState {
     /// claim's: the claimer's view is behind; ask again later.
     Refused,
     /// The topic's sequence space, last number and retained history; the
-    /// previous owner sequences it no more.
-    State { epoch: Epoch, last_seq: u64, history: Vec<Message> },
+    /// previous owner sequences it no more. A durable topic's log comes
+    /// with it (`durable`), its records all in the object store.
+    State { epoch: Epoch, last_seq: u64, history: Vec<Message>, durable: Option<DurableHandOff> },
 }
 
 /// The part of a publish's options a link carries: key and metadata.
@@ -235,7 +236,7 @@ pub fn encode(frame: &LinkFrame) -> Vec<u8> {
             match state {
                 HandOffState::Nothing => out.push(0),
                 HandOffState::Refused => out.push(1),
-                HandOffState::State { epoch, last_seq, history } => {
+                HandOffState::State { epoch, last_seq, history, durable } => {
                     out.push(2);
                     out.extend_from_slice(&epoch.0.to_be_bytes());
                     out.extend_from_slice(&last_seq.to_be_bytes());
@@ -243,6 +244,7 @@ pub fn encode(frame: &LinkFrame) -> Vec<u8> {
                     for m in history {
                         put_message(&mut out, m);
                     }
+                    put_durable(&mut out, durable.as_ref());
                 }
             }
         }
@@ -474,7 +476,8 @@ pub fn decode(frame: &Bytes, at: std::time::Instant) -> Result<LinkFrame, LinkEr
                     for _ in 0..count {
                         history.push(Message::from_record(r.record()?, at));
                     }
-                    HandOffState::State { epoch, last_seq, history }
+                    let durable = r.durable()?;
+                    HandOffState::State { epoch, last_seq, history, durable }
                 }
                 _ => return Err(LinkError("unknown hand-off state")),
             };
@@ -493,6 +496,27 @@ fn put_topic(out: &mut Vec<u8>, topic: &TopicName) {
     // Topic names are far shorter than 64 KiB (`topic::TOPIC_BYTES_MAX`).
     out.extend_from_slice(&(name.len() as u16).to_be_bytes());
     out.extend_from_slice(name);
+}
+
+/// A durable topic's hand-off: a flag, then its declaration (JSON, as in
+/// `meta.json`) and its segments (five numbers each), newest kept when
+/// there are more than [`HANDOFF_SEGMENTS_MAX`].
+fn put_durable(out: &mut Vec<u8>, durable: Option<&DurableHandOff>) {
+    let Some(d) = durable else {
+        out.push(0);
+        return;
+    };
+    out.push(1);
+    let spec = serde_json::to_vec(&d.spec).unwrap_or_default();
+    out.extend_from_slice(&(spec.len() as u32).to_be_bytes());
+    out.extend_from_slice(&spec);
+    let kept = &d.segments[d.segments.len().saturating_sub(HANDOFF_SEGMENTS_MAX)..];
+    out.extend_from_slice(&(kept.len() as u32).to_be_bytes());
+    for s in kept {
+        for n in [s.base_seq, s.last_seq, s.len, s.first_ms, s.last_ms] {
+            out.extend_from_slice(&n.to_be_bytes());
+        }
+    }
 }
 
 /// A message as its durable log record.
@@ -553,6 +577,26 @@ impl Reader<'_> {
     fn u64(&mut self) -> Result<u64, LinkError> {
         let b = self.take(8)?;
         Ok(u64::from_be_bytes(b.try_into().map_err(|_| LinkError("frame cut short"))?))
+    }
+
+    /// A durable topic's hand-off (see `put_durable`).
+    fn durable(&mut self) -> Result<Option<DurableHandOff>, LinkError> {
+        if self.u8()? == 0 {
+            return Ok(None);
+        }
+        let len = self.u32()? as usize;
+        let spec = serde_json::from_slice(self.take(len)?).map_err(|_| LinkError("durable declaration unreadable"))?;
+        let count = self.u32()? as usize;
+        if count > HANDOFF_SEGMENTS_MAX {
+            return Err(LinkError("too many segments in a hand-off"));
+        }
+        let mut segments = Vec::with_capacity(count.min(self.bytes.len() / 40));
+        for _ in 0..count {
+            let (base_seq, last_seq, len, first_ms, last_ms) =
+                (self.u64()?, self.u64()?, self.u64()?, self.u64()?, self.u64()?);
+            segments.push(ArchivedSegment { base_seq, last_seq, len, first_ms, last_ms });
+        }
+        Ok(Some(DurableHandOff { spec, segments }))
     }
 
     fn u32(&mut self) -> Result<u32, LinkError> {
@@ -741,6 +785,22 @@ mod tests {
                     epoch: Epoch(5),
                     last_seq: 43,
                     history: vec![message.clone(), message.clone()],
+                    durable: None,
+                },
+            },
+            LinkFrame::HandOff {
+                topic: topic("orders"),
+                state: HandOffState::State {
+                    epoch: Epoch(6),
+                    last_seq: 90,
+                    history: vec![message.clone()],
+                    durable: Some(crate::durable::DurableHandOff {
+                        spec: crate::durable::DurableSpec { ack: AckLevel::Stored, ..Default::default() },
+                        segments: vec![
+                            ArchivedSegment { base_seq: 1, last_seq: 40, len: 4096, first_ms: 10, last_ms: 20 },
+                            ArchivedSegment { base_seq: 41, last_seq: 90, len: 8192, first_ms: 21, last_ms: 30 },
+                        ],
+                    }),
                 },
             },
         ]
@@ -758,10 +818,16 @@ mod tests {
                 t1 == t2 && same_message(m1, m2)
             }
             (
-                LinkFrame::HandOff { topic: t1, state: HandOffState::State { epoch: e1, last_seq: l1, history: h1 } },
-                LinkFrame::HandOff { topic: t2, state: HandOffState::State { epoch: e2, last_seq: l2, history: h2 } },
+                LinkFrame::HandOff {
+                    topic: t1,
+                    state: HandOffState::State { epoch: e1, last_seq: l1, history: h1, durable: d1 },
+                },
+                LinkFrame::HandOff {
+                    topic: t2,
+                    state: HandOffState::State { epoch: e2, last_seq: l2, history: h2, durable: d2 },
+                },
             ) => {
-                (t1, e1, l1, h1.len()) == (t2, e2, l2, h2.len())
+                (t1, e1, l1, h1.len(), d1) == (t2, e2, l2, h2.len(), d2)
                     && h1.iter().zip(h2).all(|(m1, m2)| same_message(m1, m2))
             }
             (

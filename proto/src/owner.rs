@@ -11,7 +11,8 @@ use std::time::Instant;
 use bytes::Bytes;
 
 use crate::durable::{
-    AckLevel, DurableSpec, PublishOptions, Recovered, TopicLog, WriteJob, UNWRITTEN_BYTES_MAX, UNWRITTEN_MESSAGES_MAX,
+    AckLevel, ArchivedSegment, DurableHandOff, DurableSpec, PublishOptions, Recovered, TopicLog, WriteJob,
+    UNWRITTEN_BYTES_MAX, UNWRITTEN_MESSAGES_MAX,
 };
 use crate::history::History;
 pub use crate::history::SeqRange;
@@ -413,6 +414,40 @@ pub struct Owner {
     evicted_total: u64,
     /// Durable topics with records appended since the last commit.
     appended: Vec<TopicName>,
+    /// Durable declarations a topic takes at its first publish here (a
+    /// cluster's configured durable topics: declared where they are
+    /// sequenced, not on every node at start). Empty on a single node.
+    declare_on_publish: HashMap<TopicName, DurableSpec, ahash::RandomState>,
+    /// Segment bounds of durable logs made here.
+    log_limits: crate::durable::LogLimits,
+    /// Durable logs taken over or given away since the last call of
+    /// [`Owner::take_durable_moves`]: the shell's files follow.
+    durable_moves: Vec<DurableMove>,
+}
+
+/// A durable topic's log arrived on this node or left it; the shell makes
+/// its files say so.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DurableMove {
+    /// Owned here from now on: `topic`'s directory holds only `meta.json`
+    /// (epoch, declaration, numbering floor `floor`) and the list of its
+    /// segments in the object store; whatever a previous incarnation left
+    /// there goes.
+    Taken { topic: TopicName, epoch: Epoch, spec: DurableSpec, floor: u64, segments: Vec<ArchivedSegment> },
+    /// Handed to another node with every record in the object store: the
+    /// local files go.
+    Left { topic: TopicName },
+}
+
+/// Whether a durable topic can be handed to another node yet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DurableHandOffReady {
+    /// Not durable here.
+    Ephemeral,
+    /// Every record is in the object store: this goes with the state.
+    Ready(DurableHandOff),
+    /// Records are still being written, sealed or uploaded (asked for).
+    Waiting,
 }
 
 impl Owner {
@@ -428,7 +463,88 @@ impl Owner {
             topics_created: 0,
             evicted_total: 0,
             appended: Vec::new(),
+            declare_on_publish: HashMap::default(),
+            log_limits: crate::durable::LogLimits::default(),
+            durable_moves: Vec::new(),
         }
+    }
+
+    /// Sets the segment bounds of durable logs made here, and the durable
+    /// declarations topics take at their first publish here (a cluster's
+    /// configured ones; see `declare_on_publish`).
+    pub fn set_durable_config(
+        &mut self,
+        log_limits: crate::durable::LogLimits,
+        declare_on_publish: impl IntoIterator<Item = (TopicName, DurableSpec)>,
+    ) {
+        self.log_limits = log_limits;
+        self.declare_on_publish = declare_on_publish.into_iter().collect();
+    }
+
+    /// Durable logs taken over or given away since the last call.
+    pub fn take_durable_moves(&mut self) -> Vec<DurableMove> {
+        std::mem::take(&mut self.durable_moves)
+    }
+
+    /// Whether `topic` (given away, held for its next owner) can leave with
+    /// its durable log: every record written, sealed and uploaded (the
+    /// caller asks for the seal, and so the upload, when not yet). A log whose
+    /// writes failed leaves with what is in the object store.
+    pub fn durable_hand_off(&mut self, topic: &TopicName) -> DurableHandOffReady {
+        let Some(d) = self.topics.get(topic).and_then(|t| t.durable.as_ref()) else {
+            return DurableHandOffReady::Ephemeral;
+        };
+        if d.failed || (d.unwritten.is_empty() && d.log.all_stored()) {
+            return DurableHandOffReady::Ready(DurableHandOff { spec: d.spec, segments: d.log.stored_segments() });
+        }
+        DurableHandOffReady::Waiting
+    }
+
+    /// The durable declaration `topic` takes at its first publish here, if
+    /// it is one of a cluster's configured durable topics.
+    pub fn durable_on_publish(&self, topic: &TopicName) -> Option<DurableSpec> {
+        self.declare_on_publish.get(topic).copied()
+    }
+
+    /// `topic` (just started afresh here: its state went with its node)
+    /// continues its durable log as the object store holds it (`segments`):
+    /// its numbers go on after the last one stored.
+    pub fn durable_from_store(&mut self, topic: &TopicName, spec: DurableSpec, segments: Vec<ArchivedSegment>) {
+        let limits = self.log_limits;
+        let Some(t) = self.topics.get_mut(topic) else { return };
+        let log = TopicLog::in_store(limits, segments.iter().copied());
+        t.last_seq = t.last_seq.max(log.next_seq() - 1);
+        t.history = self.limits.empty_history();
+        t.durable = Some(Durable::new(spec, log, t.last_seq));
+        let taken = DurableMove::Taken { topic: topic.clone(), epoch: t.epoch, spec, floor: t.last_seq, segments };
+        self.durable_moves.push(taken);
+    }
+
+    /// `topic`'s durable log went to another node with its state: a copy
+    /// here from now on, its files deleted.
+    pub fn durable_left(&mut self, topic: &TopicName) {
+        if let Some(t) = self.topics.get_mut(topic).filter(|t| t.durable.is_some()) {
+            t.durable = None;
+            self.durable_moves.push(DurableMove::Left { topic: topic.clone() });
+        }
+    }
+
+    /// Takes over `topic`'s durable log from its previous owner's hand-off
+    /// (the topic's state adopted just before): appends go after its
+    /// segments, which reads find in the object store. A log this node
+    /// held before is replaced.
+    pub fn durable_taken(&mut self, topic: &TopicName, handed: DurableHandOff) {
+        let limits = self.log_limits;
+        let Some(t) = self.topics.get_mut(topic) else { return };
+        let log = TopicLog::in_store(limits, handed.segments.iter().copied());
+        t.durable = Some(Durable::new(handed.spec, log, t.last_seq));
+        self.durable_moves.push(DurableMove::Taken {
+            topic: topic.clone(),
+            epoch: t.epoch,
+            spec: handed.spec,
+            floor: t.last_seq,
+            segments: handed.segments,
+        });
     }
 
     /// Sequences a message: assigns the next sequence and a timestamp, keeps
@@ -444,7 +560,22 @@ impl Owner {
         options: &PublishOptions,
         now: Now,
     ) -> Result<Sequenced, OwnerError> {
+        let lazily =
+            if self.declare_on_publish.is_empty() { None } else { self.declare_on_publish.get(topic).copied() };
+        let limits = self.log_limits;
         let t = self.topic_mut(topic, now.at)?;
+        if let Some(spec) = lazily.filter(|_| t.durable.is_none() && !t.mirror) {
+            t.durable = Some(Durable::new(spec, TopicLog::new(limits), t.last_seq));
+            let taken = DurableMove::Taken {
+                topic: topic.clone(),
+                epoch: t.epoch,
+                spec,
+                floor: t.last_seq,
+                segments: Vec::new(),
+            };
+            self.durable_moves.push(taken);
+            return self.publish(topic, kind, payload, options, now);
+        }
         if let Some(d) = &t.durable {
             if d.failed {
                 return Err(OwnerError::StorageFailed);
@@ -1193,6 +1324,65 @@ mod tests {
         let refused = o.publish(&t, PayloadKind::Text, Bytes::from_static(b"d"), &PublishOptions::default(), at(now));
         assert_eq!(refused.err(), Some(OwnerError::StorageFailed));
         assert_eq!(o.stat(&t).unwrap().last_seq, 2);
+    }
+
+    #[test]
+    fn a_durable_log_moves_between_nodes_only_whole_in_the_object_store() {
+        let now = Instant::now();
+        let t = name("ledger");
+        let publish = |o: &mut Owner, body: &'static [u8]| {
+            o.publish(&t, PayloadKind::Text, Bytes::from_static(body), &PublishOptions::default(), at(now)).unwrap()
+        };
+        // A cluster's configured durable topic is declared at its first
+        // publish where it is sequenced (the shell is told to make files).
+        let mut giver = Owner::new(limits(4), 7);
+        giver.set_durable_config(crate::durable::LogLimits::default(), [(t.clone(), DurableSpec::default())]);
+        assert_eq!(giver.durable_hand_off(&t), DurableHandOffReady::Ephemeral);
+        publish(&mut giver, b"a");
+        publish(&mut giver, b"b");
+        let moves = giver.take_durable_moves();
+        assert!(matches!(&moves[..], [DurableMove::Taken { floor: 0, segments, .. }] if segments.is_empty()));
+        // Given away with records not yet written, sealed or uploaded: it
+        // waits (the broker asks for the seal).
+        giver.give_away(&t).unwrap();
+        assert_eq!(giver.durable_hand_off(&t), DurableHandOffReady::Waiting);
+        let commits = giver.take_commits();
+        giver.written(&commits[0]).unwrap();
+        assert_eq!(giver.durable_hand_off(&t), DurableHandOffReady::Waiting, "written, not sealed");
+        assert!(giver.seal(&t));
+        let sealed = giver.take_commits();
+        assert!(sealed[0].jobs.iter().any(|j| j.seal));
+        giver.written(&sealed[0]);
+        assert_eq!(giver.durable_hand_off(&t), DurableHandOffReady::Waiting, "sealed, not uploaded");
+        giver.durable_log_mut(&t).unwrap().uploaded(1);
+        let DurableHandOffReady::Ready(handed) = giver.durable_hand_off(&t) else { panic!("uploaded: ready") };
+        assert_eq!(handed.segments.iter().map(|s| (s.base_seq, s.last_seq)).collect::<Vec<_>>(), [(1, 2)]);
+        let (epoch, last_seq, history) = giver.handed_state(&t).unwrap();
+        giver.durable_left(&t);
+        assert!(giver.durable(&t).is_none());
+        assert_eq!(giver.take_durable_moves(), [DurableMove::Left { topic: t.clone() }]);
+
+        // The taker appends after the handed segments, in the same space,
+        // and a read before them goes to the object store.
+        let mut taker = Owner::new(limits(4), 8);
+        taker.adopt(&t, epoch, last_seq, history, now).unwrap();
+        taker.durable_taken(&t, handed);
+        assert!(matches!(&taker.take_durable_moves()[..], [DurableMove::Taken { floor: 2, .. }]));
+        let s3 = publish(&mut taker, b"c");
+        assert_eq!((s3.message.seq, s3.epoch), (3, epoch));
+        let (_, log) = taker.durable(&t).unwrap();
+        assert_eq!((log.first_readable_seq(), log.next_seq()), (1, 4));
+        assert!(log.plan(crate::durable::ReadFrom::Seq(1), 10).archived.is_some());
+
+        // Taken without a hand-off: numbers go on after the stored log, in
+        // a new space.
+        let mut fresh = Owner::new(limits(4), 9);
+        fresh.ensure(&t, now).unwrap();
+        let stored = vec![ArchivedSegment { base_seq: 1, last_seq: 40, len: 9, first_ms: 0, last_ms: u64::MAX }];
+        fresh.durable_from_store(&t, DurableSpec::default(), stored);
+        let s41 = publish(&mut fresh, b"d");
+        assert_eq!(s41.message.seq, 41);
+        assert_ne!(s41.epoch, epoch);
     }
 
     #[test]

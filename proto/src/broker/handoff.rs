@@ -40,12 +40,20 @@
 //!   [`HANDOFF_WAIT_MS`] and then fail with `owner_unreachable`; the claim
 //!   is asked again.
 //!
-//! Not handed off yet: consumer groups, schedules and durable logs of a
-//! moving topic (they stay with the previous owner).
+//! - A durable topic's log moves through the object store the nodes share:
+//!   given only once every record is uploaded (the state then lists its
+//!   segments); without a hand-off, the claimer lists the store and goes
+//!   on after the last stored number in a new sequence space
+//!   ([`Broker::stored_listed`]).
+//!
+//! Not handed off yet: consumer groups and schedules of a moving topic
+//! (they stay with the previous owner).
 
 use super::*;
 use crate::cluster::Topology;
+use crate::durable::{ArchivedSegment, DurableHandOff, DurableSpec};
 use crate::link::{HandOffState, LinkFrame};
+use crate::owner::DurableHandOffReady;
 
 /// How long publishes and subscribes of a topic being taken over wait for
 /// the previous owner's hand-off before they fail (`owner_unreachable`);
@@ -81,6 +89,28 @@ pub(super) struct Taking {
     deadline_ms: u64,
     /// When the claim is asked again.
     retry_ms: u64,
+    /// Nobody is asked: the object store is, where a durable topic's log
+    /// ends (see `Broker::stored_listed`).
+    listing: bool,
+}
+
+impl Taking {
+    /// A durable topic waiting for its segments' listing, with what waits
+    /// for it.
+    fn listing(pending: Vec<Pending>) -> Taking {
+        let never = u64::MAX;
+        Taking {
+            from: String::new(),
+            at: 0,
+            pending,
+            relay: false,
+            outstanding: 0,
+            ending: false,
+            deadline_ms: never,
+            retry_ms: never,
+            listing: true,
+        }
+    }
 }
 
 /// A topic given up and not yet claimed: what it stood at when given up,
@@ -156,7 +186,7 @@ impl Broker {
             let Some(given) = self.handing.remove(&topic) else { continue };
             let (epoch, last_seq, history) = self.handed_state(&topic, &given);
             self.handing.insert(topic.clone(), given);
-            self.taken(&topic, Some((epoch, last_seq, history)), now);
+            self.taken(&topic, Some((epoch, last_seq, history)), None, now);
         }
         // Copies whose owner changed: follow the new one (or take over).
         // Sorted wherever a hash map is walked here: the actions come out in
@@ -183,7 +213,7 @@ impl Broker {
                     if !self.taking.contains_key(&topic) && !self.owner.owns(&topic) {
                         match self.claim_target(&topic) {
                             Some((from, at)) => self.start_claim(&topic, from, at, false, now),
-                            None => self.taken(&topic, None, now),
+                            None => self.taken(&topic, None, None, now),
                         }
                     }
                     // Held for the hand-off if there is one, else granted.
@@ -201,6 +231,9 @@ impl Broker {
         let mut taking: Vec<TopicName> = self.taking.keys().cloned().collect();
         taking.sort();
         for topic in taking {
+            if self.taking.get(&topic).is_some_and(|t| t.listing) {
+                continue; // ends at its listing, given on from there if need be
+            }
             if self.remote_node(&topic).is_none() {
                 let target = self.claim_target(&topic);
                 let Some(t) = self.taking.get_mut(&topic) else { continue };
@@ -249,6 +282,10 @@ impl Broker {
         let Some((epoch, last_seq, _)) = self.owner.give_away(topic) else {
             return;
         };
+        // A durable log leaves only whole in the object store: its last
+        // segment is sealed and uploaded now, before any claim (and before
+        // a leaving node is gone, if nobody claims it).
+        self.seal(topic);
         let run_start = self.cluster.as_ref().and_then(|v| v.latest_run(topic)).map_or(0, |r| r.start);
         let run_end = self.cluster.as_ref().map_or(0, |v| v.latest_run_end(topic));
         self.handing.insert(topic.clone(), Handing { epoch, last_seq, run_start, run_end });
@@ -330,6 +367,7 @@ impl Broker {
             ending: false,
             deadline_ms: ms + if relay { RELAY_IDLE_MS } else { HANDOFF_WAIT_MS },
             retry_ms: ms + CLAIM_RETRY_MS,
+            listing: false,
         };
         self.taking.insert(topic.clone(), taking);
         self.send_claim(topic, from, at);
@@ -386,12 +424,12 @@ impl Broker {
                     t.retry_ms = now.unix_ms + CLAIM_RETRY_MS;
                 }
             }
-            HandOffState::Nothing if asked => self.taken(topic, None, now),
+            HandOffState::Nothing if asked => self.taken(topic, None, None, now),
             HandOffState::Refused | HandOffState::Nothing => {}
             // A state is never dropped, asked for now or not: it is the
             // topic's only one.
-            HandOffState::State { epoch, last_seq, history } => {
-                self.taken(topic, Some((epoch, last_seq, history)), now)
+            HandOffState::State { epoch, last_seq, history, durable } => {
+                self.taken(topic, Some((epoch, last_seq, history)), durable, now)
             }
         }
     }
@@ -399,8 +437,14 @@ impl Broker {
     /// `topic`'s state arrived (or there is none: it starts afresh here, a
     /// copy held here moving to a new sequence space): held here, then
     /// given on if another node owns the topic now; what waited goes
-    /// through.
-    fn taken(&mut self, topic: &TopicName, state: Option<(Epoch, u64, Vec<Message>)>, now: Now) {
+    /// through. A durable topic's log (`durable`) comes with its state.
+    fn taken(
+        &mut self,
+        topic: &TopicName,
+        state: Option<(Epoch, u64, Vec<Message>)>,
+        durable: Option<DurableHandOff>,
+        now: Now,
+    ) {
         let pending = self.taking.remove(topic).map(|t| t.pending).unwrap_or_default();
         if self.owner.owns(topic) && state.is_some() {
             tracing::warn!(topic = topic.as_str(), "a second state of a topic arrived: kept in its own epoch");
@@ -409,6 +453,9 @@ impl Broker {
             Some((epoch, last_seq, history)) => match self.owner.adopt(topic, epoch, last_seq, history, now.at) {
                 Ok(adopted) => {
                     self.handing.remove(topic);
+                    if let Some(durable) = durable {
+                        self.owner.durable_taken(topic, durable);
+                    }
                     let position = self.owner.last_seq(topic).unwrap_or(last_seq);
                     for shard in (0..self.shards).filter(|s| adopted.restarted & (1 << s) != 0) {
                         self.send(shard, Item::Restarted { topic: topic.clone(), epoch, last_seq: position }, now);
@@ -441,20 +488,15 @@ impl Broker {
                 }
             },
             None => {
-                // Held from now on as owned (an empty topic if nothing was
-                // here), so that it is not claimed again.
-                if let Err(e) = self.owner.ensure(topic, now.at) {
-                    for pending in pending {
-                        self.fail(pending, e, now);
-                    }
+                if self.owner.durable_on_publish(topic).is_some() {
+                    // A durable topic's state went with its node, its log
+                    // did not: the object store says where it ended before
+                    // it is numbered anew (`stored_listed`).
+                    self.taking.insert(topic.clone(), Taking::listing(pending));
+                    self.actions.push(Action::ListStored { topic: topic.clone() });
                     return;
                 }
-                let restarted = self.owner.take_fresh(topic, now.at);
-                if let Some(epoch) = self.owner.epoch_of(topic).filter(|_| restarted != 0) {
-                    for shard in (0..self.shards).filter(|s| restarted & (1 << s) != 0) {
-                        self.send(shard, Item::Restarted { topic: topic.clone(), epoch, last_seq: 0 }, now);
-                    }
-                }
+                return self.start_afresh(topic, None, pending, now);
             }
         }
         // Owned elsewhere now (a relay, or the view moved on meanwhile).
@@ -464,6 +506,76 @@ impl Broker {
         for pending in pending {
             self.release(pending, now);
         }
+    }
+
+    /// Starts `topic` in a new sequence space here (its state is gone), its
+    /// copy's subscribers told; a durable topic's numbers go on after its
+    /// log in the object store (`stored`); then given on if owned
+    /// elsewhere now, and what waited goes through (or fails when there is
+    /// no room for the topic).
+    fn start_afresh(
+        &mut self,
+        topic: &TopicName,
+        stored: Option<(DurableSpec, Vec<ArchivedSegment>)>,
+        pending: Vec<Pending>,
+        now: Now,
+    ) {
+        // Held from now on as owned (an empty topic if nothing was here),
+        // so that it is not claimed again.
+        if let Err(e) = self.owner.ensure(topic, now.at) {
+            for pending in pending {
+                self.fail(pending, e, now);
+            }
+            return;
+        }
+        let restarted = self.owner.take_fresh(topic, now.at);
+        if let Some((spec, segments)) = stored {
+            self.owner.durable_from_store(topic, spec, segments);
+        }
+        let last_seq = self.owner.last_seq(topic).unwrap_or(0);
+        if let Some(epoch) = self.owner.epoch_of(topic).filter(|_| restarted != 0) {
+            for shard in (0..self.shards).filter(|s| restarted & (1 << s) != 0) {
+                self.send(shard, Item::Restarted { topic: topic.clone(), epoch, last_seq }, now);
+            }
+        }
+        // Owned elsewhere now (a relay, or the view moved on meanwhile).
+        if self.remote_node(topic).is_some() {
+            self.give_up(topic);
+        }
+        for pending in pending {
+            self.release(pending, now);
+        }
+    }
+
+    /// The object store listed the segments of `topic`, a durable topic
+    /// about to start afresh here: its numbers go on after the last one
+    /// stored (in a new sequence space: its previous owner may have
+    /// numbered messages it never uploaded). A failed listing fails what
+    /// waits (`owner_unreachable`, retryable); the next attempt lists again.
+    pub fn stored_listed(&mut self, topic: &TopicName, listed: Result<Vec<ArchivedSegment>, String>, now: Now) {
+        if !self.taking.get(topic).is_some_and(|t| t.listing) {
+            return;
+        }
+        let pending = self.taking.remove(topic).map(|t| t.pending).unwrap_or_default();
+        let spec = self.owner.durable_on_publish(topic);
+        let (segments, spec) = match (listed, spec) {
+            (Ok(segments), Some(spec)) => (segments, spec),
+            (listed, _) => {
+                tracing::warn!(topic = topic.as_str(), "durable topic's segments not listed: {:?}", listed.err());
+                for pending in pending {
+                    self.fail(pending, OwnerError::OwnerUnreachable, now);
+                }
+                return;
+            }
+        };
+        let (count, last) = (segments.len(), segments.last().map_or(0, |s| s.last_seq));
+        tracing::warn!(
+            topic = topic.as_str(),
+            segments = count,
+            last,
+            "durable topic starts afresh after its stored log"
+        );
+        self.start_afresh(topic, Some((spec, segments)), pending, now);
     }
 
     /// Lets a held request go through now that its topic is owned here.
@@ -503,7 +615,7 @@ impl Broker {
         let mut due: Vec<TopicName> = self
             .taking
             .iter()
-            .filter(|(_, t)| now.unix_ms >= t.retry_ms || now.unix_ms >= t.deadline_ms)
+            .filter(|(_, t)| !t.listing && (now.unix_ms >= t.retry_ms || now.unix_ms >= t.deadline_ms))
             .map(|(topic, _)| topic.clone())
             .collect();
         due.sort();
@@ -595,7 +707,7 @@ impl Broker {
             }
             None => {
                 tracing::warn!(topic = topic.as_str(), from = %gone, "no hand-off from a gone owner: the topic starts afresh");
-                self.taken(topic, None, now);
+                self.taken(topic, None, None, now);
             }
         }
     }
@@ -667,11 +779,28 @@ impl Broker {
 
     /// The state held here (given up) leaves for `node` (this node's view
     /// is `mine`).
+    /// A durable topic leaves only with every record in the object store:
+    /// until then the claim is refused (and asked again) while its last
+    /// segment is sealed and uploaded.
     fn hand_over(&mut self, topic: &TopicName, node: &str, mine: u64) -> HandOffState {
+        if !self.handing.contains_key(topic) {
+            return HandOffState::Refused;
+        }
+        let durable = match self.owner.durable_hand_off(topic) {
+            DurableHandOffReady::Waiting => {
+                self.seal(topic);
+                return HandOffState::Refused;
+            }
+            DurableHandOffReady::Ephemeral => None,
+            DurableHandOffReady::Ready(d) => Some(d),
+        };
         let Some(given) = self.handing.remove(topic) else { return HandOffState::Refused };
         self.gave.insert(topic.clone(), (mine, node.to_string()));
         let (epoch, last_seq, history) = self.handed_state(topic, &given);
-        HandOffState::State { epoch, last_seq, history }
+        if durable.is_some() {
+            self.owner.durable_left(topic);
+        }
+        HandOffState::State { epoch, last_seq, history, durable }
     }
 
     /// What a claim of `topic` by `node` (its view `version`, this node
@@ -682,6 +811,9 @@ impl Broker {
         // Being taken over or relayed here: the state is on its way (a
         // relay goes on while asked for).
         if let Some(t) = self.taking.get_mut(topic) {
+            if t.listing {
+                return HandOffState::Refused; // held here once listed
+            }
             if t.relay {
                 t.deadline_ms = now.unix_ms + RELAY_IDLE_MS;
             }
@@ -733,7 +865,7 @@ impl Broker {
         if current_run.is_some_and(|start| gave.is_none_or(|g| g < start)) {
             match self.claim_target(topic) {
                 Some((from, at)) => self.start_claim(topic, from, at, false, now),
-                None => self.taken(topic, None, now),
+                None => self.taken(topic, None, None, now),
             }
             return HandOffState::Refused;
         }
