@@ -16,9 +16,6 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::net::TcpStream;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::Instant;
 
@@ -272,63 +269,6 @@ fn tiered_reads_through_a_directory_store_and_a_missing_object_is_a_told_gap() {
     drop(node);
     let _ = std::fs::remove_dir_all(&data);
     let _ = std::fs::remove_dir_all(&objects);
-}
-
-/// The AWS chain's settings for `moto_server` (any credentials do).
-const MOTO_ENV: [(&str, &str); 4] = [
-    ("AWS_ACCESS_KEY_ID", "test"),
-    ("AWS_SECRET_ACCESS_KEY", "test"),
-    ("AWS_REGION", "us-east-1"),
-    ("AWS_EC2_METADATA_DISABLED", "true"),
-];
-
-/// A `moto_server` on a free loopback port, killed on drop.
-struct Moto {
-    child: Child,
-    port: u16,
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Moto {
-    fn start() -> Moto {
-        let python = std::env::var("FLUXNODE_TEST_PYTHON").expect(
-            "FLUXNODE_TEST_PYTHON names the virtualenv's python with moto[server] (./scripts/test prepares it)",
-        );
-        let server = PathBuf::from(python).parent().unwrap().join("moto_server");
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let child = Command::new(server)
-            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start moto_server");
-        let moto = Moto { child, port };
-        wait_until("moto_server answers", || TcpStream::connect(("127.0.0.1", port)).is_ok());
-        moto
-    }
-
-    /// A `moto_server` with the bucket `rayflux`.
-    fn with_bucket() -> Moto {
-        let moto = Moto::start();
-        let (status, body) = http_request(&format!("127.0.0.1:{}", moto.port), "PUT", "/rayflux", "", b"");
-        assert_eq!(status, 200, "bucket: {body}");
-        moto
-    }
-
-    fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-
-    fn signal(&self, sig: &str) {
-        let ok = Command::new("kill").args([sig, &self.child.id().to_string()]).status().unwrap().success();
-        assert!(ok, "kill {sig}");
-    }
 }
 
 #[test]

@@ -233,15 +233,17 @@ fn a_killed_node_leaves_after_its_lease_and_its_topics_start_afresh_announced() 
 }
 
 /// A node of the etcd cluster `name` with the durable topic `topic`, its
-/// own data directory and the cluster's shared object store.
-fn durable_node(etcd: &Etcd, name: &str, port: u16, topic: &str, objects: &std::path::Path) -> Node {
+/// own data directory and the cluster's shared object store (`store`:
+/// its flags and environment).
+fn durable_node(etcd: &Etcd, name: &str, port: u16, topic: &str, store: &Store) -> Node {
     let me = format!("127.0.0.1:{port}");
     let data = data_dir(name, port);
-    let flags = [
+    let etcd = etcd.addr();
+    let mut flags = vec![
         "--shards",
         "2",
         "--etcd",
-        &etcd.addr(),
+        &etcd,
         "--cluster-name",
         name,
         "--advertise",
@@ -252,10 +254,15 @@ fn durable_node(etcd: &Etcd, name: &str, port: u16, topic: &str, objects: &std::
         "20",
         "--data-dir",
         data.to_str().unwrap(),
-        "--object-store",
-        objects.to_str().unwrap(),
     ];
-    Node::start_on(port, &flags)
+    flags.extend(store.flags.iter().map(String::as_str));
+    Node::start_on_with_env(port, &flags, &store.env)
+}
+
+/// The object store a cluster's nodes share.
+struct Store {
+    flags: Vec<String>,
+    env: Vec<(&'static str, &'static str)>,
 }
 
 /// The data directory of node `port` of cluster `name` (see `durable_node`).
@@ -303,10 +310,26 @@ fn read_until(ws: &mut Ws, data: &str) -> (Vec<(u64, String)>, Vec<serde_json::V
 }
 
 #[test]
-fn a_durable_topic_moves_with_its_log_through_the_shared_object_store() {
-    let name = "durable-moves";
-    let etcd = Etcd::start(name);
+fn a_durable_topic_moves_with_its_log_through_a_shared_directory_store() {
     let objects = fresh_dir("durable-moves-objects");
+    let store = Store { flags: vec!["--object-store".into(), objects.to_str().unwrap().into()], env: vec![] };
+    durable_topic_moves("durable-moves", &store);
+    let _ = std::fs::remove_dir_all(&objects);
+}
+
+#[test]
+fn a_durable_topic_moves_with_its_log_through_a_shared_s3_bucket() {
+    let moto = Moto::with_bucket();
+    let flags = ["--object-store", "s3://rayflux/cluster", "--s3-endpoint", &moto.endpoint(), "--s3-path-style"];
+    let store = Store { flags: flags.iter().map(|f| f.to_string()).collect(), env: MOTO_ENV.to_vec() };
+    durable_topic_moves("durable-moves-s3", &store);
+}
+
+/// A durable topic moves on a join (hand-off), back on a graceful leave
+/// (hand-off to a node following it), and to a survivor when its owner is
+/// killed (from the object store), its log whole each time.
+fn durable_topic_moves(name: &str, store: &Store) {
+    let etcd = Etcd::start(name);
     let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
     let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
     // A topic that node 1 owns beside node 0, and node 2 beside node 0.
@@ -329,7 +352,7 @@ fn a_durable_topic_moves_with_its_log_through_the_shared_object_store() {
     };
     let epoch_on =
         |node: &Node| node.get_json(&format!("/v1/topics/{topic}/messages?from_seq=1&limit=1"))["epoch"].clone();
-    let mut nodes = vec![durable_node(&etcd, name, ports[0], &topic, &objects)];
+    let mut nodes = vec![durable_node(&etcd, name, ports[0], &topic, store)];
     wait_members(&[&nodes[0]], &addrs[..1]);
     let mut publisher = nodes[0].ws("/v1/ws");
     let mut id = 0;
@@ -341,7 +364,7 @@ fn a_durable_topic_moves_with_its_log_through_the_shared_object_store() {
     // Node 1 joins: the topic's log moves to it (node 0 seals and uploads
     // its last segment first, then hands the list of segments over and
     // deletes its files); publishes on node 0 are forwarded.
-    nodes.push(durable_node(&etcd, name, ports[1], &topic, &objects));
+    nodes.push(durable_node(&etcd, name, ports[1], &topic, store));
     wait_members(&[&nodes[0], &nodes[1]], &addrs[..2]);
     assert_eq!(owner_index(&nodes, &addrs, &topic), 1);
     let (more, refused_join) = publish_n(&mut publisher, &mut id, &topic, "joined", 30, "local");
@@ -377,7 +400,7 @@ fn a_durable_topic_moves_with_its_log_through_the_shared_object_store() {
     // then it is killed. Node 0 takes the topic without a hand-off: it
     // goes on after the last message in the object store, in a new
     // sequence space (announced); nothing acknowledged at `stored` is lost.
-    nodes.push(durable_node(&etcd, name, ports[2], &topic, &objects));
+    nodes.push(durable_node(&etcd, name, ports[2], &topic, store));
     wait_members(&[&nodes[0], &nodes[1]], &[addrs[0].clone(), addrs[2].clone()]);
     let (more, _) = publish_n(&mut publisher, &mut id, &topic, "stored", 20, "stored");
     accepted.extend(more);
@@ -397,7 +420,7 @@ fn a_durable_topic_moves_with_its_log_through_the_shared_object_store() {
     assert_eq!(want.keys().copied().collect::<Vec<_>>(), (1..=110).collect::<Vec<_>>(), "numbers go on");
     assert_eq!(read_log(&nodes[0], &topic), want, "the log after the kill differs from what was accepted");
     eprintln!(
-        "durable topic {topic}: 30 messages on node 0; moved to joining node 1 ({refused_join} publishes refused \
+        "{name}: durable topic {topic}: 30 messages on node 0; moved to joining node 1 ({refused_join} publishes refused \
          meanwhile), 30 more; moved back on its graceful leave ({refused_leave} refused), 20 more, one epoch, the \
          subscriber on node 0 told nothing; moved to joining node 2, 20 at ack stored; node 2 killed: after \
          {took:?} ({refused_kill} refused) numbering went on at 101 in a new epoch (announced); 110 messages in \

@@ -35,6 +35,12 @@ impl Node {
         Node::start_listening(&format!("127.0.0.1:{port}"), extra)
     }
 
+    /// Starts fluxnode on a given port with extra flags and environment
+    /// variables.
+    pub fn start_on_with_env(port: u16, extra: &[&str], env: &[(&str, &str)]) -> Node {
+        Node::start_listening_env(&format!("127.0.0.1:{port}"), extra, env)
+    }
+
     /// Starts fluxnode with extra flags and environment variables.
     pub fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> Node {
         Node::start_listening_env("127.0.0.1:0", extra, env)
@@ -464,5 +470,62 @@ impl Drop for Etcd {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// The AWS chain's settings for `moto_server` (any credentials do).
+pub const MOTO_ENV: [(&str, &str); 4] = [
+    ("AWS_ACCESS_KEY_ID", "test"),
+    ("AWS_SECRET_ACCESS_KEY", "test"),
+    ("AWS_REGION", "us-east-1"),
+    ("AWS_EC2_METADATA_DISABLED", "true"),
+];
+
+/// A `moto_server` on a free loopback port, killed on drop.
+pub struct Moto {
+    pub child: Child,
+    pub port: u16,
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Moto {
+    pub fn start() -> Moto {
+        let python = std::env::var("FLUXNODE_TEST_PYTHON").expect(
+            "FLUXNODE_TEST_PYTHON names the virtualenv's python with moto[server] (./scripts/test prepares it)",
+        );
+        let server = std::path::PathBuf::from(python).parent().unwrap().join("moto_server");
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let child = Command::new(server)
+            .args(["-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start moto_server");
+        let moto = Moto { child, port };
+        wait_until("moto_server answers", || TcpStream::connect(("127.0.0.1", port)).is_ok());
+        moto
+    }
+
+    /// A `moto_server` with the bucket `rayflux`.
+    pub fn with_bucket() -> Moto {
+        let moto = Moto::start();
+        let (status, body) = http_request(&format!("127.0.0.1:{}", moto.port), "PUT", "/rayflux", "", b"");
+        assert_eq!(status, 200, "bucket: {body}");
+        moto
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    pub fn signal(&self, sig: &str) {
+        let ok = Command::new("kill").args([sig, &self.child.id().to_string()]).status().unwrap().success();
+        assert!(ok, "kill {sig}");
     }
 }
