@@ -467,6 +467,7 @@ impl Shard {
                 Action::Link { node, frame } => self.node_links.send(node, &frame),
                 Action::DurableMoved(moved) => self.durable_moved(moved),
                 Action::ListStored { topic } => self.list_stored(topic),
+                Action::Tick => self.ticker_wake.notify(),
             }
         }
     }
@@ -927,6 +928,15 @@ impl Shard {
         self.broker.borrow_mut().delete_group(topic, group.into(), out, id, Now::read());
         self.apply();
         // A durable group's save is deleted by the owner's ticker.
+        self.ticker_wake.notify();
+    }
+
+    /// Another node's connection asks what only the topic's owner answers
+    /// (see [`Broker::ask_from_link`]); the answer goes back on the link.
+    pub fn ask_from_link(&self, topic: TopicName, ask: proto::link::OwnerAsk, out: Rc<Outbound>, id: u64) {
+        self.broker.borrow_mut().ask_from_link(topic, ask, out, id, Now::read());
+        self.apply();
+        // Schedules fire from the ticker, which sleeps while there are none.
         self.ticker_wake.notify();
     }
 

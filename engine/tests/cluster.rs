@@ -1,11 +1,12 @@
 //! A cluster of real nodes on 127.0.0.1 with static membership: the nodes
 //! agree on every topic's owner (the balancer's Maglev choice); any node
 //! serves any topic (publishes forwarded to the owner, one copy of each
-//! message per subscribing node), in order, with the owner's numbers, and
-//! resumes work through another node; what only the owner serves is
-//! refused elsewhere with `owned_elsewhere`; a dead owner fails forwarded
-//! publishes with `owner_unreachable`, and when it comes back its topics'
-//! followers are told the sequence space changed and go on.
+//! message per subscribing node), in order, with the owner's numbers;
+//! resumes, groups, requests, schedules and group deletion work through
+//! another node; a durable topic's admin API is refused elsewhere with
+//! `owned_elsewhere`; a dead owner fails forwarded publishes with
+//! `owner_unreachable`, and when it comes back its topics' followers are
+//! told the sequence space changed and go on.
 
 mod common;
 
@@ -168,18 +169,13 @@ fn a_publish_on_one_node_reaches_subscribers_on_every_node_in_order_once_per_nod
 }
 
 #[test]
-fn what_only_the_owner_serves_is_refused_elsewhere_with_owned_elsewhere() {
+fn a_durable_declaration_elsewhere_is_refused_with_owned_elsewhere() {
     let (nodes, addrs) = start_cluster(2, &["--shards", "1"]);
     let topic = topic_owned_by(&nodes, &addrs, "jobs", 1);
     let mut ws = nodes[0].ws("/v1/ws");
     // A request goes to the owner, which has no responder for it.
     let ask = native_call(&mut ws, serde_json::json!({ "id": 2, "op": "request", "topic": topic, "data": "q" }));
     assert_eq!(ask["error"]["code"], "no_responders", "{ask}");
-    let schedule = native_call(
-        &mut ws,
-        serde_json::json!({ "id": 3, "op": "publish", "topic": topic, "data": "x", "delay_ms": 10 }),
-    );
-    assert_eq!(schedule["error"]["code"], "owned_elsewhere", "{schedule}");
     let (status, body) = nodes[0].request("PUT", &format!("/v1/topics/{topic}"), "application/json", b"{}");
     assert_eq!(status, 421, "{body}");
     assert!(body.contains("owned_elsewhere") && body.contains(&addrs[1]), "{body}");
@@ -187,6 +183,70 @@ fn what_only_the_owner_serves_is_refused_elsewhere_with_owned_elsewhere() {
     let mut on_owner = nodes[1].ws("/v1/ws");
     let ask = native_call(&mut on_owner, serde_json::json!({ "id": 2, "op": "request", "topic": topic, "data": "q" }));
     assert_eq!(ask["error"]["code"], "no_responders", "{ask}");
+}
+
+/// Schedules (add, replace, list, cancel) and a group's deletion asked on
+/// a node that does not own the topic: answered by the owner over the
+/// link, and the schedule fires there, reaching a subscriber on the asking
+/// node.
+#[test]
+fn schedules_and_group_deletion_work_through_any_node() {
+    let (nodes, addrs) = start_cluster(2, &["--shards", "2"]);
+    let topic = topic_owned_by(&nodes, &addrs, "reminders", 1);
+    let mut sub = nodes[0].ws("/v1/ws");
+    let granted = native_call(&mut sub, serde_json::json!({ "id": 1, "op": "subscribe", "topic": topic }));
+    assert_eq!(granted["ok"], true, "{granted}");
+    let mut ws = nodes[0].ws("/v1/ws");
+    let mut call = |request: serde_json::Value| native_call(&mut ws, request);
+    let later = call(serde_json::json!({
+        "id": 2, "op": "publish", "topic": topic, "data": "later", "delay_ms": 60_000, "schedule_id": "call-2"
+    }));
+    assert_eq!((later["ok"].clone(), later["schedule_id"].clone()), (true.into(), "call-2".into()), "{later}");
+    let again = call(serde_json::json!({
+        "id": 3, "op": "publish", "topic": topic, "data": "later", "delay_ms": 60_000, "schedule_id": "call-2",
+        "if_absent": true
+    }));
+    assert_eq!(again["present"], true, "{again}");
+    let soon = call(serde_json::json!({ "id": 4, "op": "publish", "topic": topic, "data": "soon", "delay_ms": 300 }));
+    assert_eq!(soon["ok"], true, "{soon}");
+    let listed = call(serde_json::json!({ "id": 5, "op": "schedules", "topic": topic }));
+    let ids: Vec<&str> =
+        listed["schedules"].as_array().unwrap().iter().filter_map(|s| s["schedule_id"].as_str()).collect();
+    assert!(ids.contains(&"call-2") && ids.len() == 2, "{listed}");
+    let cancelled = call(serde_json::json!({ "id": 6, "op": "cancel", "topic": topic, "schedule_id": "call-2" }));
+    assert_eq!(cancelled["ok"], true, "{cancelled}");
+    let missing = call(serde_json::json!({ "id": 7, "op": "cancel", "topic": topic, "schedule_id": "call-2" }));
+    assert_eq!(missing["error"]["code"], "not_found", "{missing}");
+    // The owner fires the schedule; the subscriber on node 0 gets it.
+    let fired = next_json(&mut sub);
+    assert_eq!((fired["type"].clone(), fired["data"].clone()), ("message".into(), "soon".into()), "{fired}");
+    // A group made through node 0, its member gone, deleted through node 0.
+    let mut member = nodes[0].ws("/v1/ws");
+    let joined =
+        native_call(&mut member, serde_json::json!({ "id": 1, "op": "subscribe", "topic": topic, "group": "billing" }));
+    assert_eq!(joined["ok"], true, "{joined}");
+    let busy =
+        native_call(&mut ws, serde_json::json!({ "id": 8, "op": "delete_group", "topic": topic, "group": "billing" }));
+    assert_eq!(busy["error"]["code"], "busy", "{busy}");
+    drop(member);
+    let mut id = 9;
+    let deleted = loop {
+        // The member's leave reaches the owner over the link; until then
+        // the group is busy.
+        let reply = native_call(
+            &mut ws,
+            serde_json::json!({ "id": id, "op": "delete_group", "topic": topic, "group": "billing" }),
+        );
+        id += 1;
+        if reply["error"]["code"] != "busy" {
+            break reply;
+        }
+        std::thread::park_timeout(std::time::Duration::from_millis(10));
+    };
+    assert_eq!(deleted["ok"], true, "{deleted}");
+    let gone =
+        native_call(&mut ws, serde_json::json!({ "id": id, "op": "delete_group", "topic": topic, "group": "billing" }));
+    assert_eq!(gone["error"]["code"], "not_found", "{gone}");
 }
 
 /// A consumer group whose members connect to different nodes: one on the

@@ -427,3 +427,63 @@ fn durable_topic_moves(name: &str, store: &Store) {
          one log, read back whole"
     );
 }
+
+#[test]
+fn pending_schedules_move_with_their_topic() {
+    let name = "schedules-move";
+    let etcd = Etcd::start(name);
+    let ports: Vec<u16> = (0..2).map(|_| free_port()).collect();
+    let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let mut sorted = addrs.clone();
+    sorted.sort();
+    let table = proto::maglev::Table::build(&sorted, proto::maglev::TABLE_SIZE_DEFAULT).unwrap();
+    // Two topics node 1 will own: one followed on node 1 after the join
+    // (claimed at once), one nobody touches (its due schedule, fired by
+    // node 0, is what moves it).
+    let mut moving = (0..).map(|i| format!("reminders.{i}")).filter(|t| table.lookup(t.as_bytes()) == Some(&addrs[1]));
+    let (hot, cold) = (moving.next().unwrap(), moving.next().unwrap());
+    let mut nodes = vec![etcd_node(&etcd, name, ports[0])];
+    wait_members(&[&nodes[0]], &addrs[..1]);
+    let mut ws = nodes[0].ws("/v1/ws");
+    let mut id = 0;
+    let mut call = |request: serde_json::Value| {
+        id += 1;
+        let mut request = request;
+        request["id"] = id.into();
+        native_call(&mut ws, request)
+    };
+    let publish = serde_json::json!({ "op": "publish", "topic": hot, "data": "due", "delay_ms": 3_000 });
+    assert_eq!(call(publish)["ok"], true);
+    let publish = serde_json::json!({
+        "op": "publish", "topic": hot, "data": "never", "delay_ms": 600_000, "schedule_id": "cancel-me"
+    });
+    assert_eq!(call(publish)["ok"], true);
+    let publish = serde_json::json!({ "op": "publish", "topic": cold, "data": "cold", "delay_ms": 3_000 });
+    assert_eq!(call(publish)["ok"], true);
+
+    // Node 1 joins and subscribes to the hot topic: the topic moves with
+    // its schedules, which node 0 then lists and cancels through node 1.
+    nodes.push(etcd_node(&etcd, name, ports[1]));
+    wait_members(&[&nodes[0], &nodes[1]], &addrs);
+    let mut sub = nodes[1].ws("/v1/ws");
+    let granted = native_call(&mut sub, serde_json::json!({ "id": 1, "op": "subscribe", "topic": hot }));
+    assert_eq!(granted["ok"], true, "{granted}");
+    let listed = call(serde_json::json!({ "op": "schedules", "topic": hot }));
+    assert_eq!(listed["schedules"].as_array().map(Vec::len), Some(2), "{listed}");
+    let cancelled = call(serde_json::json!({ "op": "cancel", "topic": hot, "schedule_id": "cancel-me" }));
+    assert_eq!(cancelled["ok"], true, "{cancelled}");
+    let fired = next_json(&mut sub);
+    assert_eq!((fired["data"].clone(), fired["seq"].clone()), ("due".into(), 1.into()), "{fired}");
+    // The cold topic's schedule fires on node 0, goes to node 1 and is
+    // sequenced there.
+    let cold_path = format!("/v1/topics/{cold}");
+    wait_until("the cold topic's schedule sequenced on its new owner", || {
+        // 404 until the topic arrives there.
+        let (status, body) = nodes[1].get(&cold_path);
+        status == 200 && serde_json::from_str::<serde_json::Value>(&body).unwrap()["last_seq"] == 1
+    });
+    let none = call(serde_json::json!({ "op": "schedules", "topic": cold }));
+    assert_eq!(none["schedules"].as_array().map(Vec::len), Some(0), "{none}");
+    let listed = call(serde_json::json!({ "op": "schedules", "topic": hot }));
+    assert_eq!(listed["schedules"].as_array().map(Vec::len), Some(0), "{listed}");
+}

@@ -508,7 +508,12 @@ impl Sim {
                     }
                     Action::FanOut => while self.nodes[i].broker.fan_out_next() {},
                     Action::Send { .. } => return Err("one shard sent to another".into()),
-                    Action::Flush(_) | Action::Room | Action::Commit | Action::ReadLog(_) | Action::CatchUp { .. } => {}
+                    Action::Flush(_)
+                    | Action::Room
+                    | Action::Commit
+                    | Action::ReadLog(_)
+                    | Action::CatchUp { .. }
+                    | Action::Tick => {}
                     Action::DurableMoved(moved) => return Err(format!("no durable topic here, yet {moved:?}")),
                     Action::ListStored { topic } => return Err(format!("no durable topic here, yet {topic} listed")),
                 }

@@ -35,6 +35,7 @@ use crate::ws;
 mod groups;
 mod handoff;
 mod mirrors;
+mod remote_asks;
 mod remote_groups;
 mod requests;
 mod schedules;
@@ -174,6 +175,9 @@ pub enum Action {
     /// List `topic`'s segments in the object store (a durable topic taken
     /// over without its state) and hand them to [`Broker::stored_listed`].
     ListStored { topic: TopicName },
+    /// Timed work arrived other than through a connection (schedules with
+    /// a topic's state): the shard's ticker runs again.
+    Tick,
 }
 
 /// A read of a durable topic's log for a catch-up.
@@ -218,6 +222,9 @@ enum Held {
     Here { reply: PublishReply, req: u64 },
     /// Made on shard `from` as request `req`.
     There { from: usize, req: u64 },
+    /// A due schedule of a topic owned elsewhere now, forwarded to its
+    /// owner: kept again if that fails (fired at least once).
+    Schedule { topic: TopicName, scheduled: Box<crate::schedule::Scheduled> },
 }
 
 /// How a subscriber wants messages framed.
@@ -466,7 +473,13 @@ pub struct Broker {
     /// Schedule and group-deletion requests of this shard's connections
     /// awaiting the owner's answer (`Item::OwnerAnswer`): the queue and
     /// the native id to answer.
-    asking: HashMap<u64, (Rc<Outbound>, u64), ahash::RandomState>,
+    asking: HashMap<u64, remote_asks::Asker, ahash::RandomState>,
+    /// Questions forwarded to their topic's owner node and not yet
+    /// answered: the node, the asking shard and its request.
+    remote_asks: HashMap<u64, (String, usize, u64), ahash::RandomState>,
+    /// Schedules a claimed node sent ahead of a topic's state, by node and
+    /// topic (its hand-off frame follows on the same link).
+    schedules_arriving: HashMap<(String, TopicName), Vec<crate::schedule::Scheduled>, ahash::RandomState>,
     /// This node's cluster, when it has other members.
     cluster: Option<crate::cluster::Views>,
     /// Topics another node owns that this shard follows, by name.
@@ -540,6 +553,8 @@ impl Broker {
             schedule_fired: HashMap::default(),
             schedule_refire: HashMap::default(),
             asking: HashMap::default(),
+            remote_asks: HashMap::default(),
+            schedules_arriving: HashMap::default(),
             cluster: None,
             mirrors: HashMap::default(),
             fenced: false,
@@ -844,6 +859,12 @@ impl Broker {
         match held {
             Held::Here { reply, req } => self.finish(reply, Some(req), result),
             Held::There { from, req } => self.send(from, Item::PublishDone { req, result }, now),
+            Held::Schedule { topic, scheduled } => {
+                if let Err(e) = result {
+                    tracing::debug!(topic = topic.as_str(), id = scheduled.id, "a forwarded schedule kept again: {e}");
+                    self.schedule_again(&topic, *scheduled);
+                }
+            }
         }
     }
 
@@ -923,17 +944,6 @@ impl Broker {
         }
     }
 
-    /// Asker side: the owner answered native request `req` (see
-    /// `asking`): the connection gets its reply.
-    fn owner_answered(&mut self, req: u64, answer: OwnerAnswer) {
-        let Some((out, id)) = self.asking.remove(&req) else { return };
-        let frame = match answer {
-            Ok(fields) => native::reply_ok(id, fields),
-            Err((code, message)) => native::reply_error(Some(id), &code, &message),
-        };
-        out.offer_control(frame);
-    }
-
     /// Handles an item from shard `from` (possibly this one).
     pub fn handle(&mut self, from: usize, item: Item, now: Now) {
         match item {
@@ -966,12 +976,16 @@ impl Broker {
             Item::GroupSettle { sub, settle, .. } if self.is_remote_member(from, sub) => {
                 self.forward_group_op(from, sub, crate::link::GroupLink::Settle(settle));
             }
-            Item::ScheduleAsk { ref topic, req, .. } | Item::GroupDelete { ref topic, req, .. }
-                if self.remote_node(topic).is_some() =>
-            {
-                let e = OwnerError::OwnedElsewhere;
-                let answer = Err((e.code().to_string(), e.to_string()));
-                self.send(from, Item::OwnerAnswer { req, answer }, now);
+            Item::ScheduleAsk { topic, ask, req } if self.remote_node(&topic).is_some() => {
+                if let Some(node) = self.remote_node(&topic) {
+                    self.forward_ask(node, from, req, topic, crate::link::OwnerAsk::Schedule(ask), now);
+                }
+            }
+            Item::GroupDelete { topic, group, req } if self.remote_node(&topic).is_some() => {
+                if let Some(node) = self.remote_node(&topic) {
+                    let ask = crate::link::OwnerAsk::GroupDelete { group: group.to_string() };
+                    self.forward_ask(node, from, req, topic, ask, now);
+                }
             }
             Item::Subscribe { topic, client, from: resume, req, room } => {
                 match self.owner.subscribe(&topic, from, client, resume, now.at) {

@@ -33,6 +33,9 @@ const HAND_OFF: u8 = 9;
 const RESTART: u8 = 10;
 const GROUP: u8 = 11;
 const REPLY: u8 = 12;
+const ASK: u8 = 13;
+const ANSWERED: u8 = 14;
+const SCHEDULES: u8 = 15;
 
 /// One link frame.
 #[derive(Debug, Clone)]
@@ -80,6 +83,59 @@ pub enum LinkFrame {
     /// group delivered to a member on the follower's node; `to` names the
     /// requester on the owner.
     Reply { to: crate::message::ReplyTo, answer: crate::request::Answer },
+    /// Follower to owner: a connection on the follower's node asks what
+    /// only the topic's owner answers (schedules, group deletion); `id`
+    /// names the question in the answer.
+    Ask { id: u64, topic: TopicName, ask: OwnerAsk },
+    /// Owner to follower: the answer to `Ask` `id` (the fields of a native
+    /// reply, or its error code and message).
+    Answered { id: u64, answer: crate::broker::OwnerAnswer },
+    /// Claimed node to claimer: pending schedules of `topic`, whose state
+    /// follows in the next hand-off frame (a topic's schedules take as
+    /// many of these as their size needs).
+    Schedules { topic: TopicName, list: Vec<crate::schedule::Scheduled> },
+}
+
+/// About the most bytes of schedules one `Schedules` frame carries (one
+/// schedule at least): frames stay far below the link's frame limit.
+pub const SCHEDULES_FRAME_BYTES: usize = 1 << 20;
+
+/// A hand-off's frames, in order: its schedules in frames of at most about
+/// [`SCHEDULES_FRAME_BYTES`], then the hand-off itself.
+pub fn hand_off_frames(topic: &TopicName, state: HandOffState) -> Vec<Vec<u8>> {
+    let mut frames = Vec::new();
+    let state = match state {
+        HandOffState::State { epoch, last_seq, history, durable, schedules } => {
+            let mut list = Vec::new();
+            let mut bytes = 0;
+            for s in schedules {
+                let size = s.payload.len() + s.id.len() + 64;
+                if !list.is_empty() && bytes + size > SCHEDULES_FRAME_BYTES {
+                    let full = std::mem::take(&mut list);
+                    frames.push(encode(&LinkFrame::Schedules { topic: topic.clone(), list: full }));
+                    bytes = 0;
+                }
+                bytes += size;
+                list.push(s);
+            }
+            if !list.is_empty() {
+                frames.push(encode(&LinkFrame::Schedules { topic: topic.clone(), list }));
+            }
+            HandOffState::State { epoch, last_seq, history, durable, schedules: Vec::new() }
+        }
+        other => other,
+    };
+    frames.push(encode(&LinkFrame::HandOff { topic: topic.clone(), state }));
+    frames
+}
+
+/// What a connection may ask a topic's owner through another node.
+#[derive(Debug, Clone)]
+pub enum OwnerAsk {
+    /// Add, cancel or list the topic's schedules.
+    Schedule(crate::broker::ScheduleAsk),
+    /// Delete a consumer group without members.
+    GroupDelete { group: String },
 }
 
 /// A consumer group's traffic for a member whose connection is on another
@@ -116,7 +172,16 @@ pub enum HandOffState {
     /// The topic's sequence space, last number and retained history; the
     /// previous owner sequences it no more. A durable topic's log comes
     /// with it (`durable`), its records all in the object store.
-    State { epoch: Epoch, last_seq: u64, history: Vec<Message>, durable: Option<DurableHandOff> },
+    /// Its pending schedules go too, in [`LinkFrame::Schedules`] frames
+    /// just before the hand-off's (see [`hand_off_frames`]): a hand-off
+    /// frame decodes with none.
+    State {
+        epoch: Epoch,
+        last_seq: u64,
+        history: Vec<Message>,
+        durable: Option<DurableHandOff>,
+        schedules: Vec<crate::schedule::Scheduled>,
+    },
 }
 
 /// The part of a publish's options a link carries: key and metadata.
@@ -236,7 +301,7 @@ pub fn encode(frame: &LinkFrame) -> Vec<u8> {
             match state {
                 HandOffState::Nothing => out.push(0),
                 HandOffState::Refused => out.push(1),
-                HandOffState::State { epoch, last_seq, history, durable } => {
+                HandOffState::State { epoch, last_seq, history, durable, schedules: _ } => {
                     out.push(2);
                     out.extend_from_slice(&epoch.0.to_be_bytes());
                     out.extend_from_slice(&last_seq.to_be_bytes());
@@ -262,6 +327,48 @@ pub fn encode(frame: &LinkFrame) -> Vec<u8> {
             out.push(GROUP);
             out.extend_from_slice(&member.to_be_bytes());
             put_group_op(&mut out, op);
+        }
+        LinkFrame::Ask { id, topic, ask } => {
+            use crate::broker::ScheduleAsk;
+            out.push(ASK);
+            out.extend_from_slice(&id.to_be_bytes());
+            put_topic(&mut out, topic);
+            match ask {
+                OwnerAsk::Schedule(ScheduleAsk::Add { scheduled, if_absent }) => {
+                    out.push(0);
+                    out.push(u8::from(*if_absent));
+                    put_record(&mut out, &scheduled.to_record());
+                }
+                OwnerAsk::Schedule(ScheduleAsk::Cancel { id }) => {
+                    out.push(1);
+                    put_short_string(&mut out, id);
+                }
+                OwnerAsk::Schedule(ScheduleAsk::List) => out.push(2),
+                OwnerAsk::GroupDelete { group } => {
+                    out.push(3);
+                    put_short_string(&mut out, group);
+                }
+            }
+        }
+        LinkFrame::Schedules { topic, list } => {
+            out.push(SCHEDULES);
+            put_topic(&mut out, topic);
+            out.extend_from_slice(&(list.len() as u32).to_be_bytes());
+            for s in list {
+                put_record(&mut out, &s.to_record());
+            }
+        }
+        LinkFrame::Answered { id, answer } => {
+            out.push(ANSWERED);
+            out.extend_from_slice(&id.to_be_bytes());
+            let (ok, first, second) = match answer {
+                Ok(fields) => (1, String::new(), fields.to_string()),
+                Err((code, message)) => (0, code.clone(), message.clone()),
+            };
+            out.push(ok);
+            put_short_string(&mut out, &first);
+            out.extend_from_slice(&(second.len() as u32).to_be_bytes());
+            out.extend_from_slice(second.as_bytes());
         }
         LinkFrame::Reply { to, answer } => {
             out.push(REPLY);
@@ -346,6 +453,9 @@ fn put_group_op(out: &mut Vec<u8>, op: &GroupLink) {
         }
     }
 }
+
+// Schedule ids and group names cross the link as short strings.
+const _: () = assert!(crate::schedule::SCHEDULE_ID_BYTES_MAX <= 255 && crate::group::GROUP_NAME_BYTES_MAX <= 255);
 
 /// A string of at most 255 bytes (a group name, an error code).
 fn put_short_string(out: &mut Vec<u8>, s: &str) {
@@ -451,6 +561,48 @@ pub fn decode(frame: &Bytes, at: std::time::Instant) -> Result<LinkFrame, LinkEr
             };
             LinkFrame::Reply { to, answer }
         }
+        ASK => {
+            use crate::broker::ScheduleAsk;
+            let (id, topic) = (r.u64()?, r.topic()?);
+            let ask = match r.u8()? {
+                0 => {
+                    let if_absent = r.u8()? != 0;
+                    let scheduled = crate::schedule::Scheduled::from_record(r.record()?)
+                        .ok_or(LinkError("not a schedule record"))?;
+                    OwnerAsk::Schedule(ScheduleAsk::Add { scheduled, if_absent })
+                }
+                1 => OwnerAsk::Schedule(ScheduleAsk::Cancel { id: r.short_string()? }),
+                2 => OwnerAsk::Schedule(ScheduleAsk::List),
+                3 => OwnerAsk::GroupDelete { group: r.short_string()? },
+                _ => return Err(LinkError("unknown ask")),
+            };
+            LinkFrame::Ask { id, topic, ask }
+        }
+        SCHEDULES => {
+            let topic = r.topic()?;
+            let count = r.u32()? as usize;
+            // Each record takes at least its fixed bytes.
+            if count > frame.len() / 8 {
+                return Err(LinkError("schedule count past the frame"));
+            }
+            let mut list = Vec::with_capacity(count);
+            for _ in 0..count {
+                let s = crate::schedule::Scheduled::from_record(r.record()?);
+                list.push(s.ok_or(LinkError("not a schedule record"))?);
+            }
+            LinkFrame::Schedules { topic, list }
+        }
+        ANSWERED => {
+            let (id, ok, first) = (r.u64()?, r.u8()?, r.short_string()?);
+            let len = r.u32()? as usize;
+            let second = std::str::from_utf8(r.take(len)?).map_err(|_| LinkError("answer not UTF-8"))?.to_string();
+            let answer = match ok {
+                1 => Ok(serde_json::from_str(&second).map_err(|_| LinkError("answer not JSON"))?),
+                0 => Err((first, second)),
+                _ => return Err(LinkError("unknown answer")),
+            };
+            LinkFrame::Answered { id, answer }
+        }
         CLAIM => {
             let (topic, version, at) = (r.topic()?, r.u64()?, r.u64()?);
             let b = r.take(2)?;
@@ -477,7 +629,7 @@ pub fn decode(frame: &Bytes, at: std::time::Instant) -> Result<LinkFrame, LinkEr
                         history.push(Message::from_record(r.record()?, at));
                     }
                     let durable = r.durable()?;
-                    HandOffState::State { epoch, last_seq, history, durable }
+                    HandOffState::State { epoch, last_seq, history, durable, schedules: Vec::new() }
                 }
                 _ => return Err(LinkError("unknown hand-off state")),
             };
@@ -777,6 +929,31 @@ mod tests {
             LinkFrame::Group { member: 7, op: GroupLink::Joined(Err("too_many_groups".into())) },
             LinkFrame::Group { member: 7, op: GroupLink::Deliver { message: message.clone(), delivery: 2, tag: 11 } },
             LinkFrame::Claim { topic: topic("orders"), version: 12, node: "10.0.0.3:8080".into(), at: 9 },
+            LinkFrame::Ask {
+                id: 4,
+                topic: topic("orders"),
+                ask: OwnerAsk::Schedule(crate::broker::ScheduleAsk::Add {
+                    scheduled: crate::schedule::Scheduled {
+                        id: "s0-9".into(),
+                        due_ms: 1_700_000_000_000,
+                        kind: PayloadKind::Text,
+                        payload: Bytes::from_static(b"remind"),
+                        key: Some(Bytes::from_static(b"k")),
+                        meta: None,
+                    },
+                    if_absent: true,
+                }),
+            },
+            LinkFrame::Ask {
+                id: 5,
+                topic: topic("orders"),
+                ask: OwnerAsk::Schedule(crate::broker::ScheduleAsk::Cancel { id: "s0-9".into() }),
+            },
+            LinkFrame::Ask { id: 6, topic: topic("orders"), ask: OwnerAsk::Schedule(crate::broker::ScheduleAsk::List) },
+            LinkFrame::Ask { id: 7, topic: topic("orders"), ask: OwnerAsk::GroupDelete { group: "billing".into() } },
+            LinkFrame::Answered { id: 4, answer: Ok(serde_json::json!({ "id": "s0-9", "replaced": false })) },
+            LinkFrame::Schedules { topic: topic("orders"), list: vec![schedule("a", 9), schedule("b", 10)] },
+            LinkFrame::Answered { id: 5, answer: Err(("not_found".into(), "no such schedule".into())) },
             LinkFrame::HandOff { topic: topic("orders"), state: HandOffState::Nothing },
             LinkFrame::HandOff { topic: topic("orders"), state: HandOffState::Refused },
             LinkFrame::HandOff {
@@ -786,6 +963,7 @@ mod tests {
                     last_seq: 43,
                     history: vec![message.clone(), message.clone()],
                     durable: None,
+                    schedules: Vec::new(),
                 },
             },
             LinkFrame::HandOff {
@@ -801,9 +979,42 @@ mod tests {
                             ArchivedSegment { base_seq: 41, last_seq: 90, len: 8192, first_ms: 21, last_ms: 30 },
                         ],
                     }),
+                    schedules: Vec::new(),
                 },
             },
         ]
+    }
+
+    fn schedule(id: &str, size: usize) -> crate::schedule::Scheduled {
+        crate::schedule::Scheduled {
+            id: id.into(),
+            due_ms: 1_700_000_000_000,
+            kind: PayloadKind::Binary,
+            payload: Bytes::from(vec![1u8; size]),
+            key: None,
+            meta: None,
+        }
+    }
+
+    #[test]
+    fn a_hand_off_sends_its_schedules_first_in_bounded_frames() {
+        let big = SCHEDULES_FRAME_BYTES / 3;
+        let schedules: Vec<_> = (0..7).map(|i| schedule(&format!("s{i}"), big)).collect();
+        let state = HandOffState::State { epoch: Epoch(1), last_seq: 3, history: vec![], durable: None, schedules };
+        let frames = hand_off_frames(&topic("orders"), state);
+        let decoded: Vec<LinkFrame> =
+            frames.iter().map(|f| decode(&Bytes::from(f.clone()), Instant::now()).unwrap()).collect();
+        let (last, first) = decoded.split_last().unwrap();
+        assert!(matches!(last, LinkFrame::HandOff { state: HandOffState::State { last_seq: 3, .. }, .. }));
+        let ids: Vec<String> = first
+            .iter()
+            .flat_map(|f| match f {
+                LinkFrame::Schedules { list, .. } => list.iter().map(|s| s.id.clone()).collect::<Vec<_>>(),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(ids, (0..7).map(|i| format!("s{i}")).collect::<Vec<_>>());
+        assert!(first.len() >= 3 && frames.iter().all(|f| f.len() < 2 * SCHEDULES_FRAME_BYTES), "{}", first.len());
     }
 
     /// Messages compare without their arrival time.
@@ -820,11 +1031,11 @@ mod tests {
             (
                 LinkFrame::HandOff {
                     topic: t1,
-                    state: HandOffState::State { epoch: e1, last_seq: l1, history: h1, durable: d1 },
+                    state: HandOffState::State { epoch: e1, last_seq: l1, history: h1, durable: d1, .. },
                 },
                 LinkFrame::HandOff {
                     topic: t2,
-                    state: HandOffState::State { epoch: e2, last_seq: l2, history: h2, durable: d2 },
+                    state: HandOffState::State { epoch: e2, last_seq: l2, history: h2, durable: d2, .. },
                 },
             ) => {
                 (t1, e1, l1, h1.len(), d1) == (t2, e2, l2, h2.len(), d2)

@@ -376,6 +376,9 @@ struct OwnedTopic {
     /// A copy of a topic another node owns (see `Owner::mirror_start`):
     /// never sequenced here.
     mirror: bool,
+    /// It has pending schedules (kept by the broker): not evicted, and
+    /// handed off with them when it moves.
+    scheduled: bool,
 }
 
 impl OwnedTopic {
@@ -942,6 +945,7 @@ impl Owner {
                     durable: None,
                     groups: 0,
                     mirror: false,
+                    scheduled: false,
                 },
             );
         }
@@ -1190,6 +1194,18 @@ impl Owner {
         Ok(())
     }
 
+    /// `topic` has pending schedules (made if needed: it is owned here
+    /// from now on, so it is handed off with them when it moves), or has
+    /// none any more.
+    pub fn set_scheduled(&mut self, topic: &TopicName, scheduled: bool, now: Instant) -> Result<(), OwnerError> {
+        if scheduled {
+            self.topic_mut(topic, now)?.scheduled = true;
+        } else if let Some(t) = self.topics.get_mut(topic) {
+            t.scheduled = false;
+        }
+        Ok(())
+    }
+
     /// A consumer group of `topic` was removed.
     pub fn release_for_group(&mut self, topic: &TopicName) {
         if let Some(t) = self.topics.get_mut(topic) {
@@ -1205,7 +1221,7 @@ impl Owner {
         let oldest = self
             .topics
             .iter()
-            .filter(|(_, t)| t.subscriber_shards == 0 && t.durable.is_none() && t.groups == 0)
+            .filter(|(_, t)| t.subscriber_shards == 0 && t.durable.is_none() && t.groups == 0 && !t.scheduled)
             .min_by_key(|(_, t)| t.last_active)
             .map(|(name, _)| name.clone());
         let Some(name) = oldest else { return false };

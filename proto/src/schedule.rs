@@ -71,6 +71,21 @@ impl Scheduled {
         self.record(SCHEDULE_FIRING_HEADER, seq)
     }
 
+    /// The schedule a [`Scheduled::to_record`] record holds; `None` for
+    /// another record.
+    pub fn from_record(r: Record) -> Option<Scheduled> {
+        let (name, id) = r.headers.first().cloned()?;
+        (name == SCHEDULE_ID_HEADER).then(|| Scheduled::from_any_record(r, id))
+    }
+
+    /// The schedule of a journal record whose first header (its id, `id`)
+    /// is dropped.
+    fn from_any_record(mut r: Record, id: String) -> Scheduled {
+        r.headers.remove(0);
+        let (meta, _) = Meta::from_record_headers(r.headers);
+        Scheduled { id, due_ms: r.timestamp_ms, kind: r.kind, payload: r.payload, key: r.key, meta }
+    }
+
     fn record(&self, first_header: &str, seq: u64) -> Record {
         let mut headers = vec![(first_header.to_string(), self.id.clone())];
         headers.extend(self.meta.as_ref().map(|m| m.to_record_headers()).unwrap_or_default());
@@ -126,11 +141,7 @@ pub fn done_record(id: &str) -> Record {
 pub fn replay(records: impl IntoIterator<Item = Record>) -> Replayed {
     let mut live: HashMap<String, Scheduled> = HashMap::new();
     let mut firing: std::collections::BTreeMap<u64, Scheduled> = std::collections::BTreeMap::new();
-    let scheduled = |mut r: Record, id: String| {
-        r.headers.remove(0);
-        let (meta, _) = Meta::from_record_headers(r.headers);
-        Scheduled { id, due_ms: r.timestamp_ms, kind: r.kind, payload: r.payload, key: r.key, meta }
-    };
+    let scheduled = |r: Record, id: String| Scheduled::from_any_record(r, id);
     for r in records {
         let Some((name, id)) = r.headers.first().cloned() else { continue };
         match name.as_str() {

@@ -179,7 +179,7 @@ impl Broker {
     /// the owner's answer: ok, `not_found`, or `busy` (it has members).
     pub fn delete_group(&mut self, topic: TopicName, group: GroupName, out: Rc<Outbound>, id: u64, now: Now) {
         let req = self.next_id();
-        self.asking.insert(req, (out, id));
+        self.asking.insert(req, remote_asks::Asker::Native { out, id });
         let owner = topic.owner_shard(self.shards);
         self.send(owner, Item::GroupDelete { topic, group, req }, now);
     }

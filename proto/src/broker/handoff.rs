@@ -54,6 +54,7 @@ use crate::cluster::Topology;
 use crate::durable::{ArchivedSegment, DurableHandOff, DurableSpec};
 use crate::link::{HandOffState, LinkFrame};
 use crate::owner::DurableHandOffReady;
+use crate::schedule::Scheduled;
 
 /// How long publishes and subscribes of a topic being taken over wait for
 /// the previous owner's hand-off before they fail (`owner_unreachable`);
@@ -92,6 +93,15 @@ pub(super) struct Taking {
     /// Nobody is asked: the object store is, where a durable topic's log
     /// ends (see `Broker::stored_listed`).
     listing: bool,
+}
+
+/// What comes with a topic's state besides its numbers and history.
+#[derive(Debug, Default)]
+pub(super) struct Carried {
+    /// A durable topic's log.
+    durable: Option<DurableHandOff>,
+    /// Its pending schedules.
+    schedules: Vec<Scheduled>,
 }
 
 impl Taking {
@@ -186,7 +196,7 @@ impl Broker {
             let Some(given) = self.handing.remove(&topic) else { continue };
             let (epoch, last_seq, history) = self.handed_state(&topic, &given);
             self.handing.insert(topic.clone(), given);
-            self.taken(&topic, Some((epoch, last_seq, history)), None, now);
+            self.taken(&topic, Some((epoch, last_seq, history)), Carried::default(), now);
         }
         // Copies whose owner changed: follow the new one (or take over).
         // Sorted wherever a hash map is walked here: the actions come out in
@@ -213,7 +223,7 @@ impl Broker {
                     if !self.taking.contains_key(&topic) && !self.owner.owns(&topic) {
                         match self.claim_target(&topic) {
                             Some((from, at)) => self.start_claim(&topic, from, at, false, now),
-                            None => self.taken(&topic, None, None, now),
+                            None => self.taken(&topic, None, Carried::default(), now),
                         }
                     }
                     // Held for the hand-off if there is one, else granted.
@@ -424,27 +434,29 @@ impl Broker {
                     t.retry_ms = now.unix_ms + CLAIM_RETRY_MS;
                 }
             }
-            HandOffState::Nothing if asked => self.taken(topic, None, None, now),
+            HandOffState::Nothing if asked => self.taken(topic, None, Carried::default(), now),
             HandOffState::Refused | HandOffState::Nothing => {}
             // A state is never dropped, asked for now or not: it is the
             // topic's only one.
-            HandOffState::State { epoch, last_seq, history, durable } => {
-                self.taken(topic, Some((epoch, last_seq, history)), durable, now)
+            HandOffState::State { epoch, last_seq, history, durable, schedules: _ } => {
+                let schedules = self.schedules_arriving.remove(&(node.to_string(), topic.clone())).unwrap_or_default();
+                self.taken(topic, Some((epoch, last_seq, history)), Carried { durable, schedules }, now)
             }
         }
+    }
+
+    /// A claimed node sent schedules of `topic` ahead of its state.
+    pub(super) fn schedules_ahead(&mut self, node: &str, topic: TopicName, list: Vec<Scheduled>) {
+        self.schedules_arriving.entry((node.to_string(), topic)).or_default().extend(list);
     }
 
     /// `topic`'s state arrived (or there is none: it starts afresh here, a
     /// copy held here moving to a new sequence space): held here, then
     /// given on if another node owns the topic now; what waited goes
-    /// through. A durable topic's log (`durable`) comes with its state.
-    fn taken(
-        &mut self,
-        topic: &TopicName,
-        state: Option<(Epoch, u64, Vec<Message>)>,
-        durable: Option<DurableHandOff>,
-        now: Now,
-    ) {
+    /// through. A durable topic's log and the topic's pending schedules
+    /// come with its state (`carried`).
+    fn taken(&mut self, topic: &TopicName, state: Option<(Epoch, u64, Vec<Message>)>, carried: Carried, now: Now) {
+        let Carried { durable, schedules } = carried;
         let pending = self.taking.remove(topic).map(|t| t.pending).unwrap_or_default();
         if self.owner.owns(topic) && state.is_some() {
             tracing::warn!(topic = topic.as_str(), "a second state of a topic arrived: kept in its own epoch");
@@ -456,6 +468,7 @@ impl Broker {
                     if let Some(durable) = durable {
                         self.owner.durable_taken(topic, durable);
                     }
+                    self.schedules_arrived(topic, schedules);
                     let position = self.owner.last_seq(topic).unwrap_or(last_seq);
                     for shard in (0..self.shards).filter(|s| adopted.restarted & (1 << s) != 0) {
                         self.send(shard, Item::Restarted { topic: topic.clone(), epoch, last_seq: position }, now);
@@ -707,7 +720,7 @@ impl Broker {
             }
             None => {
                 tracing::warn!(topic = topic.as_str(), from = %gone, "no hand-off from a gone owner: the topic starts afresh");
-                self.taken(topic, None, None, now);
+                self.taken(topic, None, Carried::default(), now);
             }
         }
     }
@@ -751,10 +764,12 @@ impl Broker {
     }
 
     /// The owner shard's answer to a claim: written to the claiming link.
+    /// A state's schedules go in frames of their own just before it.
     pub(super) fn claim_answered(&mut self, req: u64, topic: TopicName, state: HandOffState) {
         if let Some(out) = self.claims.remove(&req) {
-            let frame = LinkFrame::HandOff { topic, state };
-            out.offer_control(ws::encode_data(PayloadKind::Binary, &crate::link::encode(&frame)));
+            for frame in crate::link::hand_off_frames(&topic, state) {
+                out.offer_control(ws::encode_data(PayloadKind::Binary, &frame));
+            }
         }
     }
 
@@ -794,13 +809,19 @@ impl Broker {
             DurableHandOffReady::Ephemeral => None,
             DurableHandOffReady::Ready(d) => Some(d),
         };
+        // Schedule changes answered only once journaled: those answers
+        // first.
+        if !self.schedules_may_leave(topic) {
+            return HandOffState::Refused;
+        }
         let Some(given) = self.handing.remove(topic) else { return HandOffState::Refused };
         self.gave.insert(topic.clone(), (mine, node.to_string()));
         let (epoch, last_seq, history) = self.handed_state(topic, &given);
         if durable.is_some() {
             self.owner.durable_left(topic);
         }
-        HandOffState::State { epoch, last_seq, history, durable }
+        let schedules = self.schedules_leaving(topic);
+        HandOffState::State { epoch, last_seq, history, durable, schedules }
     }
 
     /// What a claim of `topic` by `node` (its view `version`, this node
@@ -865,7 +886,7 @@ impl Broker {
         if current_run.is_some_and(|start| gave.is_none_or(|g| g < start)) {
             match self.claim_target(topic) {
                 Some((from, at)) => self.start_claim(topic, from, at, false, now),
-                None => self.taken(topic, None, None, now),
+                None => self.taken(topic, None, Carried::default(), now),
             }
             return HandOffState::Refused;
         }

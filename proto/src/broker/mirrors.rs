@@ -155,6 +155,8 @@ impl Broker {
                     self.answer(held, result, now);
                 }
             }
+            LinkFrame::Answered { id, answer } => self.remote_answered(node, id, answer, now),
+            LinkFrame::Schedules { topic, list } => self.schedules_ahead(node, topic, list),
             LinkFrame::Followed { topic, result } => {
                 // Every follow gets one answer, in order, even one unfollowed
                 // since: only the last one's (and the messages after it)
@@ -257,7 +259,8 @@ impl Broker {
             LinkFrame::Publish { .. }
             | LinkFrame::Follow { .. }
             | LinkFrame::Unfollow { .. }
-            | LinkFrame::Claim { .. } => {}
+            | LinkFrame::Claim { .. }
+            | LinkFrame::Ask { .. } => {}
             // The answer to a request this node forwarded: to its requester.
             LinkFrame::Reply { to, answer } => {
                 if to.shard < self.shards {
@@ -290,6 +293,9 @@ impl Broker {
         }
         self.claims_link_down(node, now);
         self.remote_groups_link_down(node, now);
+        self.remote_asks_link_down(node, now);
+        // Schedules sent ahead of a state that will not come on this link.
+        self.schedules_arriving.retain(|(n, _), _| n != node);
     }
 
     /// Asks the owner again for `topic`, after what the copy has.

@@ -52,7 +52,7 @@ impl Broker {
     /// reply `id` on `out` comes with the owner's answer.
     pub fn ask_schedules(&mut self, topic: TopicName, ask: ScheduleAsk, out: Rc<Outbound>, id: u64, now: Now) {
         let req = self.next_id();
-        self.asking.insert(req, (out, id));
+        self.asking.insert(req, remote_asks::Asker::Native { out, id });
         let owner = topic.owner_shard(self.shards);
         self.send(owner, Item::ScheduleAsk { topic, ask, req }, now);
     }
@@ -94,10 +94,74 @@ impl Broker {
                     }
                 }
             }
-            if self.schedules.get(&topic).is_some_and(Schedules::is_empty) {
-                self.schedules.remove(&topic);
+            self.drop_if_unscheduled(&topic, now);
+        }
+    }
+
+    /// Forgets `topic`'s table when it holds nothing (the topic is no
+    /// longer held for it).
+    fn drop_if_unscheduled(&mut self, topic: &TopicName, now: Now) {
+        if self.schedules.get(topic).is_none_or(Schedules::is_empty) {
+            self.schedules.remove(topic);
+            let _ = self.owner.set_scheduled(topic, false, now.at);
+        }
+    }
+
+    /// Whether `topic`'s schedules may leave with its state: no add or
+    /// cancel is waiting for its journal record (its answer first).
+    pub(super) fn schedules_may_leave(&self, topic: &TopicName) -> bool {
+        self.schedule_journal.get(topic).is_none_or(|j| j.records.is_empty() && j.answers.is_empty())
+    }
+
+    /// `topic` leaves this node: its pending schedules go with its state
+    /// (those fired before a restart and not known written among them, due
+    /// at once: at least once). A durable topic's journal goes with its
+    /// files.
+    pub(super) fn schedules_leaving(&mut self, topic: &TopicName) -> Vec<Scheduled> {
+        let mut list = self.schedules.remove(topic).map(|mut s| s.take_due(u64::MAX)).unwrap_or_default();
+        if let Err(e) = self.owner.set_scheduled(topic, false, std::time::Instant::now()) {
+            debug_assert!(false, "clearing never fails: {e}");
+        }
+        list.extend(self.schedule_refire.remove(topic).unwrap_or_default().into_iter().map(|(_, s)| s));
+        self.schedule_journal.remove(topic);
+        self.schedule_fired.remove(topic);
+        list
+    }
+
+    /// A forwarded schedule failed: kept again, fired at the next tick.
+    pub(super) fn schedule_again(&mut self, topic: &TopicName, s: Scheduled) {
+        self.schedules.entry(topic.clone()).or_default().put_back(s);
+        self.actions.push(Action::Tick);
+    }
+
+    /// `topic`'s state arrived with its pending schedules: kept here (a
+    /// durable topic's journaled), fired when due.
+    pub(super) fn schedules_arrived(&mut self, topic: &TopicName, list: Vec<Scheduled>) {
+        if list.is_empty() {
+            return;
+        }
+        let durable = self.owner.durable(topic).is_some();
+        if self.owner.set_scheduled(topic, true, std::time::Instant::now()).is_err() {
+            debug_assert!(false, "the topic was adopted just before");
+        }
+        let table = self.schedules.entry(topic.clone()).or_default();
+        let mut records = Vec::new();
+        let mut dropped = 0;
+        for s in list {
+            let record = durable.then(|| s.to_record());
+            match table.add(s, false) {
+                Ok(_) => records.extend(record),
+                // The giver kept them under the same bounds.
+                Err(_) => dropped += 1,
             }
         }
+        if dropped > 0 {
+            tracing::warn!(topic = topic.as_str(), dropped, "schedules handed over past this node's bounds");
+        }
+        if !records.is_empty() {
+            self.schedule_journal.entry(topic.clone()).or_default().records.extend(records);
+        }
+        self.actions.push(Action::Tick);
     }
 
     /// Whether this shard keeps pending schedules or journal records to
@@ -114,6 +178,15 @@ impl Broker {
     /// journaled); false when the topic refuses it now.
     fn fire(&mut self, topic: &TopicName, s: &Scheduled, now: Now) -> bool {
         let options = PublishOptions { key: s.key.clone(), ack: None, reply_to: None, meta: s.meta.clone() };
+        if let Some(node) = self.remote_node(topic) {
+            // The topic moved and nobody claimed its state yet: the due
+            // message goes to the owner as a publish made here would (its
+            // arrival there takes the topic over, with the other
+            // schedules).
+            let held = Held::Schedule { topic: topic.clone(), scheduled: Box::new(s.clone()) };
+            self.forward(node, topic.clone(), s.kind, s.payload.clone(), options, held);
+            return true;
+        }
         match self.sequence(topic, s.kind, s.payload.clone(), options, now) {
             Err(_) => false,
             Ok((seq, _)) => {
@@ -218,13 +291,16 @@ impl Broker {
             ScheduleAsk::Add { scheduled, if_absent } => {
                 let (id, due_ms) = (scheduled.id.clone(), scheduled.due_ms);
                 let kept = durable.then(|| scheduled.to_record());
-                let added = self.schedules.entry(topic.clone()).or_default().add(scheduled, if_absent);
+                // The topic is held here while it has schedules.
+                let held = self.owner.set_scheduled(&topic, true, now.at).map_err(|e| (e.code(), e.to_string()));
+                let added = held.and_then(|()| {
+                    let table = self.schedules.entry(topic.clone()).or_default();
+                    table.add(scheduled, if_absent).map_err(|e| ("too_many_schedules", e.to_string()))
+                });
                 if matches!(added, Ok(Added::Kept { .. })) {
                     record = kept;
                 }
-                if self.schedules.get(&topic).is_some_and(Schedules::is_empty) {
-                    self.schedules.remove(&topic);
-                }
+                self.drop_if_unscheduled(&topic, now);
                 match added {
                     Ok(Added::Kept { replaced }) => {
                         Ok(serde_json::json!({"schedule_id": id, "deliver_at": due_ms, "replaced": replaced}))
@@ -232,14 +308,12 @@ impl Broker {
                     Ok(Added::Present { due_ms }) => {
                         Ok(serde_json::json!({"schedule_id": id, "deliver_at": due_ms, "present": true}))
                     }
-                    Err(e) => Err(("too_many_schedules", e.to_string())),
+                    Err(e) => Err(e),
                 }
             }
             ScheduleAsk::Cancel { id } => {
                 let cancelled = self.schedules.get_mut(&topic).and_then(|s| s.cancel(&id));
-                if self.schedules.get(&topic).is_some_and(Schedules::is_empty) {
-                    self.schedules.remove(&topic);
-                }
+                self.drop_if_unscheduled(&topic, now);
                 if cancelled.is_some() && durable {
                     record = Some(done_record(&id));
                 }
