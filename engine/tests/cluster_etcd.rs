@@ -487,3 +487,69 @@ fn pending_schedules_move_with_their_topic() {
     let listed = call(serde_json::json!({ "op": "schedules", "topic": hot }));
     assert_eq!(listed["schedules"].as_array().map(Vec::len), Some(0), "{listed}");
 }
+
+#[test]
+fn a_groups_members_are_told_when_its_topic_moves_and_join_it_again_on_the_new_owner() {
+    let name = "groups-move";
+    let etcd = Etcd::start(name);
+    let ports: Vec<u16> = (0..2).map(|_| free_port()).collect();
+    let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let mut sorted = addrs.clone();
+    sorted.sort();
+    let table = proto::maglev::Table::build(&sorted, proto::maglev::TABLE_SIZE_DEFAULT).unwrap();
+    let topic = (0..).map(|i| format!("work.{i}")).find(|t| table.lookup(t.as_bytes()) == Some(&addrs[1])).unwrap();
+    let mut nodes = vec![etcd_node(&etcd, name, ports[0])];
+    wait_members(&[&nodes[0]], &addrs[..1]);
+    let join = |ws: &mut Ws| {
+        let request = serde_json::json!({ "id": 1, "op": "subscribe", "topic": topic, "group": "workers" });
+        let reply = native_call(ws, request);
+        assert_eq!(reply["ok"], true, "{reply}");
+    };
+    // Takes `n` deliveries, acknowledging each; returns their data.
+    let take = |ws: &mut Ws, n: usize| -> Vec<String> {
+        (0..n)
+            .map(|_| {
+                let v = next_json(ws);
+                assert_eq!(v["type"], "message", "{v}");
+                let ack = serde_json::json!({ "op": "ack", "topic": topic, "group": "workers", "seq": v["seq"] });
+                ws.send(tungstenite::Message::text(ack.to_string())).unwrap();
+                v["data"].as_str().unwrap().to_string()
+            })
+            .collect()
+    };
+    let mut member = nodes[0].ws("/v1/ws");
+    join(&mut member);
+    let mut publisher = nodes[0].ws("/v1/ws");
+    let mut id = 100;
+    for i in 0..3 {
+        publish_until_ok(&mut publisher, &mut id, &topic, &format!("before-{i}"));
+    }
+    assert_eq!(take(&mut member, 3), ["before-0", "before-1", "before-2"]);
+
+    // Node 1 joins and owns the topic: the group ends on node 0 and its
+    // member is told; joined again (through node 0), it gets what is
+    // published from then on, from node 1.
+    nodes.push(etcd_node(&etcd, name, ports[1]));
+    wait_members(&[&nodes[0], &nodes[1]], &addrs);
+    let lost = next_json(&mut member);
+    assert_eq!((lost["type"].clone(), lost["group"].clone()), ("group_lost".into(), "workers".into()), "{lost}");
+    join(&mut member);
+    for i in 0..3 {
+        publish_until_ok(&mut publisher, &mut id, &topic, &format!("after-{i}"));
+    }
+    assert_eq!(take(&mut member, 3), ["after-0", "after-1", "after-2"]);
+
+    // Node 1 leaves: the member (on node 0, in node 1's group over the
+    // link) is told again, joins again, and goes on with node 0.
+    let leaving = nodes.pop().unwrap();
+    assert!(nix_term(&leaving));
+    drop(leaving);
+    wait_members(&[&nodes[0]], &addrs[..1]);
+    let lost = next_json(&mut member);
+    assert_eq!(lost["type"], "group_lost", "{lost}");
+    join(&mut member);
+    for i in 0..3 {
+        publish_until_ok(&mut publisher, &mut id, &topic, &format!("back-{i}"));
+    }
+    assert_eq!(take(&mut member, 3), ["back-0", "back-1", "back-2"]);
+}

@@ -358,6 +358,11 @@ impl Group {
         self.members.contains_key(&member)
     }
 
+    /// Its members, in id order.
+    pub fn member_ids(&self) -> Vec<MemberId> {
+        self.members.keys().copied().collect()
+    }
+
     /// Members.
     pub fn member_count(&self) -> usize {
         self.members.len()

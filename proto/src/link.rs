@@ -159,6 +159,9 @@ pub enum GroupLink {
     Joined(Result<(), String>),
     /// Owner to follower: a delivery to the member.
     Deliver { message: Message, delivery: u32, tag: u64 },
+    /// Owner to follower: the group ended here (its topic moved to
+    /// another node): the member is told `group_lost` and joins again.
+    Lost,
 }
 
 /// What a previous owner hands over for a claimed topic.
@@ -445,6 +448,7 @@ fn put_group_op(out: &mut Vec<u8>, op: &GroupLink) {
                 }
             }
         }
+        GroupLink::Lost => out.push(6),
         GroupLink::Deliver { message, delivery, tag } => {
             out.push(5);
             out.extend_from_slice(&delivery.to_be_bytes());
@@ -798,6 +802,7 @@ impl Reader<'_> {
                 let (delivery, tag) = (self.u32()?, self.u64()?);
                 GroupLink::Deliver { message: Message::from_record(self.record()?, at), delivery, tag }
             }
+            6 => GroupLink::Lost,
             _ => return Err(LinkError("unknown group op")),
         })
     }
@@ -915,6 +920,7 @@ mod tests {
                 },
             },
             LinkFrame::Group { member: 7, op: GroupLink::Leave },
+            LinkFrame::Group { member: 7, op: GroupLink::Lost },
             LinkFrame::Group { member: 7, op: GroupLink::Settle(crate::group::Settle::Nack { seq: 4, delay_ms: 9 }) },
             LinkFrame::Group { member: 7, op: GroupLink::Settle(crate::group::Settle::Prefetch { prefetch: 3 }) },
             LinkFrame::Group { member: 7, op: GroupLink::Joined(Ok(())) },

@@ -176,7 +176,7 @@ fn group_op(session: &Session, follows: &Follows, member: u64, op: link::GroupLi
             }
         }
         // Frames only a member's node receives.
-        link::GroupLink::Joined(_) | link::GroupLink::Deliver { .. } => {
+        link::GroupLink::Joined(_) | link::GroupLink::Deliver { .. } | link::GroupLink::Lost => {
             metrics::add(&shard.metrics.protocol_errors, 1);
         }
     }

@@ -184,13 +184,30 @@ impl Broker {
         self.send(owner, Item::GroupDelete { topic, group, req }, now);
     }
 
+    /// `topic` stops being sequenced here (it moved to another node): its
+    /// groups end here, their members told `group_lost` (they join again,
+    /// on the new owner). What they held unacknowledged is not carried: the
+    /// group starts again there as a new one (a durable group's saved
+    /// position stays with this node's files).
+    pub(super) fn groups_leaving(&mut self, topic: &TopicName, now: Now) {
+        let Some(names) = self.group_names.get(topic).cloned() else { return };
+        for group in names {
+            let key = (topic.clone(), group.clone());
+            let members = self.groups.get(&key).map(|g| g.group.member_ids()).unwrap_or_default();
+            for m in members {
+                self.send(m.shard, Item::GroupLost { topic: topic.clone(), group: group.clone(), sub: m.sub }, now);
+            }
+            self.remove_group(&key, None, false);
+        }
+    }
+
     /// Removes an owned group and what it holds (its topic is no longer
-    /// held for it); a durable one's save is deleted by the shell, and
-    /// `answer` (the asking shard and its request) is answered after that.
-    /// Whether it had a save to delete.
-    fn remove_group(&mut self, key: &(TopicName, GroupName), answer: Option<(usize, u64)>) -> bool {
+    /// held for it); with `delete_save`, a durable one's save is deleted
+    /// by the shell, and `answer` (the asking shard and its request) is
+    /// answered after that. Whether it had a save to delete.
+    fn remove_group(&mut self, key: &(TopicName, GroupName), answer: Option<(usize, u64)>, delete_save: bool) -> bool {
         let Some(g) = self.groups.remove(key) else { return false };
-        let durable = g.feed.is_some();
+        let durable = g.feed.is_some() && delete_save;
         if durable {
             self.group_deletes.push(GroupDeleteJob { topic: key.0.clone(), group: key.1.to_string(), answer });
         }
@@ -242,7 +259,7 @@ impl Broker {
                 Some(_) => g.group.idle_for(now.unix_ms) >= DURABLE_IDLE_GROUP_MS,
             };
             if expired {
-                self.remove_group(&key, None);
+                self.remove_group(&key, None, true);
                 continue;
             }
             g.group.tick(now.unix_ms, &mut events);
@@ -570,7 +587,7 @@ impl Broker {
                     Some(n) if n > 0 => Err(("busy".to_string(), format!("the group has {n} members"))),
                     // A durable group's answer waits for its save's
                     // deletion (`group_save_deleted`).
-                    Some(_) if self.remove_group(&key, Some((from, req))) => return,
+                    Some(_) if self.remove_group(&key, Some((from, req)), true) => return,
                     Some(_) => Ok(serde_json::json!({"topic": key.0.as_str(), "group": &*key.1})),
                 };
                 self.send(from, Item::OwnerAnswer { req, answer }, now);
@@ -594,12 +611,19 @@ impl Broker {
             Item::GroupLost { topic, group, sub } => {
                 let Some(m) = self.members.remove(&sub) else { return };
                 metrics::sub(&self.metrics.subscriptions_current, 1);
-                match m.reply_id {
-                    Some(id) => {
+                match (m.link, m.reply_id) {
+                    // A member on another node: its node tells it.
+                    (Some(member), _) => {
+                        m.out.offer_control(link_frame(&crate::link::LinkFrame::Group {
+                            member,
+                            op: crate::link::GroupLink::Lost,
+                        }));
+                    }
+                    (None, Some(id)) => {
                         let e = GroupJoinError::OwnerUnreachable;
                         m.out.offer_control(native::reply_error(Some(id), e.code(), &e.to_string()));
                     }
-                    None => {
+                    (None, None) => {
                         m.out.offer_control(native::group_lost_notice(&topic, &group));
                     }
                 }

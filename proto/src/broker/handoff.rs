@@ -185,7 +185,7 @@ impl Broker {
         // Topics owned here that now belong elsewhere.
         for topic in self.owner.owned_names() {
             if self.remote_node(&topic).is_some() {
-                self.give_up(&topic);
+                self.give_up(&topic, now);
             }
         }
         // Topics given up before and not claimed, owned here again: taken
@@ -288,7 +288,7 @@ impl Broker {
     /// Stops owning `topic` (it belongs to another node now): kept as a
     /// copy, its state handed off when claimed; followed on its owner if
     /// subscribed here.
-    fn give_up(&mut self, topic: &TopicName) {
+    fn give_up(&mut self, topic: &TopicName, now: Now) {
         let Some((epoch, last_seq, _)) = self.owner.give_away(topic) else {
             return;
         };
@@ -296,6 +296,8 @@ impl Broker {
         // segment is sealed and uploaded now, before any claim (and before
         // a leaving node is gone, if nobody claims it).
         self.seal(topic);
+        // Its groups end here: their members join again on the new owner.
+        self.groups_leaving(topic, now);
         let run_start = self.cluster.as_ref().and_then(|v| v.latest_run(topic)).map_or(0, |r| r.start);
         let run_end = self.cluster.as_ref().map_or(0, |v| v.latest_run_end(topic));
         self.handing.insert(topic.clone(), Handing { epoch, last_seq, run_start, run_end });
@@ -514,7 +516,7 @@ impl Broker {
         }
         // Owned elsewhere now (a relay, or the view moved on meanwhile).
         if self.remote_node(topic).is_some() {
-            self.give_up(topic);
+            self.give_up(topic, now);
         }
         for pending in pending {
             self.release(pending, now);
@@ -553,7 +555,7 @@ impl Broker {
         }
         // Owned elsewhere now (a relay, or the view moved on meanwhile).
         if self.remote_node(topic).is_some() {
-            self.give_up(topic);
+            self.give_up(topic, now);
         }
         for pending in pending {
             self.release(pending, now);
@@ -871,7 +873,7 @@ impl Broker {
                 return HandOffState::Refused;
             }
             self.given.insert(topic.clone(), (node.to_string(), version));
-            self.give_up(topic);
+            self.give_up(topic, now);
             return self.hand_over(topic, node, mine);
         }
         // Not held here. This node's view is behind the claim: wait for it.

@@ -129,6 +129,11 @@ impl Broker {
                 }
                 self.send(shard, Item::GroupDeliver { topic, group, sub, message, delivery, tag }, now);
             }
+            GroupLink::Lost => {
+                self.remote_members.remove(&member);
+                self.remote_member_ids.remove(&(shard, sub));
+                self.send(shard, Item::GroupLost { topic, group, sub }, now);
+            }
             // Frames only an owner receives.
             GroupLink::Join { .. } | GroupLink::Leave | GroupLink::Settle(_) => {}
         }
