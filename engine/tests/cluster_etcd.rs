@@ -428,15 +428,22 @@ fn durable_topic_moves(name: &str, store: &Store) {
     );
 }
 
-#[test]
-fn pending_schedules_move_with_their_topic() {
-    let name = "schedules-move";
-    let etcd = Etcd::start(name);
+/// Two free ports, their addresses, and the ownership table of both
+/// nodes as members (for topics that move to the second when it joins).
+fn two_ports() -> (Vec<u16>, Vec<String>, proto::maglev::Table) {
     let ports: Vec<u16> = (0..2).map(|_| free_port()).collect();
     let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
     let mut sorted = addrs.clone();
     sorted.sort();
     let table = proto::maglev::Table::build(&sorted, proto::maglev::TABLE_SIZE_DEFAULT).unwrap();
+    (ports, addrs, table)
+}
+
+#[test]
+fn pending_schedules_move_with_their_topic() {
+    let name = "schedules-move";
+    let etcd = Etcd::start(name);
+    let (ports, addrs, table) = two_ports();
     // Two topics node 1 will own: one followed on node 1 after the join
     // (claimed at once), one nobody touches (its due schedule, fired by
     // node 0, is what moves it).
@@ -492,11 +499,7 @@ fn pending_schedules_move_with_their_topic() {
 fn a_groups_members_are_told_when_its_topic_moves_and_join_it_again_on_the_new_owner() {
     let name = "groups-move";
     let etcd = Etcd::start(name);
-    let ports: Vec<u16> = (0..2).map(|_| free_port()).collect();
-    let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
-    let mut sorted = addrs.clone();
-    sorted.sort();
-    let table = proto::maglev::Table::build(&sorted, proto::maglev::TABLE_SIZE_DEFAULT).unwrap();
+    let (ports, addrs, table) = two_ports();
     let topic = (0..).map(|i| format!("work.{i}")).find(|t| table.lookup(t.as_bytes()) == Some(&addrs[1])).unwrap();
     let mut nodes = vec![etcd_node(&etcd, name, ports[0])];
     wait_members(&[&nodes[0]], &addrs[..1]);
