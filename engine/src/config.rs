@@ -296,6 +296,8 @@ pub struct Config {
     durable_topics: Vec<(proto::topic::TopicName, DurableSpec)>,
     /// Where sealed segments and snapshots go.
     object_store: objstore::Target,
+    /// Whether the object store was named (else the node's own directory).
+    object_store_named: bool,
     /// Longest wait before a segment with `stored` publishers is sealed.
     upload_interval: Duration,
     /// Snapshot period; zero for on demand only.
@@ -449,6 +451,13 @@ impl Config {
         &self.object_store
     }
 
+    /// Whether the object store was named (`--object-store` or the file);
+    /// else it is this node's own directory, which a cluster's durable
+    /// topics cannot move through.
+    pub fn object_store_named(&self) -> bool {
+        self.object_store_named
+    }
+
     /// Longest wait before a segment with `stored` publishers is sealed.
     pub fn upload_interval(&self) -> Duration {
         self.upload_interval
@@ -491,6 +500,7 @@ impl Default for Config {
             segment_bytes_max: proto::durable::SEGMENT_BYTES_MAX_DEFAULT,
             durable_topics: Vec::new(),
             object_store: objstore::Target::Dir(PathBuf::from(DATA_DIR_DEFAULT).join("objects")),
+            object_store_named: false,
             upload_interval: Duration::from_millis(UPLOAD_INTERVAL_MS_DEFAULT),
             snapshot_interval: Duration::from_millis(SNAPSHOT_INTERVAL_MS_DEFAULT),
             restore: None,
@@ -538,6 +548,7 @@ impl Config {
             segment_bytes_max: pick!(args, file, segment_bytes_max, d.segment_bytes_max),
             durable_topics: durable_topics(&args.durable, &file.durable_topics)?,
             object_store: object_store(args, &file, &data_dir),
+            object_store_named: args.object_store.is_some() || file.object_store.is_some(),
             upload_interval: ms(pick!(args, file, upload_interval_ms, UPLOAD_INTERVAL_MS_DEFAULT)),
             snapshot_interval: ms(pick!(args, file, snapshot_interval_ms, SNAPSHOT_INTERVAL_MS_DEFAULT)),
             restore: args.restore.clone(),

@@ -408,6 +408,12 @@ fn call(endpoint: &str, path: &str, body: &str) -> io::Result<String> {
 /// before it drains.
 const HANDOFF_DRAIN_WAIT: Duration = Duration::from_secs(3);
 
+/// Longest a stopping node waits while a durable topic it gave up still
+/// has records to upload (past `HANDOFF_DRAIN_WAIT`): they must be in the
+/// object store for the topic's next owner. A store slower than this
+/// leaves them on this node's disk (the next owner starts a new epoch).
+const DURABLE_DRAIN_WAIT: Duration = Duration::from_secs(15);
+
 /// How often a shard looks for a new member set and drives its claims.
 const CLUSTER_POLL: Duration = Duration::from_millis(50);
 
@@ -432,8 +438,17 @@ impl crate::shard::Shard {
         }
         // Every shard keeps its links open until all are done: a claim may
         // come in on one shard for a topic of another.
-        let done = self.node.handed_over.load(Ordering::Acquire) >= self.shards;
-        if done || since.elapsed() >= HANDOFF_DRAIN_WAIT {
+        let done = self.node.handed_over.load(Ordering::Acquire) >= self.shards
+            && self.node.claims_unanswered.load(Ordering::Acquire) == 0;
+        let waited = since.elapsed();
+        let bit = 1u64 << self.id;
+        if broker.durable_uploads_pending() {
+            self.node.uploading_shards.fetch_or(bit, Ordering::AcqRel);
+        } else {
+            self.node.uploading_shards.fetch_and(!bit, Ordering::AcqRel);
+        }
+        let uploading = self.node.uploading_shards.load(Ordering::Acquire) != 0 && waited < DURABLE_DRAIN_WAIT;
+        if done || (waited >= HANDOFF_DRAIN_WAIT && !uploading) {
             tracing::info!(shard = self.id, unclaimed = broker.handing_over(), "left the cluster");
             return true;
         }

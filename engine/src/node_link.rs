@@ -250,7 +250,15 @@ async fn read_loop(shard: &Weak<Shard>, link: &NodeLink, stream: Rc<RefCell<TcpS
                     link.wake.notify();
                 }
                 Ok(Some(WsEvent::Pong)) => {}
-                Ok(Some(WsEvent::Close { code })) => return format!("closed by the owner ({code:?})"),
+                Ok(Some(WsEvent::Close { code })) => {
+                    // What came before the close in the same read still
+                    // counts (a leaving node's last hand-off, then its
+                    // close): handed on first.
+                    if let Some(s) = shard.upgrade().filter(|_| !frames.is_empty()) {
+                        s.link_frames(&link.node, &mut frames);
+                    }
+                    return format!("closed by the owner ({code:?})");
+                }
                 Ok(None) => break,
                 Err(e) => return e.to_string(),
             }
@@ -290,6 +298,8 @@ impl Shard {
         at: u64,
         out: std::rc::Rc<proto::outbound::Outbound>,
     ) {
+        // Counted until its answer is on the link (`Action::ClaimAnswered`).
+        self.node.claims_unanswered.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         self.broker.borrow_mut().claim(topic, version, node, at, out, Now::read());
         self.apply();
     }

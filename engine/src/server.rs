@@ -72,6 +72,14 @@ impl Node {
             );
         }
         let _ = self.shared.archive.set(Arc::new(worker));
+        let clustered = config.etcd().is_some() || config.static_peers();
+        if clustered && !config.durable_topics().is_empty() && !config.object_store_named() {
+            tracing::warn!(
+                "durable topics in a cluster move through the object store the nodes share, and none was named: \
+                 this node's own directory is used, so a durable topic that moves to another node will not find \
+                 its earlier records there; give every node the same --object-store"
+            );
+        }
         if let Some((endpoint, cluster)) = config.etcd() {
             let me = config.advertise().to_string();
             let shared = crate::membership::start(endpoint.to_string(), cluster, me, ETCD_START_WAIT)

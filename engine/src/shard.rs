@@ -188,6 +188,13 @@ pub struct NodeShared {
     /// Shards whose topics were all claimed after the node left its
     /// cluster (a graceful stop): the node stops accepting when all are.
     pub handed_over: AtomicUsize,
+    /// Shards (bit i: shard i) of a stopping node with durable records
+    /// still to upload for topics they gave up: every shard keeps its
+    /// links open while any has (`membership::DURABLE_DRAIN_WAIT`).
+    pub uploading_shards: std::sync::atomic::AtomicU64,
+    /// Other nodes' claims taken by this node's link sessions and not yet
+    /// answered on their links: a stopping node drains only at 0.
+    pub claims_unanswered: AtomicUsize,
 }
 
 /// An outbox toward one peer shard.
@@ -468,6 +475,9 @@ impl Shard {
                 Action::DurableMoved(moved) => self.durable_moved(moved),
                 Action::ListStored { topic } => self.list_stored(topic),
                 Action::Tick => self.ticker_wake.notify(),
+                Action::ClaimAnswered => {
+                    self.node.claims_unanswered.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+                }
             }
         }
     }

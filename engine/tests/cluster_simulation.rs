@@ -513,7 +513,8 @@ impl Sim {
                     | Action::Commit
                     | Action::ReadLog(_)
                     | Action::CatchUp { .. }
-                    | Action::Tick => {}
+                    | Action::Tick
+                    | Action::ClaimAnswered => {}
                     Action::DurableMoved(moved) => return Err(format!("no durable topic here, yet {moved:?}")),
                     Action::ListStored { topic } => return Err(format!("no durable topic here, yet {topic} listed")),
                 }

@@ -481,7 +481,7 @@ impl Sim {
                 }
                 Action::Subscribed { req, result } => self.granted(shard, req, result)?,
                 Action::FanOut => self.fanout_asked[shard] = true,
-                Action::Room | Action::Tick => {}
+                Action::Room | Action::Tick | Action::ClaimAnswered => {}
             }
         }
         Ok(())

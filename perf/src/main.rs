@@ -156,11 +156,13 @@ enum Command {
 /// Options every publish/subscribe scenario takes.
 #[derive(clap::Args, Clone)]
 struct Common {
-    /// A target: `NAME=URL[,pid=PID][,durable=ACK][,jetstream=STORAGE][,publish=HOST:PORT]`, URL
-    /// rayflux://HOST:PORT or nats://HOST:PORT; pid=A+B sums several
+    /// A target: `NAME=URL[,pid=PID][,durable=ACK][,jetstream=STORAGE][,publish=HOST:PORT][,owner=HOST:PORT]`,
+    /// URL rayflux://HOST:PORT or nats://HOST:PORT; pid=A+B sums several
     /// servers' CPU (a cluster); publish=HOST:PORT (RayFlux) sends the
     /// publishers to another node of a cluster than the subscribers
-    /// (cross-node delivery); durable=none|local|stored
+    /// (cross-node delivery); owner=HOST:PORT (RayFlux) names the topics
+    /// so that the cluster gives them to that member (with publish=, three
+    /// nodes: two hops); durable=none|local|stored
     /// (RayFlux) declares each topic of a run durable with that ack level
     /// first; jetstream=memory|file (NATS, group scenario) uses a JetStream
     /// stream and pull consumer instead of a core queue group.
@@ -237,6 +239,9 @@ struct Target {
     /// RayFlux only: where publishers connect, when not `addr` (another
     /// node of the same cluster).
     publish_addr: Option<String>,
+    /// RayFlux only: the cluster member the run's topics are named to be
+    /// owned by.
+    owner: Option<String>,
     /// RayFlux only: declare each topic of a run durable with this default
     /// ack level (`none`, `local`, `stored`) before it starts.
     durable: Option<String>,
@@ -265,6 +270,7 @@ fn parse_target(spec: &str) -> Result<Target> {
     let mut pid = None;
     let mut extra_pids = Vec::new();
     let mut publish_addr = None;
+    let mut owner = None;
     let mut durable = None;
     let mut jetstream = None;
     for p in parts {
@@ -275,6 +281,7 @@ fn parse_target(spec: &str) -> Result<Target> {
                 extra_pids = pids.collect::<Result<_>>()?;
             }
             Some(("publish", v)) if kind == Kind::Rayflux => publish_addr = Some(v.to_string()),
+            Some(("owner", v)) if kind == Kind::Rayflux => owner = Some(v.to_string()),
             Some(("durable", v)) if kind == Kind::Rayflux => durable = Some(v.to_string()),
             Some(("jetstream", v)) if kind == Kind::Nats && matches!(v, "memory" | "file") => {
                 jetstream = Some(v.to_string())
@@ -289,6 +296,7 @@ fn parse_target(spec: &str) -> Result<Target> {
         pid,
         extra_pids,
         publish_addr,
+        owner,
         durable,
         jetstream,
     })

@@ -117,7 +117,8 @@ pub fn run(target: &Target, shape: &Shape, turn: usize) -> Result<Run> {
         bail!("the original API exists only on RayFlux targets");
     }
     let tag = format!("fluxbench.{}.{}.{turn}.{}", shape.name, target.name, std::process::id());
-    let topic = |t: usize| format!("{tag}.{t}");
+    let names = (0..shape.topics).map(|t| topic_name(target, &tag, t)).collect::<Result<Vec<_>>>()?;
+    let topic = |t: usize| names[t].clone();
     // Subscribers start reading (and their quiet timeout starts) only when
     // publishing begins. Opening 14,000 connections to NATS takes longer
     // than the quiet timeout, and the first subscribers used to give up
@@ -489,6 +490,25 @@ fn wait_subscribed(target: &Target, topic: &str, count: usize) -> Result<()> {
 }
 
 /// One HTTP/1.1 request on a fresh connection (setup only).
+/// Topic `t` of a run tagged `tag`; with the target's `owner=`, a name
+/// the cluster gives to that node (asked of the target's node), so that a
+/// run can put publishers, owner and subscribers on three nodes.
+fn topic_name(target: &Target, tag: &str, t: usize) -> Result<String> {
+    let Some(want) = &target.owner else { return Ok(format!("{tag}.{t}")) };
+    for k in 0..10_000 {
+        let name = format!("{tag}.{t}.{k}");
+        let (status, body) = http(&target.addr, "GET", &format!("/v1/cluster?topic={name}"), None)?;
+        let view: serde_json::Value = serde_json::from_str(&body).context("the node's cluster view")?;
+        if status != 200 {
+            bail!("asking the owner of {name}: {status} {body}");
+        }
+        if view["owner"].as_str() == Some(want.as_str()) {
+            return Ok(name);
+        }
+    }
+    bail!("no topic name owned by {want} in 10,000 tries: is it a member?")
+}
+
 fn http(addr: &str, method: &str, path: &str, body: Option<&str>) -> Result<(u16, String)> {
     let mut stream = TcpStream::connect(addr)?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;

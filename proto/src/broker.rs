@@ -178,6 +178,10 @@ pub enum Action {
     /// Timed work arrived other than through a connection (schedules with
     /// a topic's state): the shard's ticker runs again.
     Tick,
+    /// A claim [`Broker::claim`] took is answered, its frames queued on
+    /// its link: a leaving node may stop once none is left (a state
+    /// decided on its owner shard and not yet written would die with it).
+    ClaimAnswered,
 }
 
 /// A read of a durable topic's log for a catch-up.
@@ -950,7 +954,16 @@ impl Broker {
             Item::Publish { topic, kind, payload, options, req } => {
                 self.publish_held(topic, kind, payload, options, Held::There { from, req }, now);
             }
-            Item::Subscribe { ref topic, .. } if self.needs_hand_off(topic) => {
+            // Whatever makes or reads a topic's owned state waits for its
+            // hand-off (else it would make the topic anew here, and the
+            // state, history and schedules handed over later would find
+            // it owned).
+            Item::Subscribe { ref topic, .. }
+            | Item::GroupJoin { ref topic, .. }
+            | Item::ScheduleAsk { ref topic, .. }
+            | Item::GroupDelete { ref topic, .. }
+                if self.needs_hand_off(topic) =>
+            {
                 let topic = topic.clone();
                 self.take_over_item(from, &topic, item, now);
             }

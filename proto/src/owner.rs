@@ -491,13 +491,17 @@ impl Owner {
 
     /// Whether `topic` (given away, held for its next owner) can leave with
     /// its durable log: every record written, sealed and uploaded (the
-    /// caller asks for the seal, and so the upload, when not yet). A log whose
-    /// writes failed leaves with what is in the object store.
-    pub fn durable_hand_off(&mut self, topic: &TopicName) -> DurableHandOffReady {
+    /// caller asks for the seal, and so the upload, when not yet). A log
+    /// whose writes failed leaves with what is in the object store once
+    /// its sealed segments are uploaded.
+    pub fn durable_hand_off(&self, topic: &TopicName) -> DurableHandOffReady {
         let Some(d) = self.topics.get(topic).and_then(|t| t.durable.as_ref()) else {
             return DurableHandOffReady::Ephemeral;
         };
-        if d.failed || (d.unwritten.is_empty() && d.log.all_stored()) {
+        // A failed log writes nothing more, but what it wrote and sealed
+        // is uploaded first.
+        let stored = if d.failed { d.log.to_upload().is_empty() } else { d.unwritten.is_empty() && d.log.all_stored() };
+        if stored {
             return DurableHandOffReady::Ready(DurableHandOff { spec: d.spec, segments: d.log.stored_segments() });
         }
         DurableHandOffReady::Waiting
@@ -1195,15 +1199,17 @@ impl Owner {
     }
 
     /// `topic` has pending schedules (made if needed: it is owned here
-    /// from now on, so it is handed off with them when it moves), or has
-    /// none any more.
-    pub fn set_scheduled(&mut self, topic: &TopicName, scheduled: bool, now: Instant) -> Result<(), OwnerError> {
-        if scheduled {
-            self.topic_mut(topic, now)?.scheduled = true;
-        } else if let Some(t) = self.topics.get_mut(topic) {
+    /// from now on, so it is handed off with them when it moves).
+    pub fn hold_for_schedules(&mut self, topic: &TopicName, now: Instant) -> Result<(), OwnerError> {
+        self.topic_mut(topic, now)?.scheduled = true;
+        Ok(())
+    }
+
+    /// `topic` has no pending schedules any more.
+    pub fn release_for_schedules(&mut self, topic: &TopicName) {
+        if let Some(t) = self.topics.get_mut(topic) {
             t.scheduled = false;
         }
-        Ok(())
     }
 
     /// A consumer group of `topic` was removed.

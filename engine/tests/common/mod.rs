@@ -517,8 +517,16 @@ impl Moto {
     /// A `moto_server` with the bucket `rayflux`.
     pub fn with_bucket() -> Moto {
         let moto = Moto::start();
-        let (status, body) = http_request(&format!("127.0.0.1:{}", moto.port), "PUT", "/rayflux", "", b"");
-        assert_eq!(status, 200, "bucket: {body}");
+        // Its port may answer before its application does (a loaded
+        // machine): asked until it makes the bucket.
+        let mut last = String::new();
+        let made = wait_for(|| {
+            let (status, body) = http_request(&format!("127.0.0.1:{}", moto.port), "PUT", "/rayflux", "", b"");
+            last = format!("{status} {body}");
+            // 409: made by an earlier try whose answer was lost.
+            status == 200 || status == 409
+        });
+        assert!(made, "bucket: {last}");
         moto
     }
 

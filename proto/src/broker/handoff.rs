@@ -46,8 +46,12 @@
 //!   on after the last stored number in a new sequence space
 //!   ([`Broker::stored_listed`]).
 //!
-//! Not handed off yet: consumer groups and schedules of a moving topic
-//! (they stay with the previous owner).
+//! - Its pending schedules go with the state (`schedules_leaving`,
+//!   `schedules_arrived`); its consumer groups end where it was sequenced,
+//!   their members told `group_lost` (`groups_leaving`): a group's state is
+//!   not handed off yet.
+//! - A publish, subscribe, group join, schedule request or group deletion
+//!   of a topic being taken over waits for the hand-off.
 
 use super::*;
 use crate::cluster::Topology;
@@ -106,9 +110,8 @@ pub(super) struct Carried {
 
 impl Taking {
     /// A durable topic waiting for its segments' listing, with what waits
-    /// for it.
-    fn listing(pending: Vec<Pending>) -> Taking {
-        let never = u64::MAX;
+    /// for it until `deadline_ms`.
+    fn listing(pending: Vec<Pending>, deadline_ms: u64) -> Taking {
         Taking {
             from: String::new(),
             at: 0,
@@ -116,8 +119,8 @@ impl Taking {
             relay: false,
             outstanding: 0,
             ending: false,
-            deadline_ms: never,
-            retry_ms: never,
+            deadline_ms,
+            retry_ms: u64::MAX,
             listing: true,
         }
     }
@@ -280,6 +283,14 @@ impl Broker {
         self.handing.len() + self.taking.len()
     }
 
+    /// Whether a durable topic given up here still has records not in the
+    /// object store (its last segment being sealed or uploaded): a leaving
+    /// node waits for them past its usual bound, so that they are there
+    /// for whoever takes the topic, claimed or not.
+    pub fn durable_uploads_pending(&self) -> bool {
+        self.handing.keys().any(|t| self.owner.durable_hand_off(t) == DurableHandOffReady::Waiting)
+    }
+
     /// Whether this node is fenced.
     pub(super) fn is_fenced(&self) -> bool {
         self.fenced
@@ -341,7 +352,11 @@ impl Broker {
         if !views.mine(topic) || (!self.given.is_empty() && self.given.contains_key(topic)) {
             return false;
         }
-        self.taking.contains_key(topic) || (!self.owner.owns(topic) && self.claim_target(topic).is_some())
+        // Not held here: claimed from the owner before, or (a configured
+        // durable topic new here) its log's end asked of the object store.
+        self.taking.contains_key(topic)
+            || (!self.owner.owns(topic)
+                && (self.claim_target(topic).is_some() || self.owner.durable_on_publish(topic).is_some()))
     }
 
     /// Holds a subscribe until `topic`'s hand-off.
@@ -352,11 +367,17 @@ impl Broker {
     /// Holds `pending` until `topic`'s hand-off (claiming it if not yet).
     pub(super) fn take_over(&mut self, topic: &TopicName, pending: Pending, now: Now) {
         if !self.taking.contains_key(topic) {
-            let Some((from, at)) = self.claim_target(topic) else {
-                self.release(pending, now);
-                return;
-            };
-            self.start_claim(topic, from, at, false, now);
+            match self.claim_target(topic) {
+                Some((from, at)) => self.start_claim(topic, from, at, false, now),
+                // Nobody to claim from: a durable topic's numbers go on
+                // after what the object store holds of it (an earlier run
+                // of the cluster), never over it.
+                None if self.owner.durable_on_publish(topic).is_some() => self.start_listing(topic, Vec::new(), now),
+                None => {
+                    self.release(pending, now);
+                    return;
+                }
+            }
         }
         let full = self.taking.get(topic).is_some_and(|t| t.pending.len() >= TAKING_QUEUE_MAX);
         if full {
@@ -460,6 +481,9 @@ impl Broker {
     fn taken(&mut self, topic: &TopicName, state: Option<(Epoch, u64, Vec<Message>)>, carried: Carried, now: Now) {
         let Carried { durable, schedules } = carried;
         let pending = self.taking.remove(topic).map(|t| t.pending).unwrap_or_default();
+        // A durable log this node sequences already stays (a late state
+        // must not drop its unwritten records and waiting publishers).
+        let durable = durable.filter(|_| !(self.owner.owns(topic) && self.owner.durable(topic).is_some()));
         if self.owner.owns(topic) && state.is_some() {
             tracing::warn!(topic = topic.as_str(), "a second state of a topic arrived: kept in its own epoch");
         }
@@ -470,7 +494,7 @@ impl Broker {
                     if let Some(durable) = durable {
                         self.owner.durable_taken(topic, durable);
                     }
-                    self.schedules_arrived(topic, schedules);
+                    self.schedules_arrived(topic, schedules, now);
                     let position = self.owner.last_seq(topic).unwrap_or(last_seq);
                     for shard in (0..self.shards).filter(|s| adopted.restarted & (1 << s) != 0) {
                         self.send(shard, Item::Restarted { topic: topic.clone(), epoch, last_seq: position }, now);
@@ -507,9 +531,7 @@ impl Broker {
                     // A durable topic's state went with its node, its log
                     // did not: the object store says where it ended before
                     // it is numbered anew (`stored_listed`).
-                    self.taking.insert(topic.clone(), Taking::listing(pending));
-                    self.actions.push(Action::ListStored { topic: topic.clone() });
-                    return;
+                    return self.start_listing(topic, pending, now);
                 }
                 return self.start_afresh(topic, None, pending, now);
             }
@@ -562,6 +584,14 @@ impl Broker {
         }
     }
 
+    /// Asks the object store where `topic`'s durable log ends; `pending`
+    /// waits for the answer (failed past [`HANDOFF_WAIT_MS`], and again
+    /// each time after, while the listing is still out).
+    fn start_listing(&mut self, topic: &TopicName, pending: Vec<Pending>, now: Now) {
+        self.taking.insert(topic.clone(), Taking::listing(pending, now.unix_ms + HANDOFF_WAIT_MS));
+        self.actions.push(Action::ListStored { topic: topic.clone() });
+    }
+
     /// The object store listed the segments of `topic`, a durable topic
     /// about to start afresh here: its numbers go on after the last one
     /// stored (in a new sequence space: its previous owner may have
@@ -609,6 +639,14 @@ impl Broker {
             Pending::Item { from, item: Item::Subscribe { topic, req, .. } } => {
                 self.send(from, Item::SubscribeDone { topic, req, result: Err(e) }, now);
             }
+            Pending::Item { from, item: Item::GroupJoin { topic, group, sub, .. } } => {
+                let result = Err(GroupJoinError::OwnerUnreachable);
+                self.send(from, Item::GroupJoined { topic, group, sub, result }, now);
+            }
+            Pending::Item { from, item: Item::ScheduleAsk { req, .. } | Item::GroupDelete { req, .. } } => {
+                let answer = Err((e.code().to_string(), e.to_string()));
+                self.send(from, Item::OwnerAnswer { req, answer }, now);
+            }
             Pending::Item { .. } => {}
         }
     }
@@ -627,6 +665,22 @@ impl Broker {
     /// deadline, what waits fails (a relay ends), unless the node claimed
     /// from is gone (no longer a member), when the topic starts afresh.
     pub fn cluster_tick(&mut self, now: Now) {
+        // Listings late past their deadline: what waits fails (retryable);
+        // the listing stays out, its answer still awaited.
+        let mut late: Vec<TopicName> = self
+            .taking
+            .iter()
+            .filter(|(_, t)| t.listing && now.unix_ms >= t.deadline_ms)
+            .map(|(topic, _)| topic.clone())
+            .collect();
+        late.sort();
+        for topic in late {
+            let Some(t) = self.taking.get_mut(&topic) else { continue };
+            t.deadline_ms = now.unix_ms + HANDOFF_WAIT_MS;
+            for p in std::mem::take(&mut t.pending) {
+                self.fail(p, OwnerError::OwnerUnreachable, now);
+            }
+        }
         let mut due: Vec<TopicName> = self
             .taking
             .iter()
@@ -772,6 +826,7 @@ impl Broker {
             for frame in crate::link::hand_off_frames(&topic, state) {
                 out.offer_control(ws::encode_data(PayloadKind::Binary, &frame));
             }
+            self.actions.push(Action::ClaimAnswered);
         }
     }
 

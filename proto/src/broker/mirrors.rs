@@ -24,10 +24,10 @@
 //!   from the owner's history, or a gap notice for what the owner no longer
 //!   holds.
 //!
-//! Consumer groups and requests work through any node (`remote_groups`,
-//! `requests`); schedules, group deletion and durable topics' admin API
-//! are served on the owner node only for now: asked elsewhere they are
-//! refused with `owned_elsewhere`.
+//! Consumer groups, requests, schedules and group deletion work through any
+//! node (`remote_groups`, `requests`, `remote_asks`); a durable topic's
+//! admin API is served on the owner node only for now: asked elsewhere it
+//! is refused with `owned_elsewhere`.
 
 use super::*;
 use crate::cluster::{Topology, Views};

@@ -94,16 +94,16 @@ impl Broker {
                     }
                 }
             }
-            self.drop_if_unscheduled(&topic, now);
+            self.drop_if_unscheduled(&topic);
         }
     }
 
     /// Forgets `topic`'s table when it holds nothing (the topic is no
     /// longer held for it).
-    fn drop_if_unscheduled(&mut self, topic: &TopicName, now: Now) {
+    fn drop_if_unscheduled(&mut self, topic: &TopicName) {
         if self.schedules.get(topic).is_none_or(Schedules::is_empty) {
             self.schedules.remove(topic);
-            let _ = self.owner.set_scheduled(topic, false, now.at);
+            self.owner.release_for_schedules(topic);
         }
     }
 
@@ -119,9 +119,7 @@ impl Broker {
     /// files.
     pub(super) fn schedules_leaving(&mut self, topic: &TopicName) -> Vec<Scheduled> {
         let mut list = self.schedules.remove(topic).map(|mut s| s.take_due(u64::MAX)).unwrap_or_default();
-        if let Err(e) = self.owner.set_scheduled(topic, false, std::time::Instant::now()) {
-            debug_assert!(false, "clearing never fails: {e}");
-        }
+        self.owner.release_for_schedules(topic);
         list.extend(self.schedule_refire.remove(topic).unwrap_or_default().into_iter().map(|(_, s)| s));
         self.schedule_journal.remove(topic);
         self.schedule_fired.remove(topic);
@@ -136,12 +134,12 @@ impl Broker {
 
     /// `topic`'s state arrived with its pending schedules: kept here (a
     /// durable topic's journaled), fired when due.
-    pub(super) fn schedules_arrived(&mut self, topic: &TopicName, list: Vec<Scheduled>) {
+    pub(super) fn schedules_arrived(&mut self, topic: &TopicName, list: Vec<Scheduled>, now: Now) {
         if list.is_empty() {
             return;
         }
         let durable = self.owner.durable(topic).is_some();
-        if self.owner.set_scheduled(topic, true, std::time::Instant::now()).is_err() {
+        if self.owner.hold_for_schedules(topic, now.at).is_err() {
             debug_assert!(false, "the topic was adopted just before");
         }
         let table = self.schedules.entry(topic.clone()).or_default();
@@ -292,7 +290,7 @@ impl Broker {
                 let (id, due_ms) = (scheduled.id.clone(), scheduled.due_ms);
                 let kept = durable.then(|| scheduled.to_record());
                 // The topic is held here while it has schedules.
-                let held = self.owner.set_scheduled(&topic, true, now.at).map_err(|e| (e.code(), e.to_string()));
+                let held = self.owner.hold_for_schedules(&topic, now.at).map_err(|e| (e.code(), e.to_string()));
                 let added = held.and_then(|()| {
                     let table = self.schedules.entry(topic.clone()).or_default();
                     table.add(scheduled, if_absent).map_err(|e| ("too_many_schedules", e.to_string()))
@@ -300,7 +298,7 @@ impl Broker {
                 if matches!(added, Ok(Added::Kept { .. })) {
                     record = kept;
                 }
-                self.drop_if_unscheduled(&topic, now);
+                self.drop_if_unscheduled(&topic);
                 match added {
                     Ok(Added::Kept { replaced }) => {
                         Ok(serde_json::json!({"schedule_id": id, "deliver_at": due_ms, "replaced": replaced}))
@@ -313,7 +311,7 @@ impl Broker {
             }
             ScheduleAsk::Cancel { id } => {
                 let cancelled = self.schedules.get_mut(&topic).and_then(|s| s.cancel(&id));
-                self.drop_if_unscheduled(&topic, now);
+                self.drop_if_unscheduled(&topic);
                 if cancelled.is_some() && durable {
                     record = Some(done_record(&id));
                 }
