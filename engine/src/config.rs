@@ -156,6 +156,13 @@ pub struct Args {
     /// must be given the same set. Not with `--etcd`.
     #[arg(long = "peer", value_name = "HOST:PORT")]
     pub peers: Vec<String>,
+    /// Slots of the topic ownership table (a prime; every node of a
+    /// cluster and its FluxBalancer must use the same). Larger tables move
+    /// fewer topics per membership change in large clusters (at 1,000
+    /// nodes, 655373 moves 0.41% of topics where 65537 moves 0.69%).
+    /// [default: 65537]
+    #[arg(long)]
+    pub table_size: Option<usize>,
     /// This node's address among the members, as other nodes reach it.
     /// [default: the listen address]
     #[arg(long)]
@@ -207,6 +214,7 @@ struct FileConfig {
     snapshot_interval_ms: Option<u64>,
     #[serde(default)]
     peers: Vec<String>,
+    table_size: Option<usize>,
     advertise: Option<String>,
     etcd: Option<String>,
     cluster_name: Option<String>,
@@ -310,6 +318,8 @@ pub struct Config {
     topology: proto::cluster::Topology,
     /// Whether the member set came from `--peer` flags.
     static_peers: bool,
+    /// The ownership table's size.
+    table_size: usize,
     /// etcd's client address and the cluster's name, when membership
     /// comes from etcd.
     etcd: Option<(String, String)>,
@@ -410,6 +420,11 @@ impl Config {
         self.static_peers
     }
 
+    /// The ownership table's size in slots.
+    pub fn table_size(&self) -> usize {
+        self.table_size
+    }
+
     /// etcd's client address and the cluster's name, when membership comes
     /// from etcd.
     pub fn etcd(&self) -> Option<(&str, &str)> {
@@ -507,6 +522,7 @@ impl Default for Config {
             advertise: listen.to_string(),
             topology: proto::cluster::Topology::new(1, &[listen.to_string()]).expect("one member fits"),
             static_peers: false,
+            table_size: proto::maglev::TABLE_SIZE_DEFAULT,
             etcd: None,
         }
     }
@@ -555,6 +571,7 @@ impl Config {
             advertise: String::new(),
             topology: d.topology.clone(),
             static_peers: false,
+            table_size: proto::maglev::TABLE_SIZE_DEFAULT,
             etcd: None,
         };
         let mut config = config;
@@ -578,8 +595,9 @@ impl Config {
                 config.advertise
             )));
         }
-        config.topology =
-            proto::cluster::Topology::new(1, &members).map_err(|e| ConfigError::Invalid(format!("peers: {e}")))?;
+        config.table_size = args.table_size.or(file.table_size).unwrap_or(proto::maglev::TABLE_SIZE_DEFAULT);
+        config.topology = proto::cluster::Topology::with_table_size(1, &members, config.table_size)
+            .map_err(|e| ConfigError::Invalid(format!("peers or table_size: {e}")))?;
         config.validate(history_memory_max)?;
         Ok(config)
     }

@@ -114,9 +114,15 @@ impl ClusterShared {
 /// Registers this node (`me`) in `cluster` at etcd `endpoint` (host:port)
 /// and follows the member set on a thread of its own. Returns once the
 /// node is registered and the set read, or an error after `wait`.
-pub fn start(endpoint: String, cluster: &str, me: String, wait: Duration) -> Result<Arc<ClusterShared>, String> {
+pub fn start(
+    endpoint: String,
+    cluster: &str,
+    me: String,
+    table_size: usize,
+    wait: Duration,
+) -> Result<Arc<ClusterShared>, String> {
     let prefix = etcd::members_prefix(cluster);
-    let mut members = Members::default();
+    let mut members = Members::with_table_size(table_size);
     let deadline = Instant::now() + wait;
     let (lease, revision) = loop {
         match register(&endpoint, &prefix, &me, &mut members) {

@@ -82,8 +82,9 @@ impl Node {
         }
         if let Some((endpoint, cluster)) = config.etcd() {
             let me = config.advertise().to_string();
-            let shared = crate::membership::start(endpoint.to_string(), cluster, me, ETCD_START_WAIT)
-                .map_err(ServerError::Storage)?;
+            let shared =
+                crate::membership::start(endpoint.to_string(), cluster, me, config.table_size(), ETCD_START_WAIT)
+                    .map_err(ServerError::Storage)?;
             tracing::info!(version = shared.version(), members = ?shared.topology().members(), "joined the cluster");
             let _ = self.shared.cluster.set(shared);
         }

@@ -445,3 +445,21 @@ fn a_responder_on_another_node_answers_requests_made_on_any_node() {
         }
     }
 }
+
+#[test]
+fn a_cluster_may_use_a_larger_ownership_table_and_a_size_that_is_not_prime_is_refused() {
+    let (nodes, addrs) = start_cluster(3, &["--shards", "1", "--table-size", "655373"]);
+    let table = proto::maglev::Table::build(&addrs, 655_373).unwrap();
+    for t in 0..30 {
+        let topic = format!("orders.{t}");
+        let owner = nodes[t % 3].get_json(&format!("/v1/cluster?topic={topic}"))["owner"].clone();
+        assert_eq!(owner.as_str(), table.lookup(topic.as_bytes()), "{topic}: the nodes use another table");
+    }
+    let out = std::process::Command::new(fluxnode_bin())
+        .args(["--listen", "127.0.0.1:0", "--table-size", "65536"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("table_size"), "{stderr}");
+}

@@ -23,6 +23,9 @@ use crate::topic::TopicName;
 pub struct Topology {
     version: u64,
     table: Table,
+    /// Its table's slots (every member of a cluster, and its balancer,
+    /// must use the same).
+    table_size: usize,
 }
 
 /// A topic whose owner changes between two topologies.
@@ -49,7 +52,12 @@ impl Topology {
         members: &[S],
         table_size: usize,
     ) -> Result<Topology, MaglevError> {
-        Ok(Topology { version, table: Table::build(members, table_size)? })
+        Ok(Topology { version, table: Table::build(members, table_size)?, table_size })
+    }
+
+    /// Its table's size in slots.
+    pub fn table_size(&self) -> usize {
+        self.table_size
     }
 
     /// Its version.
@@ -129,7 +137,8 @@ impl Views {
         let mut views = std::collections::VecDeque::new();
         if joined {
             let others: Vec<&String> = current.members().iter().filter(|m| **m != me).collect();
-            if let Ok(before) = Topology::new(current.version().saturating_sub(1), &others) {
+            let version = current.version().saturating_sub(1);
+            if let Ok(before) = Topology::with_table_size(version, &others, current.table_size()) {
                 if !before.members().is_empty() {
                     views.push_back(before);
                 }

@@ -177,9 +177,16 @@ pub struct Members {
     members: BTreeMap<String, String>,
     version: u64,
     renewed_ms: Option<u64>,
+    /// The ownership table's size (0: the default).
+    table_size: usize,
 }
 
 impl Members {
+    /// An empty set whose topologies have tables of `table_size` slots.
+    pub fn with_table_size(table_size: usize) -> Members {
+        Members { table_size, ..Members::default() }
+    }
+
     /// The set a range read returned at `revision`. True when it differs
     /// from what was held.
     pub fn reset(&mut self, revision: u64, kvs: Vec<(String, String)>) -> bool {
@@ -220,7 +227,8 @@ impl Members {
 
     /// The topology of this set.
     pub fn topology(&self) -> Result<Topology, MaglevError> {
-        Topology::new(self.version, &self.addresses())
+        let size = if self.table_size == 0 { crate::maglev::TABLE_SIZE_DEFAULT } else { self.table_size };
+        Topology::with_table_size(self.version, &self.addresses(), size)
     }
 
     /// The lease was granted or renewed at `now_ms`.
