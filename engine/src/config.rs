@@ -19,6 +19,13 @@ use serde::Deserialize;
 pub use proto::durable::{DurableSpec, FsyncPolicy};
 pub use proto::outbound::SlowConsumerPolicy;
 
+/// Smallest ownership table: Maglev wants many slots per member, and a
+/// cluster grows (at 5,003 slots, 50 per node at 100 nodes).
+const TABLE_SIZE_MIN: usize = 5_003;
+/// Largest ownership table: each shard keeps 16 of them (4 bytes a slot:
+/// 128 MiB per shard at this size).
+const TABLE_SIZE_MAX: usize = 2_000_003;
+
 /// Default data directory (durable topics' logs), relative to the working
 /// directory. Nothing is written there until a durable topic exists.
 pub const DATA_DIR_DEFAULT: &str = "fluxnode-data";
@@ -596,6 +603,12 @@ impl Config {
             )));
         }
         config.table_size = args.table_size.or(file.table_size).unwrap_or(proto::maglev::TABLE_SIZE_DEFAULT);
+        if !(TABLE_SIZE_MIN..=TABLE_SIZE_MAX).contains(&config.table_size) {
+            return Err(ConfigError::Invalid(format!(
+                "table_size must be a prime in {TABLE_SIZE_MIN}..={TABLE_SIZE_MAX}, got {}",
+                config.table_size
+            )));
+        }
         config.topology = proto::cluster::Topology::with_table_size(1, &members, config.table_size)
             .map_err(|e| ConfigError::Invalid(format!("peers or table_size: {e}")))?;
         config.validate(history_memory_max)?;

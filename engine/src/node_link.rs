@@ -235,10 +235,12 @@ async fn read_loop(shard: &Weak<Shard>, link: &NodeLink, stream: Rc<RefCell<TcpS
                 Ok(Some(WsEvent::Message { kind: PayloadKind::Binary, payload })) => {
                     match link::decode(&payload, std::time::Instant::now()) {
                         Ok(frame) => frames.push(frame),
-                        Err(e) => return e.to_string(),
+                        Err(e) => return deliver_then(shard, link, &mut frames, e.to_string()),
                     }
                 }
-                Ok(Some(WsEvent::Message { .. })) => return "text frame on a link".into(),
+                Ok(Some(WsEvent::Message { .. })) => {
+                    return deliver_then(shard, link, &mut frames, "text frame on a link".into())
+                }
                 Ok(Some(WsEvent::Ping(payload))) => {
                     let mut queue = link.queue.borrow_mut();
                     let before = queue.len();
@@ -251,16 +253,10 @@ async fn read_loop(shard: &Weak<Shard>, link: &NodeLink, stream: Rc<RefCell<TcpS
                 }
                 Ok(Some(WsEvent::Pong)) => {}
                 Ok(Some(WsEvent::Close { code })) => {
-                    // What came before the close in the same read still
-                    // counts (a leaving node's last hand-off, then its
-                    // close): handed on first.
-                    if let Some(s) = shard.upgrade().filter(|_| !frames.is_empty()) {
-                        s.link_frames(&link.node, &mut frames);
-                    }
-                    return format!("closed by the owner ({code:?})");
+                    return deliver_then(shard, link, &mut frames, format!("closed by the owner ({code:?})"))
                 }
                 Ok(None) => break,
-                Err(e) => return e.to_string(),
+                Err(e) => return deliver_then(shard, link, &mut frames, e.to_string()),
             }
         }
         if !frames.is_empty() {
@@ -274,6 +270,15 @@ async fn read_loop(shard: &Weak<Shard>, link: &NodeLink, stream: Rc<RefCell<TcpS
             Err(e) => return format!("read: {e}"),
         }
     }
+}
+
+/// The link ends (`why`): what came before in the same read still counts
+/// (a leaving node's last hand-off, then its close), handed on first.
+fn deliver_then(shard: &Weak<Shard>, link: &NodeLink, frames: &mut Vec<LinkFrame>, why: String) -> String {
+    if let Some(s) = shard.upgrade().filter(|_| !frames.is_empty()) {
+        s.link_frames(&link.node, frames);
+    }
+    why
 }
 
 impl Shard {

@@ -608,7 +608,7 @@ impl Broker {
             (listed, _) => {
                 tracing::warn!(topic = topic.as_str(), "durable topic's segments not listed: {:?}", listed.err());
                 for pending in pending {
-                    self.fail(pending, OwnerError::OwnerUnreachable, now);
+                    self.fail_or_forward(topic, pending, now);
                 }
                 return;
             }
@@ -630,6 +630,16 @@ impl Broker {
                 self.publish_held(topic, kind, payload, options, held, now);
             }
             Pending::Item { from, item } => self.handle(from, item, now),
+        }
+    }
+
+    /// What waited for a listing that failed or is late: to the topic's
+    /// owner if it moved meanwhile, else failed (retryable).
+    fn fail_or_forward(&mut self, topic: &TopicName, pending: Pending, now: Now) {
+        if self.remote_node(topic).is_some() {
+            self.release(pending, now);
+        } else {
+            self.fail(pending, OwnerError::OwnerUnreachable, now);
         }
     }
 
@@ -678,7 +688,7 @@ impl Broker {
             let Some(t) = self.taking.get_mut(&topic) else { continue };
             t.deadline_ms = now.unix_ms + HANDOFF_WAIT_MS;
             for p in std::mem::take(&mut t.pending) {
-                self.fail(p, OwnerError::OwnerUnreachable, now);
+                self.fail_or_forward(&topic, p, now);
             }
         }
         let mut due: Vec<TopicName> = self
