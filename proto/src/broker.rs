@@ -49,6 +49,11 @@ pub use schedules::{JournalWrite, ScheduleAsk};
 /// code and message.
 pub type OwnerAnswer = Result<serde_json::Value, (String, String)>;
 
+/// `e` as an owner's answer (its code and message).
+fn refused(e: OwnerError) -> OwnerAnswer {
+    Err((e.code().to_string(), e.to_string()))
+}
+
 /// What one shard's broker tells another's.
 #[derive(Debug)]
 pub enum Item {

@@ -109,7 +109,7 @@ pub fn hand_off_frames(topic: &TopicName, state: HandOffState) -> Vec<Vec<u8>> {
             let mut list = Vec::new();
             let mut bytes = 0;
             for s in schedules {
-                let size = s.payload.len() + s.id.len() + 64;
+                let size = crate::schedule::record_size(&s);
                 if !list.is_empty() && bytes + size > SCHEDULES_FRAME_BYTES {
                     let full = std::mem::take(&mut list);
                     frames.push(encode(&LinkFrame::Schedules { topic: topic.clone(), list: full }));

@@ -517,11 +517,28 @@ impl Owner {
     /// continues its durable log as the object store holds it (`segments`):
     /// its numbers go on after the last one stored.
     pub fn durable_from_store(&mut self, topic: &TopicName, spec: DurableSpec, segments: Vec<ArchivedSegment>) {
-        let limits = self.log_limits;
+        self.install_durable(topic, spec, segments, true);
+    }
+
+    /// Makes `topic` (held here) durable with a log whose records are
+    /// `segments` in the object store (none: a new log) and tells the shell
+    /// (`DurableMove::Taken`). With `after_store` its numbers go on after
+    /// the last stored one and its history starts over (taken without a
+    /// hand-off); else they go on from its own last number.
+    fn install_durable(
+        &mut self,
+        topic: &TopicName,
+        spec: DurableSpec,
+        segments: Vec<ArchivedSegment>,
+        after_store: bool,
+    ) {
+        let (limits, empty) = (self.log_limits, self.limits.empty_history());
         let Some(t) = self.topics.get_mut(topic) else { return };
         let log = TopicLog::in_store(limits, segments.iter().copied());
-        t.last_seq = t.last_seq.max(log.next_seq() - 1);
-        t.history = self.limits.empty_history();
+        if after_store {
+            t.last_seq = t.last_seq.max(log.next_seq() - 1);
+            t.history = empty;
+        }
         t.durable = Some(Durable::new(spec, log, t.last_seq));
         let taken = DurableMove::Taken { topic: topic.clone(), epoch: t.epoch, spec, floor: t.last_seq, segments };
         self.durable_moves.push(taken);
@@ -541,17 +558,7 @@ impl Owner {
     /// segments, which reads find in the object store. A log this node
     /// held before is replaced.
     pub fn durable_taken(&mut self, topic: &TopicName, handed: DurableHandOff) {
-        let limits = self.log_limits;
-        let Some(t) = self.topics.get_mut(topic) else { return };
-        let log = TopicLog::in_store(limits, handed.segments.iter().copied());
-        t.durable = Some(Durable::new(handed.spec, log, t.last_seq));
-        self.durable_moves.push(DurableMove::Taken {
-            topic: topic.clone(),
-            epoch: t.epoch,
-            spec: handed.spec,
-            floor: t.last_seq,
-            segments: handed.segments,
-        });
+        self.install_durable(topic, handed.spec, handed.segments, false);
     }
 
     /// Sequences a message: assigns the next sequence and a timestamp, keeps
@@ -567,22 +574,17 @@ impl Owner {
         options: &PublishOptions,
         now: Now,
     ) -> Result<Sequenced, OwnerError> {
-        let lazily =
-            if self.declare_on_publish.is_empty() { None } else { self.declare_on_publish.get(topic).copied() };
-        let limits = self.log_limits;
-        let t = self.topic_mut(topic, now.at)?;
-        if let Some(spec) = lazily.filter(|_| t.durable.is_none() && !t.mirror) {
-            t.durable = Some(Durable::new(spec, TopicLog::new(limits), t.last_seq));
-            let taken = DurableMove::Taken {
-                topic: topic.clone(),
-                epoch: t.epoch,
-                spec,
-                floor: t.last_seq,
-                segments: Vec::new(),
-            };
-            self.durable_moves.push(taken);
-            return self.publish(topic, kind, payload, options, now);
+        // A cluster's configured durable topic becomes durable where it is
+        // first sequenced (a single node's map is empty: one branch).
+        if !self.declare_on_publish.is_empty() {
+            if let Some(&spec) = self.declare_on_publish.get(topic) {
+                if self.topics.get(topic).is_none_or(|t| t.durable.is_none() && !t.mirror) {
+                    self.topic_mut(topic, now.at)?;
+                    self.install_durable(topic, spec, Vec::new(), false);
+                }
+            }
         }
+        let t = self.topic_mut(topic, now.at)?;
         if let Some(d) = &t.durable {
             if d.failed {
                 return Err(OwnerError::StorageFailed);

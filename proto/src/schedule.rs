@@ -197,7 +197,7 @@ pub struct Schedules {
 
 /// About the bytes `s` takes as a journal record (its fields plus the
 /// record's framing and header names).
-fn record_size(s: &Scheduled) -> usize {
+pub fn record_size(s: &Scheduled) -> usize {
     let headers = s.meta.as_ref().map_or(0, |m| {
         m.headers.iter().map(|(n, v)| n.len() + v.len() + 8).sum::<usize>() + m.id.as_ref().map_or(0, |i| i.len() + 32)
     });

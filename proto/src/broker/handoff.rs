@@ -654,8 +654,7 @@ impl Broker {
                 self.send(from, Item::GroupJoined { topic, group, sub, result }, now);
             }
             Pending::Item { from, item: Item::ScheduleAsk { req, .. } | Item::GroupDelete { req, .. } } => {
-                let answer = Err((e.code().to_string(), e.to_string()));
-                self.send(from, Item::OwnerAnswer { req, answer }, now);
+                self.send(from, Item::OwnerAnswer { req, answer: refused(e) }, now);
             }
             Pending::Item { .. } => {}
         }

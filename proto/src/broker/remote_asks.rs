@@ -41,8 +41,7 @@ impl Broker {
         now: Now,
     ) {
         if self.remote_asks.len() >= REMOTE_ASKS_MAX {
-            let e = OwnerError::OwnerUnreachable;
-            self.send(from, Item::OwnerAnswer { req, answer: Err((e.code().to_string(), e.to_string())) }, now);
+            self.send(from, Item::OwnerAnswer { req, answer: refused(OwnerError::OwnerUnreachable) }, now);
             return;
         }
         let id = self.next_id();
@@ -64,10 +63,9 @@ impl Broker {
         let mut failed: Vec<u64> =
             self.remote_asks.iter().filter(|(_, (n, _, _))| n == node).map(|(id, _)| *id).collect();
         failed.sort_unstable();
-        let e = OwnerError::OwnerUnreachable;
         for id in failed {
             if let Some((_, from, req)) = self.remote_asks.remove(&id) {
-                self.send(from, Item::OwnerAnswer { req, answer: Err((e.code().to_string(), e.to_string())) }, now);
+                self.send(from, Item::OwnerAnswer { req, answer: refused(OwnerError::OwnerUnreachable) }, now);
             }
         }
     }
