@@ -124,6 +124,25 @@ pub fn start(
     let prefix = etcd::members_prefix(cluster);
     let mut members = Members::with_table_size(table_size);
     let deadline = Instant::now() + wait;
+    // Every node of the cluster builds the same table, or two nodes could
+    // both own a topic: the first node's size stands, a different one is
+    // refused (the key stays until an operator deletes it).
+    let (key, size) = (etcd::table_size_key(cluster), table_size.to_string());
+    let standing = loop {
+        let answer = call(&endpoint, "/v3/kv/txn", &etcd::put_if_absent_body(&key, &size))
+            .and_then(|body| etcd::parse_put_if_absent(&body, &size).map_err(io::Error::other));
+        match answer {
+            Ok(standing) => break standing,
+            Err(e) if Instant::now() >= deadline => return Err(format!("etcd at {endpoint}: {e}")),
+            Err(_) => std::thread::sleep(ETCD_RETRY),
+        }
+    };
+    if standing != size {
+        return Err(format!(
+            "cluster {cluster} uses an ownership table of {standing} slots (etcd key {key}), this node {size}: \
+             start it with --table-size {standing}"
+        ));
+    }
     let (lease, revision) = loop {
         match register(&endpoint, &prefix, &me, &mut members) {
             Ok(registered) => break registered,

@@ -181,7 +181,8 @@ pub enum Action {
     /// over without its state) and hand them to [`Broker::stored_listed`].
     ListStored { topic: TopicName },
     /// Timed work arrived other than through a connection (schedules with
-    /// a topic's state): the shard's ticker runs again.
+    /// a topic's state, a group made by a join that waited for a hand-off
+    /// or handed over with its topic): the shard's ticker runs again.
     Tick,
     /// A claim [`Broker::claim`] took is answered, its frames queued on
     /// its link: a leaving node may stop once none is left (a state

@@ -312,7 +312,9 @@ impl ArchivedSegment {
 /// A durable topic's log as its hand-off to the next owner node carries
 /// it: its declaration and its segments, every one of them in the object
 /// store (the giving node uploads them first), so the next owner reads
-/// them from there (tiered reads) and appends after them. Nodes of a
+/// them from there (tiered reads) and appends after them, and its
+/// consumer groups' positions, so that they go on where they stood
+/// (what they held unacknowledged is delivered again). Nodes of a
 /// cluster share one object store.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DurableHandOff {
@@ -320,6 +322,8 @@ pub struct DurableHandOff {
     pub spec: DurableSpec,
     /// Its segments, oldest first, all in the object store.
     pub segments: Vec<ArchivedSegment>,
+    /// Its consumer groups (at most `group::GROUPS_PER_TOPIC_MAX`).
+    pub groups: Vec<crate::group::SavedGroup>,
 }
 
 /// Segments a hand-off carries at most (40 bytes each: 2.6 MB). A log with

@@ -81,6 +81,36 @@ pub fn put_member_body(prefix: &str, me: &str, lease: u64) -> String {
         .to_string()
 }
 
+/// The key holding `cluster`'s ownership table size (its slots): put by
+/// the first node to start and checked by every node after it, since
+/// nodes with different tables would each own topics the other owns.
+pub fn table_size_key(cluster: &str) -> String {
+    format!("/rayflux/{cluster}/table_size")
+}
+
+/// `POST /v3/kv/txn`: puts `key` = `value` unless the key exists, else
+/// reads it (see [`parse_put_if_absent`]).
+pub fn put_if_absent_body(key: &str, value: &str) -> String {
+    json!({
+        "compare": [{ "key": b64(key.as_bytes()), "result": "EQUAL", "target": "CREATE", "create_revision": "0" }],
+        "success": [{ "request_put": { "key": b64(key.as_bytes()), "value": b64(value.as_bytes()) } }],
+        "failure": [{ "request_range": { "key": b64(key.as_bytes()) } }],
+    })
+    .to_string()
+}
+
+/// The value that stands after [`put_if_absent_body`]: `value` if it was
+/// put, else the one found (the gateway leaves `succeeded` out when false).
+pub fn parse_put_if_absent(body: &str, value: &str) -> Result<String, EtcdError> {
+    let v = parse(body)?;
+    v.get("header").ok_or_else(|| EtcdError(format!("no header in {body}")))?;
+    if v.get("succeeded").and_then(Value::as_bool).unwrap_or(false) {
+        return Ok(value.to_string());
+    }
+    let found = v.pointer("/responses/0/response_range/kvs/0/value").and_then(Value::as_str);
+    unb64(found.ok_or_else(|| EtcdError(format!("neither put nor found: {body}")))?)
+}
+
 /// `POST /v3/kv/range`: every member key.
 pub fn range_body(prefix: &str) -> String {
     json!({ "key": b64(prefix.as_bytes()), "range_end": b64(&prefix_end(prefix)) }).to_string()
@@ -274,6 +304,21 @@ mod tests {
         assert_eq!(parse_watch(created).unwrap().events, vec![]);
         assert!(parse_watch("not json").is_err());
         assert!(parse_range(r#"{"header":{"revision":"1"},"kvs":[{"key":"!!","value":""}]}"#).is_err());
+    }
+
+    #[test]
+    fn a_value_put_only_if_absent_and_the_one_that_stands() {
+        let body: Value = serde_json::from_str(&put_if_absent_body(&table_size_key("prod"), "65537")).unwrap();
+        assert_eq!(unb64(body["compare"][0]["key"].as_str().unwrap()).unwrap(), "/rayflux/prod/table_size");
+        assert_eq!(body["compare"][0]["target"], "CREATE");
+        assert_eq!(unb64(body["success"][0]["request_put"]["value"].as_str().unwrap()).unwrap(), "65537");
+        // Answers as etcd 3.4's gateway writes them.
+        let put = r#"{"header":{"revision":"2"},"succeeded":true,"responses":[{"response_put":{"header":{"revision":"2"}}}]}"#;
+        assert_eq!(parse_put_if_absent(put, "65537").unwrap(), "65537");
+        let found = r#"{"header":{"revision":"5"},"responses":[{"response_range":{"header":{"revision":"5"},"kvs":[{"key":"eA==","value":"NjU1Mzcz","create_revision":"2"}],"count":"1"}}]}"#;
+        assert_eq!(parse_put_if_absent(found, "65537").unwrap(), "655373");
+        assert!(parse_put_if_absent(r#"{"header":{"revision":"5"},"responses":[{}]}"#, "1").is_err());
+        assert!(parse_put_if_absent(r#"{"error":"etcdserver: too many requests"}"#, "1").is_err());
     }
 
     #[test]

@@ -15,6 +15,7 @@
 use bytes::Bytes;
 
 use crate::durable::{AckLevel, ArchivedSegment, DurableHandOff, PublishOptions, HANDOFF_SEGMENTS_MAX};
+use crate::group::{SavedGroup, GROUPS_PER_TOPIC_MAX, SEGMENTS};
 use crate::log::{self, Record};
 use crate::message::{Epoch, Message, PayloadKind};
 use crate::owner::{OwnerError, ResumeFrom};
@@ -655,8 +656,9 @@ fn put_topic(out: &mut Vec<u8>, topic: &TopicName) {
 }
 
 /// A durable topic's hand-off: a flag, then its declaration (JSON, as in
-/// `meta.json`) and its segments (five numbers each), newest kept when
-/// there are more than [`HANDOFF_SEGMENTS_MAX`].
+/// `meta.json`), its segments (five numbers each), newest kept when
+/// there are more than [`HANDOFF_SEGMENTS_MAX`], and its consumer groups
+/// (JSON, as saved in `groups/`).
 fn put_durable(out: &mut Vec<u8>, durable: Option<&DurableHandOff>) {
     let Some(d) = durable else {
         out.push(0);
@@ -673,6 +675,10 @@ fn put_durable(out: &mut Vec<u8>, durable: Option<&DurableHandOff>) {
             out.extend_from_slice(&n.to_be_bytes());
         }
     }
+    let groups = &d.groups[..d.groups.len().min(GROUPS_PER_TOPIC_MAX)];
+    let groups = serde_json::to_vec(groups).unwrap_or_default();
+    out.extend_from_slice(&(groups.len() as u32).to_be_bytes());
+    out.extend_from_slice(&groups);
 }
 
 /// A message as its durable log record.
@@ -752,7 +758,13 @@ impl Reader<'_> {
                 (self.u64()?, self.u64()?, self.u64()?, self.u64()?, self.u64()?);
             segments.push(ArchivedSegment { base_seq, last_seq, len, first_ms, last_ms });
         }
-        Ok(Some(DurableHandOff { spec, segments }))
+        let len = self.u32()? as usize;
+        let groups: Vec<SavedGroup> =
+            serde_json::from_slice(self.take(len)?).map_err(|_| LinkError("durable groups unreadable"))?;
+        if groups.len() > GROUPS_PER_TOPIC_MAX || groups.iter().any(|g| g.positions.len() != SEGMENTS) {
+            return Err(LinkError("malformed durable groups"));
+        }
+        Ok(Some(DurableHandOff { spec, segments, groups }))
     }
 
     fn u32(&mut self) -> Result<u32, LinkError> {
@@ -984,6 +996,13 @@ mod tests {
                             ArchivedSegment { base_seq: 1, last_seq: 40, len: 4096, first_ms: 10, last_ms: 20 },
                             ArchivedSegment { base_seq: 41, last_seq: 90, len: 8192, first_ms: 21, last_ms: 30 },
                         ],
+                        groups: vec![crate::group::SavedGroup {
+                            group: "billing".into(),
+                            ack_timeout_ms: 30_000,
+                            max_deliveries: 5,
+                            dead_letter: "orders.dead".into(),
+                            positions: (0..crate::group::SEGMENTS as u64).map(|s| 40 + s % 3).collect(),
+                        }],
                     }),
                     schedules: Vec::new(),
                 },

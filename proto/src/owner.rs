@@ -502,7 +502,11 @@ impl Owner {
         // is uploaded first.
         let stored = if d.failed { d.log.to_upload().is_empty() } else { d.unwritten.is_empty() && d.log.all_stored() };
         if stored {
-            return DurableHandOffReady::Ready(DurableHandOff { spec: d.spec, segments: d.log.stored_segments() });
+            return DurableHandOffReady::Ready(DurableHandOff {
+                spec: d.spec,
+                segments: d.log.stored_segments(),
+                groups: Vec::new(),
+            });
         }
         DurableHandOffReady::Waiting
     }

@@ -186,18 +186,52 @@ impl Broker {
 
     /// `topic` stops being sequenced here (it moved to another node): its
     /// groups end here, their members told `group_lost` (they join again,
-    /// on the new owner). What they held unacknowledged is not carried: the
-    /// group starts again there as a new one (a durable group's saved
-    /// position stays with this node's files).
-    pub(super) fn groups_leaving(&mut self, topic: &TopicName, now: Now) {
-        let Some(names) = self.group_names.get(topic).cloned() else { return };
+    /// on the new owner). Returns the durable groups' positions, which go
+    /// with the topic's log to the new owner (`groups_arrived`): there they
+    /// go on from the first message not acknowledged here. An ephemeral
+    /// topic's group starts again there as a new one (what it held
+    /// unacknowledged is not carried).
+    pub(super) fn groups_leaving(&mut self, topic: &TopicName, now: Now) -> Vec<SavedGroup> {
+        let Some(names) = self.group_names.get(topic).cloned() else { return Vec::new() };
+        let mut saved = Vec::new();
         for group in names {
             let key = (topic.clone(), group.clone());
-            let members = self.groups.get(&key).map(|g| g.group.member_ids()).unwrap_or_default();
+            let Some(g) = self.groups.get(&key) else { continue };
+            let members = g.group.member_ids();
+            if let Some(feed) = &g.feed {
+                saved.push(Self::saved_group(&group, g, feed.next));
+            }
             for m in members {
                 self.send(m.shard, Item::GroupLost { topic: topic.clone(), group: group.clone(), sub: m.sub }, now);
             }
             self.remove_group(&key, None, false);
+        }
+        saved
+    }
+
+    /// A durable topic's groups handed over from its previous owner
+    /// (`groups_leaving` there), its log taken over just before: restored
+    /// (they wait for their members to join again) and saved here.
+    pub(super) fn groups_arrived(&mut self, topic: &TopicName, groups: Vec<SavedGroup>, now: Now) {
+        for saved in groups {
+            let name = saved.group.clone();
+            match self.restore_group(topic, saved, now) {
+                // Saved at the next save (its files here are new).
+                Ok(()) => self.group_save_failed(topic, &name),
+                Err(e) => tracing::warn!(topic = topic.as_str(), group = name, "a handed-over group is dropped: {e}"),
+            }
+        }
+    }
+
+    /// What a durable group's save holds, its feed at `next`.
+    fn saved_group(name: &GroupName, g: &OwnedGroup, next: u64) -> SavedGroup {
+        let settings = g.group.settings();
+        SavedGroup {
+            group: name.to_string(),
+            ack_timeout_ms: settings.ack_timeout_ms,
+            max_deliveries: settings.max_deliveries,
+            dead_letter: g.dead_letter.as_str().to_string(),
+            positions: g.group.positions(next),
         }
     }
 
@@ -418,20 +452,10 @@ impl Broker {
         self.groups_saved_ms = now.unix_ms;
         let mut saves = Vec::new();
         for ((topic, name), g) in self.groups.iter_mut() {
-            let Some(feed) = g.feed.as_mut() else { continue };
-            let positions = g.group.positions(feed.next);
-            if positions == feed.saved {
-                continue;
-            }
-            feed.saved = positions.clone();
-            let settings = g.group.settings();
-            let saved = SavedGroup {
-                group: name.to_string(),
-                ack_timeout_ms: settings.ack_timeout_ms,
-                max_deliveries: settings.max_deliveries,
-                dead_letter: g.dead_letter.as_str().to_string(),
-                positions,
-            };
+            let Some(next) = g.feed.as_ref().map(|f| f.next) else { continue };
+            let saved = Self::saved_group(name, g, next);
+            let Some(feed) = g.feed.as_mut().filter(|f| f.saved != saved.positions) else { continue };
+            feed.saved = saved.positions.clone();
             saves.push(GroupSave { topic: topic.clone(), saved });
         }
         saves
@@ -494,6 +518,7 @@ impl Broker {
         let feed = LogFeed { next, reading: false, retry_at_ms: 0, saved: positions };
         self.group_names.entry(topic.clone()).or_default().push(name);
         self.groups.insert(key, OwnedGroup { group, dead_letter, feed: Some(feed) });
+        self.actions.push(Action::Tick);
         Ok(())
     }
 
@@ -532,6 +557,9 @@ impl Broker {
                                     });
                                     let group = Group::new(settings, now.unix_ms);
                                     let new = OwnedGroup { group, dead_letter, feed };
+                                    // Its deadlines and saves need the ticker (a
+                                    // join held for a hand-off woke it in vain).
+                                    self.actions.push(Action::Tick);
                                     Some(self.groups.entry(key.clone()).or_insert(new))
                                 }
                             },

@@ -48,14 +48,17 @@
 //!
 //! - Its pending schedules go with the state (`schedules_leaving`,
 //!   `schedules_arrived`); its consumer groups end where it was sequenced,
-//!   their members told `group_lost` (`groups_leaving`): a group's state is
-//!   not handed off yet.
+//!   their members told `group_lost` (`groups_leaving`) to join again; a
+//!   durable topic's groups go with its log, each from the first message
+//!   it had not had acknowledged (`groups_arrived`; what was in flight is
+//!   delivered again: at least once), an ephemeral topic's start anew.
 //! - A publish, subscribe, group join, schedule request or group deletion
 //!   of a topic being taken over waits for the hand-off.
 
 use super::*;
 use crate::cluster::Topology;
 use crate::durable::{ArchivedSegment, DurableHandOff, DurableSpec};
+use crate::group::SavedGroup;
 use crate::link::{HandOffState, LinkFrame};
 use crate::owner::DurableHandOffReady;
 use crate::schedule::Scheduled;
@@ -102,10 +105,12 @@ pub(super) struct Taking {
 /// What comes with a topic's state besides its numbers and history.
 #[derive(Debug, Default)]
 pub(super) struct Carried {
-    /// A durable topic's log.
+    /// A durable topic's log (its groups taken out into `groups`).
     durable: Option<DurableHandOff>,
     /// Its pending schedules.
     schedules: Vec<Scheduled>,
+    /// A durable topic's consumer groups.
+    groups: Vec<SavedGroup>,
 }
 
 impl Taking {
@@ -140,6 +145,9 @@ pub(super) struct Handing {
     /// is at least this new comes later in the chain than every run of
     /// this node it remembers.
     run_end: u64,
+    /// A durable topic's consumer groups where they stood when given up
+    /// (handed over with its log).
+    groups: Vec<SavedGroup>,
 }
 
 /// Where a topic's state is to be asked for, past a gone node.
@@ -196,10 +204,11 @@ impl Broker {
         let mut back: Vec<TopicName> = self.handing.keys().filter(|t| self.remote_node(t).is_none()).cloned().collect();
         back.sort();
         for topic in back {
-            let Some(given) = self.handing.remove(&topic) else { continue };
+            let Some(mut given) = self.handing.remove(&topic) else { continue };
             let (epoch, last_seq, history) = self.handed_state(&topic, &given);
+            let carried = Carried { groups: std::mem::take(&mut given.groups), ..Carried::default() };
             self.handing.insert(topic.clone(), given);
-            self.taken(&topic, Some((epoch, last_seq, history)), Carried::default(), now);
+            self.taken(&topic, Some((epoch, last_seq, history)), carried, now);
         }
         // Copies whose owner changed: follow the new one (or take over).
         // Sorted wherever a hash map is walked here: the actions come out in
@@ -307,11 +316,12 @@ impl Broker {
         // segment is sealed and uploaded now, before any claim (and before
         // a leaving node is gone, if nobody claims it).
         self.seal(topic);
-        // Its groups end here: their members join again on the new owner.
-        self.groups_leaving(topic, now);
+        // Its groups end here: their members join again on the new owner,
+        // a durable topic's groups where they stood.
+        let groups = self.groups_leaving(topic, now);
         let run_start = self.cluster.as_ref().and_then(|v| v.latest_run(topic)).map_or(0, |r| r.start);
         let run_end = self.cluster.as_ref().map_or(0, |v| v.latest_run_end(topic));
-        self.handing.insert(topic.clone(), Handing { epoch, last_seq, run_start, run_end });
+        self.handing.insert(topic.clone(), Handing { epoch, last_seq, run_start, run_end, groups });
         self.follow_if_subscribed(topic);
     }
 
@@ -461,9 +471,10 @@ impl Broker {
             HandOffState::Refused | HandOffState::Nothing => {}
             // A state is never dropped, asked for now or not: it is the
             // topic's only one.
-            HandOffState::State { epoch, last_seq, history, durable, schedules: _ } => {
+            HandOffState::State { epoch, last_seq, history, mut durable, schedules: _ } => {
                 let schedules = self.schedules_arriving.remove(&(node.to_string(), topic.clone())).unwrap_or_default();
-                self.taken(topic, Some((epoch, last_seq, history)), Carried { durable, schedules }, now)
+                let groups = durable.as_mut().map(|d| std::mem::take(&mut d.groups)).unwrap_or_default();
+                self.taken(topic, Some((epoch, last_seq, history)), Carried { durable, schedules, groups }, now)
             }
         }
     }
@@ -479,7 +490,7 @@ impl Broker {
     /// through. A durable topic's log and the topic's pending schedules
     /// come with its state (`carried`).
     fn taken(&mut self, topic: &TopicName, state: Option<(Epoch, u64, Vec<Message>)>, carried: Carried, now: Now) {
-        let Carried { durable, schedules } = carried;
+        let Carried { durable, schedules, groups } = carried;
         let pending = self.taking.remove(topic).map(|t| t.pending).unwrap_or_default();
         // A durable log this node sequences already stays (a late state
         // must not drop its unwritten records and waiting publishers).
@@ -495,6 +506,7 @@ impl Broker {
                         self.owner.durable_taken(topic, durable);
                     }
                     self.schedules_arrived(topic, schedules, now);
+                    self.groups_arrived(topic, groups, now);
                     let position = self.owner.last_seq(topic).unwrap_or(last_seq);
                     for shard in (0..self.shards).filter(|s| adopted.restarted & (1 << s) != 0) {
                         self.send(shard, Item::Restarted { topic: topic.clone(), epoch, last_seq: position }, now);
@@ -519,7 +531,7 @@ impl Broker {
                     let views = self.cluster.as_ref();
                     let run_start = views.and_then(|v| v.latest_run(topic)).map_or(0, |r| r.start);
                     let run_end = views.map_or(0, |v| v.latest_run_end(topic));
-                    self.handing.insert(topic.clone(), Handing { epoch, last_seq, run_start, run_end });
+                    self.handing.insert(topic.clone(), Handing { epoch, last_seq, run_start, run_end, groups });
                     for pending in pending {
                         self.fail(pending, e, now);
                     }
@@ -867,7 +879,7 @@ impl Broker {
         if !self.handing.contains_key(topic) {
             return HandOffState::Refused;
         }
-        let durable = match self.owner.durable_hand_off(topic) {
+        let mut durable = match self.owner.durable_hand_off(topic) {
             DurableHandOffReady::Waiting => {
                 self.seal(topic);
                 return HandOffState::Refused;
@@ -880,7 +892,10 @@ impl Broker {
         if !self.schedules_may_leave(topic) {
             return HandOffState::Refused;
         }
-        let Some(given) = self.handing.remove(topic) else { return HandOffState::Refused };
+        let Some(mut given) = self.handing.remove(topic) else { return HandOffState::Refused };
+        if let Some(d) = durable.as_mut() {
+            d.groups = std::mem::take(&mut given.groups);
+        }
         self.gave.insert(topic.clone(), (mine, node.to_string()));
         let (epoch, last_seq, history) = self.handed_state(topic, &given);
         if durable.is_some() {
