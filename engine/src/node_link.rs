@@ -309,6 +309,13 @@ impl Shard {
         self.apply();
     }
 
+    /// A node that gave `topic` up offers it to this one (see
+    /// `Broker::offer`).
+    pub(crate) fn offer(&self, topic: proto::topic::TopicName) {
+        self.broker.borrow_mut().offer(topic, Now::read());
+        self.apply();
+    }
+
     /// The link to `node` was given up (see the module's doc).
     pub(crate) fn link_down(&self, node: &str) {
         self.broker.borrow_mut().link_down(node, Now::read());

@@ -709,3 +709,53 @@ fn a_node_with_another_ownership_table_size_than_its_cluster_is_refused() {
     let second = etcd_node(&etcd, name, ports[1]);
     wait_members(&[&first, &second], &addrs);
 }
+
+#[test]
+fn a_leaving_node_hands_over_even_the_topics_nobody_uses_meanwhile() {
+    let name = "cold-leave";
+    let etcd = Etcd::start(name);
+    let (ports, addrs, table) = two_ports();
+    // Topics node 1 owns beside node 0: published to through node 0, then
+    // left alone while node 1 leaves.
+    let topics: Vec<String> =
+        (0..).map(|i| format!("cold.{i}")).filter(|t| table.lookup(t.as_bytes()) == Some(&addrs[1])).take(5).collect();
+    let first = etcd_node(&etcd, name, ports[0]);
+    let leaving = etcd_node(&etcd, name, ports[1]);
+    wait_members(&[&first, &leaving], &addrs);
+    let mut publisher = first.ws("/v1/ws");
+    let mut id = 0;
+    for t in &topics {
+        for i in 0..3 {
+            publish_until_ok(&mut publisher, &mut id, t, &format!("{t}-{i}"));
+        }
+    }
+    let epochs: Vec<serde_json::Value> =
+        topics.iter().map(|t| leaving.get_json(&format!("/v1/topics/{t}"))["epoch"].clone()).collect();
+    assert!(epochs.iter().all(serde_json::Value::is_string), "{epochs:?}");
+
+    // Node 1 leaves and is waited for: nobody asks for the topics
+    // meanwhile. It offers each to node 0, which claims it at once.
+    assert!(nix_term(&leaving), "node 1 did not stop");
+    drop(leaving);
+    wait_members(&[&first], &addrs[..1]);
+    let mut sub = first.ws("/v1/ws");
+    for (i, t) in topics.iter().enumerate() {
+        let granted =
+            native_call(&mut sub, serde_json::json!({ "id": i, "op": "subscribe", "topic": t, "from_seq": 0 }));
+        assert_eq!(granted["ok"], true, "{granted}");
+        assert_eq!((granted["epoch"].clone(), granted.get("lost")), (epochs[i].clone(), None), "{t}: {granted}");
+        let replay: Vec<String> = (0..3)
+            .map(|_| {
+                let v = next_json(&mut sub);
+                assert_eq!(v["topic"].as_str(), Some(t.as_str()), "{v}");
+                v["data"].as_str().unwrap().to_string()
+            })
+            .collect();
+        assert_eq!(replay, (0..3).map(|i| format!("{t}-{i}")).collect::<Vec<_>>());
+    }
+    eprintln!(
+        "{} topics owned by a node that left gracefully, unused while it left: each continued on the survivor in \
+         its epoch with its 3 retained messages",
+        topics.len()
+    );
+}

@@ -666,6 +666,7 @@ impl Sim {
             LinkFrame::Claim { topic, version, node: claimer, at } => {
                 node.broker.claim(topic, version, claimer, at, out, now)
             }
+            LinkFrame::Offer { topic } => node.broker.offer(topic, now),
             other => return Err(format!("an owner's frame sent to an owner: {other:?}")),
         }
         self.actions(o)

@@ -119,6 +119,9 @@ pub enum Item {
     /// shard made (schedules, group deletion), by the request `req` it was
     /// asked with.
     OwnerAnswer { req: u64, answer: OwnerAnswer },
+    /// A node that gave `topic` up offers it to this node (a link session's
+    /// shard to the topic's owner shard): claimed now if owned here.
+    Offer { topic: TopicName },
     /// A message for member `sub` of the receiving shard, its
     /// `delivery`th delivery, tagged `tag` in the group.
     GroupDeliver { topic: TopicName, group: GroupName, sub: u64, message: Message, delivery: u32, tag: u64 },
@@ -509,6 +512,10 @@ pub struct Broker {
     /// then and the node it went to: a claim about a run before it is
     /// stale. Forgotten with the views ([`crate::cluster::VIEW_HISTORY_MAX`]).
     gave: HashMap<TopicName, (u64, String), ahash::RandomState>,
+    /// Topics offered to this node before its view made it their owner:
+    /// claimed at the next member set if it does (else forgotten; at most
+    /// [`handoff::OFFERS_HELD_MAX`]).
+    offered: std::collections::HashSet<TopicName, ahash::RandomState>,
     /// Follows sent and not answered yet, by owner node and topic (on the
     /// link to that node now).
     follows_out: HashMap<(String, TopicName), u32, ahash::RandomState>,
@@ -570,6 +577,7 @@ impl Broker {
             fenced: false,
             taking: HashMap::default(),
             handing: HashMap::default(),
+            offered: Default::default(),
             given: HashMap::default(),
             gave: HashMap::default(),
             follows_out: HashMap::default(),
@@ -977,6 +985,7 @@ impl Broker {
                 self.answer_claim(from, topic, version, node, at, req, now)
             }
             Item::HandOffAnswer { req, topic, state } => self.claim_answered(req, topic, state),
+            Item::Offer { topic } => self.offered_here(topic, now),
             Item::Subscribe { ref topic, .. } if !self.mirror_live(topic) && self.remote_node(topic).is_some() => {
                 if let Some(node) = self.remote_node(topic) {
                     self.mirror_subscribe(node, from, item);

@@ -37,6 +37,7 @@ const REPLY: u8 = 12;
 const ASK: u8 = 13;
 const ANSWERED: u8 = 14;
 const SCHEDULES: u8 = 15;
+const OFFER: u8 = 16;
 
 /// One link frame.
 #[derive(Debug, Clone)]
@@ -95,6 +96,10 @@ pub enum LinkFrame {
     /// follows in the next hand-off frame (a topic's schedules take as
     /// many of these as their size needs).
     Schedules { topic: TopicName, list: Vec<crate::schedule::Scheduled> },
+    /// A node that gave `topic` up to the receiving node (its owner now):
+    /// claim it now rather than at its next use (a leaving node is gone
+    /// soon). A hint: the receiver claims only if its own view agrees.
+    Offer { topic: TopicName },
 }
 
 /// About the most bytes of schedules one `Schedules` frame carries (one
@@ -275,6 +280,10 @@ pub fn encode(frame: &LinkFrame) -> Vec<u8> {
         }
         LinkFrame::Unfollow { topic } => {
             out.push(UNFOLLOW);
+            put_topic(&mut out, topic);
+        }
+        LinkFrame::Offer { topic } => {
+            out.push(OFFER);
             put_topic(&mut out, topic);
         }
         LinkFrame::Followed { topic, result } => {
@@ -527,6 +536,7 @@ pub fn decode(frame: &Bytes, at: std::time::Instant) -> Result<LinkFrame, LinkEr
             LinkFrame::Follow { topic, from }
         }
         UNFOLLOW => LinkFrame::Unfollow { topic: r.topic()? },
+        OFFER => LinkFrame::Offer { topic: r.topic()? },
         FOLLOWED => {
             let topic = r.topic()?;
             let result = match r.u8()? {
@@ -912,6 +922,7 @@ mod tests {
                 from: Some(ResumeFrom { after_seq: 0, epoch: None, since_ms: Some(123) }),
             },
             LinkFrame::Unfollow { topic: topic("orders") },
+            LinkFrame::Offer { topic: topic("orders") },
             LinkFrame::Followed { topic: topic("orders"), result: Ok((Epoch(77), 41)) },
             LinkFrame::Followed { topic: topic("orders"), result: Err(OwnerError::TooManyTopics) },
             LinkFrame::Message { topic: topic("orders"), message: message.clone() },

@@ -120,6 +120,7 @@ pub(super) async fn link_message(session: &Session, follows: &Rc<Follows>, kind:
             shard.claim(topic, version, node, at, session.out.clone());
         }
         LinkFrame::Unfollow { topic } => follows.end(shard, &topic),
+        LinkFrame::Offer { topic } => shard.offer(topic),
         LinkFrame::Ask { id, topic, ask } => shard.ask_from_link(topic, ask, session.out.clone(), id),
         LinkFrame::Group { member, op } => group_op(session, follows, member, op),
         // A responder on the peer node answers a request made here.

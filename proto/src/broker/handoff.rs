@@ -75,6 +75,10 @@ pub const RELAY_IDLE_MS: u64 = 4 * CLAIM_RETRY_MS;
 /// Publishes and subscribes a topic being taken over holds at most (past
 /// it they fail at once): a claim that takes long cannot grow memory.
 pub const TAKING_QUEUE_MAX: usize = 10_000;
+/// Offers held for a view that does not make this node their topic's
+/// owner yet (one topic name each): past it an offer is dropped and its
+/// topic claimed at its first use, as without offers.
+pub const OFFERS_HELD_MAX: usize = 100_000;
 
 /// A topic this shard claims: owned here under the current view and being
 /// taken over, or (a relay) asked for by the next owner in the chain.
@@ -277,6 +281,14 @@ impl Broker {
                 }
             }
         }
+        // Topics offered ahead of this view: claimed if it made them ours.
+        let mut offered: Vec<TopicName> = std::mem::take(&mut self.offered).into_iter().collect();
+        offered.sort();
+        for topic in offered {
+            if self.remote_node(&topic).is_none() {
+                self.claim_offered(&topic, now);
+            }
+        }
     }
 
     /// This node lost (or regained) its membership lease: while fenced it
@@ -323,6 +335,41 @@ impl Broker {
         let run_end = self.cluster.as_ref().map_or(0, |v| v.latest_run_end(topic));
         self.handing.insert(topic.clone(), Handing { epoch, last_seq, run_start, run_end, groups });
         self.follow_if_subscribed(topic);
+        // The new owner claims it now, not at its first use: a leaving
+        // node is gone in seconds, and a topic nobody used by then would
+        // start afresh there (its history, a durable topic's groups lost).
+        if let Some(node) = self.remote_node(topic) {
+            self.actions.push(Action::Link { node, frame: LinkFrame::Offer { topic: topic.clone() } });
+        }
+    }
+
+    /// Another node gave `topic` up to this one ([`LinkFrame::Offer`]):
+    /// claimed now if this node's view makes it the owner, else held for
+    /// the next member set (which may).
+    pub fn offer(&mut self, topic: TopicName, now: Now) {
+        let owner = topic.owner_shard(self.shards);
+        self.send(owner, Item::Offer { topic }, now);
+    }
+
+    /// The owner shard's side of [`Broker::offer`].
+    pub(super) fn offered_here(&mut self, topic: TopicName, now: Now) {
+        let Some(views) = self.cluster.as_ref() else { return };
+        if views.mine(&topic) {
+            self.claim_offered(&topic, now);
+        } else if self.offered.len() < OFFERS_HELD_MAX {
+            self.offered.insert(topic);
+        }
+    }
+
+    /// Claims an offered topic owned here that is neither held nor being
+    /// taken over (nothing waits for it yet).
+    fn claim_offered(&mut self, topic: &TopicName, now: Now) {
+        if self.owner.owns(topic) || self.taking.contains_key(topic) || !self.needs_hand_off(topic) {
+            return;
+        }
+        if let Some((from, at)) = self.claim_target(topic) {
+            self.start_claim(topic, from, at, false, now);
+        }
     }
 
     /// Follows `topic` on its owner if this node subscribes to it and does

@@ -260,6 +260,7 @@ impl Broker {
             | LinkFrame::Follow { .. }
             | LinkFrame::Unfollow { .. }
             | LinkFrame::Claim { .. }
+            | LinkFrame::Offer { .. }
             | LinkFrame::Ask { .. } => {}
             // The answer to a request this node forwarded: to its requester.
             LinkFrame::Reply { to, answer } => {
