@@ -765,6 +765,33 @@ impl Shard {
         published
     }
 
+    /// A native publish batch: its messages go as single publishes do, in
+    /// order, after one wait for room (for all of them) and with one clock
+    /// read; `batch` gets each answer and replies after the last.
+    pub async fn publish_batch(
+        self: &Rc<Self>,
+        topic: TopicName,
+        payloads: Vec<Bytes>,
+        batch: Rc<proto::broker::BatchReply>,
+    ) {
+        if topic.owner_shard(self.shards) == self.id {
+            self.wait_for_room().await;
+        } else {
+            let cost = payloads.iter().map(|p| p.len() + proto::limits::ITEM_OVERHEAD_BYTES).sum::<usize>();
+            // The turn asks for one item's overhead on top.
+            self.take_turn(&topic, cost.saturating_sub(proto::limits::ITEM_OVERHEAD_BYTES)).await;
+        }
+        let now = Now::read();
+        {
+            let mut broker = self.broker.borrow_mut();
+            for payload in payloads {
+                let reply = PublishReply::Batch(batch.clone());
+                broker.publish(topic.clone(), PayloadKind::Binary, payload, PublishOptions::default(), reply, now);
+            }
+        }
+        self.apply();
+    }
+
     /// Waits until a publish of `len` bytes to `topic`'s owner fits the
     /// in-flight budget, first come, first served: while anyone waits, later
     /// callers queue behind them, so a large publish is never starved by a

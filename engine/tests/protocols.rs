@@ -174,3 +174,55 @@ fn a_refused_raw_publish_closes_with_1013_and_spares_others() {
     }
     wait_until("the first publisher still publishes", || node.get_json(&format!("/v1/topics/{a}"))["last_seq"] == 101);
 }
+
+#[test]
+fn a_publish_batch_is_sequenced_in_order_and_answered_once() {
+    let node = Node::start(&["--shards", "2"]);
+    // Subscribers on the raw socket and the native protocol.
+    let mut raw = node.ws("/v1/topics/batched/ws?role=sub");
+    let mut native = node.ws("/v1/ws");
+    let r = native_call(&mut native, serde_json::json!({"op": "subscribe", "id": 1, "topic": "batched"}));
+    assert_eq!(r["ok"], true, "{r}");
+    // Two publishers on other connections (other shards, some of them).
+    let mut publishers: Vec<_> = (0..4).map(|_| node.ws("/v1/ws")).collect();
+    let mut next = 1u64;
+    for round in 0..3u64 {
+        for (p, ws) in publishers.iter_mut().enumerate() {
+            let payloads: Vec<Vec<u8>> = (0..100).map(|i| format!("{round}-{p}-{i}").into_bytes()).collect();
+            let refs: Vec<&[u8]> = payloads.iter().map(Vec::as_slice).collect();
+            let id = 100 + round * 10 + p as u64;
+            ws.send(Message::binary(proto::native::encode_batch(id, "batched", &refs))).unwrap();
+            let reply = next_json(ws);
+            assert_eq!((reply["id"].as_u64(), reply["ok"].as_bool()), (Some(id), Some(true)), "{reply}");
+            // Alone at a time: its numbers are the next 100.
+            let want = serde_json::json!({"first_seq": next, "last_seq": next + 99, "count": 100});
+            let got = serde_json::json!({"first_seq": reply["first_seq"], "last_seq": reply["last_seq"], "count": reply["count"]});
+            assert_eq!(got, want, "{reply}");
+            next += 100;
+            for (i, payload) in payloads.iter().enumerate() {
+                assert_eq!(next_data(&mut raw), Message::binary(payload.clone()), "raw, message {i}");
+                match next_data(&mut native) {
+                    Message::Binary(b) => {
+                        let seq = u64::from_be_bytes(b[9..17].try_into().unwrap());
+                        assert_eq!((seq, &b[25..]), (next - 100 + i as u64, payload.as_slice()));
+                    }
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+        }
+    }
+    // A malformed batch is refused with its id; the connection goes on.
+    let mut cut = proto::native::encode_batch(7, "batched", &[b"abc"]);
+    cut.pop();
+    publishers[0].send(Message::binary(cut)).unwrap();
+    let reply = next_json(&mut publishers[0]);
+    assert_eq!((reply["id"].as_u64(), reply["error"]["code"].as_str()), (Some(7), Some("bad_request")), "{reply}");
+    let empty = proto::native::encode_batch(8, "batched", &[]);
+    publishers[0].send(Message::binary(empty)).unwrap();
+    assert_eq!(next_json(&mut publishers[0])["error"]["code"], "bad_request");
+    let bad_topic = proto::native::encode_batch(9, "no spaces", &[b"x"]);
+    publishers[0].send(Message::binary(bad_topic)).unwrap();
+    assert_eq!(next_json(&mut publishers[0])["error"]["code"], "invalid_topic");
+    let pong = native_call(&mut publishers[0], serde_json::json!({"op": "ping", "id": 10}));
+    assert_eq!(pong["pong"], true);
+}

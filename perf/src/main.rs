@@ -35,6 +35,7 @@ mod report;
 mod request;
 mod scenario;
 
+use std::io::Read;
 use std::net::TcpStream;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -179,6 +180,13 @@ struct Common {
     /// Payload bytes (at least 40: publisher, sequence and scheduled time).
     #[arg(long, default_value_t = 64)]
     payload: usize,
+    /// Messages per publish frame (1: one each). RayFlux: native publish
+    /// batches (binary frame 0x02 on /v1/ws, one reply each); NATS: that
+    /// many PUBs in one WebSocket frame (its fastest publishing: pipelined
+    /// PUBs in one write). A batch goes when full or when the publisher is
+    /// ahead of its schedule.
+    #[arg(long, default_value_t = 1)]
+    batch: usize,
     /// Turns per target.
     #[arg(long, default_value_t = 2)]
     repeat: usize,
@@ -256,6 +264,27 @@ enum Kind {
     Nats,
 }
 
+/// Reads a batching publisher's replies (server frames, unmasked JSON) and
+/// counts the refusals among them, until the connection ends.
+fn count_refusals(mut stream: TcpStream, refused: &std::sync::atomic::AtomicU64) {
+    let needle = b"\"ok\":false";
+    let mut buf = vec![0u8; 64 << 10];
+    let mut carry = 0;
+    loop {
+        let n = match stream.read(&mut buf[carry..]) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        let end = carry + n;
+        let found = buf[..end].windows(needle.len()).filter(|w| *w == needle).count();
+        refused.fetch_add(found as u64, std::sync::atomic::Ordering::Relaxed);
+        // Keeps a tail shorter than the needle: a match cut in two is
+        // counted once, with the next read.
+        carry = (needle.len() - 1).min(end);
+        buf.copy_within(end - carry..end, 0);
+    }
+}
+
 fn parse_target(spec: &str) -> Result<Target> {
     let (name, rest) = spec.split_once('=').context("target must be NAME=URL[,pid=PID]")?;
     let mut parts = rest.split(',');
@@ -326,9 +355,24 @@ struct Conn {
     nats: nats::Parser,
     /// A JetStream member's pulling.
     pull: Option<jetstream::Pull>,
+    /// A batching publisher's messages not sent yet.
+    batch: Option<Batch>,
+}
+
+/// A publisher's batch being filled (see `--batch`).
+struct Batch {
+    size: usize,
+    pending: Vec<Vec<u8>>,
+    next_id: u64,
+    /// RayFlux: refusals its replies reported (read by a thread of its own).
+    refused: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Conn {
+    fn new(ws: WebSocket<TcpStream>, kind: Kind, topic: &str) -> Conn {
+        Conn { ws, kind, subject: topic.to_string(), nats: nats::Parser::default(), pull: None, batch: None }
+    }
+
     fn open(target: &Target, topic: &str, subscribe: bool) -> Result<Conn> {
         Conn::open_from(target, topic, subscribe, None)
     }
@@ -365,7 +409,7 @@ impl Conn {
             Kind::Nats => format!("ws://{}/", target.addr),
         };
         let (ws, _) = tungstenite::client(url, stream).map_err(|e| anyhow::anyhow!("handshake: {e}"))?;
-        Ok(Conn { ws, kind: target.kind, subject: topic.to_string(), nats: nats::Parser::default(), pull: None })
+        Ok(Conn::new(ws, target.kind, topic))
     }
 
     /// A member's next delivery: the payload and, on RayFlux, its tag and
@@ -437,8 +481,7 @@ impl Conn {
             Kind::Nats => format!("ws://{}/", target.addr),
         };
         let (ws, _) = tungstenite::client(url, stream).map_err(|e| anyhow::anyhow!("handshake: {e}"))?;
-        let mut conn =
-            Conn { ws, kind: target.kind, subject: topic.to_string(), nats: nats::Parser::default(), pull: None };
+        let mut conn = Conn::new(ws, target.kind, topic);
         if conn.kind == Kind::Nats {
             conn.nats_start(subscribe.then(|| format!("SUB {topic} 1\r\n")))?;
         }
@@ -471,8 +514,67 @@ impl Conn {
         Ok(())
     }
 
+    /// A publisher sending batches of `size` messages to `topic` (see
+    /// `--batch`): RayFlux's native protocol, whose replies a thread reads
+    /// (counting refusals), or NATS.
+    fn open_batching(target: &Target, topic: &str, size: usize) -> Result<Conn> {
+        let refused = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let mut conn = match target.kind {
+            Kind::Rayflux => {
+                let addr = target.publish_addr.as_ref().unwrap_or(&target.addr);
+                let stream = TcpStream::connect(addr).with_context(|| format!("connect {addr}"))?;
+                stream.set_nodelay(true)?;
+                let replies = stream.try_clone()?;
+                let (ws, _) = tungstenite::client(format!("ws://{addr}/v1/ws"), stream)
+                    .map_err(|e| anyhow::anyhow!("handshake: {e}"))?;
+                let counted = refused.clone();
+                std::thread::spawn(move || count_refusals(replies, &counted));
+                Conn::new(ws, Kind::Rayflux, topic)
+            }
+            Kind::Nats => Conn::open(target, topic, false)?,
+        };
+        conn.batch = Some(Batch { size, pending: Vec::with_capacity(size), next_id: 1, refused });
+        Ok(conn)
+    }
+
+    /// Sends the batch filled so far, if any.
+    fn send_batch(&mut self) -> Result<()> {
+        let Some(batch) = self.batch.as_mut().filter(|b| !b.pending.is_empty()) else { return Ok(()) };
+        let frame = match self.kind {
+            Kind::Rayflux => {
+                let refs: Vec<&[u8]> = batch.pending.iter().map(Vec::as_slice).collect();
+                batch.next_id += 1;
+                proto::native::encode_batch(batch.next_id, &self.subject, &refs)
+            }
+            Kind::Nats => {
+                let mut frame = Vec::new();
+                for p in &batch.pending {
+                    frame.extend_from_slice(format!("PUB {} {}\r\n", self.subject, p.len()).as_bytes());
+                    frame.extend_from_slice(p);
+                    frame.extend_from_slice(b"\r\n");
+                }
+                frame
+            }
+        };
+        batch.pending.clear();
+        self.ws.write(Message::binary(frame))?;
+        Ok(())
+    }
+
+    /// Refusals a batching RayFlux publisher's replies reported.
+    fn refused(&self) -> u64 {
+        self.batch.as_ref().map_or(0, |b| b.refused.load(std::sync::atomic::Ordering::Relaxed))
+    }
+
     /// Queues one message (flushed by `flush` or when the buffer fills).
     fn send(&mut self, payload: &[u8]) -> Result<()> {
+        if let Some(batch) = self.batch.as_mut() {
+            batch.pending.push(payload.to_vec());
+            if batch.pending.len() >= batch.size {
+                self.send_batch()?;
+            }
+            return Ok(());
+        }
         match self.kind {
             Kind::Rayflux => self.ws.write(Message::binary(payload.to_vec()))?,
             Kind::Nats => {
@@ -486,6 +588,7 @@ impl Conn {
     }
 
     fn flush(&mut self) -> Result<()> {
+        self.send_batch()?;
         self.ws.flush()?;
         Ok(())
     }
@@ -590,6 +693,7 @@ fn main() -> Result<()> {
         rate: common.rate,
         seconds: common.seconds,
         payload: common.payload,
+        batch: common.batch.clamp(1, proto::native::PUBLISH_BATCH_MAX),
         original_api,
     };
     match cli.command {

@@ -45,6 +45,8 @@ pub struct Shape {
     pub seconds: u64,
     /// Payload bytes.
     pub payload: usize,
+    /// Messages per publish frame (see `--batch`).
+    pub batch: usize,
     /// Original API: publish with HTTP `POST /publish`, subscribe on `/subscribe`.
     pub original_api: bool,
     /// Extra subscribers per topic that connect and subscribe, then never
@@ -170,7 +172,7 @@ pub fn run(target: &Target, shape: &Shape, turn: usize) -> Result<Run> {
     }
     let mut publishers = Vec::with_capacity(shape.publishers_total() as usize);
     for g in 0..shape.publishers_total() as usize {
-        publishers.push(Publisher::open(target, &topic(g / shape.publishers), shape.original_api)?);
+        publishers.push(Publisher::open(target, &topic(g / shape.publishers), shape.original_api, shape.batch)?);
     }
     let cpu_server_start = target.server_cpu_seconds()?;
     let rss_start = target.pid.map(crate::process_rss_kib).transpose()?;
@@ -192,6 +194,12 @@ pub fn run(target: &Target, shape: &Shape, turn: usize) -> Result<Run> {
         run.server_cpu_seconds = Some(now - before);
     }
     run.client_cpu_seconds = process_cpu_seconds(std::process::id())? - cpu_client_start;
+    // A batch refused in part loses messages the subscribers count; its
+    // replies say why.
+    let refused: u64 = publishers.iter().map(Publisher::refused).sum();
+    if refused > 0 {
+        eprintln!("{}: {refused} publish batches refused (in whole or part)", target.name);
+    }
     drop(stalled);
     Ok(run)
 }
@@ -533,7 +541,10 @@ enum Publisher {
 }
 
 impl Publisher {
-    fn open(target: &Target, topic: &str, original_api: bool) -> Result<Publisher> {
+    fn open(target: &Target, topic: &str, original_api: bool, batch: usize) -> Result<Publisher> {
+        if !original_api && batch > 1 {
+            return Ok(Publisher::Native(Box::new(Conn::open_batching(target, topic, batch)?)));
+        }
         if !original_api {
             return Ok(Publisher::Native(Box::new(Conn::open(target, topic, false)?)));
         }
@@ -563,6 +574,14 @@ impl Publisher {
         match self {
             Publisher::Native(conn) => conn.flush(),
             Publisher::Original { .. } => Ok(()),
+        }
+    }
+
+    /// Publish batches its replies refused (RayFlux, `--batch`).
+    fn refused(&self) -> u64 {
+        match self {
+            Publisher::Native(conn) => conn.refused(),
+            Publisher::Original { .. } => 0,
         }
     }
 }
@@ -625,6 +644,7 @@ mod tests {
             rate: 1001,
             seconds: 1,
             payload: 64,
+            batch: 1,
             original_api: false,
             stalled: 0,
             group: None,

@@ -284,6 +284,68 @@ pub enum PublishReply {
     Request { req: u64 },
     /// A publish another node forwarded: answer on its link with its `id`.
     Link { out: Rc<Outbound>, id: u64 },
+    /// One message of a native publish batch: the batch's one reply goes
+    /// when its last message is answered.
+    Batch(Rc<BatchReply>),
+}
+
+/// The answers of a native publish batch so far (see
+/// [`PublishReply::Batch`]), shared by its messages.
+#[derive(Debug)]
+pub struct BatchReply {
+    out: Rc<Outbound>,
+    id: u64,
+    tally: std::cell::RefCell<BatchTally>,
+}
+
+#[derive(Debug)]
+struct BatchTally {
+    /// Messages not answered yet.
+    remaining: usize,
+    accepted: usize,
+    first_seq: u64,
+    last_seq: u64,
+    /// The first refusal, if any.
+    refused: Option<OwnerError>,
+}
+
+impl BatchReply {
+    /// The reply to request `id` on `out`, for a batch of `count` messages.
+    pub fn new(out: Rc<Outbound>, id: u64, count: usize) -> Rc<BatchReply> {
+        let tally = BatchTally { remaining: count, accepted: 0, first_seq: u64::MAX, last_seq: 0, refused: None };
+        Rc::new(BatchReply { out, id, tally: std::cell::RefCell::new(tally) })
+    }
+
+    /// One message's answer; the last one queues the reply: `first_seq`,
+    /// `last_seq` and `count` of what was sequenced, or the first refusal
+    /// with how many were `accepted` (and their numbers, if any).
+    fn answer(&self, result: Result<u64, OwnerError>) {
+        let mut t = self.tally.borrow_mut();
+        match result {
+            Ok(seq) => {
+                t.accepted += 1;
+                t.first_seq = t.first_seq.min(seq);
+                t.last_seq = t.last_seq.max(seq);
+            }
+            Err(e) => {
+                t.refused.get_or_insert(e);
+            }
+        }
+        t.remaining = t.remaining.saturating_sub(1);
+        if t.remaining > 0 {
+            return;
+        }
+        let numbers = if t.accepted == 0 {
+            serde_json::json!({ "count": 0 })
+        } else {
+            serde_json::json!({ "first_seq": t.first_seq, "last_seq": t.last_seq, "count": t.accepted })
+        };
+        let frame = match t.refused {
+            None => native::reply_ok(self.id, numbers),
+            Some(e) => native::reply_error_with(self.id, e.code(), &e.to_string(), numbers),
+        };
+        self.out.offer_control(frame);
+    }
 }
 
 impl PublishReply {
@@ -303,6 +365,7 @@ impl PublishReply {
                 let done = crate::link::LinkFrame::PublishDone { id: *id, result };
                 out.offer_control(ws::encode_data(PayloadKind::Binary, &crate::link::encode(&done)));
             }
+            (PublishReply::Batch(batch), result) => batch.answer(result),
             (PublishReply::Caller | PublishReply::Request { .. }, _) => return false,
         }
         true

@@ -25,6 +25,13 @@ use crate::ws;
 
 /// First byte of a binary frame from the client: a binary publish.
 pub const CLIENT_BINARY_PUBLISH: u8 = 0x01;
+/// First byte of a binary frame from the client: a batch of binary
+/// publishes to one topic, answered with one reply.
+pub const CLIENT_BINARY_BATCH: u8 = 0x02;
+/// Messages in one publish batch: a batch is answered once, when its last
+/// message is, so this bounds what one reply waits for (and the frame's
+/// size, within the node's message size limit, bounds its bytes).
+pub const PUBLISH_BATCH_MAX: usize = 10_000;
 /// First byte of a binary frame from the server: a delivered binary message.
 pub const SERVER_BINARY_MESSAGE: u8 = 0x01;
 
@@ -40,6 +47,9 @@ pub enum Request {
     Unsubscribe { id: u64, topic: String },
     /// Publish a payload, with its key and acknowledgement level.
     Publish { id: u64, topic: String, kind: PayloadKind, payload: Bytes, options: PublishOptions },
+    /// Publish binary payloads to one topic, in order, with one reply
+    /// (binary frame `0x02`).
+    PublishBatch { id: u64, topic: String, payloads: Vec<Bytes> },
     /// Liveness check; the reply carries `"pong": true`.
     Ping { id: u64 },
     /// Join consumer group `group` of a topic (`subscribe` with `group`).
@@ -358,11 +368,16 @@ pub fn parse_text(text: &[u8]) -> Result<Request, BadRequest> {
     }
 }
 
-/// Parses a binary frame: `0x01 | id: u64 BE | topic_len: u8 | topic | payload`.
+/// Parses a binary frame: `0x01 | id: u64 BE | topic_len: u8 | topic |
+/// payload`, or a batch: `0x02 | id | topic_len | topic | count: u16 BE`
+/// then `count` times `len: u32 BE | payload`.
 pub fn parse_binary(frame: &Bytes) -> Result<Request, BadRequest> {
     let bad = |id, message: &str| BadRequest { id, code: "bad_request", message: message.to_string() };
+    if frame.first() == Some(&CLIENT_BINARY_BATCH) {
+        return parse_batch(frame);
+    }
     if frame.first() != Some(&CLIENT_BINARY_PUBLISH) {
-        return Err(bad(None, "binary frames must start with 0x01 (publish)"));
+        return Err(bad(None, "binary frames must start with 0x01 (publish) or 0x02 (publish batch)"));
     }
     if frame.len() < 10 {
         return Err(bad(None, "binary publish shorter than its header"));
@@ -383,6 +398,61 @@ pub fn parse_binary(frame: &Bytes) -> Result<Request, BadRequest> {
     })
 }
 
+/// Parses a publish batch (see [`parse_binary`]): its payloads are slices
+/// of the frame (not copied).
+fn parse_batch(frame: &Bytes) -> Result<Request, BadRequest> {
+    let bad = |id, message: String| BadRequest { id, code: "bad_request", message };
+    if frame.len() < 10 {
+        return Err(bad(None, "publish batch shorter than its header".into()));
+    }
+    let id = u64::from_be_bytes(frame[1..9].try_into().expect("8 bytes"));
+    let topic_end = 10 + frame[9] as usize;
+    if frame.len() < topic_end + 2 {
+        return Err(bad(Some(id), "publish batch shorter than its topic and count".into()));
+    }
+    let topic = std::str::from_utf8(&frame[10..topic_end]).map_err(|_| bad(Some(id), "topic is not UTF-8".into()))?;
+    let count = u16::from_be_bytes([frame[topic_end], frame[topic_end + 1]]) as usize;
+    if count == 0 || count > PUBLISH_BATCH_MAX {
+        return Err(bad(Some(id), format!("a publish batch holds 1 to {PUBLISH_BATCH_MAX} messages, not {count}")));
+    }
+    let mut payloads = Vec::with_capacity(count);
+    let mut at = topic_end + 2;
+    for i in 0..count {
+        let len = frame
+            .get(at..at + 4)
+            .map(|b| u32::from_be_bytes(b.try_into().expect("4 bytes")) as usize)
+            .ok_or_else(|| bad(Some(id), format!("publish batch cut short at message {i}")))?;
+        at += 4;
+        if frame.len() - at < len {
+            return Err(bad(Some(id), format!("publish batch cut short in message {i}")));
+        }
+        payloads.push(frame.slice(at..at + len));
+        at += len;
+    }
+    if at != frame.len() {
+        return Err(bad(Some(id), "bytes after the batch's last message".into()));
+    }
+    Ok(Request::PublishBatch { id, topic: topic.to_string(), payloads })
+}
+
+/// The frame of a publish batch (see [`parse_binary`]): for clients and
+/// tests. `payloads` must number 1 to [`PUBLISH_BATCH_MAX`], `topic` at
+/// most 255 bytes.
+pub fn encode_batch(id: u64, topic: &str, payloads: &[&[u8]]) -> Vec<u8> {
+    let size = 12 + topic.len() + payloads.iter().map(|p| 4 + p.len()).sum::<usize>();
+    let mut frame = Vec::with_capacity(size);
+    frame.push(CLIENT_BINARY_BATCH);
+    frame.extend_from_slice(&id.to_be_bytes());
+    frame.push(topic.len() as u8);
+    frame.extend_from_slice(topic.as_bytes());
+    frame.extend_from_slice(&(payloads.len() as u16).to_be_bytes());
+    for p in payloads {
+        frame.extend_from_slice(&(p.len() as u32).to_be_bytes());
+        frame.extend_from_slice(p);
+    }
+    frame
+}
+
 /// A successful reply frame with extra fields (a JSON object's members).
 pub fn reply_ok(id: u64, extra: serde_json::Value) -> Bytes {
     let mut body = serde_json::json!({ "type": "reply", "id": id, "ok": true });
@@ -398,6 +468,18 @@ pub fn reply_error(id: Option<u64>, code: &str, message: &str) -> Bytes {
         "type": "reply", "id": id, "ok": false,
         "error": { "code": code, "message": message },
     });
+    ws::encode_data(PayloadKind::Text, body.to_string().as_bytes())
+}
+
+/// An error reply frame with extra fields (a JSON object's members).
+pub fn reply_error_with(id: u64, code: &str, message: &str, extra: serde_json::Value) -> Bytes {
+    let mut body = serde_json::json!({
+        "type": "reply", "id": id, "ok": false,
+        "error": { "code": code, "message": message },
+    });
+    if let (Some(obj), serde_json::Value::Object(more)) = (body.as_object_mut(), extra) {
+        obj.extend(more);
+    }
     ws::encode_data(PayloadKind::Text, body.to_string().as_bytes())
 }
 
@@ -715,6 +797,31 @@ mod tests {
     }
 
     #[test]
+    fn a_publish_batch_and_every_way_it_can_be_malformed() {
+        let frame = Bytes::from(encode_batch(7, "orders", &[b"a", b"", b"ccc"]));
+        let parsed = parse_binary(&frame).unwrap();
+        let payloads = vec![Bytes::from_static(b"a"), Bytes::new(), Bytes::from_static(b"ccc")];
+        assert_eq!(parsed, Request::PublishBatch { id: 7, topic: "orders".into(), payloads });
+        // Cut anywhere, it is refused with its id once the id is there.
+        for cut in 1..frame.len() {
+            let e = parse_binary(&frame.slice(..cut)).unwrap_err();
+            assert_eq!((e.code, e.id.is_some()), ("bad_request", cut >= 10), "cut at {cut}: {}", e.message);
+        }
+        let mut longer = frame.to_vec();
+        longer.push(0);
+        assert!(parse_binary(&Bytes::from(longer)).unwrap_err().message.contains("after the batch"));
+        let empty = Bytes::from(encode_batch(8, "t", &[]));
+        assert!(parse_binary(&empty).unwrap_err().message.contains("1 to 10000"));
+        let mut too_many = encode_batch(9, "t", &[b"x"]);
+        let count_at = 11;
+        too_many[count_at..count_at + 2].copy_from_slice(&((PUBLISH_BATCH_MAX + 1) as u16).to_be_bytes());
+        assert!(parse_binary(&Bytes::from(too_many)).unwrap_err().message.contains("not 10001"));
+        let mut huge_len = encode_batch(9, "t", &[b"x"]);
+        huge_len[13..17].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert!(parse_binary(&Bytes::from(huge_len)).unwrap_err().message.contains("cut short"));
+    }
+
+    #[test]
     fn binary_publish_and_envelope() {
         let mut frame = vec![1u8];
         frame.extend_from_slice(&42u64.to_be_bytes());
@@ -733,6 +840,7 @@ mod tests {
         );
         assert!(parse_binary(&Bytes::from_static(&[1, 0, 0])).is_err());
         assert!(parse_binary(&Bytes::from_static(&[2; 20])).is_err());
+        assert!(parse_binary(&Bytes::from_static(&[3; 20])).is_err());
         let msg = Message {
             seq: 3,
             timestamp_ms: 9,

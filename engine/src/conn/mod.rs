@@ -37,7 +37,7 @@ use futures_lite::{AsyncRead, AsyncWrite};
 use glommio::net::TcpStream;
 use proto::admin::{DurableInfo, LogMessage, LogPage, PublishAnswer, StatusBody, TopicInfo, TopicPage};
 use proto::broker::{
-    Format, Granted, JoinRequest, PublishOptions, PublishReply, RequestSpec, ScheduleAsk, SubscribeRequest,
+    BatchReply, Format, Granted, JoinRequest, PublishOptions, PublishReply, RequestSpec, ScheduleAsk, SubscribeRequest,
 };
 use proto::http::{self, RequestHead, Route, Upgrade};
 use proto::limits::{HTTP_BODY_SLACK_BYTES, WRITE_BATCH_BYTES_MAX};

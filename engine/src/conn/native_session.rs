@@ -35,6 +35,15 @@ pub(super) async fn native_message(
                 return true; // the reply is queued when the owner answers
             }
         },
+        Request::PublishBatch { id, topic, payloads } => match topic_of(id, &topic) {
+            Err(reply) => reply,
+            Ok(topic) => {
+                // One reply when the last is answered.
+                let batch = BatchReply::new(out.clone(), id, payloads.len());
+                shard.publish_batch(topic, payloads, batch).await;
+                return true;
+            }
+        },
         Request::Subscribe { id, topic, from_seq, epoch, since_ms } => match topic_of(id, &topic) {
             Err(reply) => reply,
             Ok(topic) if subs.contains_key(&topic) => {
