@@ -54,7 +54,28 @@ pub struct Uploads {
     outcomes: Outcomes,
     /// The next tag.
     next_tag: u64,
+    /// Durable groups' positions to put in the store (the latest save of
+    /// each, by key; `None`: delete the key), sent at most every
+    /// [`GROUP_UPLOAD_INTERVAL`].
+    groups: HashMap<String, Option<Bytes>>,
+    /// When group positions were last sent.
+    groups_sent: Option<Instant>,
 }
+
+/// How often a shard sends its durable groups' changed positions to the
+/// object store: a node that dies takes with it at most this much of its
+/// groups' progress (their messages are delivered again: at least once),
+/// and a busy group costs at most one PUT a second.
+pub const GROUP_UPLOAD_INTERVAL: Duration = Duration::from_secs(1);
+
+/// A durable group's positions in the store, beside its topic's segments.
+pub fn group_key(store: &Store, topic: &TopicName, group: &str) -> String {
+    format!("topics/{}/groups/{:016x}.json", store.dir_name(topic), proto::hash::fnv1a(group.as_bytes()))
+}
+
+/// A topic's log as the object store holds it: its segments and its
+/// durable groups' positions.
+pub type StoredLog = (Vec<ArchivedSegment>, Vec<proto::group::SavedGroup>);
 
 /// A segment's key in the store: its first and last sequence, so an
 /// object left by another incarnation of the topic never passes for it.
@@ -79,6 +100,43 @@ impl Shard {
         self.archive_wake.notify();
     }
 
+    /// Queues a durable group's save (or, with `None`, its removal) for
+    /// the object store, when the node has one.
+    pub(crate) fn upload_group(&self, topic: &TopicName, group: &str, saved: Option<&proto::group::SavedGroup>) {
+        if self.worker().is_none() {
+            return;
+        }
+        let body = saved.map(|s| Bytes::from(serde_json::to_vec(s).unwrap_or_default()));
+        self.uploads.borrow_mut().groups.insert(group_key(&self.store, topic, group), body);
+        self.archive_wake.notify();
+    }
+
+    /// Hands queued group saves to the worker, at most every
+    /// [`GROUP_UPLOAD_INTERVAL`]. Their outcomes are not awaited: a failed
+    /// one leaves the store behind (the next change is sent again).
+    fn submit_groups(&self, worker: &Worker) {
+        let mut uploads = self.uploads.borrow_mut();
+        if uploads.groups.is_empty() || uploads.groups_sent.is_some_and(|at| at.elapsed() < GROUP_UPLOAD_INTERVAL) {
+            return;
+        }
+        uploads.groups_sent = Some(Instant::now());
+        let mut keys: Vec<String> = uploads.groups.keys().cloned().collect();
+        keys.sort();
+        for key in keys {
+            let Some(body) = uploads.groups.remove(&key) else { continue };
+            let (tag, outcomes) = (uploads.next_tag, uploads.outcomes.clone());
+            let job = match body {
+                Some(ref body) => Job::PutBytes { key: key.clone(), body: body.clone(), tag, outcomes },
+                None => Job::Delete { key: key.clone(), tag, outcomes },
+            };
+            if worker.submit(job).is_err() {
+                uploads.groups.insert(key, body); // the worker's queue is full: later
+                break;
+            }
+            uploads.next_tag += 1;
+        }
+    }
+
     /// Whether uploads are waiting or running.
     pub(crate) fn uploading(&self) -> bool {
         let uploads = self.uploads.borrow();
@@ -96,6 +154,7 @@ impl Shard {
         let mut next_snapshot = Instant::now() + period;
         loop {
             self.submit_uploads(&worker);
+            self.submit_groups(&worker);
             self.collect_outcomes();
             if last_seal.elapsed() >= self.config.upload_interval() {
                 last_seal = Instant::now();
@@ -111,6 +170,7 @@ impl Shard {
             }
             let busy = self.uploading()
                 || !self.uploads.borrow().others.is_empty()
+                || !self.uploads.borrow().groups.is_empty()
                 || self.broker.borrow().stored_waiting() > 0;
             if busy {
                 glommio::timer::sleep(Duration::from_millis(ARCHIVE_POLL_MS)).await;
@@ -328,10 +388,23 @@ impl Shard {
     /// left out). Their records' times are not known without reading them:
     /// they count as spanning all time (kept by retention by age; a read
     /// by time scans from the oldest).
-    pub async fn stored_log(&self, topic: &TopicName) -> Result<Vec<ArchivedSegment>, String> {
+    pub async fn stored_log(&self, topic: &TopicName) -> Result<StoredLog, String> {
         let under = format!("topics/{}/", self.store.dir_name(topic));
         let listed = self.run_job(|tag, outcomes| Job::ListSized { under: under.clone(), tag, outcomes }).await?;
         let text = String::from_utf8_lossy(listed.as_deref().unwrap_or_default()).into_owned();
+        // Its groups' positions (sent by the owners it had).
+        let mut groups = Vec::new();
+        let group_keys = text.lines().filter_map(|line| line.rsplit_once(' ').map(|(key, _)| key));
+        let group_keys = group_keys.filter(|key| key.strip_prefix(&under).is_some_and(|k| k.starts_with("groups/")));
+        for key in group_keys.map(str::to_string).collect::<Vec<_>>() {
+            let got = self.run_job(|tag, outcomes| Job::Get { key: key.clone(), tag, outcomes }).await?;
+            match got.map(|body| serde_json::from_slice::<proto::group::SavedGroup>(&body)) {
+                Some(Ok(saved)) => groups.push(saved),
+                Some(Err(e)) => tracing::warn!(topic = topic.as_str(), key, "a stored group is unreadable: {e}"),
+                None => {} // deleted meanwhile
+            }
+        }
+        groups.truncate(proto::group::GROUPS_PER_TOPIC_MAX);
         let mut segments: Vec<ArchivedSegment> = text
             .lines()
             .filter_map(|line| {
@@ -349,7 +422,7 @@ impl Shard {
                 kept.push(s);
             }
         }
-        Ok(kept)
+        Ok((kept, groups))
     }
 
     /// Snapshot ids in the store, oldest first.

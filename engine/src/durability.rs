@@ -519,6 +519,7 @@ impl Shard {
     pub(crate) fn save_groups(&self, force: bool) {
         let deletes = self.broker.borrow_mut().take_group_deletes();
         for job in deletes {
+            self.upload_group(&job.topic, &job.group, None);
             let deleted = self.store.delete_group(&job.topic, &job.group);
             if let Err(e) = &deleted {
                 tracing::error!(
@@ -532,6 +533,7 @@ impl Shard {
         }
         let saves = self.broker.borrow_mut().take_group_saves(Now::read(), force);
         for save in saves {
+            self.upload_group(&save.topic, &save.saved.group, Some(&save.saved));
             if let Err(e) = self.store.write_group(&save.topic, &save.saved) {
                 tracing::error!(
                     topic = save.topic.as_str(),

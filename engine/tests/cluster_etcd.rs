@@ -562,17 +562,37 @@ fn a_groups_members_are_told_when_its_topic_moves_and_join_it_again_on_the_new_o
     assert!(nix_term(&leaving), "node 1 stops once its topics are handed over");
 }
 
-/// The smallest position of the durable group `group`'s save on node
-/// `port` of cluster `name` (the first message it has not had
-/// acknowledged), if saved there.
-fn saved_group_min(name: &str, port: u16, group: &str) -> Option<u64> {
+/// The smallest position (the first message not acknowledged) of durable
+/// group `group`'s save under `topics` (a node's data directory's
+/// `topics`, or a directory object store's), if there is one.
+fn saved_group_min(topics: &std::path::Path, group: &str) -> Option<u64> {
     let file = format!("{:016x}.json", proto::hash::fnv1a(group.as_bytes()));
-    let topics = std::fs::read_dir(data_dir(name, port).join("topics")).ok()?;
-    topics.flatten().find_map(|dir| {
+    std::fs::read_dir(topics).ok()?.flatten().find_map(|dir| {
         let body = std::fs::read(dir.path().join("groups").join(&file)).ok()?;
         let saved: proto::group::SavedGroup = serde_json::from_slice(&body).ok()?;
         saved.positions.iter().copied().min()
     })
+}
+
+/// Joins group `workers` of `topic` (prefetch 100).
+fn join_workers(ws: &mut Ws, topic: &str) {
+    let request =
+        serde_json::json!({ "id": 1, "op": "subscribe", "topic": topic, "group": "workers", "prefetch": 100 });
+    let reply = native_call(ws, request);
+    assert_eq!(reply["ok"], true, "{reply}");
+}
+
+/// The next `n` group deliveries' numbers, sorted (anything else fails).
+fn take_seqs(ws: &mut Ws, n: usize) -> Vec<u64> {
+    let mut seqs: Vec<u64> = (0..n)
+        .map(|_| {
+            let v = next_json(ws);
+            assert_eq!(v["type"], "message", "{v}");
+            v["seq"].as_u64().unwrap()
+        })
+        .collect();
+    seqs.sort();
+    seqs
 }
 
 #[test]
@@ -585,24 +605,8 @@ fn a_durable_topics_groups_move_with_its_log_and_go_on_from_where_they_stood() {
     let topic = (0..).map(|i| format!("jobs.{i}")).find(|t| table.lookup(t.as_bytes()) == Some(&addrs[1])).unwrap();
     let mut nodes = vec![durable_node(&etcd, name, ports[0], &topic, &store)];
     wait_members(&[&nodes[0]], &addrs[..1]);
-    let join = |ws: &mut Ws| {
-        let request =
-            serde_json::json!({ "id": 1, "op": "subscribe", "topic": topic, "group": "workers", "prefetch": 100 });
-        let reply = native_call(ws, request);
-        assert_eq!(reply["ok"], true, "{reply}");
-    };
-    // The next `n` deliveries' numbers, sorted; a `group_lost` is refused.
-    let take = |ws: &mut Ws, n: usize| -> Vec<u64> {
-        let mut seqs: Vec<u64> = (0..n)
-            .map(|_| {
-                let v = next_json(ws);
-                assert_eq!(v["type"], "message", "{v}");
-                v["seq"].as_u64().unwrap()
-            })
-            .collect();
-        seqs.sort();
-        seqs
-    };
+    let join = |ws: &mut Ws| join_workers(ws, &topic);
+    let take = take_seqs;
     let ack = |ws: &mut Ws, seqs: &[u64]| {
         for seq in seqs {
             let ack = serde_json::json!({ "op": "ack", "topic": topic, "group": "workers", "seq": seq });
@@ -614,7 +618,7 @@ fn a_durable_topics_groups_move_with_its_log_and_go_on_from_where_they_stood() {
     let saved_at = |port: u16, first: u64| {
         let mut last = None;
         let saved = wait_for(|| {
-            last = saved_group_min(name, port, "workers");
+            last = saved_group_min(&data_dir(name, port).join("topics"), "workers");
             last == Some(first)
         });
         assert!(saved, "node {port}: the group's save stands at {last:?}, not {first}");
@@ -649,7 +653,11 @@ fn a_durable_topics_groups_move_with_its_log_and_go_on_from_where_they_stood() {
     assert_eq!(got, (7..=15).collect::<Vec<_>>(), "after the move to node 1");
     ack(&mut member, &got);
     saved_at(ports[1], 16);
-    assert_eq!(saved_group_min(name, ports[0], "workers"), None, "node 0 kept the moved group's save");
+    assert_eq!(
+        saved_group_min(&data_dir(name, ports[0]).join("topics"), "workers"),
+        None,
+        "node 0 kept the moved group's save"
+    );
 
     // 4 more, 2 acknowledged; node 1 leaves gracefully: the topic, its log
     // and the group go back to node 0, the 2 held delivered again there.
@@ -758,4 +766,57 @@ fn a_leaving_node_hands_over_even_the_topics_nobody_uses_meanwhile() {
          its epoch with its 3 retained messages",
         topics.len()
     );
+}
+
+#[test]
+fn a_durable_group_goes_on_from_the_object_store_when_its_owner_dies() {
+    let name = "durable-groups-kill";
+    let etcd = Etcd::start(name);
+    let objects = fresh_dir("durable-groups-kill-objects");
+    let store = Store { flags: vec!["--object-store".into(), objects.to_str().unwrap().into()], env: vec![] };
+    let (ports, addrs, table) = two_ports();
+    let topic = (0..).map(|i| format!("tasks.{i}")).find(|t| table.lookup(t.as_bytes()) == Some(&addrs[1])).unwrap();
+    let mut nodes: Vec<Node> = ports.iter().map(|&p| durable_node(&etcd, name, p, &topic, &store)).collect();
+    wait_members(&[&nodes[0], &nodes[1]], &addrs);
+    let join = |ws: &mut Ws| join_workers(ws, &topic);
+    let take = take_seqs;
+    // The member and the publisher on node 0; the topic and its group on
+    // node 1. 10 messages, all in the store (ack `stored`); 6 acknowledged.
+    let mut member = nodes[0].ws("/v1/ws");
+    join(&mut member);
+    let mut publisher = nodes[0].ws("/v1/ws");
+    let mut id = 100;
+    let (first, _) = publish_n(&mut publisher, &mut id, &topic, "first", 10, "stored");
+    assert_eq!(first.iter().map(|m| m.0).collect::<Vec<_>>(), (1..=10).collect::<Vec<_>>());
+    assert_eq!(take(&mut member, 10), (1..=10).collect::<Vec<_>>());
+    for seq in 1..=6 {
+        let ack = serde_json::json!({ "op": "ack", "topic": topic, "group": "workers", "seq": seq });
+        member.send(tungstenite::Message::text(ack.to_string())).unwrap();
+    }
+    // Node 1 sends its groups' positions to the store about once a second.
+    let mut last = None;
+    let stored = wait_for(|| {
+        last = saved_group_min(&objects.join("topics"), "workers");
+        last == Some(7)
+    });
+    assert!(stored, "the store holds the group at {last:?}, not 7");
+
+    // Node 1 is killed. Node 0 takes the topic from the store: numbers go
+    // on after the last stored one (a new epoch), and the group from its
+    // stored positions: the member, told, joins again and gets the 4 it
+    // held and what comes next, none of the 6 it acknowledged.
+    drop(nodes.pop()); // SIGKILL
+    let lost = next_json(&mut member);
+    assert_eq!((lost["type"].clone(), lost["group"].clone()), ("group_lost".into(), "workers".into()), "{lost}");
+    wait_members(&[&nodes[0]], &addrs[..1]);
+    join(&mut member);
+    let (after, refused) = publish_n(&mut publisher, &mut id, &topic, "after", 2, "local");
+    assert_eq!(after.iter().map(|m| m.0).collect::<Vec<_>>(), [11, 12], "numbers go on after the stored log");
+    assert_eq!(take(&mut member, 6), (7..=12).collect::<Vec<_>>());
+    eprintln!(
+        "durable group of {topic} on a killed node: 10 messages stored, 6 acked; the survivor restored the group \
+         from the store ({refused} publishes refused meanwhile): the member got 7..=10 again and 11, 12; none of \
+         1..=6"
+    );
+    let _ = std::fs::remove_dir_all(&objects);
 }

@@ -612,7 +612,7 @@ impl Broker {
     fn start_afresh(
         &mut self,
         topic: &TopicName,
-        stored: Option<(DurableSpec, Vec<ArchivedSegment>)>,
+        stored: Option<(DurableSpec, Vec<ArchivedSegment>, Vec<SavedGroup>)>,
         pending: Vec<Pending>,
         now: Now,
     ) {
@@ -625,15 +625,22 @@ impl Broker {
             return;
         }
         let restarted = self.owner.take_fresh(topic, now.at);
-        if let Some((spec, segments)) = stored {
-            self.owner.durable_from_store(topic, spec, segments);
-        }
+        let groups = match stored {
+            Some((spec, segments, groups)) => {
+                self.owner.durable_from_store(topic, spec, segments);
+                groups
+            }
+            None => Vec::new(),
+        };
         let last_seq = self.owner.last_seq(topic).unwrap_or(0);
         if let Some(epoch) = self.owner.epoch_of(topic).filter(|_| restarted != 0) {
             for shard in (0..self.shards).filter(|s| restarted & (1 << s) != 0) {
                 self.send(shard, Item::Restarted { topic: topic.clone(), epoch, last_seq }, now);
             }
         }
+        // Its durable groups as the store has them, before the joins that
+        // waited (which would make them anew).
+        self.groups_arrived(topic, groups, now);
         // Owned elsewhere now (a relay, or the view moved on meanwhile).
         if self.remote_node(topic).is_some() {
             self.give_up(topic, now);
@@ -656,14 +663,22 @@ impl Broker {
     /// stored (in a new sequence space: its previous owner may have
     /// numbered messages it never uploaded). A failed listing fails what
     /// waits (`owner_unreachable`, retryable); the next attempt lists again.
-    pub fn stored_listed(&mut self, topic: &TopicName, listed: Result<Vec<ArchivedSegment>, String>, now: Now) {
+    /// With it come the durable groups' positions the store holds (sent
+    /// there by its earlier owners, about once a second): they go on from
+    /// there (what they finished since is delivered again).
+    pub fn stored_listed(
+        &mut self,
+        topic: &TopicName,
+        listed: Result<(Vec<ArchivedSegment>, Vec<SavedGroup>), String>,
+        now: Now,
+    ) {
         if !self.taking.get(topic).is_some_and(|t| t.listing) {
             return;
         }
         let pending = self.taking.remove(topic).map(|t| t.pending).unwrap_or_default();
         let spec = self.owner.durable_on_publish(topic);
-        let (segments, spec) = match (listed, spec) {
-            (Ok(segments), Some(spec)) => (segments, spec),
+        let (segments, groups, spec) = match (listed, spec) {
+            (Ok((segments, groups)), Some(spec)) => (segments, groups, spec),
             (listed, _) => {
                 tracing::warn!(topic = topic.as_str(), "durable topic's segments not listed: {:?}", listed.err());
                 for pending in pending {
@@ -679,7 +694,7 @@ impl Broker {
             last,
             "durable topic starts afresh after its stored log"
         );
-        self.start_afresh(topic, Some((spec, segments)), pending, now);
+        self.start_afresh(topic, Some((spec, segments, groups)), pending, now);
     }
 
     /// Lets a held request go through now that its topic is owned here.
