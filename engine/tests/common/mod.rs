@@ -425,12 +425,25 @@ pub struct Etcd {
 impl Etcd {
     /// Starts etcd and waits until it answers.
     pub fn start(name: &str) -> Etcd {
-        let dir = fresh_dir(&format!("etcd-{name}"));
-        let (client_port, peer_port) = (free_port(), free_port());
-        Etcd::start_in(dir, client_port, peer_port)
+        // A free port can be taken by another test between the check and
+        // etcd's bind (tests start many processes at once): etcd then exits,
+        // and is started again on other ports.
+        for _ in 0..4 {
+            let dir = fresh_dir(&format!("etcd-{name}"));
+            let (client_port, peer_port) = (free_port(), free_port());
+            if let Some(etcd) = Etcd::try_start_in(dir, client_port, peer_port) {
+                return etcd;
+            }
+        }
+        panic!("etcd did not start on four pairs of free ports");
     }
 
     fn start_in(dir: std::path::PathBuf, client_port: u16, peer_port: u16) -> Etcd {
+        Etcd::try_start_in(dir, client_port, peer_port).expect("etcd exited at start")
+    }
+
+    /// Starts etcd and waits until it answers; `None` if it exited first.
+    fn try_start_in(dir: std::path::PathBuf, client_port: u16, peer_port: u16) -> Option<Etcd> {
         let bin = std::env::var("ETCD_BIN").unwrap_or_else(|_| "etcd".into());
         let client = format!("http://127.0.0.1:{client_port}");
         let peer = format!("http://127.0.0.1:{peer_port}");
@@ -443,12 +456,16 @@ impl Etcd {
             .stderr(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {bin} (Debian package etcd-server; .ci/run installs it): {e}"));
-        let etcd = Etcd { child, client_port, peer_port, dir };
+        let mut etcd = Etcd { child, client_port, peer_port, dir };
+        let mut exited = false;
         wait_until("etcd answers", || {
-            TcpStream::connect(etcd.addr()).is_ok()
-                && http_request(&etcd.addr(), "POST", "/v3/kv/range", "application/json", br#"{"key":"AA=="}"#).0 == 200
+            exited = etcd.child.try_wait().ok().flatten().is_some();
+            exited
+                || (TcpStream::connect(etcd.addr()).is_ok()
+                    && http_request(&etcd.addr(), "POST", "/v3/kv/range", "application/json", br#"{"key":"AA=="}"#).0
+                        == 200)
         });
-        etcd
+        (!exited).then_some(etcd)
     }
 
     /// Its client address, `127.0.0.1:PORT`.
