@@ -3,8 +3,8 @@
 //! serves any topic (publishes forwarded to the owner, one copy of each
 //! message per subscribing node), in order, with the owner's numbers;
 //! resumes, groups, requests, schedules and group deletion work through
-//! another node; a durable topic's admin API is refused elsewhere with
-//! `owned_elsewhere`; a dead owner fails forwarded publishes with
+//! another node; a durable topic's admin API is sent on to its owner
+//! (once; refused with `owned_elsewhere` where views differ); a dead owner fails forwarded publishes with
 //! `owner_unreachable`, and when it comes back its topics' followers are
 //! told the sequence space changed and go on.
 
@@ -169,20 +169,49 @@ fn a_publish_on_one_node_reaches_subscribers_on_every_node_in_order_once_per_nod
 }
 
 #[test]
-fn a_durable_declaration_elsewhere_is_refused_with_owned_elsewhere() {
-    let (nodes, addrs) = start_cluster(2, &["--shards", "1"]);
+fn a_durable_declaration_elsewhere_is_sent_on_to_the_owner_once() {
+    // Each node with a data directory of its own (durable topics are kept
+    // there; the default is shared by every node started here).
+    let ports: Vec<u16> = (0..2).map(|_| free_port()).collect();
+    let addrs: Vec<String> = ports.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    let dirs: Vec<_> = ports.iter().map(|p| fresh_dir(&format!("declare-elsewhere-{p}"))).collect();
+    let nodes: Vec<Node> = (0..2)
+        .map(|i| {
+            let dir = dirs[i].to_str().unwrap();
+            let (me, a, b) = (addrs[i].as_str(), addrs[0].as_str(), addrs[1].as_str());
+            let flags = ["--shards", "1", "--advertise", me, "--peer", a, "--peer", b, "--data-dir", dir];
+            Node::start_on(ports[i], &flags)
+        })
+        .collect();
     let topic = topic_owned_by(&nodes, &addrs, "jobs", 1);
     let mut ws = nodes[0].ws("/v1/ws");
     // A request goes to the owner, which has no responder for it.
     let ask = native_call(&mut ws, serde_json::json!({ "id": 2, "op": "request", "topic": topic, "data": "q" }));
     assert_eq!(ask["error"]["code"], "no_responders", "{ask}");
-    let (status, body) = nodes[0].request("PUT", &format!("/v1/topics/{topic}"), "application/json", b"{}");
+    // The admin API on node 0 answers with the owner's answer.
+    let path = format!("/v1/topics/{topic}");
+    let direct = nodes[1].request("PUT", &path, "application/json", b"{}");
+    let sent_on = nodes[0].request("PUT", &path, "application/json", b"{}");
+    assert_eq!(sent_on, direct, "node 0 did not pass node 1's answer on");
+    // A request already sent on by a node is never sent on again: where
+    // views differ it is refused.
+    let mut stream = std::net::TcpStream::connect(nodes[0].addr()).unwrap();
+    let marked = format!(
+        "PUT {path} HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\nx-rayflux-forwarded: 1\r\nconnection: close\r\n\r\n{{}}"
+    );
+    std::io::Write::write_all(&mut stream, marked.as_bytes()).unwrap();
+    let (status, body) = read_response(&mut stream);
     assert_eq!(status, 421, "{body}");
     assert!(body.contains("owned_elsewhere") && body.contains(&addrs[1]), "{body}");
+    eprintln!("admin API through node 0: the owner's answer ({} {}); a marked request: 421", direct.0, direct.1);
     // On the owner they work.
     let mut on_owner = nodes[1].ws("/v1/ws");
     let ask = native_call(&mut on_owner, serde_json::json!({ "id": 2, "op": "request", "topic": topic, "data": "q" }));
     assert_eq!(ask["error"]["code"], "no_responders", "{ask}");
+    drop(nodes);
+    for dir in dirs {
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }
 
 /// Schedules (add, replace, list, cancel) and a group's deletion asked on

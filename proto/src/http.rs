@@ -22,6 +22,68 @@ pub struct RequestHead {
     pub keep_alive: bool,
     /// Set when the request asks for a WebSocket upgrade.
     pub websocket: Option<Upgrade>,
+    /// Sent on by another node of the cluster ([`FORWARDED_HEADER`]): not
+    /// to be sent on again.
+    pub forwarded: bool,
+}
+
+/// The header a node puts on a request it sends on to the node that serves
+/// it (a durable topic's owner): that node answers it or refuses it, never
+/// sends it on again (views of the member set can differ for a moment).
+pub const FORWARDED_HEADER: &str = "x-rayflux-forwarded";
+
+/// Largest response body a node takes from another for a request it sent
+/// on (a page of a durable log: at most `READ_MESSAGES_MAX` messages).
+pub const FORWARDED_RESPONSE_BYTES_MAX: usize = 64 << 20;
+
+/// A request sent on to another node (see [`FORWARDED_HEADER`]): its
+/// method, path, query and body, with `connection: close`.
+pub fn forwarded_request(head: &RequestHead, host: &str, body: &[u8]) -> Vec<u8> {
+    let target = if head.query.is_empty() { head.path.clone() } else { format!("{}?{}", head.path, head.query) };
+    let mut out = format!(
+        "{} {target} HTTP/1.1\r\nhost: {host}\r\ncontent-type: {}\r\ncontent-length: {}\r\n{FORWARDED_HEADER}: 1\r\nconnection: close\r\n\r\n",
+        head.method,
+        if head.content_type.is_empty() { "application/octet-stream" } else { &head.content_type },
+        body.len(),
+    )
+    .into_bytes();
+    out.extend_from_slice(body);
+    out
+}
+
+/// A response's status, content type and body.
+pub type Response<'a> = (u16, String, &'a [u8]);
+
+/// A response, once `buf` holds it whole (`Ok(None)`: not yet). Bodies
+/// need a Content-Length.
+pub fn parse_response(buf: &[u8]) -> Result<Option<Response<'_>>, HttpError> {
+    let mut headers = [httparse::EMPTY_HEADER; HTTP_HEADERS_MAX];
+    let mut response = httparse::Response::new(&mut headers);
+    let len = match response.parse(buf) {
+        Ok(httparse::Status::Complete(len)) => len,
+        Ok(httparse::Status::Partial) if buf.len() >= HTTP_HEAD_BYTES_MAX => return Err(HttpError::HeadTooLarge),
+        Ok(httparse::Status::Partial) => return Ok(None),
+        Err(_) => return Err(HttpError::Malformed("invalid status line or header")),
+    };
+    let status = response.code.unwrap_or(0);
+    let (mut content_type, mut content_length) = (String::new(), None);
+    for h in response.headers.iter() {
+        let value = std::str::from_utf8(h.value).map_err(|_| HttpError::Malformed("non-UTF-8 header value"))?.trim();
+        match h.name.to_ascii_lowercase().as_str() {
+            "content-length" => {
+                content_length =
+                    Some(value.parse::<usize>().map_err(|_| HttpError::Malformed("invalid content-length"))?)
+            }
+            "transfer-encoding" => return Err(HttpError::TransferEncoding),
+            "content-type" => content_type = value.to_string(),
+            _ => {}
+        }
+    }
+    let length = content_length.ok_or(HttpError::Malformed("a response without content-length"))?;
+    if length > FORWARDED_RESPONSE_BYTES_MAX {
+        return Err(HttpError::Malformed("a response body over the forwarding limit"));
+    }
+    Ok(buf.get(len..len + length).map(|body| (status, content_type, body)))
 }
 
 /// The WebSocket part of an upgrade request.
@@ -84,6 +146,7 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<(RequestHead, usize)>, HttpError>
     let mut content_length = None;
     let mut connection = String::new();
     let mut content_type = String::new();
+    let mut forwarded = false;
     let (mut upgrade, mut version, mut key) = (false, None, None);
     for h in request.headers.iter() {
         let value = std::str::from_utf8(h.value).map_err(|_| HttpError::Malformed("non-UTF-8 header value"))?;
@@ -102,6 +165,7 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<(RequestHead, usize)>, HttpError>
             "upgrade" => upgrade = has_token(value, "websocket"),
             "sec-websocket-version" => version = Some(value.to_string()),
             "sec-websocket-key" => key = Some(value.to_string()),
+            FORWARDED_HEADER => forwarded = true,
             _ => {}
         }
     }
@@ -128,6 +192,7 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<(RequestHead, usize)>, HttpError>
             content_type,
             keep_alive,
             websocket,
+            forwarded,
         },
         len,
     )))
@@ -324,6 +389,27 @@ mod tests {
         assert_eq!(query_param(&head.query, "nope"), None);
         assert_eq!(head.websocket, Some(Upgrade::Valid { key: "dGhlIHNhbXBsZSBub25jZQ==".into() }));
         assert_eq!(route(&head.method, &head.path), Route::TopicSocket("a".into()));
+    }
+
+    #[test]
+    fn a_forwarded_request_and_its_response() {
+        let wire = b"GET /v1/topics/t/messages?from_seq=3&limit=2 HTTP/1.1\r\nHost: a\r\n\r\n";
+        let (head, _) = parse_head(wire).unwrap().unwrap();
+        assert!(!head.forwarded);
+        let sent = forwarded_request(&head, "10.0.0.2:8080", b"");
+        let (again, len) = parse_head(&sent).unwrap().unwrap();
+        assert_eq!(len, sent.len());
+        assert_eq!((again.path.as_str(), again.query.as_str()), ("/v1/topics/t/messages", "from_seq=3&limit=2"));
+        assert!(again.forwarded && !again.keep_alive, "{again:?}");
+        let answer = response(421, "application/json", b"{\"error\":1}", false);
+        for cut in 0..answer.len() {
+            assert_eq!(parse_response(&answer[..cut]), Ok(None), "cut at {cut}");
+        }
+        assert_eq!(parse_response(&answer), Ok(Some((421, "application/json".to_string(), &b"{\"error\":1}"[..]))));
+        assert!(parse_response(b"HTTP/1.1 200 OK\r\n\r\n").is_err(), "no content-length");
+        assert!(parse_response(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n").is_err());
+        assert!(parse_response(b"HTTP/1.1 200 OK\r\ncontent-length: 99999999999\r\n\r\n").is_err());
+        assert!(parse_response(b"garbage\r\n\r\n").is_err());
     }
 
     #[test]

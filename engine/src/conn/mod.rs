@@ -13,6 +13,7 @@
 //! borrows the stream only for the length of one `poll` call.
 
 pub(crate) mod durable_api;
+mod forward;
 mod legacy_session;
 mod link_session;
 mod native_session;

@@ -45,9 +45,13 @@ pub(super) async fn respond(
                 Err(e) => return http::json_error(400, "invalid_topic", &e.to_string(), keep_alive),
             };
             // A durable log lives on its topic's owner node: declared,
-            // deleted and read there.
+            // deleted and read there, the request sent on if it came here
+            // (once: a request sent on is refused where views differ).
             let owner = shard.broker.borrow().topology().and_then(|t| t.owner_of(&topic).map(str::to_string));
             if let Some(owner) = owner.filter(|o| o != shard.config.advertise()) {
+                if !head.forwarded {
+                    return crate::conn::forward::forward(&owner, head, &body, keep_alive).await;
+                }
                 let why = format!("topic {} is owned by node {owner}: its log is served there", topic.as_str());
                 return http::json_error(421, "owned_elsewhere", &why, keep_alive);
             }
