@@ -122,6 +122,10 @@ pub enum Item {
     /// A node that gave `topic` up offers it to this node (a link session's
     /// shard to the topic's owner shard): claimed now if owned here.
     Offer { topic: TopicName },
+    /// A hand-off the claimer's link could not take (its queue full or
+    /// closing), back to the topic's owner shard, which holds the state
+    /// again (a state is never dropped) until the next claim.
+    HandOffReturned { topic: TopicName, state: crate::link::HandOffState },
     /// A message for member `sub` of the receiving shard, its
     /// `delivery`th delivery, tagged `tag` in the group.
     GroupDeliver { topic: TopicName, group: GroupName, sub: u64, message: Message, delivery: u32, tag: u64 },
@@ -1047,7 +1051,8 @@ impl Broker {
             Item::Claim { topic, version, node, at, req } => {
                 self.answer_claim(from, topic, version, node, at, req, now)
             }
-            Item::HandOffAnswer { req, topic, state } => self.claim_answered(req, topic, state),
+            Item::HandOffAnswer { req, topic, state } => self.claim_answered(req, topic, state, now),
+            Item::HandOffReturned { topic, state } => self.hand_off_returned(topic, state, now),
             Item::Offer { topic } => self.offered_here(topic, now),
             Item::Subscribe { ref topic, .. } if !self.mirror_live(topic) && self.remote_node(topic).is_some() => {
                 if let Some(node) = self.remote_node(topic) {

@@ -904,13 +904,33 @@ impl Broker {
 
     /// The owner shard's answer to a claim: written to the claiming link.
     /// A state's schedules go in frames of their own just before it.
-    pub(super) fn claim_answered(&mut self, req: u64, topic: TopicName, state: HandOffState) {
+    /// A state the link does not take (its queue full: it closes) goes
+    /// back to the topic's owner shard (`hand_off_returned`).
+    pub(super) fn claim_answered(&mut self, req: u64, topic: TopicName, state: HandOffState, now: Now) {
         if let Some(out) = self.claims.remove(&req) {
+            let kept = matches!(state, HandOffState::State { .. }).then(|| state.clone());
+            let mut queued = true;
             for frame in crate::link::hand_off_frames(&topic, state) {
-                out.offer_control(ws::encode_data(PayloadKind::Binary, &frame));
+                queued = queued && out.offer_control(ws::encode_data(PayloadKind::Binary, &frame));
             }
             self.actions.push(Action::ClaimAnswered);
+            if let Some(state) = kept.filter(|_| !queued) {
+                tracing::warn!(topic = topic.as_str(), "a hand-off the claimer's link did not take: held again");
+                let owner = topic.owner_shard(self.shards);
+                self.send(owner, Item::HandOffReturned { topic, state }, now);
+            }
         }
+    }
+
+    /// A state given to a claimer whose link did not take it: adopted
+    /// again as if it had arrived (then given up again: it belongs to the
+    /// claimer), so that the claimer's next claim gets it.
+    pub(super) fn hand_off_returned(&mut self, topic: TopicName, state: HandOffState, now: Now) {
+        let HandOffState::State { epoch, last_seq, history, mut durable, schedules } = state else { return };
+        let groups = durable.as_mut().map(|d| std::mem::take(&mut d.groups)).unwrap_or_default();
+        // It did not leave: a claim is not stale for it.
+        self.gave.remove(&topic);
+        self.taken(&topic, Some((epoch, last_seq, history)), Carried { durable, schedules, groups }, now);
     }
 
     /// `node` claims `topic`, which this node owned in the view of version
