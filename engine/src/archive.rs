@@ -111,6 +111,13 @@ impl Shard {
         self.archive_wake.notify();
     }
 
+    /// Drops `topic`'s group saves not yet sent: its log went to another
+    /// node, whose saves are newer.
+    pub(crate) fn forget_group_uploads(&self, topic: &TopicName) {
+        let under = format!("topics/{}/groups/", self.store.dir_name(topic));
+        self.uploads.borrow_mut().groups.retain(|key, _| !key.starts_with(&under));
+    }
+
     /// Hands queued group saves to the worker, at most every
     /// [`GROUP_UPLOAD_INTERVAL`]. Their outcomes are not awaited: a failed
     /// one leaves the store behind (the next change is sent again).
@@ -397,11 +404,14 @@ impl Shard {
         let group_keys = text.lines().filter_map(|line| line.rsplit_once(' ').map(|(key, _)| key));
         let group_keys = group_keys.filter(|key| key.strip_prefix(&under).is_some_and(|k| k.starts_with("groups/")));
         for key in group_keys.map(str::to_string).collect::<Vec<_>>() {
-            let got = self.run_job(|tag, outcomes| Job::Get { key: key.clone(), tag, outcomes }).await?;
-            match got.map(|body| serde_json::from_slice::<proto::group::SavedGroup>(&body)) {
-                Some(Ok(saved)) => groups.push(saved),
-                Some(Err(e)) => tracing::warn!(topic = topic.as_str(), key, "a stored group is unreadable: {e}"),
-                None => {} // deleted meanwhile
+            // One group that cannot be had does not keep the topic from
+            // its log: that group starts again from its `start` setting.
+            let got = self.run_job(|tag, outcomes| Job::Get { key: key.clone(), tag, outcomes }).await;
+            match got.map(|body| body.map(|body| serde_json::from_slice::<proto::group::SavedGroup>(&body))) {
+                Ok(Some(Ok(saved))) => groups.push(saved),
+                Ok(Some(Err(e))) => tracing::warn!(topic = topic.as_str(), key, "a stored group is unreadable: {e}"),
+                Ok(None) => {} // deleted meanwhile
+                Err(e) => tracing::warn!(topic = topic.as_str(), key, "a stored group could not be read: {e}"),
             }
         }
         groups.truncate(proto::group::GROUPS_PER_TOPIC_MAX);

@@ -417,6 +417,7 @@ impl Shard {
     pub(crate) fn durable_moved(&self, moved: DurableMove) {
         let (topic, outcome) = match moved {
             DurableMove::Left { topic } => {
+                self.forget_group_uploads(&topic);
                 let done = self.store.forget(&topic);
                 tracing::info!(topic = topic.as_str(), "durable log handed to the next owner; local files removed");
                 (topic, done)

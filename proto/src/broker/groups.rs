@@ -467,8 +467,12 @@ impl Broker {
     pub fn topic_undeclared(&mut self, topic: &TopicName) {
         let Some(names) = self.group_names.get(topic) else { return };
         for name in names.clone() {
-            if let Some(g) = self.groups.get_mut(&(topic.clone(), name)) {
-                g.feed = None;
+            if let Some(g) = self.groups.get_mut(&(topic.clone(), name.clone())) {
+                // Its saves (here and in the object store) go with the log.
+                if g.feed.take().is_some() {
+                    let job = GroupDeleteJob { topic: topic.clone(), group: name.to_string(), answer: None };
+                    self.group_deletes.push(job);
+                }
             }
         }
     }
