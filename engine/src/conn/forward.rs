@@ -15,7 +15,13 @@ const FORWARD_TIMEOUT: Duration = Duration::from_secs(10);
 /// client connection that stays open or not (`keep_alive`).
 pub(super) async fn forward(node: &str, head: &RequestHead, body: &[u8], keep_alive: bool) -> Vec<u8> {
     match exchange(node, head, body, keep_alive).await {
-        Ok(response) => response,
+        Ok(Ok(response)) => response,
+        // An answer that cannot be passed on (over the size limit, not
+        // HTTP as this node reads it): asking again gets the same.
+        Ok(Err(e)) => {
+            let why = format!("node {node} answered the request sent on to it with what cannot be passed on: {e}");
+            http::json_error(502, "bad_gateway", &why, keep_alive)
+        }
         Err(e) => {
             let why = format!("the request was sent on to node {node}, which did not answer it: {e}");
             http::json_error(503, "owner_unreachable", &why, keep_alive)
@@ -23,21 +29,29 @@ pub(super) async fn forward(node: &str, head: &RequestHead, body: &[u8], keep_al
     }
 }
 
-async fn exchange(node: &str, head: &RequestHead, body: &[u8], keep_alive: bool) -> io::Result<Vec<u8>> {
+/// The owner's response for the client, or why it cannot be passed on;
+/// an I/O error when the owner could not be asked or did not answer.
+async fn exchange(
+    node: &str,
+    head: &RequestHead,
+    body: &[u8],
+    keep_alive: bool,
+) -> io::Result<Result<Vec<u8>, http::HttpError>> {
     let other = |e: glommio::GlommioError<()>| io::Error::other(e.to_string());
     let mut stream = TcpStream::connect_timeout(node, FORWARD_TIMEOUT).await.map_err(other)?;
-    // Each read waits at most this long (the whole exchange a few times it).
+    // Each read and each write waits at most this long.
     stream.set_read_timeout(Some(FORWARD_TIMEOUT)).map_err(other)?;
+    stream.set_write_timeout(Some(FORWARD_TIMEOUT)).map_err(other)?;
     stream.write_all(&http::forwarded_request(head, node, body)).await?;
     let mut answer = Vec::new();
     let mut chunk = vec![0u8; 64 << 10];
     loop {
         match http::parse_response(&answer) {
             Ok(Some((status, content_type, body))) => {
-                return Ok(http::response(status, &content_type, body, keep_alive))
+                return Ok(Ok(http::response(status, &content_type, body, keep_alive)))
             }
             Ok(None) => {}
-            Err(e) => return Err(io::Error::other(e.to_string())),
+            Err(e) => return Ok(Err(e)),
         }
         let n = stream.read(&mut chunk).await?;
         if n == 0 {
