@@ -653,6 +653,8 @@ fn a_durable_topics_groups_move_with_its_log_and_go_on_from_where_they_stood() {
     assert_eq!(got, (7..=15).collect::<Vec<_>>(), "after the move to node 1");
     ack(&mut member, &got);
     saved_at(ports[1], 16);
+    assert!(nodes[0].metric("fluxnode_topics_handed_over_total") >= 1, "node 0 counted no hand-off");
+    assert!(nodes[1].metric("fluxnode_topics_taken_over_total") >= 1, "node 1 counted no take-over");
     assert_eq!(
         saved_group_min(&data_dir(name, ports[0]).join("topics"), "workers"),
         None,

@@ -66,6 +66,13 @@ pub struct Metrics {
     pub link_queue_bytes: Cell<u64>,
     /// The cluster topology's version this node acts on.
     pub topology_version: Cell<u64>,
+    /// Topic states (numbers, history, a durable log, schedules, groups)
+    /// handed to the next owner node.
+    pub topics_handed_over: Cell<u64>,
+    /// Topic states taken over from the previous owner node.
+    pub topics_taken_over: Cell<u64>,
+    /// Hand-offs a claimer's link did not take, held again here.
+    pub handoffs_returned: Cell<u64>,
     /// Publish-to-write latency, microseconds.
     pub latency_us: RefCell<Histogram<u64>>,
 }
@@ -115,6 +122,9 @@ pub const COUNTERS: &[(&str, &str, &str)] = &[
     ("fluxnode_links_lost_total", "Links to other nodes lost.", "counter"),
     ("fluxnode_link_queue_bytes", "Bytes queued on links to other nodes, not yet written.", "gauge"),
     ("fluxnode_topology_version", "The cluster topology version this node acts on.", "gauge"),
+    ("fluxnode_topics_handed_over_total", "Topic states handed to the next owner node.", "counter"),
+    ("fluxnode_topics_taken_over_total", "Topic states taken over from the previous owner node.", "counter"),
+    ("fluxnode_handoffs_returned_total", "Hand-offs a claimer's link did not take, held again.", "counter"),
 ];
 
 impl Default for Metrics {
@@ -144,6 +154,9 @@ impl Default for Metrics {
             links_lost: Cell::new(0),
             link_queue_bytes: Cell::new(0),
             topology_version: Cell::new(0),
+            topics_handed_over: Cell::new(0),
+            topics_taken_over: Cell::new(0),
+            handoffs_returned: Cell::new(0),
             // 3 significant digits over 1 us..60 s: fixed parameters, cannot fail.
             latency_us: RefCell::new(Histogram::new_with_max(LATENCY_US_MAX, 3).expect("valid histogram bounds")),
         }
@@ -236,6 +249,9 @@ impl Metrics {
             &self.links_lost,
             &self.link_queue_bytes,
             &self.topology_version,
+            &self.topics_handed_over,
+            &self.topics_taken_over,
+            &self.handoffs_returned,
         ]
         .iter()
         .map(|c| c.get())

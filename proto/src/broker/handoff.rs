@@ -519,6 +519,7 @@ impl Broker {
             // A state is never dropped, asked for now or not: it is the
             // topic's only one.
             HandOffState::State { epoch, last_seq, history, mut durable, schedules: _ } => {
+                metrics::add(&self.metrics.topics_taken_over, 1);
                 let schedules = self.schedules_arriving.remove(&(node.to_string(), topic.clone())).unwrap_or_default();
                 let groups = durable.as_mut().map(|d| std::mem::take(&mut d.groups)).unwrap_or_default();
                 self.taken(topic, Some((epoch, last_seq, history)), Carried { durable, schedules, groups }, now)
@@ -930,6 +931,7 @@ impl Broker {
         let groups = durable.as_mut().map(|d| std::mem::take(&mut d.groups)).unwrap_or_default();
         // It did not leave: a claim is not stale for it.
         self.gave.remove(&topic);
+        metrics::add(&self.metrics.handoffs_returned, 1);
         self.taken(&topic, Some((epoch, last_seq, history)), Carried { durable, schedules, groups }, now);
     }
 
@@ -979,6 +981,7 @@ impl Broker {
             d.groups = std::mem::take(&mut given.groups);
         }
         self.gave.insert(topic.clone(), (mine, node.to_string()));
+        metrics::add(&self.metrics.topics_handed_over, 1);
         let (epoch, last_seq, history) = self.handed_state(topic, &given);
         if durable.is_some() {
             self.owner.durable_left(topic);
