@@ -68,9 +68,15 @@ pub struct Uploads {
 /// and a busy group costs at most one PUT a second.
 pub const GROUP_UPLOAD_INTERVAL: Duration = Duration::from_secs(1);
 
-/// A durable group's positions in the store, beside its topic's segments.
+/// Where `topic`'s durable groups' positions are in the store: beside its
+/// segments, named as in its local directory.
+fn groups_under(store: &Store, topic: &TopicName) -> String {
+    format!("topics/{}/{}/", store.dir_name(topic), crate::store::GROUPS_DIR)
+}
+
+/// A durable group's positions in the store.
 pub fn group_key(store: &Store, topic: &TopicName, group: &str) -> String {
-    format!("topics/{}/groups/{:016x}.json", store.dir_name(topic), proto::hash::fnv1a(group.as_bytes()))
+    groups_under(store, topic) + &crate::store::group_file(group)
 }
 
 /// A topic's log as the object store holds it: its segments and its
@@ -114,7 +120,7 @@ impl Shard {
     /// Drops `topic`'s group saves not yet sent: its log went to another
     /// node, whose saves are newer.
     pub(crate) fn forget_group_uploads(&self, topic: &TopicName) {
-        let under = format!("topics/{}/groups/", self.store.dir_name(topic));
+        let under = groups_under(&self.store, topic);
         self.uploads.borrow_mut().groups.retain(|key, _| !key.starts_with(&under));
     }
 
@@ -402,7 +408,8 @@ impl Shard {
         // Its groups' positions (sent by the owners it had).
         let mut groups = Vec::new();
         let group_keys = text.lines().filter_map(|line| line.rsplit_once(' ').map(|(key, _)| key));
-        let group_keys = group_keys.filter(|key| key.strip_prefix(&under).is_some_and(|k| k.starts_with("groups/")));
+        let groups_under = groups_under(&self.store, topic);
+        let group_keys = group_keys.filter(|key| key.starts_with(&groups_under));
         for key in group_keys.map(str::to_string).collect::<Vec<_>>() {
             // One group that cannot be had does not keep the topic from
             // its log: that group starts again from its `start` setting.

@@ -37,7 +37,7 @@ pub use proto::durable::DurableSpec;
 pub use proto::durable::TopicMeta as Meta;
 
 /// The directory of a topic's saved consumer groups.
-const GROUPS_DIR: &str = "groups";
+pub(crate) const GROUPS_DIR: &str = "groups";
 /// A topic's schedule journal.
 const SCHEDULES_FILE: &str = "schedules.journal";
 /// A schedule journal is rewritten with only what is pending once it holds
@@ -589,7 +589,7 @@ impl Store {
 }
 
 /// A group's save file name: its name's stable hash.
-fn group_file(group: &str) -> String {
+pub(crate) fn group_file(group: &str) -> String {
     format!("{:016x}.json", proto::hash::fnv1a(group.as_bytes()))
 }
 

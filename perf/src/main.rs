@@ -264,6 +264,13 @@ enum Kind {
     Nats,
 }
 
+/// Appends NATS's `PUB subject len` with `payload` to `out`.
+fn nats_pub(out: &mut Vec<u8>, subject: &str, payload: &[u8]) {
+    out.extend_from_slice(format!("PUB {subject} {}\r\n", payload.len()).as_bytes());
+    out.extend_from_slice(payload);
+    out.extend_from_slice(b"\r\n");
+}
+
 /// Reads a batching publisher's replies (server frames, unmasked JSON) and
 /// counts the refusals among them, until the connection ends.
 fn count_refusals(mut stream: TcpStream, refused: &std::sync::atomic::AtomicU64) {
@@ -549,9 +556,7 @@ impl Conn {
             Kind::Nats => {
                 let mut frame = Vec::new();
                 for p in &batch.pending {
-                    frame.extend_from_slice(format!("PUB {} {}\r\n", self.subject, p.len()).as_bytes());
-                    frame.extend_from_slice(p);
-                    frame.extend_from_slice(b"\r\n");
+                    nats_pub(&mut frame, &self.subject, p);
                 }
                 frame
             }
@@ -578,9 +583,8 @@ impl Conn {
         match self.kind {
             Kind::Rayflux => self.ws.write(Message::binary(payload.to_vec()))?,
             Kind::Nats => {
-                let mut frame = format!("PUB {} {}\r\n", self.subject, payload.len()).into_bytes();
-                frame.extend_from_slice(payload);
-                frame.extend_from_slice(b"\r\n");
+                let mut frame = Vec::with_capacity(payload.len() + 32);
+                nats_pub(&mut frame, &self.subject, payload);
                 self.ws.write(Message::binary(frame))?;
             }
         }

@@ -372,45 +372,46 @@ pub fn parse_text(text: &[u8]) -> Result<Request, BadRequest> {
 /// payload`, or a batch: `0x02 | id | topic_len | topic | count: u16 BE`
 /// then `count` times `len: u32 BE | payload`.
 pub fn parse_binary(frame: &Bytes) -> Result<Request, BadRequest> {
-    let bad = |id, message: &str| BadRequest { id, code: "bad_request", message: message.to_string() };
-    if frame.first() == Some(&CLIENT_BINARY_BATCH) {
-        return parse_batch(frame);
+    match frame.first() {
+        Some(&CLIENT_BINARY_PUBLISH) => {
+            let (id, topic, at) = binary_head(frame, "binary publish")?;
+            let (topic, payload) = (topic.to_string(), frame.slice(at..));
+            Ok(Request::Publish { id, topic, kind: PayloadKind::Binary, payload, options: PublishOptions::default() })
+        }
+        Some(&CLIENT_BINARY_BATCH) => parse_batch(frame),
+        _ => Err(BadRequest {
+            id: None,
+            code: "bad_request",
+            message: "binary frames must start with 0x01 (publish) or 0x02 (publish batch)".into(),
+        }),
     }
-    if frame.first() != Some(&CLIENT_BINARY_PUBLISH) {
-        return Err(bad(None, "binary frames must start with 0x01 (publish) or 0x02 (publish batch)"));
-    }
+}
+
+/// The start both binary requests share: `type | id | topic_len | topic`.
+/// Returns the id, the topic and where what follows it starts.
+fn binary_head<'f>(frame: &'f [u8], what: &str) -> Result<(u64, &'f str, usize), BadRequest> {
+    let bad = |id, message: String| BadRequest { id, code: "bad_request", message };
     if frame.len() < 10 {
-        return Err(bad(None, "binary publish shorter than its header"));
+        return Err(bad(None, format!("{what} shorter than its header")));
     }
     // Length checked above: bytes 1..9 exist.
     let id = u64::from_be_bytes(frame[1..9].try_into().expect("8 bytes"));
-    let topic_len = frame[9] as usize;
-    if frame.len() < 10 + topic_len {
-        return Err(bad(Some(id), "binary publish shorter than its topic"));
+    let end = 10 + frame[9] as usize;
+    if frame.len() < end {
+        return Err(bad(Some(id), format!("{what} shorter than its topic")));
     }
-    let topic = std::str::from_utf8(&frame[10..10 + topic_len]).map_err(|_| bad(Some(id), "topic is not UTF-8"))?;
-    Ok(Request::Publish {
-        id,
-        topic: topic.to_string(),
-        kind: PayloadKind::Binary,
-        payload: frame.slice(10 + topic_len..),
-        options: PublishOptions::default(),
-    })
+    let topic = std::str::from_utf8(&frame[10..end]).map_err(|_| bad(Some(id), "topic is not UTF-8".into()))?;
+    Ok((id, topic, end))
 }
 
 /// Parses a publish batch (see [`parse_binary`]): its payloads are slices
 /// of the frame (not copied).
 fn parse_batch(frame: &Bytes) -> Result<Request, BadRequest> {
     let bad = |id, message: String| BadRequest { id, code: "bad_request", message };
-    if frame.len() < 10 {
-        return Err(bad(None, "publish batch shorter than its header".into()));
-    }
-    let id = u64::from_be_bytes(frame[1..9].try_into().expect("8 bytes"));
-    let topic_end = 10 + frame[9] as usize;
+    let (id, topic, topic_end) = binary_head(frame, "publish batch")?;
     if frame.len() < topic_end + 2 {
-        return Err(bad(Some(id), "publish batch shorter than its topic and count".into()));
+        return Err(bad(Some(id), "publish batch shorter than its count".into()));
     }
-    let topic = std::str::from_utf8(&frame[10..topic_end]).map_err(|_| bad(Some(id), "topic is not UTF-8".into()))?;
     let count = u16::from_be_bytes([frame[topic_end], frame[topic_end + 1]]) as usize;
     if count == 0 || count > PUBLISH_BATCH_MAX {
         return Err(bad(Some(id), format!("a publish batch holds 1 to {PUBLISH_BATCH_MAX} messages, not {count}")));

@@ -199,7 +199,7 @@ impl Broker {
             let Some(g) = self.groups.get(&key) else { continue };
             let members = g.group.member_ids();
             if let Some(feed) = &g.feed {
-                saved.push(Self::saved_group(&group, g, feed.next));
+                saved.push(Self::saved_group(&group, g, g.group.positions(feed.next)));
             }
             for m in members {
                 self.send(m.shard, Item::GroupLost { topic: topic.clone(), group: group.clone(), sub: m.sub }, now);
@@ -223,15 +223,15 @@ impl Broker {
         }
     }
 
-    /// What a durable group's save holds, its feed at `next`.
-    fn saved_group(name: &GroupName, g: &OwnedGroup, next: u64) -> SavedGroup {
+    /// What a durable group's save holds, at `positions`.
+    fn saved_group(name: &GroupName, g: &OwnedGroup, positions: Vec<u64>) -> SavedGroup {
         let settings = g.group.settings();
         SavedGroup {
             group: name.to_string(),
             ack_timeout_ms: settings.ack_timeout_ms,
             max_deliveries: settings.max_deliveries,
             dead_letter: g.dead_letter.as_str().to_string(),
-            positions: g.group.positions(next),
+            positions,
         }
     }
 
@@ -452,11 +452,14 @@ impl Broker {
         self.groups_saved_ms = now.unix_ms;
         let mut saves = Vec::new();
         for ((topic, name), g) in self.groups.iter_mut() {
-            let Some(next) = g.feed.as_ref().map(|f| f.next) else { continue };
-            let saved = Self::saved_group(name, g, next);
-            let Some(feed) = g.feed.as_mut().filter(|f| f.saved != saved.positions) else { continue };
-            feed.saved = saved.positions.clone();
-            saves.push(GroupSave { topic: topic.clone(), saved });
+            // Only a group whose positions moved is written out.
+            let Some(feed) = g.feed.as_mut() else { continue };
+            let positions = g.group.positions(feed.next);
+            if positions == feed.saved {
+                continue;
+            }
+            feed.saved = positions.clone();
+            saves.push(GroupSave { topic: topic.clone(), saved: Self::saved_group(name, g, positions) });
         }
         saves
     }

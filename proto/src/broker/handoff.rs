@@ -117,6 +117,15 @@ pub(super) struct Carried {
     groups: Vec<SavedGroup>,
 }
 
+impl Carried {
+    /// What a hand-off's state carries: its durable log with its groups
+    /// taken out, and its schedules.
+    fn handed(mut durable: Option<DurableHandOff>, schedules: Vec<Scheduled>) -> Carried {
+        let groups = durable.as_mut().map(|d| std::mem::take(&mut d.groups)).unwrap_or_default();
+        Carried { durable, schedules, groups }
+    }
+}
+
 impl Taking {
     /// A durable topic waiting for its segments' listing, with what waits
     /// for it until `deadline_ms`.
@@ -364,7 +373,8 @@ impl Broker {
     /// Claims an offered topic owned here that is neither held nor being
     /// taken over (nothing waits for it yet).
     fn claim_offered(&mut self, topic: &TopicName, now: Now) {
-        if self.owner.owns(topic) || self.taking.contains_key(topic) || !self.needs_hand_off(topic) {
+        // `needs_hand_off` is false for a topic held here.
+        if self.taking.contains_key(topic) || !self.needs_hand_off(topic) {
             return;
         }
         if let Some((from, at)) = self.claim_target(topic) {
@@ -518,11 +528,10 @@ impl Broker {
             HandOffState::Refused | HandOffState::Nothing => {}
             // A state is never dropped, asked for now or not: it is the
             // topic's only one.
-            HandOffState::State { epoch, last_seq, history, mut durable, schedules: _ } => {
+            HandOffState::State { epoch, last_seq, history, durable, schedules: _ } => {
                 metrics::add(&self.metrics.topics_taken_over, 1);
                 let schedules = self.schedules_arriving.remove(&(node.to_string(), topic.clone())).unwrap_or_default();
-                let groups = durable.as_mut().map(|d| std::mem::take(&mut d.groups)).unwrap_or_default();
-                self.taken(topic, Some((epoch, last_seq, history)), Carried { durable, schedules, groups }, now)
+                self.taken(topic, Some((epoch, last_seq, history)), Carried::handed(durable, schedules), now)
             }
         }
     }
@@ -927,12 +936,11 @@ impl Broker {
     /// again as if it had arrived (then given up again: it belongs to the
     /// claimer), so that the claimer's next claim gets it.
     pub(super) fn hand_off_returned(&mut self, topic: TopicName, state: HandOffState, now: Now) {
-        let HandOffState::State { epoch, last_seq, history, mut durable, schedules } = state else { return };
-        let groups = durable.as_mut().map(|d| std::mem::take(&mut d.groups)).unwrap_or_default();
+        let HandOffState::State { epoch, last_seq, history, durable, schedules } = state else { return };
         // It did not leave: a claim is not stale for it.
         self.gave.remove(&topic);
         metrics::add(&self.metrics.handoffs_returned, 1);
-        self.taken(&topic, Some((epoch, last_seq, history)), Carried { durable, schedules, groups }, now);
+        self.taken(&topic, Some((epoch, last_seq, history)), Carried::handed(durable, schedules), now);
     }
 
     /// `node` claims `topic`, which this node owned in the view of version
