@@ -7,10 +7,11 @@
 //! session and hands each frame to its protocol's adapter (`raw_session`,
 //! `legacy_session`, `native_session`), which calls the shard; `writer` drains the send queue.
 //!
-//! The socket is shared by two tasks, the reader (this module's session
-//! loop) and the writer (which drains the connection's `Outbound`). glommio
-//! streams poll readiness separately for reading and writing, so each task
-//! borrows the stream only for the length of one `poll` call.
+//! The socket is shared by the session's reader, its writer (which drains
+//! the connection's `Outbound`; both run in the session's one task) and the
+//! shard's direct flush. glommio streams poll readiness separately for
+//! reading and writing, so each borrows the stream only for the length of
+//! one `poll` call.
 
 pub(crate) mod durable_api;
 mod forward;
@@ -67,7 +68,7 @@ use raw_session::raw_message;
 pub use rest::serve_admin_only;
 use rest::{owner_error, respond};
 use session::{websocket, Session};
-use writer::write_loop;
+use writer::{DirectOff, Writer};
 
 /// How long the writer waits, after sending a close frame, for the client to
 /// answer before the socket is shut: RFC 6455 asks for the close handshake,

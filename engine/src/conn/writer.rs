@@ -1,31 +1,101 @@
-//! A session's writer task: drains the connection's send queue to the
-//! socket, sends what the direct flush could not, and closes.
+//! A session's writer: drains the connection's send queue to the socket
+//! when the fan-out's direct flush cannot, and closes.
+//!
+//! The writer is not a task of its own. It runs in the session's task, in
+//! turns: a turn starts when the send queue wakes the writer and ends when
+//! the queue is empty again and the fan-out may write to the socket
+//! directly. Between turns an idle session holds no writer state (see
+//! `Writer`).
+
+use std::future::Future;
+use std::task::{Context, Poll};
 
 use super::*;
 
-/// Drains the session's queue to the socket when the shard's direct flush
-/// cannot (see `outbound`): unsent bytes first, then one gathered write per
-/// wake-up, then the close frame once closing, then the close handshake's
-/// linger. While idle it lets the fan-out pass write directly.
-pub(super) async fn write_loop(session: Rc<Session>) {
+/// How a writer turn ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Turn {
+    /// The queue is empty and direct writes are on: nothing to do until the
+    /// queue wakes the writer again.
+    Idle,
+    /// The connection is closed or shut (or the reader is done): no more
+    /// turns.
+    Finished,
+}
+
+/// A session's writer between and during turns: the turn in progress,
+/// boxed (a turn's state is several hundred bytes that an idle session
+/// would otherwise carry), and the queue's wake-up generation it last saw.
+pub(super) struct Writer<'a> {
+    /// The session written to.
+    session: &'a Session,
+    /// The turn in progress.
+    turn: Option<Pin<Box<dyn Future<Output = Turn> + 'a>>>,
+    /// The send queue's wake-up generation when the last turn ended; None
+    /// before the first turn.
+    seen: Option<u64>,
+    /// Set when a turn finished the connection.
+    finished: bool,
+}
+
+impl std::fmt::Debug for Writer<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Writer").field("busy", &self.turn.is_some()).field("finished", &self.finished).finish()
+    }
+}
+
+impl<'a> Writer<'a> {
+    pub(super) fn new(session: &'a Session) -> Writer<'a> {
+        Writer { session, turn: None, seen: None, finished: false }
+    }
+
+    /// Runs turns while there is work; ready once a turn has finished the
+    /// connection. Between turns the task is woken by the queue's next
+    /// wake-up, or must be polled again once the reader is done.
+    pub(super) fn poll(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        loop {
+            if self.finished {
+                return Poll::Ready(());
+            }
+            if self.turn.is_none() {
+                let wake = &self.session.out.wake_writer;
+                if let Some(seen) = self.seen {
+                    if !self.session.reader_done.get() && wake.poll_since(seen, cx).is_pending() {
+                        return Poll::Pending;
+                    }
+                }
+                self.turn = Some(Box::pin(write_turn(self.session)));
+            }
+            let Some(turn) = self.turn.as_mut() else { continue };
+            let Poll::Ready(ended) = turn.as_mut().poll(cx) else { return Poll::Pending };
+            self.turn = None;
+            // Nothing ran between the turn's last look at the queue and
+            // now: wake-ups before this one are handled.
+            self.seen = Some(self.session.out.wake_writer.generation());
+            self.finished = ended == Turn::Finished;
+        }
+    }
+}
+
+/// One writer turn: unsent bytes first, then one gathered write per round,
+/// then the close frame once closing, then the close handshake's linger.
+/// Ends idle, with direct writes on, once the queue is empty.
+pub(super) async fn write_turn(session: &Session) -> Turn {
     let shard = &session.shard;
     let out = &session.out;
-    // Every way out of this task ends direct writes: the queue must not hold
-    // the socket open after the session.
-    let _direct_off = DirectOff(out);
     let mut published = Vec::new();
     loop {
         out.stop_direct();
         let unsent = out.take_unsent();
         if !unsent.is_empty() {
             let write = glommio::timer::timeout(shard.config.idle_timeout(), async {
-                Ok(write_unsent(&session, &unsent).await)
+                Ok(write_unsent(session, &unsent).await)
             });
             if !matches!(write.await, Ok(Ok(()))) {
                 // The peer stopped reading for a whole idle period, or the socket failed.
                 out.close(close_code::SLOW_CONSUMER, "write stalled");
                 session.io.shutdown(Shutdown::Both);
-                return;
+                return Turn::Finished;
             }
             continue;
         }
@@ -48,19 +118,18 @@ pub(super) async fn write_loop(session: Rc<Session>) {
                     .await;
                 }
                 session.io.shutdown(Shutdown::Both);
-                return;
+                return Turn::Finished;
             }
             if session.reader_done.get() {
-                return;
+                return Turn::Finished;
             }
             out.start_direct(session.io.0.clone());
-            futures_lite::future::or(out.wake_writer.wait(), session.reader_done_event.wait()).await;
-            continue;
+            return Turn::Idle;
         }
         // Gather into the shard's scratch buffer and send without blocking:
         // the socket usually takes it all, and then the connection holds no
         // write buffer and no timer is armed. What the socket refuses is
-        // kept as unsent and awaited on the next turn.
+        // kept as unsent and awaited on the next round.
         published.clear();
         let written = {
             let mut scratch = shard.write_scratch.borrow_mut();
@@ -74,10 +143,6 @@ pub(super) async fn write_loop(session: Rc<Session>) {
     }
 }
 
-/// Writes bytes a send refused. Once the peer's close has arrived only the
-/// frame in progress is finished: a write blocked on a full socket is
-/// abandoned (glommio's write waits for readiness and holds no bytes, so
-/// dropping it loses nothing) and resumed with the shorter end.
 pub(super) async fn write_unsent(session: &Session, unsent: &Unsent) -> io::Result<()> {
     let out = &session.out;
     let mut written = 0;
@@ -102,8 +167,9 @@ pub(super) async fn write_unsent(session: &Session, unsent: &Unsent) -> io::Resu
     }
 }
 
-/// Ends a queue's direct mode when its writer task ends, however it ends.
-pub(super) struct DirectOff<'a>(&'a Outbound);
+/// Ends a queue's direct mode when its session ends, however it ends: the
+/// queue must not hold the socket open after the session.
+pub(super) struct DirectOff<'a>(pub(super) &'a Outbound);
 
 impl Drop for DirectOff<'_> {
     fn drop(&mut self) {
