@@ -140,6 +140,14 @@ pub(super) async fn write_turn(session: &Session) -> Turn {
             scratch.len()
         };
         shard.record_written(written, &published, Instant::now());
+        if !out.is_empty() {
+            // More queued and the socket took it all: a client that reads
+            // as fast as the node writes would keep this turn going until
+            // the queue is empty without a single await, and the session's
+            // reader (a close, a ping) and the shard's other tasks would
+            // wait behind it. One yield per full write batch (256 KiB).
+            futures_lite::future::yield_now().await;
+        }
     }
 }
 
