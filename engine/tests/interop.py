@@ -1,7 +1,7 @@
 """Interoperability check with a client nobody here wrote: Python `websockets`.
 
-Drives the original RayFlux API (POST /publish, WebSocket /subscribe) and the
-raw topic socket against a running fluxnode. Usage: interop.py HOST:PORT.
+Drives the original RayFlux API (POST /publish, WebSocket /subscribe), the
+raw topic socket and native batched delivery against a running fluxnode. Usage: interop.py HOST:PORT.
 Exits non-zero with a message on the first failure.
 """
 
@@ -73,9 +73,51 @@ async def raw_socket():
     print("raw socket: opcodes kept, replay from history, 1009 on an oversized message")
 
 
+def unpack_batch(frame):
+    """The deliveries in a native batch frame (0x02, then per delivery its
+    length, u32 big-endian, and its bytes), or the frame itself."""
+    if not isinstance(frame, bytes) or frame[:1] != b"\x02":
+        return [frame]
+    records, at = [], 1
+    while at < len(frame):
+        n = int.from_bytes(frame[at:at + 4], "big")
+        records.append(frame[at + 4:at + 4 + n])
+        at += 4 + n
+    assert at == len(frame), "a batch ends on a record"
+    return records
+
+
+async def native_batches():
+    async with websockets.connect(f"ws://{ADDR}/v1/ws?delivery=batch") as sub, \
+            websockets.connect(f"ws://{ADDR}/v1/ws") as pub:
+        await sub.send(json.dumps({"op": "subscribe", "id": 1, "topic": "py.batch"}))
+        assert json.loads(await asyncio.wait_for(sub.recv(), TIMEOUT))["ok"] is True
+        # A native publish batch: 0x02, id, topic, count, then length + bytes each.
+        topic, count = b"py.batch", 500
+        frame = b"\x02" + (7).to_bytes(8, "big") + bytes([len(topic)]) + topic + count.to_bytes(2, "big")
+        for i in range(count):
+            payload = f"m{i}".encode()
+            frame += len(payload).to_bytes(4, "big") + payload
+        await pub.send(frame)
+        reply = json.loads(await asyncio.wait_for(pub.recv(), TIMEOUT))
+        assert reply["ok"] is True and reply["count"] == count, reply
+        got, frames = [], 0
+        while len(got) < count:
+            frames += 1
+            for record in unpack_batch(await asyncio.wait_for(sub.recv(), TIMEOUT)):
+                assert record[:1] == b"\x01", record
+                n = record[1]
+                seq = int.from_bytes(record[2 + n:10 + n], "big")
+                got.append((seq, record[18 + n:].decode()))
+        assert got == [(i + 1, f"m{i}") for i in range(count)], got[:5]
+        assert frames < count, f"{frames} frames for {count} deliveries: no batch"
+    print(f"native batches: {count} deliveries in order in {frames} frames")
+
+
 async def main():
     await original_api()
     await raw_socket()
+    await native_batches()
 
 
 asyncio.run(main())

@@ -226,3 +226,87 @@ fn a_publish_batch_is_sequenced_in_order_and_answered_once() {
     let pong = native_call(&mut publishers[0], serde_json::json!({"op": "ping", "id": 10}));
     assert_eq!(pong["pong"], true);
 }
+
+/// What a batched native subscriber got: each delivery as (seq, payload
+/// bytes; a text message's `data`), and how many frames carried them.
+fn read_batched(ws: &mut Ws, deliveries: usize) -> (Vec<(u64, Vec<u8>)>, usize, usize) {
+    let (mut got, mut frames, mut batches) = (Vec::new(), 0, 0);
+    let one = |record: &[u8], got: &mut Vec<(u64, Vec<u8>)>| match record.first() {
+        Some(&proto::native::SERVER_BINARY_MESSAGE) => {
+            let len = record[1] as usize;
+            let seq = u64::from_be_bytes(record[2 + len..10 + len].try_into().unwrap());
+            got.push((seq, record[18 + len..].to_vec()));
+        }
+        Some(b'{') => {
+            let m: serde_json::Value = serde_json::from_slice(record).unwrap();
+            assert_eq!(m["type"], "message", "{m}");
+            got.push((m["seq"].as_u64().unwrap(), m["data"].as_str().unwrap().as_bytes().to_vec()));
+        }
+        other => panic!("unexpected record start {other:?}"),
+    };
+    while got.len() < deliveries {
+        frames += 1;
+        match next_data(ws) {
+            Message::Text(t) => one(t.as_bytes(), &mut got),
+            Message::Binary(b) if b[0] == proto::native::SERVER_BINARY_BATCH => {
+                batches += 1;
+                let mut rest = &b[1..];
+                while !rest.is_empty() {
+                    let n = u32::from_be_bytes(rest[..4].try_into().unwrap()) as usize;
+                    one(&rest[4..4 + n], &mut got);
+                    rest = &rest[4 + n..];
+                }
+            }
+            Message::Binary(b) => one(&b, &mut got),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    (got, frames, batches)
+}
+
+#[test]
+fn a_native_subscriber_may_take_its_deliveries_in_batches() {
+    let node = Node::start(&["--shards", "2"]);
+    // Only the native protocol batches, and only the two values exist.
+    for path in ["/v1/topics/packed/ws?role=sub&delivery=batch", "/subscribe?delivery=batch", "/v1/ws?delivery=some"] {
+        match ws_connect(&node.addr(), path) {
+            Err(tungstenite::Error::Http(response)) => assert_eq!(response.status(), 400, "{path}"),
+            other => panic!("{path}: expected 400, got {:?}", other.map(|_| "a session")),
+        }
+    }
+    let mut single = node.ws("/v1/ws?delivery=single");
+    let mut packed = node.ws("/v1/ws?delivery=batch");
+    for ws in [&mut single, &mut packed] {
+        let r = native_call(ws, serde_json::json!({"op": "subscribe", "id": 1, "topic": "packed"}));
+        assert_eq!(r["ok"], true, "{r}");
+    }
+    let mut publisher = node.ws("/v1/ws");
+    let mut want = Vec::new();
+    for round in 0..3u64 {
+        // A publish batch reaches the fan-out at once, so deliveries queue
+        // up together; then a text message, which travels as JSON.
+        let payloads: Vec<Vec<u8>> = (0..1000).map(|i| format!("{round}-{i}").into_bytes()).collect();
+        let refs: Vec<&[u8]> = payloads.iter().map(Vec::as_slice).collect();
+        publisher.send(Message::binary(proto::native::encode_batch(round, "packed", &refs))).unwrap();
+        assert_eq!(next_json(&mut publisher)["ok"], true);
+        let text = format!("text \"{round}\"");
+        let r = native_call(
+            &mut publisher,
+            serde_json::json!({"op": "publish", "id": 100 + round, "topic": "packed", "data": text}),
+        );
+        assert_eq!(r["ok"], true, "{r}");
+        want.extend(payloads);
+        want.push(text.into_bytes());
+    }
+    let want: Vec<(u64, Vec<u8>)> = want.into_iter().enumerate().map(|(i, p)| (i as u64 + 1, p)).collect();
+    let (got, frames, batches) = read_batched(&mut packed, want.len());
+    assert_eq!(got, want, "every delivery once, in order, through batches");
+    let (got_single, frames_single, batches_single) = read_batched(&mut single, want.len());
+    assert_eq!(got_single, want);
+    assert_eq!((frames_single, batches_single), (want.len(), 0), "without the option one frame per message");
+    eprintln!("{} deliveries: {frames} frames, {batches} of them batches", want.len());
+    assert!(batches > 0 && frames < want.len() / 2, "{frames} frames, {batches} batches");
+    // Replies still come as their own frames on a batched connection.
+    let pong = native_call(&mut packed, serde_json::json!({"op": "ping", "id": 9}));
+    assert_eq!(pong["pong"], true);
+}

@@ -30,4 +30,5 @@ fn python_websockets_client() {
     eprintln!("{stdout}{}", String::from_utf8_lossy(&output.stderr));
     assert!(output.status.success(), "python interop failed");
     assert!(stdout.contains("original API: 50 messages") && stdout.contains("raw socket: opcodes kept"));
+    assert!(stdout.contains("native batches: 500 deliveries in order"));
 }

@@ -157,7 +157,7 @@ enum Command {
 /// Options every publish/subscribe scenario takes.
 #[derive(clap::Args, Clone)]
 struct Common {
-    /// A target: `NAME=URL[,pid=PID][,durable=ACK][,jetstream=STORAGE][,publish=HOST:PORT][,owner=HOST:PORT]`,
+    /// A target: `NAME=URL[,pid=PID][,durable=ACK][,jetstream=STORAGE][,publish=HOST:PORT][,owner=HOST:PORT][,delivery=D]`,
     /// URL rayflux://HOST:PORT or nats://HOST:PORT; pid=A+B sums several
     /// servers' CPU (a cluster); publish=HOST:PORT (RayFlux) sends the
     /// publishers to another node of a cluster than the subscribers
@@ -166,7 +166,10 @@ struct Common {
     /// nodes: two hops); durable=none|local|stored
     /// (RayFlux) declares each topic of a run durable with that ack level
     /// first; jetstream=memory|file (NATS, group scenario) uses a JetStream
-    /// stream and pull consumer instead of a core queue group.
+    /// stream and pull consumer instead of a core queue group;
+    /// delivery=single|batch (RayFlux) subscribes on the native protocol
+    /// (`/v1/ws?delivery=D`, binary envelopes; `batch`: several deliveries
+    /// per frame when they queue up) instead of raw topic sockets.
     /// Give two or more to run them in turns (A, B, A, B) and print ratios
     /// against the first. With pid, the server's CPU is read from /proc.
     #[arg(long = "target", required = true)]
@@ -180,6 +183,13 @@ struct Common {
     /// Payload bytes (at least 40: publisher, sequence and scheduled time).
     #[arg(long, default_value_t = 64)]
     payload: usize,
+    /// Threads the subscribers share (0: one thread each). With N > 0 the
+    /// subscribers are spread over N threads, each polling its connections
+    /// and reading every frame (as a single-process application or a test
+    /// harness does); such a client lags a little, and the server's cost
+    /// per delivery then shows how it copes.
+    #[arg(long, default_value_t = 0)]
+    sub_threads: usize,
     /// Messages per publish frame (1: one each). RayFlux: native publish
     /// batches (binary frame 0x02 on /v1/ws, one reply each); NATS: that
     /// many PUBs in one WebSocket frame (its fastest publishing: pipelined
@@ -256,6 +266,9 @@ struct Target {
     /// NATS only: the group scenario goes through a JetStream stream with
     /// this storage (`memory`, `file`) and a pull consumer.
     jetstream: Option<String>,
+    /// RayFlux only: subscribers use the native protocol with this
+    /// delivery (`single`, `batch`) instead of raw topic sockets.
+    delivery: Option<String>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -269,6 +282,31 @@ fn nats_pub(out: &mut Vec<u8>, subject: &str, payload: &[u8]) {
     out.extend_from_slice(format!("PUB {subject} {}\r\n", payload.len()).as_bytes());
     out.extend_from_slice(payload);
     out.extend_from_slice(b"\r\n");
+}
+
+/// Appends the payloads of a native binary frame (a 0x01 message or a 0x02
+/// batch of deliveries, docs/PROTOCOL.md) to `out`.
+fn unpack_native(frame: &[u8], out: &mut std::collections::VecDeque<Vec<u8>>) -> Result<()> {
+    let message = |m: &[u8]| -> Result<Vec<u8>> {
+        let topic_len = *m.get(1).context("short message")? as usize;
+        Ok(m.get(18 + topic_len..).context("short message")?.to_vec())
+    };
+    match frame.first() {
+        Some(&proto::native::SERVER_BINARY_MESSAGE) => out.push_back(message(frame)?),
+        Some(&proto::native::SERVER_BINARY_BATCH) => {
+            let mut rest = &frame[1..];
+            while !rest.is_empty() {
+                let len = u32::from_be_bytes(rest.get(..4).context("short batch")?.try_into()?) as usize;
+                let record = rest.get(4..4 + len).context("short batch")?;
+                if record.first() == Some(&proto::native::SERVER_BINARY_MESSAGE) {
+                    out.push_back(message(record)?);
+                }
+                rest = &rest[4 + len..];
+            }
+        }
+        _ => bail!("unexpected binary frame from the node"),
+    }
+    Ok(())
 }
 
 /// Reads a batching publisher's replies (server frames, unmasked JSON) and
@@ -309,6 +347,7 @@ fn parse_target(spec: &str) -> Result<Target> {
     let mut owner = None;
     let mut durable = None;
     let mut jetstream = None;
+    let mut delivery = None;
     for p in parts {
         match p.split_once('=') {
             Some(("pid", v)) => {
@@ -321,6 +360,9 @@ fn parse_target(spec: &str) -> Result<Target> {
             Some(("durable", v)) if kind == Kind::Rayflux => durable = Some(v.to_string()),
             Some(("jetstream", v)) if kind == Kind::Nats && matches!(v, "memory" | "file") => {
                 jetstream = Some(v.to_string())
+            }
+            Some(("delivery", v)) if kind == Kind::Rayflux && matches!(v, "single" | "batch") => {
+                delivery = Some(v.to_string())
             }
             _ => bail!("unknown target option {p}"),
         }
@@ -335,6 +377,7 @@ fn parse_target(spec: &str) -> Result<Target> {
         owner,
         durable,
         jetstream,
+        delivery,
     })
 }
 
@@ -364,6 +407,11 @@ struct Conn {
     pull: Option<jetstream::Pull>,
     /// A batching publisher's messages not sent yet.
     batch: Option<Batch>,
+    /// RayFlux: a native subscriber (`delivery=`), whose binary frames are
+    /// envelopes (0x01) or batches of them (0x02).
+    native_sub: bool,
+    /// Payloads unpacked from a batch and not yet returned.
+    unpacked: std::collections::VecDeque<Vec<u8>>,
 }
 
 /// A publisher's batch being filled (see `--batch`).
@@ -377,7 +425,16 @@ struct Batch {
 
 impl Conn {
     fn new(ws: WebSocket<TcpStream>, kind: Kind, topic: &str) -> Conn {
-        Conn { ws, kind, subject: topic.to_string(), nats: nats::Parser::default(), pull: None, batch: None }
+        Conn {
+            ws,
+            kind,
+            subject: topic.to_string(),
+            nats: nats::Parser::default(),
+            pull: None,
+            batch: None,
+            native_sub: false,
+            unpacked: std::collections::VecDeque::new(),
+        }
     }
 
     fn open(target: &Target, topic: &str, subscribe: bool) -> Result<Conn> {
@@ -481,16 +538,30 @@ impl Conn {
             }
         };
         stream.set_nodelay(true)?;
-        let url = match target.kind {
-            Kind::Rayflux => {
+        let native = subscribe && target.delivery.is_some();
+        let url = match (target.kind, &target.delivery) {
+            (Kind::Rayflux, Some(delivery)) if subscribe => format!("ws://{addr}/v1/ws?delivery={delivery}"),
+            (Kind::Rayflux, _) => {
                 format!("ws://{addr}/v1/topics/{topic}/ws?role={}", if subscribe { "sub" } else { "pub" })
             }
-            Kind::Nats => format!("ws://{}/", target.addr),
+            (Kind::Nats, _) => format!("ws://{}/", target.addr),
         };
         let (ws, _) = tungstenite::client(url, stream).map_err(|e| anyhow::anyhow!("handshake: {e}"))?;
         let mut conn = Conn::new(ws, target.kind, topic);
         if conn.kind == Kind::Nats {
             conn.nats_start(subscribe.then(|| format!("SUB {topic} 1\r\n")))?;
+        }
+        if native {
+            let subscribe = serde_json::json!({"op": "subscribe", "id": 1, "topic": topic});
+            conn.ws.send(Message::text(subscribe.to_string()))?;
+            let reply: serde_json::Value = match conn.ws.read()? {
+                Message::Text(t) => serde_json::from_str(&t)?,
+                other => bail!("expected the subscription's reply, got {other:?}"),
+            };
+            if reply["ok"] != true {
+                bail!("subscription refused: {reply}");
+            }
+            conn.native_sub = true;
         }
         Ok(conn)
     }
@@ -600,6 +671,16 @@ impl Conn {
     /// The next delivered payload.
     fn recv(&mut self) -> Result<Vec<u8>> {
         match self.kind {
+            Kind::Rayflux if self.native_sub => loop {
+                if let Some(payload) = self.unpacked.pop_front() {
+                    return Ok(payload);
+                }
+                match self.ws.read()? {
+                    Message::Binary(b) => unpack_native(&b, &mut self.unpacked)?,
+                    Message::Close(c) => bail!("closed by server: {c:?}"),
+                    _ => {} // text: replies and notices
+                }
+            },
             Kind::Rayflux => loop {
                 match self.ws.read()? {
                     Message::Binary(b) => return Ok(b.to_vec()),
@@ -699,6 +780,7 @@ fn main() -> Result<()> {
         payload: common.payload,
         batch: common.batch.clamp(1, proto::native::PUBLISH_BATCH_MAX),
         original_api,
+        sub_threads: common.sub_threads,
     };
     match cli.command {
         Command::Fanout { subscribers, common } => run_all(shape("fanout", 1, subscribers, 1, &common, false), &common),

@@ -58,6 +58,8 @@ pub struct Shape {
     /// The request scenario: the publishers are requesters, and these
     /// responders answer.
     pub request: Option<crate::request::RequestShape>,
+    /// Threads the subscribers share (0: a thread each; see `--sub-threads`).
+    pub sub_threads: usize,
 }
 
 /// How the group scenario's members take their messages.
@@ -142,20 +144,34 @@ pub fn run(target: &Target, shape: &Shape, turn: usize) -> Result<Run> {
     }
     let go = GateOpener::new();
     let mut subscribers = Vec::new();
+    let mut shared: Vec<Vec<(Sub, SubState)>> = (0..shape.sub_threads).map(|_| Vec::new()).collect();
     for t in 0..shape.topics {
         let publishers: Vec<u64> = (0..shape.publishers).map(|p| (t * shape.publishers + p) as u64).collect();
         let per_publisher: Vec<u64> = publishers.iter().map(|&g| shape.sent_by(g)).collect();
-        for _ in 0..shape.subscribers {
+        for s in 0..shape.subscribers {
             let conn = open_subscriber(target, &topic(t), shape.original_api)?;
-            let (publishers, per_publisher, go) = (publishers.clone(), per_publisher.clone(), go.handle());
-            let seconds = shape.seconds;
+            let state = SubState::new(&publishers, &per_publisher);
+            if shape.sub_threads > 0 {
+                shared[(t * shape.subscribers + s) % shape.sub_threads].push((conn, state));
+                continue;
+            }
+            let (go, seconds) = (go.handle(), shape.seconds);
             let thread = std::thread::Builder::new().stack_size(SUBSCRIBER_STACK_BYTES).spawn(move || {
                 go.wait();
                 let schedule_end = Instant::now() + Duration::from_secs(seconds);
-                subscriber(conn, &publishers, &per_publisher, schedule_end)
+                vec![subscriber(conn, state, schedule_end)]
             })?;
             subscribers.push(thread);
         }
+    }
+    for group in shared {
+        let (go, seconds) = (go.handle(), shape.seconds);
+        let thread = std::thread::Builder::new().stack_size(SUBSCRIBER_STACK_BYTES).spawn(move || {
+            go.wait();
+            let schedule_end = Instant::now() + Duration::from_secs(seconds);
+            subscribers_polled(group, schedule_end)
+        })?;
+        subscribers.push(thread);
     }
     // Stalled subscribers: held open, never read, dropped after the run.
     let mut stalled = Vec::new();
@@ -184,11 +200,12 @@ pub fn run(target: &Target, shape: &Shape, turn: usize) -> Result<Run> {
         run.server_rss_kib = Some((before, crate::process_rss_kib(pid)?));
     }
     for s in subscribers {
-        let stats = s.join().map_err(|_| anyhow::anyhow!("subscriber thread panicked"))?;
-        run.delivered += stats.received;
-        run.lost += stats.lost;
-        run.duplicated_or_reordered += stats.duplicated_or_reordered;
-        run.latency_us.add(&stats.latency_us)?;
+        for stats in s.join().map_err(|_| anyhow::anyhow!("subscriber thread panicked"))? {
+            run.delivered += stats.received;
+            run.lost += stats.lost;
+            run.duplicated_or_reordered += stats.duplicated_or_reordered;
+            run.latency_us.add(&stats.latency_us)?;
+        }
     }
     if let (Some(now), Some(before)) = (target.server_cpu_seconds()?, cpu_server_start) {
         run.server_cpu_seconds = Some(now - before);
@@ -391,16 +408,61 @@ fn publish(shape: &Shape, publishers: &mut [Publisher]) -> Result<f64> {
 /// Reads until every expected message arrived, or the stream is quiet for
 /// QUIET_SECONDS after `schedule_end` (the publishers' last scheduled send).
 /// `per_publisher[i]` is how many messages `publishers[i]` sends.
-fn subscriber(mut conn: Sub, publishers: &[u64], per_publisher: &[u64], schedule_end: Instant) -> SubStats {
-    let expected: u64 = per_publisher.iter().sum();
-    let mut stats = SubStats {
-        received: 0,
-        lost: 0,
-        duplicated_or_reordered: 0,
-        latency_us: Histogram::new(3).expect("valid histogram"),
-    };
-    let mut next: HashMap<u64, u64> = publishers.iter().map(|&p| (p, 0)).collect();
-    while stats.received + stats.lost < expected {
+/// One subscriber's count: the next sequence expected from each of its
+/// publishers, and what it saw.
+struct SubState {
+    next: HashMap<u64, u64>,
+    /// Messages each publisher sends, in `next`'s publishers' order.
+    per_publisher: Vec<(u64, u64)>,
+    expected: u64,
+    stats: SubStats,
+}
+
+impl SubState {
+    fn new(publishers: &[u64], per_publisher: &[u64]) -> SubState {
+        SubState {
+            next: publishers.iter().map(|&p| (p, 0)).collect(),
+            per_publisher: publishers.iter().copied().zip(per_publisher.iter().copied()).collect(),
+            expected: per_publisher.iter().sum(),
+            stats: SubStats {
+                received: 0,
+                lost: 0,
+                duplicated_or_reordered: 0,
+                latency_us: Histogram::new(3).expect("valid histogram"),
+            },
+        }
+    }
+
+    /// Whether every message is accounted for (received or lost).
+    fn complete(&self) -> bool {
+        self.stats.received + self.stats.lost >= self.expected
+    }
+
+    fn on_payload(&mut self, payload: &[u8]) {
+        let now = unix_micros();
+        let Some((publisher, seq, due)) = decode(payload) else { return };
+        let Some(next_seq) = self.next.get_mut(&publisher) else { return };
+        if seq < *next_seq {
+            self.stats.duplicated_or_reordered += 1;
+            return;
+        }
+        self.stats.lost += seq - *next_seq;
+        *next_seq = seq + 1;
+        self.stats.received += 1;
+        let _ = self.stats.latency_us.record(now.saturating_sub(due).max(1));
+    }
+
+    /// The count, with whatever never arrived from each publisher lost.
+    fn finish(mut self) -> SubStats {
+        for (p, sent) in &self.per_publisher {
+            self.stats.lost += sent.saturating_sub(self.next[p]);
+        }
+        self.stats
+    }
+}
+
+fn subscriber(mut conn: Sub, mut state: SubState, schedule_end: Instant) -> SubStats {
+    while !state.complete() {
         let payload = match conn.recv() {
             Ok(payload) => payload,
             // Quiet before the schedule ends is not an end: at low rates one
@@ -408,24 +470,61 @@ fn subscriber(mut conn: Sub, publishers: &[u64], per_publisher: &[u64], schedule
             Err(e) if is_read_timeout(&e) && Instant::now() < schedule_end => continue,
             Err(_) => break,
         };
-        let now = unix_micros();
-        let Some((publisher, seq, due)) = decode(&payload) else { continue };
-        let Some(next_seq) = next.get_mut(&publisher) else { continue };
-        if seq < *next_seq {
-            stats.duplicated_or_reordered += 1;
+        state.on_payload(&payload);
+    }
+    state.finish()
+}
+
+/// Subscribers sharing one thread (`--sub-threads`): non-blocking sockets,
+/// one `poll` over all of them, and every ready connection read until it
+/// has nothing more. Ends when each is complete or closed, or after
+/// QUIET_SECONDS without data once the schedule has ended.
+fn subscribers_polled(mut subs: Vec<(Sub, SubState)>, schedule_end: Instant) -> Vec<SubStats> {
+    use std::os::fd::AsRawFd;
+    let mut open: Vec<bool> = subs.iter().map(|(conn, _)| conn.stream().set_nonblocking(true).is_ok()).collect();
+    let mut last_data = Instant::now();
+    loop {
+        let waiting: Vec<usize> = (0..subs.len()).filter(|&i| open[i] && !subs[i].1.complete()).collect();
+        if waiting.is_empty() {
+            break;
+        }
+        let now = Instant::now();
+        if now > schedule_end && now.duration_since(last_data) > Duration::from_secs(QUIET_SECONDS) {
+            break;
+        }
+        let mut fds: Vec<libc::pollfd> = waiting
+            .iter()
+            .map(|&i| libc::pollfd { fd: subs[i].0.stream().as_raw_fd(), events: libc::POLLIN, revents: 0 })
+            .collect();
+        // SAFETY: `fds` is a valid array of `fds.len()` pollfd structs.
+        let ready = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 100) };
+        if ready <= 0 {
             continue;
         }
-        stats.lost += seq - *next_seq;
-        *next_seq = seq + 1;
-        stats.received += 1;
-        let _ = stats.latency_us.record(now.saturating_sub(due).max(1));
+        for (k, &i) in waiting.iter().enumerate() {
+            if fds[k].revents == 0 {
+                continue;
+            }
+            let (conn, state) = &mut subs[i];
+            loop {
+                match conn.recv() {
+                    Ok(payload) => {
+                        last_data = Instant::now();
+                        state.on_payload(&payload);
+                        if state.complete() {
+                            break;
+                        }
+                    }
+                    Err(e) if is_read_timeout(&e) => break,
+                    Err(_) => {
+                        open[i] = false;
+                        break;
+                    }
+                }
+            }
+        }
     }
-    // Whatever never arrived from each publisher is lost.
-    for (i, p) in publishers.iter().enumerate() {
-        let sent = per_publisher.get(i).copied().unwrap_or(0);
-        stats.lost += sent.saturating_sub(next[p]);
-    }
-    stats
+    subs.into_iter().map(|(_, state)| state.finish()).collect()
 }
 
 /// Whether `recv` failed only because nothing arrived within the read
@@ -446,6 +545,13 @@ enum Sub {
 }
 
 impl Sub {
+    fn stream(&self) -> &TcpStream {
+        match self {
+            Sub::Native(conn) => conn.ws.get_ref(),
+            Sub::Original(ws) => ws.get_ref(),
+        }
+    }
+
     fn recv(&mut self) -> Result<Vec<u8>> {
         match self {
             Sub::Native(conn) => conn.recv(),
@@ -647,6 +753,7 @@ mod tests {
             batch: 1,
             original_api: false,
             stalled: 0,
+            sub_threads: 0,
             group: None,
             request: None,
         };

@@ -35,6 +35,13 @@ pub const PUBLISH_BATCH_MAX: usize = 10_000;
 /// First byte of a binary frame from the server: a delivered binary message.
 pub const SERVER_BINARY_MESSAGE: u8 = 0x01;
 
+/// First byte of a binary frame holding several deliveries (server to
+/// client, only on a connection opened with `?delivery=batch`).
+pub const SERVER_BINARY_BATCH: u8 = 0x02;
+
+/// Bytes before each delivery in a batch: its length, u32 big-endian.
+pub const BATCH_RECORD_LEN_BYTES: usize = 4;
+
 /// One client request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Request {

@@ -120,6 +120,9 @@ pub struct Outbound {
     pub peer_close_event: Event,
     /// Set once the peer's close frame arrived.
     peer_closed: Cell<bool>,
+    /// Whether consecutive deliveries are packed into batch frames
+    /// (native `?delivery=batch`; see [`Outbound::take_batch`]).
+    batched: Cell<bool>,
 }
 
 /// Bytes a send refused, and where the first whole frame in them starts:
@@ -177,6 +180,26 @@ pub struct Missed {
     pub dropped: u64,
 }
 
+/// How many frames at the front of `queue` form one batch frame of at most
+/// `budget` bytes (deliveries only, each one unfragmented data frame), and
+/// the batch frame's payload length.
+fn batch_run(queue: &VecDeque<Rc<Frame>>, budget: usize) -> (usize, usize) {
+    let (mut count, mut body) = (0, 1);
+    for frame in queue {
+        if frame.published_at.is_none() {
+            break;
+        }
+        let Some(payload) = crate::ws::data_frame_payload(&frame.bytes) else { break };
+        let Ok(_) = u32::try_from(payload.len()) else { break };
+        let next = body + crate::native::BATCH_RECORD_LEN_BYTES + payload.len();
+        if crate::ws::server_header_len(next) + next > budget {
+            break;
+        }
+        (count, body) = (count + 1, next);
+    }
+    (count, body)
+}
+
 impl std::fmt::Debug for dyn DirectSink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("DirectSink")
@@ -200,7 +223,14 @@ impl Outbound {
             unsent: RefCell::new(Unsent::default()),
             peer_close_event: Event::default(),
             peer_closed: Cell::new(false),
+            batched: Cell::new(false),
         }
+    }
+
+    /// Packs consecutive deliveries into batch frames from now on (the
+    /// native protocol's `?delivery=batch`).
+    pub fn set_batched(&self, batched: bool) {
+        self.batched.set(batched);
     }
 
     /// The writer task goes idle: until [`Outbound::stop_direct`], data
@@ -359,12 +389,38 @@ impl Outbound {
     /// Moves frames into `out` (appending their bytes) until this call has
     /// appended `max_bytes` (at least one frame is always taken), and the
     /// publish time of each data frame into `latencies`.
+    ///
+    /// A batched queue packs each run of two or more consecutive deliveries
+    /// that fits into one binary frame: `0x02`, then per delivery its length
+    /// (u32 big-endian) and the payload its own frame would have carried
+    /// (docs/PROTOCOL.md). Replies and notices end a run and go as they
+    /// are, so the order on the wire is the queue's. Nothing waits for a
+    /// batch to fill: what one pass queued goes in one frame.
     pub fn take_batch(&self, out: &mut Vec<u8>, max_bytes: usize, latencies: &mut Vec<Instant>) {
         let start = out.len();
         let mut queue = self.queue.borrow_mut();
         while let Some(front) = queue.front() {
-            if out.len() > start && out.len() - start + front.bytes.len() > max_bytes {
+            let used = out.len() - start;
+            if used > 0 && used + front.bytes.len() > max_bytes {
                 break;
+            }
+            if self.batched.get() {
+                let (count, body) = batch_run(&queue, max_bytes.saturating_sub(used));
+                if count >= 2 {
+                    crate::ws::append_binary_header(body, out);
+                    out.push(crate::native::SERVER_BINARY_BATCH);
+                    for frame in queue.drain(..count) {
+                        self.queued_bytes.set(self.queued_bytes.get() - frame.bytes.len());
+                        // batch_run checked each is one data frame.
+                        let payload = crate::ws::data_frame_payload(&frame.bytes).unwrap_or_default();
+                        out.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+                        out.extend_from_slice(payload);
+                        if let Some(t) = frame.published_at {
+                            latencies.push(t);
+                        }
+                    }
+                    continue;
+                }
             }
             // front() returned Some just above.
             let frame = queue.pop_front().expect("non-empty");
@@ -459,6 +515,84 @@ mod tests {
 
     fn data(n: usize) -> Rc<Frame> {
         Frame::data(frame(n), Instant::now())
+    }
+
+    /// Splits what `take_batch` wrote into the frames' payloads, unpacking
+    /// batch frames: (payloads, frames on the wire).
+    fn unpack(mut wire: &[u8]) -> (Vec<Vec<u8>>, usize) {
+        let (mut payloads, mut frames) = (Vec::new(), 0);
+        while !wire.is_empty() {
+            let (header, len) = crate::ws::server_frame_parts(wire).unwrap();
+            let payload = &wire[header..header + len];
+            frames += 1;
+            if wire[0] & 0x0f == 0x2 && payload[0] == crate::native::SERVER_BINARY_BATCH {
+                let mut rest = &payload[1..];
+                while !rest.is_empty() {
+                    let n = u32::from_be_bytes(rest[..4].try_into().unwrap()) as usize;
+                    payloads.push(rest[4..4 + n].to_vec());
+                    rest = &rest[4 + n..];
+                }
+            } else {
+                payloads.push(payload.to_vec());
+            }
+            wire = &wire[header + len..];
+        }
+        (payloads, frames)
+    }
+
+    #[test]
+    fn a_batched_queue_packs_runs_of_deliveries_and_keeps_replies_in_place() {
+        let t = TopicName::new("t").unwrap();
+        let delivery = |i: u8, len: usize| {
+            Frame::data(crate::ws::encode_data(crate::message::PayloadKind::Binary, &vec![i; len]), Instant::now())
+        };
+        let reply = |i: u8| crate::ws::encode_data(crate::message::PayloadKind::Text, &[b'{', i]);
+        for batched in [false, true] {
+            let o = Outbound::new(1 << 20, SlowConsumerPolicy::Disconnect);
+            o.set_batched(batched);
+            o.offer_data(&delivery(1, 10), &t, 1); // alone before a reply: not batched
+            o.offer_control(reply(2));
+            for i in 3..=5 {
+                o.offer_data(&delivery(i, 200), &t, i as u64); // a run of three
+            }
+            o.offer_control(reply(6));
+            o.offer_data(&delivery(7, 70_000), &t, 7); // a run of two, one large
+            o.offer_data(&delivery(8, 1), &t, 8);
+            let (mut out, mut lat) = (Vec::new(), Vec::new());
+            o.take_batch(&mut out, 1 << 20, &mut lat);
+            let (payloads, frames) = unpack(&out);
+            let firsts: Vec<u8> = payloads.iter().map(|p| p[p.len() - 1]).collect();
+            assert_eq!(firsts, vec![1, 2, 3, 4, 5, 6, 7, 8], "batched {batched}: order kept");
+            assert_eq!(payloads[6].len(), 70_000);
+            assert_eq!(frames, if batched { 5 } else { 8 });
+            assert_eq!(lat.len(), 6, "every delivery's latency counted");
+            assert_eq!(o.queued_bytes(), 0);
+            assert!(o.is_empty());
+        }
+    }
+
+    #[test]
+    fn a_batch_stays_within_the_write_limit_and_a_single_delivery_goes_unwrapped() {
+        let t = TopicName::new("t").unwrap();
+        let o = Outbound::new(1 << 20, SlowConsumerPolicy::Disconnect);
+        o.set_batched(true);
+        for i in 0..10u64 {
+            o.offer_data(&data(100), &t, i);
+        }
+        // 100-byte frames carry 98-byte payloads: a batch record is 102 bytes.
+        let (mut out, mut lat) = (Vec::new(), Vec::new());
+        o.take_batch(&mut out, 4 + 1 + 3 * 102, &mut lat);
+        assert_eq!((unpack(&out).0.len(), unpack(&out).1, lat.len()), (3, 1, 3));
+        assert_eq!(out.len(), 4 + 1 + 3 * 102);
+        // Too little room for two: one frame, as it is.
+        let mut one = Vec::new();
+        o.take_batch(&mut one, 150, &mut lat);
+        assert_eq!(one.len(), 100);
+        // The rest fits in one batch.
+        let mut rest = Vec::new();
+        o.take_batch(&mut rest, 1 << 20, &mut lat);
+        assert_eq!(unpack(&rest), (vec![vec![0u8; 98]; 6], 1));
+        assert!(o.is_empty());
     }
 
     #[test]

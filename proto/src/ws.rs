@@ -346,13 +346,59 @@ pub fn frame_end_at(bytes: &[u8], boundary: usize, at: usize) -> usize {
 /// Length (header and payload) of the unmasked frame at the front of
 /// `bytes`, if its header is complete.
 fn server_frame_len(bytes: &[u8]) -> Option<usize> {
+    let (header, payload) = server_frame_parts(bytes)?;
+    payload.checked_add(header)
+}
+
+/// Header and payload lengths of the unmasked frame at the front of
+/// `bytes`, if its header is complete.
+pub(crate) fn server_frame_parts(bytes: &[u8]) -> Option<(usize, usize)> {
     let code = *bytes.get(1)? & 0x7f;
     let (header, payload) = match code {
         126 => (4, u16::from_be_bytes([*bytes.get(2)?, *bytes.get(3)?]) as u64),
         127 => (10, u64::from_be_bytes(bytes.get(2..10)?.try_into().ok()?)),
         n => (2, n as u64),
     };
-    usize::try_from(payload).ok()?.checked_add(header)
+    Some((header, usize::try_from(payload).ok()?))
+}
+
+/// The payload of `frame` when it is exactly one unfragmented, unmasked
+/// text or binary frame (as this module encodes them); None otherwise.
+pub fn data_frame_payload(frame: &[u8]) -> Option<&[u8]> {
+    let first = *frame.first()?;
+    let opcode = first & 0x0f;
+    let fin = first & 0x80 != 0;
+    if !fin || !(opcode == 0x1 || opcode == 0x2) || frame.get(1)? & 0x80 != 0 {
+        return None;
+    }
+    let (header, payload) = server_frame_parts(frame)?;
+    (header.checked_add(payload)? == frame.len()).then(|| &frame[header..])
+}
+
+/// Bytes of a server frame's header for a payload of `len` bytes.
+pub fn server_header_len(len: usize) -> usize {
+    match len {
+        0..=125 => 2,
+        126..=0xffff => 4,
+        _ => 10,
+    }
+}
+
+/// Appends the header of an unmasked binary frame whose payload of `len`
+/// bytes the caller appends next.
+pub fn append_binary_header(len: usize, out: &mut Vec<u8>) {
+    out.push(0x80 | 0x2);
+    match len {
+        0..=125 => out.push(len as u8),
+        126..=0xffff => {
+            out.push(126);
+            out.extend_from_slice(&(len as u16).to_be_bytes());
+        }
+        _ => {
+            out.push(127);
+            out.extend_from_slice(&(len as u64).to_be_bytes());
+        }
+    }
 }
 
 /// The value of `Sec-WebSocket-Accept` for a client's `Sec-WebSocket-Key`.
@@ -363,6 +409,26 @@ pub fn accept_key(client_key: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_data_frames_payload_is_found_and_a_binary_header_matches_the_encoder() {
+        for len in [0, 1, 125, 126, 127, 0xffff, 0x10000, 70_000] {
+            let payload = vec![7u8; len];
+            let frame = encode_data(PayloadKind::Binary, &payload);
+            assert_eq!(data_frame_payload(&frame), Some(&payload[..]), "len {len}");
+            let mut header = Vec::new();
+            append_binary_header(len, &mut header);
+            assert_eq!(header.len(), server_header_len(len));
+            assert_eq!(&frame[..header.len()], &header[..], "len {len}");
+            let text = encode_data(PayloadKind::Text, &payload);
+            assert_eq!(data_frame_payload(&text), Some(&payload[..]));
+            // One byte short or long is not one frame.
+            assert_eq!(data_frame_payload(&frame[..frame.len() - 1]), None);
+        }
+        assert_eq!(data_frame_payload(&encode_ping(b"x")), None);
+        assert_eq!(data_frame_payload(&encode_close(1000, "")), None);
+        assert_eq!(data_frame_payload(&[]), None);
+    }
 
     /// A masked client frame, as a browser would send it.
     pub(crate) fn client_frame(opcode: u8, fin: bool, payload: &[u8]) -> Vec<u8> {

@@ -93,12 +93,24 @@ pub(super) async fn websocket(
             return;
         }
     };
+    // Native subscribers may take their deliveries packed several to a
+    // frame; every other path sends one frame per message.
+    let batched = match http::query_param(&head.query, "delivery") {
+        None | Some("single") => false,
+        Some("batch") if route == Route::NativeSocket => true,
+        Some(_) => {
+            let why = "delivery must be single or batch (native protocol only)";
+            let _ = io.write_all(&http::json_error(400, "bad_request", why, false)).await;
+            return;
+        }
+    };
     let queue_bytes_max = if route == Route::NodeLink {
         proto::limits::LINK_SEND_QUEUE_BYTES_MAX
     } else {
         shard.config.send_queue_bytes_max()
     };
     let out = Rc::new(Outbound::new(queue_bytes_max, policy));
+    out.set_batched(batched);
     let session = Rc::new(Session {
         shard: shard.clone(),
         io,
