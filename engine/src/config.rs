@@ -108,6 +108,13 @@ pub struct Args {
     /// Time graceful shutdown spends flushing queues, ms. [default: 10000]
     #[arg(long)]
     pub drain_timeout_ms: Option<u64>,
+    /// Shortest time between two fan-out writes of a shard, µs: while
+    /// messages come faster, each subscriber gets what arrived meanwhile in
+    /// one write (fewer sends per delivery, up to this much added latency);
+    /// when they come slower nothing waits. 0 writes after every pass.
+    /// [default: 1000]
+    #[arg(long)]
+    pub flush_interval_us: Option<u64>,
     /// Require a PROXY protocol v2 header on every connection (behind
     /// FluxBalancer's --proxy-protocol); connections without one get 400.
     #[arg(long)]
@@ -205,6 +212,7 @@ struct FileConfig {
     handshake_timeout_ms: Option<u64>,
     idle_timeout_ms: Option<u64>,
     drain_timeout_ms: Option<u64>,
+    flush_interval_us: Option<u64>,
     proxy_protocol: Option<bool>,
     topic_sockets: Option<TopicSockets>,
     data_dir: Option<PathBuf>,
@@ -295,6 +303,8 @@ pub struct Config {
     idle_timeout: Duration,
     /// Time spent flushing on shutdown.
     drain_timeout: Duration,
+    /// Shortest time between two fan-out writes of a shard while busy.
+    flush_interval: Duration,
     /// Whether every connection starts with a PROXY v2 header.
     proxy_protocol: bool,
     /// Which shard serves a topic socket.
@@ -406,6 +416,12 @@ impl Config {
         self.drain_timeout
     }
 
+    /// Shortest time between two fan-out writes of a shard while messages
+    /// keep coming (zero: a write after every pass).
+    pub fn flush_interval(&self) -> Duration {
+        self.flush_interval
+    }
+
     /// Whether every connection starts with a PROXY v2 header.
     pub fn proxy_protocol(&self) -> bool {
         self.proxy_protocol
@@ -514,6 +530,7 @@ impl Default for Config {
             handshake_timeout: Duration::from_millis(limits::HANDSHAKE_TIMEOUT_MS_DEFAULT),
             idle_timeout: Duration::from_millis(limits::IDLE_TIMEOUT_MS_DEFAULT),
             drain_timeout: Duration::from_millis(limits::DRAIN_TIMEOUT_MS_DEFAULT),
+            flush_interval: Duration::from_micros(limits::FLUSH_INTERVAL_US_DEFAULT),
             proxy_protocol: false,
             topic_sockets: TopicSockets::Owner,
             data_dir: PathBuf::from(DATA_DIR_DEFAULT),
@@ -563,6 +580,12 @@ impl Config {
             handshake_timeout: ms(pick!(args, file, handshake_timeout_ms, d.handshake_timeout.as_millis() as u64)),
             idle_timeout: ms(pick!(args, file, idle_timeout_ms, d.idle_timeout.as_millis() as u64)),
             drain_timeout: ms(pick!(args, file, drain_timeout_ms, d.drain_timeout.as_millis() as u64)),
+            flush_interval: Duration::from_micros(pick!(
+                args,
+                file,
+                flush_interval_us,
+                d.flush_interval.as_micros() as u64
+            )),
             proxy_protocol: args.proxy_protocol || file.proxy_protocol.unwrap_or(d.proxy_protocol),
             topic_sockets: pick!(args, file, topic_sockets, d.topic_sockets),
             data_dir: data_dir.clone(),
@@ -662,6 +685,13 @@ impl Config {
                 ))
             }
         }
+        if self.flush_interval > Duration::from_micros(limits::FLUSH_INTERVAL_US_MAX) {
+            return fail(format!(
+                "flush_interval_us must be 0..={}, got {}",
+                limits::FLUSH_INTERVAL_US_MAX,
+                self.flush_interval.as_micros()
+            ));
+        }
         if self.connections_max < self.shards {
             return fail("connections_max must be at least one per shard".into());
         }
@@ -752,5 +782,9 @@ mod tests {
         assert!(Config::from_args(&args(&["--history-bytes-max", "9000000"])).is_err());
         assert!(Config::from_args(&args(&["--send-queue-bytes-max", "100"])).is_err());
         assert!(Config::from_args(&args(&["--idle-timeout-ms", "0"])).is_err());
+        assert!(Config::from_args(&args(&["--flush-interval-us", "100001"])).is_err());
+        let off = Config::from_args(&args(&["--flush-interval-us", "0"])).unwrap();
+        assert_eq!(off.flush_interval(), Duration::ZERO);
+        assert_eq!(Config::default().flush_interval(), Duration::from_micros(1000));
     }
 }

@@ -660,22 +660,40 @@ impl Shard {
     /// flushed before every yield, so a long pass over many topics does not
     /// hold the first topics' frames until its end.
     async fn fanout(self: Rc<Self>) {
+        let interval = self.config.flush_interval();
+        let mut last_flush = Instant::now();
         loop {
             if !self.broker.borrow().has_fan_out() && self.flush_list.borrow().is_empty() {
                 self.fanout_wake.wait().await;
                 continue;
             }
-            while self.broker.borrow_mut().fan_out_next() {
-                self.apply();
-                if glommio::executor().need_preempt() {
-                    self.flush_direct();
-                    glommio::yield_if_needed().await;
-                }
+            self.fan_out_waiting().await;
+            // Messages are coming faster than the flush interval: what
+            // arrives until it has passed joins this write (one send per
+            // subscriber for all of it). Nothing waits when they come
+            // slower; queues stay bounded by their caps meanwhile.
+            let since = last_flush.elapsed();
+            if since < interval {
+                glommio::timer::sleep(interval - since).await;
+                self.fan_out_waiting().await;
             }
-            self.apply();
             self.flush_direct();
+            last_flush = Instant::now();
             self.room.notify();
         }
+    }
+
+    /// Has the broker fan out every topic with deliveries, writing what is
+    /// queued before each yield.
+    async fn fan_out_waiting(&self) {
+        while self.broker.borrow_mut().fan_out_next() {
+            self.apply();
+            if glommio::executor().need_preempt() {
+                self.flush_direct();
+                glommio::yield_if_needed().await;
+            }
+        }
+        self.apply();
     }
 
     /// Answers peers' stats requests, in the control queue.
