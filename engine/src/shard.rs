@@ -490,7 +490,7 @@ impl Shard {
         outbox.wake.notify();
     }
 
-    /// Counts frames handed to a socket by a writer task and records their
+    /// Counts frames handed to a socket by a session's writer and records their
     /// publish-to-write latency (through the tally, as the direct flush does).
     pub fn record_written(&self, bytes: usize, published: &[Instant], now: Instant) {
         let mut tally = self.latency_tally.borrow_mut();
@@ -506,7 +506,7 @@ impl Shard {
     }
 
     /// Writes every listed direct-mode queue, one non-blocking `send` each
-    /// (see `outbound`). What a socket refuses goes to its writer task.
+    /// (see `outbound`). What a socket refuses goes to its session's writer.
     ///
     /// Batching a pass's sends into one `io_uring_enter` (a ring of the
     /// shard's own; glommio 0.9 lends none) was tried: at 100 subscribers ×
@@ -658,7 +658,8 @@ impl Shard {
     /// The fan-out task: has the broker fan out every topic with
     /// deliveries, and writes the queues that got frames. Writes are
     /// flushed before every yield, so a long pass over many topics does not
-    /// hold the first topics' frames until its end.
+    /// hold the first topics' frames until its end, and otherwise at most
+    /// once per `flush_interval` while messages keep coming (see there).
     async fn fanout(self: Rc<Self>) {
         let interval = self.config.flush_interval();
         let mut last_flush = Instant::now();
@@ -671,9 +672,12 @@ impl Shard {
             // Messages are coming faster than the flush interval: what
             // arrives until it has passed joins this write (one send per
             // subscriber for all of it). Nothing waits when they come
-            // slower; queues stay bounded by their caps meanwhile.
+            // slower; queues stay bounded by their caps meanwhile. Room is
+            // announced first, so that publishers and the shard mesh keep
+            // bringing messages during the wait.
             let since = last_flush.elapsed();
             if since < interval {
+                self.room.notify();
                 glommio::timer::sleep(interval - since).await;
                 self.fan_out_waiting().await;
             }

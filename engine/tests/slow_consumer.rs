@@ -174,7 +174,7 @@ fn stalled_raw_socket_does_not_stall_the_node() {
 
 /// A subscriber that stops reading until its socket is full, then reads
 /// again, gets every message intact and in order. The node's direct flush
-/// hands what the socket refuses to the connection's writer task, which must
+/// hands what the socket refuses to the connection's writer, which must
 /// send those bytes before anything queued later.
 #[test]
 fn a_paused_reader_resumes_with_every_message_in_order() {

@@ -25,6 +25,9 @@ pub const PAYLOAD_BYTES_MIN: usize = 40;
 /// How long a subscriber waits for the next message, once publishing has
 /// begun, before it gives up.
 pub(crate) const QUIET_SECONDS: u64 = 5;
+/// Most messages a polled subscriber reads before its thread turns to the
+/// next ready connection (`--sub-threads`).
+const POLLED_FRAMES_PER_TURN: usize = 256;
 /// Subscriber thread stack: they hold a socket and a histogram, no deep calls.
 const SUBSCRIBER_STACK_BYTES: usize = 256 << 10;
 
@@ -506,7 +509,9 @@ fn subscribers_polled(mut subs: Vec<(Sub, SubState)>, schedule_end: Instant) -> 
                 continue;
             }
             let (conn, state) = &mut subs[i];
-            loop {
+            // A bounded turn per connection: one that never runs dry must
+            // not starve the others on this thread.
+            for _ in 0..POLLED_FRAMES_PER_TURN {
                 match conn.recv() {
                     Ok(payload) => {
                         last_data = Instant::now();

@@ -5,12 +5,13 @@
 //! clones, no copy) and each queue is drained with one gathered socket write
 //! per pass, by one of two hands:
 //!
-//! - **direct**: while the connection's writer task is idle (nothing queued,
+//! - **direct**: while the connection's writer is idle (nothing queued,
 //!   nothing unsent), the shard's fan-out pass writes the queue itself right
 //!   after queueing, with one non-blocking `send` ([`Outbound::take_direct`]).
 //!   No task is woken; at 100 subscribers that is 100 task wake-ups saved per
 //!   pass.
-//! - **writer task**: whatever the socket refuses, control frames (replies,
+//! - **writer** (turns run in the session's task): whatever the socket
+//!   refuses, control frames (replies,
 //!   notices, the close), and anything queued while the writer is busy.
 //!
 //! One queue, taken from the front by whichever hand holds it, keeps the
@@ -59,7 +60,7 @@ impl Frame {
 }
 
 /// The socket a queue in direct mode is written to. Holding it keeps the
-/// socket open; the writer task drops it when it takes over or ends.
+/// socket open; the writer drops it when it takes over or the session ends.
 pub trait DirectSink {
     /// One non-blocking send: the bytes the socket took now, 0 when full.
     fn try_send(&self, data: &[u8]) -> io::Result<usize>;
@@ -72,7 +73,7 @@ pub enum Offer {
     Queued,
     /// Queued, and the queue is in direct mode and was not yet on the
     /// caller's flush list: the caller must list it and call
-    /// [`Outbound::take_direct`] (the writer task was not woken).
+    /// [`Outbound::take_direct`] (the writer was not woken).
     Flush,
     /// Skipped under the `drop` policy (counted, client told later).
     Dropped,
@@ -105,12 +106,12 @@ pub struct Outbound {
     dropped_total: Cell<u64>,
     /// Wakes the writer.
     pub wake_writer: Event,
-    /// Set while the writer task is idle with nothing queued or unsent: the
+    /// Set while the writer is idle with nothing queued or unsent: the
     /// shard may then write this queue itself.
     direct: RefCell<Option<Rc<dyn DirectSink>>>,
     /// Whether the queue is on its shard's flush list.
     listed: Cell<bool>,
-    /// Bytes the socket refused; the writer task sends them before anything
+    /// Bytes the socket refused; the writer sends them before anything
     /// else. Empty (no allocation) except while a write is blocked.
     unsent: RefCell<Unsent>,
     /// Notified when the peer's close arrives ([`Outbound::peer_closed`]),
@@ -233,13 +234,13 @@ impl Outbound {
         self.batched.set(batched);
     }
 
-    /// The writer task goes idle: until [`Outbound::stop_direct`], data
+    /// The writer goes idle: until [`Outbound::stop_direct`], data
     /// frames are written by the shard's fan-out pass through `sink`.
     pub fn start_direct(&self, sink: Rc<dyn DirectSink>) {
         *self.direct.borrow_mut() = Some(sink);
     }
 
-    /// The writer task holds the socket again (or is gone): no direct writes.
+    /// The writer holds the socket again (or is gone): no direct writes.
     pub fn stop_direct(&self) {
         self.direct.borrow_mut().take();
     }
@@ -255,7 +256,7 @@ impl Outbound {
         latencies: &mut Vec<Instant>,
     ) -> Option<Rc<dyn DirectSink>> {
         self.listed.set(false);
-        // None: the writer task took over since the queue was listed.
+        // None: the writer took over since the queue was listed.
         let sink = self.direct.borrow().clone()?;
         let start = buf.len();
         self.take_batch(buf, max_bytes, latencies);
@@ -263,12 +264,16 @@ impl Outbound {
     }
 
     /// After a direct send of `batch`: whatever the socket did not take
-    /// (all of it on an error, which the writer task then meets itself,
+    /// (all of it on an error, which the writer then meets itself,
     /// where closing is handled), and any frames past the batch, go to the
-    /// writer task, which is woken.
+    /// writer, which is woken.
+    ///
+    /// Drops recorded meanwhile go to the writer too: the direct flush
+    /// writes data only, and the notice would otherwise wait for the next
+    /// reply or ping when the flush emptied the queue.
     pub fn sent_direct(&self, batch: &[u8], sent: io::Result<usize>) {
         let sent = sent.unwrap_or(0).min(batch.len());
-        if sent < batch.len() || !self.is_empty() {
+        if sent < batch.len() || !self.is_empty() || !self.missed.borrow().is_empty() {
             self.unsent.borrow_mut().keep(batch, sent);
             self.stop_direct();
             self.wake_writer.notify();
@@ -395,7 +400,8 @@ impl Outbound {
     /// (u32 big-endian) and the payload its own frame would have carried
     /// (docs/PROTOCOL.md). Replies and notices end a run and go as they
     /// are, so the order on the wire is the queue's. Nothing waits for a
-    /// batch to fill: what one pass queued goes in one frame.
+    /// batch to fill: what was queued when the write happens goes in one
+    /// frame (the shard's flush interval decides how often that is).
     pub fn take_batch(&self, out: &mut Vec<u8>, max_bytes: usize, latencies: &mut Vec<Instant>) {
         let start = out.len();
         let mut queue = self.queue.borrow_mut();
@@ -708,6 +714,21 @@ mod tests {
     }
 
     #[test]
+    fn a_drop_in_direct_mode_wakes_the_writer_even_when_the_flush_empties_the_queue() {
+        let o = Outbound::new(100, SlowConsumerPolicy::Drop);
+        let t = TopicName::new("t").unwrap();
+        o.start_direct(sink(1 << 20, false));
+        assert_eq!(o.offer_data(&data(60), &t, 1), Offer::Flush);
+        assert_eq!(o.offer_data(&data(60), &t, 2), Offer::Dropped);
+        let woken = o.wake_writer.generation();
+        assert_eq!(flush(&o, 1 << 20), 60);
+        assert!(o.is_empty(), "the flush took everything");
+        assert_ne!(o.wake_writer.generation(), woken, "the writer is woken for the notice");
+        assert_eq!(o.offer_data(&data(10), &t, 3), Offer::Queued, "the writer holds the socket");
+        assert_eq!(o.next_missed_if_room().map(|m| (m.from_seq, m.to_seq)), Some((2, 2)));
+    }
+
+    #[test]
     fn what_the_socket_refuses_goes_to_the_writer_first() {
         let o = Outbound::new(1000, SlowConsumerPolicy::Drop);
         let t = TopicName::new("t").unwrap();
@@ -775,6 +796,6 @@ mod tests {
         o.stop_direct(); // the writer woke for a control frame before the flush
         assert_eq!(flush(&o, 1 << 20), 0);
         assert!(s.got.borrow().is_empty());
-        assert!(!o.is_empty(), "the writer task writes it");
+        assert!(!o.is_empty(), "the writer writes it");
     }
 }

@@ -83,7 +83,8 @@ pub const CLOSE_HISTORY_GAP: u16 = close_code::HISTORY_GAP;
 /// after N can be recovered.
 pub const CLOSE_HISTORY_LOST: u16 = 4011;
 
-/// A socket shared by the reader and writer tasks of one connection.
+/// A socket shared by the reader and the writer of one connection (one
+/// task) and the shard's direct flush.
 #[derive(Clone, Debug)]
 struct Io(Rc<Socket>);
 

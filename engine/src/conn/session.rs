@@ -3,6 +3,7 @@
 //! `native_session`).
 
 use std::future::Future;
+use std::task::Poll;
 
 use super::*;
 
@@ -262,9 +263,14 @@ pub(super) fn run_session(
         {
             let mut reader = std::pin::pin!(read_loop(&session, &mut buf, &mut path));
             poll_fn(|cx| {
-                // The writer's readiness does not end the session: the reader does.
+                // The reader first: a close that arrived ends the writer's
+                // work before it writes another batch. The writer's
+                // readiness does not end the session: the reader does.
+                if reader.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(());
+                }
                 let _ = writer.poll(cx);
-                reader.as_mut().poll(cx)
+                Poll::Pending
             })
             .await;
         }

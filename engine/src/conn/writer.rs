@@ -151,6 +151,10 @@ pub(super) async fn write_turn(session: &Session) -> Turn {
     }
 }
 
+/// Writes bytes a send refused. Once the peer's close has arrived only the
+/// frame in progress is finished: a write blocked on a full socket is
+/// abandoned (glommio's write waits for readiness and holds no bytes, so
+/// dropping it loses nothing) and resumed with the shorter end.
 pub(super) async fn write_unsent(session: &Session, unsent: &Unsent) -> io::Result<()> {
     let out = &session.out;
     let mut written = 0;
