@@ -672,11 +672,14 @@ impl Shard {
             // Messages are coming faster than the flush interval: what
             // arrives until it has passed joins this write (one send per
             // subscriber for all of it). Nothing waits when they come
-            // slower; queues stay bounded by their caps meanwhile. Room is
+            // slower, nor when the pass left nothing for this task to write
+            // (deliveries that woke their session's writer, group
+            // deliveries): the wait would cost a timer and batch nothing.
+            // Queues stay bounded by their caps meanwhile. Room is
             // announced first, so that publishers and the shard mesh keep
             // bringing messages during the wait.
             let since = last_flush.elapsed();
-            if since < interval {
+            if since < interval && !self.flush_list.borrow().is_empty() {
                 self.room.notify();
                 glommio::timer::sleep(interval - since).await;
                 self.fan_out_waiting().await;
