@@ -147,17 +147,21 @@ pub fn run(target: &Target, shape: &Shape, turn: usize) -> Result<Run> {
     }
     let go = GateOpener::new();
     let mut subscribers = Vec::new();
-    let mut shared: Vec<Vec<(Sub, SubState)>> = (0..shape.sub_threads).map(|_| Vec::new()).collect();
+    // Polled subscribers (`--sub-threads`): each thread opens its own share
+    // of the connections, in a descriptor table of its own when there are
+    // several threads, so that the open-files limit bounds a thread, not
+    // the process (10,000 topics x 10 subscribers is 100,000 sockets).
+    let mut shares: Vec<Vec<(String, SubState)>> = (0..shape.sub_threads).map(|_| Vec::new()).collect();
     for t in 0..shape.topics {
         let publishers: Vec<u64> = (0..shape.publishers).map(|p| (t * shape.publishers + p) as u64).collect();
         let per_publisher: Vec<u64> = publishers.iter().map(|&g| shape.sent_by(g)).collect();
         for s in 0..shape.subscribers {
-            let conn = open_subscriber(target, &topic(t), shape.original_api)?;
             let state = SubState::new(&publishers, &per_publisher);
             if shape.sub_threads > 0 {
-                shared[(t * shape.subscribers + s) % shape.sub_threads].push((conn, state));
+                shares[(t * shape.subscribers + s) % shape.sub_threads].push((topic(t), state));
                 continue;
             }
+            let conn = open_subscriber(target, &topic(t), shape.original_api)?;
             let (go, seconds) = (go.handle(), shape.seconds);
             let thread = std::thread::Builder::new().stack_size(SUBSCRIBER_STACK_BYTES).spawn(move || {
                 go.wait();
@@ -167,14 +171,42 @@ pub fn run(target: &Target, shape: &Shape, turn: usize) -> Result<Run> {
             subscribers.push(thread);
         }
     }
-    for group in shared {
-        let (go, seconds) = (go.handle(), shape.seconds);
+    let (opened_tx, opened_rx) = std::sync::mpsc::channel::<Result<()>>();
+    let own_tables = shape.sub_threads > 1;
+    for (k, share) in shares.into_iter().enumerate() {
+        let (go, seconds, opened_tx) = (go.handle(), shape.seconds, opened_tx.clone());
+        // Several threads: each connects from an address of its own
+        // (127.0.0.2, .3, ...), so that 100,000 sockets do not run out of
+        // one address's ephemeral ports.
+        let source = own_tables.then(|| std::net::IpAddr::from([127, 0, 0, 2 + (k % 250) as u8]));
+        let (target, original_api) = (target.clone(), shape.original_api);
         let thread = std::thread::Builder::new().stack_size(SUBSCRIBER_STACK_BYTES).spawn(move || {
+            // SAFETY: unshare(CLONE_FILES) only gives this thread a copy of
+            // the descriptor table.
+            if own_tables && unsafe { libc::unshare(libc::CLONE_FILES) } != 0 {
+                let _ = opened_tx.send(Err(std::io::Error::last_os_error()).context("unshare(CLONE_FILES)"));
+                return Vec::new();
+            }
+            let mut group = Vec::with_capacity(share.len());
+            for (topic, state) in share {
+                match open_subscriber_from(&target, &topic, original_api, source) {
+                    Ok(conn) => group.push((conn, state)),
+                    Err(e) => {
+                        let _ = opened_tx.send(Err(e));
+                        return Vec::new();
+                    }
+                }
+            }
+            let _ = opened_tx.send(Ok(()));
             go.wait();
             let schedule_end = Instant::now() + Duration::from_secs(seconds);
             subscribers_polled(group, schedule_end)
         })?;
         subscribers.push(thread);
+    }
+    drop(opened_tx);
+    for _ in 0..shape.sub_threads {
+        opened_rx.recv().context("a subscriber thread stopped")??;
     }
     // Stalled subscribers: held open, never read, dropped after the run.
     let mut stalled = Vec::new();
@@ -478,37 +510,40 @@ fn subscriber(mut conn: Sub, mut state: SubState, schedule_end: Instant) -> SubS
     state.finish()
 }
 
-/// Subscribers sharing one thread (`--sub-threads`): non-blocking sockets,
-/// one `poll` over all of them, and every ready connection read until it
-/// has nothing more. Ends when each is complete or closed, or after
+/// Subscribers sharing one thread (`--sub-threads`): non-blocking sockets
+/// in one epoll set (level-triggered: a poll(2) over 12,500 sockets per
+/// wait made the load generator the bottleneck), and every ready connection
+/// read for a bounded turn. Ends when each is complete or closed, or after
 /// QUIET_SECONDS without data once the schedule has ended.
 fn subscribers_polled(mut subs: Vec<(Sub, SubState)>, schedule_end: Instant) -> Vec<SubStats> {
     use std::os::fd::AsRawFd;
-    let mut open: Vec<bool> = subs.iter().map(|(conn, _)| conn.stream().set_nonblocking(true).is_ok()).collect();
-    let mut last_data = Instant::now();
-    loop {
-        let waiting: Vec<usize> = (0..subs.len()).filter(|&i| open[i] && !subs[i].1.complete()).collect();
-        if waiting.is_empty() {
-            break;
+    // SAFETY: epoll_create1 has no memory arguments; the descriptor is
+    // closed below.
+    let epoll = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+    let mut waiting = 0usize;
+    for (i, (conn, state)) in subs.iter().enumerate() {
+        if state.complete() || conn.stream().set_nonblocking(true).is_err() {
+            continue;
         }
+        let mut event = libc::epoll_event { events: libc::EPOLLIN as u32, u64: i as u64 };
+        // SAFETY: `event` is a valid epoll_event; the fd is open.
+        if unsafe { libc::epoll_ctl(epoll, libc::EPOLL_CTL_ADD, conn.stream().as_raw_fd(), &mut event) } == 0 {
+            waiting += 1;
+        }
+    }
+    let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 1024];
+    let mut last_data = Instant::now();
+    while waiting > 0 {
         let now = Instant::now();
         if now > schedule_end && now.duration_since(last_data) > Duration::from_secs(QUIET_SECONDS) {
             break;
         }
-        let mut fds: Vec<libc::pollfd> = waiting
-            .iter()
-            .map(|&i| libc::pollfd { fd: subs[i].0.stream().as_raw_fd(), events: libc::POLLIN, revents: 0 })
-            .collect();
-        // SAFETY: `fds` is a valid array of `fds.len()` pollfd structs.
-        let ready = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 100) };
-        if ready <= 0 {
-            continue;
-        }
-        for (k, &i) in waiting.iter().enumerate() {
-            if fds[k].revents == 0 {
-                continue;
-            }
+        // SAFETY: `events` holds `events.len()` writable epoll_event structs.
+        let ready = unsafe { libc::epoll_wait(epoll, events.as_mut_ptr(), events.len() as i32, 100) };
+        for event in events.iter().take(ready.max(0) as usize) {
+            let i = event.u64 as usize;
             let (conn, state) = &mut subs[i];
+            let mut done = false;
             // A bounded turn per connection: one that never runs dry must
             // not starve the others on this thread.
             for _ in 0..POLLED_FRAMES_PER_TURN {
@@ -517,18 +552,27 @@ fn subscribers_polled(mut subs: Vec<(Sub, SubState)>, schedule_end: Instant) -> 
                         last_data = Instant::now();
                         state.on_payload(&payload);
                         if state.complete() {
+                            done = true;
                             break;
                         }
                     }
                     Err(e) if is_read_timeout(&e) => break,
                     Err(_) => {
-                        open[i] = false;
+                        done = true;
                         break;
                     }
                 }
             }
+            if done {
+                let fd = conn.stream().as_raw_fd();
+                // SAFETY: removing an fd from the set; a null event is allowed for DEL.
+                unsafe { libc::epoll_ctl(epoll, libc::EPOLL_CTL_DEL, fd, std::ptr::null_mut()) };
+                waiting -= 1;
+            }
         }
     }
+    // SAFETY: `epoll` is the descriptor created above, closed once.
+    unsafe { libc::close(epoll) };
     subs.into_iter().map(|(_, state)| state.finish()).collect()
 }
 
@@ -573,8 +617,19 @@ impl Sub {
 }
 
 fn open_subscriber(target: &Target, topic: &str, original_api: bool) -> Result<Sub> {
+    open_subscriber_from(target, topic, original_api, None)
+}
+
+/// Like `open_subscriber`, from a chosen local address (topic sockets and
+/// native subscribers; the original API connects from the default).
+fn open_subscriber_from(
+    target: &Target,
+    topic: &str,
+    original_api: bool,
+    source: Option<std::net::IpAddr>,
+) -> Result<Sub> {
     if !original_api {
-        let conn = Conn::open(target, topic, true)?;
+        let conn = Conn::open_from(target, topic, true, source)?;
         conn.ws.get_ref().set_read_timeout(Some(Duration::from_secs(QUIET_SECONDS)))?;
         return Ok(Sub::Native(conn));
     }
