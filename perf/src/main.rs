@@ -766,6 +766,15 @@ impl Run {
 }
 
 fn main() -> Result<()> {
+    // Reads that find nothing (a read timeout, a polled socket's
+    // WouldBlock) are errors on their way up, and with RUST_BACKTRACE=1 in
+    // the environment anyhow captured a backtrace for each: polled
+    // subscribers then spent their time unwinding, and 10,000 topics showed
+    // deliveries seconds late that the node had written within 5 ms.
+    // Panics keep their backtraces (RUST_BACKTRACE).
+    if std::env::var_os("RUST_LIB_BACKTRACE").is_none() {
+        std::env::set_var("RUST_LIB_BACKTRACE", "0");
+    }
     let cli = Cli::parse();
     let shape = |name: &str, topics, subscribers, publishers, common: &Common, original_api| scenario::Shape {
         stalled: 0,
