@@ -121,7 +121,7 @@ fn run_or_panic(seed: u64, steps: u64) {
     eprintln!(
         "seed {seed}: {steps} steps, {} published ({} through a peer), {} delivered, {} dropped and announced, \
          {} disconnects, {} lost histories, {} gaps, {} refused, {} restarts, {} quiescence checks, \
-         {} commits ({} failed), {} catch-up batches, {} unreadable reads",
+         {} commits ({} failed), {} catch-up batches, {} unreadable reads, {} delivery batch frames",
         s.published,
         s.remote,
         s.delivered,
@@ -135,7 +135,8 @@ fn run_or_panic(seed: u64, steps: u64) {
         s.commits,
         s.failed_commits,
         s.catch_up_batches,
-        s.unread
+        s.unread,
+        s.delivery_batches
     );
 }
 
@@ -228,6 +229,8 @@ struct Stats {
     failed_commits: u64,
     catch_up_batches: u64,
     unread: u64,
+    /// Batch frames batched native clients read.
+    delivery_batches: u64,
 }
 
 struct Sim {
@@ -553,6 +556,7 @@ impl Sim {
                     conn.client.remove(&topic);
                     conn.leaving.remove(&topic);
                 }
+                Parsed::Batch => self.stats.delivery_batches += 1,
                 Parsed::Dropped { topic, from_seq, to_seq, count } => {
                     if count == 0 || count > to_seq - from_seq + 1 {
                         return Err(format!("notice {from_seq}..={to_seq} counts {count}"));
@@ -643,6 +647,10 @@ impl Sim {
         }
         let policy = if self.rng.below(2) == 0 { SlowConsumerPolicy::Drop } else { SlowConsumerPolicy::Disconnect };
         let format = if self.rng.below(2) == 0 { Format::Raw } else { Format::Native };
+        // Half the native clients take their deliveries batched
+        // (`?delivery=batch`): the same order and loss invariants hold
+        // through the batch frames.
+        let batched = format == Format::Native && self.rng.below(2) == 0;
         let read_bytes = self.reader_speed();
         let addr = address(self.rng.below(ADDRESSES as usize) as u8);
         self.next_conn += 1;
@@ -657,6 +665,9 @@ impl Sim {
             leaving: BTreeSet::new(),
             read_bytes,
         });
+        if batched {
+            self.conns.last().expect("just connected").out.set_batched(true);
+        }
     }
 
     /// A client whose connection died comes back on a new one and resumes
@@ -1006,6 +1017,8 @@ fn quiescent(conn: &mut Conn) -> Check {
 }
 
 enum Parsed {
+    /// A batch frame began (its deliveries follow as `Data`).
+    Batch,
     /// A message: its id and publisher from the payload, and the sequence
     /// its envelope names (native only).
     Data {
@@ -1033,25 +1046,28 @@ fn parse_frames(mut bytes: &[u8], format: Format) -> Result<Vec<Parsed>, String>
         let end = ws::frame_end_at(bytes, 0, 1);
         let (frame, rest) = bytes.split_at(end);
         bytes = rest;
-        let header = if frame[1] & 0x7f == 126 { 4 } else { 2 };
+        let header = match frame[1] & 0x7f {
+            126 => 4,
+            127 => 10,
+            _ => 2,
+        };
         let payload = &frame[header..];
         out.push(match frame[0] & 0x0f {
-            0x2 => {
-                // A native binary envelope: type, name length, name, seq, ts.
-                let (seq, payload) = match format {
-                    Format::Native => {
-                        let at = 2 + payload[1] as usize;
-                        (Some(be_u64(&payload[at..])), &payload[at + 16..])
-                    }
-                    _ => (None, payload),
-                };
-                Parsed::Data {
-                    id: be_u64(payload),
-                    publisher: u32::from_be_bytes(payload[8..12].try_into().expect("4 bytes")),
-                    publisher_seq: be_u64(&payload[12..]),
-                    seq,
+            0x2 if format == Format::Native && payload[0] == native::SERVER_BINARY_BATCH => {
+                // A batch: length-prefixed envelopes, at least two.
+                out.push(Parsed::Batch);
+                let (mut rest, mut count) = (&payload[1..], 0);
+                while !rest.is_empty() {
+                    let len = u32::from_be_bytes(rest[..4].try_into().expect("4 bytes")) as usize;
+                    out.push(parse_data(&rest[4..4 + len], format));
+                    (rest, count) = (&rest[4 + len..], count + 1);
                 }
+                if count < 2 {
+                    return Err(format!("a batch frame of {count} deliveries"));
+                }
+                continue;
             }
+            0x2 => parse_data(payload, format),
             0x1 => {
                 let notice: serde_json::Value = serde_json::from_slice(payload).map_err(|e| e.to_string())?;
                 if notice["type"] == "unsubscribed" {
@@ -1077,6 +1093,24 @@ fn parse_frames(mut bytes: &[u8], format: Format) -> Result<Vec<Parsed>, String>
         });
     }
     Ok(out)
+}
+
+/// One delivery: a raw frame's payload, or a native binary envelope (type,
+/// name length, name, seq, ts, payload).
+fn parse_data(payload: &[u8], format: Format) -> Parsed {
+    let (seq, payload) = match format {
+        Format::Native => {
+            let at = 2 + payload[1] as usize;
+            (Some(be_u64(&payload[at..])), &payload[at + 16..])
+        }
+        _ => (None, payload),
+    };
+    Parsed::Data {
+        id: be_u64(payload),
+        publisher: u32::from_be_bytes(payload[8..12].try_into().expect("4 bytes")),
+        publisher_seq: be_u64(&payload[12..]),
+        seq,
+    }
 }
 
 fn be_u64(bytes: &[u8]) -> u64 {

@@ -446,18 +446,9 @@ impl Conn {
     fn open_member(target: &Target, topic: &str, prefetch: u32) -> Result<Conn> {
         let mut conn = Conn::open_native(target, topic)?;
         match conn.kind {
-            Kind::Rayflux => {
-                let join =
-                    serde_json::json!({"op":"subscribe","id":1,"topic":topic,"group":"bench","prefetch":prefetch});
-                conn.ws.send(Message::text(join.to_string()))?;
-                let reply: serde_json::Value = match conn.ws.read()? {
-                    Message::Text(t) => serde_json::from_str(&t)?,
-                    other => bail!("expected the join's reply, got {other:?}"),
-                };
-                if reply["ok"] != true {
-                    bail!("join refused: {reply}");
-                }
-            }
+            Kind::Rayflux => conn.native_subscribe(
+                serde_json::json!({"op":"subscribe","id":1,"topic":topic,"group":"bench","prefetch":prefetch}),
+            )?,
             Kind::Nats => conn.nats_start(Some(format!("SUB {topic} bench 1\r\n")))?,
         }
         Ok(conn)
@@ -552,18 +543,24 @@ impl Conn {
             conn.nats_start(subscribe.then(|| format!("SUB {topic} 1\r\n")))?;
         }
         if native {
-            let subscribe = serde_json::json!({"op": "subscribe", "id": 1, "topic": topic});
-            conn.ws.send(Message::text(subscribe.to_string()))?;
-            let reply: serde_json::Value = match conn.ws.read()? {
-                Message::Text(t) => serde_json::from_str(&t)?,
-                other => bail!("expected the subscription's reply, got {other:?}"),
-            };
-            if reply["ok"] != true {
-                bail!("subscription refused: {reply}");
-            }
+            conn.native_subscribe(serde_json::json!({"op": "subscribe", "id": 1, "topic": topic}))?;
             conn.native_sub = true;
         }
         Ok(conn)
+    }
+
+    /// RayFlux native: sends a `subscribe` request (plain or a group join)
+    /// and waits for its successful reply.
+    fn native_subscribe(&mut self, request: serde_json::Value) -> Result<()> {
+        self.ws.send(Message::text(request.to_string()))?;
+        let reply: serde_json::Value = match self.ws.read()? {
+            Message::Text(t) => serde_json::from_str(&t)?,
+            other => bail!("expected the subscription's reply, got {other:?}"),
+        };
+        if reply["ok"] != true {
+            bail!("subscription refused: {reply}");
+        }
+        Ok(())
     }
 
     /// NATS: CONNECT, then `sub` if any, and waits for the PONG that proves

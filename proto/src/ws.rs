@@ -377,28 +377,15 @@ pub fn data_frame_payload(frame: &[u8]) -> Option<&[u8]> {
 
 /// Bytes of a server frame's header for a payload of `len` bytes.
 pub fn server_header_len(len: usize) -> usize {
-    match len {
-        0..=125 => 2,
-        126..=0xffff => 4,
-        _ => 10,
-    }
+    FrameHeader::default().len(len as u64)
 }
 
 /// Appends the header of an unmasked binary frame whose payload of `len`
 /// bytes the caller appends next.
 pub fn append_binary_header(len: usize, out: &mut Vec<u8>) {
-    out.push(0x80 | 0x2);
-    match len {
-        0..=125 => out.push(len as u8),
-        126..=0xffff => {
-            out.push(126);
-            out.extend_from_slice(&(len as u16).to_be_bytes());
-        }
-        _ => {
-            out.push(127);
-            out.extend_from_slice(&(len as u64).to_be_bytes());
-        }
-    }
+    let header = FrameHeader { opcode: OpCode::Data(Data::Binary), ..FrameHeader::default() };
+    // Writing into a Vec cannot fail.
+    header.format(len as u64, out).expect("write to memory");
 }
 
 /// The value of `Sec-WebSocket-Accept` for a client's `Sec-WebSocket-Key`.

@@ -64,9 +64,9 @@ impl<'a> Writer<'a> {
                         return Poll::Pending;
                     }
                 }
-                self.turn = Some(Box::pin(write_turn(self.session)));
             }
-            let Some(turn) = self.turn.as_mut() else { continue };
+            let session = self.session;
+            let turn = self.turn.get_or_insert_with(|| Box::pin(write_turn(session)));
             let Poll::Ready(ended) = turn.as_mut().poll(cx) else { return Poll::Pending };
             self.turn = None;
             // Nothing ran between the turn's last look at the queue and
