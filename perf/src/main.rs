@@ -457,8 +457,7 @@ impl Conn {
     /// A RayFlux native-protocol connection (`/v1/ws`) about `topic`, or a
     /// NATS connection not yet started.
     fn open_native(target: &Target, topic: &str) -> Result<Conn> {
-        let stream = TcpStream::connect(&target.addr).with_context(|| format!("connect {}", target.addr))?;
-        stream.set_nodelay(true)?;
+        let stream = connect(&target.addr, None)?;
         let url = match target.kind {
             Kind::Rayflux => format!("ws://{}/v1/ws", target.addr),
             Kind::Nats => format!("ws://{}/", target.addr),
@@ -518,17 +517,7 @@ impl Conn {
             (Some(publish), false) => publish,
             _ => &target.addr,
         };
-        let stream = match source {
-            None => TcpStream::connect(addr).with_context(|| format!("connect {addr}"))?,
-            Some(ip) => {
-                let remote: std::net::SocketAddr = addr.parse().context("--sources needs an ip:port target")?;
-                let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
-                socket.bind(&std::net::SocketAddr::new(ip, 0).into())?;
-                socket.connect(&remote.into()).with_context(|| format!("connect {remote} from {ip}"))?;
-                socket.into()
-            }
-        };
-        stream.set_nodelay(true)?;
+        let stream = connect(addr, source)?;
         let native = subscribe && target.delivery.is_some();
         let url = match (target.kind, &target.delivery) {
             (Kind::Rayflux, Some(delivery)) if subscribe => format!("ws://{addr}/v1/ws?delivery={delivery}"),
@@ -597,8 +586,7 @@ impl Conn {
         let mut conn = match target.kind {
             Kind::Rayflux => {
                 let addr = target.publish_addr.as_ref().unwrap_or(&target.addr);
-                let stream = TcpStream::connect(addr).with_context(|| format!("connect {addr}"))?;
-                stream.set_nodelay(true)?;
+                let stream = connect(addr, None)?;
                 let replies = stream.try_clone()?;
                 let (ws, _) = tungstenite::client(format!("ws://{addr}/v1/ws"), stream)
                     .map_err(|e| anyhow::anyhow!("handshake: {e}"))?;
@@ -980,6 +968,28 @@ fn run_all(shape: scenario::Shape, common: &Common) -> Result<()> {
         std::fs::write(file, report::svg(&title, &curves)).with_context(|| format!("{}", file.display()))?;
     }
     Ok(())
+}
+
+/// A benchmark connection to `addr` (`ip:port` when `source` is given), from
+/// `source` if given, with Nagle off. It closes with a reset (`SO_LINGER` 0):
+/// a search opens thousands of connections per probe, and closed ones left
+/// in TIME_WAIT for a minute ran the loopback out of source ports after a
+/// few probes ("Cannot assign requested address"). Nothing is in flight when
+/// a run drops its connections.
+pub(crate) fn connect(addr: &str, source: Option<std::net::IpAddr>) -> Result<TcpStream> {
+    let stream = match source {
+        None => TcpStream::connect(addr).with_context(|| format!("connect {addr}"))?,
+        Some(ip) => {
+            let remote: std::net::SocketAddr = addr.parse().context("a source address needs an ip:port target")?;
+            let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+            socket.bind(&std::net::SocketAddr::new(ip, 0).into())?;
+            socket.connect(&remote.into()).with_context(|| format!("connect {remote} from {ip}"))?;
+            socket.into()
+        }
+    };
+    stream.set_nodelay(true)?;
+    socket2::SockRef::from(&stream).set_linger(Some(std::time::Duration::ZERO))?;
+    Ok(stream)
 }
 
 fn one_run(target: &Target, shape: &scenario::Shape, turn: usize) -> Result<Run> {

@@ -679,8 +679,7 @@ fn open_subscriber_from(
         conn.ws.get_ref().set_read_timeout(Some(Duration::from_secs(QUIET_SECONDS)))?;
         return Ok(Sub::Native(conn));
     }
-    let stream = TcpStream::connect(&target.addr).with_context(|| format!("connect {}", target.addr))?;
-    stream.set_nodelay(true)?;
+    let stream = crate::connect(&target.addr, None)?;
     stream.set_read_timeout(Some(Duration::from_secs(QUIET_SECONDS)))?;
     let (mut ws, _) = tungstenite::client(format!("ws://{}/subscribe", target.addr), stream)
         .map_err(|e| anyhow::anyhow!("handshake: {e}"))?;
@@ -760,8 +759,7 @@ impl Publisher {
         if !original_api {
             return Ok(Publisher::Native(Box::new(Conn::open(target, topic, false)?)));
         }
-        let stream = TcpStream::connect(&target.addr)?;
-        stream.set_nodelay(true)?;
+        let stream = crate::connect(&target.addr, None)?;
         stream.set_read_timeout(Some(Duration::from_secs(10)))?;
         Ok(Publisher::Original { stream, topic: topic.to_string(), response: Vec::new() })
     }
