@@ -157,7 +157,7 @@ enum Command {
 /// Options every publish/subscribe scenario takes.
 #[derive(clap::Args, Clone)]
 struct Common {
-    /// A target: `NAME=URL[,pid=PID][,durable=ACK][,jetstream=STORAGE][,publish=HOST:PORT][,owner=HOST:PORT][,delivery=D]`,
+    /// A target: `NAME=URL[,pid=PID][,durable=ACK][,jetstream=STORAGE][,publish=HOST:PORT][,owner=HOST:PORT][,delivery=D][,reads=BYTES]`,
     /// URL rayflux://HOST:PORT or nats://HOST:PORT; pid=A+B sums several
     /// servers' CPU (a cluster); publish=HOST:PORT (RayFlux) sends the
     /// publishers to another node of a cluster than the subscribers
@@ -169,7 +169,9 @@ struct Common {
     /// stream and pull consumer instead of a core queue group;
     /// delivery=single|batch (RayFlux) subscribes on the native protocol
     /// (`/v1/ws?delivery=D`, binary envelopes; `batch`: several deliveries
-    /// per frame when they queue up) instead of raw topic sockets.
+    /// per frame when they queue up) instead of raw topic sockets;
+    /// reads=BYTES makes subscribers read at most that many bytes at a time
+    /// (a client reading in small pieces; any target).
     /// Give two or more to run them in turns (A, B, A, B) and print ratios
     /// against the first. With pid, the server's CPU is read from /proc.
     #[arg(long = "target", required = true)]
@@ -269,6 +271,8 @@ struct Target {
     /// RayFlux only: subscribers use the native protocol with this
     /// delivery (`single`, `batch`) instead of raw topic sockets.
     delivery: Option<String>,
+    /// Subscribers read at most this many bytes per read (0: no cap).
+    reads: usize,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -348,6 +352,7 @@ fn parse_target(spec: &str) -> Result<Target> {
     let mut durable = None;
     let mut jetstream = None;
     let mut delivery = None;
+    let mut reads = 0;
     for p in parts {
         match p.split_once('=') {
             Some(("pid", v)) => {
@@ -364,6 +369,7 @@ fn parse_target(spec: &str) -> Result<Target> {
             Some(("delivery", v)) if kind == Kind::Rayflux && matches!(v, "single" | "batch") => {
                 delivery = Some(v.to_string())
             }
+            Some(("reads", v)) => reads = v.parse().context("reads=BYTES")?,
             _ => bail!("unknown target option {p}"),
         }
     }
@@ -378,6 +384,7 @@ fn parse_target(spec: &str) -> Result<Target> {
         durable,
         jetstream,
         delivery,
+        reads,
     })
 }
 
@@ -397,9 +404,49 @@ impl Target {
 /// A RayFlux group delivery's tag and sequence.
 type TagSeq = (u64, u64);
 
+/// A benchmark connection's socket. `read_max` > 0 caps every read at that
+/// many bytes (the target's `reads=`): a client that reads a little at a
+/// time, whatever arrived (tungstenite itself asks for 4 KiB).
+pub(crate) struct Stream {
+    tcp: TcpStream,
+    read_max: usize,
+}
+
+impl Stream {
+    pub(crate) fn new(tcp: TcpStream, read_max: usize) -> Stream {
+        Stream { tcp, read_max }
+    }
+}
+
+impl std::ops::Deref for Stream {
+    type Target = TcpStream;
+    fn deref(&self) -> &TcpStream {
+        &self.tcp
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let len = match self.read_max {
+            0 => buf.len(),
+            max => buf.len().min(max),
+        };
+        self.tcp.read(&mut buf[..len])
+    }
+}
+
+impl std::io::Write for Stream {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.tcp.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.tcp.flush()
+    }
+}
+
 /// A connection to a target, as publisher or subscriber.
 struct Conn {
-    ws: WebSocket<TcpStream>,
+    ws: WebSocket<Stream>,
     kind: Kind,
     subject: String,
     nats: nats::Parser,
@@ -424,7 +471,7 @@ struct Batch {
 }
 
 impl Conn {
-    fn new(ws: WebSocket<TcpStream>, kind: Kind, topic: &str) -> Conn {
+    fn new(ws: WebSocket<Stream>, kind: Kind, topic: &str) -> Conn {
         Conn {
             ws,
             kind,
@@ -462,7 +509,8 @@ impl Conn {
             Kind::Rayflux => format!("ws://{}/v1/ws", target.addr),
             Kind::Nats => format!("ws://{}/", target.addr),
         };
-        let (ws, _) = tungstenite::client(url, stream).map_err(|e| anyhow::anyhow!("handshake: {e}"))?;
+        let (ws, _) =
+            tungstenite::client(url, Stream::new(stream, 0)).map_err(|e| anyhow::anyhow!("handshake: {e}"))?;
         Ok(Conn::new(ws, target.kind, topic))
     }
 
@@ -526,7 +574,8 @@ impl Conn {
             }
             (Kind::Nats, _) => format!("ws://{}/", target.addr),
         };
-        let (ws, _) = tungstenite::client(url, stream).map_err(|e| anyhow::anyhow!("handshake: {e}"))?;
+        let (ws, _) = tungstenite::client(url, Stream::new(stream, if subscribe { target.reads } else { 0 }))
+            .map_err(|e| anyhow::anyhow!("handshake: {e}"))?;
         let mut conn = Conn::new(ws, target.kind, topic);
         if conn.kind == Kind::Nats {
             conn.nats_start(subscribe.then(|| format!("SUB {topic} 1\r\n")))?;
@@ -588,7 +637,7 @@ impl Conn {
                 let addr = target.publish_addr.as_ref().unwrap_or(&target.addr);
                 let stream = connect(addr, None)?;
                 let replies = stream.try_clone()?;
-                let (ws, _) = tungstenite::client(format!("ws://{addr}/v1/ws"), stream)
+                let (ws, _) = tungstenite::client(format!("ws://{addr}/v1/ws"), Stream::new(stream, 0))
                     .map_err(|e| anyhow::anyhow!("handshake: {e}"))?;
                 let counted = refused.clone();
                 std::thread::spawn(move || count_refusals(replies, &counted));

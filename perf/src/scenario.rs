@@ -636,7 +636,7 @@ pub(crate) fn is_read_timeout(e: &anyhow::Error) -> bool {
 /// A subscription: a WebSocket on the target's own API.
 enum Sub {
     Native(Conn),
-    Original(tungstenite::WebSocket<TcpStream>),
+    Original(tungstenite::WebSocket<crate::Stream>),
 }
 
 impl Sub {
@@ -681,6 +681,7 @@ fn open_subscriber_from(
     }
     let stream = crate::connect(&target.addr, None)?;
     stream.set_read_timeout(Some(Duration::from_secs(QUIET_SECONDS)))?;
+    let stream = crate::Stream::new(stream, target.reads);
     let (mut ws, _) = tungstenite::client(format!("ws://{}/subscribe", target.addr), stream)
         .map_err(|e| anyhow::anyhow!("handshake: {e}"))?;
     let hello = serde_json::json!({ "subscriber_id": "fluxbench", "topic": topic }).to_string();
