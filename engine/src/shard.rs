@@ -206,6 +206,9 @@ struct Outbox {
     bytes: Cell<usize>,
     /// Wakes the flusher.
     wake: Event,
+    /// Whether `items` holds deliveries whose flusher was not woken: they
+    /// go with the fan-out's next write (see `Shard::send`).
+    held: Cell<bool>,
 }
 
 /// The line of publishes waiting for room in the in-flight budget toward
@@ -277,6 +280,8 @@ pub struct Shard {
     room: Event,
     /// Wakes the fan-out task.
     fanout_wake: Event,
+    /// Whether some outbox holds deliveries for the fan-out to release.
+    deliveries_held: Cell<bool>,
     /// Publishes waiting for the in-flight budget, per owner shard.
     remote_queues: Vec<RemoteQueue>,
     /// Answers awaited by tasks, by request id.
@@ -403,6 +408,7 @@ impl Shard {
             outboxes: (0..shards).map(|_| Outbox::default()).collect(),
             room: Event::default(),
             fanout_wake: Event::default(),
+            deliveries_held: Cell::new(false),
             remote_queues: (0..shards).map(|_| RemoteQueue::default()).collect(),
             awaited: RefCell::default(),
             control_queue,
@@ -483,11 +489,38 @@ impl Shard {
     }
 
     /// Queues an item in peer `shard`'s outbox for its next batch.
+    ///
+    /// A delivery for the peer's subscribers is held for the fan-out's next
+    /// write (its flush interval) instead of waking the flusher, so that a
+    /// busy topic wakes a peer shard once per interval rather than once per
+    /// publish: each wake-up of a sleeping peer costs an eventfd write, a
+    /// context switch and its ring's enters, and with subscribers on both
+    /// shards of a 2-core box that made a delivery cost twice as much
+    /// (ARCHITECTURE.md). Anything else wakes the flusher at once and takes
+    /// the held deliveries with it (order kept); so does a half-full outbox.
     pub(crate) fn send(&self, shard: usize, item: Item) {
         let outbox = &self.outboxes[shard];
+        let delivery = matches!(item, Item::Data(broker::Item::Deliver { .. }));
         outbox.bytes.set(outbox.bytes.get() + item.cost_bytes());
         outbox.items.borrow_mut().push(item);
-        outbox.wake.notify();
+        if delivery && !self.config.flush_interval().is_zero() && outbox.bytes.get() < OUTBOX_BYTES_MAX / 2 {
+            outbox.held.set(true);
+            if !self.deliveries_held.replace(true) {
+                self.fanout_wake.notify();
+            }
+        } else {
+            outbox.held.set(false);
+            outbox.wake.notify();
+        }
+    }
+
+    /// Wakes the flushers of outboxes holding deliveries (see `send`).
+    fn release_deliveries(&self) {
+        if self.deliveries_held.replace(false) {
+            for outbox in self.outboxes.iter().filter(|o| o.held.replace(false)) {
+                outbox.wake.notify();
+            }
+        }
     }
 
     /// Counts frames handed to a socket by a session's writer and records their
@@ -664,7 +697,8 @@ impl Shard {
         let interval = self.config.flush_interval();
         let mut last_flush = Instant::now();
         loop {
-            if !self.broker.borrow().has_fan_out() && self.flush_list.borrow().is_empty() {
+            if !self.broker.borrow().has_fan_out() && self.flush_list.borrow().is_empty() && !self.deliveries_held.get()
+            {
                 self.fanout_wake.wait().await;
                 continue;
             }
@@ -679,12 +713,13 @@ impl Shard {
             // announced first, so that publishers and the shard mesh keep
             // bringing messages during the wait.
             let since = last_flush.elapsed();
-            if since < interval && !self.flush_list.borrow().is_empty() {
+            if since < interval && (!self.flush_list.borrow().is_empty() || self.deliveries_held.get()) {
                 self.room.notify();
                 glommio::timer::sleep(interval - since).await;
                 self.fan_out_waiting().await;
             }
             self.flush_direct();
+            self.release_deliveries();
             last_flush = Instant::now();
             self.room.notify();
         }
