@@ -18,7 +18,7 @@ use std::future::poll_fn;
 use std::io;
 use std::pin::Pin;
 use std::rc::{Rc, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::BytesMut;
 use futures_lite::{AsyncRead, AsyncWrite};
@@ -199,17 +199,29 @@ async fn serve(shard: &Weak<Shard>, link: &Rc<NodeLink>, stream: TcpStream, buf:
     futures_lite::future::or(reader, writer).await
 }
 
+/// Writes the link's queue, everything queued in one write. Paced as the
+/// fan-out's writes are (`flush_interval_us`): while frames come faster
+/// than one per interval, what arrives until it has passed since the
+/// previous write joins the next one; nothing waits when they come slower.
+/// Unpaced, a forwarded publish cost a write and its ring enters of its
+/// own on the publisher's node (ARCHITECTURE.md).
 async fn write_loop(shard: &Weak<Shard>, link: &NodeLink, stream: Rc<RefCell<TcpStream>>) -> String {
+    let interval = shard.upgrade().map(|s| s.config.flush_interval()).unwrap_or_default();
+    let mut last_write: Option<Instant> = None;
     let mut batch = Vec::new();
     loop {
         if link.overflow.get() {
             return "queue over its bound".into();
         }
-        std::mem::swap(&mut batch, &mut *link.queue.borrow_mut());
-        if batch.is_empty() {
+        if link.queue.borrow().is_empty() {
             link.wake.wait().await;
             continue;
         }
+        if let Some(since) = last_write.map(|t| t.elapsed()).filter(|since| *since < interval) {
+            glommio::timer::sleep(interval - since).await;
+            continue;
+        }
+        std::mem::swap(&mut batch, &mut *link.queue.borrow_mut());
         if let Some(s) = shard.upgrade() {
             metrics::sub(&s.metrics.link_queue_bytes, batch.len() as u64);
         }
@@ -222,6 +234,7 @@ async fn write_loop(shard: &Weak<Shard>, link: &NodeLink, stream: Rc<RefCell<Tcp
             }
         }
         batch.clear();
+        last_write = Some(Instant::now());
     }
 }
 
