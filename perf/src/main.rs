@@ -199,6 +199,13 @@ struct Common {
     /// ahead of its schedule.
     #[arg(long, default_value_t = 1)]
     batch: usize,
+    /// With --batch: while the publish loop is behind schedule, flush
+    /// partly filled batches at most once per this many milliseconds
+    /// (Kafka's `linger.ms`); 0: whenever 64 publishers hold messages.
+    /// Many publishers at a high total rate otherwise send batches of one
+    /// or two messages.
+    #[arg(long, default_value_t = 0)]
+    linger_ms: u64,
     /// Turns per target.
     #[arg(long, default_value_t = 2)]
     repeat: usize,
@@ -313,24 +320,47 @@ fn unpack_native(frame: &[u8], out: &mut std::collections::VecDeque<Vec<u8>>) ->
     Ok(())
 }
 
-/// Reads a batching publisher's replies (server frames, unmasked JSON) and
-/// counts the refusals among them, until the connection ends.
-fn count_refusals(mut stream: TcpStream, refused: &std::sync::atomic::AtomicU64) {
-    let needle = b"\"ok\":false";
-    let mut buf = vec![0u8; 64 << 10];
-    let mut carry = 0;
-    loop {
-        let n = match stream.read(&mut buf[carry..]) {
-            Ok(0) | Err(_) => return,
-            Ok(n) => n,
-        };
-        let end = carry + n;
-        let found = buf[..end].windows(needle.len()).filter(|w| *w == needle).count();
-        refused.fetch_add(found as u64, std::sync::atomic::Ordering::Relaxed);
-        // Keeps a tail shorter than the needle: a match cut in two is
-        // counted once, with the next read.
-        carry = (needle.len() - 1).min(end);
-        buf.copy_within(end - carry..end, 0);
+/// A batching RayFlux publisher's replies (server frames, unmasked JSON),
+/// read without waiting whenever it sends a batch, counting the refusals
+/// among them. A thread per publisher reading them used to be 1,000
+/// threads with 1,000 topics, and the load generator's own limit.
+struct Refusals {
+    stream: TcpStream,
+    buf: Vec<u8>,
+    /// Bytes kept from the previous read (a match may be cut in two).
+    carry: usize,
+    count: u64,
+}
+
+impl Refusals {
+    const NEEDLE: &'static [u8] = b"\"ok\":false";
+
+    fn new(stream: TcpStream) -> Refusals {
+        Refusals { stream, buf: vec![0u8; 64 << 10], carry: 0, count: 0 }
+    }
+
+    /// Reads whatever replies have arrived, without waiting (`MSG_DONTWAIT`
+    /// on this call only: the descriptor's flags are shared with the
+    /// writing side, which stays blocking).
+    fn drain(&mut self) {
+        use std::os::fd::AsRawFd;
+        loop {
+            let room = &mut self.buf[self.carry..];
+            // SAFETY: `room` is a valid, writable buffer of `room.len()` bytes.
+            let n = unsafe {
+                libc::recv(self.stream.as_raw_fd(), room.as_mut_ptr().cast(), room.len(), libc::MSG_DONTWAIT)
+            };
+            if n <= 0 {
+                return; // nothing more now, or the connection ended
+            }
+            let end = self.carry + n as usize;
+            let found = self.buf[..end].windows(Self::NEEDLE.len()).filter(|w| *w == Self::NEEDLE).count();
+            self.count += found as u64;
+            // Keeps a tail shorter than the needle: a match cut in two is
+            // counted once, with the next read.
+            self.carry = (Self::NEEDLE.len() - 1).min(end);
+            self.buf.copy_within(end - self.carry..end, 0);
+        }
     }
 }
 
@@ -466,8 +496,8 @@ struct Batch {
     size: usize,
     pending: Vec<Vec<u8>>,
     next_id: u64,
-    /// RayFlux: refusals its replies reported (read by a thread of its own).
-    refused: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// RayFlux: its replies, read as batches go.
+    replies: Option<Box<Refusals>>,
 }
 
 impl Conn {
@@ -628,24 +658,22 @@ impl Conn {
     }
 
     /// A publisher sending batches of `size` messages to `topic` (see
-    /// `--batch`): RayFlux's native protocol, whose replies a thread reads
-    /// (counting refusals), or NATS.
+    /// `--batch`): RayFlux's native protocol, whose replies are read as
+    /// batches go (counting refusals), or NATS.
     fn open_batching(target: &Target, topic: &str, size: usize) -> Result<Conn> {
-        let refused = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let mut replies = None;
         let mut conn = match target.kind {
             Kind::Rayflux => {
                 let addr = target.publish_addr.as_ref().unwrap_or(&target.addr);
                 let stream = connect(addr, None)?;
-                let replies = stream.try_clone()?;
+                replies = Some(Box::new(Refusals::new(stream.try_clone()?)));
                 let (ws, _) = tungstenite::client(format!("ws://{addr}/v1/ws"), Stream::new(stream, 0))
                     .map_err(|e| anyhow::anyhow!("handshake: {e}"))?;
-                let counted = refused.clone();
-                std::thread::spawn(move || count_refusals(replies, &counted));
                 Conn::new(ws, Kind::Rayflux, topic)
             }
             Kind::Nats => Conn::open(target, topic, false)?,
         };
-        conn.batch = Some(Batch { size, pending: Vec::with_capacity(size), next_id: 1, refused });
+        conn.batch = Some(Batch { size, pending: Vec::with_capacity(size), next_id: 1, replies });
         Ok(conn)
     }
 
@@ -667,13 +695,18 @@ impl Conn {
             }
         };
         batch.pending.clear();
+        if let Some(replies) = batch.replies.as_mut() {
+            replies.drain();
+        }
         self.ws.write(Message::binary(frame))?;
         Ok(())
     }
 
-    /// Refusals a batching RayFlux publisher's replies reported.
-    fn refused(&self) -> u64 {
-        self.batch.as_ref().map_or(0, |b| b.refused.load(std::sync::atomic::Ordering::Relaxed))
+    /// Refusals a batching RayFlux publisher's replies reported so far.
+    fn refused(&mut self) -> u64 {
+        let Some(replies) = self.batch.as_mut().and_then(|b| b.replies.as_mut()) else { return 0 };
+        replies.drain();
+        replies.count
     }
 
     /// Queues one message (flushed by `flush` or when the buffer fills).
@@ -824,6 +857,7 @@ fn main() -> Result<()> {
         batch: common.batch.clamp(1, proto::native::PUBLISH_BATCH_MAX),
         original_api,
         sub_threads: common.sub_threads,
+        linger_ms: common.linger_ms,
     };
     match cli.command {
         Command::Fanout { subscribers, common } => run_all(shape("fanout", 1, subscribers, 1, &common, false), &common),

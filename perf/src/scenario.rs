@@ -67,6 +67,9 @@ pub struct Shape {
     pub request: Option<crate::request::RequestShape>,
     /// Threads the subscribers share (0: a thread each; see `--sub-threads`).
     pub sub_threads: usize,
+    /// With batches: flush partly filled ones at most this often while
+    /// behind schedule (see `--linger-ms`; 0: `PUBLISHERS_FLUSHED_BEHIND`).
+    pub linger_ms: u64,
 }
 
 /// How the group scenario's members take their messages.
@@ -252,7 +255,7 @@ pub fn run(target: &Target, shape: &Shape, turn: usize) -> Result<Run> {
     run.client_cpu_seconds = process_cpu_seconds(std::process::id())? - cpu_client_start;
     // A batch refused in part loses messages the subscribers count; its
     // replies say why.
-    let refused: u64 = publishers.iter().map(Publisher::refused).sum();
+    let refused: u64 = publishers.iter_mut().map(Publisher::refused).sum();
     if refused > 0 {
         eprintln!("{}: {refused} publish batches refused (in whole or part)", target.name);
     }
@@ -439,12 +442,22 @@ fn publish(shape: &Shape, publishers: &mut [Publisher]) -> Result<f64> {
         }
         Ok(())
     };
+    let linger_us = shape.linger_ms * 1000;
+    let mut last_flush_us = 0;
     for k in 0..shape.total() {
         let due_us = k * 1_000_000 / shape.rate;
         let elapsed_us = start.elapsed().as_micros() as u64;
         if elapsed_us < due_us {
             flush(&mut dirty, &mut is_dirty, publishers)?;
+            last_flush_us = elapsed_us;
             std::thread::sleep(Duration::from_micros(due_us - elapsed_us));
+        } else if linger_us > 0 {
+            // Behind schedule: partly filled batches go once they have
+            // lingered long enough; full ones went as they filled.
+            if elapsed_us - last_flush_us >= linger_us {
+                flush(&mut dirty, &mut is_dirty, publishers)?;
+                last_flush_us = elapsed_us;
+            }
         } else if dirty.len() >= PUBLISHERS_FLUSHED_BEHIND {
             // Behind schedule with many publishers waiting: flush anyway,
             // so that being behind never means holding messages back.
@@ -789,7 +802,7 @@ impl Publisher {
     }
 
     /// Publish batches its replies refused (RayFlux, `--batch`).
-    fn refused(&self) -> u64 {
+    fn refused(&mut self) -> u64 {
         match self {
             Publisher::Native(conn) => conn.refused(),
             Publisher::Original { .. } => 0,
@@ -859,6 +872,7 @@ mod tests {
             original_api: false,
             stalled: 0,
             sub_threads: 0,
+            linger_ms: 0,
             group: None,
             request: None,
         };
