@@ -339,14 +339,21 @@ impl BatchReply {
         if t.remaining > 0 {
             return;
         }
-        let numbers = if t.accepted == 0 {
-            serde_json::json!({ "count": 0 })
-        } else {
-            serde_json::json!({ "first_seq": t.first_seq, "last_seq": t.last_seq, "count": t.accepted })
-        };
-        let frame = match t.refused {
-            None => native::reply_ok(self.id, numbers),
-            Some(e) => native::reply_error_with(self.id, e.code(), &e.to_string(), numbers),
+        let frame = match (t.refused, t.accepted) {
+            (None, 0) => native::reply_ok_numbers(self.id, &[("count", 0)]),
+            (None, accepted) => native::reply_ok_numbers(
+                self.id,
+                &[("first_seq", t.first_seq), ("last_seq", t.last_seq), ("count", accepted as u64)],
+            ),
+            (Some(e), 0) => {
+                native::reply_error_with(self.id, e.code(), &e.to_string(), serde_json::json!({ "count": 0 }))
+            }
+            (Some(e), accepted) => native::reply_error_with(
+                self.id,
+                e.code(),
+                &e.to_string(),
+                serde_json::json!({ "first_seq": t.first_seq, "last_seq": t.last_seq, "count": accepted }),
+            ),
         };
         self.out.offer_control(frame);
     }
@@ -360,7 +367,7 @@ impl PublishReply {
             (PublishReply::CloseOnError(_), Ok(_)) => {}
             (PublishReply::CloseOnError(out), Err(e)) => out.close(ws::close_code::TRY_AGAIN_LATER, &e.to_string()),
             (PublishReply::Native { out, id }, Ok(seq)) => {
-                out.offer_control(native::reply_ok(*id, serde_json::json!({ "seq": seq })));
+                out.offer_control(native::reply_ok_numbers(*id, &[("seq", seq)]));
             }
             (PublishReply::Native { out, id }, Err(e)) => {
                 out.offer_control(native::reply_error(Some(*id), e.code(), &e.to_string()));

@@ -470,6 +470,48 @@ pub fn reply_ok(id: u64, extra: serde_json::Value) -> Bytes {
     ws::encode_data(PayloadKind::Text, body.to_string().as_bytes())
 }
 
+/// `reply_ok` for extra fields that are all numbers, written without
+/// building a JSON value: the publish replies (one per native publish or
+/// publish batch), where `serde_json`'s map was the largest allocator in
+/// the node's profile at 1 M msg/s over 1,000 topics. The same bytes as
+/// `reply_ok` (keys in its sorted order); `extra` names are plain
+/// identifiers, none of them `id`, `ok` or `type`.
+pub fn reply_ok_numbers(id: u64, extra: &[(&'static str, u64)]) -> Bytes {
+    use std::fmt::Write;
+    #[derive(Clone, Copy)]
+    enum Value {
+        Number(u64),
+        True,
+        Reply,
+    }
+    const FIELDS_MAX: usize = 8;
+    let mut fields = [("", Value::True); FIELDS_MAX];
+    let count = extra.len() + 3;
+    assert!(count <= FIELDS_MAX, "too many reply fields");
+    fields[0] = ("id", Value::Number(id));
+    fields[1] = ("ok", Value::True);
+    fields[2] = ("type", Value::Reply);
+    for (slot, (name, value)) in fields[3..].iter_mut().zip(extra) {
+        *slot = (name, Value::Number(*value));
+    }
+    let fields = &mut fields[..count];
+    fields.sort_unstable_by_key(|(name, _)| *name);
+    let mut body = String::with_capacity(32 + 24 * count);
+    body.push('{');
+    for (i, (name, value)) in fields.iter().enumerate() {
+        if i > 0 {
+            body.push(',');
+        }
+        let _ = match value {
+            Value::Number(n) => write!(body, "\"{name}\":{n}"),
+            Value::True => write!(body, "\"{name}\":true"),
+            Value::Reply => write!(body, "\"{name}\":\"reply\""),
+        };
+    }
+    body.push('}');
+    ws::encode_data(PayloadKind::Text, body.as_bytes())
+}
+
 /// An error reply frame.
 pub fn reply_error(id: Option<u64>, code: &str, message: &str) -> Bytes {
     let body = serde_json::json!({
@@ -653,6 +695,18 @@ pub fn payload_fields(kind: PayloadKind, payload: &[u8]) -> serde_json::Value {
 mod tests {
     use super::*;
     use std::time::Instant;
+
+    #[test]
+    fn number_replies_are_the_bytes_reply_ok_writes() {
+        for id in [0, 7, u64::MAX] {
+            assert_eq!(reply_ok_numbers(id, &[("seq", 42)]), reply_ok(id, serde_json::json!({ "seq": 42 })));
+            assert_eq!(reply_ok_numbers(id, &[("count", 0)]), reply_ok(id, serde_json::json!({ "count": 0 })));
+            assert_eq!(
+                reply_ok_numbers(id, &[("first_seq", 1), ("last_seq", u64::MAX), ("count", 100)]),
+                reply_ok(id, serde_json::json!({ "first_seq": 1, "last_seq": u64::MAX, "count": 100 }))
+            );
+        }
+    }
 
     #[test]
     fn parses_each_op() {
