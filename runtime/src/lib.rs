@@ -7,6 +7,7 @@
 pub mod config;
 pub mod fdpass;
 pub mod limits;
+pub mod woken;
 
 /// Why one shard's future ended in error.
 #[derive(Debug, thiserror::Error)]
@@ -344,7 +345,10 @@ pub async fn accept_next(listener: &TcpListener, shard: usize, stopping: impl Fn
     let mut logged: Option<std::time::Instant> = None;
     let mut unlogged = 0u64;
     loop {
-        let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
+        // The stop check's ticks poll this task every 50 ms; the accept
+        // must not register again on each (see `woken`).
+        let accept = woken::WhenWoken::new(listener.accept());
+        let accepted = futures_lite::future::or(async { Some(accept.await) }, async {
             while !stopping() {
                 glommio::timer::sleep(Duration::from_millis(SHUTDOWN_POLL_MS)).await;
             }
