@@ -589,17 +589,31 @@ fn subscribers_polled(mut subs: Vec<(Sub, SubState)>, schedule_end: Instant) -> 
     let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 1024];
     let mut stats = SubStats::new();
     let mut last_data = Instant::now();
+    // Connections whose turn ended at its frame limit: the WebSocket
+    // reader may hold whole frames it read ahead, which epoll (watching the
+    // socket) never announces again. Served again without waiting. (Before
+    // this, the last frames of a burst could sit there unread and be
+    // counted lost although the server had sent them.)
+    let mut again: Vec<usize> = Vec::new();
     while waiting > 0 {
         let now = Instant::now();
         if now > schedule_end && now.duration_since(last_data) > Duration::from_secs(QUIET_SECONDS) {
             break;
         }
+        let wait_ms = if again.is_empty() { 100 } else { 0 };
         // SAFETY: `events` holds `events.len()` writable epoll_event structs.
-        let ready = unsafe { libc::epoll_wait(epoll, events.as_mut_ptr(), events.len() as i32, 100) };
-        for event in events.iter().take(ready.max(0) as usize) {
-            let i = event.u64 as usize;
+        let ready = unsafe { libc::epoll_wait(epoll, events.as_mut_ptr(), events.len() as i32, wait_ms) };
+        let mut turn: Vec<usize> = std::mem::take(&mut again);
+        turn.extend(events.iter().take(ready.max(0) as usize).map(|e| e.u64 as usize));
+        turn.sort_unstable();
+        turn.dedup();
+        for i in turn {
             let (conn, state) = &mut subs[i];
+            if state.complete() {
+                continue; // already removed from the set
+            }
             let mut done = false;
+            let mut dry = false;
             // A bounded turn per connection: one that never runs dry must
             // not starve the others on this thread.
             for _ in 0..POLLED_FRAMES_PER_TURN {
@@ -612,12 +626,18 @@ fn subscribers_polled(mut subs: Vec<(Sub, SubState)>, schedule_end: Instant) -> 
                             break;
                         }
                     }
-                    Err(e) if is_read_timeout(&e) => break,
+                    Err(e) if is_read_timeout(&e) => {
+                        dry = true;
+                        break;
+                    }
                     Err(_) => {
                         done = true;
                         break;
                     }
                 }
+            }
+            if !done && !dry {
+                again.push(i);
             }
             if done {
                 let fd = conn.stream().as_raw_fd();
