@@ -38,13 +38,16 @@ pub const UPLOAD_INTERVAL_MS_DEFAULT: u64 = 1_000;
 /// Default snapshot period, ms (0: only on demand): hourly.
 pub const SNAPSHOT_INTERVAL_MS_DEFAULT: u64 = 3_600_000;
 
-/// Which shard serves a topic socket (`/v1/topics/{topic}/ws`).
+/// Which shard serves a topic socket (`/v1/topics/{topic}/ws`), and a
+/// native socket (`/v1/ws`) from its first request on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
 pub enum TopicSockets {
     /// The shard that owns the topic: the accepting shard hands the socket
     /// over before the 101, so the topic's messages never cross shards on
     /// their way to it, and its publishes are sequenced where they are read.
+    /// A native socket moves to the owner of the topic its first request
+    /// (publish, publish batch, subscribe, join) names.
     Owner,
     /// The shard that accepted it (the kernel's SO_REUSEPORT hash): spreads
     /// one hot topic's fan-out over every core, at the price of a

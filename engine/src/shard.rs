@@ -77,23 +77,46 @@ impl Item {
     }
 }
 
-/// A topic socket handed to the shard that owns its topic, between its
-/// request head and the 101 (see `Config::topic_sockets`). The socket
-/// itself travels beside it, over the hand-off link (`fdpass`), as record
-/// `seq`. Dropping it closes the connection.
+/// A connection handed to the shard that owns its topic (see
+/// `Config::topic_sockets`): a topic socket between its request head and
+/// the 101, or a native socket at its first request. The socket itself
+/// travels beside it, over the hand-off link (`fdpass`), as record `seq`.
+/// Dropping it closes the connection.
 #[derive(Debug)]
 pub struct Handoff {
     /// The socket's record number on the link from the sending shard.
     pub seq: u64,
-    /// Bytes read after the request head.
+    /// Bytes read and not yet used: after the request head, or from the
+    /// native socket's first request frame on.
     pub buf: Vec<u8>,
-    /// The parsed request head.
-    pub head: proto::http::RequestHead,
-    /// The address the node attributes the connection to.
-    pub client: std::net::SocketAddr,
+    /// How far the connection got on the accepting shard.
+    pub stage: HandoffStage,
     /// The connection's place in the node's count, released if the hand-off
     /// is dropped on the way (shutdown).
     pub node: NodeConnection,
+}
+
+/// How far a handed-off connection got before it moved.
+#[derive(Debug)]
+pub enum HandoffStage {
+    /// Before the 101: the adopting shard answers the upgrade.
+    Upgrade {
+        /// The parsed request head.
+        head: proto::http::RequestHead,
+        /// The address the node attributes the connection to.
+        client: std::net::SocketAddr,
+    },
+    /// A native socket after its 101, before its first request was handled
+    /// (nothing queued to it, nothing subscribed): the adopting shard serves
+    /// the session from that request on.
+    Native {
+        /// The address the node attributes the connection to.
+        client: std::net::IpAddr,
+        /// Its slow-consumer policy (`slow=`).
+        policy: proto::outbound::SlowConsumerPolicy,
+        /// Whether its deliveries are packed (`delivery=batch`).
+        batched: bool,
+    },
 }
 
 /// A hand-off whose socket has arrived, for the adopter task.

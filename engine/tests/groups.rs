@@ -66,7 +66,7 @@ fn join(ws: &mut Ws, topic: &str, extra: serde_json::Value) {
 
 #[test]
 fn a_group_shares_a_topic_by_key_and_a_dead_members_messages_go_to_the_others() {
-    let node = Node::start(&["--shards", "2"]);
+    let node = Node::start(&["--shards", "2", "--topic-sockets", "accepting"]); // members stay on the shard named
     let topic = topic_on_shard("jobs", 2, 0);
     let (tx, rx) = mpsc::channel();
     let stop = Arc::new(AtomicBool::new(false));
@@ -118,7 +118,7 @@ fn a_group_shares_a_topic_by_key_and_a_dead_members_messages_go_to_the_others() 
 
 #[test]
 fn deadlines_and_refusals_redeliver_and_the_last_delivery_goes_to_the_dead_letter_topic() {
-    let node = Node::start(&["--shards", "2"]);
+    let node = Node::start(&["--shards", "2", "--topic-sockets", "accepting"]); // members stay on the shard named
     let topic = topic_on_shard("tasks", 2, 1);
     let mut dead = node.ws("/v1/ws");
     let r = native_call(&mut dead, serde_json::json!({"op":"subscribe","id":1,"topic":"tasks-dead"}));
@@ -182,7 +182,7 @@ fn a_python_worker_pool_scales_from_4_to_8_to_2_under_load_and_loses_no_command(
 
 #[test]
 fn requests_reach_one_responder_and_only_the_requester_hears_the_reply() {
-    let node = Node::start(&["--shards", "2"]);
+    let node = Node::start(&["--shards", "2", "--topic-sockets", "accepting"]); // members stay on the shard named
     let topic = topic_on_shard("billing", 2, 1);
     let mut requester = ws_on_shard(&node.addr(), "/v1/ws", 0);
     // Nobody answers yet.
@@ -264,7 +264,7 @@ fn requests_reach_one_responder_and_only_the_requester_hears_the_reply() {
 
 #[test]
 fn scheduled_messages_come_when_due_replaced_by_id_cancelled_and_listed() {
-    let node = Node::start(&["--shards", "2"]);
+    let node = Node::start(&["--shards", "2", "--topic-sockets", "accepting"]); // members stay on the shard named
     let topic = topic_on_shard("reminders", 2, 1);
     let mut plain = node.ws("/v1/ws");
     assert_eq!(native_call(&mut plain, serde_json::json!({"op":"subscribe","id":1,"topic":topic}))["ok"], true);

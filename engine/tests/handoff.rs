@@ -1,6 +1,7 @@
 //! Topic sockets handed to the shard that owns the topic (`--topic-sockets
 //! owner`, the default): served there, with every byte the client sent
 //! along with its upgrade, and counted once in the node's connections.
+//! Native sockets move to the owner of the topic their first request names.
 
 mod common;
 
@@ -27,7 +28,7 @@ fn topic_sockets_are_served_by_the_owner_shard() {
         }
     }
     assert!(node.metric("fluxnode_connections_handed_off_total") >= 1, "no connection was handed over");
-    // Native sockets are not moved: they may subscribe to anything later.
+    // A native socket that has sent nothing stays where it was accepted.
     let (_native, _) = ws_with_shard(&addr, "/v1/ws");
     let mut publisher = node.ws(&format!("/v1/topics/{topic}/ws?role=pub"));
     publisher.send(Message::text("to every subscriber")).unwrap();
@@ -44,6 +45,51 @@ fn topic_sockets_are_served_by_the_owner_shard() {
     wait_until("handed-over connections leave the count when they close", || {
         node.metric("fluxnode_connections") == 2 // the native socket and the /metrics request
     });
+}
+
+#[test]
+fn native_sockets_move_to_the_owner_of_their_first_topic() {
+    let node = Node::start(&["--shards", "2"]);
+    let addr = node.addr();
+    let topic = topic_on_shard("native", 2, 1);
+    let mut sub = node.ws(&format!("/v1/topics/{topic}/ws?role=sub"));
+    for _ in 0..200 {
+        let (mut ws, shard) = ws_with_shard(&addr, "/v1/ws");
+        if shard != 0 {
+            continue; // accepted by the owner: nothing to move
+        }
+        let moved_before = node.metric("fluxnode_connections_handed_off_total");
+        // Two requests in one write: the second is read with the first and
+        // must travel with it.
+        for (id, data) in [(1, "first"), (2, "second")] {
+            let request = serde_json::json!({"op": "publish", "id": id, "topic": topic, "data": data});
+            ws.write(Message::text(request.to_string())).unwrap();
+        }
+        ws.flush().unwrap();
+        for id in [1, 2] {
+            let reply = next_json(&mut ws);
+            assert_eq!((reply["id"].as_u64(), reply["ok"].as_bool()), (Some(id), Some(true)), "{reply}");
+            assert_eq!(reply["seq"].as_u64(), Some(id), "{reply}");
+        }
+        assert_eq!(next_data(&mut sub), Message::text("first"));
+        assert_eq!(next_data(&mut sub), Message::text("second"));
+        assert_eq!(node.metric("fluxnode_connections_handed_off_total"), moved_before + 1, "the session moved once");
+        // The moved session goes on: it subscribes and receives there.
+        let r = native_call(&mut ws, serde_json::json!({"op": "subscribe", "id": 3, "topic": topic}));
+        assert_eq!(r["ok"], true, "{r}");
+        let mut publisher = node.ws(&format!("/v1/topics/{topic}/ws?role=pub"));
+        publisher.send(Message::text("third")).unwrap();
+        let m = next_json(&mut ws);
+        assert_eq!(
+            (m["type"].as_str(), m["seq"].as_u64(), m["data"].as_str()),
+            (Some("message"), Some(3), Some("third"))
+        );
+        // Counted once: the subscriber, the native socket, the publisher
+        // and the /metrics request.
+        wait_until("each connection counted once", || node.metric("fluxnode_connections") == 4);
+        return;
+    }
+    panic!("no native socket landed on shard 0 in 200 tries");
 }
 
 #[test]

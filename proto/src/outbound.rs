@@ -292,6 +292,16 @@ impl Outbound {
         self.unsent.borrow_mut().keep(batch, sent);
     }
 
+    /// The slow-consumer policy.
+    pub fn policy(&self) -> SlowConsumerPolicy {
+        self.policy.get()
+    }
+
+    /// Whether runs of deliveries are packed into one frame.
+    pub fn is_batched(&self) -> bool {
+        self.batched.get()
+    }
+
     /// Changes the slow-consumer policy.
     pub fn set_policy(&self, policy: SlowConsumerPolicy) {
         self.policy.set(policy);

@@ -127,6 +127,12 @@ impl Decoder {
         Decoder { message_bytes_max, masked: false, partial: None }
     }
 
+    /// Whether no fragmented message is half reassembled: everything the
+    /// decoder consumed so far has been returned as events.
+    pub fn is_idle(&self) -> bool {
+        self.partial.is_none()
+    }
+
     /// Decodes the next event from the front of `buf`, consuming what it
     /// used. `Ok(None)`: more bytes are needed. The size check happens on the
     /// header, before the payload is buffered.

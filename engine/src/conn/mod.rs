@@ -55,7 +55,7 @@ use proto::ws::{self, close_code, Close, Decoder, WsEvent};
 use serde::Deserialize;
 
 use crate::config::{SlowConsumerPolicy, TopicSockets};
-use crate::shard::{AdminConnection, Adoption, Handoff, NodeConnection, Shard};
+use crate::shard::{AdminConnection, Adoption, Handoff, HandoffStage, NodeConnection, Shard};
 
 use legacy_session::legacy_message;
 use link_session::link_message;
@@ -243,7 +243,8 @@ pub async fn serve(shard: Rc<Shard>, stream: TcpStream, slot: ConnectionSlot) {
             if let Some((owner, seq)) = handoff_target(&shard, &head, &route).and_then(|owner| pass(&shard, &io, owner))
             {
                 drop(io); // the link holds the socket now
-                return hand_off(&shard, seq, buf, head, client, slot, owner);
+                let stage = HandoffStage::Upgrade { head, client };
+                return hand_off(&shard, seq, buf.to_vec(), stage, slot, owner);
             }
             return websocket(shard, io, buf, head, route, client, slot).await;
         }
@@ -293,33 +294,33 @@ fn pass(shard: &Shard, io: &Io, owner: usize) -> Option<(usize, u64)> {
 }
 
 /// Hands the connection to shard `owner`: its socket went ahead as link
-/// record `seq` (the caller closed its own descriptor); the bytes read past
-/// the head and the head itself travel in the shard mesh with the
-/// connection's place in the node's count.
-fn hand_off(
-    shard: &Shard,
-    seq: u64,
-    buf: BytesMut,
-    head: RequestHead,
-    client: SocketAddr,
-    slot: ConnectionSlot,
-    owner: usize,
-) {
+/// record `seq` (the caller closed its own descriptor or is about to); the
+/// bytes read and not used, and how far the connection got, travel in the
+/// shard mesh with the connection's place in the node's count.
+fn hand_off(shard: &Shard, seq: u64, buf: Vec<u8>, stage: HandoffStage, slot: ConnectionSlot, owner: usize) {
     let Some(node) = slot.leave() else { return }; // admitted slots always hold one
     metrics::add(&shard.metrics.connections_handed_off, 1);
-    shard.hand_off(owner, Handoff { seq, buf: buf.to_vec(), head, client, node });
+    shard.hand_off(owner, Handoff { seq, buf, stage, node });
 }
 
-/// Serves a connection a peer handed over (see `hand_off`): the WebSocket
-/// handshake and session, as if it had been accepted here.
+/// Serves a connection a peer handed over (see `hand_off`) as if it had
+/// been accepted here: the WebSocket handshake and session, or a native
+/// session from its first request on.
 pub async fn adopt(shard: Rc<Shard>, adoption: Adoption) {
-    let Adoption { fd, handoff: Handoff { seq: _, buf, head, client, node } } = adoption;
+    let Adoption { fd, handoff: Handoff { seq: _, buf, stage, node } } = adoption;
     let slot = ConnectionSlot::adopted(shard.clone(), node);
     // SAFETY: `fd` is an open TCP socket this task now owns alone.
     let stream = unsafe { TcpStream::from_raw_fd(fd.into_raw_fd()) };
     let io = Io(Rc::new(Socket(RefCell::new(stream))));
-    let route = http::route(&head.method, &head.path);
-    websocket(shard, io, BytesMut::from(&buf[..]), head, route, client, slot).await;
+    match stage {
+        HandoffStage::Upgrade { head, client } => {
+            let route = http::route(&head.method, &head.path);
+            websocket(shard, io, BytesMut::from(&buf[..]), head, route, client, slot).await;
+        }
+        HandoffStage::Native { client, policy, batched } => {
+            session::adopt_native(shard, io, BytesMut::from(&buf[..]), client, policy, batched, slot);
+        }
+    }
 }
 
 /// Reads the PROXY v2 header and leaves what follows it in `buf`.

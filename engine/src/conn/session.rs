@@ -260,27 +260,93 @@ pub(super) fn run_session(
         session.shard.sessions.borrow_mut().insert(session_id, session.out.clone());
         let _direct_off = DirectOff(&session.out);
         let mut writer = Writer::new(&session);
-        {
+        let moved = {
             let mut reader = std::pin::pin!(read_loop(&session, &mut buf, &mut path));
             poll_fn(|cx| {
                 // The reader first: a close that arrived ends the writer's
                 // work before it writes another batch. The writer's
                 // readiness does not end the session: the reader does.
-                if reader.as_mut().poll(cx).is_ready() {
-                    return Poll::Ready(());
+                if let Poll::Ready(moved) = reader.as_mut().poll(cx) {
+                    return Poll::Ready(moved);
                 }
                 let _ = writer.poll(cx);
                 Poll::Pending
             })
-            .await;
-        }
+            .await
+        };
         session.reader_done.set(true);
         session.reader_done_event.notify();
         cleanup(&session, &path);
+        // Nothing is queued to a session that moved: the writer ends
+        // without touching the socket.
         poll_fn(|cx| writer.poll(cx)).await;
         session.shard.sessions.borrow_mut().remove(&session_id);
-        drop(slot);
+        match moved {
+            Some(Moved { owner, seq, bytes }) => {
+                let out = &session.out;
+                let stage =
+                    HandoffStage::Native { client: session.client, policy: out.policy(), batched: out.is_batched() };
+                hand_off(&session.shard, seq, bytes, stage, slot, owner);
+            }
+            None => drop(slot),
+        }
     }
+}
+
+/// A native session whose socket went to its first topic's owner shard
+/// (link record `seq`), with the bytes from its first request on.
+pub(super) struct Moved {
+    owner: usize,
+    seq: u64,
+    bytes: Vec<u8>,
+}
+
+/// The shard a native session should move to before its first request is
+/// handled: the owner of the topic that request names, when another shard
+/// owns it and the session has nothing that would have to move with it
+/// (nothing queued, not closing). Only requests that tie the connection to
+/// one topic's traffic count (publish, publish batch, subscribe, join).
+fn native_move_target(session: &Session, kind: PayloadKind, payload: &Bytes) -> Option<usize> {
+    let shard = &session.shard;
+    if shard.shards < 2 || shard.config.topic_sockets() != TopicSockets::Owner || shard.shutting_down() {
+        return None;
+    }
+    if !session.out.is_empty() || session.out.is_closing() {
+        return None;
+    }
+    let request = match kind {
+        PayloadKind::Text => native::parse_text(payload),
+        PayloadKind::Binary => native::parse_binary(payload),
+    }
+    .ok()?;
+    let topic = match &request {
+        Request::Publish { topic, .. }
+        | Request::PublishBatch { topic, .. }
+        | Request::Subscribe { topic, .. }
+        | Request::Join { topic, .. } => topic,
+        _ => return None,
+    };
+    let owner = TopicName::new(topic).ok()?.owner_shard(shard.shards);
+    (owner != shard.id).then_some(owner)
+}
+
+/// Serves a native session another shard moved here at its first request
+/// (see `Moved`): the session goes on from that request as if it had
+/// started here.
+pub(super) fn adopt_native(
+    shard: Rc<Shard>,
+    io: Io,
+    buf: BytesMut,
+    client: std::net::IpAddr,
+    policy: SlowConsumerPolicy,
+    batched: bool,
+    slot: ConnectionSlot,
+) {
+    let out = Rc::new(Outbound::new(shard.config.send_queue_bytes_max(), policy));
+    out.set_batched(batched);
+    let session =
+        Rc::new(Session { shard, io, out, client, reader_done: Cell::new(false), reader_done_event: Event::default() });
+    glommio::spawn_local(run_session(session, buf, Path::Native(Box::default()), slot)).detach();
 }
 
 pub(super) fn cleanup(session: &Session, path: &Path) {
@@ -303,27 +369,44 @@ pub(super) fn cleanup(session: &Session, path: &Path) {
 }
 
 /// Reads frames until the client closes, breaks the protocol, goes silent,
-/// or the session closes from our side.
-pub(super) async fn read_loop(session: &Session, buf: &mut BytesMut, path: &mut Path) {
+/// or the session closes from our side; or, for a native session whose
+/// first request names a topic another shard owns, until its socket went
+/// there (`Moved`, with the bytes from that request on, unhandled).
+pub(super) async fn read_loop(session: &Session, buf: &mut BytesMut, path: &mut Path) -> Option<Moved> {
     let shard = &session.shard;
     let mut decoder = Decoder::new(shard.config.message_bytes_max());
     let mut ping_outstanding = false;
+    // Until the first message: a native session may still move.
+    let mut may_move =
+        matches!(path, Path::Native(_)) && shard.shards > 1 && shard.config.topic_sockets() == TopicSockets::Owner;
     session.io.set_read_timeout(Some(shard.config.idle_timeout()));
     loop {
         loop {
+            // What the first message's frame starts with, in case the
+            // session moves: copied once, before the first message only.
+            let before = (may_move && decoder.is_idle()).then(|| buf.to_vec());
             let event = match decoder.decode(buf) {
                 Ok(Some(event)) => event,
                 Ok(None) => break,
                 Err(e) => {
                     metrics::add(&shard.metrics.protocol_errors, 1);
                     session.out.close(e.close_code(), &e.to_string());
-                    return;
+                    return None;
                 }
             };
+            if let (WsEvent::Message { kind, payload }, true) = (&event, may_move) {
+                may_move = false;
+                if let (Some(owner), Some(bytes)) = (native_move_target(session, *kind, payload), before) {
+                    // A socket the link refuses (its buffer is full) is served here.
+                    if let Some((owner, seq)) = super::pass(shard, &session.io, owner) {
+                        return Some(Moved { owner, seq, bytes });
+                    }
+                }
+            }
             // Boxed: the event handlers' state (about 700 bytes) exists only
             // while one runs, not in every idle session's read loop.
             if !Box::pin(on_event(session, path, event)).await {
-                return;
+                return None;
             }
         }
         release_if_empty(buf);
@@ -332,7 +415,7 @@ pub(super) async fn read_loop(session: &Session, buf: &mut BytesMut, path: &mut 
             session.io.set_read_timeout(Some(CLOSE_LINGER));
         }
         match session.io.read(shard, buf).await {
-            Ok(0) => return,
+            Ok(0) => return None,
             Ok(_) => ping_outstanding = false,
             Err(e) if e.kind() == io::ErrorKind::TimedOut && !ping_outstanding && !session.out.is_closing() => {
                 ping_outstanding = true;
@@ -342,7 +425,7 @@ pub(super) async fn read_loop(session: &Session, buf: &mut BytesMut, path: &mut 
                 session.out.close(close_code::IDLE_TIMEOUT, "idle timeout: no answer to ping");
                 session.io.set_read_timeout(Some(CLOSE_LINGER));
             }
-            Err(_) => return,
+            Err(_) => return None,
         }
     }
 }
