@@ -344,6 +344,11 @@ pub(super) fn adopt_native(
 ) {
     let out = Rc::new(Outbound::new(shard.config.send_queue_bytes_max(), policy));
     out.set_batched(batched);
+    if shard.shutting_down() {
+        // Moved while this shard began its drain, which closes only the
+        // sessions it found: this one closes as they do, its request unread.
+        out.close(close_code::GOING_AWAY, "server shutting down");
+    }
     let session =
         Rc::new(Session { shard, io, out, client, reader_done: Cell::new(false), reader_done_event: Event::default() });
     glommio::spawn_local(run_session(session, buf, Path::Native(Box::default()), slot)).detach();
