@@ -211,7 +211,14 @@ fn hand_off(payload: usize, rounds: u32) -> (usize, Duration) {
         let (epoch, last_seq, history) = giver.give_away(&topic).expect("owned");
         let frame = link::encode(&LinkFrame::HandOff {
             topic: topic.clone(),
-            state: HandOffState::State { epoch, last_seq, history, durable: None, schedules: Vec::new() },
+            state: HandOffState::State {
+                epoch,
+                last_seq,
+                history,
+                durable: None,
+                schedules: Vec::new(),
+                groups: Vec::new(),
+            },
         });
         let decoded = link::decode(&Bytes::from(frame.clone()), now.at);
         let Ok(LinkFrame::HandOff { state: HandOffState::State { epoch, last_seq, history, .. }, .. }) = decoded else {

@@ -528,10 +528,23 @@ fn a_groups_members_are_told_when_its_topic_moves_and_join_it_again_on_the_new_o
         publish_until_ok(&mut publisher, &mut id, &topic, &format!("before-{i}"));
     }
     assert_eq!(take(&mut member, 3), ["before-0", "before-1", "before-2"]);
+    // Two more delivered and not acknowledged when the topic moves.
+    for i in 0..2 {
+        publish_until_ok(&mut publisher, &mut id, &topic, &format!("unacked-{i}"));
+    }
+    let held: Vec<String> = (0..2)
+        .map(|_| {
+            let v = next_json(&mut member);
+            assert_eq!(v["type"], "message", "{v}");
+            v["data"].as_str().unwrap().to_string()
+        })
+        .collect();
+    assert_eq!(held, ["unacked-0", "unacked-1"]);
 
     // Node 1 joins and owns the topic: the group ends on node 0 and its
-    // member is told; joined again (through node 0), it gets what is
-    // published from then on, from node 1.
+    // member is told; the group goes to node 1 with the topic. Joined again
+    // (through node 0), the member gets what it had not acknowledged
+    // again, then what is published from then on, from node 1.
     nodes.push(etcd_node(&etcd, name, ports[1]));
     wait_members(&[&nodes[0], &nodes[1]], &addrs);
     let lost = next_json(&mut member);
@@ -539,9 +552,10 @@ fn a_groups_members_are_told_when_its_topic_moves_and_join_it_again_on_the_new_o
     // The join reaches node 1 first: it waits for the topic's hand-off
     // (numbers go on after node 0's).
     join(&mut member);
+    assert_eq!(take(&mut member, 2), ["unacked-0", "unacked-1"], "unacknowledged messages come again");
     let seqs: Vec<u64> =
         (0..3).map(|i| publish_until_ok(&mut publisher, &mut id, &topic, &format!("after-{i}")).0).collect();
-    assert_eq!(seqs, [4, 5, 6], "the topic's numbers went on through the move");
+    assert_eq!(seqs, [6, 7, 8], "the topic's numbers went on through the move");
     assert_eq!(take(&mut member, 3), ["after-0", "after-1", "after-2"]);
 
     // Node 1 leaves: the member (on node 0, in node 1's group over the
@@ -557,7 +571,7 @@ fn a_groups_members_are_told_when_its_topic_moves_and_join_it_again_on_the_new_o
     join(&mut member);
     let seqs: Vec<u64> =
         (0..3).map(|i| publish_until_ok(&mut publisher, &mut id, &topic, &format!("back-{i}")).0).collect();
-    assert_eq!(seqs, [7, 8, 9], "the topic's numbers went on through the move back");
+    assert_eq!(seqs, [9, 10, 11], "the topic's numbers went on through the move back");
     assert_eq!(take(&mut member, 3), ["back-0", "back-1", "back-2"]);
     assert!(nix_term(&leaving), "node 1 stops once its topics are handed over");
 }

@@ -111,7 +111,7 @@ pub const SCHEDULES_FRAME_BYTES: usize = 1 << 20;
 pub fn hand_off_frames(topic: &TopicName, state: HandOffState) -> Vec<Vec<u8>> {
     let mut frames = Vec::new();
     let state = match state {
-        HandOffState::State { epoch, last_seq, history, durable, schedules } => {
+        HandOffState::State { epoch, last_seq, history, durable, schedules, groups } => {
             let mut list = Vec::new();
             let mut bytes = 0;
             for s in schedules {
@@ -127,7 +127,7 @@ pub fn hand_off_frames(topic: &TopicName, state: HandOffState) -> Vec<Vec<u8>> {
             if !list.is_empty() {
                 frames.push(encode(&LinkFrame::Schedules { topic: topic.clone(), list }));
             }
-            HandOffState::State { epoch, last_seq, history, durable, schedules: Vec::new() }
+            HandOffState::State { epoch, last_seq, history, durable, schedules: Vec::new(), groups }
         }
         other => other,
     };
@@ -183,13 +183,16 @@ pub enum HandOffState {
     /// with it (`durable`), its records all in the object store.
     /// Its pending schedules go too, in [`LinkFrame::Schedules`] frames
     /// just before the hand-off's (see [`hand_off_frames`]): a hand-off
-    /// frame decodes with none.
+    /// frame decodes with none. An ephemeral topic's consumer groups come
+    /// in `groups`, each at its first message not acknowledged (a durable
+    /// topic's travel with its log, in `durable`).
     State {
         epoch: Epoch,
         last_seq: u64,
         history: Vec<Message>,
         durable: Option<DurableHandOff>,
         schedules: Vec<crate::schedule::Scheduled>,
+        groups: Vec<SavedGroup>,
     },
 }
 
@@ -314,7 +317,7 @@ pub fn encode(frame: &LinkFrame) -> Vec<u8> {
             match state {
                 HandOffState::Nothing => out.push(0),
                 HandOffState::Refused => out.push(1),
-                HandOffState::State { epoch, last_seq, history, durable, schedules: _ } => {
+                HandOffState::State { epoch, last_seq, history, durable, schedules: _, groups } => {
                     out.push(2);
                     out.extend_from_slice(&epoch.0.to_be_bytes());
                     out.extend_from_slice(&last_seq.to_be_bytes());
@@ -323,6 +326,7 @@ pub fn encode(frame: &LinkFrame) -> Vec<u8> {
                         put_message(&mut out, m);
                     }
                     put_durable(&mut out, durable.as_ref());
+                    put_groups(&mut out, groups);
                 }
             }
         }
@@ -644,7 +648,8 @@ pub fn decode(frame: &Bytes, at: std::time::Instant) -> Result<LinkFrame, LinkEr
                         history.push(Message::from_record(r.record()?, at));
                     }
                     let durable = r.durable()?;
-                    HandOffState::State { epoch, last_seq, history, durable, schedules: Vec::new() }
+                    let groups = r.groups()?;
+                    HandOffState::State { epoch, last_seq, history, durable, schedules: Vec::new(), groups }
                 }
                 _ => return Err(LinkError("unknown hand-off state")),
             };
@@ -685,7 +690,13 @@ fn put_durable(out: &mut Vec<u8>, durable: Option<&DurableHandOff>) {
             out.extend_from_slice(&n.to_be_bytes());
         }
     }
-    let groups = &d.groups[..d.groups.len().min(GROUPS_PER_TOPIC_MAX)];
+    put_groups(out, &d.groups);
+}
+
+/// Consumer groups' positions (JSON, as a durable group's save in
+/// `groups/`), at most [`GROUPS_PER_TOPIC_MAX`].
+fn put_groups(out: &mut Vec<u8>, groups: &[SavedGroup]) {
+    let groups = &groups[..groups.len().min(GROUPS_PER_TOPIC_MAX)];
     let groups = serde_json::to_vec(groups).unwrap_or_default();
     out.extend_from_slice(&(groups.len() as u32).to_be_bytes());
     out.extend_from_slice(&groups);
@@ -768,13 +779,19 @@ impl Reader<'_> {
                 (self.u64()?, self.u64()?, self.u64()?, self.u64()?, self.u64()?);
             segments.push(ArchivedSegment { base_seq, last_seq, len, first_ms, last_ms });
         }
+        let groups = self.groups()?;
+        Ok(Some(DurableHandOff { spec, segments, groups }))
+    }
+
+    /// Consumer groups' positions (see `put_groups`).
+    fn groups(&mut self) -> Result<Vec<SavedGroup>, LinkError> {
         let len = self.u32()? as usize;
         let groups: Vec<SavedGroup> =
-            serde_json::from_slice(self.take(len)?).map_err(|_| LinkError("durable groups unreadable"))?;
+            serde_json::from_slice(self.take(len)?).map_err(|_| LinkError("groups unreadable"))?;
         if groups.len() > GROUPS_PER_TOPIC_MAX || groups.iter().any(|g| g.positions.len() != SEGMENTS) {
-            return Err(LinkError("malformed durable groups"));
+            return Err(LinkError("malformed groups"));
         }
-        Ok(Some(DurableHandOff { spec, segments, groups }))
+        Ok(groups)
     }
 
     fn u32(&mut self) -> Result<u32, LinkError> {
@@ -993,6 +1010,13 @@ mod tests {
                     history: vec![message.clone(), message.clone()],
                     durable: None,
                     schedules: Vec::new(),
+                    groups: vec![crate::group::SavedGroup {
+                        group: "workers".into(),
+                        ack_timeout_ms: 5_000,
+                        max_deliveries: 3,
+                        dead_letter: "orders.dead".into(),
+                        positions: (0..crate::group::SEGMENTS as u64).map(|s| 42 + s % 2).collect(),
+                    }],
                 },
             },
             LinkFrame::HandOff {
@@ -1016,6 +1040,7 @@ mod tests {
                         }],
                     }),
                     schedules: Vec::new(),
+                    groups: Vec::new(),
                 },
             },
         ]
@@ -1036,7 +1061,14 @@ mod tests {
     fn a_hand_off_sends_its_schedules_first_in_bounded_frames() {
         let big = SCHEDULES_FRAME_BYTES / 3;
         let schedules: Vec<_> = (0..7).map(|i| schedule(&format!("s{i}"), big)).collect();
-        let state = HandOffState::State { epoch: Epoch(1), last_seq: 3, history: vec![], durable: None, schedules };
+        let state = HandOffState::State {
+            epoch: Epoch(1),
+            last_seq: 3,
+            history: vec![],
+            durable: None,
+            schedules,
+            groups: vec![],
+        };
         let frames = hand_off_frames(&topic("orders"), state);
         let decoded: Vec<LinkFrame> =
             frames.iter().map(|f| decode(&Bytes::from(f.clone()), Instant::now()).unwrap()).collect();
@@ -1067,14 +1099,14 @@ mod tests {
             (
                 LinkFrame::HandOff {
                     topic: t1,
-                    state: HandOffState::State { epoch: e1, last_seq: l1, history: h1, durable: d1, .. },
+                    state: HandOffState::State { epoch: e1, last_seq: l1, history: h1, durable: d1, groups: g1, .. },
                 },
                 LinkFrame::HandOff {
                     topic: t2,
-                    state: HandOffState::State { epoch: e2, last_seq: l2, history: h2, durable: d2, .. },
+                    state: HandOffState::State { epoch: e2, last_seq: l2, history: h2, durable: d2, groups: g2, .. },
                 },
             ) => {
-                (t1, e1, l1, h1.len(), d1) == (t2, e2, l2, h2.len(), d2)
+                (t1, e1, l1, h1.len(), d1, g1) == (t2, e2, l2, h2.len(), d2, g2)
                     && h1.iter().zip(h2).all(|(m1, m2)| same_message(m1, m2))
             }
             (

@@ -186,21 +186,22 @@ impl Broker {
 
     /// `topic` stops being sequenced here (it moved to another node): its
     /// groups end here, their members told `group_lost` (they join again,
-    /// on the new owner). Returns the durable groups' positions, which go
-    /// with the topic's log to the new owner (`groups_arrived`): there they
-    /// go on from the first message not acknowledged here. An ephemeral
-    /// topic's group starts again there as a new one (what it held
-    /// unacknowledged is not carried).
-    pub(super) fn groups_leaving(&mut self, topic: &TopicName, now: Now) -> Vec<SavedGroup> {
+    /// on the new owner). Returns every group's positions, which go with
+    /// the topic's state to the new owner (`groups_arrived`): there they go
+    /// on from the first message not acknowledged here (a durable group
+    /// from the log, an ephemeral one from the history handed over).
+    /// `next` is the number after the last one sequenced here.
+    pub(super) fn groups_leaving(&mut self, topic: &TopicName, next: u64, now: Now) -> Vec<SavedGroup> {
         let Some(names) = self.group_names.get(topic).cloned() else { return Vec::new() };
         let mut saved = Vec::new();
         for group in names {
             let key = (topic.clone(), group.clone());
             let Some(g) = self.groups.get(&key) else { continue };
             let members = g.group.member_ids();
-            if let Some(feed) = &g.feed {
-                saved.push(Self::saved_group(&group, g, g.group.positions(feed.next)));
-            }
+            // A durable group has been offered its log up to its feed; an
+            // ephemeral one every message sequenced before `next`.
+            let offered = g.feed.as_ref().map_or(next, |feed| feed.next);
+            saved.push(Self::saved_group(&group, g, g.group.positions(offered)));
             for m in members {
                 self.send(m.shard, Item::GroupLost { topic: topic.clone(), group: group.clone(), sub: m.sub }, now);
             }
@@ -212,15 +213,60 @@ impl Broker {
     /// A durable topic's groups handed over from its previous owner
     /// (`groups_leaving` there), its log taken over just before: restored
     /// (they wait for their members to join again) and saved here.
-    pub(super) fn groups_arrived(&mut self, topic: &TopicName, groups: Vec<SavedGroup>, now: Now) {
+    pub(super) fn groups_arrived(
+        &mut self,
+        topic: &TopicName,
+        groups: Vec<SavedGroup>,
+        retained: &[Message],
+        now: Now,
+    ) {
+        let durable = self.owner.written_seq(topic).is_some();
         for saved in groups {
             let name = saved.group.clone();
-            match self.restore_group(topic, saved, now) {
+            let restored = if durable {
+                self.restore_group(topic, saved, now)
+            } else {
+                self.restore_ephemeral_group(topic, saved, retained, now)
+            };
+            match restored {
                 // Saved at the next save (its files here are new).
-                Ok(()) => self.group_save_failed(topic, &name),
+                Ok(()) if durable => self.group_save_failed(topic, &name),
+                Ok(()) => {}
                 Err(e) => tracing::warn!(topic = topic.as_str(), group = name, "a handed-over group is dropped: {e}"),
             }
         }
+    }
+
+    /// An ephemeral topic's group handed over from its previous owner, with
+    /// the history that came with the topic: made again with its settings,
+    /// and offered every retained message from its positions on (what was
+    /// unacknowledged or waiting there is delivered again: at least once).
+    /// Messages older than the history are not recovered. It waits for its
+    /// members to join again.
+    fn restore_ephemeral_group(
+        &mut self,
+        topic: &TopicName,
+        saved: SavedGroup,
+        retained: &[Message],
+        now: Now,
+    ) -> Result<(), String> {
+        let (name, key, dead_letter, settings) = self.restoring(topic, &saved, now)?;
+        let mut group = Group::new(settings, now.unix_ms);
+        group.set_floors(&saved.positions);
+        let mut events = Vec::new();
+        for message in retained {
+            if !group.has_room(message.payload.len()) {
+                break;
+            }
+            // Below its segment's floor it was done: `offer` skips it.
+            group.offer(message.clone(), now.unix_ms, &mut events);
+        }
+        self.group_names.entry(topic.clone()).or_default().push(name);
+        self.groups.insert(key.clone(), OwnedGroup { group, dead_letter, feed: None });
+        // No member yet: nothing to deliver; the ticker keeps its deadlines.
+        self.group_events(&key, &mut events, now);
+        self.actions.push(Action::Tick);
+        Ok(())
     }
 
     /// What a durable group's save holds, at `positions`.
@@ -494,12 +540,14 @@ impl Broker {
         }
     }
 
-    /// Restores a durable group saved by a previous run, before the shard
-    /// serves: it goes on from its positions, without members until they
-    /// join. Refused when the topic is not durable here or the save is
-    /// malformed.
-    pub fn restore_group(&mut self, topic: &TopicName, saved: SavedGroup, now: Now) -> Result<(), String> {
-        let durable = self.owner.written_seq(topic).ok_or("the topic is not durable")?;
+    /// What restoring `saved` makes, once checked: its name, key, dead
+    /// letter topic and settings; the topic is held for it.
+    fn restoring(
+        &mut self,
+        topic: &TopicName,
+        saved: &SavedGroup,
+        now: Now,
+    ) -> Result<(GroupName, (TopicName, GroupName), TopicName, GroupSettings), String> {
         if saved.positions.len() != SEGMENTS {
             return Err(format!("{} positions, not {SEGMENTS}", saved.positions.len()));
         }
@@ -515,6 +563,16 @@ impl Broker {
             max_deliveries: saved.max_deliveries,
             start: GroupStart::Now,
         };
+        Ok((name, key, dead_letter, settings))
+    }
+
+    /// Restores a durable group saved by a previous run, before the shard
+    /// serves: it goes on from its positions, without members until they
+    /// join. Refused when the topic is not durable here or the save is
+    /// malformed.
+    pub fn restore_group(&mut self, topic: &TopicName, saved: SavedGroup, now: Now) -> Result<(), String> {
+        let durable = self.owner.written_seq(topic).ok_or("the topic is not durable")?;
+        let (name, key, dead_letter, settings) = self.restoring(topic, &saved, now)?;
         // Never past what the log holds: a log that lost its tail (an
         // fsync interval, damage) must not make the group skip what is
         // numbered next.

@@ -48,10 +48,12 @@
 //!
 //! - Its pending schedules go with the state (`schedules_leaving`,
 //!   `schedules_arrived`); its consumer groups end where it was sequenced,
-//!   their members told `group_lost` (`groups_leaving`) to join again; a
-//!   durable topic's groups go with its log, each from the first message
-//!   it had not had acknowledged (`groups_arrived`; what was in flight is
-//!   delivered again: at least once), an ephemeral topic's start anew.
+//!   their members told `group_lost` (`groups_leaving`) to join again; the
+//!   groups go with the state, each from the first message it had not had
+//!   acknowledged (`groups_arrived`; what was in flight is delivered again:
+//!   at least once): a durable topic's reading its log, an ephemeral
+//!   topic's offered the history that came with the state (older messages
+//!   are not recovered).
 //! - A publish, subscribe, group join, schedule request or group deletion
 //!   of a topic being taken over waits for the hand-off.
 
@@ -113,15 +115,18 @@ pub(super) struct Carried {
     durable: Option<DurableHandOff>,
     /// Its pending schedules.
     schedules: Vec<Scheduled>,
-    /// A durable topic's consumer groups.
+    /// Its consumer groups (a durable topic's from its log).
     groups: Vec<SavedGroup>,
 }
 
 impl Carried {
     /// What a hand-off's state carries: its durable log with its groups
-    /// taken out, and its schedules.
-    fn handed(mut durable: Option<DurableHandOff>, schedules: Vec<Scheduled>) -> Carried {
-        let groups = durable.as_mut().map(|d| std::mem::take(&mut d.groups)).unwrap_or_default();
+    /// taken out, its schedules, and an ephemeral topic's groups.
+    fn handed(mut durable: Option<DurableHandOff>, schedules: Vec<Scheduled>, groups: Vec<SavedGroup>) -> Carried {
+        let groups = match durable.as_mut() {
+            Some(d) => std::mem::take(&mut d.groups),
+            None => groups,
+        };
         Carried { durable, schedules, groups }
     }
 }
@@ -158,8 +163,8 @@ pub(super) struct Handing {
     /// is at least this new comes later in the chain than every run of
     /// this node it remembers.
     run_end: u64,
-    /// A durable topic's consumer groups where they stood when given up
-    /// (handed over with its log).
+    /// Its consumer groups where they stood when given up (handed over
+    /// with the state; a durable topic's with its log).
     groups: Vec<SavedGroup>,
 }
 
@@ -339,7 +344,7 @@ impl Broker {
         self.seal(topic);
         // Its groups end here: their members join again on the new owner,
         // a durable topic's groups where they stood.
-        let groups = self.groups_leaving(topic, now);
+        let groups = self.groups_leaving(topic, last_seq + 1, now);
         let run_start = self.cluster.as_ref().and_then(|v| v.latest_run(topic)).map_or(0, |r| r.start);
         let run_end = self.cluster.as_ref().map_or(0, |v| v.latest_run_end(topic));
         self.handing.insert(topic.clone(), Handing { epoch, last_seq, run_start, run_end, groups });
@@ -528,10 +533,10 @@ impl Broker {
             HandOffState::Refused | HandOffState::Nothing => {}
             // A state is never dropped, asked for now or not: it is the
             // topic's only one.
-            HandOffState::State { epoch, last_seq, history, durable, schedules: _ } => {
+            HandOffState::State { epoch, last_seq, history, durable, schedules: _, groups } => {
                 metrics::add(&self.metrics.topics_taken_over, 1);
                 let schedules = self.schedules_arriving.remove(&(node.to_string(), topic.clone())).unwrap_or_default();
-                self.taken(topic, Some((epoch, last_seq, history)), Carried::handed(durable, schedules), now)
+                self.taken(topic, Some((epoch, last_seq, history)), Carried::handed(durable, schedules, groups), now)
             }
         }
     }
@@ -556,45 +561,50 @@ impl Broker {
             tracing::warn!(topic = topic.as_str(), "a second state of a topic arrived: kept in its own epoch");
         }
         match state {
-            Some((epoch, last_seq, history)) => match self.owner.adopt(topic, epoch, last_seq, history, now.at) {
-                Ok(adopted) => {
-                    self.handing.remove(topic);
-                    if let Some(durable) = durable {
-                        self.owner.durable_taken(topic, durable);
-                    }
-                    self.schedules_arrived(topic, schedules, now);
-                    self.groups_arrived(topic, groups, now);
-                    let position = self.owner.last_seq(topic).unwrap_or(last_seq);
-                    for shard in (0..self.shards).filter(|s| adopted.restarted & (1 << s) != 0) {
-                        self.send(shard, Item::Restarted { topic: topic.clone(), epoch, last_seq: position }, now);
-                    }
-                    for message in adopted.new {
-                        for shard in (0..self.shards).filter(|s| adopted.subscriber_shards & (1 << s) != 0) {
-                            let item = Item::Deliver { topic: topic.clone(), epoch, message: message.clone() };
-                            self.send(shard, item, now);
+            Some((epoch, last_seq, history)) => {
+                // An ephemeral topic's groups go on from the history that
+                // came with it.
+                let retained = if groups.is_empty() || durable.is_some() { Vec::new() } else { history.clone() };
+                match self.owner.adopt(topic, epoch, last_seq, history, now.at) {
+                    Ok(adopted) => {
+                        self.handing.remove(topic);
+                        if let Some(durable) = durable {
+                            self.owner.durable_taken(topic, durable);
+                        }
+                        self.schedules_arrived(topic, schedules, now);
+                        self.groups_arrived(topic, groups, &retained, now);
+                        let position = self.owner.last_seq(topic).unwrap_or(last_seq);
+                        for shard in (0..self.shards).filter(|s| adopted.restarted & (1 << s) != 0) {
+                            self.send(shard, Item::Restarted { topic: topic.clone(), epoch, last_seq: position }, now);
+                        }
+                        for message in adopted.new {
+                            for shard in (0..self.shards).filter(|s| adopted.subscriber_shards & (1 << s) != 0) {
+                                let item = Item::Deliver { topic: topic.clone(), epoch, message: message.clone() };
+                                self.send(shard, item, now);
+                            }
+                        }
+                        // Numbers the hand-off passed without their messages.
+                        if let Some(gap) = adopted.skipped {
+                            for shard in (0..self.shards).filter(|s| adopted.subscriber_shards & (1 << s) != 0) {
+                                self.send(shard, Item::Gap { topic: topic.clone(), epoch, gap }, now);
+                            }
                         }
                     }
-                    // Numbers the hand-off passed without their messages.
-                    if let Some(gap) = adopted.skipped {
-                        for shard in (0..self.shards).filter(|s| adopted.subscriber_shards & (1 << s) != 0) {
-                            self.send(shard, Item::Gap { topic: topic.clone(), epoch, gap }, now);
+                    Err(e) => {
+                        // No room for it here (the topic table is full): the
+                        // state is kept to be handed on, never dropped.
+                        tracing::warn!(topic = topic.as_str(), "a topic's state arrived with no room for it: {e}");
+                        let views = self.cluster.as_ref();
+                        let run_start = views.and_then(|v| v.latest_run(topic)).map_or(0, |r| r.start);
+                        let run_end = views.map_or(0, |v| v.latest_run_end(topic));
+                        self.handing.insert(topic.clone(), Handing { epoch, last_seq, run_start, run_end, groups });
+                        for pending in pending {
+                            self.fail(pending, e, now);
                         }
+                        return;
                     }
                 }
-                Err(e) => {
-                    // No room for it here (the topic table is full): the
-                    // state is kept to be handed on, never dropped.
-                    tracing::warn!(topic = topic.as_str(), "a topic's state arrived with no room for it: {e}");
-                    let views = self.cluster.as_ref();
-                    let run_start = views.and_then(|v| v.latest_run(topic)).map_or(0, |r| r.start);
-                    let run_end = views.map_or(0, |v| v.latest_run_end(topic));
-                    self.handing.insert(topic.clone(), Handing { epoch, last_seq, run_start, run_end, groups });
-                    for pending in pending {
-                        self.fail(pending, e, now);
-                    }
-                    return;
-                }
-            },
+            }
             None => {
                 if self.owner.durable_on_publish(topic).is_some() {
                     // A durable topic's state went with its node, its log
@@ -650,7 +660,7 @@ impl Broker {
         }
         // Its durable groups as the store has them, before the joins that
         // waited (which would make them anew).
-        self.groups_arrived(topic, groups, now);
+        self.groups_arrived(topic, groups, &[], now);
         // Owned elsewhere now (a relay, or the view moved on meanwhile).
         if self.remote_node(topic).is_some() {
             self.give_up(topic, now);
@@ -936,11 +946,11 @@ impl Broker {
     /// again as if it had arrived (then given up again: it belongs to the
     /// claimer), so that the claimer's next claim gets it.
     pub(super) fn hand_off_returned(&mut self, topic: TopicName, state: HandOffState, now: Now) {
-        let HandOffState::State { epoch, last_seq, history, durable, schedules } = state else { return };
+        let HandOffState::State { epoch, last_seq, history, durable, schedules, groups } = state else { return };
         // It did not leave: a claim is not stale for it.
         self.gave.remove(&topic);
         metrics::add(&self.metrics.handoffs_returned, 1);
-        self.taken(&topic, Some((epoch, last_seq, history)), Carried::handed(durable, schedules), now);
+        self.taken(&topic, Some((epoch, last_seq, history)), Carried::handed(durable, schedules, groups), now);
     }
 
     /// `node` claims `topic`, which this node owned in the view of version
@@ -985,8 +995,9 @@ impl Broker {
             return HandOffState::Refused;
         }
         let Some(mut given) = self.handing.remove(topic) else { return HandOffState::Refused };
+        let mut groups = std::mem::take(&mut given.groups);
         if let Some(d) = durable.as_mut() {
-            d.groups = std::mem::take(&mut given.groups);
+            d.groups = std::mem::take(&mut groups);
         }
         self.gave.insert(topic.clone(), (mine, node.to_string()));
         metrics::add(&self.metrics.topics_handed_over, 1);
@@ -995,7 +1006,7 @@ impl Broker {
             self.owner.durable_left(topic);
         }
         let schedules = self.schedules_leaving(topic);
-        HandOffState::State { epoch, last_seq, history, durable, schedules }
+        HandOffState::State { epoch, last_seq, history, durable, schedules, groups }
     }
 
     /// What a claim of `topic` by `node` (its view `version`, this node
