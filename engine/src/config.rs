@@ -122,8 +122,9 @@ pub struct Args {
     /// FluxBalancer's --proxy-protocol); connections without one get 400.
     #[arg(long)]
     pub proxy_protocol: bool,
-    /// Which shard serves a topic socket (`/v1/topics/{topic}/ws`).
-    /// [default: owner]
+    /// Which shard serves a topic socket (`/v1/topics/{topic}/ws`), and a
+    /// native socket from its first request on (`owner`: the shard owning
+    /// the topic it names). [default: owner]
     #[arg(long, value_enum)]
     pub topic_sockets: Option<TopicSockets>,
     /// Where durable topics keep their logs. [default: fluxnode-data]

@@ -688,7 +688,8 @@ impl Shard {
                 self.handoff_wake.notify();
             }
             // This table is full (EMFILE), or the record is gone: the
-            // client sees the connection close before its 101.
+            // client sees the connection close (a topic socket before its
+            // 101, a native socket without the answer to its first request).
             Err(e) => tracing::warn!(shard = self.id, from, "handed-off socket not received: {e}"),
         }
     }

@@ -133,6 +133,16 @@ impl Decoder {
         self.partial.is_none()
     }
 
+    /// Whether `buf` starts with a whole frame (header and payload), as
+    /// far as its header can be read.
+    pub fn has_whole_frame(buf: &[u8]) -> bool {
+        let mut cursor = Cursor::new(buf);
+        match FrameHeader::parse(&mut cursor) {
+            Ok(Some((_, length))) => (buf.len() as u64).saturating_sub(cursor.position()) >= length,
+            _ => false,
+        }
+    }
+
     /// Decodes the next event from the front of `buf`, consuming what it
     /// used. `Ok(None)`: more bytes are needed. The size check happens on the
     /// header, before the payload is buffered.
@@ -421,6 +431,20 @@ mod tests {
         assert_eq!(data_frame_payload(&encode_ping(b"x")), None);
         assert_eq!(data_frame_payload(&encode_close(1000, "")), None);
         assert_eq!(data_frame_payload(&[]), None);
+    }
+
+    #[test]
+    fn a_whole_frame_is_told_from_a_part_of_one() {
+        for len in [0, 5, 125, 126, 70_000] {
+            let frame = client_frame(0x2, true, &vec![1u8; len]);
+            assert!(Decoder::has_whole_frame(&frame), "len {len}");
+            let mut more = frame.clone();
+            more.extend_from_slice(&client_frame(0x9, true, b"p"));
+            assert!(Decoder::has_whole_frame(&more), "len {len} with more behind");
+            for cut in [0, 1, 2, frame.len() - 1] {
+                assert!(!Decoder::has_whole_frame(&frame[..cut]), "len {len} cut at {cut}");
+            }
+        }
     }
 
     /// A masked client frame, as a browser would send it.

@@ -1,5 +1,7 @@
 //! One client connection: HTTP requests, then possibly one WebSocket
-//! session on one of the three paths. Runs on the shard that accepted it.
+//! session on one of the three paths. Runs on the shard that accepted it,
+//! or on the shard it was handed to (a topic socket before its 101, a
+//! native socket at its first request).
 //!
 //! This module holds the connection itself (admission, the PROXY header,
 //! request heads and bodies, the hand-off of a topic socket to its owner

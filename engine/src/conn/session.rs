@@ -47,6 +47,9 @@ pub(super) struct Session {
     pub(super) reader_done: Cell<bool>,
     /// Notified when the reader finishes.
     pub(super) reader_done_event: Event,
+    /// Set while a writer turn is in progress (it may hold bytes taken
+    /// from the queue and not yet written): such a session does not move.
+    pub(super) writing: Cell<bool>,
 }
 
 pub(super) async fn websocket(
@@ -119,6 +122,7 @@ pub(super) async fn websocket(
         client: client.ip(),
         reader_done: Cell::new(false),
         reader_done_event: Event::default(),
+        writing: Cell::new(false),
     });
     let (path, mut extra_headers, resume_close) = match prepare(&session, &head, route).await {
         Ok(prepared) => prepared,
@@ -127,7 +131,8 @@ pub(super) async fn websocket(
             return;
         }
     };
-    // Which shard serves this session: for operators and for tests that need
+    // Which shard serves this session (a native socket may still move at
+    // its first request): for operators and for tests that need
     // subscribers on every shard.
     extra_headers.push(("x-rayflux-shard", shard.id.to_string()));
     // The address the node attributes the connection to: the socket's peer,
@@ -243,7 +248,8 @@ pub(super) fn resume_close(granted: &Granted, from: u64) -> ResumeClose {
 /// Runs a session in one task: the reader, and the writer's turns whenever
 /// the send queue has work the fan-out's direct flush could not do. Both are
 /// polled on every wake-up of the task; an idle session is one read future
-/// and no writer state. The connection slot is held to the end.
+/// and no writer state. The connection slot is held to the end, or handed
+/// on with the socket when the session moves to another shard (`Moved`).
 ///
 /// A plain function returning an `async move` block: an `async fn` would
 /// keep its arguments twice in the future (as arguments and as the locals
@@ -277,8 +283,9 @@ pub(super) fn run_session(
         session.reader_done.set(true);
         session.reader_done_event.notify();
         cleanup(&session, &path);
-        // Nothing is queued to a session that moved: the writer ends
-        // without touching the socket.
+        // Nothing is queued to a session that moved and no writer turn was
+        // in progress (`native_move_target`): the writer ends without
+        // touching the socket.
         poll_fn(|cx| writer.poll(cx)).await;
         session.shard.sessions.borrow_mut().remove(&session_id);
         match moved {
@@ -311,7 +318,7 @@ fn native_move_target(session: &Session, kind: PayloadKind, payload: &Bytes) -> 
     if shard.shards < 2 || shard.config.topic_sockets() != TopicSockets::Owner || shard.shutting_down() {
         return None;
     }
-    if !session.out.is_empty() || session.out.is_closing() {
+    if !session.out.is_empty() || session.out.is_closing() || session.writing.get() {
         return None;
     }
     let request = match kind {
@@ -349,8 +356,15 @@ pub(super) fn adopt_native(
         // sessions it found: this one closes as they do, its request unread.
         out.close(close_code::GOING_AWAY, "server shutting down");
     }
-    let session =
-        Rc::new(Session { shard, io, out, client, reader_done: Cell::new(false), reader_done_event: Event::default() });
+    let session = Rc::new(Session {
+        shard,
+        io,
+        out,
+        client,
+        reader_done: Cell::new(false),
+        reader_done_event: Event::default(),
+        writing: Cell::new(false),
+    });
     glommio::spawn_local(run_session(session, buf, Path::Native(Box::default()), slot)).detach();
 }
 
@@ -388,8 +402,9 @@ pub(super) async fn read_loop(session: &Session, buf: &mut BytesMut, path: &mut 
     loop {
         loop {
             // What the first message's frame starts with, in case the
-            // session moves: copied once, before the first message only.
-            let before = (may_move && decoder.is_idle()).then(|| buf.to_vec());
+            // session moves: copied before the first message only, and only
+            // when a whole frame is there (not on each part of a long one).
+            let before = (may_move && decoder.is_idle() && Decoder::has_whole_frame(buf)).then(|| buf.to_vec());
             let event = match decoder.decode(buf) {
                 Ok(Some(event)) => event,
                 Ok(None) => break,

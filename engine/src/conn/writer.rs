@@ -67,8 +67,10 @@ impl<'a> Writer<'a> {
             }
             let session = self.session;
             let turn = self.turn.get_or_insert_with(|| Box::pin(write_turn(session)));
+            session.writing.set(true);
             let Poll::Ready(ended) = turn.as_mut().poll(cx) else { return Poll::Pending };
             self.turn = None;
+            session.writing.set(false);
             // Nothing ran between the turn's last look at the queue and
             // now: wake-ups before this one are handled.
             self.seen = Some(self.session.out.wake_writer.generation());
