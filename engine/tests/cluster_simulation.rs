@@ -4,7 +4,9 @@
 //! as on a socket), each node applying a new member set at its own later
 //! step (views lag), nodes joining, leaving gracefully (they stay until
 //! their topics are claimed) and dying (their links fail at once), with a
-//! subscriber on every node and publishes from every node.
+//! subscriber on every node, a member of consumer group `g` of every topic
+//! on every node (acknowledging what it reads, joining again when told
+//! `group_lost`), and publishes from every node.
 //!
 //! The simulation's own maps are ordered, and the brokers walk theirs in
 //! sorted order where it decides what they do on a topology change, so a
@@ -19,7 +21,9 @@
 //!   unless told of a gap (`gap` notice), and an epoch change only after
 //!   a `lost` notice;
 //! - without deaths, no gap and no epoch change: nothing acknowledged is
-//!   lost (a leave that overruns its deadline counts as a death).
+//!   lost (a leave that overruns its deadline counts as a death), and
+//!   every acknowledged message from the group's first delivery on
+//!   reached a member of the group, however often its topic moved.
 //!
 //! `SIM_SEED`, `SIM_SEEDS`, `SIM_STEPS` as in the other simulations; the
 //! seed is printed on failure, with the trail of the failing topic's
@@ -47,7 +51,12 @@
 //! topic's new sequence space (losing hand-offs in flight on it); a copy
 //! that started live answered resumes with gaps its owner did not have; a
 //! node that gave its topic to a newer view claimed it back; a claim to a
-//! node gone without the state started the topic afresh.
+//! node gone without the state started the topic afresh. With group
+//! members (2026-12-03): a member on another node that left before its
+//! join was answered got a native reply written onto the node link (a
+//! malformed frame there); a member's leave handled before the join it
+//! followed, held for the topic's hand-off, left a member that no longer
+//! existed holding deliveries.
 
 mod sim_support;
 
@@ -57,9 +66,12 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
-use proto::broker::{Action, Broker, BrokerLimits, Format, PublishReply, Published, SubscribeRequest, Subscription};
+use proto::broker::{
+    Action, Broker, BrokerLimits, Format, JoinRequest, PublishReply, Published, SubscribeRequest, Subscription,
+};
 use proto::cluster::Topology;
 use proto::durable::PublishOptions;
+use proto::group::{GroupSettings, Settle};
 use proto::link::{self, LinkFrame};
 use proto::message::{Now, PayloadKind};
 use proto::metrics::Metrics;
@@ -102,6 +114,11 @@ struct Node {
     granting: HashMap<u64, String>,
     /// Links that failed, to report to the broker.
     down: Vec<String>,
+    /// A member of group `g` of every topic: its queue, and its member id
+    /// per topic (joined again after `group_lost`).
+    member: Rc<Outbound>,
+    member_decoder: Decoder,
+    memberships: BTreeMap<String, u64>,
 }
 
 #[derive(Default, Clone)]
@@ -125,6 +142,9 @@ struct Session {
     /// grant for an earlier one, or after an unfollow, is undone.
     wanted: HashMap<TopicName, u64>,
     generation: u64,
+    /// Group members of the follower node joined over this link: their id
+    /// there -> their id here.
+    members: HashMap<u64, u64>,
 }
 
 struct Sim {
@@ -140,6 +160,10 @@ struct Sim {
     leaving: HashMap<String, u64>,
     /// Every message: id -> (topic, acknowledged (epoch, seq)).
     messages: Vec<(String, Option<(String, u64)>)>,
+    /// Messages delivered to group `g` of their topic (by id), and per
+    /// topic the first number the group delivered.
+    group_got: std::collections::HashSet<u64>,
+    group_first: BTreeMap<String, u64>,
     /// (topic, epoch, seq) -> message id: the numbering invariant.
     numbers: HashMap<(String, String, u64), u64>,
     deaths: u32,
@@ -164,6 +188,8 @@ struct Stats {
     leaves: u32,
     deaths: u32,
     claims: u64,
+    group_delivered: u64,
+    groups_lost: u32,
 }
 
 fn topic(t: usize) -> String {
@@ -190,6 +216,8 @@ impl Sim {
             history: BTreeMap::new(),
             leaving: HashMap::new(),
             messages: Vec::new(),
+            group_got: std::collections::HashSet::new(),
+            group_first: BTreeMap::new(),
             numbers: HashMap::new(),
             deaths: 0,
             log: Vec::new(),
@@ -259,6 +287,9 @@ impl Sim {
             publishing: HashMap::new(),
             granting: HashMap::new(),
             down: Vec::new(),
+            member: Rc::new(Outbound::new(QUEUE_BYTES, SlowConsumerPolicy::Disconnect)),
+            member_decoder: Decoder::of_server_frames(QUEUE_BYTES),
+            memberships: BTreeMap::new(),
         });
         self.stats.joins += 1;
         // Its subscriber subscribes to every topic.
@@ -280,6 +311,85 @@ impl Sim {
                 }
             }
             self.actions(id)?;
+            self.member_join(id, t)?;
+        }
+        Ok(())
+    }
+
+    /// Node `i`'s member joins group `g` of topic `t`.
+    fn member_join(&mut self, i: usize, t: usize) -> Check {
+        let now = self.now();
+        let node = &mut self.nodes[i];
+        let request = JoinRequest {
+            topic: TopicName::new(&topic(t)).unwrap(),
+            group: std::sync::Arc::from("g"),
+            out: node.member.clone(),
+            prefetch: 8,
+            settings: GroupSettings::default(),
+            dead_letter: TopicName::new("sim.dead").unwrap(),
+            reply_id: 1000 + t as u64,
+        };
+        let sub = node.broker.join_group(request, now);
+        node.memberships.insert(topic(t), sub);
+        self.log.push(format!("{} {} member joins {} as {sub}", self.step, self.nodes[i].addr, topic(t)));
+        self.actions(i)
+    }
+
+    /// Node `i`'s member reads what is queued for it: acknowledges each
+    /// delivery at once, and joins again when its group is lost.
+    fn read_member(&mut self, i: usize) -> Check {
+        if !self.nodes[i].alive || self.nodes[i].member.is_empty() {
+            return Ok(());
+        }
+        let mut bytes = Vec::new();
+        let node = &mut self.nodes[i];
+        node.member.take_batch(&mut bytes, 1 << 16, &mut Vec::new());
+        let mut buf = BytesMut::from(&bytes[..]);
+        let mut events = Vec::new();
+        while let Some(event) = node.member_decoder.decode(&mut buf).map_err(|e| e.to_string())? {
+            if let WsEvent::Message { payload, .. } = event {
+                events.push(serde_json::from_slice::<serde_json::Value>(&payload).map_err(|e| e.to_string())?);
+            }
+        }
+        let addr = node.addr.clone();
+        for v in events {
+            let t = v["topic"].as_str().unwrap_or("").to_string();
+            match v["type"].as_str() {
+                Some("reply") if v["ok"] == true => {}
+                Some("reply") => {
+                    // A join the owner could not answer (its topic moved
+                    // meanwhile): joined again.
+                    let id = v["id"].as_u64().ok_or("reply id")?;
+                    self.log.push(format!("{} {addr} member join refused: {v}", self.step));
+                    self.member_join(i, (id - 1000) as usize)?;
+                }
+                Some("group_lost") => {
+                    self.stats.groups_lost += 1;
+                    self.log.push(format!("{} {addr} member told group_lost on {t}", self.step));
+                    let index = (0..TOPICS).find(|&k| topic(k) == t).ok_or("group_lost topic")?;
+                    self.member_join(i, index)?;
+                }
+                Some("message") => {
+                    self.stats.group_delivered += 1;
+                    let seq = v["seq"].as_u64().ok_or("seq")?;
+                    let id: u64 = v["data"].as_str().and_then(|d| d.parse().ok()).ok_or("data")?;
+                    if self.messages[id as usize].0 != t {
+                        return Err(format!(
+                            "group: message {id} of {} delivered on {t}",
+                            self.messages[id as usize].0
+                        ));
+                    }
+                    self.group_got.insert(id);
+                    self.log.push(format!("{} {addr} member got {t} {seq} (message {id})", self.step));
+                    let first = self.group_first.entry(t.clone()).or_insert(seq);
+                    *first = (*first).min(seq);
+                    let Some(&sub) = self.nodes[i].memberships.get(&t) else { continue };
+                    let now = self.now();
+                    self.nodes[i].broker.settle(sub, Settle::Ack { seq }, now);
+                    self.actions(i)?;
+                }
+                _ => return Err(format!("{addr} member: unexpected {v}")),
+            }
         }
         Ok(())
     }
@@ -291,7 +401,11 @@ impl Sim {
             match self.rng.below(100) {
                 0..=39 => self.publish()?,
                 40..=69 => self.deliver_link()?,
-                70..=84 => self.read_subscriber()?,
+                70..=77 => self.read_subscriber()?,
+                78..=84 => {
+                    let i = self.rng.below(self.nodes.len());
+                    self.read_member(i)?
+                }
                 85..=92 => self.apply_view()?,
                 93..=95 => self.tick()?,
                 96 => self.change(deaths_allowed)?,
@@ -346,9 +460,16 @@ impl Sim {
         self.leaving.remove(&addr);
         self.deaths += 1;
         self.stats.deaths += 1;
+        let now = self.now();
         for node in self.nodes.iter_mut().filter(|n| n.alive) {
             node.outgoing.remove(&addr);
-            node.sessions.remove(&addr);
+            // Its link sessions end: their group members leave (what they
+            // held goes to the others); the actions run at the node's next.
+            if let Some(session) = node.sessions.remove(&addr) {
+                for sub in session.members.into_values() {
+                    node.broker.leave_group(sub, now);
+                }
+            }
             node.down.push(addr.clone());
         }
     }
@@ -548,7 +669,9 @@ impl Sim {
                 };
                 let Some(o) = self.node_index(&to) else { return Ok(()) };
                 let from = self.nodes[i].addr.clone();
-                let frame = link::decode(&bytes, self.start).map_err(|e| e.to_string())?;
+                let frame = link::decode(&bytes, self.start).map_err(|e| {
+                    format!("{from} -> {to}: {e} (frame of {} bytes, type {:?})", bytes.len(), bytes.first())
+                })?;
                 self.owner_side(o, &from, frame)?;
             }
             Ok(())
@@ -563,6 +686,9 @@ impl Sim {
                 if let Some(session) = self.nodes[i].sessions.remove(&f_addr) {
                     for (topic, sub) in session.follows {
                         self.nodes[i].broker.unsubscribe(&topic, sub, now);
+                    }
+                    for sub in session.members.into_values() {
+                        self.nodes[i].broker.leave_group(sub, now);
                     }
                 }
                 self.actions(i)?;
@@ -592,7 +718,13 @@ impl Sim {
             let mut frames = Vec::new();
             while let Some(event) = session.decoder.decode(&mut buf).map_err(|e| e.to_string())? {
                 if let WsEvent::Message { payload, .. } = event {
-                    frames.push(link::decode(&payload, self.start).map_err(|e| e.to_string())?);
+                    frames.push(link::decode(&payload, self.start).map_err(|e| {
+                        format!(
+                            "{owner} => {f_addr}: {e} (frame of {} bytes, type {:?})",
+                            payload.len(),
+                            payload.first()
+                        )
+                    })?);
                 }
             }
             let now = self.now();
@@ -624,6 +756,7 @@ impl Sim {
             pending: HashMap::new(),
             wanted: HashMap::new(),
             generation: 0,
+            members: HashMap::new(),
         });
         let out = session.out.clone();
         match frame {
@@ -667,6 +800,35 @@ impl Sim {
                 node.broker.claim(topic, version, claimer, at, out, now)
             }
             LinkFrame::Offer { topic } => node.broker.offer(topic, now),
+            // As the link session does (`link_session::group_op`).
+            LinkFrame::Group { member, op } => match op {
+                link::GroupLink::Join { topic, group, prefetch, settings, dead_letter } => {
+                    if !session.members.contains_key(&member) {
+                        let request = JoinRequest {
+                            topic,
+                            group: group.into(),
+                            out,
+                            prefetch,
+                            settings,
+                            dead_letter,
+                            reply_id: member,
+                        };
+                        let sub = node.broker.join_group_link(request, member, now);
+                        node.sessions.get_mut(from).expect("made above").members.insert(member, sub);
+                    }
+                }
+                link::GroupLink::Leave => {
+                    if let Some(sub) = session.members.remove(&member) {
+                        node.broker.leave_group(sub, now);
+                    }
+                }
+                link::GroupLink::Settle(settle) => {
+                    if let Some(&sub) = session.members.get(&member) {
+                        node.broker.settle(sub, settle, now);
+                    }
+                }
+                other => return Err(format!("a member's frame sent to an owner: {other:?}")),
+            },
             other => return Err(format!("an owner's frame sent to an owner: {other:?}")),
         }
         self.actions(o)
@@ -774,17 +936,23 @@ impl Sim {
                 }
                 self.apply_next(i)?;
             }
-            match self.rng.below(5) {
+            match self.rng.below(6) {
                 0 | 1 => self.deliver_link()?,
                 2 => self.read_subscriber()?,
                 3 => self.tick()?,
+                4 => {
+                    let i = self.rng.below(self.nodes.len());
+                    self.read_member(i)?
+                }
                 _ => self.report_down()?,
             }
         }
         let busy: Vec<&str> = self
             .nodes
             .iter()
-            .filter(|n| n.alive && (n.outgoing.values().any(|q| !q.is_empty()) || !n.sub.is_empty()))
+            .filter(|n| {
+                n.alive && (n.outgoing.values().any(|q| !q.is_empty()) || !n.sub.is_empty() || !n.member.is_empty())
+            })
             .map(|n| n.addr.as_str())
             .collect();
         if !busy.is_empty() {
@@ -809,6 +977,15 @@ impl Sim {
                 if view.lost > 0 {
                     return Err(format!("{}: {t} changed epoch without a death", node.addr));
                 }
+            }
+        }
+        // Every acknowledged message from the group's first delivery on
+        // reached a member of the group (at least once), however its topic
+        // moved: the groups went with their topics.
+        for (id, (t, acked)) in self.messages.iter().enumerate() {
+            let (Some((_, seq)), Some(first)) = (acked, self.group_first.get(t)) else { continue };
+            if seq >= first && !self.group_got.contains(&(id as u64)) {
+                return Err(format!("{t}: acknowledged seq {seq} (message {id}) never reached group g"));
             }
         }
         Ok(())

@@ -1045,9 +1045,14 @@ impl Broker {
             // Whatever makes or reads a topic's owned state waits for its
             // hand-off (else it would make the topic anew here, and the
             // state, history and schedules handed over later would find
-            // it owned).
+            // it owned). A member's leave and settles wait with its join,
+            // in order: a leave handled before the join it follows left a
+            // member that no longer existed holding deliveries (found by
+            // the topology simulation once it had group members).
             Item::Subscribe { ref topic, .. }
             | Item::GroupJoin { ref topic, .. }
+            | Item::GroupLeave { ref topic, .. }
+            | Item::GroupSettle { ref topic, .. }
             | Item::ScheduleAsk { ref topic, .. }
             | Item::GroupDelete { ref topic, .. }
                 if self.needs_hand_off(topic) =>

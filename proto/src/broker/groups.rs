@@ -165,8 +165,12 @@ impl Broker {
     /// Removes a member of this shard (it left, or its connection closed).
     pub fn leave_group(&mut self, sub: u64, now: Now) {
         let Some(m) = self.members.remove(&sub) else { return };
-        if let Some(id) = m.reply_id {
-            // Its join is still unanswered: every request gets one reply.
+        // Its join is still unanswered: every request gets one reply. Not
+        // a member on another node: its node answers its own client, and
+        // this queue is the node link, where a native reply is a malformed
+        // frame (the peer dropped the link; found by the topology
+        // simulation once it had group members).
+        if let (Some(id), None) = (m.reply_id, m.link) {
             m.out.offer_control(native::reply_error(Some(id), "not_subscribed", "left before the join was answered"));
         }
         metrics::sub(&self.metrics.subscriptions_current, 1);
