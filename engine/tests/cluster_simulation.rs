@@ -192,6 +192,20 @@ struct Stats {
     groups_lost: u32,
 }
 
+/// What a client reads from `out`: its native JSON frames.
+fn read_json(out: &Outbound, decoder: &mut Decoder) -> Result<Vec<serde_json::Value>, String> {
+    let mut bytes = Vec::new();
+    out.take_batch(&mut bytes, 1 << 16, &mut Vec::new());
+    let mut buf = BytesMut::from(&bytes[..]);
+    let mut events = Vec::new();
+    while let Some(event) = decoder.decode(&mut buf).map_err(|e| e.to_string())? {
+        if let WsEvent::Message { payload, .. } = event {
+            events.push(serde_json::from_slice::<serde_json::Value>(&payload).map_err(|e| e.to_string())?);
+        }
+    }
+    Ok(events)
+}
+
 fn topic(t: usize) -> String {
     format!("sim.{t}")
 }
@@ -341,16 +355,8 @@ impl Sim {
         if !self.nodes[i].alive || self.nodes[i].member.is_empty() {
             return Ok(());
         }
-        let mut bytes = Vec::new();
         let node = &mut self.nodes[i];
-        node.member.take_batch(&mut bytes, 1 << 16, &mut Vec::new());
-        let mut buf = BytesMut::from(&bytes[..]);
-        let mut events = Vec::new();
-        while let Some(event) = node.member_decoder.decode(&mut buf).map_err(|e| e.to_string())? {
-            if let WsEvent::Message { payload, .. } = event {
-                events.push(serde_json::from_slice::<serde_json::Value>(&payload).map_err(|e| e.to_string())?);
-            }
-        }
+        let events = read_json(&node.member, &mut node.member_decoder)?;
         let addr = node.addr.clone();
         for v in events {
             let t = v["topic"].as_str().unwrap_or("").to_string();
@@ -840,19 +846,11 @@ impl Sim {
         if !self.nodes[i].alive {
             return Ok(());
         }
-        let mut bytes = Vec::new();
         let node = &mut self.nodes[i];
         if node.sub.is_empty() {
             return Ok(());
         }
-        node.sub.take_batch(&mut bytes, 1 << 16, &mut Vec::new());
-        let mut buf = BytesMut::from(&bytes[..]);
-        let mut events = Vec::new();
-        while let Some(event) = node.sub_decoder.decode(&mut buf).map_err(|e| e.to_string())? {
-            if let WsEvent::Message { payload, .. } = event {
-                events.push(serde_json::from_slice::<serde_json::Value>(&payload).map_err(|e| e.to_string())?);
-            }
-        }
+        let events = read_json(&node.sub, &mut node.sub_decoder)?;
         let addr = node.addr.clone();
         for v in events {
             let t = v["topic"].as_str().unwrap_or("").to_string();
