@@ -261,9 +261,11 @@ pub(super) fn run_session(
     mut path: Path,
     slot: ConnectionSlot,
 ) -> impl Future<Output = ()> {
+    // Listed before the task runs: a drain that starts meanwhile closes it
+    // too (it closes the sessions it finds listed).
+    let session_id = session.shard.next_id();
+    session.shard.sessions.borrow_mut().insert(session_id, session.out.clone());
     async move {
-        let session_id = session.shard.next_id();
-        session.shard.sessions.borrow_mut().insert(session_id, session.out.clone());
         let _direct_off = DirectOff(&session.out);
         let mut writer = Writer::new(&session);
         let moved = {
