@@ -303,6 +303,13 @@ pub struct Shard {
     room: Event,
     /// Wakes the fan-out task.
     fanout_wake: Event,
+    /// Set while the fan-out task waits out its flush interval before a
+    /// write (see `fanout`): raw publishers then read at its end
+    /// (`read_tick`), not on every arriving frame.
+    pacing: Cell<bool>,
+    /// Notified when that wait ends, just before the write: what paced
+    /// publishers read then is sequenced into it.
+    read_tick: Event,
     /// Whether some outbox holds deliveries for the fan-out to release.
     deliveries_held: Cell<bool>,
     /// Publishes waiting for the in-flight budget, per owner shard.
@@ -431,6 +438,8 @@ impl Shard {
             outboxes: (0..shards).map(|_| Outbox::default()).collect(),
             room: Event::default(),
             fanout_wake: Event::default(),
+            pacing: Cell::new(false),
+            read_tick: Event::default(),
             deliveries_held: Cell::new(false),
             remote_queues: (0..shards).map(|_| RemoteQueue::default()).collect(),
             awaited: RefCell::default(),
@@ -739,13 +748,34 @@ impl Shard {
             let since = last_flush.elapsed();
             if since < interval && (!self.flush_list.borrow().is_empty() || self.deliveries_held.get()) {
                 self.room.notify();
+                self.pacing.set(true);
                 glommio::timer::sleep(interval - since).await;
+                self.pacing.set(false);
+                // Paced publishers read now, before the write: what they
+                // bring joins it (the readers run first: the yield puts
+                // this task behind them).
+                if self.read_tick.has_waiters() {
+                    self.read_tick.notify();
+                    futures_lite::future::yield_now().await;
+                }
                 self.fan_out_waiting().await;
             }
             self.flush_direct();
             self.release_deliveries();
             last_flush = Instant::now();
             self.room.notify();
+        }
+    }
+
+    /// For a raw publisher's reader, after it handled what it read: while
+    /// the fan-out task waits out its flush interval, the next read waits
+    /// for that wait's end (`read_tick`), so a publisher sending faster
+    /// than the interval costs a wake-up per interval, not one per frame.
+    /// Nothing waits when the fan-out is not pacing. Its messages go out in
+    /// the same write as when read at once.
+    pub async fn paced_read(&self) {
+        if self.pacing.get() {
+            self.read_tick.wait().await;
         }
     }
 

@@ -110,6 +110,11 @@ impl Event {
         EventWait { event: self, generation: self.generation.get() }
     }
 
+    /// Whether any task waits.
+    pub fn has_waiters(&self) -> bool {
+        !matches!(*self.waiters.borrow(), Waiters::None)
+    }
+
     /// The generation: how many notifies there have been.
     pub fn generation(&self) -> u64 {
         self.generation.get()
@@ -175,11 +180,14 @@ mod tests {
         let counts: Vec<Arc<Count>> = (0..3).map(|_| Arc::new(Count(AtomicUsize::new(0)))).collect();
         let wakers: Vec<Waker> = counts.iter().map(|c| Waker::from(c.clone())).collect();
         let start = event.generation();
+        assert!(!event.has_waiters());
         for w in wakers.iter().chain(wakers.iter()) {
             // Registering twice keeps one entry per task.
             assert!(event.poll_since(start, &mut Context::from_waker(w)).is_pending());
         }
+        assert!(event.has_waiters());
         event.notify();
+        assert!(!event.has_waiters(), "a notify takes every waiter");
         assert!(counts.iter().all(|c| c.0.load(Ordering::Relaxed) == 1));
         let now = event.generation();
         assert_eq!(event.poll_since(start, &mut Context::from_waker(&wakers[0])), Poll::Ready(now));

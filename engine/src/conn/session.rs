@@ -432,6 +432,9 @@ pub(super) async fn read_loop(session: &Session, buf: &mut BytesMut, path: &mut 
             }
         }
         release_if_empty(buf);
+        if matches!(path, Path::Raw { publish: true, .. }) && !session.out.is_closing() {
+            shard.paced_read().await;
+        }
         if session.out.is_closing() && session.out.is_empty() {
             // Our close frame is out or going; wait briefly for the answer.
             session.io.set_read_timeout(Some(CLOSE_LINGER));
