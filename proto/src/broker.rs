@@ -1045,17 +1045,23 @@ impl Broker {
             // Whatever makes or reads a topic's owned state waits for its
             // hand-off (else it would make the topic anew here, and the
             // state, history and schedules handed over later would find
-            // it owned). A member's leave and settles wait with its join,
-            // in order: a leave handled before the join it follows left a
-            // member that no longer existed holding deliveries (found by
-            // the topology simulation once it had group members).
+            // it owned).
             Item::Subscribe { ref topic, .. }
             | Item::GroupJoin { ref topic, .. }
-            | Item::GroupLeave { ref topic, .. }
-            | Item::GroupSettle { ref topic, .. }
             | Item::ScheduleAsk { ref topic, .. }
             | Item::GroupDelete { ref topic, .. }
                 if self.needs_hand_off(topic) =>
+            {
+                let topic = topic.clone();
+                self.take_over_item(from, &topic, item, now);
+            }
+            // A member's leave and settles wait with its join, in order: a
+            // leave handled before the join it follows left a member that
+            // no longer existed holding deliveries (found by the topology
+            // simulation once it had group members). Not a member of a group
+            // on another node: those go there at once (below).
+            Item::GroupLeave { ref topic, sub, .. } | Item::GroupSettle { ref topic, sub, .. }
+                if self.needs_hand_off(topic) && !self.is_remote_member(from, sub) =>
             {
                 let topic = topic.clone();
                 self.take_over_item(from, &topic, item, now);

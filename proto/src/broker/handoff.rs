@@ -453,6 +453,18 @@ impl Broker {
         }
         let full = self.taking.get(topic).is_some_and(|t| t.pending.len() >= TAKING_QUEUE_MAX);
         if full {
+            // A leave that cannot wait takes its member's held join (and
+            // settles) out of the line: handled later without it, the join
+            // would make a member that no longer exists.
+            if let Pending::Item { from, item: Item::GroupLeave { sub, .. } } = &pending {
+                let (from, sub) = (*from, *sub);
+                if let Some(t) = self.taking.get_mut(topic) {
+                    t.pending.retain(|p| {
+                        !matches!(p, Pending::Item { from: f, item: Item::GroupJoin { sub: s, .. } | Item::GroupSettle { sub: s, .. } }
+                            if *f == from && *s == sub)
+                    });
+                }
+            }
             self.fail(pending, OwnerError::OwnerUnreachable, now);
             return;
         }
