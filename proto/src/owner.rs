@@ -1036,7 +1036,9 @@ impl Owner {
         Some(Owner::state_of(t))
     }
 
-    /// The state of a topic given away and not yet claimed.
+    /// The state of a topic held here: epoch, last number, retained
+    /// history (for a topic given away and not yet claimed, what its
+    /// hand-off carries).
     pub fn handed_state(&self, topic: &TopicName) -> Option<(Epoch, u64, Vec<Message>)> {
         self.topics.get(topic).map(Owner::state_of)
     }

@@ -52,6 +52,31 @@ pub(super) struct Session {
     pub(super) writing: Cell<bool>,
 }
 
+impl Session {
+    /// A session on `io` for `client`, its send queue capped at
+    /// `queue_bytes_max` with `policy`, deliveries packed if `batched`.
+    fn new(
+        shard: Rc<Shard>,
+        io: Io,
+        client: std::net::IpAddr,
+        queue_bytes_max: usize,
+        policy: SlowConsumerPolicy,
+        batched: bool,
+    ) -> Rc<Session> {
+        let out = Rc::new(Outbound::new(queue_bytes_max, policy));
+        out.set_batched(batched);
+        Rc::new(Session {
+            shard,
+            io,
+            out,
+            client,
+            reader_done: Cell::new(false),
+            reader_done_event: Event::default(),
+            writing: Cell::new(false),
+        })
+    }
+}
+
 pub(super) async fn websocket(
     shard: Rc<Shard>,
     io: Io,
@@ -113,17 +138,7 @@ pub(super) async fn websocket(
     } else {
         shard.config.send_queue_bytes_max()
     };
-    let out = Rc::new(Outbound::new(queue_bytes_max, policy));
-    out.set_batched(batched);
-    let session = Rc::new(Session {
-        shard: shard.clone(),
-        io,
-        out,
-        client: client.ip(),
-        reader_done: Cell::new(false),
-        reader_done_event: Event::default(),
-        writing: Cell::new(false),
-    });
+    let session = Session::new(shard.clone(), io, client.ip(), queue_bytes_max, policy, batched);
     let (path, mut extra_headers, resume_close) = match prepare(&session, &head, route).await {
         Ok(prepared) => prepared,
         Err(response) => {
@@ -313,14 +328,13 @@ pub(super) struct Moved {
 /// The shard a native session should move to before its first request is
 /// handled: the owner of the topic that request names, when another shard
 /// owns it and the session has nothing that would have to move with it
-/// (nothing queued, not closing). Only requests that tie the connection to
-/// one topic's traffic count (publish, publish batch, subscribe, join).
+/// (nothing queued, no write in progress, not closing). Only requests
+/// that tie the connection to one topic's traffic count (publish, publish
+/// batch, subscribe, join). The reader asks only where moves are on
+/// (`read_loop`'s `may_move`).
 fn native_move_target(session: &Session, kind: PayloadKind, payload: &Bytes) -> Option<usize> {
     let shard = &session.shard;
-    if shard.shards < 2 || shard.config.topic_sockets() != TopicSockets::Owner || shard.shutting_down() {
-        return None;
-    }
-    if !session.out.is_empty() || session.out.is_closing() || session.writing.get() {
+    if shard.shutting_down() || !session.out.is_empty() || session.out.is_closing() || session.writing.get() {
         return None;
     }
     let request = match kind {
@@ -351,22 +365,13 @@ pub(super) fn adopt_native(
     batched: bool,
     slot: ConnectionSlot,
 ) {
-    let out = Rc::new(Outbound::new(shard.config.send_queue_bytes_max(), policy));
-    out.set_batched(batched);
-    if shard.shutting_down() {
-        // Moved while this shard began its drain, which closes only the
-        // sessions it found: this one closes as they do, its request unread.
-        out.close(close_code::GOING_AWAY, "server shutting down");
+    let queue_bytes_max = shard.config.send_queue_bytes_max();
+    let session = Session::new(shard, io, client, queue_bytes_max, policy, batched);
+    if session.shard.shutting_down() {
+        // Moved while this shard began its drain: it closes as the
+        // sessions the drain found do, its request unread.
+        session.out.close(close_code::GOING_AWAY, "server shutting down");
     }
-    let session = Rc::new(Session {
-        shard,
-        io,
-        out,
-        client,
-        reader_done: Cell::new(false),
-        reader_done_event: Event::default(),
-        writing: Cell::new(false),
-    });
     glommio::spawn_local(run_session(session, buf, Path::Native(Box::default()), slot)).detach();
 }
 

@@ -214,23 +214,23 @@ impl Broker {
         saved
     }
 
-    /// A durable topic's groups handed over from its previous owner
-    /// (`groups_leaving` there), its log taken over just before: restored
-    /// (they wait for their members to join again) and saved here.
-    pub(super) fn groups_arrived(
-        &mut self,
-        topic: &TopicName,
-        groups: Vec<SavedGroup>,
-        retained: &[Message],
-        now: Now,
-    ) {
+    /// A topic's groups handed over from its previous owner
+    /// (`groups_leaving` there), its state taken over just before: restored
+    /// (they wait for their members to join again); a durable topic's read
+    /// its log and are saved here, an ephemeral topic's are offered the
+    /// history this shard now holds for it.
+    pub(super) fn groups_arrived(&mut self, topic: &TopicName, groups: Vec<SavedGroup>, now: Now) {
         let durable = self.owner.written_seq(topic).is_some();
+        let retained = match (durable, groups.is_empty()) {
+            (false, false) => self.owner.handed_state(topic).map(|(_, _, history)| history).unwrap_or_default(),
+            _ => Vec::new(),
+        };
         for saved in groups {
             let name = saved.group.clone();
             let restored = if durable {
                 self.restore_group(topic, saved, now)
             } else {
-                self.restore_ephemeral_group(topic, saved, retained, now)
+                self.restore_ephemeral_group(topic, saved, &retained, now)
             };
             match restored {
                 // Saved at the next save (its files here are new).
@@ -242,7 +242,7 @@ impl Broker {
     }
 
     /// An ephemeral topic's group handed over from its previous owner, with
-    /// the history that came with the topic: made again with its settings,
+    /// the topic's retained history: made again with its settings,
     /// and offered every retained message from its positions on (what was
     /// unacknowledged or waiting there is delivered again: at least once).
     /// Messages older than the history are not recovered. It waits for its
@@ -254,7 +254,7 @@ impl Broker {
         retained: &[Message],
         now: Now,
     ) -> Result<(), String> {
-        let (name, key, dead_letter, settings) = self.restoring(topic, &saved, now)?;
+        let (key, dead_letter, settings) = self.restoring(topic, &saved, now)?;
         let mut group = Group::new(settings, now.unix_ms);
         group.set_floors(&saved.positions);
         let mut events = Vec::new();
@@ -265,7 +265,7 @@ impl Broker {
             // Below its segment's floor it was done: `offer` skips it.
             group.offer(message.clone(), now.unix_ms, &mut events);
         }
-        self.group_names.entry(topic.clone()).or_default().push(name);
+        self.group_names.entry(topic.clone()).or_default().push(key.1.clone());
         self.groups.insert(key.clone(), OwnedGroup { group, dead_letter, feed: None });
         // No member yet: nothing to deliver; the ticker keeps its deadlines.
         self.group_events(&key, &mut events, now);
@@ -544,14 +544,14 @@ impl Broker {
         }
     }
 
-    /// What restoring `saved` makes, once checked: its name, key, dead
-    /// letter topic and settings; the topic is held for it.
+    /// What restoring `saved` makes, once checked: its key (topic and
+    /// name), dead letter topic and settings; the topic is held for it.
     fn restoring(
         &mut self,
         topic: &TopicName,
         saved: &SavedGroup,
         now: Now,
-    ) -> Result<(GroupName, (TopicName, GroupName), TopicName, GroupSettings), String> {
+    ) -> Result<((TopicName, GroupName), TopicName, GroupSettings), String> {
         if saved.positions.len() != SEGMENTS {
             return Err(format!("{} positions, not {SEGMENTS}", saved.positions.len()));
         }
@@ -567,7 +567,7 @@ impl Broker {
             max_deliveries: saved.max_deliveries,
             start: GroupStart::Now,
         };
-        Ok((name, key, dead_letter, settings))
+        Ok((key, dead_letter, settings))
     }
 
     /// Restores a durable group saved by a previous run, before the shard
@@ -576,7 +576,7 @@ impl Broker {
     /// malformed.
     pub fn restore_group(&mut self, topic: &TopicName, saved: SavedGroup, now: Now) -> Result<(), String> {
         let durable = self.owner.written_seq(topic).ok_or("the topic is not durable")?;
-        let (name, key, dead_letter, settings) = self.restoring(topic, &saved, now)?;
+        let (key, dead_letter, settings) = self.restoring(topic, &saved, now)?;
         // Never past what the log holds: a log that lost its tail (an
         // fsync interval, damage) must not make the group skip what is
         // numbered next.
@@ -585,7 +585,7 @@ impl Broker {
         group.set_floors(&positions);
         let next = positions.iter().copied().min().unwrap_or(durable + 1);
         let feed = LogFeed { next, reading: false, retry_at_ms: 0, saved: positions };
-        self.group_names.entry(topic.clone()).or_default().push(name);
+        self.group_names.entry(topic.clone()).or_default().push(key.1.clone());
         self.groups.insert(key, OwnedGroup { group, dead_letter, feed: Some(feed) });
         self.actions.push(Action::Tick);
         Ok(())

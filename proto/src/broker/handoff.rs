@@ -573,50 +573,45 @@ impl Broker {
             tracing::warn!(topic = topic.as_str(), "a second state of a topic arrived: kept in its own epoch");
         }
         match state {
-            Some((epoch, last_seq, history)) => {
-                // An ephemeral topic's groups go on from the history that
-                // came with it.
-                let retained = if groups.is_empty() || durable.is_some() { Vec::new() } else { history.clone() };
-                match self.owner.adopt(topic, epoch, last_seq, history, now.at) {
-                    Ok(adopted) => {
-                        self.handing.remove(topic);
-                        if let Some(durable) = durable {
-                            self.owner.durable_taken(topic, durable);
-                        }
-                        self.schedules_arrived(topic, schedules, now);
-                        self.groups_arrived(topic, groups, &retained, now);
-                        let position = self.owner.last_seq(topic).unwrap_or(last_seq);
-                        for shard in (0..self.shards).filter(|s| adopted.restarted & (1 << s) != 0) {
-                            self.send(shard, Item::Restarted { topic: topic.clone(), epoch, last_seq: position }, now);
-                        }
-                        for message in adopted.new {
-                            for shard in (0..self.shards).filter(|s| adopted.subscriber_shards & (1 << s) != 0) {
-                                let item = Item::Deliver { topic: topic.clone(), epoch, message: message.clone() };
-                                self.send(shard, item, now);
-                            }
-                        }
-                        // Numbers the hand-off passed without their messages.
-                        if let Some(gap) = adopted.skipped {
-                            for shard in (0..self.shards).filter(|s| adopted.subscriber_shards & (1 << s) != 0) {
-                                self.send(shard, Item::Gap { topic: topic.clone(), epoch, gap }, now);
-                            }
+            Some((epoch, last_seq, history)) => match self.owner.adopt(topic, epoch, last_seq, history, now.at) {
+                Ok(adopted) => {
+                    self.handing.remove(topic);
+                    if let Some(durable) = durable {
+                        self.owner.durable_taken(topic, durable);
+                    }
+                    self.schedules_arrived(topic, schedules, now);
+                    self.groups_arrived(topic, groups, now);
+                    let position = self.owner.last_seq(topic).unwrap_or(last_seq);
+                    for shard in (0..self.shards).filter(|s| adopted.restarted & (1 << s) != 0) {
+                        self.send(shard, Item::Restarted { topic: topic.clone(), epoch, last_seq: position }, now);
+                    }
+                    for message in adopted.new {
+                        for shard in (0..self.shards).filter(|s| adopted.subscriber_shards & (1 << s) != 0) {
+                            let item = Item::Deliver { topic: topic.clone(), epoch, message: message.clone() };
+                            self.send(shard, item, now);
                         }
                     }
-                    Err(e) => {
-                        // No room for it here (the topic table is full): the
-                        // state is kept to be handed on, never dropped.
-                        tracing::warn!(topic = topic.as_str(), "a topic's state arrived with no room for it: {e}");
-                        let views = self.cluster.as_ref();
-                        let run_start = views.and_then(|v| v.latest_run(topic)).map_or(0, |r| r.start);
-                        let run_end = views.map_or(0, |v| v.latest_run_end(topic));
-                        self.handing.insert(topic.clone(), Handing { epoch, last_seq, run_start, run_end, groups });
-                        for pending in pending {
-                            self.fail(pending, e, now);
+                    // Numbers the hand-off passed without their messages.
+                    if let Some(gap) = adopted.skipped {
+                        for shard in (0..self.shards).filter(|s| adopted.subscriber_shards & (1 << s) != 0) {
+                            self.send(shard, Item::Gap { topic: topic.clone(), epoch, gap }, now);
                         }
-                        return;
                     }
                 }
-            }
+                Err(e) => {
+                    // No room for it here (the topic table is full): the
+                    // state is kept to be handed on, never dropped.
+                    tracing::warn!(topic = topic.as_str(), "a topic's state arrived with no room for it: {e}");
+                    let views = self.cluster.as_ref();
+                    let run_start = views.and_then(|v| v.latest_run(topic)).map_or(0, |r| r.start);
+                    let run_end = views.map_or(0, |v| v.latest_run_end(topic));
+                    self.handing.insert(topic.clone(), Handing { epoch, last_seq, run_start, run_end, groups });
+                    for pending in pending {
+                        self.fail(pending, e, now);
+                    }
+                    return;
+                }
+            },
             None => {
                 if self.owner.durable_on_publish(topic).is_some() {
                     // A durable topic's state went with its node, its log
@@ -672,7 +667,7 @@ impl Broker {
         }
         // Its durable groups as the store has them, before the joins that
         // waited (which would make them anew).
-        self.groups_arrived(topic, groups, &[], now);
+        self.groups_arrived(topic, groups, now);
         // Owned elsewhere now (a relay, or the view moved on meanwhile).
         if self.remote_node(topic).is_some() {
             self.give_up(topic, now);
