@@ -1,7 +1,8 @@
 //! FluxBalancer: the thin L4 balancer that keeps a topic's clients on the
 //! node that owns it. It reads only a new connection's HTTP request head,
 //! picks a node with a Maglev table over the healthy nodes, and then pipes
-//! bytes. Thread-per-core on glommio, like the engine.
+//! bytes. Thread-per-core on glommio, like the engine, with one epoll
+//! thread beside each shard for the piping.
 //!
 //! # Layout
 //! Sans-IO cores:
@@ -17,7 +18,8 @@
 //! - [`limits`]: fixed bounds and why.
 //! - [`stats`]: the counters.
 //! - [`shard`]: per-shard state.
-//! - [`proxy`]: one client connection: head, connect, pipe.
+//! - [`proxy`]: one client connection: head, connect, hand-over.
+//! - [`pipe`]: each shard's piper thread: every established tunnel.
 //! - [`control`]: shard 0's health checks, DNS and admin server.
 //! - [`server`]: executors, channels, listeners, shutdown.
 
@@ -28,6 +30,7 @@ pub mod health;
 pub mod limits;
 pub use proto::maglev;
 pub mod membership;
+pub mod pipe;
 pub mod proxy;
 pub mod route;
 pub mod server;

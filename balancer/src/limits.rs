@@ -7,6 +7,15 @@
 /// connection holds at most two of these, and none while idle.
 pub const PIPE_CHUNK_BYTES: usize = 32 << 10;
 
+/// Socket events one piper takes from one `epoll_wait`. More ready sockets
+/// wait for the next call; a bigger batch only grows the event array.
+pub const PIPE_EVENTS_PER_WAIT: usize = 1024;
+
+/// How often a piper adds its tunnels' byte counts to the nodes' shared
+/// counters (so `/metrics` byte counts lag by at most this): once per read
+/// was a shared atomic per read, contended by every shard.
+pub const PIPE_STATS_FLUSH_MS: u64 = 1_000;
+
 /// Largest admin API request body: a node address in a small JSON object.
 pub const ADMIN_BODY_BYTES_MAX: usize = 4 << 10;
 

@@ -1,22 +1,15 @@
 //! One client connection: read its request head (bounded in size and time),
-//! choose a node by its routing key, connect, replay the head, then pipe
-//! bytes both ways until both sides are done. Runs on the shard that
-//! accepted it; nothing after the head is parsed.
-//!
-//! Piping copies through the shard's scratch buffer: read, then one
-//! non-blocking `send` of what arrived. Only when the far side's socket
-//! buffer is full does a direction keep the unsent rest in a buffer of its
-//! own (at most one chunk), and it reads nothing more until that is
-//! written: memory per connection is bounded and zero while idle.
-//! ARCHITECTURE.md says why this beat `splice(2)` here.
+//! choose a node by its routing key, connect, replay the head, then hand
+//! both sockets to the shard's piper ([`crate::pipe`]), which copies bytes
+//! both ways until both sides are done. Runs on the shard that accepted it;
+//! nothing after the head is parsed.
 
-use std::cell::{Cell, RefCell};
+use std::cell::RefCell;
 use std::future::poll_fn;
 use std::io;
-use std::net::{Shutdown, SocketAddr};
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::rc::Rc;
-use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::task::Poll;
 
@@ -27,20 +20,31 @@ use proto::proxy_protocol;
 use crate::admin::client_error;
 use crate::limits::CONNECT_ATTEMPTS_MAX;
 use crate::membership::View;
+use crate::pipe::NewTunnel;
 use crate::route::{self, HeadError, RouteKey};
 use crate::shard::Shard;
 use crate::stats;
 
-/// Serves one accepted client connection until it closes.
-pub async fn serve(shard: Rc<Shard>, client: TcpStream) {
+/// How [`serve`] left a connection.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Served {
+    /// Closed here (refused, failed, or the client left); counted down by
+    /// the caller.
+    Closed,
+    /// Handed to the shard's piper, which counts it down when it closes.
+    Piped,
+}
+
+/// Serves one accepted client connection up to the hand-over to the piper.
+pub async fn serve(shard: Rc<Shard>, client: TcpStream) -> Served {
     let _ = client.set_nodelay(true);
     let (Ok(peer), Ok(local)) = (client.peer_addr(), client.local_addr()) else {
-        return; // the client already left
+        return Served::Closed; // the client already left
     };
     let client = RefCell::new(client);
     let mut head = Vec::new();
     let Some(key) = read_head(&shard, &client, &mut head, peer).await else {
-        return;
+        return Served::Closed;
     };
     let counter = match &key {
         RouteKey::Topic(_) => &shard.stats.routed_topic,
@@ -53,35 +57,35 @@ pub async fn serve(shard: Rc<Shard>, client: TcpStream) {
         Ok(chosen) => chosen,
         Err(response) => {
             let _ = write_all(&client, &response).await;
-            return;
+            return Served::Closed;
         }
     };
     tracing::debug!(shard = shard.id, client = %peer, node = %view.addrs[index], ?key, "piping");
     let node = view.stats[index].clone();
-    stats::add(&node.connections_current, 1);
     stats::add(&node.connections_total, 1);
     let mut first = if shard.config.proxy_protocol() { proxy_protocol::encode_proxy(peer, local) } else { Vec::new() };
     first.extend_from_slice(&head);
     stats::add(&node.bytes_to_node, head.len() as u64);
     drop(head);
     let upstream = RefCell::new(upstream);
-    if write_all(&upstream, &first).await.is_ok() {
-        drop(first);
-        let progress = Cell::new(0u64);
-        let piping = futures_lite::future::zip(
-            pump(&shard, &client, &upstream, &node.bytes_to_node, &progress),
-            pump(&shard, &upstream, &client, &node.bytes_from_node, &progress),
-        );
-        let idle = watchdog(shard.config.tunnel_idle_timeout(), &progress, [&client, &upstream]);
-        futures_lite::future::or(
-            async {
-                piping.await;
-            },
-            idle,
-        )
-        .await;
+    if write_all(&upstream, &first).await.is_err() {
+        return Served::Closed;
     }
-    stats::sub(&node.connections_current, 1);
+    // The piper gets duplicates; glommio's own descriptors close as these
+    // streams drop (no operation of theirs is in flight any more).
+    let duplicate = |stream: &RefCell<TcpStream>| socket2::SockRef::from(&*stream.borrow()).try_clone();
+    let (Ok(client), Ok(upstream)) = (duplicate(&client), duplicate(&upstream)) else {
+        return Served::Closed;
+    };
+    stats::add(&node.connections_current, 1);
+    let tunnel = NewTunnel { client, node: upstream, node_stats: node.clone() };
+    match shard.piper.adopt(tunnel) {
+        Ok(()) => Served::Piped,
+        Err(_) => {
+            stats::sub(&node.connections_current, 1);
+            Served::Closed
+        }
+    }
 }
 
 /// Reads until the head names a routing key. Answers and returns None on a
@@ -160,75 +164,6 @@ async fn connect(shard: &Shard, view: &Arc<View>, key: &RouteKey) -> Result<(usi
     }
 }
 
-/// Closes both sockets once no byte moved either way for a whole `idle`
-/// period (so after between one and two periods of silence), then waits for
-/// the pumps to notice. One timer per connection per period, instead of a
-/// read timeout re-armed on every read: that showed up as 4 to 5% of the
-/// balancer's CPU (glommio's timer map and clock reads) under fan-out.
-async fn watchdog(idle: std::time::Duration, progress: &Cell<u64>, sides: [&RefCell<TcpStream>; 2]) {
-    let mut last = progress.get();
-    loop {
-        glommio::timer::sleep(idle).await;
-        let now = progress.get();
-        if now == last {
-            for side in sides {
-                shutdown(side, Shutdown::Both);
-            }
-            std::future::pending::<()>().await;
-        }
-        last = now;
-    }
-}
-
-/// Copies `from` to `to` until `from` ends (then half-closes `to`) or
-/// either fails (then shuts both, which ends the other direction too).
-/// Every read adds to `progress`, the watchdog's sign of life.
-async fn pump(
-    shard: &Shard,
-    from: &RefCell<TcpStream>,
-    to: &RefCell<TcpStream>,
-    bytes: &AtomicU64,
-    progress: &Cell<u64>,
-) {
-    let mut pending: Vec<u8> = Vec::new();
-    let outcome: io::Result<()> = async {
-        loop {
-            let n = poll_fn(|cx| {
-                let mut scratch = shard.scratch.borrow_mut();
-                match Pin::new(&mut *from.borrow_mut()).poll_read(cx, &mut scratch[..]) {
-                    Poll::Ready(Ok(n)) if n > 0 => {
-                        let sent = match try_send(to, &scratch[..n]) {
-                            Ok(sent) => sent,
-                            Err(e) => return Poll::Ready(Err(e)),
-                        };
-                        if sent < n {
-                            pending.extend_from_slice(&scratch[sent..n]);
-                        }
-                        Poll::Ready(Ok(n))
-                    }
-                    other => other,
-                }
-            })
-            .await?;
-            if n == 0 {
-                shutdown(to, Shutdown::Write);
-                return Ok(());
-            }
-            stats::add(bytes, n as u64);
-            progress.set(progress.get() + n as u64);
-            if !pending.is_empty() {
-                write_all(to, &pending).await?;
-                pending = Vec::new();
-            }
-        }
-    }
-    .await;
-    if outcome.is_err() {
-        shutdown(from, Shutdown::Both);
-        shutdown(to, Shutdown::Both);
-    }
-}
-
 /// Reads once into the shard's scratch buffer and appends to `buf`.
 async fn read_into(shard: &Shard, stream: &RefCell<TcpStream>, buf: &mut Vec<u8>) -> io::Result<usize> {
     poll_fn(|cx| {
@@ -242,16 +177,6 @@ async fn read_into(shard: &Shard, stream: &RefCell<TcpStream>, buf: &mut Vec<u8>
     .await
 }
 
-/// One non-blocking `send`: the bytes the kernel took now.
-fn try_send(stream: &RefCell<TcpStream>, data: &[u8]) -> io::Result<usize> {
-    let stream = stream.borrow();
-    match socket2::SockRef::from(&*stream).send_with_flags(data, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) {
-        Ok(n) => Ok(n),
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
-        Err(e) => Err(e),
-    }
-}
-
 /// Writes everything, waiting for room.
 pub async fn write_all(stream: &RefCell<TcpStream>, mut data: &[u8]) -> io::Result<()> {
     while !data.is_empty() {
@@ -262,10 +187,4 @@ pub async fn write_all(stream: &RefCell<TcpStream>, mut data: &[u8]) -> io::Resu
         data = &data[n..];
     }
     Ok(())
-}
-
-/// Shuts a socket now (glommio's own shutdown is async only in name).
-fn shutdown(stream: &RefCell<TcpStream>, how: Shutdown) {
-    let stream = stream.borrow();
-    let _ = socket2::SockRef::from(&*stream).shutdown(how);
 }

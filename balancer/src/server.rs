@@ -114,7 +114,11 @@ async fn shard_main(
         executor.create_task_queue(Shares::Static(1000), Latency::Matters(Duration::from_millis(1)), "data");
     let control_queue = executor.create_task_queue(Shares::Static(100), Latency::NotImportant, "control");
     let id = setup.index;
-    let shard = Shard::new(id, setup.config.clone(), setup.view, setup.shard_stats[id].clone(), setup.shutdown);
+    // Started here, on the shard's thread: the piper shares its core and
+    // its descriptor table.
+    let piper = crate::pipe::Piper::start(id, setup.shard_stats[id].clone(), setup.config.tunnel_idle_timeout())
+        .map_err(|source| ShardError::Thread { shard: id, source })?;
+    let shard = Shard::new(id, setup.config.clone(), setup.view, setup.shard_stats[id].clone(), setup.shutdown, piper);
     let (listen, admin) = setup.addrs;
     let bind =
         |addr| TcpListener::bind(addr).map_err(|source| ShardError::Bind { shard: id, addr, source: source.into() });
@@ -153,6 +157,7 @@ async fn shard_main(
     while stats::get(&shard.stats.connections_current) > 0 && Instant::now() < deadline {
         glommio::timer::sleep(Duration::from_millis(SHUTDOWN_POLL_MS)).await;
     }
+    shard.piper.stop(); // closes what the drain left open
     Ok(())
 }
 
@@ -178,8 +183,10 @@ async fn accept_loop(shard: &Rc<Shard>, listener: &TcpListener, data_queue: glom
         stats::add(&shard.stats.connections_total, 1);
         let task_shard = shard.clone();
         spawn_into(data_queue, async move {
-            crate::proxy::serve(task_shard.clone(), stream).await;
-            stats::sub(&task_shard.stats.connections_current, 1);
+            // A connection handed to the piper is counted down there.
+            if crate::proxy::serve(task_shard.clone(), stream).await == crate::proxy::Served::Closed {
+                stats::sub(&task_shard.stats.connections_current, 1);
+            }
         });
     }
 }

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use crate::config::Config;
 use crate::limits::{FALLBACK_TABLES_MAX, PIPE_CHUNK_BYTES};
 use crate::membership::{FallbackTable, View};
+use crate::pipe::Piper;
 use crate::stats::ShardStats;
 
 /// A fallback table, by view generation and failed node indices.
@@ -31,10 +32,11 @@ pub struct Shard {
     fallbacks: RefCell<VecDeque<CachedFallback>>,
     /// This shard's counters (read by shard 0 for `/metrics`).
     pub stats: Arc<ShardStats>,
-    /// Where every connection on this shard reads into before writing on:
-    /// one buffer per shard, borrowed only inside one poll, so an idle
-    /// connection holds no buffer.
+    /// Where a new connection's head is read into: one buffer per shard,
+    /// borrowed only inside one poll.
     pub scratch: RefCell<Box<[u8]>>,
+    /// The thread that pipes this shard's established tunnels.
+    pub piper: Piper,
     /// Set by the signal handler: stop accepting, let connections finish.
     pub shutdown: Arc<AtomicBool>,
 }
@@ -47,6 +49,7 @@ impl Shard {
         view: Arc<View>,
         stats: Arc<ShardStats>,
         shutdown: Arc<AtomicBool>,
+        piper: Piper,
     ) -> Rc<Shard> {
         Rc::new(Shard {
             id,
@@ -55,6 +58,7 @@ impl Shard {
             fallbacks: RefCell::default(),
             stats,
             scratch: RefCell::new(vec![0; PIPE_CHUNK_BYTES].into_boxed_slice()),
+            piper,
             shutdown,
         })
     }

@@ -18,6 +18,9 @@ pub enum ShardError {
     /// It could not join the channel mesh between shards.
     #[error("cannot join the shard mesh")]
     Mesh,
+    /// A helper thread of its own could not be started.
+    #[error("shard {shard}: cannot start a helper thread: {source}")]
+    Thread { shard: usize, source: std::io::Error },
     /// Its durable topics could not be recovered.
     #[error("shard {shard}: durable topics not recovered: {message}")]
     Storage { shard: usize, message: String },
