@@ -79,8 +79,12 @@ impl Piper {
             idle,
         };
         let thread = std::thread::Builder::new().name(format!("fluxbalancer-pipe-{shard}")).spawn(move || {
-            if let Err(e) = piping.run() {
-                tracing::error!(shard, "piper stopped: {e}");
+            // A panic must not leave the shard handing tunnels to a dead
+            // thread: whatever ends the loop, close_all refuses new ones.
+            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| piping.run())) {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => tracing::error!(shard, "piper stopped: {e}"),
+                Err(_) => tracing::error!(shard, "piper panicked"),
             }
             piping.close_all();
         })?;
@@ -98,7 +102,12 @@ impl Piper {
         }
         inbox.push(tunnel);
         drop(inbox);
-        self.waker.wake()
+        // Queued: the piper owns it now, whatever the wake says (mio's
+        // eventfd waker handles a full counter itself).
+        if let Err(e) = self.waker.wake() {
+            tracing::error!("piper wake failed: {e}");
+        }
+        Ok(())
     }
 
     /// Stops the thread and closes every tunnel it holds; waits for it.
@@ -213,8 +222,13 @@ impl Piping {
     fn adopt_new(&mut self) {
         let arrived = std::mem::take(&mut *lock(&self.inbox));
         for new in arrived {
+            let node_stats = new.node_stats.clone();
             if let Err(e) = self.register(new) {
-                tracing::debug!("tunnel not adopted: {e}");
+                // Dropped, so both sockets close; counted down here, as
+                // the shard counts on the piper to.
+                tracing::warn!("tunnel not adopted: {e}");
+                stats::sub(&node_stats.connections_current, 1);
+                stats::sub(&self.shard_stats.connections_current, 1);
             }
         }
     }
@@ -229,12 +243,16 @@ impl Piping {
         let side = |stream| Side { stream, pending: Vec::new(), ended: false };
         let mut tunnel =
             Tunnel { sides: [side(open(client)?), side(open(node)?)], unflushed: [0; 2], active: true, node_stats };
-        let index = self.free.pop().unwrap_or(self.tunnels.len());
+        let index = self.free.last().copied().unwrap_or(self.tunnels.len());
         let interest = Interest::READABLE | Interest::WRITABLE;
         for (i, side) in tunnel.sides.iter_mut().enumerate() {
             // Registered once, edge-triggered; already-ready sockets report
-            // at the next wait.
+            // at the next wait. (On failure the sockets close as the tunnel
+            // drops, which also takes them out of the epoll set.)
             self.poll.registry().register(&mut side.stream, Token(2 * index + i), interest)?;
+        }
+        if index < self.tunnels.len() {
+            self.free.pop();
         }
         if index == self.tunnels.len() {
             self.tunnels.push(Some(tunnel));
@@ -350,10 +368,13 @@ impl Tunnel {
             }
             self.unflushed[from] += n as u64;
             self.active = true;
-            let sent = match self.sides[to].stream.write(&scratch[..n]) {
-                Ok(sent) => sent,
-                Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => 0,
-                Err(e) => return Err(e),
+            let sent = loop {
+                match self.sides[to].stream.write(&scratch[..n]) {
+                    Ok(sent) => break sent,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break 0,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) => return Err(e),
+                }
             };
             if sent < n {
                 self.sides[from].pending.extend_from_slice(&scratch[sent..n]);
