@@ -165,3 +165,67 @@ fn read_head(stream: &mut TcpStream) -> String {
     }
     String::from_utf8(head).unwrap()
 }
+
+/// A native session with replies in flight must not move: its first
+/// publish comes while the pongs for a flood of pings are queued or
+/// half-written (the client reads nothing and has a tiny window). Moving
+/// then would leave the old shard writing to a socket already handed over.
+/// The session stays, and the client gets every pong, in order, then the
+/// publish's reply. (With both of `native_move_target`'s checks for this,
+/// the queue's and the writer's, taken out, the session moved here; the
+/// writer's check alone is not isolated: on loopback the node's send
+/// buffer, sized from the 64 KiB MSS, takes more pongs than one read of
+/// pings makes, and a small MSS makes the pings arrive in pieces, so the
+/// queue is never empty while the write is blocked.)
+#[test]
+fn a_native_session_with_replies_in_flight_does_not_move() {
+    const PINGS: usize = 2_000; // 254 KB of pongs: far more than the node's send buffer at this MSS
+    let node = Node::start(&["--shards", "2"]);
+    let addr = node.addr();
+    let topic = topic_on_shard("busy", 2, 1);
+    let mut sub = node.ws(&format!("/v1/topics/{topic}/ws?role=sub"));
+    for _ in 0..200 {
+        let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        // Before connect: a small window, and a small MSS so that the
+        // node's send buffer (sized from the MSS on loopback, ~1.3 MB at
+        // 64 KiB segments) cannot take all the pongs either.
+        socket.set_recv_buffer_size(2048).unwrap();
+        socket.set_mss(536).unwrap();
+        socket.connect(&addr.parse::<std::net::SocketAddr>().unwrap().into()).unwrap();
+        let stream: TcpStream = socket.into();
+        stream.set_read_timeout(Some(WAIT)).unwrap();
+        let probe = stream.try_clone().unwrap();
+        let (mut ws, response) = tungstenite::client(format!("ws://{addr}/v1/ws"), stream).unwrap();
+        if response.headers().get("x-rayflux-shard").and_then(|v| v.to_str().ok()) != Some("0") {
+            continue; // accepted by the owner: nothing would move
+        }
+        let moved_before = node.metric("fluxnode_connections_handed_off_total");
+        for i in 0..PINGS {
+            let mut payload = format!("{i:06}").into_bytes();
+            payload.resize(125, b'.');
+            ws.write(Message::Ping(payload)).unwrap();
+        }
+        ws.flush().unwrap();
+        // The first pong bytes mean the writer's turn has begun; with this
+        // window it cannot finish until the client reads.
+        probe.peek(&mut [0u8; 1]).unwrap();
+        let request = serde_json::json!({"op": "publish", "id": 1, "topic": topic, "data": "while writing"});
+        ws.send(Message::text(request.to_string())).unwrap();
+        for i in 0..PINGS {
+            match ws.read().unwrap() {
+                Message::Pong(payload) => assert_eq!(&payload[..6], format!("{i:06}").as_bytes(), "pong {i}"),
+                other => panic!("expected pong {i}, got {other:?}"),
+            }
+        }
+        let reply = next_json(&mut ws);
+        assert_eq!((reply["id"].as_u64(), reply["ok"].as_bool()), (Some(1), Some(true)), "{reply}");
+        assert_eq!(next_data(&mut sub), Message::text("while writing"));
+        assert_eq!(node.metric("fluxnode_connections_handed_off_total"), moved_before, "the session stayed");
+        // It goes on working where it is.
+        let r = native_call(&mut ws, serde_json::json!({"op": "publish", "id": 2, "topic": topic, "data": "after"}));
+        assert_eq!(r["ok"], true, "{r}");
+        assert_eq!(next_data(&mut sub), Message::text("after"));
+        return;
+    }
+    panic!("no native socket landed on shard 0 in 200 tries");
+}
