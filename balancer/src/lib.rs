@@ -1,8 +1,8 @@
 //! FluxBalancer: the thin L4 balancer that keeps a topic's clients on the
 //! node that owns it. It reads only a new connection's HTTP request head,
 //! picks a node with a Maglev table over the healthy nodes, and then pipes
-//! bytes. Thread-per-core on glommio, like the engine, with one epoll
-//! thread beside each shard for the piping.
+//! bytes. One epoll thread per core for the data plane; glommio, like the
+//! engine, for the control plane.
 //!
 //! # Layout
 //! Sans-IO cores:
@@ -18,8 +18,9 @@
 //! - [`limits`]: fixed bounds and why.
 //! - [`stats`]: the counters.
 //! - [`shard`]: per-shard state.
-//! - [`proxy`]: one client connection: head, connect, hand-over.
-//! - [`pipe`]: each shard's piper thread: every established tunnel.
+//! - [`pipe`]: each shard's piper thread, the data plane: accept, head,
+//!   connect, then a [`tunnel`] per connection.
+//! - [`tunnel`]: copying bytes between a client and its node.
 //! - [`control`]: shard 0's health checks, DNS and admin server.
 //! - [`server`]: executors, channels, listeners, shutdown.
 
@@ -31,8 +32,8 @@ pub mod limits;
 pub use proto::maglev;
 pub mod membership;
 pub mod pipe;
-pub mod proxy;
 pub mod route;
 pub mod server;
 pub mod shard;
 pub mod stats;
+pub mod tunnel;

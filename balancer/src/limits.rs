@@ -7,6 +7,10 @@
 /// connection holds at most two of these, and none while idle.
 pub const PIPE_CHUNK_BYTES: usize = 32 << 10;
 
+/// Connections waiting to be accepted per shard listener (the kernel caps
+/// it at `net.core.somaxconn`); as glommio's listeners had.
+pub const LISTEN_BACKLOG: i32 = 1024;
+
 /// Socket events one piper takes from one `epoll_wait`. More ready sockets
 /// wait for the next call; a bigger batch only grows the event array.
 pub const PIPE_EVENTS_PER_WAIT: usize = 1024;

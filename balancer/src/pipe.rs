@@ -1,86 +1,121 @@
-//! Piping established tunnels. Each shard hands every connection whose
-//! head, node choice and first write are done to its piper: one thread,
-//! started by the shard on the shard's own core and in its descriptor
-//! table, that runs an edge-triggered epoll loop (mio) over all of the
-//! shard's tunnels. Nothing here parses: bytes read from one side are sent
-//! to the other.
+//! The data plane: one piper thread per shard, started by the shard on its
+//! own core and in its descriptor table, runs an edge-triggered epoll loop
+//! (mio) over that shard's listener and every connection it accepted. A
+//! connection goes through four stages, each a plain state driven by
+//! socket events and deadlines:
 //!
-//! Why not glommio for this part (ARCHITECTURE.md has the figures): glommio
-//! arms a one-shot poll on its ring for every read that finds no data and
-//! parks its executor between bursts with a `membarrier` IPI each time, so
-//! the balancer entered the kernel 4 times as often as HAProxy's
-//! `epoll_wait` for the same chunks. Here each socket is registered once,
-//! edge-triggered, and one `epoll_wait` returns every ready socket.
+//! 1. `Head`: read until [`route::route_key`] names a key (400, 431, or 408
+//!    at `head_timeout_ms`).
+//! 2. `Connecting`: a non-blocking connect to the node the view's table
+//!    picks; on refusal or `connect_timeout_ms`, to the node the table
+//!    without the failed ones picks, up to `CONNECT_ATTEMPTS_MAX` (502 when
+//!    all fail, 503 with no routable node).
+//! 3. `Sending`: the optional PROXY v2 header and the head bytes.
+//! 4. `Piping`: a [`Tunnel`] until both sides are done, an error, or a
+//!    whole idle period without a byte.
 //!
-//! Per readable side: read into the piper's scratch buffer, one
-//! non-blocking send to the other side. Only what the kernel did not take is
-//! kept, in a buffer of the direction's own (at most one chunk), and that
-//! direction reads nothing more until it is written; the rest of a burst
-//! stays in the kernel. A read shorter than the buffer ends the side's turn
-//! (the next byte to arrive raises a new edge) unless the event said the
-//! peer closed (then it reads to the end, so a FIN that came with the data
-//! is not missed). A direction that resumes after waiting for room reads to
-//! the end too: the edges that came while it waited were not acted on.
+//! Refusals are `Answering`: the error response, then close.
+//!
+//! Why not glommio for this (ARCHITECTURE.md has the figures): glommio arms
+//! a one-shot poll on its ring for every read that finds no data, and parks
+//! its executor between bursts with a `membarrier` IPI each time; the
+//! balancer entered the kernel 4 times as often as HAProxy's `epoll_wait`
+//! for the same chunks, and 16.7 ring entries per short connection. Here
+//! each socket is registered once, edge-triggered, and one `epoll_wait`
+//! returns every ready socket. The shard's glommio executor keeps the
+//! control plane (health checks, DNS, the admin API) and the drain.
 
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, VecDeque};
 use std::io::{self, Read, Write};
-use std::net::Shutdown;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use mio::net::TcpStream;
+use mio::net::{TcpListener, TcpStream};
 use mio::{Events, Interest, Poll, Token, Waker};
+use proto::proxy_protocol;
 
-use crate::limits::{PIPE_CHUNK_BYTES, PIPE_EVENTS_PER_WAIT, PIPE_STATS_FLUSH_MS};
+use crate::admin::client_error;
+use crate::config::Config;
+use crate::limits::{
+    CONNECT_ATTEMPTS_MAX, FALLBACK_TABLES_MAX, PIPE_CHUNK_BYTES, PIPE_EVENTS_PER_WAIT, PIPE_STATS_FLUSH_MS,
+};
+use crate::membership::{FallbackTable, View};
+use crate::route::{self, HeadError, RouteKey};
 use crate::stats::{self, NodeStats, ShardStats};
+use crate::tunnel::Tunnel;
 
-/// A connection ready to pipe: the client, the node (head and optional
-/// PROXY header already written), and the node's counters. The piper
-/// counts it in both `connections_current` gauges until it closes.
-#[derive(Debug)]
-pub struct NewTunnel {
-    /// The client's socket (a duplicate of the descriptor the shard read from).
-    pub client: socket2::Socket,
-    /// The node's socket.
-    pub node: socket2::Socket,
-    /// The node's counters.
-    pub node_stats: Arc<NodeStats>,
+/// What the shard tells its piper between events.
+#[derive(Debug, Default)]
+struct Inbox {
+    /// A newer view to route by.
+    view: Option<Arc<View>>,
+    /// Stop accepting (shutdown began); open connections go on.
+    stop_accepting: bool,
 }
 
 /// The shard's handle on its piper thread.
 #[derive(Debug)]
 pub struct Piper {
-    inbox: Arc<Mutex<Vec<NewTunnel>>>,
+    inbox: Arc<Mutex<Inbox>>,
     waker: Arc<Waker>,
     stop: Arc<AtomicBool>,
     thread: Mutex<Option<JoinHandle<()>>>,
 }
 
-/// The waker's token; tunnel sides use `2 * index + side`.
+/// Tokens: the waker, the listener, and per connection `8 * index + 2 *
+/// attempt + side` (side 0 the client, 1 the node; the attempt keeps a
+/// late event of a failed connect off the next one's socket).
 const WAKER: Token = Token(usize::MAX);
+const LISTENER: Token = Token(usize::MAX - 1);
+const _: () = assert!(CONNECT_ATTEMPTS_MAX <= 4, "the attempt takes two bits of a token");
+
+fn token(index: usize, attempt: usize, side: usize) -> Token {
+    Token(8 * index + 2 * attempt + side)
+}
 
 impl Piper {
-    /// Starts the piper of shard `shard`. Call on the shard's thread: the
-    /// new thread shares its core (affinity) and its descriptor table.
-    pub fn start(shard: usize, shard_stats: Arc<ShardStats>, idle: Duration) -> io::Result<Piper> {
+    /// Starts the piper of shard `shard` on `listener` (bound, listening).
+    /// Call on the shard's thread: the new thread shares its core
+    /// (affinity) and its descriptor table.
+    pub fn start(
+        shard: usize,
+        listener: socket2::Socket,
+        config: Arc<Config>,
+        view: Arc<View>,
+        shard_stats: Arc<ShardStats>,
+    ) -> io::Result<Piper> {
         let poll = Poll::new()?;
         let waker = Arc::new(Waker::new(poll.registry(), WAKER)?);
-        let inbox: Arc<Mutex<Vec<NewTunnel>>> = Arc::default();
+        listener.set_nonblocking(true)?;
+        let mut listener = TcpListener::from_std(listener.into());
+        poll.registry().register(&mut listener, LISTENER, Interest::READABLE)?;
+        let inbox: Arc<Mutex<Inbox>> = Arc::default();
         let stop: Arc<AtomicBool> = Arc::default();
         let mut piping = Piping {
             poll,
-            tunnels: Vec::new(),
+            listener: Some(listener),
+            conns: Vec::new(),
             free: Vec::new(),
+            freed: Vec::new(),
             scratch: vec![0; PIPE_CHUNK_BYTES].into_boxed_slice(),
+            per_shard_max: config.connections_per_shard_max() as u64,
+            config,
+            view,
+            fallbacks: VecDeque::new(),
+            deadlines: BinaryHeap::new(),
+            generation: 0,
+            shard,
             shard_stats,
             inbox: inbox.clone(),
             stop: stop.clone(),
-            idle,
         };
         let thread = std::thread::Builder::new().name(format!("fluxbalancer-pipe-{shard}")).spawn(move || {
-            // A panic must not leave the shard handing tunnels to a dead
-            // thread: whatever ends the loop, close_all refuses new ones.
+            // A panic must not leave the shard with a dead data plane that
+            // still looks alive: whatever ends the loop, everything closes.
             match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| piping.run())) {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => tracing::error!(shard, "piper stopped: {e}"),
@@ -91,31 +126,31 @@ impl Piper {
         Ok(Piper { inbox, waker, stop, thread: Mutex::new(Some(thread)) })
     }
 
-    /// Hands a tunnel over. Err (the tunnel dropped, so both sockets close)
-    /// when the piper has stopped.
-    pub fn adopt(&self, tunnel: NewTunnel) -> io::Result<()> {
-        let mut inbox = lock(&self.inbox);
-        // Checked under the lock the thread takes to empty the inbox for
-        // the last time, so no tunnel is left in it unseen.
-        if self.stop.load(Ordering::Acquire) {
-            return Err(io::Error::other("piper stopped"));
-        }
-        inbox.push(tunnel);
-        drop(inbox);
-        // Queued: the piper owns it now, whatever the wake says (mio's
-        // eventfd waker handles a full counter itself).
-        if let Err(e) = self.waker.wake() {
-            tracing::error!("piper wake failed: {e}");
-        }
-        Ok(())
+    /// Routes new connections by `view` from now on (if it is newer).
+    pub fn install(&self, view: Arc<View>) {
+        lock(&self.inbox).view = Some(view);
+        self.wake();
     }
 
-    /// Stops the thread and closes every tunnel it holds; waits for it.
+    /// Closes the listener; open connections go on.
+    pub fn stop_accepting(&self) {
+        lock(&self.inbox).stop_accepting = true;
+        self.wake();
+    }
+
+    /// Stops the thread and closes every connection it holds; waits for it.
     pub fn stop(&self) {
         self.stop.store(true, Ordering::Release);
-        let _ = self.waker.wake();
+        self.wake();
         if let Some(thread) = lock(&self.thread).take() {
             let _ = thread.join();
+        }
+    }
+
+    fn wake(&self) {
+        // mio's eventfd waker handles a full counter itself.
+        if let Err(e) = self.waker.wake() {
+            tracing::error!("piper wake failed: {e}");
         }
     }
 }
@@ -126,58 +161,110 @@ impl Drop for Piper {
     }
 }
 
-/// A poisoned lock only means a panic elsewhere; the data is a plain list.
+/// A poisoned lock only means a panic elsewhere; the data is plain.
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// A fallback table, by view generation and failed node indices.
+type CachedFallback = (u64, Vec<usize>, Arc<FallbackTable>);
+
 /// The piper thread's state.
 struct Piping {
     poll: Poll,
-    /// Tunnels by index; a closed one leaves `None` and its index in `free`.
-    tunnels: Vec<Option<Tunnel>>,
+    /// None once shutdown began.
+    listener: Option<TcpListener>,
+    /// Connections by index; a closed one leaves `None`.
+    conns: Vec<Option<Conn>>,
+    /// Indices free for new connections.
     free: Vec<usize>,
+    /// Indices closed during this batch of events: free after it, so that
+    /// a late event in the batch cannot reach a new connection.
+    freed: Vec<usize>,
     scratch: Box<[u8]>,
+    config: Arc<Config>,
+    per_shard_max: u64,
+    /// The view new connections are routed by.
+    view: Arc<View>,
+    /// Tables without failed nodes, keyed by view generation and the failed
+    /// node indices (sorted); at most `FALLBACK_TABLES_MAX`.
+    fallbacks: VecDeque<CachedFallback>,
+    /// Head and connect deadlines: (when, index, generation). Stale entries
+    /// (the connection moved on or closed) are skipped when they come up.
+    deadlines: BinaryHeap<Reverse<(Instant, usize, u64)>>,
+    /// Numbers connections, so that a deadline finds only its own.
+    generation: u64,
+    shard: usize,
     shard_stats: Arc<ShardStats>,
-    inbox: Arc<Mutex<Vec<NewTunnel>>>,
+    inbox: Arc<Mutex<Inbox>>,
     stop: Arc<AtomicBool>,
-    idle: Duration,
 }
 
-/// One side of a tunnel: its socket, and the bytes read from it that the
-/// other side's socket has not taken yet.
-struct Side {
-    stream: TcpStream,
-    pending: Vec<u8>,
-    /// It sent its FIN (the other side was half-closed).
-    ended: bool,
+/// One accepted connection: its stage holds its sockets.
+struct Conn {
+    generation: u64,
+    stage: Stage,
 }
 
-/// A client and its node. Side 0 is the client, side 1 the node.
-struct Tunnel {
-    sides: [Side; 2],
-    /// Bytes read per side since the counters were last updated.
-    unflushed: [u64; 2],
-    /// Bytes moved since the last idle sweep.
-    active: bool,
+enum Stage {
+    /// Reading the request head.
+    Head { client: TcpStream, head: Vec<u8>, peer: SocketAddr, deadline: Instant },
+    /// Connecting to a node.
+    Connecting(Connecting),
+    /// Writing the PROXY header and the head to the node.
+    Sending(Sending),
+    /// Copying both ways.
+    Piping(Tunnel),
+    /// Writing an error response, then closing.
+    Answering { client: TcpStream, response: Vec<u8>, written: usize },
+    /// Only while a handler holds the stage's parts.
+    Moving,
+}
+
+struct Sending {
+    client: TcpStream,
+    node: TcpStream,
+    first: Vec<u8>,
+    written: usize,
     node_stats: Arc<NodeStats>,
 }
 
-/// What an event left a tunnel as.
-enum State {
-    Open,
-    /// Both sides ended and everything was written.
-    Done,
-    /// A read or write failed.
-    Failed,
+/// What carries from one connect attempt to the next.
+struct Attempts {
+    client: TcpStream,
+    head: Vec<u8>,
+    peer: SocketAddr,
+    hash_input: Vec<u8>,
+    view: Arc<View>,
+    /// Node indices (into `view`) that failed, sorted.
+    failed: Vec<usize>,
+}
+
+struct Connecting {
+    attempts: Attempts,
+    attempt: usize,
+    /// The node tried (index into the view).
+    index: usize,
+    node: TcpStream,
+    deadline: Instant,
+}
+
+/// What one event means for a connection's socket.
+#[derive(Clone, Copy)]
+struct Ready {
+    readable: bool,
+    writable: bool,
+    /// The peer closed or the socket failed: read to the end.
+    closed: bool,
 }
 
 impl Piping {
     fn run(&mut self) -> io::Result<()> {
         let mut events = Events::with_capacity(PIPE_EVENTS_PER_WAIT);
         let flush_every = Duration::from_millis(PIPE_STATS_FLUSH_MS);
+        let idle = self.config.tunnel_idle_timeout();
         let mut next_flush = Instant::now() + flush_every;
-        let mut next_sweep = Instant::now() + self.idle;
+        let mut next_sweep = Instant::now() + idle;
         loop {
             let now = Instant::now();
             if now >= next_flush {
@@ -186,9 +273,16 @@ impl Piping {
             }
             if now >= next_sweep {
                 self.sweep_idle();
-                next_sweep = now + self.idle;
+                next_sweep = now + idle;
             }
-            let wait = next_flush.min(next_sweep).saturating_duration_since(now);
+            self.expire(now);
+            let mut wake_at = next_flush.min(next_sweep);
+            if let Some(Reverse((when, _, _))) = self.deadlines.peek() {
+                wake_at = wake_at.min(*when);
+            }
+            // (mio rounds the wait up to whole milliseconds: no spinning
+            // just before a deadline.)
+            let wait = wake_at.saturating_duration_since(now);
             match self.poll.poll(&mut events, Some(wait)) {
                 Ok(()) => {}
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -196,121 +290,431 @@ impl Piping {
             }
             let mut woken = false;
             for event in events.iter() {
-                if event.token() == WAKER {
-                    woken = true;
-                    continue;
+                match event.token() {
+                    WAKER => woken = true,
+                    LISTENER => self.accept(),
+                    Token(t) => {
+                        let broken = event.is_error() || event.is_write_closed();
+                        let ready = Ready {
+                            readable: event.is_readable() || event.is_read_closed() || broken,
+                            writable: event.is_writable() || broken,
+                            closed: event.is_read_closed() || broken,
+                        };
+                        self.on_event(t / 8, (t / 2) % 4, t % 2, ready);
+                    }
                 }
-                let broken = event.is_error() || event.is_write_closed();
-                self.on_event(
-                    event.token().0,
-                    event.is_readable() || event.is_read_closed() || broken,
-                    event.is_writable() || broken,
-                    event.is_read_closed() || broken,
-                );
             }
-            // New tunnels only after the batch, so that a late event for a
-            // tunnel closed in it cannot reach one that reused its index.
+            self.free.append(&mut self.freed);
             if woken {
                 if self.stop.load(Ordering::Acquire) {
                     return Ok(());
                 }
-                self.adopt_new();
+                self.read_inbox();
             }
         }
     }
 
-    fn adopt_new(&mut self) {
-        let arrived = std::mem::take(&mut *lock(&self.inbox));
-        for new in arrived {
-            let node_stats = new.node_stats.clone();
-            if let Err(e) = self.register(new) {
-                // Dropped, so both sockets close; counted down here, as
-                // the shard counts on the piper to.
-                tracing::warn!("tunnel not adopted: {e}");
-                stats::sub(&node_stats.connections_current, 1);
+    fn read_inbox(&mut self) {
+        let (view, stop_accepting) = {
+            let mut inbox = lock(&self.inbox);
+            (inbox.view.take(), inbox.stop_accepting)
+        };
+        if let Some(view) = view {
+            if view.generation > self.view.generation {
+                tracing::debug!(shard = self.shard, generation = view.generation, nodes = view.addrs.len(), "new view");
+                self.view = view;
+                self.fallbacks.clear();
+            }
+        }
+        if stop_accepting {
+            self.listener = None; // closing it takes it out of the epoll set
+        }
+    }
+
+    /// Accepts every waiting connection (edge-triggered: until none is left).
+    fn accept(&mut self) {
+        loop {
+            let Some(listener) = &self.listener else { return };
+            let (client, peer) = match listener.accept() {
+                Ok(accepted) => accepted,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    // Out of descriptors or memory: the listener stays; the
+                    // next connection raises a new edge.
+                    tracing::warn!(shard = self.shard, "accept failed: {e}");
+                    return;
+                }
+            };
+            if stats::get(&self.shard_stats.connections_current) >= self.per_shard_max {
+                stats::add(&self.shard_stats.connections_rejected, 1);
+                // One send into a fresh socket's empty buffer; then closed.
+                let refusal = client_error(503, "overloaded", "balancer connection limit reached");
+                let _ = (&client).write(&refusal);
+                continue;
+            }
+            stats::add(&self.shard_stats.connections_current, 1);
+            stats::add(&self.shard_stats.connections_total, 1);
+            let _ = client.set_nodelay(true);
+            let index = self.free.pop().unwrap_or(self.conns.len());
+            if index == self.conns.len() {
+                self.conns.push(None);
+            }
+            self.generation += 1;
+            let deadline = Instant::now() + self.config.head_timeout();
+            let mut client = client;
+            let interest = Interest::READABLE | Interest::WRITABLE;
+            if let Err(e) = self.poll.registry().register(&mut client, token(index, 0, 0), interest) {
+                tracing::warn!(shard = self.shard, "connection not registered: {e}");
                 stats::sub(&self.shard_stats.connections_current, 1);
+                self.free.push(index);
+                continue;
+            }
+            let stage = Stage::Head { client, head: Vec::new(), peer, deadline };
+            self.deadlines.push(Reverse((deadline, index, self.generation)));
+            self.conns[index] = Some(Conn { generation: self.generation, stage });
+        }
+    }
+
+    /// Acts on the head and connect deadlines that have passed.
+    fn expire(&mut self, now: Instant) {
+        while let Some(&Reverse((when, index, generation))) = self.deadlines.peek() {
+            if when > now {
+                return;
+            }
+            self.deadlines.pop();
+            let Some(conn) = self.conns.get_mut(index).and_then(Option::take) else { continue };
+            if conn.generation != generation {
+                self.conns[index] = Some(conn);
+                continue;
+            }
+            let next = self.on_deadline(index, conn, now);
+            self.put_back(index, next);
+        }
+    }
+
+    fn on_deadline(&mut self, index: usize, mut conn: Conn, now: Instant) -> Option<Conn> {
+        match std::mem::replace(&mut conn.stage, Stage::Moving) {
+            Stage::Head { client, deadline, .. } if deadline <= now => {
+                stats::add(&self.shard_stats.head_timeouts, 1);
+                self.answer(conn, client, 408, "timeout", "request head not received in time")
+            }
+            Stage::Connecting(connecting) if connecting.deadline <= now => {
+                let addr = connecting.attempts.view.addrs[connecting.index];
+                tracing::debug!(shard = self.shard, node = %addr, "connect timed out");
+                self.connect_failed(index, conn, connecting)
+            }
+            stage => {
+                conn.stage = stage; // an older deadline of a stage that moved on
+                Some(conn)
             }
         }
     }
 
-    fn register(&mut self, new: NewTunnel) -> io::Result<()> {
-        let open = |socket: socket2::Socket| -> io::Result<TcpStream> {
-            let stream: std::net::TcpStream = socket.into();
-            stream.set_nonblocking(true)?;
-            Ok(TcpStream::from_std(stream))
+    fn on_event(&mut self, index: usize, attempt: usize, side: usize, ready: Ready) {
+        let Some(conn) = self.conns.get_mut(index).and_then(Option::take) else {
+            return; // closed earlier
         };
-        let NewTunnel { client, node, node_stats } = new;
-        let side = |stream| Side { stream, pending: Vec::new(), ended: false };
-        let mut tunnel =
-            Tunnel { sides: [side(open(client)?), side(open(node)?)], unflushed: [0; 2], active: true, node_stats };
-        let index = self.free.last().copied().unwrap_or(self.tunnels.len());
-        let interest = Interest::READABLE | Interest::WRITABLE;
-        for (i, side) in tunnel.sides.iter_mut().enumerate() {
-            // Registered once, edge-triggered; already-ready sockets report
-            // at the next wait. (On failure the sockets close as the tunnel
-            // drops, which also takes them out of the epoll set.)
-            self.poll.registry().register(&mut side.stream, Token(2 * index + i), interest)?;
+        let next = self.step(index, attempt, side, ready, conn);
+        self.put_back(index, next);
+    }
+
+    /// A connection back in its slot, or the slot freed after the batch.
+    fn put_back(&mut self, index: usize, conn: Option<Conn>) {
+        match conn {
+            Some(conn) => self.conns[index] = Some(conn),
+            None => self.freed.push(index),
         }
-        if index < self.tunnels.len() {
-            self.free.pop();
+    }
+
+    fn step(&mut self, index: usize, attempt: usize, side: usize, ready: Ready, mut conn: Conn) -> Option<Conn> {
+        match std::mem::replace(&mut conn.stage, Stage::Moving) {
+            Stage::Head { client, head, peer, deadline } if side == 0 && ready.readable => {
+                self.read_head(index, conn, client, head, peer, deadline)
+            }
+            Stage::Connecting(connecting) if side == 1 && attempt == connecting.attempt && ready.writable => {
+                self.connect_ready(index, conn, connecting)
+            }
+            Stage::Sending(sending) if side == 1 && ready.writable => self.send_first(conn, sending),
+            Stage::Piping(mut tunnel) => {
+                let mut outcome = Ok(());
+                if ready.writable {
+                    // Room on `side`: write what the other side read for
+                    // it, then let the other side read again.
+                    outcome = tunnel.resume(1 - side, &mut self.scratch);
+                }
+                if ready.readable && outcome.is_ok() {
+                    outcome = tunnel.pump(side, &mut self.scratch, ready.closed);
+                }
+                self.after_piping(conn, tunnel, outcome)
+            }
+            Stage::Answering { client, response, written } if side == 0 && ready.writable => {
+                self.write_answer(conn, client, response, written)
+            }
+            stage => {
+                // Nothing to do for this event in this stage: bytes from
+                // the client wait in the kernel until piping starts (and
+                // reads to the end), a late event of an old attempt is
+                // ignored.
+                conn.stage = stage;
+                Some(conn)
+            }
         }
-        if index == self.tunnels.len() {
-            self.tunnels.push(Some(tunnel));
+    }
+
+    fn read_head(
+        &mut self,
+        index: usize,
+        mut conn: Conn,
+        mut client: TcpStream,
+        mut head: Vec<u8>,
+        peer: SocketAddr,
+        deadline: Instant,
+    ) -> Option<Conn> {
+        loop {
+            let n = match client.read(&mut self.scratch) {
+                Ok(0) => {
+                    tracing::debug!(shard = self.shard, client = %peer, "client left before its request head ended");
+                    return self.close(conn);
+                }
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(_) => return self.close(conn),
+            };
+            head.extend_from_slice(&self.scratch[..n]);
+            match route::route_key(&head, peer.ip()) {
+                Ok(Some(key)) => {
+                    let counter = match &key {
+                        RouteKey::Topic(_) => &self.shard_stats.routed_topic,
+                        RouteKey::Key(_) => &self.shard_stats.routed_key,
+                        RouteKey::Client(_) => &self.shard_stats.routed_client,
+                    };
+                    stats::add(counter, 1);
+                    let view = self.view.clone();
+                    let connecting =
+                        Attempts { client, head, peer, hash_input: key.hash_input(), view, failed: Vec::new() };
+                    return self.connect(index, conn, connecting, 0);
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    stats::add(&self.shard_stats.head_errors, 1);
+                    let (status, code) = match e {
+                        HeadError::Malformed => (400, "bad_request"),
+                        HeadError::TooLarge => (431, "head_too_large"),
+                    };
+                    return self.answer(conn, client, status, code, &e.to_string());
+                }
+            }
+        }
+        conn.stage = Stage::Head { client, head, peer, deadline };
+        Some(conn)
+    }
+
+    /// Starts attempt `attempt`: the key's node, or after failures the node
+    /// the table without the failed ones picks (which is where the key lands
+    /// once health checks take them out).
+    fn connect(&mut self, index: usize, mut conn: Conn, mut attempts: Attempts, mut attempt: usize) -> Option<Conn> {
+        while attempt < CONNECT_ATTEMPTS_MAX {
+            let view = attempts.view.clone();
+            let node_index = if attempt == 0 {
+                view.table.lookup_index(&attempts.hash_input)
+            } else {
+                self.fallback(&view, &attempts.failed)
+                    .and_then(|f| f.table.lookup_index(&attempts.hash_input).map(|i| f.indices[i]))
+            };
+            let Some(node_index) = node_index else { break };
+            let addr = view.addrs[node_index];
+            let started = TcpStream::connect(addr).and_then(|mut node| {
+                let interest = Interest::READABLE | Interest::WRITABLE;
+                self.poll.registry().register(&mut node, token(index, attempt, 1), interest)?;
+                Ok(node)
+            });
+            match started {
+                Ok(node) => {
+                    let deadline = Instant::now() + self.config.connect_timeout();
+                    self.deadlines.push(Reverse((deadline, index, conn.generation)));
+                    conn.stage = Stage::Connecting(Connecting { attempts, attempt, index: node_index, node, deadline });
+                    return Some(conn);
+                }
+                Err(e) => {
+                    tracing::debug!(shard = self.shard, node = %addr, "connect failed: {e}");
+                    stats::add(&view.stats[node_index].connect_failures, 1);
+                    attempts.failed.push(node_index);
+                    attempts.failed.sort_unstable();
+                    attempt += 1;
+                }
+            }
+        }
+        if attempts.failed.is_empty() {
+            stats::add(&self.shard_stats.no_node, 1);
+            self.answer(conn, attempts.client, 503, "no_node", "no routable node")
         } else {
-            self.tunnels[index] = Some(tunnel);
+            stats::add(&self.shard_stats.node_unreachable, 1);
+            self.answer(conn, attempts.client, 502, "node_unreachable", "no node accepted the connection")
         }
-        Ok(())
     }
 
-    fn on_event(&mut self, token: usize, readable: bool, writable: bool, to_the_end: bool) {
-        let (index, side) = (token / 2, token % 2);
-        let Some(Some(tunnel)) = self.tunnels.get_mut(index) else {
-            return; // closed earlier in this batch
+    /// The node's socket became writable: connected, or failed.
+    fn connect_ready(&mut self, index: usize, mut conn: Conn, connecting: Connecting) -> Option<Conn> {
+        let failed = match connecting.node.take_error() {
+            Ok(Some(e)) | Err(e) => Some(e),
+            Ok(None) => match connecting.node.peer_addr() {
+                Ok(_) => None,
+                Err(e) if e.kind() == io::ErrorKind::NotConnected => {
+                    conn.stage = Stage::Connecting(connecting); // not yet
+                    return Some(conn);
+                }
+                Err(e) => Some(e),
+            },
         };
-        let mut outcome = Ok(());
-        if writable {
-            // Room on `side`: write what the other side read for it, then
-            // let the other side read again.
-            outcome = tunnel.resume(1 - side, &mut self.scratch);
+        if let Some(e) = failed {
+            let addr = connecting.attempts.view.addrs[connecting.index];
+            tracing::debug!(shard = self.shard, node = %addr, "connect failed: {e}");
+            return self.connect_failed(index, conn, connecting);
         }
-        if readable && outcome.is_ok() {
-            outcome = tunnel.pump(side, &mut self.scratch, to_the_end);
+        let Connecting { attempts, attempt, index: node_index, node, .. } = connecting;
+        let Attempts { client, head, peer, view, .. } = attempts;
+        if attempt > 0 {
+            stats::add(&self.shard_stats.rerouted, 1);
         }
-        let state = match outcome {
-            Err(_) => State::Failed,
-            Ok(()) if tunnel.done() => State::Done,
-            Ok(()) => State::Open,
+        let _ = node.set_nodelay(true);
+        tracing::debug!(shard = self.shard, client = %peer, node = %view.addrs[node_index], "piping");
+        let node_stats = view.stats[node_index].clone();
+        stats::add(&node_stats.connections_current, 1);
+        stats::add(&node_stats.connections_total, 1);
+        stats::add(&node_stats.bytes_to_node, head.len() as u64);
+        let mut first = match (self.config.proxy_protocol(), client.local_addr()) {
+            (true, Ok(local)) => proxy_protocol::encode_proxy(peer, local),
+            _ => Vec::new(),
         };
-        match state {
-            State::Open => {}
-            State::Done => self.close(index),
-            State::Failed => {
+        first.extend_from_slice(&head);
+        self.send_first(conn, Sending { client, node, first, written: 0, node_stats })
+    }
+
+    fn connect_failed(&mut self, index: usize, conn: Conn, connecting: Connecting) -> Option<Conn> {
+        let Connecting { mut attempts, attempt, index: node_index, node, .. } = connecting;
+        drop(node); // closing takes it out of the epoll set
+        stats::add(&attempts.view.stats[node_index].connect_failures, 1);
+        attempts.failed.push(node_index);
+        attempts.failed.sort_unstable();
+        self.connect(index, conn, attempts, attempt + 1)
+    }
+
+    fn send_first(&mut self, mut conn: Conn, mut sending: Sending) -> Option<Conn> {
+        while sending.written < sending.first.len() {
+            match sending.node.write(&sending.first[sending.written..]) {
+                Ok(0) => return self.close_counted(conn, &sending.node_stats),
+                Ok(n) => sending.written += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    conn.stage = Stage::Sending(sending);
+                    return Some(conn);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => return self.close_counted(conn, &sending.node_stats),
+            }
+        }
+        // Both sides read to the end once: their edges while the head was
+        // read and the node connected were not acted on.
+        let Sending { client, node, node_stats, .. } = sending;
+        let mut tunnel = Tunnel::new(client, node, node_stats);
+        let mut outcome = tunnel.pump(0, &mut self.scratch, true);
+        if outcome.is_ok() {
+            outcome = tunnel.pump(1, &mut self.scratch, true);
+        }
+        self.after_piping(conn, tunnel, outcome)
+    }
+
+    fn after_piping(&mut self, mut conn: Conn, tunnel: Tunnel, outcome: io::Result<()>) -> Option<Conn> {
+        match outcome {
+            Ok(()) if !tunnel.done() => {
+                conn.stage = Stage::Piping(tunnel);
+                Some(conn)
+            }
+            Ok(()) => self.close_piped(tunnel),
+            Err(_) => {
                 tunnel.shut_both();
-                self.close(index);
+                self.close_piped(tunnel)
             }
         }
     }
 
-    /// Closes a tunnel (its sockets leave the epoll set as they close).
-    fn close(&mut self, index: usize) {
-        if let Some(tunnel) = self.tunnels[index].take() {
-            tunnel.flush_stats();
-            stats::sub(&tunnel.node_stats.connections_current, 1);
-            stats::sub(&self.shard_stats.connections_current, 1);
-            self.free.push(index);
+    /// Writes an error response (waiting for room if need be), then closes.
+    fn answer(&mut self, conn: Conn, client: TcpStream, status: u16, code: &str, message: &str) -> Option<Conn> {
+        self.write_answer(conn, client, client_error(status, code, message), 0)
+    }
+
+    fn write_answer(
+        &mut self,
+        mut conn: Conn,
+        client: TcpStream,
+        response: Vec<u8>,
+        mut written: usize,
+    ) -> Option<Conn> {
+        while written < response.len() {
+            match (&client).write(&response[written..]) {
+                Ok(0) => break,
+                Ok(n) => written += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    conn.stage = Stage::Answering { client, response, written };
+                    return Some(conn);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => break,
+            }
         }
+        self.close(conn)
+    }
+
+    /// Closes a connection that holds no node count (its sockets leave the
+    /// epoll set as they close).
+    fn close(&mut self, conn: Conn) -> Option<Conn> {
+        drop(conn);
+        stats::sub(&self.shard_stats.connections_current, 1);
+        None
+    }
+
+    /// Closes a connection counted on its node (after the connect).
+    fn close_counted(&mut self, conn: Conn, node_stats: &NodeStats) -> Option<Conn> {
+        stats::sub(&node_stats.connections_current, 1);
+        self.close(conn)
+    }
+
+    fn close_piped(&mut self, mut tunnel: Tunnel) -> Option<Conn> {
+        tunnel.flush_stats();
+        stats::sub(&tunnel.node_stats.connections_current, 1);
+        drop(tunnel);
+        stats::sub(&self.shard_stats.connections_current, 1);
+        None
+    }
+
+    /// The view's table with the nodes at `failed` (sorted indices) removed.
+    fn fallback(&mut self, view: &View, failed: &[usize]) -> Option<Arc<FallbackTable>> {
+        if let Some((_, _, table)) = self.fallbacks.iter().find(|(g, f, _)| *g == view.generation && f == failed) {
+            return Some(table.clone());
+        }
+        let table = Arc::new(view.fallback(failed).ok()?);
+        if self.fallbacks.len() >= FALLBACK_TABLES_MAX {
+            self.fallbacks.pop_front();
+        }
+        self.fallbacks.push_back((view.generation, failed.to_vec(), table.clone()));
+        Some(table)
     }
 
     /// Closes tunnels that moved no byte since the last sweep: one sweep
     /// per idle period, so a silent tunnel closes after one to two periods.
     fn sweep_idle(&mut self) {
-        for index in 0..self.tunnels.len() {
-            let Some(tunnel) = self.tunnels[index].as_mut() else { continue };
-            if tunnel.active {
-                tunnel.active = false;
-            } else {
-                tunnel.shut_both();
-                self.close(index);
+        for index in 0..self.conns.len() {
+            let silent = match self.conns[index].as_mut().map(|conn| &mut conn.stage) {
+                Some(Stage::Piping(tunnel)) => !std::mem::replace(&mut tunnel.active, false),
+                _ => false,
+            };
+            if silent {
+                if let Some(Conn { stage: Stage::Piping(tunnel), .. }) = self.conns[index].take() {
+                    tunnel.shut_both();
+                    self.close_piped(tunnel);
+                    self.free.push(index);
+                }
             }
         }
     }
@@ -318,125 +722,68 @@ impl Piping {
     /// Adds every tunnel's byte counts to its node's counters: once a
     /// second, not once per read (those counters are shared by every shard).
     fn flush_stats(&mut self) {
-        for tunnel in self.tunnels.iter_mut().flatten() {
-            tunnel.flush_stats();
-            tunnel.unflushed = [0; 2];
+        for conn in self.conns.iter_mut().flatten() {
+            if let Stage::Piping(tunnel) = &mut conn.stage {
+                tunnel.flush_stats();
+            }
         }
     }
 
     fn close_all(&mut self) {
-        for index in 0..self.tunnels.len() {
-            if let Some(tunnel) = &self.tunnels[index] {
-                tunnel.shut_both();
-                self.close(index);
-            }
-        }
-        // Tunnels handed over but not adopted: close them too, and refuse
-        // any more (the thread may end on an error, not only on `stop`).
-        let late = {
-            let mut inbox = lock(&self.inbox);
-            self.stop.store(true, Ordering::Release);
-            std::mem::take(&mut *inbox)
-        };
-        for new in late {
-            stats::sub(&new.node_stats.connections_current, 1);
-            stats::sub(&self.shard_stats.connections_current, 1);
-        }
-    }
-}
-
-impl Tunnel {
-    /// Reads from side `from` and sends to the other, until a short read
-    /// (or, with `to_the_end`, until the socket has nothing more), the end
-    /// of the stream, or a send the other side could not take whole.
-    fn pump(&mut self, from: usize, scratch: &mut [u8], to_the_end: bool) -> io::Result<()> {
-        let to = 1 - from;
-        loop {
-            if self.sides[from].ended || !self.sides[from].pending.is_empty() {
-                return Ok(()); // done, or waiting for room on `to`
-            }
-            let n = match self.sides[from].stream.read(scratch) {
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => return Err(e),
-            };
-            if n == 0 {
-                self.sides[from].ended = true;
-                let _ = self.sides[to].stream.shutdown(Shutdown::Write);
-                return Ok(());
-            }
-            self.unflushed[from] += n as u64;
-            self.active = true;
-            let sent = loop {
-                match self.sides[to].stream.write(&scratch[..n]) {
-                    Ok(sent) => break sent,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break 0,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) => return Err(e),
+        self.listener = None;
+        for index in 0..self.conns.len() {
+            let Some(conn) = self.conns[index].take() else { continue };
+            match conn.stage {
+                Stage::Piping(tunnel) => {
+                    tunnel.shut_both();
+                    self.close_piped(tunnel);
                 }
-            };
-            if sent < n {
-                self.sides[from].pending.extend_from_slice(&scratch[sent..n]);
-                return Ok(());
-            }
-            if n < scratch.len() && !to_the_end {
-                return Ok(());
-            }
-        }
-    }
-
-    /// Writes what side `from` read and the other side had no room for;
-    /// once all of it is written, side `from` reads again (to the end: its
-    /// edges while it waited were not acted on).
-    fn resume(&mut self, from: usize, scratch: &mut [u8]) -> io::Result<()> {
-        let to = 1 - from;
-        if self.sides[from].pending.is_empty() {
-            return Ok(());
-        }
-        while !self.sides[from].pending.is_empty() {
-            match self.sides[to].stream.write(&self.sides[from].pending) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => {
-                    self.sides[from].pending.drain(..n);
+                Stage::Sending(sending) => {
+                    stats::sub(&sending.node_stats.connections_current, 1);
+                    stats::sub(&self.shard_stats.connections_current, 1);
                 }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(e),
+                _ => {
+                    stats::sub(&self.shard_stats.connections_current, 1);
+                }
             }
         }
-        self.sides[from].pending = Vec::new(); // an idle tunnel holds no buffer
-        self.pump(from, scratch, true)
-    }
-
-    /// Both sides ended and nothing is left to write.
-    fn done(&self) -> bool {
-        self.sides.iter().all(|side| side.ended && side.pending.is_empty())
-    }
-
-    fn shut_both(&self) {
-        for side in &self.sides {
-            let _ = side.stream.shutdown(Shutdown::Both);
-        }
-    }
-
-    fn flush_stats(&self) {
-        stats::add(&self.node_stats.bytes_to_node, self.unflushed[0]);
-        stats::add(&self.node_stats.bytes_from_node, self.unflushed[1]);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::net::{TcpListener, TcpStream as StdStream};
-    use std::time::Instant;
+    use crate::config::Args;
+    use crate::membership::{Membership, Source};
+    use clap::Parser;
+    use std::net::{Shutdown, TcpListener as StdListener, TcpStream as StdStream};
 
-    /// A connected pair: the far end (the test's) and the near end (the piper's).
-    fn pair(listener: &TcpListener) -> (StdStream, socket2::Socket) {
-        let far = StdStream::connect(listener.local_addr().unwrap()).unwrap();
-        let (near, _) = listener.accept().unwrap();
-        (far, near.into())
+    const HEAD: &[u8] = b"GET /v1/topics/bulk HTTP/1.1\r\nHost: x\r\n\r\n";
+
+    /// A piper on 127.0.0.1 routing to one node, the test's listener.
+    struct Plane {
+        piper: Piper,
+        addr: SocketAddr,
+        node: StdListener,
+        shard_stats: Arc<ShardStats>,
+        view: Arc<View>,
+    }
+
+    fn plane(flags: &[&str], node: StdListener) -> Plane {
+        let node_addr = node.local_addr().unwrap();
+        let mut argv = vec!["fluxbalancer".to_string(), "--node".to_string(), node_addr.to_string()];
+        argv.extend(flags.iter().map(|f| f.to_string()));
+        let config = Arc::new(Config::from_args(&Args::parse_from(argv)).unwrap());
+        let mut membership = Membership::new(1, 1, config.table_size());
+        membership.add(node_addr, Source::Static).unwrap();
+        let view = Arc::new(membership.view_if_changed().unwrap());
+        let listener = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        listener.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into()).unwrap();
+        listener.listen(16).unwrap();
+        let addr = listener.local_addr().unwrap().as_socket().unwrap();
+        let shard_stats: Arc<ShardStats> = Arc::default();
+        let piper = Piper::start(0, listener, config, view.clone(), shard_stats.clone()).unwrap();
+        Plane { piper, addr, node, shard_stats, view }
     }
 
     fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
@@ -447,43 +794,41 @@ mod tests {
         }
     }
 
-    fn started(idle: Duration) -> (Piper, Arc<ShardStats>, Arc<NodeStats>, StdStream, StdStream) {
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        let shard_stats: Arc<ShardStats> = Arc::default();
-        let node_stats: Arc<NodeStats> = Arc::default();
-        let piper = Piper::start(0, shard_stats.clone(), idle).unwrap();
-        let (client, client_near) = pair(&listener);
-        let (node, node_near) = pair(&listener);
-        // Small buffers towards the node: a 32 KiB read never fits in one
-        // send, so the piper keeps the rest and waits for room.
-        // (No Nagle, as the shard sets on both sockets: with it, tiny
-        // buffers wait for delayed ACKs.)
-        node_near.set_send_buffer_size(8192).unwrap();
-        node_near.set_nodelay(true).unwrap();
-        socket2::SockRef::from(&node).set_recv_buffer_size(8192).unwrap();
-        // The shard counts the tunnel before the hand-over; the piper counts it down.
-        stats::add(&shard_stats.connections_current, 1);
-        stats::add(&node_stats.connections_current, 1);
-        piper.adopt(NewTunnel { client: client_near, node: node_near, node_stats: node_stats.clone() }).unwrap();
-        // A stalled piper fails the test instead of hanging it.
+    /// Connects a client through the plane and accepts its node side.
+    fn tunnel(plane: &Plane) -> (StdStream, StdStream) {
+        let mut client = StdStream::connect(plane.addr).unwrap();
+        client.write_all(HEAD).unwrap();
+        let (mut node, _) = plane.node.accept().unwrap();
+        let mut head = vec![0; HEAD.len()];
+        node.read_exact(&mut head).unwrap();
+        assert_eq!(head, HEAD, "the head is replayed to the node");
+        // A stalled plane fails the test instead of hanging it.
         for far in [&client, &node] {
             far.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
         }
-        (piper, shard_stats, node_stats, client, node)
+        (client, node)
     }
 
     #[test]
     fn pipes_both_ways_through_full_buffers_and_passes_half_closes_on() {
-        let (_piper, shard_stats, node_stats, mut client, mut node) = started(Duration::from_secs(60));
-        // Far more than the small buffers towards the node hold: the
-        // piper's sends come up short and its resume path runs.
+        // Small buffers towards the node, inherited from the listener: a
+        // small window and MSS, so the node-side send buffer is small and a
+        // 32 KiB read never fits in one send: the plane keeps the rest and
+        // waits for room (the resume path).
+        let node = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+        node.set_recv_buffer_size(8192).unwrap();
+        node.set_mss(1000).unwrap();
+        node.bind(&SocketAddr::from(([127, 0, 0, 1], 0)).into()).unwrap();
+        node.listen(16).unwrap();
+        let plane = plane(&[], node.into());
+        let (mut client, mut node) = tunnel(&plane);
         const BYTES: usize = 512 << 10;
         let pattern = |i: usize| (i % 251) as u8;
         let mut writer = client.try_clone().unwrap();
         let sending = std::thread::spawn(move || {
             let data: Vec<u8> = (0..BYTES).map(pattern).collect();
             writer.write_all(&data).unwrap();
-            writer.shutdown(Shutdown::Write).unwrap(); // client half-closes
+            writer.shutdown(Shutdown::Write).unwrap(); // the client half-closes
         });
         let mut got = Vec::with_capacity(BYTES);
         node.read_to_end(&mut got).unwrap(); // ends: the half-close came through
@@ -496,31 +841,74 @@ mod tests {
         let mut back = Vec::new();
         client.read_to_end(&mut back).unwrap();
         assert_eq!(back, b"last words");
-        wait_until("the tunnel closed", || stats::get(&shard_stats.connections_current) == 0);
+        wait_until("the connection closed", || stats::get(&plane.shard_stats.connections_current) == 0);
+        let node_stats = &plane.view.stats[0];
         assert_eq!(stats::get(&node_stats.connections_current), 0);
-        assert_eq!(stats::get(&node_stats.bytes_to_node), BYTES as u64, "counted when it closed");
+        assert_eq!(stats::get(&node_stats.connections_total), 1);
+        let head = HEAD.len() as u64;
+        assert_eq!(stats::get(&node_stats.bytes_to_node), head + BYTES as u64, "counted when it closed");
         assert_eq!(stats::get(&node_stats.bytes_from_node), 10);
     }
 
     #[test]
-    fn a_silent_tunnel_is_closed_and_stop_closes_the_rest() {
-        let (piper, shard_stats, _node_stats, mut client, _node) = started(Duration::from_millis(50));
+    fn a_silent_tunnel_is_closed_a_busy_one_is_not_and_stop_closes_the_rest() {
+        let plane_a = plane(&["--tunnel-idle-timeout-ms", "50"], StdListener::bind("127.0.0.1:0").unwrap());
+        let (mut client, _node) = tunnel(&plane_a);
         let mut buf = [0u8; 16];
         // Ends (EOF or reset) once the sweep finds it silent.
         assert!(matches!(client.read(&mut buf), Ok(0) | Err(_)));
-        wait_until("the gauge went down", || stats::get(&shard_stats.connections_current) == 0);
+        wait_until("the gauge went down", || stats::get(&plane_a.shard_stats.connections_current) == 0);
 
-        let (piper2, shard_stats2, _n, mut client2, _node2) = started(Duration::from_secs(60));
-        piper2.stop();
-        assert!(matches!(client2.read(&mut buf), Ok(0) | Err(_)));
-        assert_eq!(stats::get(&shard_stats2.connections_current), 0);
-        assert!(piper2
-            .adopt(NewTunnel { client: pair_socket(), node: pair_socket(), node_stats: Arc::default() })
-            .is_err());
-        drop(piper);
+        // A tunnel that moves a byte between sweeps stays open through many.
+        let (mut client, mut node) = tunnel(&plane_a);
+        for i in 0..20u8 {
+            client.write_all(&[i]).unwrap();
+            let mut byte = [0u8; 1];
+            node.read_exact(&mut byte).unwrap();
+            assert_eq!(byte[0], i, "the tunnel was closed while in use");
+            std::thread::sleep(Duration::from_millis(15)); // 300 ms: about 6 sweeps
+        }
+
+        let plane_b = plane(&[], StdListener::bind("127.0.0.1:0").unwrap());
+        let (mut client, _node) = tunnel(&plane_b);
+        let waiting = StdStream::connect(plane_b.addr).unwrap(); // no head yet
+        wait_until("both counted", || stats::get(&plane_b.shard_stats.connections_current) == 2);
+        plane_b.piper.stop_accepting();
+        plane_b.piper.stop();
+        assert!(matches!(client.read(&mut buf), Ok(0) | Err(_)));
+        assert!(matches!((&waiting).read(&mut buf), Ok(0) | Err(_)));
+        assert_eq!(stats::get(&plane_b.shard_stats.connections_current), 0);
+        assert_eq!(stats::get(&plane_b.view.stats[0].connections_current), 0);
+        assert!(StdStream::connect(plane_b.addr).is_err(), "the listener is closed");
     }
 
-    fn pair_socket() -> socket2::Socket {
-        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap()
+    #[test]
+    fn a_refused_connect_is_retried_nowhere_else_and_answered_502() {
+        // The only node refuses: no fallback is left, so 502.
+        let closed = StdListener::bind("127.0.0.1:0").unwrap();
+        let plane = plane(&[], StdListener::bind("127.0.0.1:0").unwrap());
+        let mut membership = Membership::new(1, 1, 65_537);
+        membership.add(closed.local_addr().unwrap(), Source::Static).unwrap();
+        let mut view = membership.view_if_changed().unwrap();
+        view.generation = plane.view.generation + 1;
+        drop(closed);
+        plane.piper.install(Arc::new(view));
+        // The view arrives between events: retry until the plane routes by it.
+        wait_until("a 502 from the new view", || {
+            let mut client = StdStream::connect(plane.addr).unwrap();
+            client.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            client.write_all(HEAD).unwrap();
+            let mut answer = String::new();
+            let _ = client.read_to_string(&mut answer);
+            if answer.starts_with("HTTP/1.1 502") {
+                return true;
+            }
+            // Still the old view: the test node got a connection; let it go.
+            if let Ok((node, _)) = plane.node.accept() {
+                drop(node);
+            }
+            false
+        });
+        assert_eq!(stats::get(&plane.shard_stats.node_unreachable), 1);
     }
 }

@@ -15,8 +15,9 @@ use runtime::{ServerError, ShardError};
 
 use crate::config::Config;
 use crate::control::Control;
-use crate::limits::VIEW_CHANNEL_CAPACITY;
+use crate::limits::{LISTEN_BACKLOG, VIEW_CHANNEL_CAPACITY};
 use crate::membership::{Membership, Source, View};
+use crate::pipe::Piper;
 use crate::shard::Shard;
 use crate::stats::{self, ShardStats};
 
@@ -110,19 +111,18 @@ async fn shard_main(
     receiver: Option<SharedReceiver<Arc<View>>>,
 ) -> Result<(), ShardError> {
     let executor = glommio::executor();
-    let data_queue =
-        executor.create_task_queue(Shares::Static(1000), Latency::Matters(Duration::from_millis(1)), "data");
     let control_queue = executor.create_task_queue(Shares::Static(100), Latency::NotImportant, "control");
     let id = setup.index;
+    let (listen, admin) = setup.addrs;
+    let bind_error = |addr, source| ShardError::Bind { shard: id, addr, source };
+    let listener = bind_reuse_port(listen).map_err(|e| bind_error(listen, e))?;
     // Started here, on the shard's thread: the piper shares its core and
     // its descriptor table.
-    let piper = crate::pipe::Piper::start(id, setup.shard_stats[id].clone(), setup.config.tunnel_idle_timeout())
+    let shard_stats = setup.shard_stats[id].clone();
+    let piper = Piper::start(id, listener, setup.config.clone(), setup.view, shard_stats.clone())
         .map_err(|source| ShardError::Thread { shard: id, source })?;
-    let shard = Shard::new(id, setup.config.clone(), setup.view, setup.shard_stats[id].clone(), setup.shutdown, piper);
-    let (listen, admin) = setup.addrs;
-    let bind =
-        |addr| TcpListener::bind(addr).map_err(|source| ShardError::Bind { shard: id, addr, source: source.into() });
-    let listener = bind(listen)?;
+    let shard = Shard::new(id, setup.config.clone(), shard_stats, setup.shutdown, piper);
+    let bind = |addr| TcpListener::bind(addr).map_err(|source| bind_error(addr, source.into()));
     if let Some((membership, senders)) = control_parts {
         let admin_listener = bind(admin)?;
         let mut connected = Vec::with_capacity(senders.len());
@@ -151,8 +151,10 @@ async fn shard_main(
         });
     }
     setup.bound.fetch_add(1, Ordering::AcqRel);
-    accept_loop(&shard, &listener, data_queue).await;
-    drop(listener);
+    while !shard.shutting_down() {
+        glommio::timer::sleep(Duration::from_millis(SHUTDOWN_POLL_MS)).await;
+    }
+    shard.piper.stop_accepting();
     let deadline = Instant::now() + setup.config.drain_timeout();
     while stats::get(&shard.stats.connections_current) > 0 && Instant::now() < deadline {
         glommio::timer::sleep(Duration::from_millis(SHUTDOWN_POLL_MS)).await;
@@ -161,32 +163,19 @@ async fn shard_main(
     Ok(())
 }
 
+/// The client-facing listener of one shard: every shard binds the same
+/// address with SO_REUSEPORT, and the kernel spreads connections over them.
+fn bind_reuse_port(addr: SocketAddr) -> std::io::Result<socket2::Socket> {
+    let socket = socket2::Socket::new(socket2::Domain::for_address(addr), socket2::Type::STREAM, None)?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(LISTEN_BACKLOG)?;
+    Ok(socket)
+}
+
 fn spawn_into(queue: glommio::TaskQueueHandle, future: impl std::future::Future<Output = ()> + 'static) {
     if let Ok(task) = glommio::spawn_local_into(future, queue) {
         task.detach();
-    }
-}
-
-async fn accept_loop(shard: &Rc<Shard>, listener: &TcpListener, data_queue: glommio::TaskQueueHandle) {
-    let per_shard_max = shard.config.connections_per_shard_max() as u64;
-    while let Some(stream) = runtime::accept_next(listener, shard.id, || shard.shutting_down()).await {
-        if stats::get(&shard.stats.connections_current) >= per_shard_max {
-            stats::add(&shard.stats.connections_rejected, 1);
-            spawn_into(data_queue, async move {
-                let stream = std::cell::RefCell::new(stream);
-                let refusal = crate::admin::client_error(503, "overloaded", "balancer connection limit reached");
-                let _ = crate::proxy::write_all(&stream, &refusal).await;
-            });
-            continue;
-        }
-        stats::add(&shard.stats.connections_current, 1);
-        stats::add(&shard.stats.connections_total, 1);
-        let task_shard = shard.clone();
-        spawn_into(data_queue, async move {
-            // A connection handed to the piper is counted down there.
-            if crate::proxy::serve(task_shard.clone(), stream).await == crate::proxy::Served::Closed {
-                stats::sub(&task_shard.stats.connections_current, 1);
-            }
-        });
     }
 }
