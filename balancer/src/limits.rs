@@ -11,6 +11,10 @@ pub const PIPE_CHUNK_BYTES: usize = 32 << 10;
 /// it at `net.core.somaxconn`); as glommio's listeners had.
 pub const LISTEN_BACKLOG: i32 = 1024;
 
+/// Wait before accepting again after `accept` failed (out of descriptors
+/// or memory): long enough not to spin, short next to a client's patience.
+pub const ACCEPT_RETRY_MS: u64 = 10;
+
 /// Socket events one piper takes from one `epoll_wait`. More ready sockets
 /// wait for the next call; a bigger batch only grows the event array.
 pub const PIPE_EVENTS_PER_WAIT: usize = 1024;

@@ -41,7 +41,8 @@ use proto::proxy_protocol;
 use crate::admin::client_error;
 use crate::config::Config;
 use crate::limits::{
-    CONNECT_ATTEMPTS_MAX, FALLBACK_TABLES_MAX, PIPE_CHUNK_BYTES, PIPE_EVENTS_PER_WAIT, PIPE_STATS_FLUSH_MS,
+    ACCEPT_RETRY_MS, CONNECT_ATTEMPTS_MAX, FALLBACK_TABLES_MAX, PIPE_CHUNK_BYTES, PIPE_EVENTS_PER_WAIT,
+    PIPE_STATS_FLUSH_MS,
 };
 use crate::membership::{FallbackTable, View};
 use crate::route::{self, HeadError, RouteKey};
@@ -112,6 +113,7 @@ impl Piper {
             shard_stats,
             inbox: inbox.clone(),
             stop: stop.clone(),
+            accept_retry_at: None,
         };
         let thread = std::thread::Builder::new().name(format!("fluxbalancer-pipe-{shard}")).spawn(move || {
             // A panic must not leave the shard with a dead data plane that
@@ -128,7 +130,12 @@ impl Piper {
 
     /// Routes new connections by `view` from now on (if it is newer).
     pub fn install(&self, view: Arc<View>) {
-        lock(&self.inbox).view = Some(view);
+        let mut inbox = lock(&self.inbox);
+        // Two publishes may reach the shard out of order: keep the newer.
+        if inbox.view.as_ref().is_none_or(|pending| view.generation > pending.generation) {
+            inbox.view = Some(view);
+        }
+        drop(inbox);
         self.wake();
     }
 
@@ -159,6 +166,13 @@ impl Drop for Piper {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// `now + d`, or a year from now for a `d` too large to add (a timeout
+/// the config let through must not panic the data plane).
+fn after(d: Duration) -> Instant {
+    let now = Instant::now();
+    now.checked_add(d).unwrap_or_else(|| now + Duration::from_secs(365 * 24 * 3600))
 }
 
 /// A poisoned lock only means a panic elsewhere; the data is plain.
@@ -198,6 +212,8 @@ struct Piping {
     shard_stats: Arc<ShardStats>,
     inbox: Arc<Mutex<Inbox>>,
     stop: Arc<AtomicBool>,
+    /// When to try `accept` again after it failed (descriptors or memory).
+    accept_retry_at: Option<Instant>,
 }
 
 /// One accepted connection: its stage holds its sockets.
@@ -263,8 +279,8 @@ impl Piping {
         let mut events = Events::with_capacity(PIPE_EVENTS_PER_WAIT);
         let flush_every = Duration::from_millis(PIPE_STATS_FLUSH_MS);
         let idle = self.config.tunnel_idle_timeout();
-        let mut next_flush = Instant::now() + flush_every;
-        let mut next_sweep = Instant::now() + idle;
+        let mut next_flush = after(flush_every);
+        let mut next_sweep = after(idle);
         loop {
             let now = Instant::now();
             if now >= next_flush {
@@ -273,10 +289,17 @@ impl Piping {
             }
             if now >= next_sweep {
                 self.sweep_idle();
-                next_sweep = now + idle;
+                next_sweep = after(idle);
             }
             self.expire(now);
+            if self.accept_retry_at.is_some_and(|at| now >= at) {
+                self.accept_retry_at = None;
+                self.accept();
+            }
             let mut wake_at = next_flush.min(next_sweep);
+            if let Some(at) = self.accept_retry_at {
+                wake_at = wake_at.min(at);
+            }
             if let Some(Reverse((when, _, _))) = self.deadlines.peek() {
                 wake_at = wake_at.min(*when);
             }
@@ -340,9 +363,10 @@ impl Piping {
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                 Err(e) => {
-                    // Out of descriptors or memory: the listener stays; the
-                    // next connection raises a new edge.
+                    // Out of descriptors or memory: try again shortly (no
+                    // new edge comes for connections already queued).
                     tracing::warn!(shard = self.shard, "accept failed: {e}");
+                    self.accept_retry_at = Some(after(Duration::from_millis(ACCEPT_RETRY_MS)));
                     return;
                 }
             };
@@ -361,7 +385,7 @@ impl Piping {
                 self.conns.push(None);
             }
             self.generation += 1;
-            let deadline = Instant::now() + self.config.head_timeout();
+            let deadline = after(self.config.head_timeout());
             let mut client = client;
             let interest = Interest::READABLE | Interest::WRITABLE;
             if let Err(e) = self.poll.registry().register(&mut client, token(index, 0, 0), interest) {
@@ -532,7 +556,7 @@ impl Piping {
             });
             match started {
                 Ok(node) => {
-                    let deadline = Instant::now() + self.config.connect_timeout();
+                    let deadline = after(self.config.connect_timeout());
                     self.deadlines.push(Reverse((deadline, index, conn.generation)));
                     conn.stage = Stage::Connecting(Connecting { attempts, attempt, index: node_index, node, deadline });
                     return Some(conn);
@@ -586,7 +610,8 @@ impl Piping {
         stats::add(&node_stats.bytes_to_node, head.len() as u64);
         let mut first = match (self.config.proxy_protocol(), client.local_addr()) {
             (true, Ok(local)) => proxy_protocol::encode_proxy(peer, local),
-            _ => Vec::new(),
+            (true, Err(_)) => return self.close_counted(conn, &node_stats), // never the head without its header
+            (false, _) => Vec::new(),
         };
         first.extend_from_slice(&head);
         self.send_first(conn, Sending { client, node, first, written: 0, node_stats })
