@@ -436,6 +436,28 @@ impl Piping {
     }
 
     fn on_event(&mut self, index: usize, attempt: usize, side: usize, ready: Ready) {
+        // The hot path: a tunnel is served where it lies.
+        if let Some(Some(Conn { stage: Stage::Piping(tunnel), .. })) = self.conns.get_mut(index) {
+            let mut outcome = Ok(());
+            if ready.writable {
+                // Room on `side`: write what the other side read for it,
+                // then let the other side read again.
+                outcome = tunnel.resume(1 - side, &mut self.scratch);
+            }
+            if ready.readable && outcome.is_ok() {
+                outcome = tunnel.pump(side, &mut self.scratch, ready.closed);
+            }
+            if outcome.is_err() {
+                tunnel.shut_both();
+            } else if !tunnel.done() {
+                return;
+            }
+            if let Some(Conn { stage: Stage::Piping(tunnel), .. }) = self.conns[index].take() {
+                self.close_piped(tunnel);
+                self.freed.push(index);
+            }
+            return;
+        }
         let Some(conn) = self.conns.get_mut(index).and_then(Option::take) else {
             return; // closed earlier
         };
@@ -460,18 +482,6 @@ impl Piping {
                 self.connect_ready(index, conn, connecting)
             }
             Stage::Sending(sending) if side == 1 && ready.writable => self.send_first(conn, sending),
-            Stage::Piping(mut tunnel) => {
-                let mut outcome = Ok(());
-                if ready.writable {
-                    // Room on `side`: write what the other side read for
-                    // it, then let the other side read again.
-                    outcome = tunnel.resume(1 - side, &mut self.scratch);
-                }
-                if ready.readable && outcome.is_ok() {
-                    outcome = tunnel.pump(side, &mut self.scratch, ready.closed);
-                }
-                self.after_piping(conn, tunnel, outcome)
-            }
             Stage::Answering { client, response, written } if side == 0 && ready.writable => {
                 self.write_answer(conn, client, response, written)
             }
