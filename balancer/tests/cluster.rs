@@ -342,6 +342,37 @@ fn a_silent_piped_connection_is_closed_after_the_tunnel_idle_timeout() {
     assert!(waited < std::time::Duration::from_secs(10), "closed by the balancer, not by the test's read timeout");
 }
 
+/// SIGTERM: the balancer stops accepting at once, keeps piping the
+/// connections it has until they end or `drain_timeout_ms` passes, then
+/// closes what is left and exits.
+#[test]
+fn a_stopping_balancer_refuses_new_connections_and_drains_open_ones() {
+    let node = Node::start(&["--shards", "1"]);
+    let balancer = Balancer::start(&[&node], &["--shards", "2", "--drain-timeout-ms", "1500"]);
+    let mut ws = subscribe(&balancer, "draining");
+    wait_until("the subscriber registered", || node.subscribers("draining") == 1);
+    let addr = balancer.process.addr();
+    let stopped_at = Instant::now();
+    let pid = balancer.process.child.id().to_string();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().unwrap().success());
+    wait_until("new connections refused", || TcpStream::connect(&addr).is_err());
+    // The open tunnel still carries messages during the drain.
+    let (status, body) = node.request("POST", "/v1/topics/draining", "text/plain", b"during the drain");
+    assert_eq!(status, 200, "{body}");
+    expect_text(&mut ws, "during the drain");
+    // Then the drain timeout ends it, and the process.
+    match ws.read() {
+        Err(_) | Ok(Message::Close(_)) => {}
+        Ok(other) => panic!("expected the end of the connection, got {other:?}"),
+    }
+    let ended = stopped_at.elapsed();
+    println!("open connection closed {} ms after SIGTERM (drain timeout 1500 ms)", ended.as_millis());
+    assert!(ended >= std::time::Duration::from_millis(1400), "closed before the drain timeout: {ended:?}");
+    // Exited: a zombie until the harness reaps it on drop.
+    let stat = format!("/proc/{pid}/stat");
+    wait_until("the balancer exited", || std::fs::read_to_string(&stat).map_or(true, |s| s.contains(") Z ")));
+}
+
 #[test]
 fn each_balancer_shard_has_a_descriptor_table_of_its_own() {
     // 180 proxied connections hold 360 descriptors: more than one table of
