@@ -887,21 +887,23 @@ mod tests {
 
     #[test]
     fn a_silent_tunnel_is_closed_a_busy_one_is_not_and_stop_closes_the_rest() {
-        let plane_a = plane(&["--tunnel-idle-timeout-ms", "50"], StdListener::bind("127.0.0.1:0").unwrap());
+        let plane_a = plane(&["--tunnel-idle-timeout-ms", "200"], StdListener::bind("127.0.0.1:0").unwrap());
         let (mut client, _node) = tunnel(&plane_a);
         let mut buf = [0u8; 16];
         // Ends (EOF or reset) once the sweep finds it silent.
         assert!(matches!(client.read(&mut buf), Ok(0) | Err(_)));
         wait_until("the gauge went down", || stats::get(&plane_a.shard_stats.connections_current) == 0);
 
-        // A tunnel that moves a byte between sweeps stays open through many.
+        // A tunnel that moves a byte between sweeps stays open through many
+        // (a byte every 25 ms against sweeps every 200 ms: only a stall of
+        // the test thread over 400 ms could look like silence).
         let (mut client, mut node) = tunnel(&plane_a);
-        for i in 0..20u8 {
+        for i in 0..48u8 {
             client.write_all(&[i]).unwrap();
             let mut byte = [0u8; 1];
             node.read_exact(&mut byte).unwrap();
             assert_eq!(byte[0], i, "the tunnel was closed while in use");
-            std::thread::sleep(Duration::from_millis(15)); // 300 ms: about 6 sweeps
+            std::thread::sleep(Duration::from_millis(25)); // 1.2 s: about 6 sweeps
         }
 
         let plane_b = plane(&[], StdListener::bind("127.0.0.1:0").unwrap());
