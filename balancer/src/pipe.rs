@@ -204,7 +204,11 @@ struct Piping {
     /// node indices (sorted); at most `FALLBACK_TABLES_MAX`.
     fallbacks: VecDeque<CachedFallback>,
     /// Head and connect deadlines: (when, index, generation). Stale entries
-    /// (the connection moved on or closed) are skipped when they come up.
+    /// (the connection moved on or closed) are skipped when they come up,
+    /// not removed early, so the heap holds one entry per connection
+    /// accepted (and per connect tried) within the last `head_timeout_ms`
+    /// (`connect_timeout_ms`): at 6,000 connections/s and the 10 s default,
+    /// about 60,000 entries of 32 bytes.
     deadlines: BinaryHeap<Reverse<(Instant, usize, u64)>>,
     /// Numbers connections, so that a deadline finds only its own.
     generation: u64,
@@ -358,7 +362,7 @@ impl Piping {
     fn accept(&mut self) {
         loop {
             let Some(listener) = &self.listener else { return };
-            let (client, peer) = match listener.accept() {
+            let (mut client, peer) = match listener.accept() {
                 Ok(accepted) => accepted,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
@@ -386,7 +390,6 @@ impl Piping {
             }
             self.generation += 1;
             let deadline = after(self.config.head_timeout());
-            let mut client = client;
             let interest = Interest::READABLE | Interest::WRITABLE;
             if let Err(e) = self.poll.registry().register(&mut client, token(index, 0, 0), interest) {
                 tracing::warn!(shard = self.shard, "connection not registered: {e}");
@@ -767,18 +770,17 @@ impl Piping {
     fn close_all(&mut self) {
         self.listener = None;
         for index in 0..self.conns.len() {
-            let Some(conn) = self.conns[index].take() else { continue };
-            match conn.stage {
+            let Some(mut conn) = self.conns[index].take() else { continue };
+            match std::mem::replace(&mut conn.stage, Stage::Moving) {
                 Stage::Piping(tunnel) => {
                     tunnel.shut_both();
                     self.close_piped(tunnel);
                 }
                 Stage::Sending(sending) => {
-                    stats::sub(&sending.node_stats.connections_current, 1);
-                    stats::sub(&self.shard_stats.connections_current, 1);
+                    self.close_counted(conn, &sending.node_stats);
                 }
                 _ => {
-                    stats::sub(&self.shard_stats.connections_current, 1);
+                    self.close(conn);
                 }
             }
         }

@@ -93,6 +93,9 @@ impl Tunnel {
     pub fn resume(&mut self, from: usize, scratch: &mut [u8]) -> io::Result<()> {
         let to = 1 - from;
         if self.sides[from].pending.is_empty() {
+            // Nothing waited for room. (Not redundant with the loop below:
+            // a socket reports writable with nearly every event, and this
+            // must not turn each of them into a read of the other side.)
             return Ok(());
         }
         while !self.sides[from].pending.is_empty() {
